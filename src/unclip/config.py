@@ -1,0 +1,388 @@
+"""Configuration as data: one frozen dataclass per stage, presets, JSON round trip, overrides.
+
+Every model directory and every checkpoint carries the full `UnclipConfig` as JSON, so loading
+needs no flags. The CLI changes a preset with dotted overrides (`clip.train.steps=200`,
+`upsamplers.0.base_channels=32`) whose values are parsed as JSON and type-checked against the
+field they set; an unknown key is an error that lists the valid keys at that level.
+
+Modes are strings checked against a `Literal` (never interacting booleans). Fields that later
+stages read are documented where they are declared; paper defaults cite the section.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field, fields, is_dataclass, replace
+from typing import Any, Literal
+
+from unclip.errors import ConfigError
+
+Precision = Literal["no", "bf16"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """Optimisation settings of one stage; the one trainer reads these for every stage."""
+
+    steps: int = 1000
+    batch_size: int = 64
+    lr: float = 3e-4
+    weight_decay: float = 0.01
+    warmup_steps: int = 100
+    lr_schedule: Literal["cosine", "constant"] = "cosine"
+    grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
+    grad_accum: int = 1
+    ema_decay: float = 0.0  # 0 disables EMA
+    mixed_precision: Precision = "no"
+    log_every: int = 20
+    ckpt_every: int = 500
+    num_workers: int = 0
+    seed: int = 0
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataConfig:
+    """Where training pairs come from: the bundled shapes world, a folder, or webdataset shards."""
+
+    source: Literal["shapes", "folder", "webdataset"] = "shapes"
+    path: str = ""  # folder or shard pattern ("data/{000000..000009}.tar") when not shapes
+    lang: Literal["en", "th", "mix"] = "mix"
+    seed: int = 0
+
+
+@dataclass(frozen=True, kw_only=True)
+class TokenizerConfig:
+    """Byte-level BPE trained on the caption corpus (Thai included)."""
+
+    vocab_size: int = 1024
+    context_length: int = 32
+    corpus_size: int = 20_000  # captions sampled to train the BPE
+
+
+@dataclass(frozen=True, kw_only=True)
+class ClipConfig:
+    """CLIP towers (`transformers` CLIPTextModelWithProjection / CLIPVisionModelWithProjection)."""
+
+    embed_dim: int = 64
+    image_size: int = 32
+    patch_size: int = 4
+    vision_width: int = 128
+    vision_layers: int = 4
+    vision_heads: int = 4
+    text_width: int = 128
+    text_layers: int = 4
+    text_heads: int = 4
+    init_temperature: float = 0.07
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=3000, batch_size=128, lr=1e-3))
+
+
+@dataclass(frozen=True, kw_only=True)
+class PriorConfig:
+    """Diffusion prior (paper §2.2) on `diffusers` PriorTransformer.
+
+    Sequence [text tokens, z_t, timestep, noised z_i, learned query]; predicts the clean z_i.
+    """
+
+    width: int = 256
+    layers: int = 6
+    heads: int = 4
+    timesteps: int = 1000
+    noise_schedule: Literal["cosine", "linear"] = "cosine"
+    cond_drop: float = 0.1  # paper §2.2: text conditioning dropped 10% for CFG
+    best_of: int = 2  # paper §2.2: keep the sample with the higher dot product with z_t
+    sample_steps: int = 64
+    guidance_scale: float = 1.0
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=4000, batch_size=256, lr=3e-4))
+
+
+@dataclass(frozen=True, kw_only=True)
+class ARPriorConfig:
+    """Autoregressive prior (paper §2.2): PCA of z_i, quantized, causal transformer."""
+
+    width: int = 256
+    layers: int = 6
+    heads: int = 4
+    pca_variance: float = 0.99  # keep the components explaining at least this much variance
+    buckets: int = 1024
+    cond_drop: float = 0.1
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=4000, batch_size=256, lr=3e-4))
+
+
+@dataclass(frozen=True, kw_only=True)
+class DecoderConfig:
+    """Decoder (paper §2.1) on `diffusers` UNet2DConditionModel, conditioned on z_i and caption."""
+
+    resolution: int = 32
+    base_channels: int = 64
+    channel_mult: tuple[int, ...] = (1, 2, 2)
+    layers_per_block: int = 1
+    attention_resolutions: tuple[int, ...] = (16,)
+    head_dim: int = 32
+    cross_attention_dim: int = 128
+    clip_tokens: int = 4  # paper §2.1: z_i projected into 4 extra context tokens
+    timesteps: int = 1000
+    noise_schedule: Literal["cosine", "linear"] = "cosine"
+    variance: Literal["learned_range", "fixed_small"] = "learned_range"
+    z_drop: float = 0.1  # paper §2.1 says 10% (and 5% elsewhere); 10% here
+    text_drop: float = 0.5  # paper §2.1: caption dropped 50%
+    sampler: Literal["ddpm", "ddim", "dpmsolver++"] = "ddim"
+    sample_steps: int = 50
+    guidance_scale: float = 3.0
+    train: TrainConfig = field(
+        default_factory=lambda: TrainConfig(steps=20_000, batch_size=64, lr=2e-4, ema_decay=0.999)
+    )
+
+
+@dataclass(frozen=True, kw_only=True)
+class UpsamplerConfig:
+    """A ×4 upsampler (paper §2.1 / appendix): UNet2DModel, convolutions only, no caption."""
+
+    in_resolution: int = 32
+    out_resolution: int = 128
+    base_channels: int = 32
+    channel_mult: tuple[int, ...] = (1, 2, 2, 4)
+    layers_per_block: int = 1
+    degradation: Literal["blur", "bsr"] = "blur"  # stage 1: gaussian blur k=3 σ=0.6; stage 2: BSR
+    timesteps: int = 1000
+    noise_schedule: Literal["cosine", "linear"] = "cosine"
+    sample_steps: int = 25
+    train: TrainConfig = field(
+        default_factory=lambda: TrainConfig(steps=10_000, batch_size=32, lr=2e-4, ema_decay=0.999)
+    )
+
+
+@dataclass(frozen=True, kw_only=True)
+class UnclipConfig:
+    """The whole cascade. Saved into every model (`unclip.json`) and every checkpoint."""
+
+    name: str = "custom"
+    data: DataConfig = field(default_factory=DataConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    clip: ClipConfig = field(default_factory=ClipConfig)
+    prior: PriorConfig = field(default_factory=PriorConfig)
+    ar_prior: ARPriorConfig = field(default_factory=ARPriorConfig)
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
+    upsamplers: tuple[UpsamplerConfig, ...] = (UpsamplerConfig(),)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, ensure_ascii=False)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> UnclipConfig:
+        """Strict: unknown keys and mistyped values are errors; missing keys take defaults."""
+        cfg = _build(cls, data, "")
+        check(cfg)
+        return cfg
+
+    @classmethod
+    def from_json(cls, text: str) -> UnclipConfig:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"config is not valid JSON: {err}") from None
+        return cls.from_dict(data)
+
+    def override(self, assignments: list[str] | tuple[str, ...]) -> UnclipConfig:
+        """Apply `key=value` assignments (dotted keys, JSON values) and return a new config."""
+        cfg = self
+        for assignment in assignments:
+            key, sep, raw = assignment.partition("=")
+            if not sep or not key.strip():
+                raise ConfigError(f"override {assignment!r} is not of the form key=value (e.g. clip.train.steps=200)")
+            cfg = _set(cfg, key.strip().split("."), _parse_value(raw.strip()), key.strip())
+        check(cfg)
+        return cfg
+
+
+def check(cfg: UnclipConfig) -> None:
+    """Cross-field checks that a type alone cannot express.
+
+    Run after all overrides are applied (not per field), so related fields can change together.
+    """
+    if cfg.clip.image_size % cfg.clip.patch_size:
+        raise ConfigError(
+            f"clip.image_size={cfg.clip.image_size} is not a multiple of clip.patch_size={cfg.clip.patch_size}"
+        )
+    for name, width, heads in (
+        ("clip.vision", cfg.clip.vision_width, cfg.clip.vision_heads),
+        ("clip.text", cfg.clip.text_width, cfg.clip.text_heads),
+        ("prior", cfg.prior.width, cfg.prior.heads),
+        ("ar_prior", cfg.ar_prior.width, cfg.ar_prior.heads),
+    ):
+        if width % heads:
+            raise ConfigError(f"{name}_width={width} is not divisible by {name}_heads={heads}")
+    for name, p in (("prior.cond_drop", cfg.prior.cond_drop), ("decoder.z_drop", cfg.decoder.z_drop),
+                    ("decoder.text_drop", cfg.decoder.text_drop), ("ar_prior.cond_drop", cfg.ar_prior.cond_drop)):
+        if not 0.0 <= p <= 1.0:
+            raise ConfigError(f"{name}={p} must be a probability in [0, 1]")
+    previous = cfg.decoder.resolution
+    for i, up in enumerate(cfg.upsamplers):
+        if up.in_resolution != previous:
+            raise ConfigError(
+                f"upsamplers.{i}.in_resolution={up.in_resolution} must equal the resolution before it ({previous})"
+            )
+        if up.out_resolution != 4 * up.in_resolution:
+            raise ConfigError(f"upsamplers.{i} must upsample ×4: out_resolution should be {4 * up.in_resolution}")
+        previous = up.out_resolution
+    for path, value in _walk(cfg, ""):
+        if isinstance(value, int) and not isinstance(value, bool) and value < 0:
+            raise ConfigError(f"{path}={value} must not be negative")
+
+
+def resolutions(cfg: UnclipConfig) -> tuple[int, ...]:
+    """Image sides through the cascade, e.g. (32, 128)."""
+    return (cfg.decoder.resolution, *(up.out_resolution for up in cfg.upsamplers))
+
+
+# --- presets ---------------------------------------------------------------------------------
+
+
+def _tiny() -> UnclipConfig:
+    """Smallest config that exercises every code path; the fast tests train it in seconds."""
+    step = TrainConfig(steps=4, batch_size=4, lr=1e-3, warmup_steps=1, log_every=1, ckpt_every=2)
+    return UnclipConfig(
+        name="tiny",
+        tokenizer=TokenizerConfig(vocab_size=300, context_length=24, corpus_size=2000),
+        clip=ClipConfig(embed_dim=16, image_size=16, patch_size=4, vision_width=32, vision_layers=1,
+                        vision_heads=2, text_width=32, text_layers=1, text_heads=2, train=step),
+        prior=PriorConfig(width=32, layers=1, heads=2, timesteps=100, sample_steps=4, train=step),
+        ar_prior=ARPriorConfig(width=32, layers=1, heads=2, buckets=64, train=step),
+        decoder=DecoderConfig(resolution=16, base_channels=16, channel_mult=(1, 2), attention_resolutions=(8,),
+                              head_dim=8, cross_attention_dim=32, timesteps=100, sample_steps=4, train=step),
+        upsamplers=(
+            UpsamplerConfig(in_resolution=16, out_resolution=64, base_channels=8, channel_mult=(1, 2),
+                            timesteps=100, sample_steps=4, train=step),
+        ),
+    )
+
+
+def _shapes() -> UnclipConfig:
+    """The bundled default model: 32² decoder, one ×4 upsampler to 128², trained on shapes world."""
+    return UnclipConfig(name="shapes")
+
+
+PRESETS: dict[str, typing.Callable[[], UnclipConfig]] = {"tiny": _tiny, "shapes": _shapes}
+
+
+def preset(name: str) -> UnclipConfig:
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; valid presets: {', '.join(PRESETS)}")
+    cfg = PRESETS[name]()
+    check(cfg)
+    return cfg
+
+
+# --- typed construction ----------------------------------------------------------------------
+
+
+def _parse_value(raw: str) -> Any:
+    """JSON if it parses (numbers, true/false, lists), else the raw string."""
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError:
+        return raw
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _coerce(value: Any, hint: Any, path: str) -> Any:
+    """Check `value` against the annotation `hint`, converting JSON forms (list → tuple, int → float)."""
+    origin = typing.get_origin(hint)
+    if is_dataclass(hint):
+        if isinstance(value, hint):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path} is a section, not a value; set one of its keys, e.g. {path}.{fields(hint)[0].name}=...")
+        return _build(hint, value, path)
+    if origin is Literal:
+        choices = typing.get_args(hint)
+        if value not in choices:
+            raise ConfigError(f"{path}={value!r} is not one of {', '.join(repr(c) for c in choices)}")
+        return value
+    if origin is tuple:
+        (item, _ellipsis) = typing.get_args(hint)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{path} must be a list, e.g. {path}=[1,2,2]; got {value!r}")
+        return tuple(_coerce(v, item, f"{path}.{i}") for i, v in enumerate(value))
+    if origin in (types.UnionType, typing.Union):
+        raise ConfigError(f"{path}: union types are not supported in config")  # none are declared
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path} must be true or false; got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{path} must be an integer; got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{path} must be a number; got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{path} must be a string; got {value!r}")
+        return value
+    raise ConfigError(f"{path}: unsupported config type {hint!r}")
+
+
+def _build(cls: type, data: dict[str, Any], path: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path or 'config'} must be a JSON object; got {type(data).__name__}")
+    hints = _hints(cls)
+    names = [f.name for f in fields(cls)]
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        where = path or "the top level"
+        raise ConfigError(f"unknown config key(s) {', '.join(unknown)} in {where}; valid keys: {', '.join(names)}")
+    kwargs = {k: _coerce(v, hints[k], f"{path}.{k}" if path else k) for k, v in data.items()}
+    try:
+        return cls(**kwargs)
+    except TypeError as err:
+        raise ConfigError(f"{path or 'config'}: {err}") from None
+
+
+def _set(obj: Any, keys: list[str], value: Any, full_key: str) -> Any:
+    """Return a copy of `obj` with the field at `keys` set to `value` (type-checked)."""
+    head, rest = keys[0], keys[1:]
+    prefix = full_key[: len(full_key) - len(".".join(rest))].rstrip(".")
+    if isinstance(obj, tuple):
+        if not head.isdigit() or int(head) >= len(obj):
+            raise ConfigError(f"{prefix!r}: index must be 0..{len(obj) - 1}")
+        i = int(head)
+        if not rest:
+            raise ConfigError(f"{prefix} is a section, not a value; set one of its keys")
+        items = list(obj)
+        items[i] = _set(obj[i], rest, value, full_key)
+        return tuple(items)
+    names = [f.name for f in fields(obj)]
+    if head not in names:
+        parent = prefix.rpartition(".")[0] or "the top level"
+        raise ConfigError(f"unknown config key {prefix!r} in {parent}; valid keys: {', '.join(names)}")
+    current = getattr(obj, head)
+    if rest:
+        if not (is_dataclass(current) or isinstance(current, tuple)) or isinstance(current, (str,)):
+            raise ConfigError(f"{prefix} is a value, not a section; use {prefix}=...")
+        if isinstance(current, tuple) and not (current and is_dataclass(current[0])):
+            raise ConfigError(f"{prefix} is a value, not a section; use {prefix}=[...]")
+        return replace(obj, **{head: _set(current, rest, value, full_key)})
+    return replace(obj, **{head: _coerce(value, _hints(type(obj))[head], full_key)})
+
+
+def _walk(obj: Any, path: str):
+    """Yield (dotted path, leaf value) for every leaf of a config."""
+    if is_dataclass(obj):
+        for f in fields(obj):
+            yield from _walk(getattr(obj, f.name), f"{path}.{f.name}" if path else f.name)
+    elif isinstance(obj, tuple) and obj and is_dataclass(obj[0]):
+        for i, item in enumerate(obj):
+            yield from _walk(item, f"{path}.{i}")
+    else:
+        yield path, obj

@@ -1,0 +1,141 @@
+"""A folder of images with same-name captions: `cat.jpg` + `cat.txt`, searched recursively.
+
+Bad files never crash a run. At scan time, images without a caption, with an empty or
+undecodable caption, or whose header does not verify are skipped and counted; at load time an
+image that still fails to decode (a truncated JPEG passes the header check) is skipped in favour
+of the next one and counted too. `FolderDataset.report` holds the counts and names and
+`summary()` says them in one line.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from unclip.errors import DataError
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
+
+
+@dataclass
+class FolderReport:
+    """What a scan (and later loads, in this process) found unusable, by file name."""
+
+    usable: int = 0
+    corrupt: list[str] = field(default_factory=list)
+    missing_caption: list[str] = field(default_factory=list)
+    bad_caption: list[str] = field(default_factory=list)
+
+    @property
+    def skipped(self) -> int:
+        return len(self.corrupt) + len(self.missing_caption) + len(self.bad_caption)
+
+    def summary(self) -> str:
+        parts = [f"{self.usable} usable image-caption pairs"]
+        for label, names in (("corrupt or unreadable image", self.corrupt),
+                             ("image without a .txt caption", self.missing_caption),
+                             ("empty or non-UTF-8 caption", self.bad_caption)):
+            if names:
+                shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+                parts.append(f"skipped {len(names)} {label}{'s' if len(names) > 1 else ''} ({shown})")
+        return "; ".join(parts)
+
+
+def _read_caption(path: Path) -> str | None:
+    try:
+        text = path.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    return text or None
+
+
+def _open_rgb(path: Path, size: int):
+    """Decode `path`, centre-crop to a square and resize to size×size RGB (PIL image)."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        image.load()
+        image = image.convert("RGB")
+    side = min(image.size)
+    left, top = (image.width - side) // 2, (image.height - side) // 2
+    image = image.crop((left, top, left + side, top + side))
+    if side != size:
+        image = image.resize((size, size), Image.Resampling.BICUBIC, reducing_gap=3.0)
+    return image
+
+
+def _unreadable_errors() -> tuple[type[BaseException], ...]:
+    from PIL import Image
+
+    return (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+
+def scan_folder(root: str | Path, *, verify: bool = True) -> tuple[list[tuple[Path, str]], FolderReport]:
+    """Find usable (image, caption) pairs under `root`, sorted by path."""
+    from PIL import Image
+
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"{root} is not a folder; expected a folder of images with same-name .txt captions")
+    report = FolderReport()
+    pairs = []
+    for path in sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()):
+        name = str(path.relative_to(root))
+        caption_path = path.with_suffix(".txt")
+        if not caption_path.is_file():
+            report.missing_caption.append(name)
+            continue
+        caption = _read_caption(caption_path)
+        if caption is None:
+            report.bad_caption.append(name)
+            continue
+        if verify:
+            try:
+                with Image.open(path) as image:
+                    image.verify()
+            except _unreadable_errors():
+                report.corrupt.append(name)
+                continue
+        pairs.append((path, caption))
+    report.usable = len(pairs)
+    return pairs, report
+
+
+class FolderDataset:
+    """Map-style dataset over a caption folder; item i → dict(image, caption, key).
+
+    image: float32 tensor [3, size, size] in [-1, 1]; key: the path relative to the root,
+    without suffix. A torch `Dataset` by duck typing (DataLoader needs only len and getitem).
+    """
+
+    def __init__(self, root: str | Path, *, size: int, verify: bool = True):
+        self.root = Path(root)
+        self.size = size
+        self.pairs, self.report = scan_folder(self.root, verify=verify)
+        if self.report.skipped:
+            log.warning("%s: %s", self.root, self.report.summary())
+        if not self.pairs:
+            raise DataError(f"{self.root} holds no usable image-caption pairs: {self.report.summary()}")
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, index: int) -> dict:
+        from unclip.data.shapes import to_tensor
+
+        for offset in range(len(self.pairs)):
+            path, caption = self.pairs[(index + offset) % len(self.pairs)]
+            try:
+                image = _open_rgb(path, self.size)
+            except _unreadable_errors() as err:
+                name = str(path.relative_to(self.root))
+                if name not in self.report.corrupt:
+                    self.report.corrupt.append(name)
+                    log.warning("skipping unreadable image %s: %s", path, err)
+                continue
+            key = path.relative_to(self.root).with_suffix("").as_posix()
+            return {"image": to_tensor(image), "caption": caption, "key": key}
+        raise DataError(f"no image under {self.root} could be decoded: {self.report.summary()}")

@@ -1,0 +1,17 @@
+"""Errors a user can act on. The CLI prints their message and exits with status 2."""
+
+
+class UnclipError(Exception):
+    """Base class: the message says what was wrong and how to fix it."""
+
+
+class ConfigError(UnclipError, ValueError):
+    """A configuration key or value is not valid."""
+
+
+class ModelFormatError(UnclipError):
+    """A model directory or checkpoint is missing, truncated, corrupt or mismatched."""
+
+
+class DataError(UnclipError):
+    """A data set, image or caption cannot be used."""

@@ -1,0 +1,246 @@
+"""The on-disk model format (DESIGN §4) and training checkpoints.
+
+A model is a directory in the diffusers unCLIP layout (`model_index.json`, `tokenizer/`,
+`text_encoder/`, `prior/`, `decoder/`, `super_res_first/`, ...) plus `unclip.json`, unclip's own
+manifest:
+
+    {"format_version": 1, "unclip_version": "0.1.0", "config": {...UnclipConfig...},
+     "resolutions": [32, 128], "files": {"decoder/diffusion_pytorch_model.safetensors":
+     {"bytes": 123, "sha256": "..."}, ...}, "stats": {...}, "extra": {...},
+     "provenance": {...}, "evaluation": {...}}
+
+Saving is atomic for the whole directory: components are written into a temporary sibling,
+the manifest last, then the directory is swapped in with renames; a crash at any point leaves the
+previous model loadable. Loading is strict: a missing, truncated or mismatched file is an error
+that names the file and says what is wrong.
+
+Training checkpoints (optimizer, EMA, RNG, data position) are single files written with
+`save_checkpoint`, separate from this release format.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from unclip import __version__
+from unclip.errors import ModelFormatError
+from unclip.io import atomic_write, write_json_atomic
+
+if TYPE_CHECKING:
+    import torch
+
+MANIFEST = "unclip.json"
+FORMAT_VERSION = 1
+
+# format_version -> function upgrading a manifest dict of that version to the next one.
+MIGRATIONS: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {}
+
+
+@dataclass(frozen=True, kw_only=True)
+class Manifest:
+    """What `unclip.json` holds; `config` is the full UnclipConfig as a dict."""
+
+    config: dict[str, Any]
+    resolutions: tuple[int, ...] = ()
+    files: dict[str, dict[str, Any]] = field(default_factory=dict)
+    stats: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+    provenance: dict[str, Any] = field(default_factory=dict)
+    evaluation: dict[str, Any] = field(default_factory=dict)
+    format_version: int = FORMAT_VERSION
+    unclip_version: str = __version__
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format_version": self.format_version,
+            "unclip_version": self.unclip_version,
+            "resolutions": list(self.resolutions),
+            "config": self.config,
+            "files": self.files,
+            "stats": self.stats,
+            "extra": self.extra,
+            "provenance": self.provenance,
+            "evaluation": self.evaluation,
+        }
+
+
+def file_record(path: Path) -> dict[str, Any]:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return {"bytes": path.stat().st_size, "sha256": digest.hexdigest()}
+
+
+def save_model_dir(directory: str | Path, manifest: Manifest, write_components: Callable[[Path], None]) -> Path:
+    """Write a model directory atomically.
+
+    `write_components(tmp_dir)` writes every component into `tmp_dir`; then every file is
+    recorded (size, sha256) in the manifest, the manifest is written last, and `tmp_dir` replaces
+    `directory`. Until the final rename the previous model at `directory` is untouched.
+    """
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.", suffix=".tmp"))
+    try:
+        write_components(tmp)
+        files = {
+            p.relative_to(tmp).as_posix(): file_record(p)
+            for p in sorted(tmp.rglob("*")) if p.is_file() and p.name != MANIFEST
+        }
+        full = Manifest(**{**_fields(manifest), "files": files})
+        write_json_atomic(tmp / MANIFEST, full.to_dict())
+        _swap_in(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return directory
+
+
+def _fields(manifest: Manifest) -> dict[str, Any]:
+    return {name: getattr(manifest, name) for name in manifest.__dataclass_fields__}
+
+
+def _swap_in(new: Path, target: Path) -> None:
+    """Replace `target` by `new` with two renames; the old one is removed only afterwards."""
+    old = None
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        os.rename(target, old)
+    os.rename(new, target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def read_manifest(directory: str | Path) -> Manifest:
+    """Read and check `unclip.json`, migrating older format versions."""
+    directory = Path(directory)
+    path = directory / MANIFEST
+    if not directory.is_dir():
+        raise ModelFormatError(f"{directory} is not a directory; a model is a directory holding {MANIFEST}")
+    if not path.is_file():
+        leftovers = sorted(directory.parent.glob(f".{directory.name}.old-*"))
+        hint = f" A previous save was interrupted; the earlier model is at {leftovers[0]}." if leftovers else ""
+        raise ModelFormatError(f"{path} is missing: {directory} is not an unclip model directory.{hint}")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ModelFormatError(f"{path} is truncated or corrupt (not valid JSON: {err})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("format_version"), int):
+        raise ModelFormatError(f"{path} has no integer format_version; it was not written by unclip")
+    version = data["format_version"]
+    if version > FORMAT_VERSION:
+        raise ModelFormatError(
+            f"{path} has format_version {version}, newer than this unclip reads ({FORMAT_VERSION}); "
+            "upgrade unclip to load it")
+    while version < FORMAT_VERSION:
+        if version not in MIGRATIONS:
+            raise ModelFormatError(f"{path} has format_version {version}, which this unclip cannot migrate")
+        data = MIGRATIONS[version](data)
+        version = data["format_version"]
+    try:
+        return Manifest(**{**data, "resolutions": tuple(data.get("resolutions", ()))})
+    except TypeError as err:
+        raise ModelFormatError(f"{path} has unexpected fields: {err}") from None
+
+
+def verify_files(directory: str | Path, manifest: Manifest, *, checksums: bool = False) -> None:
+    """Check that every file the manifest lists is present with its recorded size (and hash)."""
+    directory = Path(directory)
+    for name, record in manifest.files.items():
+        path = directory / name
+        if not path.is_file():
+            raise ModelFormatError(f"{path} is missing (listed in {directory / MANIFEST})")
+        size = path.stat().st_size
+        if size != record["bytes"]:
+            state = "truncated" if size < record["bytes"] else "larger than recorded"
+            raise ModelFormatError(f"{path} is {state}: {size} bytes, the manifest records {record['bytes']}")
+        if checksums and file_record(path)["sha256"] != record["sha256"]:
+            raise ModelFormatError(f"{path} is corrupt: its sha256 differs from the one in {MANIFEST}")
+
+
+# --- weights ---------------------------------------------------------------------------------
+
+
+def save_weights(path: str | Path, state: dict[str, torch.Tensor], *, metadata: dict[str, str] | None = None) -> Path:
+    """Write tensors as safetensors, atomically."""
+    from safetensors.torch import save
+
+    tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
+    with atomic_write(path, "wb") as handle:
+        handle.write(save(tensors, metadata=metadata))
+    return Path(path)
+
+
+def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a safetensors file; a truncated or corrupt file is a ModelFormatError naming it."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
+    path = Path(path)
+    if not path.is_file():
+        raise ModelFormatError(f"{path} is missing")
+    try:
+        return load(path.read_bytes())
+    except (SafetensorError, ValueError, RuntimeError) as err:
+        raise ModelFormatError(f"{path} is truncated or corrupt: {err}") from None
+
+
+def load_into(module: torch.nn.Module, path: str | Path) -> torch.nn.Module:
+    """Strictly load weights from `path` into `module`: every key and shape must match."""
+    state = load_weights(path)
+    expected = module.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
+             if k in state and state[k].shape != v.shape]
+    problems = []
+    if missing:
+        problems.append(f"missing {len(missing)} tensor(s) ({', '.join(missing[:5])})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected tensor(s) ({', '.join(unexpected[:5])})")
+    if wrong:
+        problems.append(f"shape mismatch in {len(wrong)} tensor(s) (file vs model: {'; '.join(wrong[:5])})")
+    if problems:
+        raise ModelFormatError(f"{path} does not match its config: {', '.join(problems)}")
+    module.load_state_dict(state, strict=True)
+    return module
+
+
+# --- training checkpoints --------------------------------------------------------------------
+
+
+def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
+    """Write a training checkpoint (any torch-serialisable dict) atomically."""
+    import torch
+
+    with atomic_write(path, "wb") as handle:
+        torch.save(state, handle)
+    return Path(path)
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Read a checkpoint; a truncated or corrupt file is a ModelFormatError naming it."""
+    import pickle
+    import zipfile
+
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise ModelFormatError(f"checkpoint {path} is missing")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, OSError) as err:
+        raise ModelFormatError(f"checkpoint {path} is truncated or corrupt: {err}") from None
+    if not isinstance(state, dict):
+        raise ModelFormatError(f"checkpoint {path} does not hold a dict of training state")
+    return state

@@ -1,0 +1,164 @@
+"""Byte-level BPE tokenizer trained on the caption corpus, saved with every model.
+
+Byte-level means there is no unknown word: any text, Thai included, encodes and decodes back to
+itself exactly (after Unicode NFC normalisation). Every encoded caption is
+`[<|startoftext|>, tokens..., <|endoftext|>, <|pad|>...]`; a caption longer than the context is
+cut before the end token (CLIP pools at the end token, so it is always present), and the cut is
+reported: `TokenBatch.truncated` says which captions were cut and a warning logs what was lost.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import unicodedata
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from unclip.errors import ModelFormatError, UnclipError
+from unclip.io import write_json_atomic
+
+if TYPE_CHECKING:
+    import tokenizers
+    import torch
+
+log = logging.getLogger(__name__)
+
+PAD, BOS, EOS = "<|pad|>", "<|startoftext|>", "<|endoftext|>"
+TOKENIZER_FILE = "tokenizer.json"
+CONFIG_FILE = "tokenizer_config.json"
+
+
+@dataclass(frozen=True)
+class TokenBatch:
+    """Encoded captions.
+
+    input_ids:      LongTensor [B, L]  token ids, padded with `pad_id`
+    attention_mask: LongTensor [B, L]  1 for real tokens (start and end included), 0 for padding
+    truncated:      one flag per caption, True where the caption was cut to fit L
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    truncated: tuple[bool, ...]
+
+
+class Tokenizer:
+    """A trained byte-level BPE with a fixed context length."""
+
+    def __init__(self, *, backend: tokenizers.Tokenizer, context_length: int):
+        if context_length < 3:
+            raise UnclipError(f"context_length={context_length} leaves no room for a caption; use at least 3")
+        self.backend = backend
+        self.context_length = context_length
+        self.pad_id, self.bos_id, self.eos_id = (backend.token_to_id(t) for t in (PAD, BOS, EOS))
+        if None in (self.pad_id, self.bos_id, self.eos_id):
+            raise ModelFormatError(f"tokenizer lacks one of the special tokens {PAD}, {BOS}, {EOS}")
+
+    @property
+    def vocab_size(self) -> int:
+        return self.backend.get_vocab_size()
+
+    @classmethod
+    def train(cls, texts: Iterable[str], *, vocab_size: int, context_length: int) -> Tokenizer:
+        """Train a byte-level BPE of at most `vocab_size` tokens on `texts`."""
+        from tokenizers import Tokenizer as Backend
+        from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
+
+        backend = Backend(models.BPE())
+        backend.normalizer = normalizers.NFC()
+        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        backend.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            special_tokens=[PAD, BOS, EOS],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        )
+        backend.train_from_iterator(texts, trainer=trainer)
+        return cls(backend=backend, context_length=context_length)
+
+    def tokenize(self, text: str) -> list[int]:
+        """Token ids of `text` without start, end or padding."""
+        return self.backend.encode(text, add_special_tokens=False).ids
+
+    def encode(self, texts: str | Sequence[str], *, context_length: int | None = None) -> TokenBatch:
+        """Encode captions into a padded batch of `context_length` (default: the tokenizer's) tokens."""
+        import torch
+
+        if isinstance(texts, str):
+            texts = [texts]
+        length = context_length or self.context_length
+        room = length - 2
+        ids = torch.full((len(texts), length), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(texts), length), dtype=torch.long)
+        truncated = []
+        for row, encoding in enumerate(self.backend.encode_batch(list(texts), add_special_tokens=False)):
+            tokens = encoding.ids
+            cut = len(tokens) > room
+            if cut:
+                lost = self.backend.decode(tokens[room:])
+                log.warning("caption cut to %d tokens; dropped the end: %r", length, lost)
+                tokens = tokens[:room]
+            seq = [self.bos_id, *tokens, self.eos_id]
+            ids[row, : len(seq)] = torch.tensor(seq)
+            mask[row, : len(seq)] = 1
+            truncated.append(cut)
+        return TokenBatch(input_ids=ids, attention_mask=mask, truncated=tuple(truncated))
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Text of `ids`, skipping start, end and padding."""
+        special = {self.pad_id, self.bos_id, self.eos_id}
+        return self.backend.decode([int(i) for i in ids if int(i) not in special])
+
+    def normalize(self, text: str) -> str:
+        """The form a caption round-trips to (Unicode NFC)."""
+        return unicodedata.normalize("NFC", text)
+
+    def save(self, directory: str | Path) -> Path:
+        """Write `tokenizer.json` and a `tokenizer_config.json` that `transformers.AutoTokenizer` reads."""
+        directory = Path(directory)
+        write_json_atomic(directory / TOKENIZER_FILE, json.loads(self.backend.to_str()))
+        write_json_atomic(directory / CONFIG_FILE, {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "model_max_length": self.context_length,
+            "bos_token": BOS,
+            "eos_token": EOS,
+            "pad_token": PAD,
+            "unk_token": None,
+        })
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | Path) -> Tokenizer:
+        from tokenizers import Tokenizer as Backend
+
+        directory = Path(directory)
+        paths = [directory / TOKENIZER_FILE, directory / CONFIG_FILE]
+        for path in paths:
+            if not path.is_file():
+                raise ModelFormatError(f"{path} is missing: a tokenizer directory holds {TOKENIZER_FILE} and {CONFIG_FILE}")
+        try:
+            backend = Backend.from_file(str(paths[0]))
+        except Exception as err:  # tokenizers raises a bare Exception on bad JSON
+            raise ModelFormatError(f"{paths[0]} is truncated or corrupt: {err}") from None
+        try:
+            config = json.loads(paths[1].read_text(encoding="utf-8"))
+            context_length = int(config["model_max_length"])
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+            raise ModelFormatError(f"{paths[1]} is corrupt or lacks model_max_length: {err}") from None
+        return cls(backend=backend, context_length=context_length)
+
+
+def shapes_corpus(n: int, *, seed: int = 0) -> list[str]:
+    """`n` captions from the shapes-world train split, half English and half Thai."""
+    from unclip.data.world import sample
+
+    return [sample("train", i, seed=seed, lang=("en", "th")[i % 2]).caption for i in range(n)]
+
+
+def train_shapes_tokenizer(*, vocab_size: int, context_length: int, corpus_size: int, seed: int = 0) -> Tokenizer:
+    """The tokenizer of the bundled default: BPE trained on shapes-world captions in both languages."""
+    return Tokenizer.train(shapes_corpus(corpus_size, seed=seed), vocab_size=vocab_size, context_length=context_length)

@@ -1,0 +1,90 @@
+import json
+
+import pytest
+
+from unclip.cli import main
+from unclip.config import PRESETS, UnclipConfig, preset, resolutions
+from unclip.errors import ConfigError
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_json_round_trip_is_exact(name):
+    cfg = preset(name)
+    again = UnclipConfig.from_json(cfg.to_json())
+    assert again == cfg
+    assert isinstance(again.decoder.channel_mult, tuple)
+    assert isinstance(again.upsamplers, tuple) and isinstance(again.upsamplers[0].channel_mult, tuple)
+
+
+def test_presets_chain_resolutions_by_four():
+    assert resolutions(preset("shapes")) == (32, 128)
+    assert resolutions(preset("tiny")) == (16, 64)
+
+
+def test_overrides_set_typed_values_at_any_depth():
+    cfg = preset("shapes").override([
+        "clip.train.steps=7", "decoder.channel_mult=[1,2]", "decoder.z_drop=0.05",
+        "upsamplers.0.base_channels=16", "name=mine", "prior.train.lr=1",
+    ])
+    assert cfg.clip.train.steps == 7
+    assert cfg.decoder.channel_mult == (1, 2)
+    assert cfg.decoder.z_drop == 0.05
+    assert cfg.upsamplers[0].base_channels == 16
+    assert cfg.name == "mine"
+    assert cfg.prior.train.lr == 1.0 and isinstance(cfg.prior.train.lr, float)
+    assert preset("shapes").clip.train.steps != 7  # frozen: the preset is untouched
+
+
+def test_unknown_key_names_the_valid_keys():
+    with pytest.raises(ConfigError) as err:
+        preset("shapes").override(["clip.train.stpes=5"])
+    message = str(err.value)
+    assert "clip.train.stpes" in message and "steps" in message and "batch_size" in message
+
+
+@pytest.mark.parametrize("assignment, words", [
+    ("clip.train.steps=1.5", "integer"),
+    ("clip.train.steps=true", "integer"),
+    ("decoder.sampler=euler", "'ddim'"),
+    ("decoder.channel_mult=3", "list"),
+    ("decoder=1", "section"),
+    ("upsamplers.4.base_channels=1", "index"),
+    ("decoder.z_drop=1.5", "probability"),
+    ("clip.patch_size=5", "multiple"),
+    ("decoder.resolution=64", "upsamplers.0.in_resolution"),
+    ("clip.train.steps", "key=value"),
+    ("clip.train.steps=-3", "negative"),
+])
+def test_bad_overrides_are_errors(assignment, words):
+    with pytest.raises(ConfigError, match=None) as err:
+        preset("shapes").override([assignment])
+    assert words in str(err.value)
+
+
+def test_related_fields_change_together():
+    cfg = preset("shapes").override([
+        "decoder.resolution=64", "upsamplers.0.in_resolution=64", "upsamplers.0.out_resolution=256"])
+    assert resolutions(cfg) == (64, 256)
+
+
+def test_from_dict_is_strict_and_fills_defaults():
+    data = preset("tiny").to_dict()
+    del data["decoder"]["guidance_scale"]  # an older file without a newer field
+    assert UnclipConfig.from_dict(data).decoder.guidance_scale == preset("tiny").decoder.guidance_scale
+    data["decoder"]["colour"] = 1
+    with pytest.raises(ConfigError, match="unknown config key.*colour.*valid keys"):
+        UnclipConfig.from_dict(data)
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        UnclipConfig.from_json("{")
+
+
+def test_config_cli_prints_json_with_overrides(capsys, tmp_path):
+    assert main(["config", "--preset", "tiny", "--set", "clip.train.steps=9"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["clip"]["train"]["steps"] == 9
+    out = tmp_path / "cfg.json"
+    assert main(["config", "--preset", "tiny", "--out", str(out)]) == 0
+    assert main(["config", "--config", str(out), "--set", "name=again"]) == 0
+    assert json.loads(capsys.readouterr().out.split("\n", 1)[1])["name"] == "again"
+    assert main(["config", "--set", "bogus=1"]) == 2
+    assert "valid keys" in capsys.readouterr().err

@@ -1,0 +1,74 @@
+import logging
+
+import pytest
+from PIL import Image
+
+from unclip.data.folder import FolderDataset
+from unclip.errors import DataError
+
+
+def _image(path, colour=(200, 30, 30), size=(40, 30)):
+    Image.new("RGB", size, colour).save(path)
+
+
+@pytest.fixture
+def folder(tmp_path):
+    for i in range(4):
+        _image(tmp_path / f"good{i}.png", colour=(60 * i, 10, 10))
+        (tmp_path / f"good{i}.txt").write_text(f"caption {i}\n", encoding="utf-8")
+    _image(tmp_path / "nocaption.png")
+    _image(tmp_path / "empty.png")
+    (tmp_path / "empty.txt").write_text("  \n")
+    (tmp_path / "garbage.jpg").write_bytes(b"not an image at all")
+    (tmp_path / "garbage.txt").write_text("a broken file")
+    # a JPEG whose header verifies but whose data is cut: only decoding finds it
+    Image.new("RGB", (64, 64), (1, 2, 3)).save(tmp_path / "cut.jpg", quality=95)
+    data = (tmp_path / "cut.jpg").read_bytes()
+    (tmp_path / "cut.jpg").write_bytes(data[: len(data) // 2])
+    (tmp_path / "cut.txt").write_text("cut short")
+    sub = tmp_path / "nested"
+    sub.mkdir()
+    _image(sub / "deep.png", size=(30, 50))
+    (sub / "deep.txt").write_text("วงกลมสีแดง", encoding="utf-8")
+    return tmp_path
+
+
+def test_scan_counts_and_reports_bad_files(folder, caplog):
+    with caplog.at_level(logging.WARNING):
+        ds = FolderDataset(folder, size=16)
+    r = ds.report
+    assert r.missing_caption == ["nocaption.png"]
+    assert r.bad_caption == ["empty.png"]
+    assert r.corrupt == ["garbage.jpg"]
+    assert len(ds) == 6  # 4 good + nested + the cut JPEG, which only fails when decoded
+    assert "skipped 1 corrupt or unreadable image (garbage.jpg)" in r.summary()
+    assert "garbage.jpg" in caplog.text
+
+
+def test_iterating_never_crashes_and_counts_late_failures(folder):
+    ds = FolderDataset(folder, size=16)
+    items = [ds[i] for i in range(len(ds))]
+    assert all(item["image"].shape == (3, 16, 16) for item in items)
+    assert all(-1.0 <= float(item["image"].min()) and float(item["image"].max()) <= 1.0 for item in items)
+    assert "cut.jpg" in ds.report.corrupt
+    keys = {item["key"] for item in items}
+    assert "nested/deep" in keys and "cut" not in keys
+    deep = next(item for item in items if item["key"] == "nested/deep")
+    assert deep["caption"] == "วงกลมสีแดง"
+
+
+def test_dataloader_batches(folder):
+    import torch
+
+    ds = FolderDataset(folder, size=8)
+    batch = next(iter(torch.utils.data.DataLoader(ds, batch_size=3)))
+    assert batch["image"].shape == (3, 3, 8, 8) and len(batch["caption"]) == 3
+
+
+def test_empty_or_missing_folder_is_an_error(tmp_path):
+    with pytest.raises(DataError, match="not a folder"):
+        FolderDataset(tmp_path / "nope", size=8)
+    (tmp_path / "x.jpg").write_bytes(b"junk")
+    (tmp_path / "x.txt").write_text("junk")
+    with pytest.raises(DataError, match="no usable image-caption pairs"):
+        FolderDataset(tmp_path, size=8)

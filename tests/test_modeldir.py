@@ -1,0 +1,134 @@
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from unclip.config import preset
+from unclip.errors import ModelFormatError
+from unclip.io import atomic_write, write_json_atomic
+from unclip.modeldir import (
+    FORMAT_VERSION, MANIFEST, Manifest, load_checkpoint, load_into, read_manifest, save_checkpoint,
+    save_model_dir, save_weights, verify_files,
+)
+
+
+def _net(width=4):
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(3, width), torch.nn.Linear(width, 2))
+
+
+def _write_model(directory, net, *, name="tiny"):
+    def components(tmp):
+        save_weights(tmp / "decoder" / "model.safetensors", net.state_dict())
+        write_json_atomic(tmp / "decoder" / "config.json", {"width": 4})
+
+    manifest = Manifest(config=preset("tiny").override([f"name={name}"]).to_dict(), resolutions=(16, 64))
+    return save_model_dir(directory, manifest, components)
+
+
+def test_save_then_strict_load(tmp_path):
+    net = _net()
+    model = _write_model(tmp_path / "model", net)
+    manifest = read_manifest(model)
+    assert manifest.format_version == FORMAT_VERSION and manifest.resolutions == (16, 64)
+    assert set(manifest.files) == {"decoder/model.safetensors", "decoder/config.json"}
+    verify_files(model, manifest, checksums=True)
+    other = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+    load_into(other, model / "decoder" / "model.safetensors")
+    for a, b in zip(net.parameters(), other.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_truncated_weights_name_the_file(tmp_path):
+    model = _write_model(tmp_path / "model", _net())
+    weights = model / "decoder" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-10])
+    with pytest.raises(ModelFormatError, match=r"decoder/model.safetensors is truncated: \d+ bytes"):
+        verify_files(model, read_manifest(model))
+    with pytest.raises(ModelFormatError, match="model.safetensors is truncated or corrupt"):
+        load_into(_net(), weights)
+
+
+def test_flipped_byte_fails_checksum(tmp_path):
+    model = _write_model(tmp_path / "model", _net())
+    weights = model / "decoder" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    verify_files(model, read_manifest(model))  # same size: only the hash can tell
+    with pytest.raises(ModelFormatError, match="sha256"):
+        verify_files(model, read_manifest(model), checksums=True)
+
+
+def test_mismatched_weights_say_which_tensors(tmp_path):
+    model = _write_model(tmp_path / "model", _net(width=4))
+    with pytest.raises(ModelFormatError, match=r"shape mismatch.*0\.weight \(4, 3\) vs \(8, 3\)"):
+        load_into(_net(width=8), model / "decoder" / "model.safetensors")
+    longer = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2), torch.nn.Linear(2, 2))
+    with pytest.raises(ModelFormatError, match=r"missing 2 tensor\(s\) \(2.bias, 2.weight\)"):
+        load_into(longer, model / "decoder" / "model.safetensors")
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "unclip.json is missing"),
+    ("{\"format_version\": 1, ", "truncated or corrupt"),
+    (json.dumps({"config": {}}), "no integer format_version"),
+    (json.dumps({"format_version": FORMAT_VERSION + 1, "config": {}}), "upgrade unclip"),
+])
+def test_bad_manifest(tmp_path, content, message):
+    model = _write_model(tmp_path / "model", _net())
+    if content is None:
+        (model / MANIFEST).unlink()
+    else:
+        (model / MANIFEST).write_text(content)
+    with pytest.raises(ModelFormatError, match=message):
+        read_manifest(model)
+
+
+def test_crash_while_saving_a_model_keeps_the_previous_one(tmp_path):
+    _write_model(tmp_path / "model", _net(), name="first")
+
+    def crashing(tmp):
+        save_weights(tmp / "decoder" / "model.safetensors", _net().state_dict())
+        raise RuntimeError("power cut")
+
+    with pytest.raises(RuntimeError, match="power cut"):
+        save_model_dir(tmp_path / "model", Manifest(config={}), crashing)
+    manifest = read_manifest(tmp_path / "model")
+    assert manifest.config["name"] == "first"
+    verify_files(tmp_path / "model", manifest, checksums=True)
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]  # no temporary left behind
+
+
+def test_crash_during_atomic_write_leaves_previous_file(tmp_path):
+    path = tmp_path / "ckpt.pt"
+    save_checkpoint(path, {"step": 1})
+    with pytest.raises(RuntimeError):
+        with atomic_write(path) as handle:
+            handle.write(b"partial")
+            raise RuntimeError("crash")
+    assert load_checkpoint(path)["step"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt"]
+
+
+def test_process_killed_mid_write_leaves_previous_file(tmp_path):
+    path = tmp_path / "ckpt.pt"
+    save_checkpoint(path, {"step": 1})
+    script = (
+        "import os, sys\n"
+        "from unclip.io import atomic_write\n"
+        "with atomic_write(sys.argv[1]) as f:\n"
+        "    f.write(b'x' * 1000); f.flush()\n"
+        "    os._exit(9)\n"  # dies without cleanup, like SIGKILL
+    )
+    assert subprocess.run([sys.executable, "-c", script, str(path)]).returncode == 9
+    assert load_checkpoint(path)["step"] == 1
+
+
+def test_truncated_checkpoint_is_a_clear_error(tmp_path):
+    path = save_checkpoint(tmp_path / "ckpt.pt", {"step": 3, "weights": torch.randn(1000)})
+    path.write_bytes(path.read_bytes()[:500])
+    with pytest.raises(ModelFormatError, match="ckpt.pt is truncated or corrupt"):
+        load_checkpoint(path)

@@ -1,0 +1,79 @@
+import logging
+
+import pytest
+
+from unclip.errors import ModelFormatError
+from unclip.tokenizer import Tokenizer, shapes_corpus, train_shapes_tokenizer
+
+THAI = [
+    "วงกลมสีแดง",
+    "ดาวสีน้ำเงินอยู่เหนือสี่เหลี่ยมจัตุรัสสีเขียว",
+    "หัวใจสีเหลืองสามดวง",
+    "ข้าวหลามตัดสีม่วงขนาดเล็กที่มุมบนซ้าย",
+]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return train_shapes_tokenizer(vocab_size=400, context_length=32, corpus_size=2000)
+
+
+def test_corpus_has_both_languages():
+    corpus = shapes_corpus(200)
+    thai = [c for c in corpus if any("\u0e00" <= ch <= "\u0e7f" for ch in c)]
+    assert 80 <= len(thai) <= 120
+
+
+def test_thai_and_english_round_trip_exactly(tok):
+    for text in THAI + ["a small blue star above a green square", "three yellow hearts"]:
+        batch = tok.encode(text)
+        assert batch.truncated == (False,)
+        assert tok.decode(batch.input_ids[0]) == text
+
+
+def test_unknown_words_and_scripts_round_trip(tok):
+    text = "a zebra 🦓 ñandú кошка 猫 ยีราฟ"
+    assert tok.decode(tok.encode(text, context_length=128).input_ids[0]) == text
+
+
+def test_bpe_learned_thai_merges(tok):
+    # A trained BPE uses far fewer tokens than UTF-8 bytes (3 per Thai character).
+    ids = tok.tokenize(THAI[1])
+    assert len(ids) < len(THAI[1].encode("utf-8")) / 4
+
+
+def test_layout_start_end_padding(tok):
+    batch = tok.encode(["a red circle", "วงกลมสีแดง"])
+    assert batch.input_ids.shape == (2, 32)
+    for row, mask in zip(batch.input_ids, batch.attention_mask):
+        n = int(mask.sum())
+        assert row[0] == tok.bos_id and row[n - 1] == tok.eos_id
+        assert (row[n:] == tok.pad_id).all() and (mask[:n] == 1).all()
+
+
+def test_truncation_is_reported_and_keeps_end_token(tok, caplog):
+    long = " ".join(["a small blue star above a green square"] * 6)
+    with caplog.at_level(logging.WARNING, logger="unclip.tokenizer"):
+        batch = tok.encode([long, "a red circle"], context_length=16)
+    assert batch.truncated == (True, False)
+    assert batch.input_ids[0, -1] == tok.eos_id and batch.attention_mask[0].all()
+    assert "cut to 16 tokens" in caplog.text and "green square" in caplog.text
+
+
+def test_save_load_same_ids(tok, tmp_path):
+    tok.save(tmp_path / "tokenizer")
+    again = Tokenizer.load(tmp_path / "tokenizer")
+    batch = THAI + ["a red circle"]
+    assert (again.encode(batch).input_ids == tok.encode(batch).input_ids).all()
+    assert again.context_length == tok.context_length
+
+
+def test_corrupt_tokenizer_file_names_the_file(tok, tmp_path):
+    d = tok.save(tmp_path / "tokenizer")
+    path = d / "tokenizer.json"
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(ModelFormatError, match="tokenizer.json is truncated or corrupt"):
+        Tokenizer.load(d)
+    (d / "tokenizer_config.json").unlink()
+    with pytest.raises(ModelFormatError, match="tokenizer_config.json is missing"):
+        Tokenizer.load(d)
