@@ -77,3 +77,9 @@ def test_corrupt_tokenizer_file_names_the_file(tok, tmp_path):
     (d / "tokenizer_config.json").unlink()
     with pytest.raises(ModelFormatError, match="tokenizer_config.json is missing"):
         Tokenizer.load(d)
+
+
+def test_end_token_id_is_not_the_legacy_clip_value(tok):
+    # transformers' CLIPTextTransformer pools at argmax(input_ids) when eos_token_id == 2.
+    assert tok.eos_id != 2
+    assert len({tok.pad_id, tok.bos_id, tok.eos_id}) == 3

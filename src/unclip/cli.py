@@ -19,6 +19,8 @@ from unclip.errors import UnclipError
 COMMAND_MODULES = (
     "unclip.data.cli",
     "unclip.config_cli",
+    "unclip.train.cli",
+    "unclip.clip.cli",
     "unclip.explain.cli",
 )
 

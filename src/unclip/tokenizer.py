@@ -27,6 +27,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 PAD, BOS, EOS = "<|pad|>", "<|startoftext|>", "<|endoftext|>"
+# Ids 0, 1, 2 in this order. The end token must not get id 2: transformers' CLIP text tower
+# treats eos_token_id == 2 as a legacy config and pools at argmax(input_ids) instead of at the
+# end token, which silently pools the wrong position for any BPE whose merges have higher ids.
+SPECIAL_ORDER = (BOS, EOS, PAD)
 TOKENIZER_FILE = "tokenizer.json"
 CONFIG_FILE = "tokenizer_config.json"
 
@@ -73,7 +77,7 @@ class Tokenizer:
         backend.decoder = decoders.ByteLevel()
         trainer = trainers.BpeTrainer(
             vocab_size=vocab_size,
-            special_tokens=[PAD, BOS, EOS],
+            special_tokens=list(SPECIAL_ORDER),
             initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
             show_progress=False,
         )

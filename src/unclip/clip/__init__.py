@@ -1,0 +1,1 @@
+"""The CLIP stage: contrastive text and image towers, zero-shot classification, embeddings."""

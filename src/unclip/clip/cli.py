@@ -1,0 +1,113 @@
+"""`unclip clip classify|eval` and `unclip embed`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from unclip.errors import DataError
+
+
+def _load_images(paths: list[str], size: int):
+    import torch
+    from PIL import Image, UnidentifiedImageError
+
+    from unclip.data.shapes import to_tensor
+
+    tensors = []
+    for p in paths:
+        try:
+            with Image.open(p) as image:
+                image = image.convert("RGB")
+        except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as err:
+            raise DataError(f"cannot read image {p}: {err}") from None
+        side = min(image.size)
+        left, top = (image.width - side) // 2, (image.height - side) // 2
+        image = image.crop((left, top, left + side, top + side)).resize((size, size), Image.Resampling.BICUBIC)
+        tensors.append(to_tensor(image))
+    return torch.stack(tensors)
+
+
+def _classify(args: argparse.Namespace) -> int:
+    from unclip.clip.stage import load_clip
+    from unclip.clip.zeroshot import classify
+
+    labels = [label.strip() for label in args.labels]
+    if len(labels) < 2 or not all(labels):
+        raise DataError("give at least two non-empty --labels, e.g. --labels \"a red circle\" \"a blue square\"")
+    model = load_clip(args.model)
+    probs = classify(model, _load_images(args.images, model.config.image_size), labels)
+    results = []
+    for path, row in zip(args.images, probs.tolist()):
+        ranked = sorted(zip(labels, row), key=lambda x: -x[1])
+        results.append({"image": path, "label": ranked[0][0], "probs": dict(ranked)})
+        if not args.json:
+            print(f"{path}: {ranked[0][0]}  ({ranked[0][1]:.3f})")
+            for label, p in ranked[1:]:
+                print(f"    {label}: {p:.3f}")
+    if args.json:
+        print(json.dumps(results, ensure_ascii=False, indent=2))
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from unclip.clip.stage import load_clip
+    from unclip.clip.zeroshot import evaluate_clip, markdown_table
+
+    result = evaluate_clip(load_clip(args.model), n=args.n, retrieval_n=args.retrieval_n)
+    print(markdown_table(result))
+    if args.out:
+        from unclip.io import write_json_atomic
+
+        write_json_atomic(args.out, result)
+        print(f"wrote {args.out}")
+    return 0
+
+
+def _embed(args: argparse.Namespace) -> int:
+    from unclip.clip.embed import embed_dataset
+    from unclip.clip.stage import load_clip
+
+    model = load_clip(args.model)
+    out = embed_dataset(model, args.out, source=args.source, split=args.split, n=args.n, path=args.path,
+                        lang=args.lang, seed=args.seed, shard_size=args.shard_size, model_path=str(args.model))
+    meta = json.loads((Path(out) / "meta.json").read_text())
+    print(f"embedded {meta['total']} pairs into {len(meta['shards'])} shard(s) in {out}")
+    return 0
+
+
+def register(subparsers) -> None:
+    clip = subparsers.add_parser("clip", help="zero-shot classification and evaluation with a CLIP model")
+    verbs = clip.add_subparsers(dest="clip_verb", metavar="VERB", required=True)
+
+    c = verbs.add_parser("classify", help="which caption fits each image best",
+                         description="Zero-shot classification: each image is compared with each label "
+                                     "caption in CLIP's shared embedding space (cosine similarity).")
+    c.add_argument("images", nargs="+", metavar="IMAGE", help="image files (centre-cropped to a square)")
+    c.add_argument("--labels", nargs="+", required=True, help="candidate captions, e.g. \"a red circle\" \"วงกลมสีแดง\"")
+    c.add_argument("--model", required=True, help="model directory holding a CLIP (e.g. runs/shapes/clip/model)")
+    c.add_argument("--json", action="store_true", help="print JSON instead of text")
+    c.set_defaults(func=_classify)
+
+    e = verbs.add_parser("eval", help="zero-shot attribute accuracy and retrieval on shapes world")
+    e.add_argument("model", help="model directory holding a CLIP")
+    e.add_argument("-n", type=int, default=300, help="scenes per attribute, split and language (default: 300)")
+    e.add_argument("--retrieval-n", type=int, default=1000, help="val pairs for retrieval (default: 1000)")
+    e.add_argument("--out", help="write the results as JSON here")
+    e.set_defaults(func=_eval)
+
+    m = subparsers.add_parser("embed", help="CLIP image and text embeddings of a data set, in shards aligned by key",
+                              description="Write z_i and z_t of every pair into .npz shards (keys, image_embeds, "
+                                          "text_embeds, captions) with a meta.json; webdataset shard 000123.tar "
+                                          "becomes 000123.npz with the same keys in the same order.")
+    m.add_argument("model", help="model directory holding a CLIP")
+    m.add_argument("--out", required=True, help="output folder")
+    m.add_argument("--source", choices=["shapes", "folder", "webdataset"], default="shapes")
+    m.add_argument("--path", default="", help="folder, or shard pattern like 'data/{000000..000009}.tar'")
+    m.add_argument("--split", default="train", help="shapes-world split (default: train)")
+    m.add_argument("-n", type=int, default=10_000, help="shapes-world pairs (default: 10000)")
+    m.add_argument("--lang", default="mix", choices=["en", "th", "mix"])
+    m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--shard-size", type=int, default=10_000)
+    m.set_defaults(func=_embed)

@@ -1,0 +1,169 @@
+"""CLIP: a text tower and an image tower trained to agree in one embedding space.
+
+Towers are `transformers` CLIPTextModelWithProjection (causal mask, pooled at the end token) and
+CLIPVisionModelWithProjection (ViT), randomly initialised from `ClipConfig`. The loss is the
+symmetric contrastive loss of Radford et al. 2021 with a learnable temperature; in shapes world
+many captions repeat inside a batch ("a red circle"), so pairs whose captions are identical
+count as positives of each other instead of as negatives (`groups`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from unclip.config import ClipConfig
+from unclip.errors import ModelFormatError
+from unclip.tokenizer import TokenBatch, Tokenizer
+
+MAX_LOGIT_SCALE = math.log(100.0)
+
+
+def contrastive_loss(image_embeds: torch.Tensor, text_embeds: torch.Tensor, logit_scale: torch.Tensor,
+                     *, groups: torch.Tensor | None = None) -> torch.Tensor:
+    """Symmetric InfoNCE over a batch of pairs.
+
+    image_embeds, text_embeds: [B, D] L2-normalised; logit_scale: scalar log(1/temperature).
+    groups: optional [B] integer ids; pairs with equal ids are all positives of each other
+    (the target is uniform over them). Without groups the target is the diagonal.
+    """
+    logits = logit_scale.exp() * image_embeds @ text_embeds.t()  # [B, B] image i vs text j
+    if groups is None:
+        targets = torch.eye(len(logits), device=logits.device, dtype=logits.dtype)
+    else:
+        same = (groups[:, None] == groups[None, :]).to(logits.dtype)
+        targets = same / same.sum(dim=1, keepdim=True)
+    loss_i2t = -(targets * logits.log_softmax(dim=1)).sum(dim=1).mean()
+    loss_t2i = -(targets.t() * logits.t().log_softmax(dim=1)).sum(dim=1).mean()
+    return (loss_i2t + loss_t2i) / 2
+
+
+@dataclass(frozen=True)
+class TextEncoding:
+    """embeds: [B, D] normalised z_t; token_states: [B, L, W] last hidden states; mask: [B, L]."""
+
+    embeds: torch.Tensor
+    token_states: torch.Tensor
+    mask: torch.Tensor
+
+
+class ClipModel(nn.Module):
+    """The CLIP stage: `training_losses(batch)` for the trainer, `encode_*` for everything else."""
+
+    def __init__(self, *, config: ClipConfig, tokenizer: Tokenizer):
+        super().__init__()
+        from transformers import CLIPTextModelWithProjection, CLIPVisionModelWithProjection
+
+        self.config = config
+        self.tokenizer = tokenizer
+        self.text = CLIPTextModelWithProjection(text_config(config, tokenizer))
+        self.vision = CLIPVisionModelWithProjection(vision_config(config))
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / config.init_temperature)))
+
+    @classmethod
+    def from_config(cls, config: ClipConfig, *, tokenizer: Tokenizer) -> ClipModel:
+        return cls(config=config, tokenizer=tokenizer)
+
+    @property
+    def device(self) -> torch.device:
+        return self.logit_scale.device
+
+    def tokenize(self, captions: str | list[str]) -> TokenBatch:
+        return self.tokenizer.encode(captions)
+
+    def encode_text(self, tokens: TokenBatch) -> TextEncoding:
+        ids = tokens.input_ids.to(self.device)
+        mask = tokens.attention_mask.to(self.device)
+        out = self.text(input_ids=ids, attention_mask=mask)
+        return TextEncoding(embeds=F.normalize(out.text_embeds.float(), dim=-1),
+                            token_states=out.last_hidden_state, mask=mask)
+
+    def encode_captions(self, captions: str | list[str]) -> torch.Tensor:
+        """Normalised z_t [B, D] of captions."""
+        return self.encode_text(self.tokenize(captions)).embeds
+
+    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Normalised z_i [B, D] of images [B, 3, S, S] in [-1, 1] (S = config.image_size)."""
+        size = self.config.image_size
+        if pixels.shape[-2:] != (size, size):
+            pixels = F.interpolate(pixels, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        out = self.vision(pixel_values=pixels.to(self.device))
+        return F.normalize(out.image_embeds.float(), dim=-1)
+
+    def forward(self, batch: dict) -> dict[str, torch.Tensor]:
+        return self.training_losses(batch)
+
+    def training_losses(self, batch: dict) -> dict[str, torch.Tensor]:
+        """batch: image [B, 3, S, S], caption list[str] → loss and retrieval accuracies in the batch."""
+        captions = list(batch["caption"])
+        z_t = self.encode_captions(captions)
+        z_i = self.encode_image(batch["image"])
+        index = {c: i for i, c in enumerate(dict.fromkeys(captions))}
+        groups = torch.tensor([index[c] for c in captions], device=z_i.device)
+        scale = self.logit_scale.clamp(max=MAX_LOGIT_SCALE)
+        loss = contrastive_loss(z_i, z_t, scale, groups=groups)
+        with torch.no_grad():
+            sims = z_i @ z_t.t()
+            acc_i2t = (groups[sims.argmax(dim=1)] == groups).float().mean()
+            acc_t2i = (groups[sims.argmax(dim=0)] == groups).float().mean()
+        return {"loss": loss, "acc_i2t": acc_i2t, "acc_t2i": acc_t2i, "temperature": 1.0 / scale.exp().detach()}
+
+    # --- release format (DESIGN §4): tokenizer/, text_encoder/, image_encoder/ ---------------
+
+    def save_components(self, directory: Path) -> None:
+        """Write tokenizer/, text_encoder/, image_encoder/ into `directory` (the caller makes it atomic)."""
+        self.tokenizer.save(directory / "tokenizer")
+        self.text.save_pretrained(directory / "text_encoder")
+        self.vision.save_pretrained(directory / "image_encoder")
+
+    @classmethod
+    def load_components(cls, directory: Path, config: ClipConfig, *, logit_scale: float) -> ClipModel:
+        from unclip.modeldir import load_into
+
+        tokenizer = Tokenizer.load(directory / "tokenizer")
+        model = cls(config=config, tokenizer=tokenizer)
+        for module, name in ((model.text, "text_encoder"), (model.vision, "image_encoder")):
+            weights = directory / name / "model.safetensors"
+            if not weights.is_file():
+                raise ModelFormatError(f"{weights} is missing: the model has no CLIP {name}")
+            load_into(module, weights)
+        with torch.no_grad():
+            model.logit_scale.fill_(logit_scale)
+        return model.eval()
+
+
+def text_config(config: ClipConfig, tokenizer: Tokenizer):
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=config.text_width,
+        intermediate_size=4 * config.text_width,
+        num_hidden_layers=config.text_layers,
+        num_attention_heads=config.text_heads,
+        max_position_embeddings=tokenizer.context_length,
+        projection_dim=config.embed_dim,
+        pad_token_id=tokenizer.pad_id,
+        bos_token_id=tokenizer.bos_id,
+        eos_token_id=tokenizer.eos_id,
+    )
+
+
+def vision_config(config: ClipConfig):
+    from transformers import CLIPVisionConfig
+
+    return CLIPVisionConfig(
+        hidden_size=config.vision_width,
+        intermediate_size=4 * config.vision_width,
+        num_hidden_layers=config.vision_layers,
+        num_attention_heads=config.vision_heads,
+        image_size=config.image_size,
+        patch_size=config.patch_size,
+        projection_dim=config.embed_dim,
+        num_channels=3,
+    )

@@ -1,0 +1,103 @@
+"""Train, save and load the CLIP stage as a model directory (DESIGN §4).
+
+`train_clip` trains the tokenizer (once per run, kept in the run directory so a resumed run
+tokenizes identically), then the towers, then writes a model directory holding `tokenizer/`,
+`text_encoder/`, `image_encoder/` and `unclip.json` with the temperature, the provenance of the
+run and its evaluation.
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from unclip.clip.model import ClipModel
+from unclip.config import UnclipConfig
+from unclip.modeldir import Manifest, read_manifest, save_model_dir, verify_files
+from unclip.tokenizer import Tokenizer, train_shapes_tokenizer
+
+log = logging.getLogger(__name__)
+
+
+def run_tokenizer(cfg: UnclipConfig, run_dir: Path) -> Tokenizer:
+    """The run's tokenizer: loaded from `run_dir/tokenizer` if an earlier attempt made one."""
+    path = run_dir / "tokenizer"
+    if (path / "tokenizer.json").is_file():
+        return Tokenizer.load(path)
+    if cfg.data.source != "shapes":
+        from unclip.data.folder import scan_folder
+
+        pairs, _ = scan_folder(cfg.data.path, verify=False)
+        captions = [caption for _, caption in pairs][: cfg.tokenizer.corpus_size]
+        tokenizer = Tokenizer.train(captions, vocab_size=cfg.tokenizer.vocab_size,
+                                    context_length=cfg.tokenizer.context_length)
+    else:
+        tokenizer = train_shapes_tokenizer(vocab_size=cfg.tokenizer.vocab_size,
+                                           context_length=cfg.tokenizer.context_length,
+                                           corpus_size=cfg.tokenizer.corpus_size, seed=cfg.data.seed)
+    tokenizer.save(path)
+    return tokenizer
+
+
+def provenance(*, seconds: float, steps: int, **extra: Any) -> dict[str, Any]:
+    return {
+        "trained_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "seconds": round(seconds, 1),
+        "steps": steps,
+        "torch": torch.__version__,
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({platform.processor() or platform.machine()})",
+        "threads": torch.get_num_threads(),
+        **extra,
+    }
+
+
+def train_clip(cfg: UnclipConfig, *, run_dir: str | Path, out: str | Path, resume: bool = True,
+               progress: bool = True, evaluate: bool = True) -> Path:
+    """Train CLIP with `cfg.clip` on `cfg.data` and write the model directory `out`."""
+    from unclip.train.data import feed_for
+    from unclip.train.trainer import train
+
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer = run_tokenizer(cfg, run_dir)
+    torch.manual_seed(cfg.clip.train.seed)
+    model = ClipModel.from_config(cfg.clip, tokenizer=tokenizer)
+    tc = cfg.clip.train
+    feed = feed_for(cfg.data, size=cfg.clip.image_size, batch_size=tc.batch_size, num_workers=tc.num_workers)
+    result = train(model, feed, cfg=tc, run_dir=run_dir, run_config=cfg.to_dict(), resume=resume,
+                   progress=progress, stage_name="clip")
+    evaluation = {}
+    if evaluate and cfg.data.source == "shapes":
+        from unclip.clip.zeroshot import evaluate_clip
+
+        evaluation = evaluate_clip(model, progress=progress)
+    save_clip(model, out, cfg=cfg, provenance=provenance(seconds=result.seconds, steps=result.step,
+                                                        final_metrics=result.metrics), evaluation=evaluation)
+    log.info("CLIP model written to %s", out)
+    return Path(out)
+
+
+def save_clip(model: ClipModel, directory: str | Path, *, cfg: UnclipConfig, provenance: dict | None = None,
+              evaluation: dict | None = None) -> Path:
+    manifest = Manifest(
+        config=cfg.to_dict(),
+        stats={"clip_logit_scale": float(model.logit_scale.detach())},
+        extra={"components": ["tokenizer", "text_encoder", "image_encoder"]},
+        provenance=provenance or {},
+        evaluation={"clip": evaluation} if evaluation else {},
+    )
+    return save_model_dir(directory, manifest, model.save_components)
+
+
+def load_clip(directory: str | Path) -> ClipModel:
+    """Load the CLIP stage of a model directory, strictly."""
+    directory = Path(directory)
+    manifest = read_manifest(directory)
+    verify_files(directory, manifest)
+    cfg = UnclipConfig.from_dict(manifest.config)
+    return ClipModel.load_components(directory, cfg.clip, logit_scale=manifest.stats["clip_logit_scale"])

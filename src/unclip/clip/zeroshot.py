@@ -1,0 +1,136 @@
+"""Zero-shot classification and the CLIP evaluation on shapes world.
+
+Zero-shot classification is a nearest-caption decision in CLIP's shared space: the image's z_i
+against the z_t of one caption per label, softmax over `logit_scale · cosine`.
+
+Attribute accuracy (DESIGN §6): for a scene, the candidates are the scene's own canonical
+caption with one attribute swept over all its values ("a small red star on the left" → "... blue
+star ...", "... green star ..."); the answer is correct when the true value wins. Colour, shape,
+size and position are read on one-object scenes, count on counting scenes, for the `test` split
+(seen colour–shape pairs) and the `unseen` split (held-out pairs), per language.
+
+Retrieval: 1,000 `val` images, each queried by its canonical caption; a hit at k is an image in
+the top k whose scene has the same canonical caption (identical descriptions are the same query).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from unclip.clip.model import MAX_LOGIT_SCALE, ClipModel
+
+ATTRIBUTES = ("colour", "shape", "size", "position", "count")
+
+
+@torch.inference_mode()
+def classify(model: ClipModel, images: torch.Tensor, labels: Sequence[str]) -> torch.Tensor:
+    """Probabilities [B, K] of each of K `labels` for images [B, 3, H, W] in [-1, 1]."""
+    z_i = model.encode_image(images)
+    z_t = model.encode_captions(list(labels))
+    scale = model.logit_scale.clamp(max=MAX_LOGIT_SCALE).exp()
+    return (scale * z_i @ z_t.t()).softmax(dim=-1)
+
+
+def _values(attribute: str) -> tuple:
+    from unclip.data import world
+
+    return {"colour": tuple(world.COLORS), "shape": tuple(world.SHAPES), "size": tuple(world.SIZES),
+            "position": tuple(world.POSITIONS), "count": tuple(world.COUNTS)}[attribute]
+
+
+def _swap(scene, attribute: str, value):
+    """The scene with `attribute` of its (first) object, or its count, set to `value`."""
+    if attribute == "count":
+        return dataclasses.replace(scene, count=value)
+    obj = dataclasses.replace(scene.objects[0], **{attribute: value})
+    return dataclasses.replace(scene, objects=(obj, *scene.objects[1:]))
+
+
+def _truth(scene, attribute: str):
+    return scene.count if attribute == "count" else getattr(scene.objects[0], attribute)
+
+
+def _scenes(split: str, attribute: str, n: int, seed: int) -> Iterator:
+    """The first `n` scenes of `split` that can answer `attribute`."""
+    from unclip.data.world import sample
+
+    kind = "count" if attribute == "count" else "single"
+    found, index = 0, 0
+    while found < n:
+        scene = sample(split, index, seed=seed, lang="en").scene
+        index += 1
+        if scene.kind == kind:
+            found += 1
+            yield scene
+
+
+@torch.inference_mode()
+def attribute_accuracy(model: ClipModel, *, split: str, lang: str, attribute: str, n: int = 300,
+                       seed: int = 0, batch_size: int = 100) -> float:
+    """Fraction of `n` scenes whose true `attribute` value wins among all its values."""
+    from unclip.data.render import render
+    from unclip.data.shapes import to_tensor
+    from unclip.data.world import canonical_caption
+
+    values = _values(attribute)
+    scenes = list(_scenes(split, attribute, n, seed))
+    size = model.config.image_size
+    prompts = sorted({canonical_caption(_swap(s, attribute, v), lang=lang) for s in scenes for v in values})
+    z_t = torch.cat([model.encode_captions(prompts[i:i + 512]) for i in range(0, len(prompts), 512)])
+    row = {p: i for i, p in enumerate(prompts)}
+    correct = 0
+    for start in range(0, len(scenes), batch_size):
+        chunk = scenes[start:start + batch_size]
+        z_i = model.encode_image(torch.stack([to_tensor(render(s, size)) for s in chunk]))
+        for scene, z in zip(chunk, z_i):
+            options = [row[canonical_caption(_swap(scene, attribute, v), lang=lang)] for v in values]
+            best = values[int((z_t[options] @ z).argmax())]
+            correct += best == _truth(scene, attribute)
+    return correct / len(scenes)
+
+
+@torch.inference_mode()
+def retrieval(model: ClipModel, *, lang: str, n: int = 1000, split: str = "val", seed: int = 0) -> dict[str, float]:
+    """Text→image recall@1 and @5 over `n` pairs of `split`."""
+    from unclip.data.render import render
+    from unclip.data.shapes import to_tensor
+    from unclip.data.world import canonical_caption, sample
+
+    scenes = [sample(split, i, seed=seed, lang=lang).scene for i in range(n)]
+    captions = [canonical_caption(s, lang=lang) for s in scenes]
+    size = model.config.image_size
+    z_i = torch.cat([model.encode_image(torch.stack([to_tensor(render(s, size)) for s in scenes[i:i + 250]]))
+                     for i in range(0, n, 250)])
+    z_t = torch.cat([model.encode_captions(captions[i:i + 250]) for i in range(0, n, 250)])
+    top5 = (z_t @ z_i.t()).topk(5, dim=1).indices  # [n, 5] image indices per caption
+    hits = [[captions[j] == captions[q] for j in top5[q].tolist()] for q in range(n)]
+    return {"r1": sum(h[0] for h in hits) / n, "r5": sum(any(h) for h in hits) / n}
+
+
+def evaluate_clip(model: ClipModel, *, n: int = 300, retrieval_n: int = 1000, progress: bool = True,
+                  langs: Sequence[str] = ("en", "th"), splits: Sequence[str] = ("test", "unseen")) -> dict:
+    """Zero-shot attribute accuracy per split and language, and retrieval per language."""
+    model.eval()
+    jobs = [(s, lang, a) for s in splits for lang in langs for a in ATTRIBUTES]
+    result: dict = {"zero_shot": {s: {lang: {} for lang in langs} for s in splits}, "retrieval": {}, "n": n}
+    for split, lang, attribute in tqdm(jobs, desc="eval clip", disable=not progress):
+        result["zero_shot"][split][lang][attribute] = attribute_accuracy(
+            model, split=split, lang=lang, attribute=attribute, n=n)
+    for lang in langs:
+        result["retrieval"][lang] = retrieval(model, lang=lang, n=retrieval_n)
+    return result
+
+
+def markdown_table(result: dict) -> str:
+    """The zero-shot and retrieval numbers as a markdown table."""
+    lines = ["| split | lang | " + " | ".join(ATTRIBUTES) + " |", "|---|---|" + "---|" * len(ATTRIBUTES)]
+    for split, by_lang in result["zero_shot"].items():
+        for lang, accs in by_lang.items():
+            lines.append(f"| {split} | {lang} | " + " | ".join(f"{accs[a]:.3f}" for a in ATTRIBUTES) + " |")
+    lines += ["", "| lang | R@1 | R@5 |", "|---|---|---|"]
+    lines += [f"| {lang} | {r['r1']:.3f} | {r['r5']:.3f} |" for lang, r in result["retrieval"].items()]
+    return "\n".join(lines)

@@ -1,0 +1,1 @@
+"""Training: one trainer for every stage (`trainer.train`) and the data feeds it reads."""

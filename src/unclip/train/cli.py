@@ -1,0 +1,54 @@
+"""`unclip train STAGE`: train one stage of the cascade with a preset and overrides."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from unclip.config_cli import add_config_arguments, config_from_args
+
+
+def _threads(args: argparse.Namespace) -> None:
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+
+
+def _train_clip(args: argparse.Namespace) -> int:
+    from unclip.clip.stage import train_clip
+
+    _threads(args)
+    cfg = config_from_args(args)
+    run_dir = Path(args.run_dir or f"runs/{cfg.name}/clip")
+    out = Path(args.out or run_dir / "model")
+    train_clip(cfg, run_dir=run_dir, out=out, resume=not args.no_resume, evaluate=not args.no_eval)
+    print(f"CLIP model: {out}")
+    if not args.no_eval and cfg.data.source == "shapes":
+        from unclip.clip.zeroshot import markdown_table
+        from unclip.modeldir import read_manifest
+
+        print(markdown_table(read_manifest(out).evaluation["clip"]))
+    print(f"metrics: {run_dir / 'metrics.jsonl'}")
+    return 0
+
+
+def _common(parser: argparse.ArgumentParser, stage: str) -> None:
+    add_config_arguments(parser)
+    parser.add_argument("--run-dir", help=f"checkpoints and metrics (default: runs/<preset name>/{stage})")
+    parser.add_argument("--out", help="model directory to write (default: <run dir>/model)")
+    parser.add_argument("--no-resume", action="store_true", help="start over even if the run dir has a checkpoint")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("train", help="train a stage of the cascade",
+                                   description="Train one stage. Runs resume from their last checkpoint.")
+    stages = parser.add_subparsers(dest="stage", metavar="STAGE", required=True)
+    clip = stages.add_parser(
+        "clip", help="contrastive text and image towers",
+        description="Train CLIP (tokenizer, text and image towers) on cfg.data, then evaluate zero-shot "
+                    "attribute accuracy and retrieval (shapes world) and write a model directory.")
+    _common(clip, "clip")
+    clip.add_argument("--no-eval", action="store_true", help="skip the evaluation after training")
+    clip.set_defaults(func=_train_clip)

@@ -1,0 +1,107 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from unclip.clip.model import ClipModel, contrastive_loss
+from unclip.clip.stage import load_clip, save_clip
+from unclip.clip.zeroshot import classify
+from unclip.config import TrainConfig, preset
+from unclip.tokenizer import Tokenizer
+from unclip.train.trainer import train
+
+WORDS = ["red", "blue", "green", "yellow"]
+RGB = torch.tensor([[1.0, -1, -1], [-1, -1, 1], [-1, 1, -1], [1, 1, -1]])
+
+
+def test_loss_matches_hand_computation_3x3():
+    z_i = F.normalize(torch.tensor([[1.0, 0.0], [0.6, 0.8], [0.0, 1.0]]), dim=-1)
+    z_t = F.normalize(torch.tensor([[0.8, 0.6], [0.0, 1.0], [1.0, 0.0]]), dim=-1)
+    scale = 2.0
+    sims = [[sum(a * b for a, b in zip(i, t)) for t in z_t.tolist()] for i in z_i.tolist()]
+
+    def ce(rows):
+        return sum(math.log(sum(math.exp(scale * s) for s in row)) - scale * row[k] for k, row in enumerate(rows)) / 3
+
+    columns = [list(col) for col in zip(*sims)]
+    expected = (ce(sims) + ce(columns)) / 2
+    got = contrastive_loss(z_i, z_t, torch.tensor(math.log(scale)))
+    assert got.item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_duplicate_captions_are_positives_of_each_other():
+    z = F.normalize(torch.randn(4, 8), dim=-1)
+    groups = torch.tensor([0, 0, 1, 2])
+    plain = contrastive_loss(z, z, torch.tensor(0.0))
+    grouped = contrastive_loss(z, z, torch.tensor(0.0), groups=groups)
+    distinct = contrastive_loss(z, z, torch.tensor(0.0), groups=torch.arange(4))
+    assert distinct.item() == pytest.approx(plain.item(), rel=1e-6)
+    assert grouped.item() != pytest.approx(plain.item())
+
+
+def _toy():
+    tok = Tokenizer.train([f"a {w} square" for w in WORDS] * 20, vocab_size=300, context_length=24)
+    torch.manual_seed(0)
+    return ClipModel.from_config(preset("tiny").clip, tokenizer=tok)
+
+
+def _colour_feed(start):
+    g = torch.Generator().manual_seed(start)
+    while True:
+        idx = torch.randint(0, 4, (16,), generator=g)
+        img = RGB[idx][:, :, None, None].expand(16, 3, 16, 16) + 0.2 * torch.randn(16, 3, 16, 16, generator=g)
+        yield {"image": img, "caption": [f"a {WORDS[i]} square" for i in idx]}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    model = _toy()
+    before = model.training_losses(next(_colour_feed(99)))["loss"].item()
+    cfg = TrainConfig(steps=40, batch_size=16, lr=3e-3, warmup_steps=4, log_every=5, ckpt_every=20)
+    result = train(model, _colour_feed, cfg=cfg, run_dir=tmp_path_factory.mktemp("run"), run_config={},
+                   progress=False, stage_name="clip")
+    return model, before, result
+
+
+def test_a_few_steps_reduce_the_loss(trained):
+    model, before, result = trained
+    after = model.training_losses(next(_colour_feed(99)))["loss"].item()
+    assert after < before - 0.5, (before, after)
+    assert result.metrics["acc_i2t"] == 1.0
+
+
+def test_zero_shot_on_a_separable_toy(trained):
+    model, _, _ = trained
+    images = RGB[:, :, None, None].expand(4, 3, 16, 16)
+    probs = classify(model, images, [f"a {w} square" for w in WORDS])
+    assert probs.argmax(dim=1).tolist() == [0, 1, 2, 3]
+    assert probs.diag().min() > 0.5
+
+
+def test_save_load_identical_embeddings(trained, tmp_path):
+    model, _, _ = trained
+    save_clip(model, tmp_path / "clip", cfg=preset("tiny"))
+    again = load_clip(tmp_path / "clip")
+    images = torch.randn(3, 3, 16, 16).clamp(-1, 1)
+    captions = ["a red square", "a blue square", "something never seen ยีราฟ"]
+    with torch.no_grad():
+        assert torch.equal(model.encode_image(images), again.encode_image(images))
+        assert torch.equal(model.encode_captions(captions), again.encode_captions(captions))
+    assert again.logit_scale.item() == pytest.approx(model.logit_scale.item())
+
+
+def test_text_embedding_pools_at_the_end_token():
+    model = _toy().eval()
+    tokens = model.tokenize(["a red square"])
+    n = int(tokens.attention_mask.sum())
+    with torch.no_grad():
+        base = model.encode_text(tokens).embeds
+        # The highest id after the end token: pooling at argmax(input_ids), the legacy CLIP path,
+        # would read a padding position and change the embedding.
+        tokens.input_ids[0, n:] = model.tokenizer.vocab_size - 1
+        after_pad = model.encode_text(tokens).embeds
+        tokens.input_ids[0, 1] = 7  # a real token changes the embedding
+        changed = model.encode_text(tokens).embeds
+    assert torch.allclose(base, after_pad, atol=1e-6)
+    assert not torch.allclose(base, changed, atol=1e-3)
