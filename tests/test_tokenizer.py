@@ -15,7 +15,7 @@ THAI = [
 
 @pytest.fixture(scope="module")
 def tok():
-    return train_shapes_tokenizer(vocab_size=400, context_length=32, corpus_size=2000)
+    return train_shapes_tokenizer(vocab_size=1024, context_length=32, corpus_size=6000)
 
 
 def test_corpus_has_both_languages():
@@ -83,3 +83,17 @@ def test_end_token_id_is_not_the_legacy_clip_value(tok):
     # transformers' CLIPTextTransformer pools at argmax(input_ids) when eos_token_id == 2.
     assert tok.eos_id != 2
     assert len({tok.pad_id, tok.bos_id, tok.eos_id}) == 3
+
+
+def test_every_shapes_caption_fits_the_context_in_both_languages(tok):
+    from unclip.data.world import sample
+
+    for lang in ("en", "th"):
+        captions = [sample(split, i, lang=lang).caption for split in ("train", "unseen") for i in range(400)]
+        assert not any(tok.encode(captions).truncated), lang
+
+
+def test_thai_words_are_not_merged_into_phrases(tok):
+    # Byte cap per token: a held-out pair (green star) is made of pieces seen in training.
+    pieces = [tok.backend.decode([i]) for i in tok.tokenize("ดาวสีเขียว")]
+    assert len(pieces) >= 3 and all(len(p.encode("utf-8")) <= 15 for p in pieces)

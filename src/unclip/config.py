@@ -60,6 +60,7 @@ class TokenizerConfig:
     vocab_size: int = 1024
     context_length: int = 32
     corpus_size: int = 20_000  # captions sampled to train the BPE
+    max_token_bytes: int = 15  # longest merged token: five Thai characters (docs/decisions.md)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -76,7 +77,9 @@ class ClipConfig:
     text_layers: int = 4
     text_heads: int = 4
     init_temperature: float = 0.07
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=3000, batch_size=128, lr=1e-3))
+    # Sized to train in about 10 minutes on 2 CPU cores with bf16 autocast (docs/clip.md).
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(
+        steps=1200, batch_size=128, lr=1e-3, warmup_steps=100, mixed_precision="bf16", ckpt_every=200))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -248,7 +251,7 @@ def _tiny() -> UnclipConfig:
     step = TrainConfig(steps=4, batch_size=4, lr=1e-3, warmup_steps=1, log_every=1, ckpt_every=2)
     return UnclipConfig(
         name="tiny",
-        tokenizer=TokenizerConfig(vocab_size=300, context_length=24, corpus_size=2000),
+        tokenizer=TokenizerConfig(vocab_size=600, context_length=32, corpus_size=2000),
         clip=ClipConfig(embed_dim=16, image_size=16, patch_size=4, vision_width=32, vision_layers=1,
                         vision_heads=2, text_width=32, text_layers=1, text_heads=2, train=step),
         prior=PriorConfig(width=32, layers=1, heads=2, timesteps=100, sample_steps=4, train=step),

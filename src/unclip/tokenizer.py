@@ -66,20 +66,33 @@ class Tokenizer:
         return self.backend.get_vocab_size()
 
     @classmethod
-    def train(cls, texts: Iterable[str], *, vocab_size: int, context_length: int) -> Tokenizer:
-        """Train a byte-level BPE of at most `vocab_size` tokens on `texts`."""
+    def train(cls, texts: Iterable[str], *, vocab_size: int, context_length: int,
+              max_token_bytes: int = 15) -> Tokenizer:
+        """Train a byte-level BPE of at most `vocab_size` tokens on `texts`.
+
+        Merged tokens are at most `max_token_bytes` bytes (15 = five Thai characters). Thai has
+        no spaces between words, so without the cap BPE merges whole phrases into single
+        tokens ("ดาวสีแดงอยู่เหนือ..."), and a caption that recombines known words (a held-out
+        colour–shape pair) would tokenize unlike anything seen in training.
+        """
         from tokenizers import Tokenizer as Backend
-        from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
+        from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, trainers
 
         backend = Backend(models.BPE())
         backend.normalizer = normalizers.NFC()
-        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        # Words with their leading space, then bytes. Not GPT-2's regex: it splits Thai at every
+        # vowel and tone mark (they are not \p{L}), so BPE could never merge a Thai word.
+        backend.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(r" ?[^\s]+|\s+"), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ])
         backend.decoder = decoders.ByteLevel()
         trainer = trainers.BpeTrainer(
             vocab_size=vocab_size,
             special_tokens=list(SPECIAL_ORDER),
             initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
             show_progress=False,
+            max_token_length=max_token_bytes,
         )
         backend.train_from_iterator(texts, trainer=trainer)
         return cls(backend=backend, context_length=context_length)
@@ -163,6 +176,8 @@ def shapes_corpus(n: int, *, seed: int = 0) -> list[str]:
     return [sample("train", i, seed=seed, lang=("en", "th")[i % 2]).caption for i in range(n)]
 
 
-def train_shapes_tokenizer(*, vocab_size: int, context_length: int, corpus_size: int, seed: int = 0) -> Tokenizer:
+def train_shapes_tokenizer(*, vocab_size: int, context_length: int, corpus_size: int, seed: int = 0,
+                           max_token_bytes: int = 15) -> Tokenizer:
     """The tokenizer of the bundled default: BPE trained on shapes-world captions in both languages."""
-    return Tokenizer.train(shapes_corpus(corpus_size, seed=seed), vocab_size=vocab_size, context_length=context_length)
+    return Tokenizer.train(shapes_corpus(corpus_size, seed=seed), vocab_size=vocab_size, context_length=context_length,
+                           max_token_bytes=max_token_bytes)

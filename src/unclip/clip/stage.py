@@ -35,11 +35,13 @@ def run_tokenizer(cfg: UnclipConfig, run_dir: Path) -> Tokenizer:
         pairs, _ = scan_folder(cfg.data.path, verify=False)
         captions = [caption for _, caption in pairs][: cfg.tokenizer.corpus_size]
         tokenizer = Tokenizer.train(captions, vocab_size=cfg.tokenizer.vocab_size,
-                                    context_length=cfg.tokenizer.context_length)
+                                    context_length=cfg.tokenizer.context_length,
+                                    max_token_bytes=cfg.tokenizer.max_token_bytes)
     else:
         tokenizer = train_shapes_tokenizer(vocab_size=cfg.tokenizer.vocab_size,
                                            context_length=cfg.tokenizer.context_length,
-                                           corpus_size=cfg.tokenizer.corpus_size, seed=cfg.data.seed)
+                                           corpus_size=cfg.tokenizer.corpus_size, seed=cfg.data.seed,
+                                           max_token_bytes=cfg.tokenizer.max_token_bytes)
     tokenizer.save(path)
     return tokenizer
 

@@ -33,6 +33,10 @@ def _train_clip(args: argparse.Namespace) -> int:
     return 0
 
 
+# Stage packages that add their own `unclip train STAGE` verbs through `register_train(stages)`.
+STAGE_MODULES = ("unclip.decoder.cli",)
+
+
 def _common(parser: argparse.ArgumentParser, stage: str) -> None:
     add_config_arguments(parser)
     parser.add_argument("--run-dir", help=f"checkpoints and metrics (default: runs/<preset name>/{stage})")
@@ -52,3 +56,13 @@ def register(subparsers) -> None:
     _common(clip, "clip")
     clip.add_argument("--no-eval", action="store_true", help="skip the evaluation after training")
     clip.set_defaults(func=_train_clip)
+    import importlib
+
+    for name in STAGE_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as err:
+            if not err.name or not name.startswith(err.name):
+                raise
+            continue  # that stage is not built yet
+        module.register_train(stages, common=_common)

@@ -1,0 +1,1 @@
+"""Data: shapes world (world, render, shapes, preview, export), caption folders, shards."""

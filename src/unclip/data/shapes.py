@@ -1,0 +1,89 @@
+"""Shapes world as torch data sets, and the tensor ↔ image conversions every stage uses.
+
+Items are dicts: image float32 [3, H, W] in [-1, 1], caption str, lang str, scene str (compact
+JSON, so the default collate works), key str. Sample i is a pure function of (split, i, seed),
+so per-worker seeding is correct by construction: workers never touch a random state.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset, IterableDataset, get_worker_info
+
+from unclip.data.render import render
+from unclip.data.world import SPLIT_LENGTHS, SPLITS, sample
+from unclip.errors import DataError
+
+DEFAULT_TRAIN_LENGTH = 100_000  # a map-style view of the endless train split
+
+
+def to_tensor(image: Image.Image) -> torch.Tensor:
+    """PIL RGB image → float32 [3, H, W] in [-1, 1]."""
+    array = np.asarray(image.convert("RGB"), dtype=np.float32)
+    return torch.from_numpy(array).permute(2, 0, 1) / 127.5 - 1.0
+
+
+def to_pil(tensor: torch.Tensor) -> Image.Image:
+    """float [3, H, W] in [-1, 1] → PIL RGB image (values outside are clipped)."""
+    array = ((tensor.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().byte()
+    return Image.fromarray(array.permute(1, 2, 0).numpy(), "RGB")
+
+
+def _item(split: str, index: int, *, size: int, lang: str, seed: int) -> dict:
+    s = sample(split, index, seed=seed, lang=lang)
+    return {"image": to_tensor(render(s.scene, size)), "caption": s.caption, "lang": s.lang,
+            "scene": json.dumps(s.scene.to_dict(), ensure_ascii=False, separators=(",", ":")), "key": s.key}
+
+
+def _check(split: str, size: int, lang: str) -> None:
+    if split not in SPLITS:
+        raise DataError(f"unknown split {split!r}; valid splits: {', '.join(SPLITS)}")
+    if size < 8:
+        raise DataError(f"image size {size} is too small; use at least 8 pixels")
+    if lang not in ("en", "th", "mix"):
+        raise DataError(f"unknown language {lang!r}; use en, th or mix")
+
+
+class ShapesDataset(Dataset):
+    """Map-style: item i of `split`. Finite splits default to their fixed length."""
+
+    def __init__(self, split: str, *, size: int, lang: str = "mix", seed: int = 0, length: int | None = None):
+        _check(split, size, lang)
+        self.split, self.size, self.lang, self.seed = split, size, lang, seed
+        self.length = length or SPLIT_LENGTHS.get(split, DEFAULT_TRAIN_LENGTH)
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> dict:
+        if not 0 <= index < self.length:
+            raise IndexError(index)
+        return _item(self.split, index, size=self.size, lang=self.lang, seed=self.seed)
+
+
+class ShapesStream(IterableDataset):
+    """The endless train split from sample `start`, split disjointly over ranks and workers.
+
+    Worker w of W on rank r of R yields start + (r·W + w) + k·R·W for k = 0, 1, ...
+    """
+
+    def __init__(self, split: str = "train", *, size: int, lang: str = "mix", seed: int = 0, start: int = 0):
+        _check(split, size, lang)
+        self.split, self.size, self.lang, self.seed, self.start = split, size, lang, seed, start
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        rank, ranks = 0, 1
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            rank, ranks = torch.distributed.get_rank(), torch.distributed.get_world_size()
+        stride = ranks * workers
+        index = self.start + rank * workers + worker
+        while True:
+            yield _item(self.split, index, size=self.size, lang=self.lang, seed=self.seed)
+            index += stride

@@ -1,0 +1,66 @@
+import json
+import tarfile
+
+import pytest
+
+from unclip.cli import main
+from unclip.data import export
+from unclip.data.export import export_folder, export_webdataset
+
+
+def test_webdataset_shards_are_readable_and_aligned(tmp_path):
+    import webdataset as wds
+
+    shards = export_webdataset(tmp_path, split="val", n=25, size=16, shard_size=10, progress=False)
+    assert [p.name for p in shards] == ["000000.tar", "000001.tar", "000002.tar"]
+    samples = list(wds.WebDataset([str(p) for p in shards], shardshuffle=False, empty_check=False)
+                   .decode("pil").to_tuple("__key__", "jpg", "txt", "json"))
+    assert len(samples) == 25
+    for key, image, text, meta in samples:
+        assert meta["key"] == key and meta["caption"] == text and image.size == (16, 16)
+    assert [s[0] for s in samples] == [f"{i:09d}" for i in range(25)]
+    assert json.loads((tmp_path / "000002_stats.json").read_text())["count"] == 5
+
+
+def test_folder_export_pairs(tmp_path):
+    export_folder(tmp_path, split="test", n=4, size=16, lang="th", progress=False)
+    images = sorted(p.stem for p in tmp_path.glob("*.png"))
+    assert images == sorted(p.stem for p in tmp_path.glob("*.txt")) and len(images) == 4
+    from unclip.data.folder import FolderDataset
+
+    ds = FolderDataset(tmp_path, size=16)
+    assert len(ds) == 4 and ds.report.skipped == 0
+
+
+def test_crash_mid_shard_leaves_no_partial_tar(tmp_path, monkeypatch):
+    export_webdataset(tmp_path, split="val", n=10, size=8, shard_size=10, progress=False)
+    before = (tmp_path / "000000.tar").read_bytes()
+    calls = {"n": 0}
+    real = export._add
+
+    def failing(tar, name, data):
+        calls["n"] += 1
+        if calls["n"] == 7:
+            raise OSError("disk full")
+        real(tar, name, data)
+
+    monkeypatch.setattr(export, "_add", failing)
+    with pytest.raises(OSError, match="disk full"):
+        export_webdataset(tmp_path, split="val", n=20, size=8, shard_size=10, progress=False, lang="th")
+    assert (tmp_path / "000000.tar").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["000000.tar", "000000_stats.json"]
+    with tarfile.open(tmp_path / "000000.tar") as tar:
+        assert len(tar.getnames()) == 30
+
+
+def test_cli_preview_and_export(tmp_path, capsys):
+    assert main(["data", "preview", "-n", "3", "--size", "32", "--out", str(tmp_path / "p.png")]) == 0
+    assert (tmp_path / "p.png").stat().st_size > 1000
+    assert main(["data", "export", "--out", str(tmp_path / "wds"), "-n", "5", "--size", "16"]) == 0
+    assert (tmp_path / "wds" / "000000.tar").is_file()
+    assert main(["data", "export", "--out", str(tmp_path / "f"), "--format", "folder", "-n", "2", "--size", "8"]) == 0
+    assert len(list((tmp_path / "f").glob("*.png"))) == 2
+    assert main(["data", "export", "--out", str(tmp_path / "x"), "--split", "val", "-n", "999999"]) == 2
+    assert "has 5000 samples" in capsys.readouterr().err
+    assert main(["demo", "--out", str(tmp_path / "demo"), "-n", "2"]) == 0
+    assert (tmp_path / "demo" / "shapes_world.png").is_file()

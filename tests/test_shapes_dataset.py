@@ -1,0 +1,47 @@
+import json
+
+import torch
+from torch.utils.data import DataLoader
+
+from unclip.data.shapes import ShapesDataset, ShapesStream, to_pil, to_tensor
+from unclip.data.world import Scene, sample
+
+
+def test_items_and_tensor_conversion():
+    ds = ShapesDataset("val", size=32)
+    assert len(ds) == 5000
+    item = ds[7]
+    assert item["image"].shape == (3, 32, 32) and item["image"].dtype == torch.float32
+    assert -1.0 <= item["image"].min() and item["image"].max() <= 1.0
+    assert Scene.from_dict(json.loads(item["scene"])) == sample("val", 7).scene
+    assert torch.equal(to_tensor(to_pil(item["image"])), item["image"])
+
+
+def test_same_samples_whatever_the_worker_count():
+    ds = ShapesDataset("train", size=16, length=24)
+    serial = list(DataLoader(ds, batch_size=6, num_workers=0))
+    parallel = list(DataLoader(ds, batch_size=6, num_workers=2))
+    for a, b in zip(serial, parallel):
+        assert torch.equal(a["image"], b["image"]) and a["key"] == b["key"] and a["caption"] == b["caption"]
+
+
+def test_stream_splits_indices_disjointly_across_workers():
+    one = next(iter(DataLoader(ShapesStream(size=8), batch_size=20, num_workers=0)))["key"]
+    two = [b["key"] for b, _ in zip(DataLoader(ShapesStream(size=8), batch_size=10, num_workers=2), range(2))]
+    keys = two[0] + two[1]
+    assert len(set(keys)) == 20
+    assert set(keys) == set(one)
+
+
+def test_stream_resumes_at_any_sample():
+    full = next(iter(DataLoader(ShapesStream(size=8, lang="th"), batch_size=12)))
+    tail = next(iter(DataLoader(ShapesStream(size=8, lang="th", start=5), batch_size=7)))
+    assert full["key"][5:] == tail["key"]
+    assert torch.equal(full["image"][5:], tail["image"])
+
+
+def test_languages():
+    ds = ShapesDataset("test", size=8, lang="mix")
+    langs = [ds[i]["lang"] for i in range(200)]
+    assert 60 < langs.count("th") < 140
+    assert all(ShapesDataset("test", size=8, lang="th")[i]["lang"] == "th" for i in range(10))

@@ -1,0 +1,133 @@
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+
+from unclip.data import world
+from unclip.data.world import (
+    COLORS, COUNT_EN, COUNT_TH, HELD_OUT, POSITION_EN, POSITION_TH, RELATION_EN, RELATION_TH, SHAPES, SIZE_TH,
+    SIZES, Scene, canonical_caption, sample, sample_scene,
+)
+from unclip.errors import DataError
+
+
+def _pairs(scene):
+    return {(o.colour, o.shape) for o in scene.objects}
+
+
+def test_no_held_out_pair_in_100k_train_scenes():
+    for i in range(100_000):
+        scene = sample_scene(np.random.default_rng([0, 0, i]), "train")
+        assert not (_pairs(scene) & HELD_OUT), (i, scene)
+
+
+@pytest.mark.parametrize("split", ["val", "test"])
+def test_val_and_test_never_hold_a_held_out_pair(split):
+    assert all(not (_pairs(sample(split, i).scene) & HELD_OUT) for i in range(3000))
+
+
+def test_every_unseen_scene_holds_a_held_out_pair_and_all_eight_appear():
+    seen = set()
+    for i in range(2000):
+        scene = sample("unseen", i).scene
+        assert (scene.objects[0].colour, scene.objects[0].shape) in HELD_OUT
+        seen |= _pairs(scene) & HELD_OUT
+    assert seen == HELD_OUT
+
+
+def test_same_index_same_sample_and_seeds_differ():
+    assert sample("train", 12345, seed=3) == sample("train", 12345, seed=3)
+    assert sample("train", 5, seed=0).scene != sample("train", 5, seed=1).scene
+    assert sample("val", 5).scene != sample("test", 5).scene
+
+
+def test_scene_json_round_trip():
+    for i in range(200):
+        scene = sample("train", i).scene
+        assert Scene.from_dict(json.loads(json.dumps(scene.to_dict()))).to_dict() == scene.to_dict()
+
+
+def test_every_attribute_appears_in_captions_in_both_languages():
+    en = " ".join(sample("train", i, lang="en").caption for i in range(4000))
+    th = " ".join(sample("train", i, lang="th").caption for i in range(4000))
+    for name, colour in COLORS.items():
+        assert name in en and f"สี{colour.th}" in th
+    for name, (thai, classifier) in SHAPES.items():
+        assert name in en and thai in th
+    for size in SIZES:
+        assert f" {size} " in en and f"ขนาด{SIZE_TH[size]}" in th
+    for position in POSITION_EN:
+        assert any(p in en for p in POSITION_EN[position]) and POSITION_TH[position] in th
+    for relation in RELATION_EN:
+        assert any(p in en for p in RELATION_EN[relation]) and any(p in th for p in RELATION_TH[relation])
+    for count in COUNT_EN:
+        assert f"{COUNT_EN[count]} " in en
+        assert any(f"{COUNT_TH[count]}{cls}" in th for _, cls in SHAPES.values())
+    for background, (_, thai) in world.BACKGROUNDS.items():
+        if background != "black":
+            assert f"{background} background" in en and f"พื้นหลังสี{thai}" in th
+
+
+def _thai_colour_words(text):
+    return {name for name, colour in COLORS.items() if f"สี{colour.th}" in text}
+
+
+def _english_colour_words(text):
+    return {name for name in COLORS if name in text.split()}
+
+
+@pytest.mark.parametrize("lang", ["en", "th"])
+def test_captions_agree_with_their_scene(lang):
+    for i in range(3000):
+        s = sample("train", i, lang=lang)
+        scene, text = s.scene, s.caption
+        colours = {o.colour for o in scene.objects}
+        found = _english_colour_words(text) if lang == "en" else _thai_colour_words(text)
+        found -= {scene.background}  # "on a white background" names a colour too
+        assert found == colours - ({scene.background} & set()), (text, scene)
+        for o in scene.objects:
+            assert (o.shape if lang == "en" else SHAPES[o.shape][0]) in text, (text, o)
+        if scene.kind == "count":
+            word = COUNT_EN[scene.count] if lang == "en" else COUNT_TH[scene.count] + SHAPES[scene.objects[0].shape][1]
+            assert word in text
+        if scene.kind == "pair" and lang == "en":
+            a, b = scene.objects
+            ia, ib = text.index(f"{a.colour} {a.shape}"), text.index(f"{b.colour} {b.shape}")
+            said = next(r for r, phrases in RELATION_EN.items() if any(f" {p} " in text for p in phrases))
+            assert said == (scene.relation if ia < ib else world.INVERSE[scene.relation]), text
+
+
+def test_relations_and_positions_are_geometrically_true():
+    for i in range(3000):
+        scene = sample("train", i).scene
+        if scene.kind == "pair":
+            a, b = scene.objects
+            dx, dy = b.cx - a.cx, b.cy - a.cy  # reference minus subject, y down
+            expect = {"left of": dx > 0.3, "right of": dx < -0.3, "above": dy > 0.3, "below": dy < -0.3}
+            assert expect[scene.relation] and min(abs(dx), abs(dy)) < 0.15, scene
+        for o in scene.objects:
+            r = SIZES[o.size]
+            assert r <= o.cx <= 1 - r and r <= o.cy <= 1 - r
+            assert world.cell_of(o.cx, o.cy) == o.position
+        for j, a in enumerate(scene.objects):
+            for b in scene.objects[j + 1:]:
+                assert np.hypot(a.cx - b.cx, a.cy - b.cy) >= SIZES[a.size] + SIZES[b.size] - 1e-9, scene
+
+
+def test_canonical_caption_is_deterministic_and_complete():
+    scene = next(sample("train", i).scene for i in range(100) if sample("train", i).scene.kind == "single")
+    o = scene.objects[0]
+    text = canonical_caption(scene, lang="en")
+    assert text == canonical_caption(scene, lang="en")
+    assert f"{o.size} {o.colour} {o.shape}" in text and POSITION_EN[o.position][0] in text
+    moved = dataclasses.replace(scene, objects=(dataclasses.replace(o, position="center"),))
+    assert "in the center" in canonical_caption(moved, lang="en")
+    assert POSITION_TH["center"] in canonical_caption(moved, lang="th")
+
+
+def test_bad_split_or_index_is_a_clear_error():
+    with pytest.raises(DataError, match="valid splits"):
+        sample("training", 0)
+    with pytest.raises(DataError, match="outside split 'val'"):
+        sample("val", 10_000_000)
