@@ -1,0 +1,90 @@
+"""`unclip explain distance|manifold`: run a digit explainer, write its figures and metrics.json.
+
+Thin: parse, pick the preset, call `run_distance` / `run_manifold`, print what they measured.
+The explainer modules (torch, scikit-learn, matplotlib) are imported only when a verb runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the `explain` verb and its sub-verbs to the main CLI's subparsers."""
+    explain = subparsers.add_parser(
+        "explain", help="digit explainers: distance learning, t-SNE, the VAE manifold",
+        description=("Small, reproducible experiments on scikit-learn's 8×8 handwritten digits that show "
+                     "the ideas behind CLIP latents (docs/explainers.md). Each runs in under a minute on "
+                     "one CPU core and writes figures plus metrics.json. The CLIP explainer "
+                     "(`unclip explain clip`) comes with the CLIP stage."))
+    sub = explain.add_subparsers(dest="explainer", metavar="EXPLAINER", required=True)
+    verbs = (
+        ("distance", _distance, "t-SNE of a classifier's hidden layer; a siamese net judging unseen digits",
+         "Train a digit classifier and draw its last hidden layer with t-SNE (PNG and interactive HTML), "
+         "then train a siamese network on pairs of digits 0-4 and measure how well it answers "
+         "'same digit?' for digits 5-9 it never saw."),
+        ("manifold", _manifold, "a VAE with a 2-D latent: the manifold of digits",
+         "Train a VAE with a 2-D latent, sweep its decoder over a grid of the latent plane (PNG and SVG), "
+         "draw reconstructions and the latent means, and count the digits the grid holds with a classifier."),
+    )
+    for name, func, help_text, description in verbs:
+        verb = sub.add_parser(name, help=help_text, description=description)
+        verb.add_argument("--out", default=f"out/explain/{name}", help=f"output folder (default: out/explain/{name})")
+        verb.add_argument("--seed", type=int, default=0, help="seed of the data split, weights and pairs (default: 0)")
+        verb.add_argument("--quick", action="store_true", help="a few seconds: fewer epochs, smaller t-SNE")
+        verb.set_defaults(func=func)
+
+
+def _print_files(paths: dict[str, Path]) -> None:
+    print("  files:")
+    for path in paths.values():
+        print(f"    {path}")
+
+
+def _distance(args: argparse.Namespace) -> int:
+    from unclip.explain.digits import require_explain_deps
+
+    require_explain_deps()
+    from unclip.explain.distance import DistanceConfig, run_distance
+
+    config = DistanceConfig.preset("quick" if args.quick else "full", seed=args.seed)
+    report = run_distance(args.out, config=config, progress=True)
+    m = report.metrics
+    s = m["siamese"]
+
+    def pair(space: str) -> str:
+        return f"{s[space]['cosine']['unseen_accuracy']:.3f} / {s[space]['euclidean']['unseen_accuracy']:.3f}"
+
+    print(f"Distance explainer ({'quick' if args.quick else 'full'}, seed {args.seed}) in {report.seconds:.1f} s")
+    print(f"  digit classifier: test accuracy {m['classifier']['test_accuracy']:.3f} "
+          f"on {m['classifier']['n_test']} held-out images")
+    print(f"  t-SNE of its last hidden layer: a point's 5 nearest neighbours share its digit "
+          f"{m['tsne']['01']['knn5_label_agreement']:.1%} (digits 0 and 1), "
+          f"{m['tsne']['all']['knn5_label_agreement']:.1%} (all ten)")
+    print(f"  siamese net trained on digits 0-4, {s['n_unseen_pairs']} balanced pairs of unseen digits 5-9, "
+          f"accuracy cosine / euclidean:")
+    print(f"    learned representation {pair('learned')}   (raw pixels {pair('pixels')}, "
+          f"untrained network {pair('untrained')}, head output {pair('learned_head')})")
+    _print_files(report.paths)
+    return 0
+
+
+def _manifold(args: argparse.Namespace) -> int:
+    from unclip.explain.digits import require_explain_deps
+
+    require_explain_deps()
+    from unclip.explain.manifold import ManifoldConfig, run_manifold
+
+    config = ManifoldConfig.preset("quick" if args.quick else "full", seed=args.seed)
+    report = run_manifold(args.out, config=config, progress=True)
+    m = report.metrics
+    print(f"Manifold explainer ({'quick' if args.quick else 'full'}, seed {args.seed}) in {report.seconds:.1f} s")
+    print(f"  VAE with a 2-D latent: test negative ELBO {m['vae']['test_loss']:.2f} nats per image "
+          f"(reconstruction {m['vae']['test_recon']:.2f} + KL {m['vae']['test_kl']:.2f}); the classifier "
+          f"reads {m['vae']['test_recon_classified_as_original']:.1%} of test reconstructions as the original digit")
+    print(f"  the {m['grid']['cells']}-cell manifold grid decodes to {m['grid']['distinct_classes']} distinct digits "
+          f"({m['grid']['distinct_confident']} with probability >= 0.9), judged by a classifier with "
+          f"test accuracy {m['judge']['test_accuracy']:.3f}")
+    _print_files(report.paths)
+    return 0

@@ -1,0 +1,172 @@
+"""The digit explainers (issue 10): real targets on the real models, the HTML page, the CLI.
+
+Runs in about half a minute on one CPU thread: the classifier, siamese and VAE checks use the
+full settings; the CLI runs use --quick.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+
+import pytest
+
+torch = pytest.importorskip("torch")
+np = pytest.importorskip("numpy")
+pytest.importorskip("sklearn")
+pytest.importorskip("matplotlib")
+
+from unclip.explain.digits import load_digits_split  # noqa: E402
+from unclip.explain.distance import DistanceConfig, train_classifier  # noqa: E402
+from unclip.explain.manifold import ManifoldConfig, judge_grid, latent_grid, train_vae  # noqa: E402
+from unclip.explain.siamese import SiameseConfig, best_threshold, sample_pairs, siamese_experiment  # noqa: E402
+from unclip.explain.tsne_html import scatter_html  # noqa: E402
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def split():
+    return load_digits_split(seed=0)
+
+
+@pytest.fixture(scope="module")
+def classifier(split):
+    return train_classifier(split, config=DistanceConfig(seed=0))
+
+
+def test_split_is_fixed_and_stratified(split):
+    again = load_digits_split(seed=0)
+    assert torch.equal(split.x_test, again.x_test) and torch.equal(split.y_test, again.y_test)
+    assert len(split.x_train) + len(split.x_test) == 1797
+    assert split.x_train.shape[1] == 64 and 0.0 <= float(split.x_train.min()) and float(split.x_train.max()) <= 1.0
+    assert torch.bincount(split.y_test).min() >= 43  # every digit ~45 times in 450 test images
+
+
+def test_classifier_reaches_target(classifier):
+    _, accuracy = classifier
+    assert accuracy >= 0.95
+
+
+def test_sample_pairs_are_balanced_and_labelled_right():
+    labels = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2, 2, 3])
+    i, j, same = sample_pairs(labels, n_pairs=501, generator=torch.Generator().manual_seed(0))
+    assert bool((i != j).all())
+    assert torch.equal(labels[i] == labels[j], same)
+    assert int(same.sum()) == 251
+
+
+def test_best_threshold_matches_hand_computation():
+    # Calling the top k "same": k=1 and k=3 both get 3 of 4 right; the first (highest t) wins.
+    t, acc = best_threshold(torch.tensor([0.9, 0.8, 0.3, 0.1]), torch.tensor([True, False, True, False]))
+    assert acc == pytest.approx(0.75)
+    assert t == pytest.approx(0.85)
+    t, acc = best_threshold(torch.tensor([0.2, 0.9, 0.8, 0.1]), torch.tensor([False, True, True, False]))
+    assert (t, acc) == (pytest.approx(0.5), 1.0)
+
+
+def test_siamese_verifies_digits_it_never_saw(split):
+    results, counts = siamese_experiment(split, config=SiameseConfig(), seed=0)
+    learned = results["learned"]
+    assert learned["cosine"].unseen_accuracy >= 0.80
+    assert learned["euclidean"].unseen_accuracy >= 0.80
+    # What the docs claim: training helps over raw pixels, and the projection head specialises
+    # to the training digits.
+    assert learned["cosine"].unseen_accuracy > results["pixels"]["cosine"].unseen_accuracy
+    assert results["learned_head"]["cosine"].unseen_accuracy < learned["cosine"].unseen_accuracy - 0.05
+    assert counts["n_unseen_pairs"] == SiameseConfig().n_eval_pairs
+
+
+def test_latent_grid_spans_normal_quantiles():
+    grid = latent_grid(n=20, quantile_low=0.05)
+    assert grid.shape == (20, 20, 2)
+    assert float(grid[0, 0, 0]) == pytest.approx(-1.6449, abs=1e-3)  # top-left: smallest z1 ...
+    assert float(grid[0, 0, 1]) == pytest.approx(1.6449, abs=1e-3)  # ... and largest z2
+    assert float(grid[-1, -1, 0]) == pytest.approx(1.6449, abs=1e-3)
+
+
+def test_manifold_grid_decodes_to_many_digits(split, classifier):
+    config = ManifoldConfig(seed=0)
+    vae, losses = train_vae(split, config=config)
+    assert losses["test_kl"] > 1.0  # the latent is used, not collapsed onto the prior
+    with torch.no_grad():
+        images = vae.decode(latent_grid(n=config.grid, quantile_low=config.quantile_low).reshape(-1, 2))
+    judged = judge_grid(images, classifier[0])
+    assert judged["distinct_classes"] >= 6
+
+
+def _points_in(html: str) -> int:
+    return len(re.findall(r'<circle class="pt"', html))
+
+
+def _assert_self_contained(html: str) -> None:
+    assert not re.search(r"""(src|href)\s*=\s*["']?\s*(https?:)?//""", html, re.I)
+    assert "<link" not in html and not re.search(r"<script[^>]*\bsrc=", html)
+    assert "@import" not in html and "url(" not in html
+
+
+def test_html_page_is_self_contained_with_one_point_per_sample():
+    rng = np.random.default_rng(0)
+    n = 37
+    page = scatter_html(points=rng.normal(size=(n, 2)), labels=rng.integers(0, 10, n),
+                        images=rng.random((n, 8, 8)), class_names=[str(d) for d in range(10)],
+                        title="t </script> & title", notes=["x"] * n)
+    _assert_self_contained(page)
+    assert _points_in(page) == n
+    data = json.loads(re.search(r'<script type="application/json" id="data">(.*?)</script>', page, re.S).group(1))
+    assert len(data["px"]) == n and all(len(px) == 2 * 64 for px in data["px"])
+    assert "t </script>" not in page  # the title is escaped, the JSON cannot close its script
+
+
+def _run_cli(argv, monkeypatch) -> int:
+    import unclip.cli
+
+    return unclip.cli.main(argv)
+
+
+def test_cli_distance_writes_files_and_same_seed_gives_same_metrics(tmp_path, monkeypatch, capsys):
+    runs = []
+    for name in ("a", "b"):
+        out = tmp_path / name
+        assert _run_cli(["explain", "distance", "--out", str(out), "--seed", "3", "--quick"], monkeypatch) == 0
+        runs.append(out)
+    printed = capsys.readouterr().out
+    assert "test accuracy" in printed and str(runs[0] / "metrics.json") in printed
+    for f in ("tsne_01.png", "tsne_all.png", "tsne_01.html", "tsne_all.html", "pairs_unseen.png", "metrics.json"):
+        assert (runs[0] / f).stat().st_size > 0, f
+    metrics = [json.loads((out / "metrics.json").read_text()) for out in runs]
+    assert metrics[0] == metrics[1]
+    m = metrics[0]
+    assert m["config"]["seed"] == 3
+    assert m["classifier"]["test_accuracy"] >= 0.9  # a broken classifier would be near 0.1
+    assert m["tsne"]["all"]["knn5_label_agreement"] >= 0.85
+    assert m["siamese"]["learned"]["cosine"]["unseen_accuracy"] >= 0.72  # chance is 0.5
+    for name in ("01", "all"):
+        page = (runs[0] / f"tsne_{name}.html").read_text()
+        _assert_self_contained(page)
+        assert _points_in(page) == m["tsne"][name]["n_points"]
+    assert (runs[0] / "tsne_all.png").read_bytes() == (runs[1] / "tsne_all.png").read_bytes()
+
+
+def test_cli_manifold_writes_files(tmp_path, monkeypatch):
+    assert _run_cli(["explain", "manifold", "--out", str(tmp_path), "--quick"], monkeypatch) == 0
+    for f in ("manifold.png", "manifold.svg", "manifold_classes.png", "reconstructions.png", "latents.png"):
+        assert (tmp_path / f).stat().st_size > 0, f
+    assert "<svg" in (tmp_path / "manifold.svg").read_text()[:2000]
+    m = json.loads((tmp_path / "metrics.json").read_text())
+    assert m["grid"]["cells"] == 400 and sum(m["grid"]["cells_per_class"]) == 400
+    assert m["grid"]["distinct_classes"] >= 6
+
+
+def test_cli_modules_import_light():
+    code = "import sys, unclip.explain.cli; print(sorted({'torch', 'sklearn', 'matplotlib'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
