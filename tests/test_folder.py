@@ -21,7 +21,7 @@ def folder(tmp_path):
     (tmp_path / "empty.txt").write_text("  \n")
     (tmp_path / "garbage.jpg").write_bytes(b"not an image at all")
     (tmp_path / "garbage.txt").write_text("a broken file")
-    # a JPEG whose header verifies but whose data is cut: only decoding finds it
+    # a JPEG cut in half
     Image.new("RGB", (64, 64), (1, 2, 3)).save(tmp_path / "cut.jpg", quality=95)
     data = (tmp_path / "cut.jpg").read_bytes()
     (tmp_path / "cut.jpg").write_bytes(data[: len(data) // 2])
@@ -39,18 +39,19 @@ def test_scan_counts_and_reports_bad_files(folder, caplog):
     r = ds.report
     assert r.missing_caption == ["nocaption.png"]
     assert r.bad_caption == ["empty.png"]
-    assert r.corrupt == ["garbage.jpg"]
-    assert len(ds) == 6  # 4 good + nested + the cut JPEG, which only fails when decoded
-    assert "skipped 1 corrupt or unreadable image (garbage.jpg)" in r.summary()
+    assert r.corrupt == ["cut.jpg", "garbage.jpg"]
+    assert len(ds) == 5  # 4 good + nested
+    assert "skipped 2 corrupt or unreadable images (cut.jpg, garbage.jpg)" in r.summary()
     assert "garbage.jpg" in caplog.text
 
 
 def test_iterating_never_crashes_and_counts_late_failures(folder):
-    ds = FolderDataset(folder, size=16)
+    ds = FolderDataset(folder, size=16, verify=False)  # bad images are found only when decoded
+    assert len(ds) == 7 and ds.report.corrupt == []
     items = [ds[i] for i in range(len(ds))]
     assert all(item["image"].shape == (3, 16, 16) for item in items)
     assert all(-1.0 <= float(item["image"].min()) and float(item["image"].max()) <= 1.0 for item in items)
-    assert "cut.jpg" in ds.report.corrupt
+    assert sorted(ds.report.corrupt) == ["cut.jpg", "garbage.jpg"]
     keys = {item["key"] for item in items}
     assert "nested/deep" in keys and "cut" not in keys
     deep = next(item for item in items if item["key"] == "nested/deep")

@@ -68,8 +68,10 @@ class ClipConfig:
     """CLIP towers (`transformers` CLIPTextModelWithProjection / CLIPVisionModelWithProjection)."""
 
     embed_dim: int = 64
-    image_size: int = 32
-    patch_size: int = 4
+    # 64² with 8×8 patches: 64 tokens like 32²/4×4, but a small shape spans 16 pixels instead of 8,
+    # which is what tells a small hexagon from a small circle (docs/clip.md).
+    image_size: int = 64
+    patch_size: int = 8
     vision_width: int = 128
     vision_layers: int = 4
     vision_heads: int = 4
@@ -105,13 +107,15 @@ class PriorConfig:
 class ARPriorConfig:
     """Autoregressive prior (paper §2.2): PCA of z_i, quantized, causal transformer."""
 
-    width: int = 256
-    layers: int = 6
+    width: int = 128
+    layers: int = 4
     heads: int = 4
     pca_variance: float = 0.99  # keep the components explaining at least this much variance
-    buckets: int = 1024
+    buckets: int = 1024  # paper §2.2
     cond_drop: float = 0.1
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=4000, batch_size=256, lr=3e-4))
+    # Sized for about 10 minutes on 2 CPU cores from an embedding folder (`unclip embed`).
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(
+        steps=1500, batch_size=128, lr=5e-4, warmup_steps=100, mixed_precision="bf16", ckpt_every=250))
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -11,21 +11,16 @@ from unclip.errors import DataError
 
 def _load_images(paths: list[str], size: int):
     import torch
-    from PIL import Image, UnidentifiedImageError
 
+    from unclip.data.folder import open_square_rgb, unreadable_errors
     from unclip.data.shapes import to_tensor
 
     tensors = []
     for p in paths:
         try:
-            with Image.open(p) as image:
-                image = image.convert("RGB")
-        except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as err:
+            tensors.append(to_tensor(open_square_rgb(p, size)))
+        except unreadable_errors() as err:
             raise DataError(f"cannot read image {p}: {err}") from None
-        side = min(image.size)
-        left, top = (image.width - side) // 2, (image.height - side) // 2
-        image = image.crop((left, top, left + side, top + side)).resize((size, size), Image.Resampling.BICUBIC)
-        tensors.append(to_tensor(image))
     return torch.stack(tensors)
 
 

@@ -16,7 +16,7 @@ the top k whose scene has the same canonical caption (identical descriptions are
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -68,25 +68,40 @@ def _scenes(split: str, attribute: str, n: int, seed: int) -> Iterator:
             yield scene
 
 
-@torch.inference_mode()
-def attribute_accuracy(model: ClipModel, *, split: str, lang: str, attribute: str, n: int = 300,
-                       seed: int = 0, batch_size: int = 100) -> float:
-    """Fraction of `n` scenes whose true `attribute` value wins among all its values."""
+def render_and_encode(model: ClipModel) -> Callable[[list, str], torch.Tensor]:
+    """The default scene → z_i: render each scene and encode it with CLIP's image tower."""
     from unclip.data.render import render
     from unclip.data.shapes import to_tensor
+
+    def embed(scenes: list, lang: str) -> torch.Tensor:
+        size = model.config.image_size
+        return model.encode_image(torch.stack([to_tensor(render(s, size)) for s in scenes]))
+
+    return embed
+
+
+@torch.inference_mode()
+def attribute_accuracy(model: ClipModel, *, split: str, lang: str, attribute: str, n: int = 300,
+                       seed: int = 0, batch_size: int = 100,
+                       embed: Callable[[list, str], torch.Tensor] | None = None) -> float:
+    """Fraction of `n` scenes whose true `attribute` value wins among all its values.
+
+    `embed(scenes, lang) -> z [N, D]` gives the embedding judged for each scene: by default the
+    CLIP image embedding of its render; a prior's evaluation passes the z_i it predicts from the
+    scene's caption instead.
+    """
     from unclip.data.world import canonical_caption
 
     values = _values(attribute)
     scenes = list(_scenes(split, attribute, n, seed))
-    size = model.config.image_size
+    embed = embed or render_and_encode(model)
     prompts = sorted({canonical_caption(_swap(s, attribute, v), lang=lang) for s in scenes for v in values})
     z_t = torch.cat([model.encode_captions(prompts[i:i + 512]) for i in range(0, len(prompts), 512)])
     row = {p: i for i, p in enumerate(prompts)}
     correct = 0
     for start in range(0, len(scenes), batch_size):
         chunk = scenes[start:start + batch_size]
-        z_i = model.encode_image(torch.stack([to_tensor(render(s, size)) for s in chunk]))
-        for scene, z in zip(chunk, z_i):
+        for scene, z in zip(chunk, embed(chunk, lang)):
             options = [row[canonical_caption(_swap(scene, attribute, v), lang=lang)] for v in values]
             best = values[int((z_t[options] @ z).argmax())]
             correct += best == _truth(scene, attribute)

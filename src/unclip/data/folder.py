@@ -52,7 +52,7 @@ def _read_caption(path: Path) -> str | None:
     return text or None
 
 
-def _open_rgb(path: Path, size: int):
+def open_square_rgb(path: str | Path, size: int):
     """Decode `path`, centre-crop to a square and resize to size×size RGB (PIL image)."""
     from PIL import Image
 
@@ -67,7 +67,7 @@ def _open_rgb(path: Path, size: int):
     return image
 
 
-def _unreadable_errors() -> tuple[type[BaseException], ...]:
+def unreadable_errors() -> tuple[type[BaseException], ...]:
     from PIL import Image
 
     return (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
@@ -96,7 +96,7 @@ def scan_folder(root: str | Path, *, verify: bool = True) -> tuple[list[tuple[Pa
             try:
                 with Image.open(path) as image:
                     image.verify()
-            except _unreadable_errors():
+            except unreadable_errors():
                 report.corrupt.append(name)
                 continue
         pairs.append((path, caption))
@@ -129,8 +129,8 @@ class FolderDataset:
         for offset in range(len(self.pairs)):
             path, caption = self.pairs[(index + offset) % len(self.pairs)]
             try:
-                image = _open_rgb(path, self.size)
-            except _unreadable_errors() as err:
+                image = open_square_rgb(path, self.size)
+            except unreadable_errors() as err:
                 name = str(path.relative_to(self.root))
                 if name not in self.report.corrupt:
                     self.report.corrupt.append(name)
