@@ -1,4 +1,4 @@
-"""`unclip explain distance|manifold`: run a digit explainer, write its figures and metrics.json.
+"""`unclip explain distance|manifold|clip`: run an explainer, write its figures and metrics.json.
 
 Thin: parse, pick the preset, call `run_distance` / `run_manifold`, print what they measured.
 The explainer modules (torch, scikit-learn, matplotlib) are imported only when a verb runs.
@@ -16,8 +16,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "explain", help="digit explainers: distance learning, t-SNE, the VAE manifold",
         description=("Small, reproducible experiments on scikit-learn's 8×8 handwritten digits that show "
                      "the ideas behind CLIP latents (docs/explainers.md). Each runs in under a minute on "
-                     "one CPU core and writes figures plus metrics.json. The CLIP explainer "
-                     "(`unclip explain clip`) comes with the CLIP stage."))
+                     "one CPU core and writes figures plus metrics.json. `unclip explain clip` shows how "
+                     "CLIP's shared image-caption space extends the idea, with a trained CLIP."))
     sub = explain.add_subparsers(dest="explainer", metavar="EXPLAINER", required=True)
     verbs = (
         ("distance", _distance, "t-SNE of a classifier's hidden layer; a siamese net judging unseen digits",
@@ -34,6 +34,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         verb.add_argument("--seed", type=int, default=0, help="seed of the data split, weights and pairs (default: 0)")
         verb.add_argument("--quick", action="store_true", help="a few seconds: fewer epochs, smaller t-SNE")
         verb.set_defaults(func=func)
+    clip = sub.add_parser(
+        "clip", help="CLIP's shared space: images and captions compared by cosine, t-SNE of both",
+        description="With a trained CLIP model: a similarity matrix of images against captions, zero-shot "
+                    "colour and shape classification as the nearest caption (seen and held-out pairs, English "
+                    "and Thai), and a t-SNE of image and caption embeddings together (PNG and interactive HTML).")
+    clip.add_argument("--model", required=True, help="model directory holding a CLIP (e.g. runs/shapes/clip/model)")
+    clip.add_argument("--out", default="out/explain/clip", help="output folder (default: out/explain/clip)")
+    clip.add_argument("--seed", type=int, default=0, help="t-SNE seed (default: 0)")
+    clip.add_argument("-n", type=int, default=150, help="scenes in the t-SNE (default: 150)")
+    clip.set_defaults(func=_clip)
 
 
 def _print_files(paths: dict[str, Path]) -> None:
@@ -86,5 +96,25 @@ def _manifold(args: argparse.Namespace) -> int:
     print(f"  the {m['grid']['cells']}-cell manifold grid decodes to {m['grid']['distinct_classes']} distinct digits "
           f"({m['grid']['distinct_confident']} with probability >= 0.9), judged by a classifier with "
           f"test accuracy {m['judge']['test_accuracy']:.3f}")
+    _print_files(report.paths)
+    return 0
+
+
+def _clip(args: argparse.Namespace) -> int:
+    from unclip.explain.digits import require_explain_deps
+
+    require_explain_deps()
+    from unclip.explain.clipspace import run_clip_space
+
+    report = run_clip_space(args.out, model_dir=args.model, n=args.n, seed=args.seed)
+    m = report.metrics
+    zs = m["zero_shot"]
+    print(f"CLIP explainer in {report.seconds:.1f} s")
+    print(f"  similarity matrix: {m['similarity_diagonal_wins']} of 8 images are closest to their own caption")
+    print(f"  cosine of matched image-caption pairs {m['cosine_matched']:.3f}, unmatched {m['cosine_unmatched']:.3f}")
+    for split in ("test", "unseen"):
+        print(f"  zero-shot on {split} scenes, colour / shape: "
+              + ", ".join(f"{lang} {zs[split][lang]['colour']:.3f} / {zs[split][lang]['shape']:.3f}" for lang in zs[split]))
+    print(f"  t-SNE: a point's 5 nearest neighbours share its shape {m['tsne_neighbour_agreement_by_shape']:.1%}")
     _print_files(report.paths)
     return 0

@@ -1,0 +1,59 @@
+"""`unclip explain clip` on a tiny CLIP (structure), and on a trained one (quality, slow)."""
+
+import json
+import re
+
+import pytest
+import torch
+
+from unclip.cli import main
+from unclip.clip.model import ClipModel
+from unclip.clip.stage import save_clip
+from unclip.config import preset
+from unclip.tokenizer import train_shapes_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tiny_clip(tmp_path_factory):
+    cfg = preset("tiny")
+    tok = train_shapes_tokenizer(vocab_size=600, context_length=32, corpus_size=1000)
+    torch.manual_seed(0)
+    model = ClipModel.from_config(cfg.clip, tokenizer=tok).eval()
+    return save_clip(model, tmp_path_factory.mktemp("clip") / "model", cfg=cfg)
+
+
+def test_writes_figures_page_and_metrics(tiny_clip, tmp_path, capsys):
+    out = tmp_path / "explain"
+    assert main(["explain", "clip", "--model", str(tiny_clip), "--out", str(out), "-n", "40"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert 0 <= metrics["similarity_diagonal_wins"] <= 8
+    for split in ("test", "unseen"):
+        for lang in ("en", "th"):
+            assert set(metrics["zero_shot"][split][lang]) == {"colour", "shape"}
+    assert -1 <= metrics["cosine_unmatched"] <= 1 and -1 <= metrics["cosine_matched"] <= 1
+    page = (out / "tsne_image_text.html").read_text()
+    assert not re.search(r'(src|href)="https?://', page)
+    data = json.loads(re.search(r'<script type="application/json" id="data">(.*?)</script>', page, re.S).group(1))
+    assert len(data["px"]) == 80  # every scene twice: its image and its caption
+    assert (out / "similarity.png").stat().st_size > 5000 and (out / "tsne_image_text.png").stat().st_size > 5000
+    assert "CLIP explainer" in capsys.readouterr().out
+
+
+def test_needs_a_model(tmp_path, capsys):
+    assert main(["explain", "clip", "--model", str(tmp_path / "none"), "--out", str(tmp_path / "o")]) == 2
+    assert "not a directory" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_trained_clip_puts_captions_next_to_their_images(tmp_path):
+    """Needs runs/shapes/clip/model from `unclip train clip --preset shapes`."""
+    from pathlib import Path
+
+    model = Path("runs/shapes/clip/model")
+    if not model.is_dir():
+        pytest.fail("train the shapes CLIP first: unclip train clip --preset shapes")
+    assert main(["explain", "clip", "--model", str(model), "--out", str(tmp_path)]) == 0
+    m = json.loads((tmp_path / "metrics.json").read_text())
+    assert m["similarity_diagonal_wins"] >= 6
+    assert m["cosine_matched"] > m["cosine_unmatched"] + 0.2
+    assert m["caption_nearest_image_same_shape"] >= 0.8
