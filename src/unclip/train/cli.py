@@ -37,6 +37,24 @@ def _train_clip(args: argparse.Namespace) -> int:
 STAGE_MODULES = ("unclip.decoder.cli",)
 
 
+def _train_prior(args: argparse.Namespace) -> int:
+    from unclip.prior.stage import train_prior
+
+    _threads(args)
+    cfg = config_from_args(args)
+    run_dir = Path(args.run_dir or f"runs/{cfg.name}/{args.kind}_prior")
+    out = Path(args.out or run_dir / "model")
+    train_prior(cfg, kind=args.kind, clip_dir=args.clip, run_dir=run_dir, out=out, embeddings=args.embeddings,
+                resume=not args.no_resume, evaluate=not args.no_eval, fit_samples=args.fit_samples)
+    print(f"{args.kind} prior model: {out}")
+    if not args.no_eval and cfg.data.source == "shapes":
+        from unclip.modeldir import read_manifest
+        from unclip.prior.metrics import markdown_table
+
+        print(markdown_table(read_manifest(out).evaluation[f"{args.kind}_prior"]))
+    return 0
+
+
 def _common(parser: argparse.ArgumentParser, stage: str) -> None:
     add_config_arguments(parser)
     parser.add_argument("--run-dir", help=f"checkpoints and metrics (default: runs/<preset name>/{stage})")
@@ -56,6 +74,20 @@ def register(subparsers) -> None:
     _common(clip, "clip")
     clip.add_argument("--no-eval", action="store_true", help="skip the evaluation after training")
     clip.set_defaults(func=_train_clip)
+
+    prior = stages.add_parser(
+        "prior", help="caption → CLIP image embedding (paper §2.2)",
+        description="Train a prior against a frozen CLIP model directory (--clip), on the fly from cfg.data or "
+                    "from an embedding folder made by `unclip embed` (--embeddings), then evaluate it and write "
+                    "a model directory holding the CLIP components and the prior.")
+    _common(prior, "prior")
+    prior.add_argument("--kind", choices=["ar"], default="ar",
+                       help="ar: PCA + quantized autoregressive prior (the diffusion prior comes with the diffusion module)")
+    prior.add_argument("--clip", required=True, help="model directory holding the CLIP to train against")
+    prior.add_argument("--embeddings", help="embedding folder from `unclip embed` (default: encode on the fly)")
+    prior.add_argument("--fit-samples", type=int, default=5000, help="train pairs for fitting PCA (default: 5000)")
+    prior.add_argument("--no-eval", action="store_true", help="skip the evaluation after training")
+    prior.set_defaults(func=_train_prior)
     import importlib
 
     for name in STAGE_MODULES:

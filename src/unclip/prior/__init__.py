@@ -1,0 +1,1 @@
+"""The priors (paper §2.2): caption → CLIP image embedding z_i. Diffusion and autoregressive."""
