@@ -19,13 +19,15 @@ from unclip.clip.model import ClipModel
 @torch.no_grad()
 def encode_batch(clip: ClipModel, captions: list[str], images: torch.Tensor | None = None,
                  z_i: torch.Tensor | None = None, z_t: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """Text states, mask and z_t of `captions`; z_i from `images` or as given (absent if neither)."""
     text = clip.encode_text(clip.tokenize(list(captions)))
-    return {
-        "text_states": text.token_states.float(),
-        "text_mask": text.mask,
-        "z_t": text.embeds if z_t is None else z_t.float(),
-        "z_i": clip.encode_image(images) if z_i is None else z_i.float(),
-    }
+    batch = {"text_states": text.token_states.float(), "text_mask": text.mask,
+             "z_t": text.embeds if z_t is None else z_t.float()}
+    if z_i is not None:
+        batch["z_i"] = z_i.float()
+    elif images is not None:
+        batch["z_i"] = clip.encode_image(images)
+    return batch
 
 
 def on_the_fly_feed(clip: ClipModel, image_feed: Callable[[int], Iterator[dict]]) -> Callable[[int], Iterator[dict]]:

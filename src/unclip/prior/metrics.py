@@ -53,7 +53,7 @@ def prior_embedder(clip: ClipModel, predict: Predict, *, seed: int = 0) -> Calla
     generator = torch.Generator().manual_seed(seed)
 
     def embed(scenes: list, lang: str) -> torch.Tensor:
-        batch = encode_batch(clip, [canonical_caption(s, lang=lang) for s in scenes], z_i=torch.zeros(len(scenes), 1))
+        batch = encode_batch(clip, [canonical_caption(s, lang=lang) for s in scenes])
         return predict(batch["text_states"], batch["text_mask"], batch["z_t"], generator)
 
     return embed

@@ -33,10 +33,6 @@ def _train_clip(args: argparse.Namespace) -> int:
     return 0
 
 
-# Stage packages that add their own `unclip train STAGE` verbs through `register_train(stages)`.
-STAGE_MODULES = ("unclip.decoder.cli",)
-
-
 def _train_prior(args: argparse.Namespace) -> int:
     from unclip.prior.stage import train_prior
 
@@ -88,13 +84,3 @@ def register(subparsers) -> None:
     prior.add_argument("--fit-samples", type=int, default=5000, help="train pairs for fitting PCA (default: 5000)")
     prior.add_argument("--no-eval", action="store_true", help="skip the evaluation after training")
     prior.set_defaults(func=_train_prior)
-    import importlib
-
-    for name in STAGE_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as err:
-            if not err.name or not name.startswith(err.name):
-                raise
-            continue  # that stage is not built yet
-        module.register_train(stages, common=_common)
