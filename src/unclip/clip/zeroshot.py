@@ -111,15 +111,12 @@ def attribute_accuracy(model: ClipModel, *, split: str, lang: str, attribute: st
 @torch.inference_mode()
 def retrieval(model: ClipModel, *, lang: str, n: int = 1000, split: str = "val", seed: int = 0) -> dict[str, float]:
     """Text→image recall@1 and @5 over `n` pairs of `split`."""
-    from unclip.data.render import render
-    from unclip.data.shapes import to_tensor
     from unclip.data.world import canonical_caption, sample
 
     scenes = [sample(split, i, seed=seed, lang=lang).scene for i in range(n)]
     captions = [canonical_caption(s, lang=lang) for s in scenes]
-    size = model.config.image_size
-    z_i = torch.cat([model.encode_image(torch.stack([to_tensor(render(s, size)) for s in scenes[i:i + 250]]))
-                     for i in range(0, n, 250)])
+    embed = render_and_encode(model)
+    z_i = torch.cat([embed(scenes[i:i + 250], lang) for i in range(0, n, 250)])
     z_t = torch.cat([model.encode_captions(captions[i:i + 250]) for i in range(0, n, 250)])
     top5 = (z_t @ z_i.t()).topk(5, dim=1).indices  # [n, 5] image indices per caption
     hits = [[captions[j] == captions[q] for j in top5[q].tolist()] for q in range(n)]
