@@ -62,5 +62,13 @@ def test_cli_preview_and_export(tmp_path, capsys):
     assert len(list((tmp_path / "f").glob("*.png"))) == 2
     assert main(["data", "export", "--out", str(tmp_path / "x"), "--split", "val", "-n", "999999"]) == 2
     assert "has 5000 samples" in capsys.readouterr().err
+    for bad, message in ((["--split", "training"], "valid splits: train, val, test, unseen"),
+                         (["--size", "4"], "at least 8 pixels"), (["-n", "0"], "at least one sample"),
+                         (["--lang", "de"], "use en, th or mix")):
+        assert main(["data", "export", "--out", str(tmp_path / "bad"), *bad]) == 2
+        assert message in capsys.readouterr().err
+    assert main(["data", "preview", "--split", "nope", "--out", str(tmp_path / "bad.png")]) == 2
+    assert "valid splits" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists() and not (tmp_path / "bad.png").exists()
     assert main(["demo", "--out", str(tmp_path / "demo"), "-n", "2"]) == 0
     assert (tmp_path / "demo" / "shapes_world.png").is_file()

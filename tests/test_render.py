@@ -1,10 +1,11 @@
-import dataclasses
-
 import numpy as np
 import pytest
+from PIL import Image
 
-from unclip.data.render import render
-from unclip.data.world import BACKGROUNDS, COLORS, SHAPES, Obj, Scene, sample
+from unclip.data.preview import font, wrap, write_preview
+from unclip.data.render import OUTLINES, render
+from unclip.data.world import BACKGROUNDS, COLORS, SHAPES, Obj, Scene, sample, thai_words
+from unclip.errors import DataError
 
 
 def test_same_scene_same_pixels():
@@ -44,14 +45,41 @@ def test_shapes_differ_from_each_other():
 
 
 def test_each_object_is_where_the_scene_says():
-    scene = sample("train", 0).scene
     for i in range(200):
         scene = sample("train", i).scene
         pixels = np.asarray(render(scene, 64)).astype(int)
-        for o in scene.objects:
-            if o.shape in ("cross", "star", "heart"):
-                continue  # their centre pixel can be background-adjacent after anti-aliasing
+        for o in scene.objects:  # every shape is solid at its centre
             x, y = int(o.cx * 64), int(o.cy * 64)
             assert np.abs(pixels[y, x] - COLORS[o.colour].rgb).max() <= 12, (i, o)
-    moved = dataclasses.replace(scene, background="black")
-    assert render(moved, 16).size == (16, 16)
+        background = np.asarray(BACKGROUNDS[scene.background][0])
+        assert np.array_equal(pixels[0, 0], background), (i, scene)  # a corner is always background
+
+
+def test_every_outline_fits_its_unit_circle():
+    for shape, outline in OUTLINES.items():
+        assert np.hypot(outline[:, 0], outline[:, 1]).max() == pytest.approx(1.0), shape
+
+
+@pytest.mark.parametrize("lang", ["en", "th"])
+def test_preview_wraps_captions_between_words(lang):
+    face = font(lang, 13)
+    for i in range(300):
+        text = sample("train", i, lang=lang).caption
+        lines = wrap(text, face, 150, lang)
+        assert all(face.getlength(line) <= 150 for line in lines), lines
+        assert "".join(lines).replace(" ", "") == text.replace(" ", "")
+        if lang == "en":
+            assert " ".join(lines) == text
+        else:  # every line is whole Thai words: no word, vowel or tone mark cut in two
+            assert sum((thai_words(line) for line in lines), []) == thai_words(text), lines
+
+
+def test_preview_grid(tmp_path):
+    path = write_preview(tmp_path / "p.png", split="unseen", n=5, size=32, seed=1)
+    image = Image.open(path)
+    assert image.mode == "RGB" and image.width >= 5 * 32 and image.height > 32 + 2 * 13
+    with pytest.raises(DataError, match="valid splits"):
+        write_preview(tmp_path / "q.png", split="training")
+    with pytest.raises(DataError, match="at least 8"):
+        write_preview(tmp_path / "q.png", size=4)
+    assert not (tmp_path / "q.png").exists()

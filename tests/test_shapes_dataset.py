@@ -1,10 +1,12 @@
 import json
 
+import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from unclip.data.shapes import ShapesDataset, ShapesStream, to_pil, to_tensor
+from unclip.data.shapes import DEFAULT_TRAIN_LENGTH, ShapesDataset, ShapesStream, to_pil, to_tensor
 from unclip.data.world import Scene, sample
+from unclip.errors import DataError
 
 
 def test_items_and_tensor_conversion():
@@ -45,3 +47,23 @@ def test_languages():
     langs = [ds[i]["lang"] for i in range(200)]
     assert 60 < langs.count("th") < 140
     assert all(ShapesDataset("test", size=8, lang="th")[i]["lang"] == "th" for i in range(10))
+
+
+def test_seeds_and_splits_give_different_images():
+    a = ShapesDataset("train", size=16, seed=0, length=8)
+    b = ShapesDataset("train", size=16, seed=1, length=8)
+    assert not all(torch.equal(a[i]["image"], b[i]["image"]) for i in range(8))
+    assert all(torch.equal(a[i]["image"], ShapesDataset("train", size=16, length=8)[i]["image"]) for i in range(8))
+
+
+def test_finite_splits_end_and_lengths_are_checked():
+    tail = list(ShapesStream("val", size=8, start=4995))
+    assert [item["key"] for item in tail] == [f"val-{i:09d}" for i in range(4995, 5000)]
+    assert len(ShapesDataset("train", size=8)) == DEFAULT_TRAIN_LENGTH
+    assert len(ShapesDataset("unseen", size=8, length=10)) == 10
+    with pytest.raises(DataError, match="1..5000"):
+        ShapesDataset("val", size=8, length=6000)
+    with pytest.raises(DataError, match="valid splits"):
+        ShapesDataset("validation", size=8)
+    with pytest.raises(DataError, match="at least 8"):
+        ShapesStream(size=4)

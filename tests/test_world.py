@@ -32,6 +32,8 @@ def test_every_unseen_scene_holds_a_held_out_pair_and_all_eight_appear():
     for i in range(2000):
         scene = sample("unseen", i).scene
         assert (scene.objects[0].colour, scene.objects[0].shape) in HELD_OUT
+        if scene.kind == "pair":  # the reference of a pair is an allowed pair
+            assert (scene.objects[1].colour, scene.objects[1].shape) not in HELD_OUT
         seen |= _pairs(scene) & HELD_OUT
     assert seen == HELD_OUT
 
@@ -69,33 +71,61 @@ def test_every_attribute_appears_in_captions_in_both_languages():
             assert f"{background} background" in en and f"พื้นหลังสี{thai}" in th
 
 
-def _thai_colour_words(text):
-    return {name for name, colour in COLORS.items() if f"สี{colour.th}" in text}
+def _colour_words(text, lang):
+    """The colours a caption names. English: whole words. Thai has no spaces, so whole words come
+    from `thai_words`, and a colour counts only right after สี ("colour"): that rules out look-alikes
+    such as ขาว (white) inside ข้าวหลามตัด (diamond) or สี inside สี่ (four)."""
+    if lang == "en":
+        return {w for w in text.split() if w in COLORS}
+    words = world.thai_words(text)
+    by_thai = {c.th: name for name, c in COLORS.items()}
+    return {by_thai[b] for a, b in zip(words, words[1:]) if a == "สี" and b in by_thai}
 
 
-def _english_colour_words(text):
-    return {name for name in COLORS if name in text.split()}
+def _longest(text, phrases):
+    found = [p for p in phrases if p in text]
+    return max(found, key=len) if found else None
 
 
 @pytest.mark.parametrize("lang", ["en", "th"])
 def test_captions_agree_with_their_scene(lang):
+    position_phrases = ({p: k for k, ps in POSITION_EN.items() for p in ps} if lang == "en"
+                        else {p: k for k, p in POSITION_TH.items()})
+    said_positions = set()
     for i in range(3000):
         s = sample("train", i, lang=lang)
         scene, text = s.scene, s.caption
-        colours = {o.colour for o in scene.objects}
-        found = _english_colour_words(text) if lang == "en" else _thai_colour_words(text)
-        found -= {scene.background}  # "on a white background" names a colour too
-        assert found == colours - ({scene.background} & set()), (text, scene)
+        assert _colour_words(text, lang) - {scene.background} == {o.colour for o in scene.objects}, (text, scene)
         for o in scene.objects:
             assert (o.shape if lang == "en" else SHAPES[o.shape][0]) in text, (text, o)
         if scene.kind == "count":
             word = COUNT_EN[scene.count] if lang == "en" else COUNT_TH[scene.count] + SHAPES[scene.objects[0].shape][1]
             assert word in text
-        if scene.kind == "pair" and lang == "en":
+        if scene.kind == "single":  # a position phrase, when the template has one, is the object's cell
+            phrase = _longest(text, position_phrases)
+            if phrase is not None:
+                assert position_phrases[phrase] == scene.objects[0].position, (text, scene)
+                said_positions.add(position_phrases[phrase])
+        if scene.kind == "pair":  # the relation, read from whichever object the caption names first
             a, b = scene.objects
-            ia, ib = text.index(f"{a.colour} {a.shape}"), text.index(f"{b.colour} {b.shape}")
-            said = next(r for r, phrases in RELATION_EN.items() if any(f" {p} " in text for p in phrases))
+            if lang == "en":
+                ia, ib = text.index(f"{a.colour} {a.shape}"), text.index(f"{b.colour} {b.shape}")
+                said = next(r for r, phrases in RELATION_EN.items() if any(f" {p} " in text for p in phrases))
+            else:
+                ia = text.index(f"{SHAPES[a.shape][0]}สี{COLORS[a.colour].th}")
+                ib = text.index(f"{SHAPES[b.shape][0]}สี{COLORS[b.colour].th}")
+                said = next(r for r, phrases in RELATION_TH.items() if any(p in text for p in phrases))
             assert said == (scene.relation if ia < ib else world.INVERSE[scene.relation]), text
+        if scene.background != "black":
+            assert (f"{scene.background} background" if lang == "en" else "พื้นหลัง") in text, text
+    assert said_positions == set(POSITION_TH)
+
+
+def test_thai_captions_are_made_of_known_words():
+    for i in range(2000):
+        text = sample("unseen" if i % 2 else "train", i, lang="th").caption
+        words = world.thai_words(text)
+        assert all(w in world.THAI_WORDS for w in words) and "".join(words) == text.replace(" ", ""), text
 
 
 def test_relations_and_positions_are_geometrically_true():
@@ -110,6 +140,10 @@ def test_relations_and_positions_are_geometrically_true():
             r = SIZES[o.size]
             assert r <= o.cx <= 1 - r and r <= o.cy <= 1 - r
             assert world.cell_of(o.cx, o.cy) == o.position
+        if scene.kind == "single":  # jittered a little around its cell's centre (a large shape near an
+            o = scene.objects[0]    # edge is pulled inwards to stay on the canvas, still in its cell)
+            col, row = world.POSITIONS[o.position]
+            assert abs(o.cx - (col + 0.5) / 3) < 0.1 and abs(o.cy - (row + 0.5) / 3) < 0.1, scene
         for j, a in enumerate(scene.objects):
             for b in scene.objects[j + 1:]:
                 assert np.hypot(a.cx - b.cx, a.cy - b.cy) >= SIZES[a.size] + SIZES[b.size] - 1e-9, scene

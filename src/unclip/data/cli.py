@@ -1,10 +1,16 @@
-"""`unclip data preview|export`: look at shapes world and write it to disk."""
+"""`unclip data preview|export`: look at shapes world and write it to disk.
+
+Values are checked by the library functions, which raise `DataError` naming the valid ones.
+"""
 
 from __future__ import annotations
 
 import argparse
 
-from unclip.data.world import SPLITS
+from unclip.data.world import SPLIT_LENGTHS, SPLITS
+
+_SPLITS_HELP = ", ".join(f"{s} ({SPLIT_LENGTHS[s]:,} samples)" if s in SPLIT_LENGTHS else f"{s} (endless)"
+                         for s in SPLITS)
 
 
 def _preview(args: argparse.Namespace) -> int:
@@ -20,37 +26,47 @@ def _export(args: argparse.Namespace) -> int:
 
     if args.format == "webdataset":
         shards = export_webdataset(args.out, split=args.split, n=args.n, size=args.size, seed=args.seed,
-                                   lang=args.lang, shard_size=args.shard_size)
-        print(f"wrote {args.n} samples in {len(shards)} shard(s): {shards[0]} ... {shards[-1].name}")
+                                   lang=args.lang, shard_size=args.shard_size, quality=args.quality)
+        print(f"wrote {args.n} samples of {args.split} in {len(shards)} shard(s): "
+              f"{shards[0]} ... {shards[-1].name}")
     else:
         export_folder(args.out, split=args.split, n=args.n, size=args.size, seed=args.seed, lang=args.lang)
-        print(f"wrote {args.n} image + caption pairs to {args.out}")
+        print(f"wrote {args.n} samples of {args.split} as KEY.png + KEY.txt + KEY.json to {args.out}")
     return 0
 
 
 def register(subparsers) -> None:
-    data = subparsers.add_parser("data", help="preview and export the shapes-world data set",
-                                 description="Shapes world: procedural coloured shapes with English and Thai captions.")
+    """Add the `data` verb and its sub-verbs `preview` and `export` to the main parser."""
+    data = subparsers.add_parser(
+        "data", help="preview and export the shapes-world data set",
+        description="Shapes world: procedural coloured shapes with English and Thai captions "
+                    "(docs/shapes_world.md). Sample i of a split is the same on every machine for a seed.")
     verbs = data.add_subparsers(dest="data_verb", metavar="VERB", required=True)
 
-    p = verbs.add_parser("preview", help="a grid of scenes with English and Thai captions (PNG)")
-    p.add_argument("--split", default="train", choices=sorted(SPLITS), help="which split (default: train)")
+    p = verbs.add_parser(
+        "preview", help="a PNG grid of scenes with their English and Thai captions",
+        description="Render scenes 0..n-1 of a split in a grid, each with an English and a Thai caption.")
+    p.add_argument("--split", default="train", help=f"{_SPLITS_HELP} (default: train)")
     p.add_argument("-n", type=int, default=16, help="number of scenes (default: 16)")
-    p.add_argument("--size", type=int, default=96, help="image side in pixels (default: 96)")
+    p.add_argument("--size", type=int, default=96, help="image side in pixels, at least 8 (default: 96)")
     p.add_argument("--seed", type=int, default=0, help="data seed (default: 0)")
-    p.add_argument("--lang", default="both", choices=["both", "en", "th"], help="caption languages (default: both)")
+    p.add_argument("--lang", default="both", help="caption languages: both, en or th (default: both)")
     p.add_argument("--out", default="out/preview.png", help="PNG to write (default: out/preview.png)")
     p.set_defaults(func=_preview)
 
-    e = verbs.add_parser("export", help="write webdataset shards (img2dataset layout) or a caption folder",
-                         description="webdataset: 000000.tar ... with KEY.jpg, KEY.txt, KEY.json; "
-                                     "folder: KEY.png + KEY.txt + KEY.json.")
-    e.add_argument("--out", required=True, help="output folder")
-    e.add_argument("--format", default="webdataset", choices=["webdataset", "folder"])
-    e.add_argument("--split", default="train", choices=sorted(SPLITS))
-    e.add_argument("-n", type=int, default=1000, help="number of samples (default: 1000)")
-    e.add_argument("--size", type=int, default=64, help="image side in pixels (default: 64)")
-    e.add_argument("--lang", default="mix", choices=["en", "th", "mix"], help="caption language (default: mix)")
+    e = verbs.add_parser(
+        "export", help="write webdataset shards (img2dataset layout) or a caption folder",
+        description="webdataset: 000000.tar, 000001.tar, ... each holding KEY.jpg, KEY.txt (caption) and "
+                    "KEY.json (scene and metadata), with 000000_stats.json beside it; KEY is the 9-digit "
+                    "sample index. folder: KEY.png + KEY.txt + KEY.json. Every file is written atomically.")
+    e.add_argument("--out", required=True, help="output folder (created if missing)")
+    e.add_argument("--format", default="webdataset", choices=["webdataset", "folder"],
+                   help="webdataset or folder (default: webdataset)")
+    e.add_argument("--split", default="train", help=f"{_SPLITS_HELP} (default: train)")
+    e.add_argument("-n", type=int, default=1000, help="number of samples, from index 0 (default: 1000)")
+    e.add_argument("--size", type=int, default=64, help="image side in pixels, at least 8 (default: 64)")
+    e.add_argument("--lang", default="mix", help="caption language: en, th or mix, 50/50 (default: mix)")
     e.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default: 1000)")
-    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--quality", type=int, default=95, help="JPEG quality of webdataset images (default: 95)")
+    e.add_argument("--seed", type=int, default=0, help="data seed (default: 0)")
     e.set_defaults(func=_export)

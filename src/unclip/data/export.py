@@ -17,12 +17,16 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from unclip.data.render import render
-from unclip.data.world import SPLIT_LENGTHS, sample
+from unclip.data.world import SPLIT_LENGTHS, SPLITS, sample
 from unclip.errors import DataError
 from unclip.io import atomic_write, save_image_atomic, write_json_atomic
 
 
-def _check(split: str, n: int, size: int) -> None:
+def _check(split: str, n: int, size: int, lang: str) -> None:
+    if split not in SPLITS:
+        raise DataError(f"unknown split {split!r}; valid splits: {', '.join(SPLITS)}")
+    if lang not in ("en", "th", "mix"):
+        raise DataError(f"unknown caption language {lang!r}; use en, th or mix")
     if n < 1:
         raise DataError(f"-n {n}: export at least one sample")
     if size < 8:
@@ -48,13 +52,18 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 
 def export_webdataset(out_dir: str | Path, *, split: str, n: int, size: int, seed: int = 0, lang: str = "mix",
                       shard_size: int = 1000, quality: int = 95, progress: bool = True) -> list[Path]:
-    """Write `n` samples of `split` as tar shards of `shard_size`; returns the shard paths."""
-    _check(split, n, size)
+    """Write samples 0..n-1 of `split` as tar shards of `shard_size` JPEGs; returns the shard paths.
+
+    Each shard is built in a temporary file and renamed into place only when complete.
+    """
+    _check(split, n, size, lang)
     if shard_size < 1:
         raise DataError(f"--shard-size {shard_size} must be at least 1")
+    if not 1 <= quality <= 100:
+        raise DataError(f"--quality {quality} is not a JPEG quality; use 1..100 (95 keeps colours exact enough)")
     out_dir = Path(out_dir)
     shards = []
-    bar = tqdm(total=n, desc="export", unit="img", disable=not progress)
+    bar = tqdm(total=n, desc="export", unit="img", disable=None if progress else True)
     for shard, start in enumerate(range(0, n, shard_size)):
         path = out_dir / f"{shard:06d}.tar"
         began = time.perf_counter()
@@ -78,10 +87,10 @@ def export_webdataset(out_dir: str | Path, *, split: str, n: int, size: int, see
 
 def export_folder(out_dir: str | Path, *, split: str, n: int, size: int, seed: int = 0, lang: str = "mix",
                   progress: bool = True) -> Path:
-    """Write `n` samples as KEY.png + KEY.txt + KEY.json in one folder."""
-    _check(split, n, size)
+    """Write samples 0..n-1 of `split` as KEY.png + KEY.txt + KEY.json in `out_dir`; returns it."""
+    _check(split, n, size, lang)
     out_dir = Path(out_dir)
-    for index in tqdm(range(n), desc="export", unit="img", disable=not progress):
+    for index in tqdm(range(n), desc="export", unit="img", disable=None if progress else True):
         key, image, text, meta = _record(split, index, size=size, seed=seed, lang=lang)
         save_image_atomic(out_dir / f"{key}.png", image)
         with atomic_write(out_dir / f"{key}.txt", "w") as handle:

@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import unicodedata
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
 
+import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from unclip.data.render import render
-from unclip.data.world import caption, sample
+from unclip.data.world import SPLITS, caption, sample, thai_words
 from unclip.errors import DataError
 from unclip.io import save_image_atomic
 
-FONTS = {"en": "NotoSans-Latin.ttf", "th": "NotoSansThai-Regular.ttf"}
+FONTS = {"en": "NotoSans-Latin.ttf", "th": "NotoSansThai-Regular.ttf"}  # Latin font: ASCII only
+INK = {"en": (30, 30, 30), "th": (20, 60, 140)}
+# Thai words kept on one line with the word after them: สีแดง, ขนาดเล็ก, มุมบนซ้าย, บนพื้นหลังสีเทา
+_GLUED = frozenset({"สี", "ขนาด", "ด้าน", "มุม", "ทาง", "ตรง", "บน", "พื้นหลัง"})
 
 
 @lru_cache(maxsize=8)
@@ -24,21 +29,44 @@ def font(lang: str, size: int) -> ImageFont.FreeTypeFont:
     return ImageFont.truetype(str(path), size, layout_engine=engine)
 
 
-def wrap(text: str, face: ImageFont.FreeTypeFont, width: int) -> list[str]:
-    """Break `text` into lines no wider than `width`; Thai (no spaces) breaks between characters
-    that do not start with a combining mark."""
+def _units(text: str, lang: str) -> list[tuple[str, bool]]:
+    """Pieces a line may break between, each with whether a space precedes it.
+
+    English breaks at spaces. Thai has no spaces between words, so it breaks between the words
+    of the caption vocabulary (`world.thai_words`), never inside one.
+    """
+    units: list[tuple[str, bool]] = []
+    for chunk in text.split():
+        pieces = thai_words(chunk) if lang == "th" else [chunk]
+        merged: list[str] = []
+        glue = False
+        for piece in pieces:
+            if merged and glue:
+                merged[-1] += piece
+            else:
+                merged.append(piece)
+            glue = piece in _GLUED
+        units += [(piece, k == 0) for k, piece in enumerate(merged)]
+    return units
+
+
+def wrap(text: str, face: ImageFont.FreeTypeFont, width: int, lang: str = "en") -> list[str]:
+    """Break `text` into lines no wider than `width` pixels, at word boundaries where possible.
+
+    A single word wider than the line is cut between characters, never before a combining mark
+    (a Thai vowel or tone mark stays with its consonant).
+    """
     lines, line = [], ""
-    units = text.split(" ") if " " in text and face.getlength(text) > width else [text]
-    for unit in units:
-        candidate = f"{line} {unit}".strip()
-        if face.getlength(candidate) <= width or not line:
+    for piece, spaced in _units(text, lang):
+        candidate = f"{line} {piece}" if line and spaced else line + piece
+        if not line or face.getlength(candidate) <= width:
             line = candidate
         else:
             lines.append(line)
-            line = unit
+            line = piece
     lines.append(line)
     out = []
-    for line in lines:  # split any line still too long (a long Thai word run)
+    for line in lines:
         while face.getlength(line) > width and len(line) > 1:
             cut = len(line) - 1
             while cut > 1 and (face.getlength(line[:cut]) > width or _combining(line[cut])):
@@ -50,49 +78,60 @@ def wrap(text: str, face: ImageFont.FreeTypeFont, width: int) -> list[str]:
 
 
 def _combining(ch: str) -> bool:
-    import unicodedata
-
     return unicodedata.category(ch) in ("Mn", "Mc")
 
 
 def captioned_grid(images: list[Image.Image], captions: list[list[tuple[str, str]]], *, columns: int,
                    font_size: int = 13) -> Image.Image:
-    """Images in a grid, each with lines of (lang, text) captions under it."""
+    """Images in a grid on white, each with its (lang, text) captions wrapped and centred under it.
+
+    Each row is as tall as its longest caption; Thai lines get the extra height their marks need.
+    """
     cell = images[0].width
-    pad = 8
+    pad = 10
     width = max(cell, 150)
     faces = {lang: font(lang, font_size) for lang in FONTS}
-    laid = [[(lang, line) for lang, text in caps for line in wrap(text, faces[lang], width)] for caps in captions]
-    line_h = int(font_size * 1.55)
-    text_h = max(len(lines) for lines in laid) * line_h
-    rows = (len(images) + columns - 1) // columns
-    sheet = Image.new("RGB", (columns * (width + pad) + pad, rows * (cell + text_h + 2 * pad) + pad), "white")
+    line_h = {"en": int(font_size * 1.45), "th": int(font_size * 1.7)}
+    laid = [[(lang, line) for lang, text in caps for line in wrap(text, faces[lang], width, lang)]
+            for caps in captions]
+    heights = [sum(line_h[lang] for lang, _ in lines) for lines in laid]
+    rows = [range(r, min(r + columns, len(images))) for r in range(0, len(images), columns)]
+    row_h = [cell + 6 + max(heights[i] for i in row) + pad for row in rows]
+    sheet = Image.new("RGB", (columns * (width + pad) + pad, sum(row_h) + pad), "white")
     draw = ImageDraw.Draw(sheet)
-    for i, (image, lines) in enumerate(zip(images, laid)):
-        x = pad + (i % columns) * (width + pad)
-        y = pad + (i // columns) * (cell + text_h + 2 * pad)
-        sheet.paste(image, (x + (width - cell) // 2, y))
-        for k, (lang, line) in enumerate(lines):
-            draw.text((x, y + cell + 4 + k * line_h), line, fill=(30, 30, 30) if lang == "en" else (20, 60, 140),
-                      font=faces[lang])
+    top = pad
+    for row, h in zip(rows, row_h):
+        for col, i in enumerate(row):
+            x = pad + col * (width + pad)
+            sheet.paste(images[i], (x + (width - cell) // 2, top))
+            y = top + cell + 6
+            for lang, line in laid[i]:
+                draw.text((x + width / 2, y), line, fill=INK[lang], font=faces[lang], anchor="ma")
+                y += line_h[lang]
+        top += h
     return sheet
 
 
 def write_preview(out_path: str | Path, *, split: str = "train", n: int = 16, size: int = 96, seed: int = 0,
                   lang: str = "both") -> Path:
-    """Write a PNG grid of `n` scenes of `split` with captions ("both" languages, or "en"/"th")."""
+    """Write a PNG grid of scenes 0..n-1 of `split`, each with captions in `lang` (or "both").
+
+    Both captions describe the same scene; each comes from the random templates of its language.
+    """
+    if split not in SPLITS:
+        raise DataError(f"unknown split {split!r}; valid splits: {', '.join(SPLITS)}")
     if n < 1:
         raise DataError(f"-n {n}: the preview needs at least one scene")
     if size < 8:
         raise DataError(f"--size {size} is too small; use at least 8 pixels")
+    if lang not in ("both", "en", "th"):
+        raise DataError(f"unknown caption language {lang!r}; use both, en or th")
     langs = ("en", "th") if lang == "both" else (lang,)
     images, captions = [], []
-    import numpy as np
-
     for i in range(n):
-        s = sample(split, i, seed=seed, lang="en")
-        images.append(render(s.scene, size))
-        rng = np.random.default_rng([seed, i, 7])
-        captions.append([(lg, caption(s.scene, lang=lg, rng=rng)) for lg in langs])
+        scene = sample(split, i, seed=seed, lang="en").scene
+        images.append(render(scene, size))
+        rng = np.random.default_rng([seed, SPLITS[split], i, 7])  # the captions' own stream
+        captions.append([(lg, caption(scene, lang=lg, rng=rng)) for lg in langs])
     grid = captioned_grid(images, captions, columns=min(n, 4 if size >= 96 else 6))
     return save_image_atomic(out_path, grid)

@@ -19,7 +19,7 @@ from unclip.data.render import render
 from unclip.data.world import SPLIT_LENGTHS, SPLITS, sample
 from unclip.errors import DataError
 
-DEFAULT_TRAIN_LENGTH = 100_000  # a map-style view of the endless train split
+DEFAULT_TRAIN_LENGTH = 100_000  # samples 0..99,999: a map-style view of the endless train split
 
 
 def to_tensor(image: Image.Image) -> torch.Tensor:
@@ -50,12 +50,21 @@ def _check(split: str, size: int, lang: str) -> None:
 
 
 class ShapesDataset(Dataset):
-    """Map-style: item i of `split`. Finite splits default to their fixed length."""
+    """Map-style: item i of `split` is sample i (see the module docstring for the item's fields).
+
+    `length` defaults to the split's fixed length (val, test, unseen: 5,000) or, for the endless
+    train split, to DEFAULT_TRAIN_LENGTH; a finite split cannot be made longer than it is.
+    """
 
     def __init__(self, split: str, *, size: int, lang: str = "mix", seed: int = 0, length: int | None = None):
         _check(split, size, lang)
-        self.split, self.size, self.lang, self.seed = split, size, lang, seed
-        self.length = length or SPLIT_LENGTHS.get(split, DEFAULT_TRAIN_LENGTH)
+        limit = SPLIT_LENGTHS.get(split)
+        if length is None:
+            length = limit or DEFAULT_TRAIN_LENGTH
+        if length < 1 or (limit is not None and length > limit):
+            bound = f"1..{limit}" if limit else "at least 1"
+            raise DataError(f"length {length} does not fit split {split!r}; use {bound}")
+        self.split, self.size, self.lang, self.seed, self.length = split, size, lang, seed, length
 
     def __len__(self) -> int:
         return self.length
@@ -67,13 +76,16 @@ class ShapesDataset(Dataset):
 
 
 class ShapesStream(IterableDataset):
-    """The endless train split from sample `start`, split disjointly over ranks and workers.
+    """A split from sample `start` on, shared disjointly by ranks and data-loader workers.
 
-    Worker w of W on rank r of R yields start + (r·W + w) + k·R·W for k = 0, 1, ...
+    Worker w of W on rank r of R yields start + (r·W + w) + k·R·W for k = 0, 1, ...: the train
+    split never ends; a finite split (val, test, unseen) stops at its last sample.
     """
 
     def __init__(self, split: str = "train", *, size: int, lang: str = "mix", seed: int = 0, start: int = 0):
         _check(split, size, lang)
+        if start < 0:
+            raise DataError(f"start {start} is negative; streams start at sample 0 or later")
         self.split, self.size, self.lang, self.seed, self.start = split, size, lang, seed, start
 
     def __iter__(self) -> Iterator[dict]:
@@ -84,6 +96,7 @@ class ShapesStream(IterableDataset):
             rank, ranks = torch.distributed.get_rank(), torch.distributed.get_world_size()
         stride = ranks * workers
         index = self.start + rank * workers + worker
-        while True:
+        end = SPLIT_LENGTHS.get(self.split)
+        while end is None or index < end:
             yield _item(self.split, index, size=self.size, lang=self.lang, seed=self.seed)
             index += stride

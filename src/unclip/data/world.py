@@ -17,6 +17,8 @@ from unclip.errors import DataError
 
 @dataclass(frozen=True)
 class Colour:
+    """A colour's RGB fill and its Thai name (the English name is its key in COLORS)."""
+
     rgb: tuple[int, int, int]
     th: str
 
@@ -79,7 +81,13 @@ HELD_OUT = frozenset({
     ("green", "star"), ("purple", "triangle"), ("orange", "heart"), ("cyan", "square"),
     ("pink", "hexagon"), ("yellow", "cross"), ("blue", "diamond"), ("white", "circle"),
 })
-SPLITS = {"train": 0, "val": 1, "test": 2, "unseen": 3}
+# Every Thai word the captions use, so that Thai (written without spaces) can be split into words.
+THAI_WORDS = frozenset(
+    [c.th for c in COLORS.values()] + [b[1] for b in BACKGROUNDS.values() if b[1]]
+    + [w for pair in SHAPES.values() for w in pair] + list(SIZE_TH.values()) + list(COUNT_TH.values())
+    + "สี ขนาด อยู่ ที่ ทาง ของ ซ้าย ขวา เหนือ ใต้ ด้าน บน ล่าง มุม ตรง กลาง รูป พื้นหลัง".split()
+)
+SPLITS = {"train": 0, "val": 1, "test": 2, "unseen": 3}  # split name → its id in every sample's seed
 SPLIT_LENGTHS = {"val": 5000, "test": 5000, "unseen": 5000}  # train is endless
 KINDS = ("single", "pair", "count")
 KIND_WEIGHTS = (0.4, 0.35, 0.25)
@@ -128,6 +136,11 @@ class Scene:
 
 @dataclass(frozen=True)
 class Sample:
+    """Sample `index` of `split`: its scene and one caption in `lang` ("en" or "th").
+
+    `key` ("val-000000042") names it uniquely across splits for one seed.
+    """
+
     key: str
     split: str
     index: int
@@ -139,6 +152,21 @@ class Sample:
 def cell_of(cx: float, cy: float) -> str:
     col, row = min(2, int(cx * 3)), min(2, int(cy * 3))
     return next(name for name, cr in POSITIONS.items() if cr == (col, row))
+
+
+def thai_words(text: str) -> list[str]:
+    """Split a Thai caption into words by longest match against `THAI_WORDS`; spaces are dropped.
+
+    A character that starts no known word becomes a word of its own.
+    """
+    words = []
+    for chunk in text.split():
+        i = 0
+        while i < len(chunk):
+            word = max((w for w in THAI_WORDS if chunk.startswith(w, i)), key=len, default=chunk[i])
+            words.append(word)
+            i += len(word)
+    return words
 
 
 def _rng(split: str, index: int, seed: int) -> np.random.Generator:
