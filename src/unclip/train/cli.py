@@ -51,6 +51,48 @@ def _train_prior(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_decoder(args: argparse.Namespace) -> int:
+    from unclip.decoder.stage import train_decoder
+
+    _threads(args)
+    cfg = config_from_args(args)
+    run_dir = Path(args.run_dir or f"runs/{cfg.name}/decoder")
+    out = Path(args.out or run_dir / "model")
+    train_decoder(cfg, clip_dir=args.clip, run_dir=run_dir, out=out, resume=not args.no_resume,
+                  evaluate=not args.no_eval, eval_samples=args.eval_samples)
+    print(f"decoder model: {out}")
+    _print_evaluation(out, "decoder")
+    print(f"metrics: {run_dir / 'metrics.jsonl'}")
+    if (run_dir / "samples.png").is_file():
+        print(f"real images and their decodings: {run_dir / 'samples.png'}")
+    return 0
+
+
+def _train_upsampler(args: argparse.Namespace) -> int:
+    from unclip.decoder.stage import train_upsampler
+
+    _threads(args)
+    cfg = config_from_args(args)
+    run_dir = Path(args.run_dir or f"runs/{cfg.name}/upsampler{args.stage}")
+    out = Path(args.out or run_dir / "model")
+    train_upsampler(cfg, stage=args.stage, run_dir=run_dir, out=out, resume=not args.no_resume,
+                    evaluate=not args.no_eval, eval_samples=args.eval_samples)
+    print(f"upsampler {args.stage} model: {out}")
+    _print_evaluation(out, f"upsampler{args.stage}")
+    print(f"metrics: {run_dir / 'metrics.jsonl'}")
+    if (run_dir / "samples.png").is_file():
+        print(f"bicubic, upsampled and real images: {run_dir / 'samples.png'}")
+    return 0
+
+
+def _print_evaluation(out: Path, name: str) -> None:
+    from unclip.modeldir import read_manifest
+
+    evaluation = read_manifest(out).evaluation.get(name)
+    if evaluation:
+        print(" ".join(f"{k}={v}" for k, v in evaluation.items()))
+
+
 def _common(parser: argparse.ArgumentParser, stage: str) -> None:
     add_config_arguments(parser)
     parser.add_argument("--run-dir", help=f"checkpoints and metrics (default: runs/<preset name>/{stage})")
@@ -84,3 +126,27 @@ def register(subparsers) -> None:
     prior.add_argument("--fit-samples", type=int, default=5000, help="train pairs for fitting PCA (default: 5000)")
     prior.add_argument("--no-eval", action="store_true", help="skip the evaluation after training")
     prior.set_defaults(func=_train_prior)
+
+    decoder = stages.add_parser(
+        "decoder", help="CLIP image embedding (+ caption) → 32² image (paper §2.1)",
+        description="Train the diffusion decoder against a frozen CLIP model directory (--clip): images are "
+                    "encoded on the fly to z_i and caption token states; z_i is dropped 10% and the caption "
+                    "50% of the time for classifier-free guidance. Then measure the CLIP similarity of "
+                    "decoded images to their originals and write a model directory.")
+    _common(decoder, "decoder")
+    decoder.add_argument("--clip", required=True, help="model directory holding the CLIP to train against")
+    decoder.add_argument("--no-eval", action="store_true", help="skip the evaluation after training")
+    decoder.add_argument("--eval-samples", type=int, default=16, help="images decoded for the evaluation (default: 16)")
+    decoder.set_defaults(func=_train_decoder)
+
+    upsampler = stages.add_parser(
+        "upsampler", help="×4 diffusion upsampler (paper §2.1)",
+        description="Train one ×4 upsampler of the cascade (--stage 1: blur-degraded conditioning, --stage 2: "
+                    "BSR-degraded, when configured) on random crops of 1/4 of the output side, then measure "
+                    "PSNR and SSIM against bicubic upscaling and write a model directory.")
+    _common(upsampler, "upsampler")
+    upsampler.add_argument("--stage", type=int, choices=[1, 2], default=1, help="which ×4 stage (default: 1)")
+    upsampler.add_argument("--no-eval", action="store_true", help="skip the evaluation after training")
+    upsampler.add_argument("--eval-samples", type=int, default=16,
+                           help="images upsampled for the evaluation (default: 16)")
+    upsampler.set_defaults(func=_train_upsampler)

@@ -1,0 +1,206 @@
+"""Train, save and load the decoder and the upsamplers as model directories (DESIGN §4).
+
+Decoder directory: the frozen CLIP's `tokenizer/`, `text_encoder/`, `image_encoder/` (so the
+directory decodes on its own), `decoder/` (UNet2DConditionModel.save_pretrained), `text_proj/`
+(config.json + model.safetensors) and `decoder_scheduler/` (a diffusers DDPMScheduler config
+with the training schedule), plus `unclip.json` whose config is the full UnclipConfig.
+
+Upsampler directory: the first ×4 stage in `super_res_first/` + `super_res_scheduler/`; a
+second ×4 stage, an extra stage of unclip's own (DESIGN §4), in `super_res_second/` +
+`super_res_second_scheduler/`. In diffusers' unCLIP layout `super_res_last/` is the same
+first stage's network for its final step, so unclip never writes its second stage there.
+
+Loading builds the networks from the config in `unclip.json` and loads weights strictly.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from unclip.clip.model import ClipModel
+from unclip.clip.stage import load_clip, provenance
+from unclip.config import UnclipConfig
+from unclip.decoder.model import Decoder
+from unclip.decoder.upsampler import Upsampler
+from unclip.diffusion import diffusers_beta_args
+from unclip.errors import ConfigError, ModelFormatError
+from unclip.io import write_json_atomic
+from unclip.modeldir import Manifest, load_into, read_manifest, save_model_dir, save_weights, verify_files
+
+log = logging.getLogger(__name__)
+
+DECODER_DIR, TEXT_PROJ_DIR, DECODER_SCHEDULER_DIR = "decoder", "text_proj", "decoder_scheduler"
+UPSAMPLER_DIRS = {1: ("super_res_first", "super_res_scheduler"),
+                  2: ("super_res_second", "super_res_second_scheduler")}
+UNET_WEIGHTS = "diffusion_pytorch_model.safetensors"
+
+
+def diffusers_scheduler(*, schedule: str, timesteps: int, variance: str, prediction_type: str):
+    """The training process as a diffusers DDPMScheduler (what `*_scheduler/` directories hold)."""
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(**diffusers_beta_args(schedule, timesteps), variance_type=variance,
+                         prediction_type=prediction_type, clip_sample=True)
+
+
+def _stage_index(cfg: UnclipConfig, stage: int) -> int:
+    if stage not in UPSAMPLER_DIRS or stage > len(cfg.upsamplers):
+        raise ConfigError(f"upsampler stage {stage} is not configured; this config has "
+                          f"{len(cfg.upsamplers)} upsampler stage(s) (config key upsamplers)")
+    return stage - 1
+
+
+# --- decoder ---------------------------------------------------------------------------------
+
+
+def with_clip_config(cfg: UnclipConfig, clip_dir: str | Path) -> UnclipConfig:
+    """`cfg` with its clip and tokenizer sections taken from the CLIP model it trains against."""
+    clip_cfg = UnclipConfig.from_dict(read_manifest(clip_dir).config)
+    return replace(cfg, clip=clip_cfg.clip, tokenizer=clip_cfg.tokenizer)
+
+
+def build_decoder(cfg: UnclipConfig) -> Decoder:
+    return Decoder.from_config(cfg.decoder, clip_dim=cfg.clip.embed_dim, text_width=cfg.clip.text_width)
+
+
+def train_decoder(cfg: UnclipConfig, *, clip_dir: str | Path, run_dir: str | Path, out: str | Path,
+                  resume: bool = True, progress: bool = True, evaluate: bool = True, eval_samples: int = 16) -> Path:
+    """Train the decoder on `cfg.data`, encoded on the fly by the frozen CLIP at `clip_dir`; write `out`."""
+    from unclip.decoder.data import decoder_feed
+    from unclip.train.data import feed_for
+    from unclip.train.trainer import train
+
+    cfg = with_clip_config(cfg, clip_dir)
+    clip = load_clip(clip_dir)
+    tc = cfg.decoder.train
+    torch.manual_seed(tc.seed)
+    decoder = build_decoder(cfg)
+    side = max(cfg.clip.image_size, cfg.decoder.resolution)
+    images = feed_for(cfg.data, size=side, batch_size=tc.batch_size, num_workers=tc.num_workers)
+    result = train(decoder, decoder_feed(clip, images, resolution=cfg.decoder.resolution), cfg=tc, run_dir=run_dir,
+                   run_config=cfg.to_dict(), resume=resume, progress=progress, stage_name="decoder")
+    evaluation = {}
+    if evaluate and cfg.data.source == "shapes" and eval_samples > 0:
+        from unclip.decoder.metrics import decode_clip_similarity
+
+        evaluation = decode_clip_similarity(decoder, clip, n=eval_samples, sheet=Path(run_dir) / "samples.png")
+        log.info("decoder CLIP similarity %s", evaluation)
+    save_decoder(decoder, clip, out, cfg=cfg, clip_dir=clip_dir, evaluation=evaluation,
+                 provenance=provenance(seconds=result.seconds, steps=result.step, final_metrics=result.metrics))
+    log.info("decoder model written to %s", out)
+    return Path(out)
+
+
+def save_decoder(decoder: Decoder, clip: ClipModel, directory: str | Path, *, cfg: UnclipConfig,
+                 clip_dir: str | Path | None = None, evaluation: dict | None = None,
+                 provenance: dict | None = None) -> Path:
+    """Write a decoder model directory (with the CLIP it was trained against) atomically."""
+    clip_manifest = read_manifest(clip_dir) if clip_dir else None
+    dc = cfg.decoder
+
+    def components(tmp: Path) -> None:
+        clip.save_components(tmp)
+        decoder.unet.save_pretrained(tmp / DECODER_DIR)
+        write_json_atomic(tmp / TEXT_PROJ_DIR / "config.json", decoder.text_proj.config)
+        save_weights(tmp / TEXT_PROJ_DIR / "model.safetensors", decoder.text_proj.state_dict())
+        diffusers_scheduler(schedule=dc.noise_schedule, timesteps=dc.timesteps, variance=dc.variance,
+                            prediction_type=dc.prediction_type).save_pretrained(tmp / DECODER_SCHEDULER_DIR)
+
+    stats = dict(clip_manifest.stats) if clip_manifest else {"clip_logit_scale": float(clip.logit_scale.detach())}
+    manifest = Manifest(
+        config=cfg.to_dict(),
+        resolutions=(dc.resolution,),
+        stats=stats,
+        extra={"components": ["tokenizer", "text_encoder", "image_encoder", DECODER_DIR, TEXT_PROJ_DIR,
+                              DECODER_SCHEDULER_DIR]},
+        provenance={**({"clip": clip_manifest.provenance} if clip_manifest else {}), "decoder": provenance or {}},
+        evaluation={**(clip_manifest.evaluation if clip_manifest else {}), **({"decoder": evaluation} if evaluation else {})},
+    )
+    return save_model_dir(directory, manifest, components)
+
+
+def load_decoder(directory: str | Path) -> Decoder:
+    """The decoder of a model directory, built from its config and loaded strictly (eval mode)."""
+    directory = Path(directory)
+    manifest = read_manifest(directory)
+    verify_files(directory, manifest)
+    cfg = UnclipConfig.from_dict(manifest.config)
+    unet_weights, proj_weights = directory / DECODER_DIR / UNET_WEIGHTS, directory / TEXT_PROJ_DIR / "model.safetensors"
+    for path in (unet_weights, proj_weights):
+        if not path.is_file():
+            raise ModelFormatError(f"{path} is missing: {directory} holds no decoder")
+    decoder = build_decoder(cfg)
+    load_into(decoder.unet, unet_weights)
+    load_into(decoder.text_proj, proj_weights)
+    return decoder.eval()
+
+
+# --- upsamplers ------------------------------------------------------------------------------
+
+
+def train_upsampler(cfg: UnclipConfig, *, stage: int, run_dir: str | Path, out: str | Path, resume: bool = True,
+                    progress: bool = True, evaluate: bool = True, eval_samples: int = 16) -> Path:
+    """Train ×4 upsampler `stage` (1 or 2) of `cfg.upsamplers` on `cfg.data`; write the model directory `out`."""
+    from unclip.decoder.data import upsampler_feed
+    from unclip.train.data import feed_for
+    from unclip.train.trainer import train
+
+    uc = cfg.upsamplers[_stage_index(cfg, stage)]
+    tc = uc.train
+    torch.manual_seed(tc.seed)
+    upsampler = Upsampler.from_config(uc)
+    images = feed_for(cfg.data, size=uc.out_resolution, batch_size=tc.batch_size, num_workers=tc.num_workers)
+    feed = upsampler_feed(images, uc, batch_size=tc.batch_size, seed=cfg.data.seed + 1000 * stage)
+    result = train(upsampler, feed, cfg=tc, run_dir=run_dir, run_config=cfg.to_dict(), resume=resume,
+                   progress=progress, stage_name=f"upsampler{stage}")
+    evaluation = {}
+    if evaluate and cfg.data.source == "shapes" and eval_samples > 0:
+        from unclip.decoder.metrics import upsampler_quality
+
+        evaluation = upsampler_quality(upsampler, n=eval_samples, sheet=Path(run_dir) / "samples.png")
+        log.info("upsampler %d quality %s", stage, evaluation)
+    save_upsampler(upsampler, out, cfg=cfg, stage=stage, evaluation=evaluation,
+                   provenance=provenance(seconds=result.seconds, steps=result.step, final_metrics=result.metrics))
+    log.info("upsampler %d written to %s", stage, out)
+    return Path(out)
+
+
+def save_upsampler(upsampler: Upsampler, directory: str | Path, *, cfg: UnclipConfig, stage: int,
+                   evaluation: dict | None = None, provenance: dict | None = None) -> Path:
+    """Write an upsampler model directory holding stage `stage` atomically."""
+    uc = cfg.upsamplers[_stage_index(cfg, stage)]
+    unet_dir, scheduler_dir = UPSAMPLER_DIRS[stage]
+
+    def components(tmp: Path) -> None:
+        upsampler.unet.save_pretrained(tmp / unet_dir)
+        diffusers_scheduler(schedule=uc.noise_schedule, timesteps=uc.timesteps, variance=uc.variance,
+                            prediction_type=uc.prediction_type).save_pretrained(tmp / scheduler_dir)
+
+    name = f"upsampler{stage}"
+    manifest = Manifest(
+        config=cfg.to_dict(),
+        resolutions=(uc.in_resolution, uc.out_resolution),
+        extra={"components": [unet_dir, scheduler_dir], "upsampler_stages": {str(stage): unet_dir}},
+        provenance={name: provenance or {}},
+        evaluation={name: evaluation} if evaluation else {},
+    )
+    return save_model_dir(directory, manifest, components)
+
+
+def load_upsampler(directory: str | Path, stage: int) -> Upsampler:
+    """Upsampler `stage` (1 or 2) of a model directory, built from its config, loaded strictly (eval mode)."""
+    directory = Path(directory)
+    manifest = read_manifest(directory)
+    verify_files(directory, manifest)
+    cfg = UnclipConfig.from_dict(manifest.config)
+    uc = cfg.upsamplers[_stage_index(cfg, stage)]
+    weights = directory / UPSAMPLER_DIRS[stage][0] / UNET_WEIGHTS
+    if not weights.is_file():
+        raise ModelFormatError(f"{weights} is missing: {directory} holds no upsampler stage {stage}")
+    upsampler = Upsampler.from_config(uc)
+    load_into(upsampler.unet, weights)
+    return upsampler.eval()

@@ -1,0 +1,196 @@
+"""The diffusion math against closed forms, diffusers, and the properties sampling relies on."""
+
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from unclip.diffusion import (
+    SAMPLERS,
+    GaussianDiffusion,
+    betas_for,
+    cfg_mix,
+    invert,
+    invert_loop,
+    sample,
+    sample_loop,
+    space_timesteps,
+)
+
+
+def test_cosine_schedule_endpoints_and_diffusers_equivalence():
+    from diffusers import DDPMScheduler
+
+    for T in (100, 1000):
+        d = GaussianDiffusion.from_schedule("cosine", T)
+        f = lambda s: math.cos((s + 0.008) / 1.008 * math.pi / 2) ** 2  # noqa: E731  improved DDPM eq. 17
+        assert d.alphas_cumprod[0].item() == pytest.approx(f(1 / T) / f(0), rel=1e-12)
+        assert d.alphas_cumprod[T // 2].item() == pytest.approx(f(0.5 + 1 / T) / f(0), rel=1e-9)
+        assert d.alphas_cumprod[-1].item() < 1e-6  # pure noise at the end
+        assert d.betas.max().item() == pytest.approx(0.999)  # the cap
+        assert torch.all(d.alphas_cumprod[1:] < d.alphas_cumprod[:-1])
+        ours = DDPMScheduler(num_train_timesteps=T, beta_schedule="squaredcos_cap_v2").alphas_cumprod.double()
+        assert torch.allclose(ours, d.alphas_cumprod, atol=1e-6)
+    linear = betas_for("linear", 1000)
+    assert linear[0].item() == pytest.approx(1e-4) and linear[-1].item() == pytest.approx(0.02)
+    assert betas_for("linear", 100)[-1].item() == pytest.approx(0.2)  # scaled by 1000/T
+
+
+@pytest.mark.parametrize("shape", [(4, 8), (2, 3, 4, 4)])
+def test_q_sample_matches_the_closed_form_mean_and_variance(shape):
+    d = GaussianDiffusion.from_schedule("cosine", 1000)
+    g = torch.Generator().manual_seed(0)
+    x_start = torch.rand(shape, generator=g) * 2 - 1
+    n, t_val = 20_000, 400
+    t = torch.full((n * shape[0],), t_val)
+    noise = torch.randn((n * shape[0], *shape[1:]), generator=g, dtype=torch.float64)
+    x_t = d.q_sample(x_start.double().repeat(n, *([1] * (len(shape) - 1))), t, noise)
+    x_t = x_t.reshape(n, *shape)
+    abar = d.alphas_cumprod[t_val].item()
+    assert torch.allclose(x_t.mean(0), math.sqrt(abar) * x_start.double(), atol=5 * math.sqrt((1 - abar) / n))
+    assert torch.allclose(x_t.var(0), torch.full(shape, 1 - abar, dtype=torch.float64), rtol=0.06)
+    mean, var = d.q_mean_variance(x_start, torch.full((shape[0],), t_val))
+    assert torch.allclose(mean, math.sqrt(abar) * x_start, atol=1e-6) and torch.allclose(var, torch.full_like(var, 1 - abar))
+
+
+def test_eps_x0_v_conversions_invert_each_other():
+    d = GaussianDiffusion.from_schedule("cosine", 1000)
+    g = torch.Generator().manual_seed(1)
+    x_start, eps = torch.randn(6, 3, 4, 4, generator=g), torch.randn(6, 3, 4, 4, generator=g)
+    t = torch.tensor([0, 10, 250, 500, 900, 998])
+    x_t = d.q_sample(x_start, t, eps)
+    assert torch.allclose(d.x0_from_eps(x_t, t, eps), x_start, atol=1e-3)
+    assert torch.allclose(d.eps_from_x0(x_t, t, x_start), eps, atol=1e-3)
+    assert torch.allclose(d.x0_from_v(x_t, t, d.v_from(x_start, eps, t)), x_start, atol=1e-4)
+    for kind in ("epsilon", "sample", "v_prediction"):
+        dk = GaussianDiffusion.from_schedule("cosine", 1000, prediction_type=kind)
+        assert torch.allclose(dk.pred_x0(x_t, t, dk.target(x_start, eps, t)), x_start, atol=1e-3)
+
+
+def test_learned_range_loss_is_finite_nonnegative_and_stops_the_mean_gradient():
+    d = GaussianDiffusion.from_schedule("cosine", 100, variance="learned_range")
+    g = torch.Generator().manual_seed(2)
+    x_start = torch.rand(8, 3, 4, 4, generator=g) * 2 - 1
+    t = torch.tensor([0, 1, 5, 20, 50, 80, 98, 99])
+    output = torch.randn(8, 6, 4, 4, generator=g).requires_grad_()
+    losses = d.training_losses(lambda x_t, t_model: output, x_start, t=t)
+    assert torch.isfinite(losses["loss"]).all() and (losses["vb"] >= 0).all() and (losses["mse"] >= 0).all()
+    losses["vb"].sum().backward()
+    assert output.grad[:, :3].abs().max() == 0  # the VLB term does not train the mean (improved DDPM §3.1)
+    assert output.grad[:, 3:].abs().max() > 0
+
+
+def test_vb_term_vanishes_for_the_true_posterior():
+    d = GaussianDiffusion.from_schedule("cosine", 100, variance="learned_range")
+    g = torch.Generator().manual_seed(3)
+    x_start, noise = torch.rand(4, 3, 4, 4, generator=g) * 2 - 1, torch.randn(4, 3, 4, 4, generator=g)
+    t = torch.tensor([3, 30, 60, 90])
+    # v = -1 selects log β̃ exactly, and the true noise gives the true posterior mean: KL = 0
+    perfect = lambda x_t, t_model: torch.cat([noise, -torch.ones_like(noise)], dim=1)  # noqa: E731
+    losses = d.training_losses(perfect, x_start, t=t, noise=noise)
+    assert losses["vb"].abs().max() < 1e-4 and losses["mse"].abs().max() < 1e-12
+
+
+def test_learned_variance_matches_diffusers_ddpm_step_on_the_respaced_chain():
+    from diffusers import DDPMScheduler
+
+    d = GaussianDiffusion.from_schedule("cosine", 1000, variance="learned_range").respace(10)
+    g = torch.Generator().manual_seed(4)
+    x_t, output = torch.randn(2, 3, 4, 4, generator=g), torch.randn(2, 6, 4, 4, generator=g) * 0.5
+    scheduler = DDPMScheduler(num_train_timesteps=10, trained_betas=d.betas.tolist(), variance_type="learned_range",
+                              clip_sample=False)
+    scheduler.set_timesteps(10)
+    for t in (8, 5, 1):  # at 9 (ᾱ ≈ 2e-9) diffusers' float32 cumprod is too coarse to compare
+        ours = d.p_mean_variance(lambda *_: output, x_t, torch.full((2,), t))
+        zero = scheduler.step(output, t, x_t, generator=torch.Generator().manual_seed(0)).prev_sample
+        noise = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+        assert torch.allclose(zero, ours["mean"] + ours["variance"].sqrt() * noise, atol=1e-4)
+
+
+def test_cfg_mix_guides_the_prediction_and_keeps_the_conditional_variance():
+    cond, uncond = torch.randn(2, 6, 4, 4), torch.randn(2, 6, 4, 4)
+    assert torch.allclose(cfg_mix(cond, uncond, 1.0, variance="learned_range"), cond, atol=1e-6)
+    mixed = cfg_mix(cond, uncond, 3.0, variance="learned_range")
+    assert torch.allclose(mixed[:, :3], uncond[:, :3] + 3 * (cond[:, :3] - uncond[:, :3]))
+    assert torch.equal(mixed[:, 3:], cond[:, 3:])
+    assert torch.allclose(cfg_mix(cond, uncond, 0.0), uncond)
+
+
+def test_spacing_and_respacing_keep_the_trained_noise_levels():
+    assert space_timesteps(1000, 50)[0] == 0 and space_timesteps(1000, 50)[-1] == 999
+    assert len(space_timesteps(1000, 50)) == 50 and len(space_timesteps(100, 100)) == 100
+    assert space_timesteps(1000, 50, "leading") == list(range(0, 1000, 20))
+    d = GaussianDiffusion.from_schedule("cosine", 1000)
+    for spacing in ("uniform", "leading"):
+        r = d.respace(7, spacing)
+        kept = space_timesteps(1000, 7, spacing)
+        assert torch.equal(r.timestep_map, torch.tensor(kept))
+        assert torch.allclose(r.alphas_cumprod, d.alphas_cumprod[kept], rtol=1e-10)
+
+
+def _toy_model(x_t, t):
+    """A smooth, timestep-dependent stand-in for a network; works on any shape."""
+    return torch.tanh(0.5 * x_t) + 1e-3 * t.view(-1, *([1] * (x_t.ndim - 1)))
+
+
+@pytest.mark.parametrize("shape", [(3, 8), (2, 3, 4, 4)])
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_every_sampler_yields_its_steps_and_repeats_for_a_seed(sampler, shape):
+    d = GaussianDiffusion.from_schedule("cosine", 100, variance="learned_range")
+    model = lambda x_t, t: torch.cat([_toy_model(x_t, t), torch.zeros_like(x_t)], dim=1)  # noqa: E731
+    kw = {"shape": shape, "sampler": sampler, "steps": 6, "eta": 1.0, "clip_denoised": len(shape) == 4}
+    steps = list(sample_loop(model, d, generator=torch.Generator().manual_seed(0), **kw))
+    assert [s.index for s in steps] == list(range(6)) and all(s.total == 6 for s in steps)
+    assert [s.t for s in steps] == sorted((s.t for s in steps), reverse=True)
+    assert all(s.x_t.shape == shape and s.pred_x0.shape == shape for s in steps)
+    seen = []
+    a = sample(model, d, generator=torch.Generator().manual_seed(0), callback=seen.append, **kw)
+    b = sample(model, d, generator=torch.Generator().manual_seed(0), **kw)
+    c = sample(model, d, generator=torch.Generator().manual_seed(1), **kw)
+    assert len(seen) == 6 and torch.equal(seen[-1].x_t, a)
+    assert torch.equal(a, b) and torch.equal(a, steps[-1].x_t) and not torch.allclose(a, c)
+
+
+def _gaussian_denoiser(d: GaussianDiffusion, mu: float, s: float):
+    """The exact eps-prediction for data x_start ~ N(mu, s²) per coordinate."""
+    def model(x_t, t):
+        a = d.alphas_cumprod[t].sqrt().float().view(-1, *([1] * (x_t.ndim - 1)))
+        b = (1 - d.alphas_cumprod[t]).sqrt().float().view(-1, *([1] * (x_t.ndim - 1)))
+        mean_x0 = mu + a * s * s / (a * a * s * s + b * b) * (x_t - a * mu)
+        return (x_t - a * mean_x0) / b
+    return model
+
+
+@pytest.mark.parametrize("shape", [(4, 64), (2, 3, 8, 8)])
+def test_ddim_inversion_then_sampling_reconstructs_and_converges(shape):
+    d = GaussianDiffusion.from_schedule("cosine", 1000)
+    model = _gaussian_denoiser(d, 0.3, 0.5)
+    x_start = 0.3 + 0.5 * torch.randn(shape, generator=torch.Generator().manual_seed(5))
+    errors = []
+    for steps in (10, 50, 200):
+        x_T = invert(model, d, x_start, steps=steps)
+        again = sample(model, d, x_T=x_T, sampler="ddim", eta=0.0, steps=steps, clip_denoised=False)
+        errors.append((again - x_start).pow(2).mean().item())
+    assert errors[0] > errors[1] > errors[2] and errors[1] < 1e-3 and errors[2] < 1e-4
+    # x_T is noise-like: near unit variance, far from the image
+    assert 0.7 < x_T.var().item() < 1.3
+    assert len(list(invert_loop(model, d, x_start, steps=7))) == 7
+
+
+def test_diffusion_imports_no_network_module():
+    code = (
+        "import sys, torch\n"
+        "import unclip.diffusion as D\n"
+        "d = D.GaussianDiffusion.from_schedule('cosine', 50)\n"
+        "for s in D.SAMPLERS:\n"
+        "    D.sample(lambda x, t: 0.1 * x, d, shape=(2, 4), sampler=s, steps=3)\n"
+        "D.invert(lambda x, t: 0.1 * x, d, torch.zeros(2, 4), steps=3)\n"
+        "bad = [m for m in sys.modules if m.startswith(('diffusers.models', 'unclip.decoder', 'unclip.prior',\n"
+        "       'unclip.clip', 'transformers'))]\n"
+        "print(bad)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "[]"
