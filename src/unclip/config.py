@@ -91,16 +91,29 @@ class PriorConfig:
     Sequence [text tokens, z_t, timestep, noised z_i, learned query]; predicts the clean z_i.
     """
 
-    width: int = 256
-    layers: int = 6
+    width: int = 128
+    layers: int = 4
     heads: int = 4
     timesteps: int = 1000
     noise_schedule: Literal["cosine", "linear"] = "cosine"
+    # Paper §2.2: "we find it better to train our model to predict the unnoised z_i directly".
+    prediction_type: Literal["sample", "epsilon", "v_prediction"] = "sample"
+    # Diffusion runs on (z_i - mean) / std, both computed from training z_i and saved with the
+    # model (the paper multiplies its CLIP embeddings by a fixed 17.2). "scalar": one std for every
+    # dimension, like the paper's single scale; "per_dim": a std per dimension, like Karlo's prior.
+    normalization: Literal["scalar", "per_dim"] = "scalar"
     cond_drop: float = 0.1  # paper §2.2: text conditioning dropped 10% for CFG
     best_of: int = 2  # paper §2.2: keep the sample with the higher dot product with z_t
-    sample_steps: int = 64
+    sampler: Literal["ddpm", "ddim", "dpmsolver++"] = "ddim"
+    # The paper samples its prior with 64 strided steps; on shapes world 8, 16 and 64 DDIM steps
+    # give the same cosine (0.938 / 0.936 / 0.935, docs/priors.md), so 16 keeps evaluation short.
+    sample_steps: int = 16
+    eta: float = 0.0  # DDIM η: 0 deterministic
     guidance_scale: float = 1.0
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=4000, batch_size=256, lr=3e-4))
+    # Sized like the AR prior (width 128, 4 layers, 1,500 steps × 128, bf16) to compare at equal
+    # size and budget on 2 CPU cores from an embedding folder (docs/priors.md).
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(
+        steps=1500, batch_size=128, lr=1e-3, warmup_steps=100, mixed_precision="bf16", ckpt_every=250))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -132,6 +145,11 @@ class DecoderConfig:
     head_dim: int = 32
     cross_attention_dim: int = 128
     clip_tokens: int = 4  # paper §2.1: z_i projected into 4 extra context tokens
+    # Conditioning modes of diffusers' UnCLIPTextProjModel (Karlo), for imported models
+    # (docs/interop.md): "pooled" also adds a projection of the caption's z_t to the timestep
+    # embedding; "empty_prompt" guides against the CLIP encoding of "" instead of a learned null.
+    time_text: Literal["none", "pooled"] = "none"
+    text_null: Literal["learned", "empty_prompt"] = "learned"
     timesteps: int = 1000
     noise_schedule: Literal["cosine", "linear"] = "cosine"
     variance: Literal["learned_range", "fixed_small"] = "learned_range"
@@ -292,15 +310,17 @@ def _shapes() -> UnclipConfig:
 
     The decoder is the anchor layout made CPU-sized: base 32 with multipliers (1, 2, 4) and
     attention at 16² and 8² trains at ~80 img/s with bf16 on 2 cores, against ~50 for the anchor's
-    base 64 (docs/decoder.md).
+    base 64 (docs/decoder.md). Decoder and upsampler predict v, not ε: after a CPU-sized budget
+    an ε model's small bias at the top of the cosine schedule (1/√ᾱ ≈ 30 there) set every
+    image's background colour wrong, and sampling never recovered it (docs/decoder.md).
     """
     return UnclipConfig(
         name="shapes",
         decoder=DecoderConfig(
-            base_channels=32, channel_mult=(1, 2, 4), attention_resolutions=(16, 8),
+            base_channels=32, channel_mult=(1, 2, 4), attention_resolutions=(16, 8), prediction_type="v_prediction",
             train=TrainConfig(steps=3000, batch_size=32, lr=3e-4, warmup_steps=100, ema_decay=0.998,
                               mixed_precision="bf16", ckpt_every=250)),
-        upsamplers=(UpsamplerConfig(train=TrainConfig(
+        upsamplers=(UpsamplerConfig(prediction_type="v_prediction", train=TrainConfig(
             steps=2000, batch_size=32, lr=3e-4, warmup_steps=100, ema_decay=0.998, mixed_precision="bf16",
             ckpt_every=250)),),
     )

@@ -3,7 +3,12 @@
 `train_prior(cfg, kind=..., clip_dir=...)` trains a prior against a frozen CLIP model directory,
 on the fly from `cfg.data` or from an embedding folder written by `unclip embed`, evaluates it
 on shapes world, and writes a model directory holding the CLIP components and the prior:
-`prior/` (diffusion prior) or `ar_prior/` (autoregressive prior, an extra stage in unclip.json).
+
+- diffusion prior, in the diffusers unCLIP layout: `prior/` (PriorTransformer.save_pretrained,
+  its clip_mean / clip_std holding the normalisation statistics), `prior_scheduler/` (the
+  training process as a diffusers scheduler config) and `prior_cond/` (unclip's own: the text
+  width adapter and the learned nulls for guidance, config.json + model.safetensors);
+- autoregressive prior: `ar_prior/`, an extra stage in unclip.json.
 """
 
 from __future__ import annotations
@@ -21,11 +26,15 @@ from unclip.errors import ModelFormatError, UnclipError
 from unclip.io import write_json_atomic
 from unclip.modeldir import Manifest, load_into, read_manifest, save_model_dir, save_weights, verify_files
 from unclip.prior.ar import ARPrior
+from unclip.prior.diffusion import DiffusionPrior
 from unclip.prior.pca import PCAQuantizer
 
 log = logging.getLogger(__name__)
 
 AR_DIR = "ar_prior"
+PRIOR_DIR, PRIOR_SCHEDULER_DIR, PRIOR_COND_DIR = "prior", "prior_scheduler", "prior_cond"
+PRIOR_WEIGHTS = "diffusion_pytorch_model.safetensors"
+KINDS = ("diffusion", "ar")
 FIT_SAMPLES = 5000  # train pairs the PCA and the dot-product buckets are fitted on
 
 
@@ -38,19 +47,33 @@ def build_ar_prior(cfg: UnclipConfig, clip: ClipModel, *, fit_samples: int = FIT
                              context_length=clip.tokenizer.context_length)
 
 
+def build_diffusion_prior(cfg: UnclipConfig, clip: ClipModel, *, fit_samples: int = FIT_SAMPLES) -> DiffusionPrior:
+    """A fresh diffusion prior whose normalisation statistics come from `fit_samples` train z_i."""
+    from unclip.prior.data import sample_pairs
+
+    pairs = sample_pairs(clip, split="train", n=fit_samples, lang=cfg.data.lang, seed=cfg.data.seed)
+    torch.manual_seed(cfg.prior.train.seed)
+    return DiffusionPrior.from_data(cfg.prior, z_i=pairs["z_i"], text_width=clip.config.text_width,
+                                    context_length=clip.tokenizer.context_length)
+
+
 def train_prior(cfg: UnclipConfig, *, kind: str, clip_dir: str | Path, run_dir: str | Path, out: str | Path,
                 embeddings: str | Path | None = None, resume: bool = True, progress: bool = True,
                 evaluate: bool = True, fit_samples: int = FIT_SAMPLES) -> Path:
-    """Train the `kind` ("ar" or "diffusion") prior and write a model directory at `out`."""
+    """Train the `kind` ("diffusion" or "ar") prior and write a model directory at `out`."""
     from unclip.prior.data import embedding_feed, on_the_fly_feed
     from unclip.train.data import feed_for
     from unclip.train.trainer import train
 
-    if kind != "ar":
-        raise UnclipError(f"prior kind {kind!r} is not available yet; use --kind ar")
+    if kind not in KINDS:
+        raise UnclipError(f"unknown prior kind {kind!r}; use one of {', '.join(KINDS)}")
     clip = load_clip(clip_dir)
-    tc = cfg.ar_prior.train
-    prior = build_ar_prior(cfg, clip, fit_samples=fit_samples)
+    if kind == "diffusion":
+        tc = cfg.prior.train
+        prior = build_diffusion_prior(cfg, clip, fit_samples=fit_samples)
+    else:
+        tc = cfg.ar_prior.train
+        prior = build_ar_prior(cfg, clip, fit_samples=fit_samples)
     if embeddings:
         from unclip.clip.embed import load_embeddings
 
@@ -59,15 +82,26 @@ def train_prior(cfg: UnclipConfig, *, kind: str, clip_dir: str | Path, run_dir: 
         feed = on_the_fly_feed(clip, feed_for(cfg.data, size=cfg.clip.image_size, batch_size=tc.batch_size,
                                               num_workers=tc.num_workers))
     result = train(prior, feed, cfg=tc, run_dir=run_dir, run_config=cfg.to_dict(), resume=resume,
-                   progress=progress, stage_name="ar_prior")
+                   progress=progress, stage_name=f"{kind}_prior")
     evaluation = {}
     if evaluate and cfg.data.source == "shapes":
         from unclip.prior.metrics import evaluate_prior
 
-        evaluation = evaluate_prior(clip, ar_predictor(prior, guidance_scale=1.0), progress=progress)
-    save_prior(clip, prior, out, cfg=cfg, clip_dir=clip_dir, evaluation=evaluation,
-               provenance=provenance(seconds=result.seconds, steps=result.step, final_metrics=result.metrics))
+        predict = diffusion_predictor(prior) if kind == "diffusion" else ar_predictor(prior, guidance_scale=1.0)
+        evaluation = evaluate_prior(clip, predict, progress=progress)
+    save = save_diffusion_prior if kind == "diffusion" else save_prior
+    save(clip, prior, out, cfg=cfg, clip_dir=clip_dir, evaluation=evaluation,
+         provenance=provenance(seconds=result.seconds, steps=result.step, final_metrics=result.metrics))
     return Path(out)
+
+
+def diffusion_predictor(prior: DiffusionPrior, **options):
+    """predict(text_states, text_mask, z_t, generator) → z_i [B, D]; `options` go to `DiffusionPrior.sample`
+    (guidance_scale, best_of, steps, sampler, eta; unset: the config's)."""
+    def predict(text_states, text_mask, z_t, generator):
+        return prior.sample(text_states, text_mask, z_t, generator=generator, **options)
+
+    return predict
 
 
 def ar_predictor(prior: ARPrior, *, guidance_scale: float):
@@ -118,3 +152,67 @@ def load_ar_prior(directory: str | Path) -> ARPrior:
     prior = ARPrior(config=cfg.ar_prior, text_width=shape["text_width"], context_length=shape["context_length"],
                     quantizer=quantizer, dot_edges=torch.zeros(DOT_BUCKETS - 1))
     return load_into(prior, directory / AR_DIR / "model.safetensors").eval()
+
+
+# --- diffusion prior (diffusers unCLIP layout) -------------------------------------------------
+
+
+def prior_scheduler(cfg: UnclipConfig):
+    """The training process as the diffusers scheduler an UnCLIPPipeline's `prior_scheduler` expects."""
+    from diffusers import DDPMScheduler, UnCLIPScheduler
+
+    from unclip.diffusion import diffusers_beta_args
+
+    pc = cfg.prior
+    if pc.noise_schedule == "cosine":
+        return UnCLIPScheduler(num_train_timesteps=pc.timesteps, variance_type="fixed_small_log", clip_sample=False,
+                               prediction_type=pc.prediction_type)
+    return DDPMScheduler(**diffusers_beta_args(pc.noise_schedule, pc.timesteps), prediction_type=pc.prediction_type,
+                         clip_sample=False)
+
+
+def save_diffusion_prior(clip: ClipModel, prior: DiffusionPrior, directory: str | Path, *, cfg: UnclipConfig,
+                         clip_dir: str | Path, evaluation: dict, provenance: dict) -> Path:
+    """Write a model directory holding the CLIP components and the diffusion prior, atomically."""
+    clip_manifest = read_manifest(clip_dir)
+
+    def components(tmp: Path) -> None:
+        clip.save_components(tmp)
+        prior.transformer.save_pretrained(tmp / PRIOR_DIR)
+        prior_scheduler(cfg).save_pretrained(tmp / PRIOR_SCHEDULER_DIR)
+        write_json_atomic(tmp / PRIOR_COND_DIR / "config.json", prior.cond.config)
+        save_weights(tmp / PRIOR_COND_DIR / "model.safetensors", prior.cond.state_dict())
+
+    std = prior.transformer.clip_std.detach()
+    manifest = Manifest(
+        config=cfg.to_dict(),
+        stats={**clip_manifest.stats, "prior_normalization": cfg.prior.normalization,
+               "prior_z_i_mean_norm": float(prior.transformer.clip_mean.detach().norm()),
+               "prior_z_i_std_mean": float(std.mean())},
+        extra={"components": ["tokenizer", "text_encoder", "image_encoder", PRIOR_DIR, PRIOR_SCHEDULER_DIR,
+                              PRIOR_COND_DIR]},
+        provenance={"clip": clip_manifest.provenance, "diffusion_prior": provenance},
+        evaluation={**clip_manifest.evaluation, "diffusion_prior": evaluation},
+    )
+    return save_model_dir(directory, manifest, components)
+
+
+def load_diffusion_prior(directory: str | Path) -> DiffusionPrior:
+    """The diffusion prior of a model directory, built from its config and loaded strictly (eval mode)."""
+    directory = Path(directory)
+    manifest = read_manifest(directory)
+    verify_files(directory, manifest)
+    weights, cond_config = directory / PRIOR_DIR / PRIOR_WEIGHTS, directory / PRIOR_COND_DIR / "config.json"
+    for path in (weights, cond_config):
+        if not path.is_file():
+            raise ModelFormatError(f"{path} is missing: {directory} holds no diffusion prior")
+    try:
+        shape = json.loads(cond_config.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ModelFormatError(f"{cond_config} is corrupt: {err}") from None
+    cfg = UnclipConfig.from_dict(manifest.config)
+    prior = DiffusionPrior(config=cfg.prior, clip_dim=shape["clip_dim"], text_width=shape["text_width"],
+                           context_length=shape["context_length"])
+    load_into(prior.transformer, weights)
+    load_into(prior.cond, directory / PRIOR_COND_DIR / "model.safetensors")
+    return prior.eval()

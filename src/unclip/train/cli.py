@@ -93,6 +93,23 @@ def _print_evaluation(out: Path, name: str) -> None:
         print(" ".join(f"{k}={v}" for k, v in evaluation.items()))
 
 
+def _train_all(args: argparse.Namespace) -> int:
+    from unclip.train.all import STAGES, train_all
+
+    _threads(args)
+    cfg = config_from_args(args)
+    root = Path(args.run_dir or f"runs/{cfg.name}")
+    out = Path(args.out or root / "model")
+    stages = args.stages or STAGES
+    timings = train_all(cfg, root=root, out=out, stages=stages, resume=not args.no_resume,
+                        embed_pairs=args.embed_pairs)
+    print(f"model: {out}")
+    if timings:
+        print("minutes per stage: " + ", ".join(f"{k} {v / 60:.1f}" for k, v in timings.items()))
+    print(f'try: unclip generate "a red circle above a blue square" --model {out}')
+    return 0
+
+
 def _common(parser: argparse.ArgumentParser, stage: str) -> None:
     add_config_arguments(parser)
     parser.add_argument("--run-dir", help=f"checkpoints and metrics (default: runs/<preset name>/{stage})")
@@ -119,8 +136,9 @@ def register(subparsers) -> None:
                     "from an embedding folder made by `unclip embed` (--embeddings), then evaluate it and write "
                     "a model directory holding the CLIP components and the prior.")
     _common(prior, "prior")
-    prior.add_argument("--kind", choices=["ar"], default="ar",
-                       help="ar: PCA + quantized autoregressive prior (the diffusion prior comes with the diffusion module)")
+    prior.add_argument("--kind", choices=["diffusion", "ar"], default="diffusion",
+                       help="diffusion: PriorTransformer predicting the clean z_i, CFG, best-of-2 (config key prior); "
+                            "ar: PCA + quantized autoregressive prior (config key ar_prior) (default: diffusion)")
     prior.add_argument("--clip", required=True, help="model directory holding the CLIP to train against")
     prior.add_argument("--embeddings", help="embedding folder from `unclip embed` (default: encode on the fly)")
     prior.add_argument("--fit-samples", type=int, default=5000, help="train pairs for fitting PCA (default: 5000)")
@@ -150,3 +168,15 @@ def register(subparsers) -> None:
     upsampler.add_argument("--eval-samples", type=int, default=16,
                            help="images upsampled for the evaluation (default: 16)")
     upsampler.set_defaults(func=_train_upsampler)
+
+    everything = stages.add_parser(
+        "all", help="the whole cascade: CLIP, priors, decoder, upsamplers, assembled",
+        description="Train CLIP, embed the training pairs, train the diffusion and AR priors, the decoder and "
+                    "the upsamplers, then assemble one model directory. Stages already complete under the run "
+                    "directory are skipped and an interrupted stage resumes, so rerun the command after a crash.")
+    _common(everything, "")
+    everything.add_argument("--embed-pairs", type=int, default=20_000,
+                            help="training pairs embedded for the priors (default: 20000)")
+    everything.add_argument("--stages", nargs="+", choices=["clip", "embed", "prior", "ar_prior", "decoder", "upsamplers"],
+                            help="run only these stages (the others must be complete already)")
+    everything.set_defaults(func=_train_all)

@@ -1,0 +1,244 @@
+"""The diffusion prior: guidance drops only the conditioning, drop rate, best-of-2, normalisation,
+training, sampling, save → load and the CLI."""
+
+import math
+from dataclasses import replace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from unclip.config import TrainConfig, preset
+from unclip.prior.diffusion import DiffusionPrior, pick_best
+from unclip.train.trainer import train
+
+D, L, W, CONTEXT = 16, 6, 32, 8
+
+
+def _prior(**changes) -> DiffusionPrior:
+    torch.manual_seed(0)
+    z_i = F.normalize(torch.randn(500, D) + 2.0 * torch.arange(D) / D, dim=-1)
+    return DiffusionPrior.from_data(replace(preset("tiny").prior, **changes), z_i=z_i, text_width=W,
+                                    context_length=CONTEXT)
+
+
+def _world(seed=0):
+    """Captions of 8 kinds: text states and z_t tell the kind; z_i is near the kind's centre."""
+    g = torch.Generator().manual_seed(seed)
+    centres = F.normalize(torch.randn(8, D, generator=g), dim=-1)
+    states = torch.randn(8, L, W, generator=g)
+
+    def draw(n, gen):
+        c = torch.randint(0, 8, (n,), generator=gen)
+        mask = torch.ones(n, L, dtype=torch.long)
+        mask[c % 2 == 1, 4:] = 0  # odd kinds have shorter captions
+        z_i = F.normalize(centres[c] + 0.15 * torch.randn(n, D, generator=gen), dim=-1)
+        z_t = F.normalize(centres[c] + 0.5 * torch.randn(n, D, generator=gen), dim=-1)
+        return {"text_states": states[c], "text_mask": mask, "z_t": z_t, "z_i": z_i}
+
+    return draw
+
+
+def _transformer_inputs(prior: DiffusionPrior, run) -> list[dict]:
+    """The inputs of every PriorTransformer call made by `run()`."""
+    seen = []
+
+    def hook(module, args, kwargs):
+        seen.append({"hidden_states": args[0].clone(), "timestep": args[1].clone(),
+                     **{k: v.detach().clone() for k, v in kwargs.items() if torch.is_tensor(v)}})
+
+    handle = prior.transformer.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        run()
+    finally:
+        handle.remove()
+    return seen
+
+
+def test_transformer_reads_the_paper_sequence():
+    prior = _prior()
+    config = prior.transformer.config
+    # [caption tokens (context) | z_t | timestep | noised z_i | learned query], output at the query
+    assert config.num_embeddings == CONTEXT and config.additional_embeddings == 4
+    assert config.added_emb_type == "prd" and config.embedding_dim == D
+    assert prior.diffusion.prediction_type == "sample"  # paper §2.2: predicts the clean z_i
+    betas = prior.diffusion.betas
+    assert betas[-1] == pytest.approx(0.999) and betas[0] < 1e-3  # cosine schedule
+
+
+def test_guidance_drop_replaces_only_the_conditioning():
+    batch = _world()(6, torch.Generator().manual_seed(1))
+
+    def inputs(cond_drop):
+        prior = _prior(cond_drop=cond_drop)
+        torch.manual_seed(3)
+        return _transformer_inputs(prior, lambda: prior.training_losses(batch))[0], prior
+
+    kept, _ = inputs(0.0)
+    dropped, prior = inputs(1.0)
+    # the noised z_i and the timesteps reaching the transformer are identical in dropped and kept rows
+    assert torch.equal(kept["hidden_states"], dropped["hidden_states"])
+    assert torch.equal(kept["timestep"], dropped["timestep"])
+    assert not torch.allclose(kept["hidden_states"], torch.zeros_like(kept["hidden_states"]))
+    # the conditioning is replaced by the learned nulls, the same for every row
+    assert not torch.allclose(kept["proj_embedding"], dropped["proj_embedding"])
+    assert torch.equal(dropped["proj_embedding"], prior.cond.null_z_t.detach().expand(6, D))
+    for key in ("encoder_hidden_states", "attention_mask"):
+        assert torch.equal(dropped[key], dropped[key][:1].expand_as(dropped[key]))
+    assert dropped["attention_mask"][0].tolist() == [True] + [False] * (CONTEXT - 1)  # one null token
+    assert kept["attention_mask"][:, :L].equal(batch["text_mask"].bool())
+    assert torch.equal(kept["proj_embedding"], batch["z_t"])
+
+
+def test_condition_drop_rate_is_ten_percent():
+    n = 20_000
+    prior = _prior()
+    batch = _world()(n, torch.Generator().manual_seed(2))
+    torch.manual_seed(4)
+    with torch.no_grad():
+        seen = _transformer_inputs(prior, lambda: prior.training_losses(batch))[0]
+    null = (seen["proj_embedding"] == prior.cond.null_z_t).all(dim=1)
+    null_token = prior.cond.text_in(prior.cond.null_text)
+    null_text = ((~seen["attention_mask"][:, 1:]).all(dim=1)
+                 & torch.isclose(seen["encoder_hidden_states"][:, 0], null_token).all(dim=1))
+    assert torch.equal(null, null_text)  # caption and z_t are dropped together
+    rate = null.float().mean().item()
+    assert abs(rate - 0.1) < 4 * math.sqrt(0.1 * 0.9 / n), rate
+
+
+def test_guided_sampling_gives_both_branches_the_same_noised_input():
+    prior = _prior().eval()
+    batch = _world()(3, torch.Generator().manual_seed(5))
+    calls = _transformer_inputs(prior, lambda: prior.sample(
+        batch["text_states"], batch["text_mask"], batch["z_t"], guidance_scale=3.0, best_of=2,
+        generator=torch.Generator().manual_seed(0)))
+    assert len(calls) == preset("tiny").prior.sample_steps
+    for call in calls:  # rows: 2 candidates × 3 captions conditional, then the same 6 null
+        cond_x, null_x = call["hidden_states"].chunk(2)
+        assert torch.equal(cond_x, null_x) and torch.equal(*call["timestep"].chunk(2))
+        assert torch.equal(call["proj_embedding"][6:], prior.cond.null_z_t.detach().expand(6, D))
+        assert torch.equal(call["proj_embedding"][:6], torch.cat([batch["z_t"]] * 2))
+
+
+def test_best_of_two_keeps_the_higher_dot_product():
+    z_t = F.normalize(torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]), dim=-1)
+    candidates = F.normalize(torch.tensor([[[0.9, 0.1], [0.9, 0.1], [1.0, -1.0]],
+                                           [[0.1, 0.9], [0.1, 0.9], [1.0, 1.1]]]), dim=-1)  # [2, 3, 2]
+    assert torch.equal(pick_best(candidates, z_t), torch.stack([candidates[0, 0], candidates[1, 1], candidates[1, 2]]))
+
+    # inside sampling: best-of-2 returns, per caption, the better of the two candidates that the
+    # same noise gives when both are drawn as plain samples
+    prior = _prior().eval()
+    batch = _world()(40, torch.Generator().manual_seed(6))
+    args = (batch["text_states"], batch["text_mask"], batch["z_t"])
+    best = prior.sample(*args, best_of=2, generator=torch.Generator().manual_seed(7))
+    twice = prior.sample(*(torch.cat([a, a]) for a in args), best_of=1, generator=torch.Generator().manual_seed(7))
+    candidates = twice.reshape(2, 40, D)
+    dots = (candidates * batch["z_t"]).sum(-1)  # [2, 40]
+    assert torch.allclose(best, candidates[dots.argmax(0), torch.arange(40)], atol=1e-6)
+    assert ((best * batch["z_t"]).sum(-1) >= dots.max(0).values - 1e-6).all()
+    assert 0 < (dots[1] > dots[0]).sum() < 40  # both candidates win sometimes: the choice matters
+
+
+@pytest.mark.parametrize("normalization", ["scalar", "per_dim"])
+def test_normalisation_is_computed_from_data_and_kept_out_of_training(normalization):
+    prior = _prior(normalization=normalization)
+    z_i = F.normalize(torch.randn(500, D) + 2.0 * torch.arange(D) / D, dim=-1)
+    x = prior.normalise(z_i)
+    assert x.mean(0).abs().max() < 0.2 and prior.transformer.clip_mean.norm() > 0.5
+    if normalization == "scalar":
+        assert x.pow(2).mean().item() == pytest.approx(1.0, abs=0.1)
+        assert torch.all(prior.transformer.clip_std == prior.transformer.clip_std[0, 0])
+    else:
+        assert torch.allclose(x.std(0), torch.ones(D), atol=0.15)
+    assert torch.allclose(prior.denormalise(x), z_i, atol=1e-5)
+    state = prior.state_dict()  # saved with the weights, never trained
+    assert "transformer.clip_mean" in state and "transformer.clip_std" in state
+    trainable = {id(p) for p in prior.parameters() if p.requires_grad}
+    assert id(prior.transformer.clip_mean) not in trainable and id(prior.transformer.clip_std) not in trainable
+
+
+def test_training_reduces_the_loss_and_beats_the_caption_baseline(tmp_path):
+    draw = _world()
+    fit = draw(2000, torch.Generator().manual_seed(1))
+    torch.manual_seed(0)
+    prior = DiffusionPrior.from_data(replace(preset("tiny").prior, width=64, heads=4, layers=2, timesteps=1000),
+                                     z_i=fit["z_i"], text_width=W, context_length=L)
+    held = draw(512, torch.Generator().manual_seed(9))
+
+    def loss():
+        torch.manual_seed(11)
+        with torch.no_grad():
+            return prior.eval().training_losses(held)["loss"].item()
+
+    def feed(start):
+        gen = torch.Generator().manual_seed(start)
+        while True:
+            yield draw(64, gen)
+
+    before = loss()
+    cfg = TrainConfig(steps=250, batch_size=64, lr=2e-3, warmup_steps=10, lr_schedule="constant", log_every=50,
+                      ckpt_every=1000)
+    train(prior, feed, cfg=cfg, run_dir=tmp_path, run_config={}, progress=False, stage_name="diffusion_prior")
+    after = loss()
+    assert after < 0.5 * before, (before, after)  # measured: 1.19 → 0.24
+    test = draw(300, torch.Generator().manual_seed(5))
+    z = prior.sample(test["text_states"], test["text_mask"], test["z_t"], steps=16,
+                     generator=torch.Generator().manual_seed(0))
+    cosine = (z * test["z_i"]).sum(1).mean().item()
+    baseline = (test["z_t"] * test["z_i"]).sum(1).mean().item()
+    assert cosine > baseline + 0.15, (cosine, baseline)  # measured: 0.82 vs 0.38
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "ddpm", "dpmsolver++"])
+def test_every_sampler_repeats_for_a_seed_yields_steps_and_returns_unit_vectors(sampler):
+    prior = _prior().eval()
+    b = _world()(4, torch.Generator().manual_seed(8))
+    args = (b["text_states"], b["text_mask"], b["z_t"])
+    options = {"sampler": sampler, "steps": 4, "eta": 1.0, "guidance_scale": 2.0}
+    steps = list(prior.sample_loop(*args, **options, generator=torch.Generator().manual_seed(0)))
+    assert len(steps) == 4 and all(s.x_t.shape == (8, D) for s in steps)  # best of 2: 2 × 4 rows
+    a = prior.sample(*args, **options, generator=torch.Generator().manual_seed(0))
+    c = prior.sample(*args, **options, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(a, prior.sample(*args, **options, generator=torch.Generator().manual_seed(0)))
+    assert not torch.equal(a, c) and torch.allclose(a.norm(dim=1), torch.ones(4), atol=1e-5)
+
+
+def test_cli_trains_saves_and_loads_the_same_prior(tmp_path):
+    from unclip.cli import main
+    from unclip.clip.model import ClipModel
+    from unclip.clip.stage import load_clip, save_clip
+    from unclip.modeldir import load_checkpoint, read_manifest
+    from unclip.prior.data import sample_pairs
+    from unclip.prior.stage import build_diffusion_prior, load_diffusion_prior, prior_scheduler
+    from unclip.tokenizer import train_shapes_tokenizer
+
+    cfg = preset("tiny")
+    torch.manual_seed(0)
+    clip = ClipModel.from_config(cfg.clip, tokenizer=train_shapes_tokenizer(
+        vocab_size=600, context_length=32, corpus_size=1000))
+    save_clip(clip.eval(), tmp_path / "clip", cfg=cfg)
+    argv = ["train", "prior", "--kind", "diffusion", "--preset", "tiny", "--clip", str(tmp_path / "clip"),
+            "--run-dir", str(tmp_path / "run"), "--out", str(tmp_path / "model"), "--fit-samples", "200",
+            "--no-eval"]
+    assert main(argv) == 0
+    manifest = read_manifest(tmp_path / "model")
+    for name in ("prior/diffusion_pytorch_model.safetensors", "prior/config.json",
+                 "prior_scheduler/scheduler_config.json", "prior_cond/model.safetensors",
+                 "text_encoder/model.safetensors"):
+        assert name in manifest.files, name
+    assert manifest.provenance["diffusion_prior"]["steps"] == cfg.prior.train.steps
+    loaded = load_diffusion_prior(tmp_path / "model")
+    trained = build_diffusion_prior(cfg, load_clip(tmp_path / "clip"), fit_samples=200)
+    fitted_mean = trained.transformer.clip_mean.clone()
+    trained.load_state_dict(load_checkpoint(tmp_path / "run" / "checkpoint.pt")["model"])
+    assert torch.equal(loaded.transformer.clip_mean, fitted_mean) and fitted_mean.norm() > 0  # statistics saved
+    assert torch.equal(loaded.transformer.clip_std, trained.transformer.clip_std)
+    pairs = sample_pairs(load_clip(tmp_path / "model"), split="val", n=6, lang="th")
+    args = (pairs["text_states"], pairs["text_mask"], pairs["z_t"])
+    a = loaded.sample(*args, guidance_scale=2.0, generator=torch.Generator().manual_seed(3))
+    b = trained.eval().sample(*args, guidance_scale=2.0, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(a, b)
+    scheduler = type(prior_scheduler(cfg)).from_pretrained(tmp_path / "model" / "prior_scheduler")
+    assert scheduler.config.num_train_timesteps == cfg.prior.timesteps
+    assert scheduler.config.prediction_type == "sample"
