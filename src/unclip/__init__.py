@@ -8,4 +8,13 @@ __version__ = "0.1.0"
 
 from unclip.errors import ConfigError, DataError, ModelFormatError, UnclipError  # noqa: E402
 
-__all__ = ["__version__", "UnclipError", "ConfigError", "DataError", "ModelFormatError"]
+
+
+def load(path=None, *, device=None):
+    """The text → image pipeline of a model directory (see `unclip.pipeline.load`)."""
+    from unclip.pipeline import load as _load
+
+    return _load(path, device=device)
+
+
+__all__ = ["__version__", "load", "UnclipError", "ConfigError", "DataError", "ModelFormatError"]

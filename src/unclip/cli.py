@@ -17,6 +17,8 @@ from unclip.errors import UnclipError
 
 # Modules with a `register(subparsers)` function, in the order their verbs appear in --help.
 COMMAND_MODULES = (
+    "unclip.pipeline.cli",
+    "unclip.pipeline.interop_cli",
     "unclip.data.cli",
     "unclip.config_cli",
     "unclip.train.cli",

@@ -64,15 +64,17 @@ def draw_keep(batch: int, *, z_drop: float, text_drop: float, generator: torch.G
 class Decoder(nn.Module):
     """UNet2DConditionModel (`unet`) + TextProj (`text_proj`) + the diffusion process of `config`."""
 
-    def __init__(self, *, config: DecoderConfig, clip_dim: int, text_width: int):
+    def __init__(self, *, config: DecoderConfig, clip_dim: int, text_width: int, unet: nn.Module | None = None):
+        """`unet`: an existing UNet2DConditionModel (an imported model's) instead of one built from `config`."""
         super().__init__()
         from diffusers import UNet2DConditionModel
 
         self.config = config
-        self.unet = UNet2DConditionModel(**unet_config(config))
-        self.text_proj = TextProj(clip_dim=clip_dim, text_width=text_width,
-                                  time_embed_dim=4 * config.base_channels,
-                                  cross_attention_dim=config.cross_attention_dim, clip_tokens=config.clip_tokens)
+        self.unet = UNet2DConditionModel(**unet_config(config)) if unet is None else unet
+        time_embed_dim = 4 * config.base_channels if unet is None else unet.time_embedding.linear_2.out_features
+        self.text_proj = TextProj(clip_dim=clip_dim, text_width=text_width, time_embed_dim=time_embed_dim,
+                                  cross_attention_dim=config.cross_attention_dim, clip_tokens=config.clip_tokens,
+                                  time_text=config.time_text, text_null=config.text_null)
         self.diffusion = GaussianDiffusion.from_schedule(config.noise_schedule, config.timesteps,
                                                          prediction_type=config.prediction_type,
                                                          variance=config.variance)
@@ -83,7 +85,7 @@ class Decoder(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.text_proj.learned_null_text_token.device
+        return self.text_proj.learned_classifier_free_guidance_embeddings.device
 
     def unet_fn(self, x_t: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
         """model_fn for the diffusion math: x_t [B, 3, R, R], t [B] → output [B, 3 or 6, R, R]."""
@@ -92,14 +94,17 @@ class Decoder(nn.Module):
     # --- training --------------------------------------------------------------------------------
 
     def training_losses(self, batch: dict) -> dict[str, torch.Tensor]:
-        """Hybrid loss on a batch (image, z_i, text_states, text_mask); CFG drops only the conditioning."""
+        """Hybrid loss on a batch (image, z_i, text_states, text_mask; z_t too with time_text="pooled");
+        CFG drops only the conditioning."""
         x_start = batch["image"].to(self.device)
         n = x_start.shape[0]
         t = torch.randint(0, self.diffusion.num_timesteps, (n,), device=self.device)
         noise = torch.randn_like(x_start)
         keep_z, keep_text = draw_keep(n, z_drop=self.config.z_drop, text_drop=self.config.text_drop, device=self.device)
+        z_t = batch.get("z_t")
         cond = self.text_proj(batch["z_i"].to(self.device), batch["text_states"].to(self.device),
-                              batch["text_mask"].to(self.device), keep_z=keep_z, keep_text=keep_text)
+                              batch["text_mask"].to(self.device), keep_z=keep_z, keep_text=keep_text,
+                              text_embeds=None if z_t is None else z_t.to(self.device))
         losses = self.diffusion.training_losses(self.unet_fn, x_start, t=t, noise=noise, cond=cond,
                                                 vlb_weight=self.config.vlb_weight)
         return {k: v.mean() for k, v in losses.items()}
@@ -110,19 +115,22 @@ class Decoder(nn.Module):
     # --- sampling --------------------------------------------------------------------------------
 
     def guided_fn(self, z_i: torch.Tensor, text_states: torch.Tensor | None, text_mask: torch.Tensor | None,
-                  guidance_scale: float) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+                  guidance_scale: float, *, text_embeds: torch.Tensor | None = None,
+                  ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
         """model_fn(x_t, t) with CFG: conditional and null rows in one UNet batch, then `cfg_mix`.
 
         The null branch drops z_i and the caption together; at guidance_scale 1 it is skipped.
+        text_embeds [B, D]: the captions' z_t, read only with time_text="pooled".
         """
         n = z_i.shape[0]
         ones = torch.ones(n, dtype=torch.bool, device=z_i.device)
         if guidance_scale == 1.0:
-            cond = self.text_proj(z_i, text_states, text_mask, keep_z=ones, keep_text=ones)
+            cond = self.text_proj(z_i, text_states, text_mask, keep_z=ones, keep_text=ones, text_embeds=text_embeds)
             return lambda x_t, t: self.unet_fn(x_t, t, **cond)
         both = lambda x: None if x is None else torch.cat([x, x])  # noqa: E731  [2B, ...]
         keep = torch.cat([ones, ~ones])  # [2B]: conditional rows, then null rows
-        cond = self.text_proj(both(z_i), both(text_states), both(text_mask), keep_z=keep, keep_text=keep)
+        cond = self.text_proj(both(z_i), both(text_states), both(text_mask), keep_z=keep, keep_text=keep,
+                              text_embeds=both(text_embeds))
 
         def model_fn(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             out = self.unet_fn(torch.cat([x_t, x_t]), torch.cat([t, t]), **cond)  # [2B, C', R, R]
@@ -133,20 +141,24 @@ class Decoder(nn.Module):
 
     @torch.no_grad()
     def sample_loop(self, z_i: torch.Tensor, text_states: torch.Tensor | None = None,
-                    text_mask: torch.Tensor | None = None, *, guidance_scale: float | None = None,
-                    steps: int | None = None, sampler: str | None = None, eta: float | None = None,
-                    generator: torch.Generator | None = None, x_T: torch.Tensor | None = None,
-                    clip_denoised: bool = True) -> Generator[SampleStep, None, torch.Tensor]:
+                    text_mask: torch.Tensor | None = None, *, text_embeds: torch.Tensor | None = None,
+                    guidance_scale: float | None = None, steps: int | None = None, sampler: str | None = None,
+                    eta: float | None = None, generator: torch.Generator | None = None,
+                    x_T: torch.Tensor | None = None, clip_denoised: bool = True,
+                    ) -> Generator[SampleStep, None, torch.Tensor]:
         """Images [B, 3, R, R] in [-1, 1] from z_i [B, D] and caption states (None: no caption).
 
-        Unset options take the config's values. Yields every step; returns the images.
+        text_embeds [B, D]: the captions' z_t (time_text="pooled" only). Unset options take the
+        config's values. Yields every step; returns the images.
         """
         cfg = self.config
         z_i = z_i.to(self.device, torch.float32)
         text_states = None if text_states is None else text_states.to(self.device, torch.float32)
         text_mask = None if text_mask is None else text_mask.to(self.device)
+        text_embeds = None if text_embeds is None else text_embeds.to(self.device, torch.float32)
         model_fn = self.guided_fn(z_i, text_states, text_mask,
-                                  cfg.guidance_scale if guidance_scale is None else guidance_scale)
+                                  cfg.guidance_scale if guidance_scale is None else guidance_scale,
+                                  text_embeds=text_embeds)
         shape = (z_i.shape[0], 3, cfg.resolution, cfg.resolution)
         return (yield from sample_loop(
             model_fn, self.diffusion, shape=shape, x_T=x_T, sampler=sampler or cfg.sampler,
@@ -161,7 +173,8 @@ class Decoder(nn.Module):
 
     @torch.no_grad()
     def invert(self, images: torch.Tensor, z_i: torch.Tensor, text_states: torch.Tensor | None = None,
-               text_mask: torch.Tensor | None = None, *, steps: int | None = None, guidance_scale: float = 1.0,
+               text_mask: torch.Tensor | None = None, *, text_embeds: torch.Tensor | None = None,
+               steps: int | None = None, guidance_scale: float = 1.0,
                callback: Callable[[SampleStep], None] | None = None) -> torch.Tensor:
         """x_T [B, 3, R, R] of images [B, 3, R, R] by DDIM inversion given their conditioning.
 
@@ -171,7 +184,8 @@ class Decoder(nn.Module):
         z_i = z_i.to(self.device, torch.float32)
         text_states = None if text_states is None else text_states.to(self.device, torch.float32)
         text_mask = None if text_mask is None else text_mask.to(self.device)
-        model_fn = self.guided_fn(z_i, text_states, text_mask, guidance_scale)
+        text_embeds = None if text_embeds is None else text_embeds.to(self.device, torch.float32)
+        model_fn = self.guided_fn(z_i, text_states, text_mask, guidance_scale, text_embeds=text_embeds)
         loop = invert_loop(model_fn, self.diffusion, images.to(self.device, torch.float32),
                            steps=steps or self.config.sample_steps)
         return run(loop, callback)

@@ -16,12 +16,22 @@ from unclip.diffusion.gaussian import (
     normal_kl,
     split_variance,
 )
-from unclip.diffusion.sampling import SAMPLERS, SampleStep, invert, invert_loop, make_scheduler, run, sample, sample_loop
+from unclip.diffusion.sampling import (
+    SAMPLERS,
+    SampleStep,
+    invert,
+    invert_loop,
+    make_scheduler,
+    repaint_loop,
+    run,
+    sample,
+    sample_loop,
+)
 from unclip.diffusion.schedule import SCHEDULES, betas_for, diffusers_beta_args, respaced_betas, space_timesteps
 
 __all__ = [
     "PREDICTION_TYPES", "SAMPLERS", "SCHEDULES", "VARIANCES", "VLB_WEIGHT", "GaussianDiffusion", "SampleStep",
     "betas_for", "cfg_mix", "diffusers_beta_args", "discretized_gaussian_log_likelihood", "invert", "invert_loop",
-    "make_scheduler", "mean_flat", "normal_kl", "respaced_betas", "run", "sample", "sample_loop",
+    "make_scheduler", "mean_flat", "repaint_loop", "normal_kl", "respaced_betas", "run", "sample", "sample_loop",
     "space_timesteps", "split_variance",
 ]

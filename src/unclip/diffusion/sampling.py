@@ -13,6 +13,8 @@ timesteps `timestep_map[t]`. Samplers (strings):
   (the DDIM paper's and improved-diffusion's "ddimN" spacing).
 - "dpmsolver++": DPM-Solver++ 2M (Lu et al. 2022), deterministic, on timesteps 0 … T-1.
 
+`repaint_loop` inpaints (RePaint, ancestral steps on our own `p_mean_variance`, with resampling).
+
 `invert_loop` runs DDIM backwards (η = 0, DDIMInverseScheduler) from a clean x_start to x_T;
 sampling that x_T with "ddim", η = 0, the same steps and the same model reconstructs x_start
 (exactly in the limit of many steps).
@@ -32,6 +34,7 @@ from unclip.diffusion.gaussian import GaussianDiffusion, ModelFn, split_variance
 from unclip.errors import ConfigError
 
 SAMPLERS = ("ddpm", "ddim", "dpmsolver++")
+Generators = torch.Generator | list[torch.Generator] | None  # one for the batch, or one per row
 # Which timesteps each sampler visits (schedule.space_timesteps): DDIM, forwards and inverted, on
 # the "leading" grid so that inversion and reconstruction share steps that can be inverted.
 SPACING = {"ddpm": "uniform", "ddim": "leading", "dpmsolver++": "uniform"}
@@ -68,15 +71,23 @@ def make_scheduler(sampler: str, diffusion: GaussianDiffusion, *, clip_denoised:
     raise ConfigError(f"unknown sampler {sampler!r}; use one of {', '.join(SAMPLERS)}")
 
 
-def _noise(shape: tuple[int, ...], generator: torch.Generator | None, device, dtype) -> torch.Tensor:
-    """Standard normal noise drawn on the generator's device (so a seed gives the same noise anywhere)."""
+def _noise(shape: tuple[int, ...], generator: Generators, device, dtype) -> torch.Tensor:
+    """Standard normal noise drawn on the generator's device (so a seed gives the same noise anywhere).
+
+    A list of generators draws row i from generator i, so a row's noise does not depend on the
+    batch it is in (diffusers' convention; its schedulers accept the same list).
+    """
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != shape[0]:
+            raise ValueError(f"{len(generator)} generators for a batch of {shape[0]}")
+        return torch.cat([_noise((1, *shape[1:]), g, device, dtype) for g in generator])
     gen_device = generator.device if generator is not None else device
     return torch.randn(shape, generator=generator, device=gen_device, dtype=dtype).to(device)
 
 
 def sample_loop(model_fn: ModelFn, diffusion: GaussianDiffusion, *, shape: tuple[int, ...] | None = None,
                 x_T: torch.Tensor | None = None, sampler: str = "ddim", steps: int = 50, eta: float = 0.0,
-                generator: torch.Generator | None = None, clip_denoised: bool = True, cond: dict | None = None,
+                generator: Generators = None, clip_denoised: bool = True, cond: dict | None = None,
                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
                 ) -> Generator[SampleStep, None, torch.Tensor]:
     """Draw samples [B, ...] by running `sampler` for `steps` steps from x_T (or fresh noise of `shape`).
@@ -136,6 +147,41 @@ def invert_loop(model_fn: ModelFn, diffusion: GaussianDiffusion, x_start: torch.
         x = step.prev_sample
         yield SampleStep(index=index, total=len(timesteps), t=int(spaced.timestep_map[t]), x_t=x,
                          pred_x0=step.pred_original_sample)
+    return x
+
+
+def repaint_loop(model_fn: ModelFn, diffusion: GaussianDiffusion, known: torch.Tensor, mask: torch.Tensor, *,
+                 steps: int = 50, resample: int = 5, generator: Generators = None,
+                 clip_denoised: bool = True, cond: dict | None = None) -> Generator[SampleStep, None, torch.Tensor]:
+    """Inpainting by RePaint (Lugmayr et al. 2022) on ancestral sampling: known [B, ...] is kept
+    where mask [B or 1, 1 or C, ...] is 1 and generated where it is 0.
+
+    At each of `steps` levels the known region is the forward-noised original at that level and
+    the rest comes from the reverse step (with the learned variance when the model has one);
+    each level is redone `resample` times, re-noising one step in between, so the generated
+    region agrees with the known one (RePaint §4.2, jump length 1). Yields one step per level.
+    """
+    spaced = diffusion.respace(steps, SPACING["ddpm"])
+    mask = mask.to(known)
+    x = _noise(tuple(known.shape), generator, known.device, known.dtype)
+    n = spaced.num_timesteps
+    for index, i in enumerate(range(n - 1, -1, -1)):
+        t = torch.full((known.shape[0],), i, dtype=torch.long, device=known.device)
+        for u in range(resample):
+            p = spaced.p_mean_variance(model_fn, x, t, cond=cond, clip_denoised=clip_denoised)
+            unknown = p["mean"]
+            if i > 0:
+                unknown = unknown + (0.5 * p["log_variance"]).exp() * _noise(tuple(x.shape), generator, x.device, x.dtype)
+                seen = spaced.q_sample(known, t - 1, _noise(tuple(x.shape), generator, x.device, x.dtype))
+            else:
+                seen = known
+            x_prev = mask * seen + (1 - mask) * unknown
+            if u + 1 < resample and i > 0:  # back up one level: q(x_i | x_{i-1})
+                beta = spaced.betas[i].item()
+                x = (1 - beta) ** 0.5 * x_prev + beta**0.5 * _noise(tuple(x.shape), generator, x.device, x.dtype)
+            else:
+                x = x_prev
+        yield SampleStep(index=index, total=n, t=int(spaced.timestep_map[i]), x_t=x, pred_x0=p["pred_x0"])
     return x
 
 

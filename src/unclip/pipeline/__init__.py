@@ -1,0 +1,55 @@
+"""Load a model directory as a pipeline: `unclip.load(path)` → `UnclipPipeline`.
+
+Stages present in the directory are loaded (the diffusion prior and/or the AR prior, the
+decoder, every configured upsampler); the CLIP comes from the same directory, so every stage
+works in the embedding space it was trained in. A diffusers-layout unCLIP directory (Karlo,
+`model_index.json`), or one written by `unclip import-diffusers`, loads through
+`unclip.pipeline.interop`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from unclip.errors import ModelFormatError
+
+
+def load(path: str | Path | None = None, *, device: str | None = None):
+    """The `UnclipPipeline` of a model directory (written by `unclip assemble`, `unclip train all` or
+    `unclip import-diffusers`, or a diffusers unCLIP directory such as a copy of karlo-v1-alpha)."""
+    from unclip.clip.stage import load_clip
+    from unclip.config import UnclipConfig
+    from unclip.decoder.stage import load_decoder, load_upsampler
+    from unclip.modeldir import read_manifest
+    from unclip.pipeline.pipeline import UnclipPipeline
+
+    if path is None:
+        raise ModelFormatError("no model given: pass a model directory (see `unclip assemble --help`)")
+    directory = Path(path)
+    from unclip.pipeline.interop import is_diffusers_dir, load_diffusers
+
+    if is_diffusers_dir(directory):  # Karlo or any diffusers unCLIP layout, imported or not
+        return load_diffusers(directory, device=device)
+    manifest = read_manifest(directory)
+    cfg = UnclipConfig.from_dict(manifest.config)
+    if not (directory / "decoder").is_dir():
+        raise ModelFormatError(f"{directory} holds no decoder; a pipeline needs a whole model "
+                               "(`unclip assemble` puts trained stages together)")
+    prior = ar_prior = None
+    if (directory / "prior").is_dir():
+        from unclip.prior.stage import load_diffusion_prior
+
+        prior = load_diffusion_prior(directory)
+    if (directory / "ar_prior").is_dir():
+        from unclip.prior.stage import load_ar_prior
+
+        ar_prior = load_ar_prior(directory)
+    if prior is None and ar_prior is None:
+        raise ModelFormatError(f"{directory} holds no prior (prior/ or ar_prior/); assemble it with one")
+    upsamplers = [load_upsampler(directory, stage) for stage in range(1, len(cfg.upsamplers) + 1)]
+    pipe = UnclipPipeline(config=cfg, clip=load_clip(directory), decoder=load_decoder(directory),
+                          upsamplers=upsamplers, prior=prior, ar_prior=ar_prior, directory=directory)
+    return pipe.to(device) if device else pipe
+
+
+__all__ = ["load"]

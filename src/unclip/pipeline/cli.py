@@ -1,0 +1,238 @@
+"""`unclip generate|vary|interpolate|textdiff|inpaint|probe|assemble`: the pipeline on the command line.
+
+Every image verb writes a captioned grid (`--out`, a PNG) and each image beside it
+(`<out stem>-<i>.png`), every PNG carrying its generation parameters as JSON in the PNG text
+chunk "unclip", and shows a progress bar per sampling stage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+VERB_HELP = {
+    "generate": "caption → images (prior → decoder → upsamplers)",
+    "vary": "variations of an image (DDIM inversion, then DDIM with η > 0; paper §3.1)",
+    "interpolate": "images between two images (slerp of z_i; paper §3.2)",
+    "textdiff": "edit an image toward a new caption (paper §3.3)",
+    "inpaint": "repaint the white (or transparent) region of a mask",
+    "probe": "decode an image's z_i from its first k PCA dimensions (paper §4)",
+}
+
+
+class ProgressBars:
+    """callback(stage, step) for the pipeline: one tqdm bar per sampling stage, on stderr."""
+
+    def __init__(self, enabled: bool = True):
+        self.enabled, self.bar, self.stage = enabled, None, None
+
+    def __call__(self, stage: str, step) -> None:
+        if not self.enabled:
+            return
+        from tqdm.auto import tqdm
+
+        if stage != self.stage or self.bar is None or self.bar.n >= self.bar.total:
+            self.close()
+            self.bar, self.stage = tqdm(total=step.total, desc=stage, unit="step", leave=False), stage
+        self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def write_outputs(images: list, out: str | Path, *, labels: list[str], params: dict, columns: int = 4) -> list[Path]:
+    """The grid at `out` and each image at `<stem>-<i>.png`, all written atomically with
+    `params` (plus the image's index and label) as JSON in the PNG text chunk "unclip"."""
+    from PIL.PngImagePlugin import PngInfo
+
+    from unclip.data.preview import captioned_grid
+    from unclip.io import save_image_atomic
+
+    out = Path(out)
+    paths = []
+    for i, (image, label) in enumerate(zip(images, labels)):
+        info = PngInfo()
+        info.add_text("unclip", json.dumps({**params, "index": i, "label": label}, ensure_ascii=False))
+        paths.append(save_image_atomic(out.with_name(f"{out.stem}-{i}.png"), image, pnginfo=info))
+    thai = lambda text: any("\u0e00" <= ch <= "\u0e7f" for ch in text)  # noqa: E731
+    grid = captioned_grid(images, [[("th" if thai(label) else "en", label)] for label in labels],
+                          columns=min(columns, len(images)))
+    info = PngInfo()
+    info.add_text("unclip", json.dumps(params, ensure_ascii=False))
+    save_image_atomic(out, grid, pnginfo=info)
+    return paths
+
+
+def _load(args: argparse.Namespace):
+    import unclip
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    return unclip.load(args.model, device=args.device)
+
+
+def _common(parser: argparse.ArgumentParser, verb: str, *, seed: int | None = 0) -> None:
+    parser.add_argument("--model", help="model directory (from `unclip assemble` or `unclip train all`)")
+    parser.add_argument("--out", default=f"out/{verb}.png",
+                        help=f"grid PNG; each image goes beside it as <name>-<i>.png (default: out/{verb}.png)")
+    parser.add_argument("--seed", type=int, default=seed, help=f"random seed (default: {seed})")
+    parser.add_argument("--steps", type=int, help="decoder sampling steps (default: the model's config)")
+    parser.add_argument("--guidance-scale", type=float, help="decoder classifier-free guidance (default: the model's)")
+    parser.add_argument("--device", help="torch device, e.g. cuda (default: cpu)")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _finish(args: argparse.Namespace, verb: str, images: list, labels: list[str], extra: dict) -> int:
+    params = {"verb": verb, "model": str(args.model), "seed": args.seed, "steps": args.steps,
+              "guidance_scale": args.guidance_scale, **extra}
+    paths = write_outputs(images, args.out, labels=labels, params=params)
+    print(f"{len(images)} image(s): grid {args.out}, images {paths[0].parent}/{Path(args.out).stem}-*.png")
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    pipe, bars = _load(args), ProgressBars(not args.quiet)
+    images = pipe.generate(args.prompts, n=args.n, prior=args.prior, prior_guidance_scale=args.prior_guidance_scale,
+                           guidance_scale=args.guidance_scale, steps=args.steps, sampler=args.sampler,
+                           seed=args.seed, callback=bars)
+    bars.close()
+    labels = [p for p in args.prompts for _ in range(args.n)]
+    return _finish(args, "generate", images, labels, {"prompts": args.prompts, "n": args.n, "prior": args.prior,
+                                                      "prior_guidance_scale": args.prior_guidance_scale,
+                                                      "sampler": args.sampler})
+
+
+def _vary(args: argparse.Namespace) -> int:
+    pipe, bars = _load(args), ProgressBars(not args.quiet)
+    images = pipe.variations(args.image, n=args.n, eta=args.eta, steps=args.steps,
+                             guidance_scale=args.guidance_scale, seed=args.seed, callback=bars)
+    bars.close()
+    return _finish(args, "vary", images, [f"variation {i + 1} (η {args.eta})" for i in range(args.n)],
+                   {"image": args.image, "eta": args.eta})
+
+
+def _interpolate(args: argparse.Namespace) -> int:
+    pipe, bars = _load(args), ProgressBars(not args.quiet)
+    images = pipe.interpolate(args.image_a, args.image_b, n=args.n, mode=args.mode, steps=args.steps,
+                              guidance_scale=args.guidance_scale, seed=args.seed, callback=bars)
+    bars.close()
+    labels = [f"t = {i / (args.n - 1):.2f}" for i in range(args.n)]
+    return _finish(args, "interpolate", images, labels, {"images": [args.image_a, args.image_b], "mode": args.mode})
+
+
+def _textdiff(args: argparse.Namespace) -> int:
+    pipe, bars = _load(args), ProgressBars(not args.quiet)
+    images = pipe.text_diff(args.image, args.caption, args.target, thetas=args.thetas, steps=args.steps,
+                            guidance_scale=args.guidance_scale, seed=args.seed, callback=bars)
+    bars.close()
+    return _finish(args, "textdiff", images, [f"θ = {t:g}" for t in args.thetas],
+                   {"image": args.image, "caption": args.caption, "target": args.target, "thetas": args.thetas})
+
+
+def _inpaint(args: argparse.Namespace) -> int:
+    pipe, bars = _load(args), ProgressBars(not args.quiet)
+    images = pipe.inpaint(args.image, args.mask, args.prompt, n=args.n, resample=args.resample, steps=args.steps,
+                          guidance_scale=args.guidance_scale, seed=args.seed, callback=bars)
+    bars.close()
+    label = args.prompt or "(the image's own z_i)"
+    return _finish(args, "inpaint", images, [label] * args.n,
+                   {"image": args.image, "mask": args.mask, "prompt": args.prompt, "resample": args.resample})
+
+
+def _probe(args: argparse.Namespace) -> int:
+    pipe, bars = _load(args), ProgressBars(not args.quiet)
+    images = pipe.pca_probe(args.image, dims=args.dims, steps=args.steps, guidance_scale=args.guidance_scale,
+                            seed=args.seed, callback=bars)
+    bars.close()
+    dims = pipe.probe_dims(args.dims)
+    return _finish(args, "probe", images, [f"k = {k}" for k in dims], {"image": args.image, "dims": dims})
+
+
+def _assemble(args: argparse.Namespace) -> int:
+    from unclip.pipeline.assemble import assemble
+
+    out = assemble(args.out, decoder=args.decoder, prior=args.prior, ar_prior=args.ar_prior,
+                   upsamplers=tuple(args.upsampler or ()))
+    print(f"model: {out}")
+    print(f'try: unclip generate "a red circle above a blue square" --model {out}')
+    return 0
+
+
+def register(subparsers) -> None:
+    gen = subparsers.add_parser("generate", help=VERB_HELP["generate"], description=(
+        "Generate images from captions (English or Thai): the prior turns each caption into a CLIP image "
+        "embedding, the decoder paints it at low resolution guided by the embedding and the caption, and the "
+        "upsamplers enlarge it."))
+    gen.add_argument("prompts", nargs="+", metavar="PROMPT", help="one or more captions")
+    gen.add_argument("-n", type=int, default=4, help="images per prompt (default: 4)")
+    gen.add_argument("--prior", choices=["diffusion", "ar"], help="which prior (default: diffusion when present)")
+    gen.add_argument("--prior-guidance-scale", type=float, help="prior classifier-free guidance (default: the model's)")
+    gen.add_argument("--sampler", choices=["ddim", "ddpm", "dpmsolver++"], help="decoder sampler (default: the model's)")
+    _common(gen, "generate")
+    gen.set_defaults(func=_generate)
+
+    vary = subparsers.add_parser("vary", help=VERB_HELP["vary"], description=(
+        "Encode the image to its bipartite latent (CLIP z_i and the decoder's x_T by DDIM inversion) and decode "
+        "it with DDIM η > 0: the content CLIP sees stays, the rest varies. η = 0 reconstructs the image."))
+    vary.add_argument("image", help="a square image file")
+    vary.add_argument("-n", type=int, default=4, help="number of variations (default: 4)")
+    vary.add_argument("--eta", type=float, default=0.8, help="DDIM η: 0 reconstructs, 1 varies most (default: 0.8)")
+    _common(vary, "vary")
+    vary.set_defaults(func=_vary)
+
+    inter = subparsers.add_parser("interpolate", help=VERB_HELP["interpolate"], description=(
+        "Slerp between the CLIP image embeddings of two images and decode each step, with one fixed starting "
+        "noise (--mode fixed) or with the two images' DDIM-inverted noises slerped too (--mode inverted, "
+        "so the ends reconstruct the images)."))
+    inter.add_argument("image_a", help="first square image file")
+    inter.add_argument("image_b", help="second square image file")
+    inter.add_argument("-n", type=int, default=6, help="number of frames, ends included (default: 6)")
+    inter.add_argument("--mode", choices=["fixed", "inverted"], default="fixed", help="x_T handling (default: fixed)")
+    _common(inter, "interpolate")
+    inter.set_defaults(func=_interpolate)
+
+    diff = subparsers.add_parser("textdiff", help=VERB_HELP["textdiff"], description=(
+        "Rotate the image's CLIP embedding toward the text diff norm(z_t(target) − z_t(caption)) by each θ and "
+        "decode it with the image's inverted noise, so the image changes toward the target and keeps the rest."))
+    diff.add_argument("image", help="a square image file")
+    diff.add_argument("caption", help="what the image shows now, e.g. \"a red circle\"")
+    diff.add_argument("target", help="what it should show, e.g. \"a blue circle\"")
+    diff.add_argument("--thetas", type=float, nargs="+", default=[0.0, 0.1, 0.2, 0.3, 0.4, 0.5],
+                      help="rotation fractions in [0, 1] (default: 0 0.1 … 0.5; the paper uses up to 0.25–0.5)")
+    _common(diff, "textdiff")
+    diff.set_defaults(func=_textdiff)
+
+    paint = subparsers.add_parser("inpaint", help=VERB_HELP["inpaint"], description=(
+        "Keep the image where the mask is black (or opaque) and paint the white (or transparent) region, "
+        "following the prompt if given, by RePaint resampling in the decoder."))
+    paint.add_argument("image", help="a square image file")
+    paint.add_argument("mask", help="a square mask image: white or transparent = repaint")
+    paint.add_argument("--prompt", help="what to paint (default: follow the image's own CLIP embedding)")
+    paint.add_argument("-n", type=int, default=4, help="number of results (default: 4)")
+    paint.add_argument("--resample", type=int, default=5, help="RePaint resamplings per step (default: 5)")
+    _common(paint, "inpaint", seed=0)
+    paint.set_defaults(func=_inpaint)
+
+    probe = subparsers.add_parser("probe", help=VERB_HELP["probe"], description=(
+        "Project the image's CLIP embedding onto its first k principal components (the AR prior's PCA) and "
+        "decode each with the same noise: what the leading dimensions of the latent space carry."))
+    probe.add_argument("image", help="a square image file")
+    probe.add_argument("--dims", type=int, nargs="+", help="values of k (default: 1 2 4 8, half, all)")
+    _common(probe, "probe")
+    probe.set_defaults(func=_probe)
+
+    asm = subparsers.add_parser("assemble", help="put trained stages together into one model directory",
+                                description="Check that the stages were trained against the same CLIP and write "
+                                            "one model directory (diffusers unCLIP layout + unclip.json).")
+    asm.add_argument("--decoder", required=True, help="decoder directory (`unclip train decoder`); brings the CLIP")
+    asm.add_argument("--prior", help="diffusion prior directory (`unclip train prior --kind diffusion`)")
+    asm.add_argument("--ar-prior", help="AR prior directory (`unclip train prior --kind ar`)")
+    asm.add_argument("--upsampler", action="append", help="upsampler directory; repeat for stage 1, then stage 2")
+    asm.add_argument("--out", required=True, help="model directory to write")
+    asm.set_defaults(func=_assemble)

@@ -1,0 +1,241 @@
+"""Adapters that run a diffusers-layout unCLIP model (Karlo) behind unclip's stage interfaces.
+
+An imported model keeps its own networks and computes what diffusers' UnCLIPPipeline computes:
+
+- `HFTokenizer`: transformers' CLIPTokenizer with the surface of `unclip.tokenizer.Tokenizer`
+  (`encode` → `TokenBatch`, cut captions reported);
+- `DiffusersClip`: CLIPTextModelWithProjection (+ CLIPVisionModelWithProjection when the model
+  has one) with the surface of `ClipModel`. Embeddings stay at the raw CLIP scale (diffusers and
+  Karlo never normalise them); the text tower runs without an attention mask, as in diffusers;
+- `DiffusersPrior`: PriorTransformer with the `sample(text_states, text_mask, z_t, ...)` surface
+  of `DiffusionPrior`; guidance against the empty prompt; x_start clipped to the scheduler's
+  `clip_sample_range` (5 for Karlo); no best-of and no renormalisation (diffusers has neither);
+- `TwoNetUpsampler`: `super_res_first` for every step but the last (t = 0), `super_res_last` for
+  that one; conditioning bicubic-upsampled as diffusers does it (antialiased kernel, no clamp).
+
+The decoder needs no adapter: `unclip.decoder.model.Decoder` takes the imported UNet and a
+`TextProj` in its "pooled" / "empty_prompt" modes. All sampling is `unclip.diffusion`'s: its
+"ddpm" sampler on the respaced cosine schedule visits the timesteps of diffusers'
+UnCLIPScheduler and draws the same noise from the same generator.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Generator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from unclip.clip.model import TextEncoding
+from unclip.config import ClipConfig, PriorConfig, UpsamplerConfig
+from unclip.decoder.upsampler import Upsampler
+from unclip.diffusion import GaussianDiffusion, SampleStep, cfg_mix, run, sample_loop
+from unclip.errors import ModelFormatError
+from unclip.tokenizer import TokenBatch
+
+log = logging.getLogger(__name__)
+
+
+class HFTokenizer:
+    """A transformers tokenizer (CLIPTokenizer) behind `unclip.tokenizer.Tokenizer`'s surface."""
+
+    def __init__(self, tokenizer):
+        self.hf = tokenizer
+        self.context_length = int(tokenizer.model_max_length)
+        self.pad_id, self.bos_id, self.eos_id = tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.hf)
+
+    def encode(self, texts: str | Sequence[str], *, context_length: int | None = None) -> TokenBatch:
+        """Captions → input_ids / attention_mask [B, L] padded to the context, as diffusers tokenizes them."""
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        length = context_length or self.context_length
+        batch = self.hf(texts, padding="max_length", max_length=length, truncation=True, return_tensors="pt")
+        truncated = []
+        for ids in self.hf(texts, verbose=False)["input_ids"]:
+            cut = len(ids) > length
+            if cut:
+                log.warning("caption cut to %d tokens; dropped the end: %r", length,
+                            self.hf.decode(ids[length - 1:-1], skip_special_tokens=True))
+            truncated.append(cut)
+        return TokenBatch(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"].long(),
+                          truncated=tuple(truncated))
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.hf.decode([int(i) for i in ids], skip_special_tokens=True)
+
+
+class DiffusersClip(nn.Module):
+    """CLIP towers of a diffusers-layout model with `ClipModel`'s encode surface (raw embeddings).
+
+    text: CLIPTextModelWithProjection; vision: CLIPVisionModelWithProjection or None (a
+    text-to-image Karlo directory has none); preprocess: the feature extractor's settings
+    (`size`, `crop`, `mean`, `std`), applied to tensors in [-1, 1].
+    """
+
+    def __init__(self, *, text: nn.Module, tokenizer: HFTokenizer, config: ClipConfig, vision: nn.Module | None = None,
+                 preprocess: dict | None = None):
+        super().__init__()
+        self.text, self.vision, self.tokenizer, self.config = text, vision, tokenizer, config
+        pre = preprocess or {}
+        self.resize_to = int(pre.get("size", config.image_size))
+        self.crop_to = int(pre.get("crop", config.image_size))
+        self.register_buffer("pixel_mean", torch.tensor(pre.get("mean", (0.5, 0.5, 0.5))).view(1, 3, 1, 1),
+                             persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(pre.get("std", (0.5, 0.5, 0.5))).view(1, 3, 1, 1),
+                             persistent=False)
+
+    @property
+    def device(self) -> torch.device:
+        return self.pixel_mean.device
+
+    def tokenize(self, captions: str | list[str]) -> TokenBatch:
+        return self.tokenizer.encode(captions)
+
+    def encode_text(self, tokens: TokenBatch) -> TextEncoding:
+        """z_t [B, D] (raw text_embeds), token states [B, L, W] and mask [B, L], as diffusers encodes prompts."""
+        out = self.text(input_ids=tokens.input_ids.to(self.device))  # no attention mask: diffusers passes none
+        return TextEncoding(embeds=out.text_embeds.float(), token_states=out.last_hidden_state,
+                            mask=tokens.attention_mask.to(self.device))
+
+    def encode_captions(self, captions: str | list[str]) -> torch.Tensor:
+        return self.encode_text(self.tokenize(captions)).embeds
+
+    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Raw z_i [B, D] of square images [B, 3, S, S] in [-1, 1]: resize, centre crop, normalise like
+        the feature extractor (bicubic on tensors instead of PIL's bicubic on 8-bit images)."""
+        if self.vision is None:
+            raise ModelFormatError(
+                "this imported model has no image encoder, so image tasks (variations, interpolate, textdiff, "
+                "probe, inpainting without a prompt) cannot encode images: import it with --image-encoder DIR, a "
+                "CLIPVisionModelWithProjection matching its text encoder (for Karlo: openai/clip-vit-large-patch14, "
+                "or the image_encoder/ of kakaobrain/karlo-v1-alpha-image-variations)")
+        x = pixels.to(self.device, torch.float32)
+        side = x.shape[-1]
+        if side != self.resize_to:
+            x = F.interpolate(x, size=(self.resize_to, self.resize_to), mode="bicubic", align_corners=False,
+                              antialias=side > self.resize_to)
+        top = (self.resize_to - self.crop_to) // 2
+        x = x[..., top:top + self.crop_to, top:top + self.crop_to]  # [B, 3, crop, crop]
+        x = ((x + 1) / 2 - self.pixel_mean) / self.pixel_std
+        return self.vision(pixel_values=x).image_embeds.float()
+
+
+class DiffusersPrior(nn.Module):
+    """A diffusers PriorTransformer with `DiffusionPrior`'s sampling surface.
+
+    transformer: PriorTransformer (its clip_mean / clip_std undo the latent normalisation);
+    config: PriorConfig (timesteps, schedule, prediction type, sampler, steps, guidance);
+    clip_range: clamp of the predicted x_start (the scheduler's clip_sample_range), or None.
+    Call `set_empty_prompt` before sampling with guidance: the null branch is the empty prompt.
+    """
+
+    def __init__(self, *, transformer: nn.Module, config: PriorConfig, clip_range: float | None = None):
+        super().__init__()
+        self.transformer, self.config, self.clip_range = transformer, config, clip_range
+        self.diffusion = GaussianDiffusion.from_schedule(config.noise_schedule, config.timesteps,
+                                                         prediction_type=config.prediction_type)
+        self.register_buffer("empty_states", torch.zeros(0), persistent=False)
+        self.register_buffer("empty_mask", torch.zeros(0), persistent=False)
+        self.register_buffer("empty_embeds", torch.zeros(0), persistent=False)
+
+    @property
+    def device(self) -> torch.device:
+        return self.transformer.proj_in.weight.device
+
+    def set_empty_prompt(self, states: torch.Tensor, mask: torch.Tensor, embeds: torch.Tensor) -> None:
+        """The null branch: CLIP encoding of "" — states [1, L, W], mask [1, L], z_t [1, D]."""
+        self.empty_states = states.detach().float().to(self.device)
+        self.empty_mask = mask.detach().to(self.device)
+        self.empty_embeds = embeds.detach().float().to(self.device)
+
+    def model_fn(self, x_t: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
+        """x_t [B, E] (normalised latent), t [B] → the PriorTransformer's prediction [B, E]."""
+        return self.transformer(x_t, t, **cond).predicted_image_embedding
+
+    def guided_fn(self, z_t: torch.Tensor, text_states: torch.Tensor, text_mask: torch.Tensor,
+                  guidance_scale: float) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """model_fn(x_t, t): conditional and empty-prompt rows in one batch, `cfg_mix`, then the clamp."""
+        cond = {"proj_embedding": z_t, "encoder_hidden_states": text_states, "attention_mask": text_mask.bool()}
+        if guidance_scale != 1.0:
+            if self.empty_states.numel() == 0:
+                raise ModelFormatError("the prior's empty-prompt encoding is not set (call set_empty_prompt)")
+            n = z_t.shape[0]
+            null = {"proj_embedding": self.empty_embeds.expand(n, -1),
+                    "encoder_hidden_states": self.empty_states.expand(n, -1, -1),
+                    "attention_mask": self.empty_mask.bool().expand(n, -1)}
+            cond = {k: torch.cat([v, null[k].to(v.dtype)]) for k, v in cond.items()}  # [2B, ...]
+
+        def model_fn(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            if guidance_scale == 1.0:
+                out = self.model_fn(x_t, t, **cond)
+            else:
+                out_cond, out_null = self.model_fn(torch.cat([x_t, x_t]), torch.cat([t, t]), **cond).chunk(2)
+                out = cfg_mix(out_cond, out_null, guidance_scale)
+            if self.clip_range is not None and self.config.prediction_type == "sample":
+                out = out.clamp(-self.clip_range, self.clip_range)  # diffusers clips x_start after guidance
+            return out
+
+        return model_fn
+
+    @torch.no_grad()
+    def sample_loop(self, text_states: torch.Tensor, text_mask: torch.Tensor, z_t: torch.Tensor, *,
+                    guidance_scale: float | None = None, steps: int | None = None, sampler: str | None = None,
+                    eta: float | None = None, generator: torch.Generator | None = None,
+                    x_T: torch.Tensor | None = None) -> Generator[SampleStep, None, torch.Tensor]:
+        """z_i [B, D] (raw CLIP scale) for captions: text states [B, L, W], mask [B, L], z_t [B, D].
+
+        x_T [B, E]: the starting latent (diffusers' `prior_latents`); unset options take the config's.
+        """
+        cfg, device = self.config, self.device
+        z_t = z_t.to(device, torch.float32)
+        model_fn = self.guided_fn(z_t, text_states.to(device, torch.float32), text_mask.to(device),
+                                  cfg.guidance_scale if guidance_scale is None else guidance_scale)
+        x = yield from sample_loop(
+            model_fn, self.diffusion, shape=(z_t.shape[0], self.transformer.proj_in.in_features), x_T=x_T,
+            sampler=sampler or cfg.sampler, steps=steps or cfg.sample_steps, eta=cfg.eta if eta is None else eta,
+            generator=generator, clip_denoised=False, device=device)
+        return self.transformer.post_process_latents(x)
+
+    def sample(self, text_states: torch.Tensor, text_mask: torch.Tensor, z_t: torch.Tensor, *,
+               callback: Callable[[SampleStep], None] | None = None, **kwargs) -> torch.Tensor:
+        """`sample_loop` run to the end: z_i [B, D]."""
+        return run(self.sample_loop(text_states, text_mask, z_t, **kwargs), callback)
+
+
+class TwoNetUpsampler(Upsampler):
+    """diffusers' super-resolution stage: `unet` (super_res_first) for every step but the last,
+    `last` (super_res_last) at t = 0; conditioning upsampled as diffusers does it."""
+
+    def __init__(self, *, config: UpsamplerConfig, first: nn.Module, last: nn.Module | None = None):
+        nn.Module.__init__(self)
+        self.config, self.unet = config, first
+        self.last = None if last is None or last is first else last
+        self.diffusion = GaussianDiffusion.from_schedule(config.noise_schedule, config.timesteps,
+                                                         prediction_type=config.prediction_type,
+                                                         variance=config.variance)
+
+    def unet_fn(self, x_t: torch.Tensor, t: torch.Tensor, *, low: torch.Tensor) -> torch.Tensor:
+        """x_t [B, 3, S, S], t [B], low [B, 3, S, S] → eps [B, 3, S, S]; super_res_last when every t is 0."""
+        net = self.last if self.last is not None and bool((t == 0).all()) else self.unet
+        return net(torch.cat([x_t, low], dim=1), t).sample
+
+    @torch.no_grad()
+    def sample_loop(self, low_res: torch.Tensor, *, steps: int | None = None, sampler: str | None = None,
+                    eta: float | None = None, generator: torch.Generator | None = None,
+                    x_T: torch.Tensor | None = None) -> Generator[SampleStep, None, torch.Tensor]:
+        """×4 images [B, 3, 4r, 4r] in [-1, 1] from low-res images [B, 3, r, r]."""
+        cfg = self.config
+        side = cfg.out_resolution * low_res.shape[-1] // cfg.in_resolution
+        # [B, 3, S, S] as diffusers makes it: unclamped, and antialias=True, which for upsampling
+        # switches PyTorch's bicubic from a = -0.75 to PIL's a = -0.5
+        low = F.interpolate(low_res.to(self.device, torch.float32), size=(side, side), mode="bicubic",
+                            align_corners=False, antialias=True)
+        return (yield from sample_loop(
+            self.unet_fn, self.diffusion, shape=(low.shape[0], 3, side, side), x_T=x_T,
+            sampler=sampler or cfg.sampler, steps=steps or cfg.sample_steps, eta=cfg.eta if eta is None else eta,
+            generator=generator, clip_denoised=True, cond={"low": low}, device=self.device))

@@ -1,0 +1,394 @@
+"""The text → image cascade and the latent-space manipulations, over one decode path.
+
+`UnclipPipeline` holds the frozen CLIP, the priors, the decoder and the upsamplers of one model
+directory. `decode(z_i, ...)` is the only way to pixels: decoder (from x_T or fresh noise, with
+classifier-free guidance), then every ×4 upsampler. The tasks are thin: they choose z_i, x_T or
+a mask and call it.
+
+- `generate`: caption → prior → z_i → decode (paper §2).
+- `variations`: image → (z_i, x_T by DDIM inversion) → decode with DDIM η > 0 (§3.1).
+- `interpolate`: slerp between two images' z_i with x_T fixed, or slerp of both latents (§3.2).
+- `text_diff`: rotate z_i toward norm(z_t − z_t0) by θ, x_T fixed (§3.3).
+- `inpaint`: RePaint resampling keeps the known pixels, the caption's z_i fills the rest.
+- `pca_probe`: decode z_i truncated to its first k principal components, x_T fixed (§4).
+
+Images go in as PIL images, paths or tensors [B, 3, S, S] in [-1, 1] and come out as PIL images.
+Every call takes `seed` (an int, a `torch.Generator`, or None for fresh randomness) and an
+optional `callback(stage, step)` that sees every sampling step ("prior", "decoder",
+"invert", "upsampler1", ...).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+
+from unclip.clip.model import ClipModel, TextEncoding
+from unclip.config import UnclipConfig
+from unclip.diffusion import SampleStep
+from unclip.errors import ConfigError, DataError
+from unclip.pipeline import latent
+
+log = logging.getLogger(__name__)
+
+Seed = int | torch.Generator | None
+Callback = Callable[[str, SampleStep], None]
+ImageInput = "Image.Image | str | Path | torch.Tensor | Sequence"
+PRIORS = ("diffusion", "ar")
+
+
+def generators(seed: Seed, n: int) -> list[torch.Generator] | torch.Generator | None:
+    """Per-image generators seed, seed+1, … (so image i is the same in a batch or alone), or the
+    given generator shared by the batch, or None."""
+    if seed is None or isinstance(seed, torch.Generator):
+        return seed
+    return [torch.Generator().manual_seed(int(seed) + i) for i in range(n)]
+
+
+def _stage_callback(callback: Callback | None, stage: str) -> Callable[[SampleStep], None] | None:
+    return None if callback is None else (lambda step: callback(stage, step))
+
+
+class UnclipPipeline:
+    """The stages of one model; build it with `unclip.load(path)`."""
+
+    def __init__(self, *, config: UnclipConfig, clip: ClipModel, decoder, upsamplers: Sequence = (),
+                 prior=None, ar_prior=None, directory: Path | None = None, pca=None):
+        """pca: the basis `pca_probe` uses (an object with mean [D] and basis [K, D], e.g. a
+        `PCAQuantizer`); default: the AR prior's."""
+        self.config, self.clip, self.decoder = config, clip.eval(), decoder.eval()
+        self.upsamplers = [u.eval() for u in upsamplers]
+        self.prior = None if prior is None else prior.eval()
+        self.ar_prior = None if ar_prior is None else ar_prior.eval()
+        self.pca = pca if pca is not None else (None if ar_prior is None else ar_prior.quantizer)
+        self.directory = directory
+
+    # --- properties ---------------------------------------------------------------------------
+
+    @property
+    def device(self) -> torch.device:
+        return self.decoder.device
+
+    @property
+    def resolution(self) -> int:
+        """Side of the images the cascade produces (the last upsampler's output)."""
+        return self.upsamplers[-1].config.out_resolution if self.upsamplers else self.config.decoder.resolution
+
+    @property
+    def priors(self) -> list[str]:
+        return [name for name, p in (("diffusion", self.prior), ("ar", self.ar_prior)) if p is not None]
+
+    def to(self, device: torch.device | str) -> UnclipPipeline:
+        for module in (self.clip, self.decoder, *self.upsamplers, self.prior, self.ar_prior, self.pca):
+            if isinstance(module, torch.nn.Module):
+                module.to(device)
+        return self
+
+    # --- encoders -----------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def encode_text(self, prompts: str | Sequence[str]) -> TextEncoding:
+        """CLIP text encoding of prompts: z_t [B, D], token states [B, L, W], mask [B, L].
+
+        Empty prompts are an error; prompts longer than the context are cut (a warning says what).
+        """
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if not prompts:
+            raise DataError("no prompt given")
+        for p in prompts:
+            if not isinstance(p, str) or not p.strip():
+                raise DataError(f"prompt {p!r} is empty; describe the image, e.g. \"a red circle above a blue square\"")
+        return self.clip.encode_text(self.clip.tokenize(prompts))
+
+    @torch.no_grad()
+    def encode_image(self, images) -> torch.Tensor:
+        """Normalised CLIP image embeddings z_i [B, D] of images (PIL, paths or a tensor)."""
+        return self.clip.encode_image(self.pixels(images, self.clip.config.image_size))
+
+    def pixels(self, images, size: int) -> torch.Tensor:
+        """Images as a tensor [B, 3, size, size] in [-1, 1] on the pipeline's device.
+
+        PIL images and paths must be square (any mode is converted to RGB); tensors must be
+        [B, 3, S, S] or [3, S, S] with values in [-1, 1].
+        """
+        from unclip.decoder.data import resize
+
+        if isinstance(images, torch.Tensor):
+            x = images[None] if images.ndim == 3 else images
+            if x.ndim != 4 or x.shape[1] != 3 or x.shape[-1] != x.shape[-2]:
+                raise DataError(f"an image tensor must be [B, 3, S, S] or [3, S, S]; got {tuple(images.shape)}")
+            if not torch.isfinite(x).all() or x.abs().max() > 1.0 + 1e-3:
+                raise DataError("image tensor values must be finite and in [-1, 1]")
+        else:
+            from unclip.data.shapes import to_tensor
+
+            items = images if isinstance(images, (list, tuple)) else [images]
+            if not items:
+                raise DataError("no image given")
+            x = torch.stack([to_tensor(_open_rgb(item)) for item in items]) if len({_size(i) for i in items}) == 1 \
+                else torch.cat([self.pixels(item, size) for item in items])
+        return resize(x.float(), size).to(self.device)
+
+    # --- the one decode path ------------------------------------------------------------------
+
+    @torch.no_grad()
+    def prior_sample(self, text: TextEncoding, *, prior: str | None = None, guidance_scale: float | None = None,
+                     seed: Seed = None, callback: Callback | None = None) -> torch.Tensor:
+        """z_i [B, D] for encoded captions from the diffusion prior (default) or the AR prior."""
+        if not self.priors:
+            raise ConfigError("this model has no prior, so it cannot turn captions into images; it can still make "
+                              "variations, interpolations and text diffs of images (an image-variation model)")
+        prior = prior or self.priors[0]
+        if prior not in PRIORS:
+            raise ConfigError(f"unknown prior {prior!r}; use one of {', '.join(PRIORS)}")
+        if prior not in self.priors:
+            raise ConfigError(f"this model has no {prior} prior; it has: {', '.join(self.priors)}")
+        n = len(text.embeds)
+        rows = []
+        gens = generators(seed, n)
+        for i in range(n):  # one caption at a time: a caption's z_i never depends on its batch
+            g = gens[i] if isinstance(gens, list) else gens
+            args = (text.token_states[i:i + 1].float(), text.mask[i:i + 1], text.embeds[i:i + 1])
+            if prior == "diffusion":
+                options = {} if guidance_scale is None else {"guidance_scale": guidance_scale}
+                rows.append(self.prior.sample(*args, generator=g, callback=_stage_callback(callback, "prior"),
+                                              **options))
+            else:
+                scale = 1.0 if guidance_scale is None else guidance_scale
+                rows.append(self.ar_prior.sample(*args, generator=g, guidance_scale=scale))
+        return torch.cat(rows)
+
+    @torch.no_grad()
+    def decode(self, z_i: torch.Tensor, text: TextEncoding | None = None, *, x_T: torch.Tensor | None = None,
+               guidance_scale: float | None = None, steps: int | None = None, sampler: str | None = None,
+               eta: float | None = None, seed: Seed = None, upsample: bool = True,
+               callback: Callback | None = None) -> torch.Tensor:
+        """Images [B, 3, R, R] in [-1, 1] from z_i [B, D] (and captions): decoder, then the upsamplers.
+
+        x_T [B, 3, r, r] fixes the decoder's starting noise (inversions, interpolations); unset
+        options take the decoder config's values. `upsample=False` stops at the decoder's side.
+        """
+        n = len(z_i)
+        gens = generators(seed, n)
+        images = self.decoder.sample(
+            z_i.to(self.device), None if text is None else text.token_states, None if text is None else text.mask,
+            text_embeds=None if text is None else text.embeds,
+            x_T=x_T, guidance_scale=guidance_scale, steps=steps, sampler=sampler, eta=eta, generator=gens,
+            callback=_stage_callback(callback, "decoder"))
+        if upsample:
+            for stage, upsampler in enumerate(self.upsamplers, start=1):
+                images = upsampler.sample(images, generator=gens, callback=_stage_callback(callback, f"upsampler{stage}"))
+        return images
+
+    @torch.no_grad()
+    def invert(self, images, z_i: torch.Tensor | None = None, text: TextEncoding | None = None, *,
+               steps: int | None = None, guidance_scale: float | None = None,
+               callback: Callback | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The bipartite latent (z_i [B, D], x_T [B, 3, r, r]) of images by DDIM inversion (paper §3)."""
+        x = self.pixels(images, self.config.decoder.resolution)
+        z_i = self.encode_image(images) if z_i is None else z_i
+        scale = self.decoder.config.guidance_scale if guidance_scale is None else guidance_scale
+        x_T = self.decoder.invert(x, z_i, None if text is None else text.token_states,
+                                  None if text is None else text.mask,
+                                  text_embeds=None if text is None else text.embeds, steps=steps,
+                                  guidance_scale=scale, callback=_stage_callback(callback, "invert"))
+        return z_i, x_T
+
+    def fixed_noise(self, seed: Seed, n: int) -> torch.Tensor:
+        """One decoder starting noise x_T [1, 3, r, r] drawn from `seed`, repeated n times [n, 3, r, r]."""
+        side = self.config.decoder.resolution
+        g = generators(seed, 1)
+        noise = torch.randn((1, 3, side, side), generator=g[0] if isinstance(g, list) else g)
+        return noise.expand(n, -1, -1, -1).to(self.device)
+
+    # --- tasks --------------------------------------------------------------------------------
+
+    def generate(self, prompt: str | Sequence[str], n: int = 1, *, prior: str | None = None,
+                 prior_guidance_scale: float | None = None, guidance_scale: float | None = None,
+                 steps: int | None = None, sampler: str | None = None, seed: Seed = None,
+                 callback: Callback | None = None, upsample: bool = True) -> list:
+        """n images per prompt (paper §2): prior → z_i → decoder (guided by z_i and the caption) → upsamplers."""
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if n < 1:
+            raise ConfigError(f"n={n}: ask for at least one image")
+        text = self.encode_text([p for p in prompts for _ in range(n)])
+        z_i = self.prior_sample(text, prior=prior, guidance_scale=prior_guidance_scale, seed=seed, callback=callback)
+        images = self.decode(z_i, text, guidance_scale=guidance_scale, steps=steps, sampler=sampler,
+                             seed=seed, callback=callback, upsample=upsample)
+        return to_pil(images)
+
+    def variations(self, image, n: int = 4, *, eta: float = 0.8, steps: int | None = None,
+                   guidance_scale: float | None = None, seed: Seed = None, callback: Callback | None = None,
+                   upsample: bool = True) -> list:
+        """n variations of one image (paper §3.1): its z_i and DDIM-inverted x_T, decoded with DDIM η.
+
+        η = 0 reconstructs the image; larger η keeps z_i's content and varies the rest.
+        """
+        z_i, x_T = self.invert(image, steps=steps, guidance_scale=guidance_scale, callback=callback)
+        z_i, x_T = z_i[:1].expand(n, -1), x_T[:1].expand(n, -1, -1, -1)
+        images = self.decode(z_i, x_T=x_T, sampler="ddim", eta=eta, steps=steps, guidance_scale=guidance_scale,
+                             seed=seed, callback=callback, upsample=upsample)
+        return to_pil(images)
+
+    def interpolate(self, image_a, image_b, n: int = 5, *, mode: str = "fixed", steps: int | None = None,
+                    guidance_scale: float | None = None, seed: Seed = 0, callback: Callback | None = None) -> list:
+        """n images from image_a to image_b (paper §3.2) by slerp of z_i.
+
+        mode "fixed": one x_T (from `seed`) for every frame; "inverted": each image's DDIM-inverted
+        x_T, slerped alongside z_i, so the endpoints reconstruct the two images.
+        """
+        if n < 2:
+            raise ConfigError(f"n={n}: an interpolation needs at least its two endpoints")
+        if mode not in ("fixed", "inverted"):
+            raise ConfigError(f"unknown interpolation mode {mode!r}; use fixed or inverted")
+        thetas = torch.linspace(0, 1, n)
+        side = max(self.clip.config.image_size, self.config.decoder.resolution)
+        pair = torch.cat([self.pixels(image_a, side)[:1], self.pixels(image_b, side)[:1]])  # [2, 3, S, S]
+        if mode == "inverted":
+            z, x_T = self.invert(pair, steps=steps, guidance_scale=guidance_scale, callback=callback)
+            x_Ts = torch.cat([latent.slerp_rows(x_T[:1], x_T[1:2], float(t)) for t in thetas])
+        else:
+            z = self.encode_image(pair)
+            x_Ts = self.fixed_noise(seed, n)
+        z_i = latent.slerp(z[:1], z[1:2], thetas[:, None].to(z))  # [n, D]
+        images = self.decode(z_i, x_T=x_Ts, sampler="ddim", eta=0.0, steps=steps, guidance_scale=guidance_scale,
+                             seed=seed, callback=callback)
+        return to_pil(images)
+
+    def text_diff(self, image, caption: str, target: str, thetas: Sequence[float] = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5),
+                  *, steps: int | None = None, guidance_scale: float | None = None, seed: Seed = 0,
+                  callback: Callback | None = None) -> list:
+        """Edit an image toward a new caption (paper §3.3): z_θ = slerp(z_i, norm(z_t − z_t0), θ), x_T fixed.
+
+        caption: what the image shows now (z_t0); target: what it should show (z_t).
+        """
+        if any(not 0 <= t <= 1 for t in thetas):
+            raise ConfigError(f"text-diff angles must be in [0, 1] (the paper uses up to 0.25–0.5); got {list(thetas)}")
+        z_i, x_T = self.invert(image, steps=steps, guidance_scale=guidance_scale, callback=callback)
+        text = self.encode_text([caption, target])
+        # [1, D], as long as z_i: unit for unclip's CLIP, the raw CLIP scale for imported (Karlo) models
+        direction = latent.text_direction(text.embeds[1:2], text.embeds[:1]) * z_i[:1].norm(dim=-1, keepdim=True)
+        z = latent.slerp(z_i[:1], direction, torch.tensor(list(thetas))[:, None].to(z_i))
+        images = self.decode(z, x_T=x_T[:1].expand(len(thetas), -1, -1, -1), sampler="ddim", eta=0.0, steps=steps,
+                             guidance_scale=guidance_scale, seed=seed, callback=callback)
+        return to_pil(images)
+
+    def inpaint(self, image, mask, prompt: str | None = None, n: int = 1, *, resample: int = 5,
+                steps: int | None = None, guidance_scale: float | None = None, seed: Seed = None,
+                callback: Callback | None = None) -> list:
+        """Fill the white (1) region of `mask` and keep the rest of `image` (RePaint resampling).
+
+        The fill follows `prompt` (through the prior) or, without one, the image's own z_i. mask:
+        PIL image or tensor [H, W] in {0, 1}, square, any side (resized to the decoder's).
+        """
+        from unclip.diffusion import repaint_loop, run
+
+        side = self.config.decoder.resolution
+        known = self.pixels(image, side)[:1].expand(n, -1, -1, -1)
+        hole = _mask_tensor(mask, side).to(self.device)  # [1, 1, r, r], 1 = paint
+        if prompt is not None:
+            text = self.encode_text([prompt] * n)
+            z_i = self.prior_sample(text, seed=seed, callback=callback)
+        else:
+            text, z_i = None, self.encode_image(image)[:1].expand(n, -1)
+        scale = self.decoder.config.guidance_scale if guidance_scale is None else guidance_scale
+        model_fn = self.decoder.guided_fn(z_i, None if text is None else text.token_states.float(),
+                                          None if text is None else text.mask, scale,
+                                          text_embeds=None if text is None else text.embeds)
+        loop = repaint_loop(model_fn, self.decoder.diffusion, known, 1 - hole, steps=steps or self.decoder.config.sample_steps,
+                            resample=resample, generator=generators(seed, n))
+        images = run(loop, _stage_callback(callback, "decoder"))
+        gens = generators(seed, n)
+        for stage, upsampler in enumerate(self.upsamplers, start=1):
+            images = upsampler.sample(images, generator=gens, callback=_stage_callback(callback, f"upsampler{stage}"))
+        if self.upsamplers and not isinstance(image, torch.Tensor):  # keep the original's known pixels at full size
+            full = self.pixels(image, self.resolution)[:1]
+            big_hole = torch.nn.functional.interpolate(hole, size=(self.resolution,) * 2, mode="nearest")
+            images = big_hole * images + (1 - big_hole) * full
+        return to_pil(images)
+
+    def probe_dims(self, dims: Sequence[int] | None = None) -> list[int]:
+        """The k values `pca_probe` decodes: `dims`, or 1, 2, 4, 8, half and all of the PCA's components."""
+        if self.pca is None:
+            raise ConfigError("pca_probe needs a PCA basis of z_i and this model has none: assemble it with "
+                              "--ar-prior, or, for an imported model, fit one (`unclip import-diffusers ... "
+                              "--pca-images DIR`)")
+        total = self.pca.basis.shape[0]
+        return list(dims) if dims is not None else sorted({k for k in (1, 2, 4, 8, total // 2, total) if 0 < k <= total})
+
+    def pca_probe(self, image, dims: Sequence[int] | None = None, *, steps: int | None = None,
+                  guidance_scale: float | None = None, seed: Seed = 0, callback: Callback | None = None) -> list:
+        """Decode an image's z_i reduced to its first k principal components, for each k (paper §4).
+
+        Uses `self.pca` (by default the AR prior's basis); x_T is fixed by `seed` so only z_i
+        varies. Each truncation keeps z_i's length (unit for unclip's CLIP, raw for imported models).
+        """
+        dims = self.probe_dims(dims)
+        pca = self.pca
+        z_i = self.encode_image(image)[:1]
+        length = z_i.norm(dim=-1, keepdim=True)  # [1, 1]
+        z = torch.cat([latent.pca_truncate(z_i, mean=pca.mean, basis=pca.basis, k=k) * length for k in dims])
+        images = self.decode(z, x_T=self.fixed_noise(seed, len(dims)), sampler="ddim", eta=0.0,
+                             steps=steps, guidance_scale=guidance_scale, seed=seed, callback=callback)
+        return to_pil(images)
+
+
+def _open_rgb(item):
+    """A square RGB PIL image from a PIL image or a path; other modes are converted, other shapes refused."""
+    from PIL import Image
+
+    if isinstance(item, Image.Image):
+        image = item
+    else:
+        try:
+            with Image.open(item) as opened:
+                opened.load()
+                image = opened.copy()
+        except (OSError, ValueError) as err:
+            raise DataError(f"cannot read the image {item}: {err}") from None
+    if image.width != image.height:
+        raise DataError(f"the image is {image.width}×{image.height}; unclip works on square images, so crop it "
+                        f"to a square first (e.g. the centre {min(image.size)}×{min(image.size)})")
+    return image.convert("RGB")
+
+
+def _size(item) -> tuple[int, int]:
+    return _open_rgb(item).size
+
+
+def _mask_tensor(mask, side: int) -> torch.Tensor:
+    """A mask (PIL image, path or tensor [H, W] / [1, 1, H, W]) as [1, 1, side, side] in {0, 1}."""
+    import torch.nn.functional as F
+
+    if isinstance(mask, torch.Tensor):
+        m = mask.float()
+        m = m.view(1, 1, *m.shape[-2:]) if m.ndim in (2, 3, 4) else None
+        if m is None:
+            raise DataError(f"a mask tensor must be [H, W]; got {tuple(mask.shape)}")
+    else:
+        import numpy as np
+        from PIL import Image
+
+        try:
+            pil = mask if isinstance(mask, Image.Image) else Image.open(mask)
+            pil.load()
+        except (OSError, ValueError) as err:
+            raise DataError(f"cannot read the mask {mask}: {err}") from None
+        alpha = pil.mode in ("RGBA", "LA")
+        gray = np.asarray(pil.getchannel("A") if alpha else pil.convert("L"), dtype=np.float32) / 255.0
+        m = torch.from_numpy(1.0 - gray if alpha else gray)[None, None]  # transparent = paint (the OpenAI convention)
+    if m.shape[-1] != m.shape[-2]:
+        raise DataError(f"the mask must be square like the image; got {m.shape[-1]}×{m.shape[-2]}")
+    if m.sum() == 0:
+        raise DataError("the mask is empty: mark the region to repaint in white (or transparent)")
+    return (F.interpolate(m, size=(side, side), mode="area") > 0.5).float()
+
+
+def to_pil(images: torch.Tensor) -> list:
+    """Images [B, 3, R, R] in [-1, 1] → PIL RGB images."""
+    from unclip.data.shapes import to_pil as one
+
+    return [one(image) for image in images]

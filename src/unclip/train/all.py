@@ -1,0 +1,101 @@
+"""`unclip train all`: the whole cascade in one resumable command.
+
+CLIP → embeddings of the training pairs → diffusion prior and AR prior → decoder → upsamplers →
+one assembled model directory. Each stage writes its model under `<root>/<stage>/model`; a stage
+whose model directory is already complete is skipped, and a stage that was interrupted resumes
+from its last checkpoint, so running the command again after a crash finishes the job.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from unclip.config import UnclipConfig
+from unclip.errors import ConfigError, ModelFormatError
+
+log = logging.getLogger(__name__)
+
+STAGES = ("clip", "embed", "prior", "ar_prior", "decoder", "upsamplers")
+EMBED_PAIRS = 20_000  # training pairs embedded for the priors (docs/priors.md)
+
+
+def _done(model_dir: Path) -> bool:
+    """A model directory that reads back (manifest present, every listed file the right size)."""
+    from unclip.modeldir import read_manifest, verify_files
+
+    try:
+        verify_files(model_dir, read_manifest(model_dir))
+    except ModelFormatError:
+        return False
+    return True
+
+
+def train_all(cfg: UnclipConfig, *, root: str | Path, out: str | Path, stages: Sequence[str] = STAGES,
+              resume: bool = True, progress: bool = True, evaluate: bool = True, embed_pairs: int = EMBED_PAIRS,
+              fit_samples: int = 5000) -> dict[str, float]:
+    """Train every stage of `cfg` under `root` and assemble the model directory `out`.
+
+    stages: the subset to run (the others must already be complete under `root`). embed_pairs:
+    training pairs embedded for the priors; fit_samples: pairs the priors' PCA and statistics
+    are fitted on. Returns the seconds each stage took this time (skipped stages are absent).
+    """
+    from unclip.clip.stage import train_clip
+    from unclip.decoder.stage import train_decoder, train_upsampler
+    from unclip.pipeline.assemble import assemble
+    from unclip.prior.stage import train_prior
+
+    unknown = set(stages) - set(STAGES)
+    if unknown:
+        raise ConfigError(f"unknown stage(s) {', '.join(sorted(unknown))}; stages are {', '.join(STAGES)}")
+    root = Path(root)
+    model = {name: root / name / "model" for name in ("clip", "prior", "ar_prior", "decoder")}
+    embeddings = root / "emb"
+    upsampler_dirs = [root / f"upsampler{i}" / "model" for i in range(1, len(cfg.upsamplers) + 1)]
+    timings: dict[str, float] = {}
+
+    def run(name: str, target: Path, fn) -> None:
+        if _done(target):
+            log.info("%s: %s is complete, skipped", name, target)
+            return
+        if name not in stages:
+            raise ModelFormatError(f"stage {name} is not complete at {target} and was not asked for; "
+                                   f"add it to --stages")
+        start = time.monotonic()
+        log.info("%s: training into %s", name, target)
+        fn()
+        timings[name] = round(time.monotonic() - start, 1)
+
+    run("clip", model["clip"], lambda: train_clip(cfg, run_dir=root / "clip", out=model["clip"], resume=resume,
+                                                  progress=progress, evaluate=evaluate))
+
+    def embed() -> None:
+        from unclip.clip.embed import embed_dataset
+        from unclip.clip.stage import load_clip
+
+        d = cfg.data
+        embed_dataset(load_clip(model["clip"]), embeddings, source=d.source, path=d.path, lang=d.lang, seed=d.seed,
+                      n=embed_pairs, shard_size=5000, progress=progress, model_path=str(model["clip"]))
+
+    if (embeddings / "meta.json").is_file():
+        log.info("embed: %s is complete, skipped", embeddings)
+    elif "embed" in stages or "prior" in stages or "ar_prior" in stages:
+        start = time.monotonic()
+        embed()
+        timings["embed"] = round(time.monotonic() - start, 1)
+    for kind, name in (("diffusion", "prior"), ("ar", "ar_prior")):
+        run(name, model[name], lambda kind=kind, name=name: train_prior(
+            cfg, kind=kind, clip_dir=model["clip"], run_dir=root / name, out=model[name], embeddings=embeddings,
+            resume=resume, progress=progress, evaluate=evaluate, fit_samples=fit_samples))
+    run("decoder", model["decoder"], lambda: train_decoder(cfg, clip_dir=model["clip"], run_dir=root / "decoder",
+                                                           out=model["decoder"], resume=resume, progress=progress,
+                                                           evaluate=evaluate))
+    for stage, target in enumerate(upsampler_dirs, start=1):
+        run("upsamplers", target, lambda stage=stage, target=target: train_upsampler(
+            cfg, stage=stage, run_dir=target.parent, out=target, resume=resume, progress=progress, evaluate=evaluate))
+    path = assemble(out, decoder=model["decoder"], prior=model["prior"], ar_prior=model["ar_prior"],
+                    upsamplers=tuple(upsampler_dirs))
+    log.info("trained %s; seconds per stage: %s", path, timings)
+    return timings

@@ -1,0 +1,254 @@
+"""The pipeline: assembling stages, the one decode path, every task, slerp, bad input."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from unclip.config import preset
+from unclip.errors import ConfigError, DataError, ModelFormatError
+from unclip.pipeline.latent import pca_truncate, slerp, slerp_rows, text_direction
+
+
+def _clip_dir(root, seed=0):
+    from unclip.clip.model import ClipModel
+    from unclip.clip.stage import save_clip
+    from unclip.tokenizer import train_shapes_tokenizer
+
+    cfg = preset("tiny")
+    torch.manual_seed(seed)
+    tokenizer = train_shapes_tokenizer(vocab_size=600, context_length=32, corpus_size=1000)
+    clip = ClipModel.from_config(cfg.clip, tokenizer=tokenizer).eval()
+    return save_clip(clip, root / f"clip{seed}", cfg=cfg)
+
+
+def _stages(root, clip_dir):
+    """Untrained tiny stage directories, as the `unclip train` verbs would write them."""
+    from unclip.clip.stage import load_clip
+    from unclip.decoder.stage import build_decoder, save_decoder, save_upsampler, with_clip_config
+    from unclip.decoder.upsampler import Upsampler
+    from unclip.prior.stage import build_ar_prior, build_diffusion_prior, save_diffusion_prior, save_prior
+
+    cfg = with_clip_config(preset("tiny"), clip_dir)
+    clip = load_clip(clip_dir)
+    torch.manual_seed(0)
+    decoder = build_decoder(cfg)
+    with torch.no_grad():  # an untrained UNet is no denoiser; damped, DDIM inversion holds (test_decoder.py)
+        decoder.unet.conv_out.weight.mul_(0.02)
+    dirs = {"decoder": save_decoder(decoder, clip, root / "decoder", cfg=cfg, clip_dir=clip_dir)}
+    dirs["ar_prior"] = save_prior(clip, build_ar_prior(cfg, clip, fit_samples=64), root / "ar", cfg=cfg,
+                                  clip_dir=clip_dir, evaluation={}, provenance={})
+    dirs["prior"] = save_diffusion_prior(clip, build_diffusion_prior(cfg, clip, fit_samples=64), root / "prior",
+                                         cfg=cfg, clip_dir=clip_dir, evaluation={}, provenance={})
+    dirs["upsampler"] = save_upsampler(Upsampler.from_config(cfg.upsamplers[0]), root / "up", cfg=cfg, stage=1)
+    return dirs
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    from unclip.pipeline.assemble import assemble
+
+    root = tmp_path_factory.mktemp("pipeline")
+    dirs = _stages(root, _clip_dir(root))
+    return assemble(root / "model", decoder=dirs["decoder"], prior=dirs["prior"], ar_prior=dirs["ar_prior"],
+                    upsamplers=(dirs["upsampler"],))
+
+
+@pytest.fixture(scope="module")
+def pipe(model_dir):
+    import unclip
+
+    return unclip.load(model_dir)
+
+
+def _image(side=64, seed=0):
+    from unclip.data.render import render
+    from unclip.data.world import sample
+
+    return render(sample("val", seed, lang="en").scene, side)
+
+
+def _array(image) -> np.ndarray:
+    return np.asarray(image, dtype=np.int16)
+
+
+# --- latent operations ---------------------------------------------------------------------------
+
+
+def test_slerp_endpoints_norm_and_angle():
+    g = torch.Generator().manual_seed(0)
+    a, b = (torch.nn.functional.normalize(torch.randn(3, 16, generator=g), dim=-1) for _ in range(2))
+    assert torch.allclose(slerp(a, b, 0.0), a, atol=1e-6) and torch.allclose(slerp(a, b, 1.0), b, atol=1e-6)
+    theta = torch.arccos((a * b).sum(-1))
+    for t in (0.25, 0.5, 0.8):
+        mid = slerp(a, b, t)
+        assert torch.allclose(mid.norm(dim=-1), torch.ones(3), atol=1e-6)  # stays on the sphere
+        assert torch.allclose(torch.arccos((mid * a).sum(-1).clamp(-1, 1)), t * theta, atol=1e-4)  # constant rate
+    many = slerp(a[:1], b[:1], torch.linspace(0, 1, 5)[:, None])
+    assert many.shape == (5, 16) and torch.allclose(many[2], slerp(a[:1], b[:1], 0.5)[0], atol=1e-6)
+    assert torch.allclose(slerp(a, a, 0.3), a, atol=1e-6)  # parallel: no division by zero
+    x, y = torch.randn(2, 3, 4, 4, generator=g), torch.randn(2, 3, 4, 4, generator=g)
+    assert torch.allclose(slerp_rows(x, y, 0.0), x, atol=1e-5) and slerp_rows(x, y, 0.5).shape == x.shape
+
+
+def test_text_direction_and_pca_truncation():
+    z_t0, z_t = torch.tensor([[1.0, 0.0, 0.0]]), torch.tensor([[0.0, 1.0, 0.0]])
+    assert torch.allclose(text_direction(z_t, z_t0), torch.tensor([[-1.0, 1.0, 0.0]]) / math.sqrt(2))
+    with pytest.raises(DataError, match="same CLIP embedding"):
+        text_direction(z_t, z_t)
+    basis, mean = torch.eye(3)[:2], torch.zeros(3)
+    z = torch.nn.functional.normalize(torch.tensor([[3.0, 4.0, 1.0]]), dim=-1)
+    assert torch.allclose(pca_truncate(z, mean=mean, basis=basis, k=1), torch.tensor([[1.0, 0.0, 0.0]]))
+    assert torch.allclose(pca_truncate(z, mean=mean, basis=basis, k=2), torch.tensor([[0.6, 0.8, 0.0]]))
+    with pytest.raises(ConfigError, match="k=3"):
+        pca_truncate(z, mean=mean, basis=basis, k=3)
+
+
+# --- assembling and loading ----------------------------------------------------------------------
+
+
+def test_assembled_model_holds_every_stage_and_refuses_a_foreign_clip(model_dir, tmp_path):
+    from unclip.modeldir import read_manifest
+    from unclip.pipeline.assemble import assemble
+
+    manifest = read_manifest(model_dir)
+    for comp in ("tokenizer", "text_encoder", "image_encoder", "decoder", "text_proj", "prior", "ar_prior",
+                 "super_res_first"):
+        assert (model_dir / comp).is_dir(), comp
+    assert manifest.resolutions == (16, 64) and manifest.extra["priors"] == ["prior", "ar_prior"]
+    other = _stages(tmp_path, _clip_dir(tmp_path, seed=1))
+    with pytest.raises(ModelFormatError, match="different CLIP"):
+        assemble(tmp_path / "mixed", decoder=model_dir, ar_prior=other["ar_prior"])
+    with pytest.raises(ModelFormatError, match="holds no prior"):
+        assemble(tmp_path / "wrong", decoder=model_dir, prior=other["decoder"])
+    with pytest.raises(ModelFormatError, match="needs a prior"):
+        assemble(tmp_path / "none", decoder=model_dir)
+
+
+# --- generate ------------------------------------------------------------------------------------
+
+
+def test_generate_is_seeded_and_a_batch_of_one_equals_the_batch(pipe):
+    seen = []
+    images = pipe.generate(["a red circle", "วงกลมสีแดง"], n=2, seed=3, callback=lambda stage, step: seen.append(stage))
+    assert len(images) == 4 and images[0].size == (64, 64)
+    assert {"prior", "decoder", "upsampler1"} <= set(seen)
+    again = pipe.generate(["a red circle", "วงกลมสีแดง"], n=2, seed=3)
+    assert all(np.array_equal(_array(a), _array(b)) for a, b in zip(images, again))
+    other = pipe.generate("a red circle", n=1, seed=4)  # image 1 of the batch used seed 3 + 1
+    assert np.abs(_array(other[0]) - _array(images[1])).max() <= 1  # equal up to float rounding
+    assert not np.array_equal(_array(images[0]), _array(images[1]))
+    ar = pipe.generate("a red circle", prior="ar", seed=3)
+    assert ar[0].size == (64, 64)
+
+
+def test_bad_input_is_a_clear_error(pipe):
+    from PIL import Image
+
+    with pytest.raises(DataError, match="empty"):
+        pipe.generate("  ")
+    with pytest.raises(ConfigError, match="unknown prior"):
+        pipe.generate("a red circle", prior="gan")
+    with pytest.raises(DataError, match="square"):
+        pipe.variations(Image.new("RGB", (40, 30)))
+    with pytest.raises(DataError, match="cannot read"):
+        pipe.encode_image("/nonexistent/image.png")
+    with pytest.raises(DataError, match=r"\[B, 3, S, S\]"):
+        pipe.encode_image(torch.zeros(2, 1, 8, 8))
+    with pytest.raises(DataError, match="mask is empty"):
+        pipe.inpaint(_image(), Image.new("L", (64, 64), 0))
+    with pytest.raises(DataError, match="square"):
+        pipe.inpaint(_image(), Image.new("L", (64, 32), 255))
+    long = " ".join(["a red circle above a blue square"] * 20)
+    assert pipe.encode_text(long).mask.shape[1] == 32  # cut to the context, with a warning
+
+
+# --- manipulations -------------------------------------------------------------------------------
+
+
+def test_inversion_then_eta_zero_decoding_reconstructs_the_image(pipe):
+    image = _image()
+    z_i, x_T = pipe.invert(image, steps=10)
+    again = pipe.decode(z_i, x_T=x_T, sampler="ddim", eta=0.0, steps=10, upsample=False)
+    target = pipe.pixels(image, pipe.config.decoder.resolution)
+    assert (again - target).pow(2).mean() < 1e-3
+    small = np.asarray(_image(side=16).convert("RGB"), dtype=np.int16)
+    variations = pipe.variations(image, n=2, eta=0.0, steps=10, seed=0, upsample=False)
+    assert all(np.abs(_array(v) - small).mean() < 8 for v in variations)  # η = 0: the image itself
+    varied = pipe.variations(image, n=2, eta=1.0, steps=10, seed=0, upsample=False)
+    assert not np.array_equal(_array(varied[0]), _array(varied[1]))
+    assert pipe.variations(image, n=1, steps=4, seed=0)[0].size == (64, 64)
+
+
+def test_interpolation_text_diff_and_pca_probe_shapes(pipe):
+    a, b = _image(seed=0), _image(seed=1)
+    frames = pipe.interpolate(a, b, n=3, steps=4)
+    assert len(frames) == 3 and frames[0].size == (64, 64)
+    inverted = pipe.interpolate(a, b, n=3, mode="inverted", steps=4)
+    assert len(inverted) == 3
+    edits = pipe.text_diff(a, "a red circle", "a blue circle", thetas=(0.0, 0.25), steps=4)
+    assert len(edits) == 2
+    probe = pipe.pca_probe(a, dims=[1, 2], steps=4)
+    assert len(probe) == 2
+    with pytest.raises(ConfigError, match="at least its two endpoints"):
+        pipe.interpolate(a, b, n=1)
+
+
+def test_inpaint_keeps_the_known_pixels(pipe):
+    from PIL import Image
+
+    image = _image()
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (32, 0, 64, 64))  # repaint the right half
+    out = pipe.inpaint(image, mask, prompt="a red circle", steps=4, resample=2, seed=0)
+    assert len(out) == 1 and out[0].size == (64, 64)
+    assert np.array_equal(_array(out[0])[:, :32], _array(image.convert("RGB"))[:, :32])
+    assert not np.array_equal(_array(out[0])[:, 32:], _array(image.convert("RGB"))[:, 32:])
+
+
+# --- command line --------------------------------------------------------------------------------
+
+
+def test_every_cli_verb_runs_on_the_tiny_model(model_dir, tmp_path, capsys):
+    import json
+
+    from PIL import Image
+
+    from unclip.cli import main
+
+    a, b, mask = tmp_path / "a.png", tmp_path / "b.png", tmp_path / "mask.png"
+    _image(seed=0).save(a)
+    _image(seed=1).save(b)
+    m = Image.new("L", (64, 64), 0)
+    m.paste(255, (0, 0, 64, 32))
+    m.save(mask)
+    common = ["--model", str(model_dir), "--steps", "3", "--quiet"]
+    runs = {
+        "generate": ["generate", "a red circle", "ดาวสีเขียว", "-n", "2", "--seed", "5"],
+        "vary": ["vary", str(a), "-n", "2"],
+        "interpolate": ["interpolate", str(a), str(b), "-n", "3"],
+        "textdiff": ["textdiff", str(a), "a red circle", "a blue circle", "--thetas", "0", "0.3"],
+        "inpaint": ["inpaint", str(a), str(mask), "--prompt", "a green star", "-n", "1", "--resample", "1"],
+        "probe": ["probe", str(a), "--dims", "1", "3"],
+    }
+    counts = {"generate": 4, "vary": 2, "interpolate": 3, "textdiff": 2, "inpaint": 1, "probe": 2}
+    for verb, argv in runs.items():
+        out = tmp_path / f"{verb}.png"
+        assert main([*argv, *common, "--out", str(out)]) == 0, verb
+        assert out.is_file() and "image(s)" in capsys.readouterr().out
+        singles = sorted(tmp_path.glob(f"{verb}-*.png"))
+        assert len(singles) == counts[verb], verb
+        with Image.open(singles[-1]) as image:
+            params = json.loads(image.text["unclip"])
+            assert image.size == (64, 64)
+        assert params["verb"] == verb and params["index"] == counts[verb] - 1 and params["steps"] == 3
+    with Image.open(tmp_path / "generate-1.png") as image:
+        assert json.loads(image.text["unclip"])["label"] == "a red circle"
+
+    assert main(["generate", "", *common]) == 2  # empty prompt: a clear error, status 2
+    assert "empty" in capsys.readouterr().err
+    assert main(["generate", "a red circle", "--model", str(tmp_path / "missing")]) == 2
+    assert main(["assemble", "--decoder", str(model_dir), "--ar-prior", str(model_dir),
+                 "--out", str(tmp_path / "again")]) == 0
+    assert (tmp_path / "again" / "ar_prior").is_dir() and not (tmp_path / "again" / "prior").exists()
