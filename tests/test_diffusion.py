@@ -194,3 +194,22 @@ def test_diffusion_imports_no_network_module():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_repaint_keeps_the_known_region_and_samples_the_hole():
+    from unclip.diffusion import repaint_loop, run
+
+    d = GaussianDiffusion.from_schedule("cosine", 1000, variance="fixed_small")
+    model = _gaussian_denoiser(d, 0.0, 0.5)
+    known = 0.5 * torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(6))
+    keep = torch.zeros(1, 1, 8, 8)
+    keep[..., :4] = 1  # keep the left half
+    steps = list(repaint_loop(model, d, known, keep, steps=10, resample=3, generator=torch.Generator().manual_seed(0)))
+    out = steps[-1].x_t
+    assert len(steps) == 10 and torch.equal(out[..., :4], known[..., :4])
+    assert not torch.allclose(out[..., 4:], known[..., 4:], atol=0.1)
+    assert 0.1 < out[..., 4:].std().item() < 1.0  # the hole is drawn from the data distribution (std 0.5)
+    again = run(repaint_loop(model, d, known, keep, steps=10, resample=3, generator=torch.Generator().manual_seed(0)))
+    assert torch.equal(again, out)
+    whole = run(repaint_loop(model, d, known, torch.ones(1, 1, 8, 8), steps=4, resample=2))
+    assert torch.equal(whole, known)
