@@ -269,9 +269,11 @@ def test_import_errors_say_what_is_missing(karlo, imported, tmp_path):
 # --- export --------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def unclip_model(tmp_path_factory):
-    """A tiny unclip model (untrained stages), assembled as `unclip assemble` would."""
+def _tiny_unclip(root, prediction_type="epsilon"):
+    """A tiny unclip model (untrained stages), assembled as `unclip assemble` would; `prediction_type`
+    of its decoder and upsampler."""
+    from dataclasses import replace
+
     from unclip.clip.model import ClipModel
     from unclip.clip.stage import load_clip, save_clip
     from unclip.config import preset
@@ -281,8 +283,9 @@ def unclip_model(tmp_path_factory):
     from unclip.prior.stage import build_diffusion_prior, save_diffusion_prior
     from unclip.tokenizer import train_shapes_tokenizer
 
-    root = tmp_path_factory.mktemp("unclip")
     cfg = preset("tiny")
+    cfg = replace(cfg, decoder=replace(cfg.decoder, prediction_type=prediction_type),
+                  upsamplers=(replace(cfg.upsamplers[0], prediction_type=prediction_type),))
     torch.manual_seed(0)
     tokenizer = train_shapes_tokenizer(vocab_size=600, context_length=32, corpus_size=1000)
     clip_dir = save_clip(ClipModel.from_config(cfg.clip, tokenizer=tokenizer).eval(), root / "clip", cfg=cfg)
@@ -295,22 +298,30 @@ def unclip_model(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def exported(unclip_model, tmp_path_factory):
+def unclip_model(tmp_path_factory):
+    return _tiny_unclip(tmp_path_factory.mktemp("unclip"))
+
+
+def _load_exported(out, root):
     import diffusers.utils.dynamic_modules_utils as dynamic
 
-    from unclip.pipeline.export import export_diffusers
-
-    root = tmp_path_factory.mktemp("exported")
-    out = export_diffusers(unclip_model, root / "diffusers")
     modules_cache = dynamic.HF_MODULES_CACHE
     dynamic.HF_MODULES_CACHE = str(root / "hf_modules")  # where diffusers copies custom component code
     try:
         from diffusers.pipelines.deprecated.unclip import UnCLIPPipeline
 
-        ref = UnCLIPPipeline.from_pretrained(out, trust_remote_code=True)
+        return UnCLIPPipeline.from_pretrained(out, trust_remote_code=True)
     finally:
         dynamic.HF_MODULES_CACHE = modules_cache
-    return out, ref
+
+
+@pytest.fixture(scope="module")
+def exported(unclip_model, tmp_path_factory):
+    from unclip.pipeline.export import export_diffusers
+
+    root = tmp_path_factory.mktemp("exported")
+    out = export_diffusers(unclip_model, root / "diffusers")
+    return out, _load_exported(out, root)
 
 
 def test_export_loads_and_runs_in_diffusers(exported):
@@ -377,6 +388,31 @@ def test_exported_networks_compute_what_unclip_computes(unclip_model, exported):
                                      (ref.decoder_scheduler, pipe.decoder.diffusion),
                                      (ref.super_res_scheduler, pipe.upsamplers[0].diffusion)):
             assert torch.allclose(scheduler.alphas_cumprod.double(), diffusion.alphas_cumprod, rtol=1e-4)
+
+
+def test_v_prediction_exports_through_the_shim_as_epsilon(tmp_path):
+    import unclip
+    from unclip.pipeline.export import export_diffusers
+
+    model = _tiny_unclip(tmp_path / "v", prediction_type="v_prediction")
+    out = export_diffusers(model, tmp_path / "diffusers")
+    ref = _load_exported(out, tmp_path)
+    index = json.loads((out / "model_index.json").read_text())
+    assert index["super_res_first"] == ["unclip_unet", "UnclipUNet2DModel"]
+    assert ref.decoder_scheduler.config.prediction_type == "epsilon"
+    pipe = unclip.load(model)
+    g = torch.Generator().manual_seed(0)
+    t = torch.tensor([90, 4])  # tiny: 100 timesteps
+    with torch.no_grad():
+        low = torch.randn(2, 6, 64, 64, generator=g)  # [x_t, upsampled low-res]
+        v = pipe.upsamplers[0].unet(low, t).sample
+        d = pipe.upsamplers[0].diffusion
+        eps = d.eps_from_x0(low[:, :3], t, d.x0_from_v(low[:, :3], t, v))
+        assert torch.allclose(ref.super_res_first(low, t).sample, eps, atol=1e-4)
+        assert torch.allclose(ref.super_res_last(low, t).sample, eps, atol=1e-4)
+    images = ref(PROMPT, prior_num_inference_steps=2, decoder_num_inference_steps=2, super_res_num_inference_steps=2,
+                 generator=torch.Generator().manual_seed(0), output_type="np").images
+    assert images.shape == (1, 64, 64, 3) and np.isfinite(images).all()
 
 
 def test_export_refuses_what_diffusers_cannot_hold(karlo, tmp_path):

@@ -22,6 +22,8 @@ retrained; every network computes what it computes in unclip (docs/interop.md ha
   CrossAttn blocks ships the 20-line subclass `unclip.pipeline.diffusers_unet` in `decoder/`
   (hence `trust_remote_code=True`). `text_proj.embedding_proj` is zero (unclip adds no z_t to
   the timestep embedding).
+- v-prediction: UnCLIPScheduler knows ε and x_0 only, so a v-predicting decoder or upsampler
+  (the shapes preset) ships the same shim file, whose output is converted to ε.
 - model_index.json names `text_proj` by the module that defines UnCLIPTextProjModel: diffusers'
   own `save_pretrained` writes ["diffusers", ...], which its `from_pretrained` rejects.
 """
@@ -45,7 +47,7 @@ log = logging.getLogger(__name__)
 
 Z_T_SCALE = 1000.0  # s: keeps the LayerNorm's eps (1e-5) negligible against the mirrored z_t's variance
 TEXT_PROJ_ENTRY = ["diffusers.pipelines.deprecated.unclip.text_proj", "UnCLIPTextProjModel"]
-SHIM_MODULE, SHIM_CLASS = "unclip_unet", "UnclipUNet2DConditionModel"
+SHIM_MODULE, SHIM_CLASS, SHIM_UPSAMPLER = "unclip_unet", "UnclipUNet2DConditionModel", "UnclipUNet2DModel"
 TRANSFORMER_BLOCKS = ("CrossAttnDownBlock2D", "CrossAttnUpBlock2D", "UNetMidBlock2DCrossAttn")
 
 
@@ -73,7 +75,9 @@ def _check(pipe) -> None:
         log.warning("diffusers' UnCLIPPipeline has one ×4 stage; the export keeps only the first upsampler")
     stages = (("prior", pipe.prior.config), ("decoder", pipe.decoder.config), ("upsampler", pipe.upsamplers[0].config))
     for name, cfg in stages:
-        if cfg.noise_schedule != "cosine" or cfg.prediction_type not in ("epsilon", "sample"):
+        # v-predicting UNets are exported with a shim that hands the scheduler ε (diffusers_unet.py)
+        allowed = ("epsilon", "sample") if name == "prior" else ("epsilon", "sample", "v_prediction")
+        if cfg.noise_schedule != "cosine" or cfg.prediction_type not in allowed:
             raise ModelFormatError(f"the {name} uses a {cfg.noise_schedule} schedule predicting {cfg.prediction_type}; "
                                    "diffusers' UnCLIPScheduler implements the cosine schedule with epsilon or sample "
                                    "prediction only")
@@ -86,7 +90,8 @@ def _check(pipe) -> None:
 def _scheduler(cfg, *, variance: str, clip: bool):
     from diffusers import UnCLIPScheduler
 
-    return UnCLIPScheduler(num_train_timesteps=cfg.timesteps, prediction_type=cfg.prediction_type, clip_sample=clip,
+    prediction = "epsilon" if cfg.prediction_type == "v_prediction" else cfg.prediction_type  # the shim converts
+    return UnCLIPScheduler(num_train_timesteps=cfg.timesteps, prediction_type=prediction, clip_sample=clip,
                            variance_type="learned_range" if variance == "learned_range" else "fixed_small_log")
 
 
@@ -206,8 +211,19 @@ def export_diffusers(model: str | Path, out: str | Path) -> Path:
     rows = torch.cat([Z_T_SCALE * p_text, -Z_T_SCALE * p_text]) if mirror else p_text
     decoder_cfg, up = pipe.decoder.config, pipe.upsamplers[0]
     unet_cfg = pipe.decoder.unet.config
-    shim = any(b in TRANSFORMER_BLOCKS for b in (*unet_cfg.down_block_types, *unet_cfg.up_block_types,
-                                                    unet_cfg.mid_block_type))
+    shim = decoder_cfg.prediction_type == "v_prediction" or any(
+        b in TRANSFORMER_BLOCKS for b in (*unet_cfg.down_block_types, *unet_cfg.up_block_types, unet_cfg.mid_block_type))
+    up_shim = up.config.prediction_type == "v_prediction"
+    shim_source = Path(diffusers_unet.__file__).read_text(encoding="utf-8")
+
+    def write_shim(folder: Path, class_name: str, cfg) -> None:
+        """Point `folder`'s config at the shim class and write the shim with `cfg`'s prediction and steps."""
+        config_path = folder / "config.json"
+        unet_json = json.loads(config_path.read_text(encoding="utf-8"))
+        config_path.write_text(json.dumps({**unet_json, "_class_name": class_name}, indent=2), encoding="utf-8")
+        source = shim_source.replace('PREDICTION_TYPE = "epsilon"', f'PREDICTION_TYPE = "{cfg.prediction_type}"')
+        source = source.replace("TIMESTEPS = 1000", f"TIMESTEPS = {cfg.timesteps}")
+        (folder / f"{SHIM_MODULE}.py").write_text(source, encoding="utf-8")
 
     def write(tmp: Path) -> None:
         _tokenizer(clip.tokenizer).save_pretrained(tmp / "tokenizer")
@@ -222,19 +238,19 @@ def export_diffusers(model: str | Path, out: str | Path) -> Path:
         _text_proj(pipe.decoder.text_proj, width).save_pretrained(tmp / "text_proj")
         pipe.decoder.unet.save_pretrained(tmp / "decoder")
         if shim:
-            config_path = tmp / "decoder" / "config.json"
-            unet_json = json.loads(config_path.read_text(encoding="utf-8"))
-            config_path.write_text(json.dumps({**unet_json, "_class_name": SHIM_CLASS}, indent=2), encoding="utf-8")
-            shutil.copy2(diffusers_unet.__file__, tmp / "decoder" / f"{SHIM_MODULE}.py")
+            write_shim(tmp / "decoder", SHIM_CLASS, decoder_cfg)
         _scheduler(decoder_cfg, variance=decoder_cfg.variance, clip=True).save_pretrained(tmp / "decoder_scheduler")
         up.unet.save_pretrained(tmp / "super_res_first")
+        if up_shim:
+            write_shim(tmp / "super_res_first", SHIM_UPSAMPLER, up.config)
         shutil.copytree(tmp / "super_res_first", tmp / "super_res_last")  # diffusers' last step: the same network
         _scheduler(up.config, variance=up.config.variance, clip=True).save_pretrained(tmp / "super_res_scheduler")
         index = {"_class_name": "UnCLIPPipeline", "_diffusers_version": diffusers.__version__,
                  "decoder": [SHIM_MODULE, SHIM_CLASS] if shim else ["diffusers", "UNet2DConditionModel"],
                  "decoder_scheduler": ["diffusers", "UnCLIPScheduler"], "prior": ["diffusers", "PriorTransformer"],
-                 "prior_scheduler": ["diffusers", "UnCLIPScheduler"], "super_res_first": ["diffusers", "UNet2DModel"],
-                 "super_res_last": ["diffusers", "UNet2DModel"],
+                 "prior_scheduler": ["diffusers", "UnCLIPScheduler"],
+                 "super_res_first": [SHIM_MODULE, SHIM_UPSAMPLER] if up_shim else ["diffusers", "UNet2DModel"],
+                 "super_res_last": [SHIM_MODULE, SHIM_UPSAMPLER] if up_shim else ["diffusers", "UNet2DModel"],
                  "super_res_scheduler": ["diffusers", "UnCLIPScheduler"],
                  "text_encoder": ["transformers", "CLIPTextModelWithProjection"], "text_proj": TEXT_PROJ_ENTRY,
                  "tokenizer": ["transformers", "PreTrainedTokenizerFast"]}
@@ -242,9 +258,10 @@ def export_diffusers(model: str | Path, out: str | Path) -> Path:
         (tmp / "unclip_export.json").write_text(json.dumps({
             "source": str(Path(model).resolve()), "unclip_version": __version__, "embedding_dim": dim,
             "exported_width": width, "z_t": "layernorm-mirror" if mirror else "raw",
-            "load": "UnCLIPPipeline.from_pretrained(path, trust_remote_code=True)" if shim
+            "load": "UnCLIPPipeline.from_pretrained(path, trust_remote_code=True)" if shim or up_shim
             else "UnCLIPPipeline.from_pretrained(path)"}, indent=2), encoding="utf-8")
 
     path = _write(Path(out), write)
-    log.info("exported %s to %s (diffusers UnCLIPPipeline%s)", model, path, ", trust_remote_code=True" if shim else "")
+    log.info("exported %s to %s (diffusers UnCLIPPipeline%s)", model, path,
+             ", trust_remote_code=True" if shim or up_shim else "")
     return path
