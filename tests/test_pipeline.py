@@ -141,6 +141,9 @@ def test_generate_is_seeded_and_a_batch_of_one_equals_the_batch(pipe):
     assert not np.array_equal(_array(images[0]), _array(images[1]))
     ar = pipe.generate("a red circle", prior="ar", seed=3)
     assert ar[0].size == (64, 64)
+    assert pipe.sizes == [16, 64] and pipe.generate("a red circle", seed=3, size=16)[0].size == (16, 16)
+    with pytest.raises(ConfigError, match="16×16, 64×64; size 48"):
+        pipe.generate("a red circle", size=48)
 
 
 def test_bad_input_is_a_clear_error(pipe):

@@ -100,12 +100,12 @@ def _generate(args: argparse.Namespace) -> int:
     pipe, bars = _load(args), ProgressBars(not args.quiet)
     images = pipe.generate(args.prompts, n=args.n, prior=args.prior, prior_guidance_scale=args.prior_guidance_scale,
                            guidance_scale=args.guidance_scale, steps=args.steps, sampler=args.sampler,
-                           seed=args.seed, callback=bars)
+                           seed=args.seed, callback=bars, size=args.size)
     bars.close()
     labels = [p for p in args.prompts for _ in range(args.n)]
     return _finish(args, "generate", images, labels, {"prompts": args.prompts, "n": args.n, "prior": args.prior,
                                                       "prior_guidance_scale": args.prior_guidance_scale,
-                                                      "sampler": args.sampler})
+                                                      "sampler": args.sampler, "size": args.size})
 
 
 def _vary(args: argparse.Namespace) -> int:
@@ -174,6 +174,7 @@ def register(subparsers) -> None:
     gen.add_argument("--prior", choices=["diffusion", "ar"], help="which prior (default: diffusion when present)")
     gen.add_argument("--prior-guidance-scale", type=float, help="prior classifier-free guidance (default: the model's)")
     gen.add_argument("--sampler", choices=["ddim", "ddpm", "dpmsolver++"], help="decoder sampler (default: the model's)")
+    gen.add_argument("--size", type=int, help="image side: the decoder's or an upsampler's (default: the largest)")
     _common(gen, "generate")
     gen.set_defaults(func=_generate)
 

@@ -164,13 +164,15 @@ class UnclipPipeline:
     @torch.no_grad()
     def decode(self, z_i: torch.Tensor, text: TextEncoding | None = None, *, x_T: torch.Tensor | None = None,
                guidance_scale: float | None = None, steps: int | None = None, sampler: str | None = None,
-               eta: float | None = None, seed: Seed = None, upsample: bool = True,
+               eta: float | None = None, seed: Seed = None, upsample: bool = True, size: int | None = None,
                callback: Callback | None = None) -> torch.Tensor:
         """Images [B, 3, R, R] in [-1, 1] from z_i [B, D] (and captions): decoder, then the upsamplers.
 
         x_T [B, 3, r, r] fixes the decoder's starting noise (inversions, interpolations); unset
-        options take the decoder config's values. `upsample=False` stops at the decoder's side.
+        options take the decoder config's values. `size` stops the cascade at that side (one of
+        `sizes`); `upsample=False` stops at the decoder's side.
         """
+        stages = self.stages_for(size) if upsample else 0
         n = len(z_i)
         gens = generators(seed, n)
         images = self.decoder.sample(
@@ -178,10 +180,23 @@ class UnclipPipeline:
             text_embeds=None if text is None else text.embeds,
             x_T=x_T, guidance_scale=guidance_scale, steps=steps, sampler=sampler, eta=eta, generator=gens,
             callback=_stage_callback(callback, "decoder"))
-        if upsample:
-            for stage, upsampler in enumerate(self.upsamplers, start=1):
-                images = upsampler.sample(images, generator=gens, callback=_stage_callback(callback, f"upsampler{stage}"))
+        for stage, upsampler in enumerate(self.upsamplers[:stages], start=1):
+            images = upsampler.sample(images, generator=gens, callback=_stage_callback(callback, f"upsampler{stage}"))
         return images
+
+    @property
+    def sizes(self) -> list[int]:
+        """The image sides the cascade can stop at: the decoder's, then each upsampler's output."""
+        return [self.config.decoder.resolution, *(u.config.out_resolution for u in self.upsamplers)]
+
+    def stages_for(self, size: int | None) -> int:
+        """How many upsamplers run to reach `size` (None: all)."""
+        if size is None:
+            return len(self.upsamplers)
+        if size not in self.sizes:
+            raise ConfigError(f"this model makes images of {', '.join(f'{s}×{s}' for s in self.sizes)}; "
+                              f"size {size} is not one of them")
+        return self.sizes.index(size)
 
     @torch.no_grad()
     def invert(self, images, z_i: torch.Tensor | None = None, text: TextEncoding | None = None, *,
@@ -209,15 +224,19 @@ class UnclipPipeline:
     def generate(self, prompt: str | Sequence[str], n: int = 1, *, prior: str | None = None,
                  prior_guidance_scale: float | None = None, guidance_scale: float | None = None,
                  steps: int | None = None, sampler: str | None = None, seed: Seed = None,
-                 callback: Callback | None = None, upsample: bool = True) -> list:
-        """n images per prompt (paper §2): prior → z_i → decoder (guided by z_i and the caption) → upsamplers."""
+                 callback: Callback | None = None, upsample: bool = True, size: int | None = None) -> list:
+        """n images per prompt (paper §2): prior → z_i → decoder (guided by z_i and the caption) → upsamplers.
+
+        size: stop the cascade at this side (one of `sizes`; default: the last upsampler's).
+        """
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if n < 1:
             raise ConfigError(f"n={n}: ask for at least one image")
+        self.stages_for(size)  # an unknown size is an error before any work
         text = self.encode_text([p for p in prompts for _ in range(n)])
         z_i = self.prior_sample(text, prior=prior, guidance_scale=prior_guidance_scale, seed=seed, callback=callback)
         images = self.decode(z_i, text, guidance_scale=guidance_scale, steps=steps, sampler=sampler,
-                             seed=seed, callback=callback, upsample=upsample)
+                             seed=seed, callback=callback, upsample=upsample, size=size)
         return to_pil(images)
 
     def variations(self, image, n: int = 4, *, eta: float = 0.8, steps: int | None = None,
