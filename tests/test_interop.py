@@ -269,9 +269,9 @@ def test_import_errors_say_what_is_missing(karlo, imported, tmp_path):
 # --- export --------------------------------------------------------------------------------------
 
 
-def _tiny_unclip(root, prediction_type="epsilon"):
+def _tiny_unclip(root, prediction_type="epsilon", target="image"):
     """A tiny unclip model (untrained stages), assembled as `unclip assemble` would; `prediction_type`
-    of its decoder and upsampler."""
+    of its decoder and upsampler, `target` of its upsampler."""
     from dataclasses import replace
 
     from unclip.clip.model import ClipModel
@@ -285,7 +285,7 @@ def _tiny_unclip(root, prediction_type="epsilon"):
 
     cfg = preset("tiny")
     cfg = replace(cfg, decoder=replace(cfg.decoder, prediction_type=prediction_type),
-                  upsamplers=(replace(cfg.upsamplers[0], prediction_type=prediction_type),))
+                  upsamplers=(replace(cfg.upsamplers[0], prediction_type=prediction_type, target=target),))
     torch.manual_seed(0)
     tokenizer = train_shapes_tokenizer(vocab_size=600, context_length=32, corpus_size=1000)
     clip_dir = save_clip(ClipModel.from_config(cfg.clip, tokenizer=tokenizer).eval(), root / "clip", cfg=cfg)
@@ -394,7 +394,7 @@ def test_v_prediction_exports_through_the_shim_as_epsilon(tmp_path):
     import unclip
     from unclip.pipeline.export import export_diffusers
 
-    model = _tiny_unclip(tmp_path / "v", prediction_type="v_prediction")
+    model = _tiny_unclip(tmp_path / "v", prediction_type="v_prediction", target="residual")
     out = export_diffusers(model, tmp_path / "diffusers")
     ref = _load_exported(out, tmp_path)
     index = json.loads((out / "model_index.json").read_text())
@@ -404,12 +404,14 @@ def test_v_prediction_exports_through_the_shim_as_epsilon(tmp_path):
     g = torch.Generator().manual_seed(0)
     t = torch.tensor([90, 4])  # tiny: 100 timesteps
     with torch.no_grad():
-        low = torch.randn(2, 6, 64, 64, generator=g)  # [x_t, upsampled low-res]
-        v = pipe.upsamplers[0].unet(low, t).sample
+        x_t, up = torch.randn(2, 3, 64, 64, generator=g), torch.rand(2, 3, 64, 64, generator=g) * 2 - 1
         d = pipe.upsamplers[0].diffusion
-        eps = d.eps_from_x0(low[:, :3], t, d.x0_from_v(low[:, :3], t, v))
-        assert torch.allclose(ref.super_res_first(low, t).sample, eps, atol=1e-4)
-        assert torch.allclose(ref.super_res_last(low, t).sample, eps, atol=1e-4)
+        # diffusers' x_t is the image's; unclip's residual upsampler sees x_t - sqrt(abar) up, same noise
+        x_r = x_t - d.alphas_cumprod[t].sqrt().float().view(-1, 1, 1, 1) * up
+        v = pipe.upsamplers[0].unet(torch.cat([x_r, up], dim=1), t).sample
+        eps = d.eps_from_x0(x_r, t, d.x0_from_v(x_r, t, v))
+        assert torch.allclose(ref.super_res_first(torch.cat([x_t, up], dim=1), t).sample, eps, atol=1e-4)
+        assert torch.allclose(ref.super_res_last(torch.cat([x_t, up], dim=1), t).sample, eps, atol=1e-4)
     images = ref(PROMPT, prior_num_inference_steps=2, decoder_num_inference_steps=2, super_res_num_inference_steps=2,
                  generator=torch.Generator().manual_seed(0), output_type="np").images
     assert images.shape == (1, 64, 64, 3) and np.isfinite(images).all()

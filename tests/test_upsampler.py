@@ -136,3 +136,19 @@ def test_cli_trains_an_upsampler(tmp_path, capsys):
     assert (tmp_path / "run" / "samples.png").is_file()
     assert load_upsampler(tmp_path / "model", 1).config.out_resolution == 64
     assert main(argv[:3] + ["2"] + argv[4:]) == 2  # tiny has one stage: a clear error, not a crash
+
+
+def test_residual_target_diffuses_the_detail_over_bicubic():
+    cfg = replace(preset("tiny").upsamplers[0], target="residual", prediction_type="sample")
+    torch.manual_seed(0)
+    up = Upsampler.from_config(cfg).eval()
+    image, low = _images(n=2, side=64), _images(n=2, side=64, seed=1)
+    assert torch.equal(up.target_of(image, low), image - low)
+    with torch.no_grad():  # a network predicting a zero residual returns bicubic upsampling exactly
+        up.unet.conv_out.weight.zero_()
+        up.unet.conv_out.bias.zero_()
+    small = _images(n=2, side=16, seed=2)
+    steps = list(up.sample_loop(small, steps=3, generator=torch.Generator().manual_seed(0)))
+    out = up.sample(small, steps=3, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(out, upsample(small, 64), atol=1e-6)
+    assert torch.allclose(steps[-1].pred_x0, out, atol=1e-6)  # steps show images, not residuals

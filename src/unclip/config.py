@@ -189,6 +189,8 @@ class UpsamplerConfig:
     noise_schedule: Literal["cosine", "linear"] = "cosine"
     variance: Literal["learned_range", "fixed_small"] = "fixed_small"
     prediction_type: Literal["epsilon", "sample", "v_prediction"] = "epsilon"
+    # "image": diffuse the high-res image; "residual": diffuse image − bicubic(low) (docs/decoder.md)
+    target: Literal["image", "residual"] = "image"
     sampler: Literal["ddpm", "ddim", "dpmsolver++"] = "ddim"
     eta: float = 0.0
     sample_steps: int = 25
@@ -320,7 +322,7 @@ def _shapes() -> UnclipConfig:
             base_channels=32, channel_mult=(1, 2, 4), attention_resolutions=(16, 8), prediction_type="v_prediction",
             train=TrainConfig(steps=3000, batch_size=32, lr=3e-4, warmup_steps=100, ema_decay=0.998,
                               mixed_precision="bf16", ckpt_every=250)),
-        upsamplers=(UpsamplerConfig(prediction_type="v_prediction", train=TrainConfig(
+        upsamplers=(UpsamplerConfig(prediction_type="v_prediction", target="residual", train=TrainConfig(
             steps=2000, batch_size=32, lr=3e-4, warmup_steps=100, ema_decay=0.998, mixed_precision="bf16",
             ckpt_every=250)),),
     )

@@ -8,11 +8,18 @@ network does not care.
 
 Batches (`training_losses`) hold image [B, 3, c, c] (high-res crops, [-1, 1]) and low
 [B, 3, c, c] (the matching crops of the degraded, upsampled low-res image).
+
+`target="residual"` diffuses image − low instead of the image (as in residual diffusion
+super-resolution, e.g. SR3's successors): the network then only has to add the detail bicubic
+upsampling lacks, and an undertrained network errs toward bicubic instead of toward a wrong
+mean colour. The paper does not say which it used; the shapes preset uses the residual
+(docs/decoder.md).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Generator
+from dataclasses import replace
 
 import torch
 from torch import nn
@@ -64,11 +71,17 @@ class Upsampler(nn.Module):
         """model_fn: x_t [B, 3, S, S], t [B], low [B, 3, S, S] (upsampled conditioning) → output."""
         return self.unet(torch.cat([x_t, low], dim=1), t).sample
 
+    def target_of(self, image: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
+        """What the diffusion runs on: the image, or with `target="residual"` its difference from the
+        upsampled conditioning (image - low, [B, 3, S, S])."""
+        return image - low if self.config.target == "residual" else image
+
     def training_losses(self, batch: dict) -> dict[str, torch.Tensor]:
         """Diffusion loss on high-res crops given their upsampled, degraded low-res crops."""
-        x_start = batch["image"].to(self.device)
+        low = batch["low"].to(self.device)
+        x_start = self.target_of(batch["image"].to(self.device), low)
         t = torch.randint(0, self.diffusion.num_timesteps, (x_start.shape[0],), device=self.device)
-        losses = self.diffusion.training_losses(self.unet_fn, x_start, t=t, cond={"low": batch["low"].to(self.device)})
+        losses = self.diffusion.training_losses(self.unet_fn, x_start, t=t, cond={"low": low})
         return {k: v.mean() for k, v in losses.items()}
 
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
@@ -82,10 +95,15 @@ class Upsampler(nn.Module):
         cfg = self.config
         side = cfg.out_resolution * low_res.shape[-1] // cfg.in_resolution
         low = upsample(low_res.to(self.device, torch.float32), side)
-        return (yield from sample_loop(
+        loop = sample_loop(
             self.unet_fn, self.diffusion, shape=(low.shape[0], 3, side, side), x_T=x_T,
             sampler=sampler or cfg.sampler, steps=steps or cfg.sample_steps, eta=cfg.eta if eta is None else eta,
-            generator=generator, clip_denoised=True, cond={"low": low}, device=self.device))
+            generator=generator, clip_denoised=True, cond={"low": low}, device=self.device)
+        if cfg.target == "image":
+            return (yield from loop)
+        for step in loop:  # residual: steps show the image the residual predicts
+            yield replace(step, pred_x0=(step.pred_x0 + low).clamp(-1, 1))
+        return (step.x_t + low).clamp(-1, 1)
 
     def sample(self, low_res: torch.Tensor, *, callback: Callable[[SampleStep], None] | None = None,
                **kwargs) -> torch.Tensor:

@@ -14,6 +14,9 @@ Why:
 - Prediction. diffusers' UnCLIPScheduler understands ε and x_0 predictions only; a network
   trained to predict v (Salimans & Ho 2022; unclip's shapes preset) has its output converted to
   ε = √ᾱ_t v + √(1 − ᾱ_t) x_t on the cosine schedule, so the scheduler sees what it expects.
+- Residual upsamplers. An upsampler trained on r = image − u (u: the upsampled low-res image)
+  sees x_t^r = x_t − √ᾱ_t u for diffusers' image-space x_t; both share the same noise ε, so the
+  output converted to ε is what diffusers' image-space scheduler needs.
 """
 
 import functools
@@ -24,6 +27,7 @@ from diffusers import UNet2DConditionModel, UNet2DModel
 
 PREDICTION_TYPE = "epsilon"  # what the network predicts; rewritten per component by the export
 TIMESTEPS = 1000  # training timesteps of its cosine schedule; rewritten by the export
+TARGET = "image"  # upsamplers: "residual" when the network diffuses image − upsampled low-res; rewritten
 
 
 @functools.lru_cache(maxsize=4)
@@ -35,17 +39,22 @@ def _alphas_cumprod(timesteps: int) -> torch.Tensor:
     return torch.cumprod(1 - betas, dim=0)
 
 
+def _abar(timestep, like: torch.Tensor) -> torch.Tensor:
+    """ᾱ_t [B, 1, 1, 1] for a timestep (int, 0-d or [B]) on `like`'s device and dtype."""
+    t = torch.as_tensor(timestep).long().flatten().cpu()
+    abar = _alphas_cumprod(TIMESTEPS)[t].to(like)
+    abar = abar.expand(like.shape[0]) if abar.numel() == 1 else abar
+    return abar.view(-1, 1, 1, 1)
+
+
 def as_epsilon(output: torch.Tensor, x_t: torch.Tensor, timestep) -> torch.Tensor:
     """The output [B, C (+ C), H, W] with its first C channels (C = x_t's) as ε; extra channels
     (a learned variance) pass through."""
     if PREDICTION_TYPE == "epsilon":
         return output
-    if PREDICTION_TYPE != "v_prediction":
+    if PREDICTION_TYPE != "v_prediction":  # noqa: SIM102
         raise ValueError(f"unclip_unet.py converts v_prediction only, not {PREDICTION_TYPE!r}")
-    t = torch.as_tensor(timestep).long().flatten().cpu()
-    abar = _alphas_cumprod(TIMESTEPS)[t].to(x_t)
-    abar = abar.expand(x_t.shape[0]) if abar.numel() == 1 else abar
-    abar = abar.view(-1, 1, 1, 1)
+    abar = _abar(timestep, x_t)
     c = x_t.shape[1]
     eps = abar.sqrt() * output[:, :c] + (1 - abar).sqrt() * x_t
     return torch.cat([eps, output[:, c:]], dim=1)
@@ -74,6 +83,10 @@ class UnclipUNet2DModel(UNet2DModel):
     """A ×4 upsampler: the input is [x_t, upsampled low-res image]; the output is ε."""
 
     def forward(self, sample, timestep, *args, return_dict: bool = True, **kwargs):
+        c = sample.shape[1] // 2
+        x_t, low = sample[:, :c], sample[:, c:]
+        if TARGET == "residual":
+            x_t = x_t - _abar(timestep, x_t).sqrt() * low  # the residual's x_t, same noise
+            sample = torch.cat([x_t, low], dim=1)
         out = super().forward(sample, timestep, *args, return_dict=True, **kwargs)
-        x_t = sample[:, : sample.shape[1] // 2]
         return _result(out, as_epsilon(out.sample, x_t, timestep), return_dict)

@@ -23,7 +23,8 @@ retrained; every network computes what it computes in unclip (docs/interop.md ha
   (hence `trust_remote_code=True`). `text_proj.embedding_proj` is zero (unclip adds no z_t to
   the timestep embedding).
 - v-prediction: UnCLIPScheduler knows ε and x_0 only, so a v-predicting decoder or upsampler
-  (the shapes preset) ships the same shim file, whose output is converted to ε.
+  (the shapes preset) ships the same shim file, whose output is converted to ε; a residual
+  upsampler's shim also shifts diffusers' image-space x_t to the residual's.
 - model_index.json names `text_proj` by the module that defines UnCLIPTextProjModel: diffusers'
   own `save_pretrained` writes ["diffusers", ...], which its `from_pretrained` rejects.
 """
@@ -213,7 +214,7 @@ def export_diffusers(model: str | Path, out: str | Path) -> Path:
     unet_cfg = pipe.decoder.unet.config
     shim = decoder_cfg.prediction_type == "v_prediction" or any(
         b in TRANSFORMER_BLOCKS for b in (*unet_cfg.down_block_types, *unet_cfg.up_block_types, unet_cfg.mid_block_type))
-    up_shim = up.config.prediction_type == "v_prediction"
+    up_shim = up.config.prediction_type == "v_prediction" or up.config.target == "residual"
     shim_source = Path(diffusers_unet.__file__).read_text(encoding="utf-8")
 
     def write_shim(folder: Path, class_name: str, cfg) -> None:
@@ -223,6 +224,7 @@ def export_diffusers(model: str | Path, out: str | Path) -> Path:
         config_path.write_text(json.dumps({**unet_json, "_class_name": class_name}, indent=2), encoding="utf-8")
         source = shim_source.replace('PREDICTION_TYPE = "epsilon"', f'PREDICTION_TYPE = "{cfg.prediction_type}"')
         source = source.replace("TIMESTEPS = 1000", f"TIMESTEPS = {cfg.timesteps}")
+        source = source.replace('TARGET = "image"', f'TARGET = "{getattr(cfg, "target", "image")}"')
         (folder / f"{SHIM_MODULE}.py").write_text(source, encoding="utf-8")
 
     def write(tmp: Path) -> None:
