@@ -24,6 +24,7 @@ COMMAND_MODULES = (
     "unclip.train.cli",
     "unclip.clip.cli",
     "unclip.explain.cli",
+    "unclip.eval.cli",
 )
 
 

@@ -1,0 +1,123 @@
+"""`unclip eval MODEL | judge | prompts`: score a model, train the judge, write a prompt file."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+DESCRIPTION = """\
+unclip eval MODEL     GenEval-style scores of a model directory: generate images for every prompt,
+                      let the frozen judge pass or fail each one, and write eval.json, report.md and
+                      one image grid per task into --out (default out/eval/<model name>).
+unclip eval judge     train the judge network on real shapes-world renders, measure its accuracy on
+                      held-out test and unseen renders, and save it to --out (default out/judge).
+unclip eval prompts   write a GenEval-style prompt file (--per-group prompts per task, split and
+                      language) to --out (default out/prompts.jsonl).
+
+A model directory literally named `judge` or `prompts` is given as ./judge or ./prompts."""
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="GenEval-style evaluation; also trains the judge and writes prompt files",
+                       description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("target", metavar="MODEL", help="model directory, or `judge`, or `prompts`")
+    p.add_argument("--out", help="output folder (prompts: a .jsonl file)")
+    p.add_argument("--seed", type=int, help="random seed (default: 0; training the judge: 1)")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    g = p.add_argument_group("evaluating a model")
+    g.add_argument("--prompts", help="prompt file (JSONL; default: the shipped set, src/unclip/eval/prompts.jsonl)")
+    g.add_argument("--images-per-prompt", type=int, default=4, help="images per prompt (default: 4)")
+    g.add_argument("--per-group", type=int, help="use only the first N prompts of each (task, split, lang); "
+                   "for `eval prompts`, how many to write (default: 4)")
+    g.add_argument("--judge", help="judge directory (default: the shipped judge, src/unclip/eval/judge)")
+    g.add_argument("--batch-prompts", type=int, default=4, help="prompts generated per batch (default: 4)")
+    g.add_argument("--prior", help="diffusion or ar (default: the model's first prior)")
+    g.add_argument("--steps", type=int, help="decoder sampling steps (default: the model's config)")
+    g.add_argument("--guidance-scale", type=float, help="decoder classifier-free guidance (default: the model's)")
+    g.add_argument("--device", help="torch device, e.g. cuda (default: cpu)")
+    j = p.add_argument_group("training the judge")
+    j.add_argument("--train-steps", type=int, default=4000, help="optimizer steps (default: 4000, ~10 min on 1 CPU thread)")
+    j.add_argument("--batch-size", type=int, default=64, help="renders per step (default: 64)")
+    j.add_argument("--eval-n", type=int, default=1000, help="held-out renders per split for its accuracy (default: 1000)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from unclip.errors import ConfigError
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    if args.images_per_prompt < 1:
+        raise ConfigError(f"--images-per-prompt {args.images_per_prompt}: use at least 1")
+    if args.per_group is not None and args.per_group < 1:
+        raise ConfigError(f"--per-group {args.per_group}: use at least 1")
+    if args.target == "judge":
+        return _judge(args)
+    if args.target == "prompts":
+        return _prompts(args)
+    return _model(args)
+
+
+def _judge(args: argparse.Namespace) -> int:
+    from unclip.eval.judge import JudgeConfig, save_judge
+    from unclip.eval.judge_train import JudgeTrainConfig, judge_accuracy, minimum, train_judge
+
+    seed = {} if args.seed is None else {"seed": args.seed}
+    cfg = JudgeTrainConfig(steps=args.train_steps, batch_size=args.batch_size, **seed)
+    judge, provenance = train_judge(JudgeConfig(), cfg, progress=not args.quiet)
+    accuracy = judge_accuracy(judge, n=args.eval_n, progress=not args.quiet)
+    out = save_judge(judge, args.out or "out/judge", accuracy=accuracy, provenance=provenance)
+    worst = minimum(accuracy)
+    print(f"judge trained in {provenance['seconds']:.0f} s -> {out}")
+    print("accuracy on held-out renders (worst of test, unseen): "
+          + ", ".join(f"{a} {v:.4f}" for a, v in worst.items()))
+    short = [a for a, v in worst.items() if v < 0.99]
+    if short:
+        print(f"below the 0.99 target: {', '.join(short)} (train longer with --train-steps)")
+    return 0
+
+
+def _prompts(args: argparse.Namespace) -> int:
+    from unclip.eval.prompts import DEFAULT_PER_GROUP, make_prompts, write_prompts
+
+    prompts = make_prompts(per_group=args.per_group or DEFAULT_PER_GROUP, seed=args.seed or 0)
+    path = write_prompts(args.out or "out/prompts.jsonl", prompts)
+    print(f"{len(prompts)} prompts -> {path}")
+    return 0
+
+
+def _model(args: argparse.Namespace) -> int:
+    import unclip
+    from unclip.errors import ModelFormatError
+    from unclip.eval.geneval import evaluate
+    from unclip.eval.judge import default_judge_dir, load_judge
+    from unclip.eval.prompts import default_prompts_path, limit, read_prompts
+    from unclip.eval.report import write_evaluation
+
+    model = Path(args.target)
+    judge_dir = Path(args.judge) if args.judge else default_judge_dir()
+    if not (judge_dir / "unclip.json").is_file():
+        raise ModelFormatError(f"no judge at {judge_dir}: train one with `unclip eval judge --out DIR` and pass "
+                               "--judge DIR")
+    judge, accuracy = load_judge(judge_dir)
+    prompts_path = Path(args.prompts) if args.prompts else default_prompts_path()
+    prompts = read_prompts(prompts_path)
+    if args.per_group:
+        prompts = limit(prompts, args.per_group)
+    pipe = unclip.load(model, device=args.device)
+    options = {k: v for k, v in (("prior", args.prior), ("steps", args.steps),
+                                 ("guidance_scale", args.guidance_scale)) if v is not None}
+    evaluation = evaluate(pipe, judge, prompts, args.images_per_prompt, args.seed or 0, judge_accuracy=accuracy,
+                          batch_prompts=args.batch_prompts, progress=not args.quiet, generate_options=options)
+    evaluation.result["meta"] = {"model": str(model), "prompts": str(prompts_path), "judge": str(judge_dir),
+                                 **{k: v for k, v in options.items()}}
+    out = Path(args.out or Path("out/eval") / model.resolve().name)
+    paths = write_evaluation(evaluation, out, title=f"unclip eval {model}")
+    r = evaluation.result
+    print(json.dumps({"overall": round(r["overall"], 4), **{t: round(v, 4) for t, v in r["tasks"].items()}}))
+    print(f"report {paths['markdown']}, all numbers {paths['json']}, grids {out}/grid_*.png")
+    return 0

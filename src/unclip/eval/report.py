@@ -1,0 +1,87 @@
+"""Write an evaluation: `eval.json` (everything), `report.md` (the tables) and one image grid per task."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from unclip.eval.geneval import TASK_ATTRIBUTES, Evaluation
+from unclip.eval.judge_train import ATTRIBUTES
+from unclip.eval.prompts import TASKS
+
+
+def _f(value) -> str:
+    return "–" if value is None or value != value else f"{value:.3f}"
+
+
+def markdown_report(result: dict, *, title: str = "unclip eval") -> str:
+    """The scores per task, split and language, each beside the judge's own accuracy, then the
+    judge's accuracy table, the Fréchet distance (judge features), diversity and the first failures."""
+    splits, langs = list(result["by_split"]), list(result["by_lang"])
+    head = ["task", "all", *splits, *langs, "judge accuracy"]
+    lines = [f"# {title}", ""]
+    meta = result.get("meta", {})
+    if meta:
+        lines += [" · ".join(f"{k}: `{v}`" for k, v in meta.items()), ""]
+    lines += [f"{result['prompts']} prompts × {result['images_per_prompt']} images, seed {result['seed']}. "
+              "A task's score is the fraction of its images that pass; overall is the unweighted mean of tasks.", "",
+              "## GenEval-style scores", "", "| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    for task in result["tasks"]:
+        cells = [result["tasks"][task]] + [result["by_split"][s]["tasks"].get(task) for s in splits] \
+            + [result["by_lang"][lg]["tasks"].get(task) for lg in langs] + [result["judge_support"].get(task)]
+        lines.append(f"| {task} | " + " | ".join(_f(c) for c in cells) + " |")
+    cells = [result["overall"]] + [result["by_split"][s]["overall"] for s in splits] \
+        + [result["by_lang"][lg]["overall"] for lg in langs] + [result.get("judge_support_overall")]
+    lines.append("| **overall** | " + " | ".join(f"**{_f(c)}**" for c in cells) + " |")
+    lines += ["", "Judge accuracy: the judge's lowest accuracy, over held-out `test` and `unseen` renders, on the "
+              "attributes the task's verdict rests on (" + "; ".join(f"{t}: {', '.join(a)}"
+                                                                     for t, a in TASK_ATTRIBUTES.items()) + ")."]
+    accuracy = result.get("judge_accuracy") or {}
+    if accuracy:
+        attributes = [a for a in ATTRIBUTES if any(a in s for s in accuracy.values())]
+        lines += ["", "## The judge's own accuracy on held-out renders", "",
+                  "| split | n | " + " | ".join(attributes) + " |", "|---|---|" + "---|" * len(attributes)]
+        for split, acc in accuracy.items():
+            lines.append(f"| {split} | {acc.get('n', '')} | " + " | ".join(_f(acc.get(a)) for a in attributes) + " |")
+    fd, div = result.get("frechet_judge_features"), result.get("diversity", {})
+    lines += ["", "## Fréchet distance (judge features) and diversity", "", "| measure | value |", "|---|---|"]
+    if fd:
+        lines += [f"| Fréchet distance (judge features), generated vs real renders of the same prompts | "
+                  f"{fd['generated_vs_real']:.4g} |",
+                  f"| Fréchet distance (judge features), real vs real (floor) | {fd['real_vs_real_floor']:.4g} |"]
+    lines += [f"| diversity (mean pairwise judge-feature distance per prompt), generated | {_f(div.get('generated'))} |",
+              f"| diversity, real renders | {_f(div.get('real'))} |", "",
+              "The Fréchet distance uses the judge's penultimate features, not Inception's: it is not FID, and "
+              "only numbers from the same judge compare."]
+    failures = [r for r in result["records"] if not r["pass"]]
+    if failures:
+        lines += ["", f"## Failures ({len(failures)} images; the first 30)", "", "| task | split | lang | prompt | judge says |",
+                  "|---|---|---|---|---|"]
+        lines += [f"| {r['tag']} | {r['split']} | {r['lang']} | {r['prompt']} | {r['reason']} |" for r in failures[:30]]
+    return "\n".join(lines) + "\n"
+
+
+def write_evaluation(evaluation: Evaluation, out: str | Path, *, title: str = "unclip eval",
+                     grid_prompts: int = 8) -> dict[str, Path]:
+    """eval.json, report.md and grid_<task>.png (the first `grid_prompts` prompts of each task) in `out`."""
+    from unclip.data.preview import captioned_grid
+    from unclip.io import atomic_write, save_image_atomic, write_json_atomic
+
+    out = Path(out)
+    result = evaluation.result
+    paths = {"json": write_json_atomic(out / "eval.json", result)}
+    with atomic_write(out / "report.md", "w") as handle:
+        handle.write(markdown_report(result, title=title))
+    paths["markdown"] = out / "report.md"
+    n = result["images_per_prompt"]
+    for task in TASKS:
+        rows = [i for i, r in enumerate(result["records"]) if r["tag"] == task][: grid_prompts * n]
+        if not rows or not evaluation.images:
+            continue
+        captions = [[(result["records"][i]["lang"], result["records"][i]["prompt"]),
+                     ("en", "PASS" if result["records"][i]["pass"] else f"fail: {result['records'][i]['reason']}")]
+                    for i in rows]
+        images = [evaluation.images[i].resize((96, 96)) if evaluation.images[i].width < 96 else evaluation.images[i]
+                  for i in rows]
+        paths[f"grid_{task}"] = save_image_atomic(out / f"grid_{task}.png",
+                                                  captioned_grid(images, captions, columns=max(n, 4)))
+    return paths
