@@ -398,7 +398,9 @@ def test_v_prediction_exports_through_the_shim_as_epsilon(tmp_path):
     out = export_diffusers(model, tmp_path / "diffusers")
     ref = _load_exported(out, tmp_path)
     index = json.loads((out / "model_index.json").read_text())
-    assert index["super_res_first"] == ["unclip_unet", "UnclipUNet2DModel"]
+    # module names carry the settings: diffusers caches custom modules by name
+    assert index["super_res_first"] == ["unclip_unet_v_prediction_100_residual", "UnclipUNet2DModel"]
+    assert index["decoder"] == ["unclip_unet_v_prediction_100_image", "UnclipUNet2DConditionModel"]
     assert ref.decoder_scheduler.config.prediction_type == "epsilon"
     pipe = unclip.load(model)
     g = torch.Generator().manual_seed(0)

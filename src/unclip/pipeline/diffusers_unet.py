@@ -1,7 +1,8 @@
 """UNets that diffusers' UnCLIPPipeline can run for an exported unclip model.
 
 `unclip export-diffusers` copies this file into an exported component folder (as
-`unclip_unet.py`), rewrites the two constants below for that component, and names the class in
+`unclip_unet_<prediction>_<steps>_<target>.py`: diffusers caches custom modules by name), rewrites
+the constants below for that component, and names the class in
 `model_index.json`, so diffusers loads it as a custom component:
 `UnCLIPPipeline.from_pretrained(path, trust_remote_code=True)`. It imports only torch and diffusers.
 

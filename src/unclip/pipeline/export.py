@@ -48,7 +48,13 @@ log = logging.getLogger(__name__)
 
 Z_T_SCALE = 1000.0  # s: keeps the LayerNorm's eps (1e-5) negligible against the mirrored z_t's variance
 TEXT_PROJ_ENTRY = ["diffusers.pipelines.deprecated.unclip.text_proj", "UnCLIPTextProjModel"]
-SHIM_MODULE, SHIM_CLASS, SHIM_UPSAMPLER = "unclip_unet", "UnclipUNet2DConditionModel", "UnclipUNet2DModel"
+SHIM_CLASS, SHIM_UPSAMPLER = "UnclipUNet2DConditionModel", "UnclipUNet2DModel"
+
+
+def shim_module(cfg) -> str:
+    """The shim's module name for a stage config. diffusers (and Python) cache custom modules by
+    name, so differently configured copies must be named apart: the name carries the settings."""
+    return f"unclip_unet_{cfg.prediction_type}_{cfg.timesteps}_{getattr(cfg, 'target', 'image')}"
 TRANSFORMER_BLOCKS = ("CrossAttnDownBlock2D", "CrossAttnUpBlock2D", "UNetMidBlock2DCrossAttn")
 
 
@@ -217,7 +223,7 @@ def export_diffusers(model: str | Path, out: str | Path) -> Path:
     up_shim = up.config.prediction_type == "v_prediction" or up.config.target == "residual"
     shim_source = Path(diffusers_unet.__file__).read_text(encoding="utf-8")
 
-    def write_shim(folder: Path, class_name: str, cfg) -> None:
+    def write_shim(folder: Path, module: str, class_name: str, cfg) -> None:
         """Point `folder`'s config at the shim class and write the shim with `cfg`'s prediction and steps."""
         config_path = folder / "config.json"
         unet_json = json.loads(config_path.read_text(encoding="utf-8"))
@@ -225,7 +231,7 @@ def export_diffusers(model: str | Path, out: str | Path) -> Path:
         source = shim_source.replace('PREDICTION_TYPE = "epsilon"', f'PREDICTION_TYPE = "{cfg.prediction_type}"')
         source = source.replace("TIMESTEPS = 1000", f"TIMESTEPS = {cfg.timesteps}")
         source = source.replace('TARGET = "image"', f'TARGET = "{getattr(cfg, "target", "image")}"')
-        (folder / f"{SHIM_MODULE}.py").write_text(source, encoding="utf-8")
+        (folder / f"{module}.py").write_text(source, encoding="utf-8")
 
     def write(tmp: Path) -> None:
         _tokenizer(clip.tokenizer).save_pretrained(tmp / "tokenizer")
@@ -240,19 +246,19 @@ def export_diffusers(model: str | Path, out: str | Path) -> Path:
         _text_proj(pipe.decoder.text_proj, width).save_pretrained(tmp / "text_proj")
         pipe.decoder.unet.save_pretrained(tmp / "decoder")
         if shim:
-            write_shim(tmp / "decoder", SHIM_CLASS, decoder_cfg)
+            write_shim(tmp / "decoder", shim_module(decoder_cfg), SHIM_CLASS, decoder_cfg)
         _scheduler(decoder_cfg, variance=decoder_cfg.variance, clip=True).save_pretrained(tmp / "decoder_scheduler")
         up.unet.save_pretrained(tmp / "super_res_first")
         if up_shim:
-            write_shim(tmp / "super_res_first", SHIM_UPSAMPLER, up.config)
+            write_shim(tmp / "super_res_first", shim_module(up.config), SHIM_UPSAMPLER, up.config)
         shutil.copytree(tmp / "super_res_first", tmp / "super_res_last")  # diffusers' last step: the same network
         _scheduler(up.config, variance=up.config.variance, clip=True).save_pretrained(tmp / "super_res_scheduler")
         index = {"_class_name": "UnCLIPPipeline", "_diffusers_version": diffusers.__version__,
-                 "decoder": [SHIM_MODULE, SHIM_CLASS] if shim else ["diffusers", "UNet2DConditionModel"],
+                 "decoder": [shim_module(decoder_cfg), SHIM_CLASS] if shim else ["diffusers", "UNet2DConditionModel"],
                  "decoder_scheduler": ["diffusers", "UnCLIPScheduler"], "prior": ["diffusers", "PriorTransformer"],
                  "prior_scheduler": ["diffusers", "UnCLIPScheduler"],
-                 "super_res_first": [SHIM_MODULE, SHIM_UPSAMPLER] if up_shim else ["diffusers", "UNet2DModel"],
-                 "super_res_last": [SHIM_MODULE, SHIM_UPSAMPLER] if up_shim else ["diffusers", "UNet2DModel"],
+                 "super_res_first": [shim_module(up.config), SHIM_UPSAMPLER] if up_shim else ["diffusers", "UNet2DModel"],
+                 "super_res_last": [shim_module(up.config), SHIM_UPSAMPLER] if up_shim else ["diffusers", "UNet2DModel"],
                  "super_res_scheduler": ["diffusers", "UnCLIPScheduler"],
                  "text_encoder": ["transformers", "CLIPTextModelWithProjection"], "text_proj": TEXT_PROJ_ENTRY,
                  "tokenizer": ["transformers", "PreTrainedTokenizerFast"]}
