@@ -61,10 +61,7 @@ def _train_decoder(args: argparse.Namespace) -> int:
     train_decoder(cfg, clip_dir=args.clip, run_dir=run_dir, out=out, resume=not args.no_resume,
                   evaluate=not args.no_eval, eval_samples=args.eval_samples)
     print(f"decoder model: {out}")
-    _print_evaluation(out, "decoder")
-    print(f"metrics: {run_dir / 'metrics.jsonl'}")
-    if (run_dir / "samples.png").is_file():
-        print(f"real images and their decodings: {run_dir / 'samples.png'}")
+    _report(out, run_dir, "decoder", sheet="real images and their decodings")
     return 0
 
 
@@ -78,19 +75,20 @@ def _train_upsampler(args: argparse.Namespace) -> int:
     train_upsampler(cfg, stage=args.stage, run_dir=run_dir, out=out, resume=not args.no_resume,
                     evaluate=not args.no_eval, eval_samples=args.eval_samples)
     print(f"upsampler {args.stage} model: {out}")
-    _print_evaluation(out, f"upsampler{args.stage}")
-    print(f"metrics: {run_dir / 'metrics.jsonl'}")
-    if (run_dir / "samples.png").is_file():
-        print(f"bicubic, upsampled and real images: {run_dir / 'samples.png'}")
+    _report(out, run_dir, f"upsampler{args.stage}", sheet="bicubic, upsampled and real images")
     return 0
 
 
-def _print_evaluation(out: Path, name: str) -> None:
+def _report(out: Path, run_dir: Path, name: str, *, sheet: str) -> None:
+    """Print stage `name`'s evaluation from the model directory, the metrics file and the picture."""
     from unclip.modeldir import read_manifest
 
     evaluation = read_manifest(out).evaluation.get(name)
     if evaluation:
         print(" ".join(f"{k}={v}" for k, v in evaluation.items()))
+    print(f"metrics: {run_dir / 'metrics.jsonl'}")
+    if (run_dir / "samples.png").is_file():
+        print(f"{sheet}: {run_dir / 'samples.png'}")
 
 
 def _train_all(args: argparse.Namespace) -> int:
