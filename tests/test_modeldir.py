@@ -132,3 +132,28 @@ def test_truncated_checkpoint_is_a_clear_error(tmp_path):
     path.write_bytes(path.read_bytes()[:500])
     with pytest.raises(ModelFormatError, match="ckpt.pt is truncated or corrupt"):
         load_checkpoint(path)
+
+
+def test_half_copy_halves_the_weights_and_loads_back_as_float32(tmp_path):
+    from safetensors.torch import load_file
+
+    from unclip.modeldir import half_model_dir
+
+    net = _net(width=64)
+    model = _write_model(tmp_path / "model", net)
+    half = half_model_dir(model, tmp_path / "half")
+    manifest = read_manifest(half)
+    verify_files(half, manifest, checksums=True)
+    assert manifest.extra["weights_dtype"] == "float16"
+    assert manifest.config == read_manifest(model).config
+    weights = half / "decoder" / "model.safetensors"
+    assert all(v.dtype == torch.float16 for v in load_file(weights).values())
+    assert weights.stat().st_size < 0.6 * (model / "decoder" / "model.safetensors").stat().st_size
+    other = _net(width=64)
+    torch.nn.init.zeros_(other[0].weight)
+    load_into(other, weights)
+    x = torch.randn(5, 3)
+    assert other[0].weight.dtype == torch.float32
+    torch.testing.assert_close(other(x), net(x), rtol=2e-3, atol=2e-3)
+    with pytest.raises(ModelFormatError, match="copy"):
+        half_model_dir(model, model)

@@ -330,7 +330,31 @@ def _shapes() -> UnclipConfig:
     )
 
 
-PRESETS: dict[str, typing.Callable[[], UnclipConfig]] = {"tiny": _tiny, "shapes": _shapes}
+def _shapes_gpu() -> UnclipConfig:
+    """The shapes cascade sized for one GPU: the shipped default model is trained with it.
+
+    Same CLIP, priors and upsampler networks as `shapes`; the decoder is the anchor's width (base
+    64). Batches are 4× larger, data loading runs in worker processes, and the step counts are
+    ceilings: `scripts/train_default_gpu.sh` gives each stage a `--minutes` budget and the trainer
+    fits the warmup + cosine schedule into it (docs/model_card.md records what each stage reached).
+    """
+    base = _shapes()
+
+    def gpu(steps: int, batch: int, lr: float, *, ema: float = 0.0) -> TrainConfig:
+        return TrainConfig(steps=steps, batch_size=batch, lr=lr, warmup_steps=500, ema_decay=ema,
+                           mixed_precision="bf16", ckpt_every=1000, log_every=50, num_workers=5)
+
+    return replace(
+        base, name="shapes-gpu",
+        clip=replace(base.clip, train=gpu(40_000, 512, 1e-3)),
+        prior=replace(base.prior, train=gpu(40_000, 512, 1e-3)),
+        ar_prior=replace(base.ar_prior, train=gpu(40_000, 512, 1e-3)),
+        decoder=replace(base.decoder, base_channels=64, train=gpu(100_000, 256, 3e-4, ema=0.999)),
+        upsamplers=(replace(base.upsamplers[0], train=gpu(100_000, 256, 3e-4, ema=0.999)),),
+    )
+
+
+PRESETS: dict[str, typing.Callable[[], UnclipConfig]] = {"tiny": _tiny, "shapes": _shapes, "shapes-gpu": _shapes_gpu}
 
 
 def preset(name: str) -> UnclipConfig:

@@ -215,6 +215,37 @@ def load_into(module: torch.nn.Module, path: str | Path) -> torch.nn.Module:
     return module
 
 
+def half_model_dir(source: str | Path, target: str | Path) -> Path:
+    """Copy a model directory with its float32 weights stored as float16 (half the bytes).
+
+    Loading casts them back to the modules' float32, so the copy loads anywhere the original
+    does; the manifest records the new files and `extra.weights_dtype = "float16"`. `target` is
+    written atomically and may not be `source`.
+    """
+    import torch
+    from safetensors.torch import save
+
+    source, target = Path(source), Path(target)
+    if source.resolve() == target.resolve():
+        raise ModelFormatError(f"half_model_dir writes a copy; give a target other than {source}")
+    manifest = read_manifest(source)
+    verify_files(source, manifest)
+
+    def components(tmp: Path) -> None:
+        for name in manifest.files:
+            src, dst = source / name, tmp / name
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            if src.suffix != ".safetensors":
+                shutil.copyfile(src, dst)
+                continue
+            state = {k: v.half() if v.dtype == torch.float32 else v for k, v in load_weights(src).items()}
+            with atomic_write(dst, "wb") as handle:
+                handle.write(save(state, metadata={"format": "pt"}))
+
+    half = Manifest(**{**_fields(manifest), "extra": {**manifest.extra, "weights_dtype": "float16"}})
+    return save_model_dir(target, half, components)
+
+
 # --- training checkpoints --------------------------------------------------------------------
 
 

@@ -63,8 +63,9 @@ def _eval(args: argparse.Namespace) -> int:
 def _embed(args: argparse.Namespace) -> int:
     from unclip.clip.embed import embed_dataset
     from unclip.clip.stage import load_clip
+    from unclip.train.trainer import training_device
 
-    model = load_clip(args.model)
+    model = load_clip(args.model).to(training_device())
     out = embed_dataset(model, args.out, source=args.source, split=args.split, n=args.n, path=args.path,
                         lang=args.lang, seed=args.seed, shard_size=args.shard_size, model_path=str(args.model))
     meta = json.loads((Path(out) / "meta.json").read_text())

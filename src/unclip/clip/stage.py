@@ -59,7 +59,7 @@ def provenance(*, seconds: float, steps: int, **extra: Any) -> dict[str, Any]:
 
 
 def train_clip(cfg: UnclipConfig, *, run_dir: str | Path, out: str | Path, resume: bool = True,
-               progress: bool = True, evaluate: bool = True) -> Path:
+               progress: bool = True, evaluate: bool = True, time_budget: float | None = None) -> Path:
     """Train CLIP with `cfg.clip` on `cfg.data` and write the model directory `out`."""
     from unclip.train.data import feed_for
     from unclip.train.trainer import train
@@ -72,7 +72,7 @@ def train_clip(cfg: UnclipConfig, *, run_dir: str | Path, out: str | Path, resum
     tc = cfg.clip.train
     feed = feed_for(cfg.data, size=cfg.clip.image_size, batch_size=tc.batch_size, num_workers=tc.num_workers)
     result = train(model, feed, cfg=tc, run_dir=run_dir, run_config=cfg.to_dict(), resume=resume,
-                   progress=progress, stage_name="clip")
+                   progress=progress, stage_name="clip", time_budget=time_budget)
     evaluation = {}
     if evaluate and cfg.data.source == "shapes":
         from unclip.clip.zeroshot import evaluate_clip

@@ -81,14 +81,15 @@ def training_pair(images: torch.Tensor, cfg: UpsamplerConfig, *, generator: torc
 
 
 def upsampler_feed(image_feed: Callable[[int], Iterator[dict]], cfg: UpsamplerConfig, *, batch_size: int,
-                   seed: int) -> Callable[[int], Iterator[dict]]:
-    """Wrap an image feed (images at `out_resolution`) into an upsampler feed of training pairs."""
+                   seed: int, device: torch.device | str = "cpu") -> Callable[[int], Iterator[dict]]:
+    """Wrap an image feed (images at `out_resolution`) into an upsampler feed of training pairs,
+    made on `device` (resizing, blurring and cropping a batch costs more than a GPU step)."""
 
     def make(start: int) -> Iterator[dict]:
         position = start
         for batch in image_feed(start):
             generator = torch.Generator().manual_seed(seed * 1_000_003 + position)
             position += batch_size
-            yield training_pair(batch["image"], cfg, generator=generator)
+            yield training_pair(batch["image"].to(device), cfg, generator=generator)
 
     return make

@@ -68,21 +68,24 @@ def build_decoder(cfg: UnclipConfig) -> Decoder:
 
 
 def train_decoder(cfg: UnclipConfig, *, clip_dir: str | Path, run_dir: str | Path, out: str | Path,
-                  resume: bool = True, progress: bool = True, evaluate: bool = True, eval_samples: int = 16) -> Path:
+                  resume: bool = True, progress: bool = True, evaluate: bool = True, eval_samples: int = 16,
+                  time_budget: float | None = None) -> Path:
     """Train the decoder on `cfg.data`, encoded on the fly by the frozen CLIP at `clip_dir`; write `out`."""
     from unclip.decoder.data import decoder_feed
     from unclip.train.data import feed_for
-    from unclip.train.trainer import train
+    from unclip.train.trainer import train, training_device
 
     cfg = with_clip_config(cfg, clip_dir)
-    clip = load_clip(clip_dir)
+    clip = load_clip(clip_dir).to(training_device())  # encodes each batch where the decoder trains
     tc = cfg.decoder.train
     torch.manual_seed(tc.seed)
     decoder = build_decoder(cfg)
     side = max(cfg.clip.image_size, cfg.decoder.resolution)
     images = feed_for(cfg.data, size=side, batch_size=tc.batch_size, num_workers=tc.num_workers)
     result = train(decoder, decoder_feed(clip, images, resolution=cfg.decoder.resolution), cfg=tc, run_dir=run_dir,
-                   run_config=cfg.to_dict(), resume=resume, progress=progress, stage_name="decoder")
+                   run_config=cfg.to_dict(), resume=resume, progress=progress, stage_name="decoder",
+                   time_budget=time_budget)
+    clip.cpu()
     evaluation = {}
     if evaluate and cfg.data.source == "shapes" and eval_samples > 0:
         from unclip.decoder.metrics import decode_clip_similarity
@@ -143,20 +146,22 @@ def load_decoder(directory: str | Path) -> Decoder:
 
 
 def train_upsampler(cfg: UnclipConfig, *, stage: int, run_dir: str | Path, out: str | Path, resume: bool = True,
-                    progress: bool = True, evaluate: bool = True, eval_samples: int = 16) -> Path:
+                    progress: bool = True, evaluate: bool = True, eval_samples: int = 16,
+                    time_budget: float | None = None) -> Path:
     """Train ×4 upsampler `stage` (1 or 2) of `cfg.upsamplers` on `cfg.data`; write the model directory `out`."""
     from unclip.decoder.data import upsampler_feed
     from unclip.train.data import feed_for
-    from unclip.train.trainer import train
+    from unclip.train.trainer import train, training_device
 
     uc = cfg.upsamplers[_stage_index(cfg, stage)]
     tc = uc.train
     torch.manual_seed(tc.seed)
     upsampler = Upsampler.from_config(uc)
     images = feed_for(cfg.data, size=uc.out_resolution, batch_size=tc.batch_size, num_workers=tc.num_workers)
-    feed = upsampler_feed(images, uc, batch_size=tc.batch_size, seed=cfg.data.seed + 1000 * stage)
+    feed = upsampler_feed(images, uc, batch_size=tc.batch_size, seed=cfg.data.seed + 1000 * stage,
+                          device=training_device())
     result = train(upsampler, feed, cfg=tc, run_dir=run_dir, run_config=cfg.to_dict(), resume=resume,
-                   progress=progress, stage_name=f"upsampler{stage}")
+                   progress=progress, stage_name=f"upsampler{stage}", time_budget=time_budget)
     evaluation = {}
     if evaluate and cfg.data.source == "shapes" and eval_samples > 0:
         from unclip.decoder.metrics import upsampler_quality

@@ -125,15 +125,25 @@ class GaussianDiffusion:
 
     # --- helpers -------------------------------------------------------------------------------
 
-    @staticmethod
-    def _at(values: torch.Tensor, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    def _on(self, values: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """`values` (one of this process's tables) on `device`, copied there once: indexing a CPU
+        table with GPU timesteps would stall every training step on a copy back to the CPU."""
+        if device.type == "cpu":
+            return values
+        cache = self.__dict__.setdefault("_device_tables", {})
+        key = (id(values), str(device))
+        if key not in cache:
+            cache[key] = values.to(device)
+        return cache[key]
+
+    def _at(self, values: torch.Tensor, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """values[t] [B] broadcast to x's shape [B, 1, ...] on x's device and dtype."""
-        out = values[t.long().cpu()].to(device=x.device, dtype=x.dtype)
+        out = self._on(values, t.device)[t.long()].to(device=x.device, dtype=x.dtype)
         return out.reshape(-1, *([1] * (x.ndim - 1)))
 
     def model_timesteps(self, t: torch.Tensor) -> torch.Tensor:
         """The original training timesteps [B] of respaced indices t [B] (what the network sees)."""
-        return self.timestep_map[t.long().cpu()].to(t.device)
+        return self._on(self.timestep_map, t.device)[t.long()]
 
     # --- forward process q ---------------------------------------------------------------------
 

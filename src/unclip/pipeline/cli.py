@@ -155,10 +155,20 @@ def _probe(args: argparse.Namespace) -> int:
 
 
 def _assemble(args: argparse.Namespace) -> int:
+    import shutil
+    import tempfile
+
+    from unclip.modeldir import half_model_dir
     from unclip.pipeline.assemble import assemble
 
-    out = assemble(args.out, decoder=args.decoder, prior=args.prior, ar_prior=args.ar_prior,
-                   upsamplers=tuple(args.upsampler or ()))
+    stages = dict(decoder=args.decoder, prior=args.prior, ar_prior=args.ar_prior, upsamplers=tuple(args.upsampler or ()))
+    if args.half:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=Path(args.out).parent, prefix=".assemble.") as tmp:
+            out = half_model_dir(assemble(Path(tmp) / "fp32", **stages), args.out)
+            shutil.rmtree(Path(tmp) / "fp32", ignore_errors=True)
+    else:
+        out = assemble(args.out, **stages)
     print(f"model: {out}")
     print(f'try: unclip generate "a red circle above a blue square" --model {out}')
     return 0
@@ -236,4 +246,6 @@ def register(subparsers) -> None:
     asm.add_argument("--ar-prior", help="AR prior directory (`unclip train prior --kind ar`)")
     asm.add_argument("--upsampler", action="append", help="upsampler directory; repeat for stage 1, then stage 2")
     asm.add_argument("--out", required=True, help="model directory to write")
+    asm.add_argument("--half", action="store_true",
+                     help="store the weights as float16 (half the size; loading casts them back to float32)")
     asm.set_defaults(func=_assemble)

@@ -59,11 +59,11 @@ def build_diffusion_prior(cfg: UnclipConfig, clip: ClipModel, *, fit_samples: in
 
 def train_prior(cfg: UnclipConfig, *, kind: str, clip_dir: str | Path, run_dir: str | Path, out: str | Path,
                 embeddings: str | Path | None = None, resume: bool = True, progress: bool = True,
-                evaluate: bool = True, fit_samples: int = FIT_SAMPLES) -> Path:
+                evaluate: bool = True, fit_samples: int = FIT_SAMPLES, time_budget: float | None = None) -> Path:
     """Train the `kind` ("diffusion" or "ar") prior and write a model directory at `out`."""
     from unclip.prior.data import embedding_feed, on_the_fly_feed
     from unclip.train.data import feed_for
-    from unclip.train.trainer import train
+    from unclip.train.trainer import train, training_device
 
     if kind not in KINDS:
         raise UnclipError(f"unknown prior kind {kind!r}; use one of {', '.join(KINDS)}")
@@ -81,8 +81,10 @@ def train_prior(cfg: UnclipConfig, *, kind: str, clip_dir: str | Path, run_dir: 
     else:
         feed = on_the_fly_feed(clip, feed_for(cfg.data, size=cfg.clip.image_size, batch_size=tc.batch_size,
                                               num_workers=tc.num_workers))
+    clip.to(training_device())  # encodes each batch's captions where the prior trains
     result = train(prior, feed, cfg=tc, run_dir=run_dir, run_config=cfg.to_dict(), resume=resume,
-                   progress=progress, stage_name=f"{kind}_prior")
+                   progress=progress, stage_name=f"{kind}_prior", time_budget=time_budget)
+    clip.cpu()
     evaluation = {}
     if evaluate and cfg.data.source == "shapes":
         from unclip.prior.metrics import evaluate_prior

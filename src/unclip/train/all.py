@@ -76,7 +76,9 @@ def train_all(cfg: UnclipConfig, *, root: str | Path, out: str | Path, stages: S
         from unclip.clip.stage import load_clip
 
         d = cfg.data
-        embed_dataset(load_clip(model["clip"]), embeddings, source=d.source, path=d.path, lang=d.lang, seed=d.seed,
+        from unclip.train.trainer import training_device
+
+        embed_dataset(load_clip(model["clip"]).to(training_device()), embeddings, source=d.source, path=d.path, lang=d.lang, seed=d.seed,
                       n=embed_pairs, shard_size=5000, progress=progress, model_path=str(model["clip"]))
 
     if (embeddings / "meta.json").is_file():

@@ -15,6 +15,10 @@ def _threads(args: argparse.Namespace) -> None:
         torch.set_num_threads(args.threads)
 
 
+def _budget(args: argparse.Namespace) -> float | None:
+    return None if args.minutes is None else args.minutes * 60.0
+
+
 def _train_clip(args: argparse.Namespace) -> int:
     from unclip.clip.stage import train_clip
 
@@ -22,7 +26,8 @@ def _train_clip(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     run_dir = Path(args.run_dir or f"runs/{cfg.name}/clip")
     out = Path(args.out or run_dir / "model")
-    train_clip(cfg, run_dir=run_dir, out=out, resume=not args.no_resume, evaluate=not args.no_eval)
+    train_clip(cfg, run_dir=run_dir, out=out, resume=not args.no_resume, evaluate=not args.no_eval,
+               time_budget=_budget(args))
     print(f"CLIP model: {out}")
     if not args.no_eval and cfg.data.source == "shapes":
         from unclip.clip.zeroshot import markdown_table
@@ -41,7 +46,8 @@ def _train_prior(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir or f"runs/{cfg.name}/{args.kind}_prior")
     out = Path(args.out or run_dir / "model")
     train_prior(cfg, kind=args.kind, clip_dir=args.clip, run_dir=run_dir, out=out, embeddings=args.embeddings,
-                resume=not args.no_resume, evaluate=not args.no_eval, fit_samples=args.fit_samples)
+                resume=not args.no_resume, evaluate=not args.no_eval, fit_samples=args.fit_samples,
+                time_budget=_budget(args))
     print(f"{args.kind} prior model: {out}")
     if not args.no_eval and cfg.data.source == "shapes":
         from unclip.modeldir import read_manifest
@@ -59,7 +65,7 @@ def _train_decoder(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir or f"runs/{cfg.name}/decoder")
     out = Path(args.out or run_dir / "model")
     train_decoder(cfg, clip_dir=args.clip, run_dir=run_dir, out=out, resume=not args.no_resume,
-                  evaluate=not args.no_eval, eval_samples=args.eval_samples)
+                  evaluate=not args.no_eval, eval_samples=args.eval_samples, time_budget=_budget(args))
     print(f"decoder model: {out}")
     _report(out, run_dir, "decoder", sheet="real images and their decodings")
     return 0
@@ -73,7 +79,7 @@ def _train_upsampler(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir or f"runs/{cfg.name}/upsampler{args.stage}")
     out = Path(args.out or run_dir / "model")
     train_upsampler(cfg, stage=args.stage, run_dir=run_dir, out=out, resume=not args.no_resume,
-                    evaluate=not args.no_eval, eval_samples=args.eval_samples)
+                    evaluate=not args.no_eval, eval_samples=args.eval_samples, time_budget=_budget(args))
     print(f"upsampler {args.stage} model: {out}")
     _report(out, run_dir, f"upsampler{args.stage}", sheet="bicubic, upsampled and real images")
     return 0
@@ -108,12 +114,16 @@ def _train_all(args: argparse.Namespace) -> int:
     return 0
 
 
-def _common(parser: argparse.ArgumentParser, stage: str) -> None:
+def _common(parser: argparse.ArgumentParser, stage: str, *, budget: bool = True) -> None:
     add_config_arguments(parser)
     parser.add_argument("--run-dir", help=f"checkpoints and metrics (default: runs/<preset name>/{stage})")
     parser.add_argument("--out", help="model directory to write (default: <run dir>/model)")
     parser.add_argument("--no-resume", action="store_true", help="start over even if the run dir has a checkpoint")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    if budget:
+        parser.add_argument("--minutes", type=float,
+                            help="wall-clock budget for the training steps: the run measures its speed and ends "
+                                 "its warmup + cosine schedule in time (at most the configured steps)")
 
 
 def register(subparsers) -> None:
@@ -172,7 +182,7 @@ def register(subparsers) -> None:
         description="Train CLIP, embed the training pairs, train the diffusion and AR priors, the decoder and "
                     "the upsamplers, then assemble one model directory. Stages already complete under the run "
                     "directory are skipped and an interrupted stage resumes, so rerun the command after a crash.")
-    _common(everything, "")
+    _common(everything, "", budget=False)
     everything.add_argument("--embed-pairs", type=int, default=20_000,
                             help="training pairs embedded for the priors (default: 20000)")
     everything.add_argument("--stages", nargs="+", choices=["clip", "embed", "prior", "ar_prior", "decoder", "upsamplers"],

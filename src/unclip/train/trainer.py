@@ -9,7 +9,14 @@ scheduler, EMA, step, RNG states and data position). A loss that turns NaN or In
 with the last good checkpoint untouched.
 
 Data comes from `make_batches(start)`, which returns an endless iterator of batches beginning at
-sample number `start`; resuming at step k asks for `start = k * batch_size * grad_accum`.
+sample number `start`; resuming at step k asks for `start = k * batch_size * grad_accum`. Batches
+may live on the CPU: the trainer moves their tensors to the training device (a GPU when there is
+one), and hands the stage back on the CPU.
+
+A run can be given a wall-clock budget (`time_budget`, seconds; `--minutes` on the CLI): the
+trainer measures its own speed and shortens the run so that warmup + cosine end inside the
+budget, re-measuring as it goes (other jobs on the same GPU change the speed). The schedule then
+ends at the fitted step count, recorded as `planned_steps` in the metrics.
 """
 
 from __future__ import annotations
@@ -52,9 +59,12 @@ class EMA:
 
     @torch.no_grad()
     def update(self, module: nn.Module) -> None:
-        for k, v in module.state_dict().items():
-            if k in self.shadow:
-                self.shadow[k].lerp_(v.detach(), 1.0 - self.decay)
+        state = module.state_dict()
+        keys = [k for k in self.shadow if k in state]
+        if keys and self.shadow[keys[0]].device != state[keys[0]].device:
+            self.shadow = {k: v.to(state[k].device) for k, v in self.shadow.items()}
+        # one fused call instead of a kernel per tensor: it matters on a GPU
+        torch._foreach_lerp_([self.shadow[k] for k in keys], [state[k].detach() for k in keys], 1.0 - self.decay)
 
     def copy_to(self, module: nn.Module) -> None:
         module.load_state_dict({**module.state_dict(), **self.shadow})
@@ -66,13 +76,14 @@ class EMA:
         self.shadow = {k: v.clone() for k, v in state.items()}
 
 
-def lr_factor(step: int, cfg: TrainConfig) -> float:
-    """Linear warmup to 1, then constant or cosine decay to 0 at `cfg.steps`."""
+def lr_factor(step: int, cfg: TrainConfig, total: int | None = None) -> float:
+    """Linear warmup to 1, then constant or cosine decay to 0 at `total` (default `cfg.steps`)."""
+    total = cfg.steps if total is None else total
     if step < cfg.warmup_steps:
         return (step + 1) / cfg.warmup_steps
     if cfg.lr_schedule == "constant":
         return 1.0
-    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    progress = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
@@ -100,6 +111,22 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def training_device() -> torch.device:
+    """Where a one-process run trains: the GPU when torch sees one, else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    """The batch with its tensors on `device` (captions and other values untouched)."""
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def fit_steps(*, done: int, limit: int, seconds_per_step: float, seconds_left: float) -> int:
+    """The step count a budgeted run ends at: what the time left allows at the measured speed,
+    never more than the configured `limit` nor fewer than the steps already `done`."""
+    return max(done, min(limit, done + int(seconds_left / max(seconds_per_step, 1e-9))))
+
+
 @dataclass
 class TrainResult:
     """What a finished run leaves: the step reached and the last logged metrics."""
@@ -122,12 +149,13 @@ def _trim_metrics(path: Path, step: int) -> None:
 
 def train(stage: nn.Module, make_batches: Callable[[int], Iterator[dict]], *, cfg: TrainConfig,
           run_dir: str | Path, run_config: dict[str, Any], resume: bool = True, progress: bool = True,
-          stage_name: str = "stage") -> TrainResult:
+          stage_name: str = "stage", time_budget: float | None = None) -> TrainResult:
     """Train `stage` for `cfg.steps` optimizer steps, checkpointing into `run_dir`.
 
     `run_config` (the full UnclipConfig as a dict) is stored in every checkpoint; resuming a run
     whose checkpoint holds a different config is an error rather than a silent mix. At the end
-    the stage holds the EMA weights when EMA is on.
+    the stage holds the EMA weights when EMA is on, and is on the CPU. `time_budget` (seconds
+    of this call) fits the schedule's length to the time, see the module docstring.
     """
     from accelerate import Accelerator
     from tqdm.auto import tqdm
@@ -137,8 +165,11 @@ def train(stage: nn.Module, make_batches: Callable[[int], Iterator[dict]], *, cf
     ckpt_path, metrics_path = run_dir / CHECKPOINT, run_dir / METRICS
     torch.manual_seed(cfg.seed)
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum)
-    optimizer = torch.optim.AdamW(_param_groups(stage, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
+    stage.to(accelerator.device)
+    optimizer = torch.optim.AdamW(_param_groups(stage, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6,
+                                  fused=accelerator.device.type == "cuda")
+    plan = {"total": cfg.steps}  # shortened by a time budget
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg, plan["total"]))
     ema = EMA(stage, decay=cfg.ema_decay) if cfg.ema_decay > 0 else None
 
     start = 0
@@ -155,6 +186,7 @@ def train(stage: nn.Module, make_batches: Callable[[int], Iterator[dict]], *, cf
             ema.load_state_dict(state["ema"])
         _set_rng_state(state["rng"])
         start = state["step"]
+        plan["total"] = max(start, state.get("planned_steps", cfg.steps))
         _trim_metrics(metrics_path, start)
         log.info("resuming %s from step %d (%s)", stage_name, start, ckpt_path)
     elif metrics_path.exists():
@@ -170,19 +202,23 @@ def train(stage: nn.Module, make_batches: Callable[[int], Iterator[dict]], *, cf
             "stage": stage_name, "step": step, "run_config": run_config,
             "model": unwrapped.state_dict(), "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "ema": ema.state_dict() if ema else None,
-            "rng": _rng_state(), "data_position": step * samples_per_step,
+            "rng": _rng_state(), "data_position": step * samples_per_step, "planned_steps": plan["total"],
         })
 
     result = TrainResult(step=start, resumed_from=start)
     began = time.perf_counter()
+    deadline = None if time_budget is None else began + time_budget
+    device = accelerator.device
     window_start, window_steps = time.perf_counter(), 0
     model.train()
     bar = tqdm(total=cfg.steps, initial=start, desc=f"train {stage_name}", disable=not progress, dynamic_ncols=True)
     sums: dict[str, float] = {}
     with open(metrics_path, "a", encoding="utf-8") as metrics_file:
         for step in range(start, cfg.steps):
+            if step >= plan["total"]:
+                break
             for _ in range(cfg.grad_accum):
-                batch = next(batches)
+                batch = to_device(next(batches), device)
                 with accelerator.accumulate(model):
                     losses = model(batch)
                     loss = losses["loss"]
@@ -203,10 +239,16 @@ def train(stage: nn.Module, make_batches: Callable[[int], Iterator[dict]], *, cf
                 ema.update(accelerator.unwrap_model(model))
             window_steps += 1
             done = step + 1
-            if done % cfg.log_every == 0 or done == cfg.steps:
-                elapsed = time.perf_counter() - window_start
+            if done % cfg.log_every == 0 or done == plan["total"]:
+                now = time.perf_counter()
+                elapsed = now - window_start
+                if deadline is not None and done - start > cfg.log_every:  # the first window holds start-up
+                    plan["total"] = fit_steps(done=done, limit=cfg.steps, seconds_per_step=elapsed / window_steps,
+                                              seconds_left=deadline - now)
+                    bar.total = plan["total"]
                 row = {"step": done, **{k: v / window_steps for k, v in sums.items()},
-                       "lr": scheduler.get_last_lr()[0], "samples_per_s": window_steps * samples_per_step / elapsed}
+                       "lr": scheduler.get_last_lr()[0], "samples_per_s": window_steps * samples_per_step / elapsed,
+                       **({"planned_steps": plan["total"]} if deadline is not None else {})}
                 metrics_file.write(json.dumps(row) + "\n")
                 metrics_file.flush()
                 bar.set_postfix(loss=f"{row['loss']:.4f}", refresh=False)
@@ -214,12 +256,14 @@ def train(stage: nn.Module, make_batches: Callable[[int], Iterator[dict]], *, cf
                 sums, window_start, window_steps = {}, time.perf_counter(), 0
             bar.update(1)
             result.step = done
-            if done % cfg.ckpt_every == 0 or done == cfg.steps:
+            if deadline is not None and time.perf_counter() > deadline:
+                plan["total"] = done  # out of time before the fitted end: stop here, schedule and all
+            if done % cfg.ckpt_every == 0 or done >= plan["total"]:
                 checkpoint(done)
     bar.close()
     stage = accelerator.unwrap_model(model)
     if ema is not None:
         ema.copy_to(stage)
-    stage.eval()
+    stage.cpu().eval()
     result.seconds = time.perf_counter() - began
     return result

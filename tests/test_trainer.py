@@ -1,0 +1,68 @@
+"""The one trainer: wall-clock budgets, device placement of batches, EMA."""
+
+import json
+import time
+
+import torch
+
+from unclip.config import TrainConfig
+from unclip.train.trainer import EMA, fit_steps, lr_factor, to_device, train
+
+
+class _Slow(torch.nn.Module):
+    """A one-parameter stage whose steps take `delay` seconds."""
+
+    def __init__(self, delay: float):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(()))
+        self.delay = delay
+
+    def forward(self, batch):
+        time.sleep(self.delay)
+        return {"loss": ((self.w - batch["x"]) ** 2).mean()}
+
+
+def _feed(start):
+    while True:
+        yield {"x": torch.ones(4), "caption": ["kept as is"]}
+
+
+def test_fit_steps_stays_between_done_and_the_configured_limit():
+    assert fit_steps(done=100, limit=10_000, seconds_per_step=0.1, seconds_left=50) == 600
+    assert fit_steps(done=100, limit=300, seconds_per_step=0.1, seconds_left=50) == 300
+    assert fit_steps(done=100, limit=10_000, seconds_per_step=0.1, seconds_left=-5) == 100
+
+
+def test_time_budget_ends_the_cosine_schedule_in_time(tmp_path):
+    cfg = TrainConfig(steps=100_000, batch_size=4, lr=0.1, warmup_steps=2, log_every=5, ckpt_every=1000)
+    began = time.perf_counter()
+    result = train(_Slow(0.01), _feed, cfg=cfg, run_dir=tmp_path, run_config={"x": 1}, progress=False,
+                   time_budget=1.0)
+    elapsed = time.perf_counter() - began
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert 20 < result.step < 200, result.step  # ~10 ms a step in 1 s, far below the 100,000 configured
+    assert elapsed < 3.0
+    assert rows[-1]["step"] == result.step and rows[-1]["planned_steps"] == result.step
+    assert rows[-1]["lr"] < 0.1 * cfg.lr  # the schedule ran out with the time, not cut off mid-way
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["step"] == result.step
+
+
+def test_lr_factor_follows_a_shortened_total():
+    cfg = TrainConfig(steps=1000, warmup_steps=10)
+    assert lr_factor(500, cfg) > 0.4
+    assert lr_factor(500, cfg, total=500) == 0.0
+
+
+def test_to_device_moves_tensors_and_keeps_the_rest():
+    batch = to_device({"x": torch.ones(2), "caption": ["a"]}, torch.device("cpu"))
+    assert batch["caption"] == ["a"] and batch["x"].device.type == "cpu"
+
+
+def test_ema_is_the_running_average():
+    net = torch.nn.Linear(2, 2)
+    ema = EMA(net, decay=0.5)
+    start = net.weight.detach().clone()
+    with torch.no_grad():
+        net.weight.add_(2.0)
+    ema.update(net)
+    torch.testing.assert_close(ema.shadow["weight"], start + 1.0)
