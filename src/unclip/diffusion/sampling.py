@@ -11,7 +11,8 @@ timesteps `timestep_map[t]`. Samplers (strings):
   (improved DDPM §4).
 - "ddim": DDIM (Song et al. 2021) with `eta` (0 deterministic), on the "leading" grid 0, T/N, …
   (the DDIM paper's and improved-diffusion's "ddimN" spacing).
-- "dpmsolver++": DPM-Solver++ 2M (Lu et al. 2022), deterministic, on timesteps 0 … T-1.
+- "dpmsolver++": DPM-Solver++ 2M (Lu et al. 2022), deterministic, on the "trailing" grid T-1 …
+  T/N-1, then a first-order step to the clean image (diffusers' own grid for it).
 
 `repaint_loop` inpaints (RePaint, ancestral steps on our own `p_mean_variance`, with resampling).
 
@@ -37,7 +38,7 @@ SAMPLERS = ("ddpm", "ddim", "dpmsolver++")
 Generators = torch.Generator | list[torch.Generator] | None  # one for the batch, or one per row
 # Which timesteps each sampler visits (schedule.space_timesteps): DDIM, forwards and inverted, on
 # the "leading" grid so that inversion and reconstruction share steps that can be inverted.
-SPACING = {"ddpm": "uniform", "ddim": "leading", "dpmsolver++": "uniform"}
+SPACING = {"ddpm": "uniform", "ddim": "leading", "dpmsolver++": "trailing"}
 
 
 @dataclass(frozen=True)

@@ -56,10 +56,14 @@ def diffusers_beta_args(schedule: str, timesteps: int) -> dict:
 
 
 def space_timesteps(timesteps: int, steps: int, spacing: str = "uniform") -> list[int]:
-    """`steps` of the `timesteps` training timesteps, ascending, always including 0.
+    """`steps` of the `timesteps` training timesteps, ascending.
 
     uniform: evenly spaced from 0 to T-1 inclusive (improved DDPM's respacing), so sampling starts
-        from pure noise; for ancestral DDPM and DPM-Solver++.
+        from pure noise; for ancestral DDPM.
+    trailing: T-1, T-1-T/N, …, T/N-1: from pure noise, and never 0; for DPM-Solver++, which then
+        jumps from T/N-1 to the clean image in a first-order step. A grid ending at 0 makes its
+        second-to-last step a second-order step whose log-SNR stride is ~5× the one before,
+        and that extrapolation over-disperses samples (docs/decoder.md).
     leading: 0, T/N, 2T/N, … (the DDIM paper's and improved-diffusion's "ddimN" spacing); stops
         short of T-1, whose cosine level (β capped at 0.999, ᾱ ≈ 1e-3 · ᾱ_{T-2}) no deterministic
         step can invert, so DDIM sampling and DDIM inversion use it (docs/decoder.md).
@@ -68,8 +72,10 @@ def space_timesteps(timesteps: int, steps: int, spacing: str = "uniform") -> lis
         raise ConfigError(f"sampling steps={steps} must be between 1 and the {timesteps} training timesteps")
     if spacing == "leading":
         return sorted({(i * timesteps) // steps for i in range(steps)})
+    if spacing == "trailing":
+        return sorted({round(timesteps - 1 - i * timesteps / steps) for i in range(steps)})
     if spacing != "uniform":
-        raise ConfigError(f"unknown timestep spacing {spacing!r}; use uniform or leading")
+        raise ConfigError(f"unknown timestep spacing {spacing!r}; use uniform, leading or trailing")
     if steps == 1:
         return [timesteps - 1]
     stride = (timesteps - 1) / (steps - 1)
