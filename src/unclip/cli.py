@@ -28,16 +28,30 @@ COMMAND_MODULES = (
 )
 
 
+DEMO_PROMPTS = ("a red circle above a blue square", "วงกลมสีแดงอยู่เหนือสี่เหลี่ยมสีน้ำเงิน")
+
+
 def _demo(args: argparse.Namespace) -> int:
+    import time
+
+    import unclip
     from unclip.data.preview import write_preview
+    from unclip.pipeline.cli import write_outputs
 
     out = Path(args.out)
-    path = write_preview(out / "shapes_world.png", split="train", n=args.n, size=args.size, seed=args.seed)
-    print(f"Shapes world: {args.n} scenes with their English and Thai captions -> {path}")
-    print(
-        "Next: no trained model ships yet. The stages that turn these captions into images "
-        "(CLIP, priors, decoder, upsamplers) are being built; see README.md#roadmap."
-    )
+    path = write_preview(out / "shapes_world.png", split="train", n=8, size=96, seed=args.seed)
+    print(f"shapes world, the data the default model learned from: {path}")
+    started = time.perf_counter()
+    pipe = unclip.load()
+    prompts = list(args.prompts or DEMO_PROMPTS)
+    images = pipe.generate(prompts, n=args.n, seed=args.seed)
+    seconds = time.perf_counter() - started
+    grid = out / "generate.png"
+    write_outputs(images, grid, labels=[p for p in prompts for _ in range(args.n)],
+                  params={"verb": "demo", "model": "default", "seed": args.seed})
+    print(f"{len(images)} images from the shipped model in {seconds:.0f} s: {grid} (each image beside it as "
+          f"generate-*.png)")
+    print('next: unclip generate "three green triangles" -n 4   (every verb has --help; docs/model_card.md)')
     return 0
 
 
@@ -50,11 +64,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     sub = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
 
-    demo = sub.add_parser("demo", help="show the bundled default in seconds", description=(
-        "Render a grid of shapes-world scenes with their English and Thai captions."))
+    demo = sub.add_parser("demo", help="generate images with the shipped model in seconds", description=(
+        "Draw a few shapes-world scenes (the training data), then generate images from an English and a Thai "
+        "caption with the shipped default model, and print where both pictures are."))
+    demo.add_argument("prompts", nargs="*", metavar="PROMPT", help="captions to draw (default: a red circle above "
+                      "a blue square, in English and Thai)")
     demo.add_argument("--out", default="out/demo", help="output folder (default: out/demo)")
-    demo.add_argument("-n", type=int, default=16, help="number of scenes (default: 16)")
-    demo.add_argument("--size", type=int, default=96, help="image side in pixels (default: 96)")
+    demo.add_argument("-n", type=int, default=2, help="images per caption (default: 2)")
     demo.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     demo.set_defaults(func=_demo)
 

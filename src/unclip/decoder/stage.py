@@ -67,10 +67,29 @@ def build_decoder(cfg: UnclipConfig) -> Decoder:
     return Decoder.from_config(cfg.decoder, clip_dim=cfg.clip.embed_dim, text_width=cfg.clip.text_width)
 
 
+def init_from(module_parts: dict[str, torch.nn.Module], directory: str | Path, section: str, cfg_section) -> None:
+    """Load the weights of a trained model directory into freshly built networks (`--init`): the
+    architecture in its config must be the one being trained (training settings may differ)."""
+    directory = Path(directory)
+    manifest = read_manifest(directory)
+    verify_files(directory, manifest)
+    theirs = UnclipConfig.from_dict(manifest.config)
+    theirs = theirs.upsamplers[int(section[-1]) - 1] if section.startswith("upsampler") else getattr(theirs, section)
+    if replace(theirs, train=cfg_section.train) != cfg_section:
+        raise ConfigError(f"--init {directory}: its {section} architecture differs from the one being trained; "
+                          f"start from a model trained with the same {section} settings")
+    for path, module in module_parts.items():
+        load_into(module, directory / path)
+    log.info("%s initialised from %s", section, directory)
+
+
 def train_decoder(cfg: UnclipConfig, *, clip_dir: str | Path, run_dir: str | Path, out: str | Path,
                   resume: bool = True, progress: bool = True, evaluate: bool = True, eval_samples: int = 16,
-                  time_budget: float | None = None) -> Path:
-    """Train the decoder on `cfg.data`, encoded on the fly by the frozen CLIP at `clip_dir`; write `out`."""
+                  time_budget: float | None = None, init: str | Path | None = None) -> Path:
+    """Train the decoder on `cfg.data`, encoded on the fly by the frozen CLIP at `clip_dir`; write `out`.
+
+    init: a model directory whose decoder weights the run starts from (a checkpoint in `run_dir`
+    still wins, so an interrupted run resumes where it was)."""
     from unclip.decoder.data import decoder_feed
     from unclip.train.data import feed_for
     from unclip.train.trainer import train, training_device
@@ -80,6 +99,9 @@ def train_decoder(cfg: UnclipConfig, *, clip_dir: str | Path, run_dir: str | Pat
     tc = cfg.decoder.train
     torch.manual_seed(tc.seed)
     decoder = build_decoder(cfg)
+    if init:
+        init_from({f"{DECODER_DIR}/{UNET_WEIGHTS}": decoder.unet, f"{TEXT_PROJ_DIR}/model.safetensors": decoder.text_proj},
+                  init, "decoder", cfg.decoder)
     side = max(cfg.clip.image_size, cfg.decoder.resolution)
     images = feed_for(cfg.data, size=side, batch_size=tc.batch_size, num_workers=tc.num_workers)
     result = train(decoder, decoder_feed(clip, images, resolution=cfg.decoder.resolution), cfg=tc, run_dir=run_dir,
@@ -147,8 +169,10 @@ def load_decoder(directory: str | Path) -> Decoder:
 
 def train_upsampler(cfg: UnclipConfig, *, stage: int, run_dir: str | Path, out: str | Path, resume: bool = True,
                     progress: bool = True, evaluate: bool = True, eval_samples: int = 16,
-                    time_budget: float | None = None) -> Path:
-    """Train ×4 upsampler `stage` (1 or 2) of `cfg.upsamplers` on `cfg.data`; write the model directory `out`."""
+                    time_budget: float | None = None, init: str | Path | None = None) -> Path:
+    """Train ×4 upsampler `stage` (1 or 2) of `cfg.upsamplers` on `cfg.data`; write the model directory `out`.
+
+    init: a model directory holding this upsampler stage to start from (see `train_decoder`)."""
     from unclip.decoder.data import upsampler_feed
     from unclip.train.data import feed_for
     from unclip.train.trainer import train, training_device
@@ -157,6 +181,8 @@ def train_upsampler(cfg: UnclipConfig, *, stage: int, run_dir: str | Path, out: 
     tc = uc.train
     torch.manual_seed(tc.seed)
     upsampler = Upsampler.from_config(uc)
+    if init:
+        init_from({f"{UPSAMPLER_DIRS[stage][0]}/{UNET_WEIGHTS}": upsampler.unet}, init, f"upsampler{stage}", uc)
     images = feed_for(cfg.data, size=uc.out_resolution, batch_size=tc.batch_size, num_workers=tc.num_workers)
     feed = upsampler_feed(images, uc, batch_size=tc.batch_size, seed=cfg.data.seed + 1000 * stage,
                           device=training_device())

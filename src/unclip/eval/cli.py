@@ -36,6 +36,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--prior", help="diffusion or ar (default: the model's first prior)")
     g.add_argument("--steps", type=int, help="decoder sampling steps (default: the model's config)")
     g.add_argument("--guidance-scale", type=float, help="decoder classifier-free guidance (default: the model's)")
+    g.add_argument("--sampler", choices=["ddim", "ddpm", "dpmsolver++"], help="decoder sampler (default: the model's)")
+    g.add_argument("--prior-guidance-scale", type=float, help="prior classifier-free guidance (default: the model's)")
+    g.add_argument("--size", type=int, help="judge images at this side of the cascade, e.g. the decoder's 32 "
+                   "for fast sweeps (default: the largest)")
     g.add_argument("--device", help="torch device, e.g. cuda (default: cpu)")
     j = p.add_argument_group("training the judge")
     j.add_argument("--train-steps", type=int, default=4000, help="optimizer steps (default: 4000, ~10 min on 1 CPU thread)")
@@ -109,8 +113,9 @@ def _model(args: argparse.Namespace) -> int:
     if args.per_group:
         prompts = limit(prompts, args.per_group)
     pipe = unclip.load(model, device=args.device)
-    options = {k: v for k, v in (("prior", args.prior), ("steps", args.steps),
-                                 ("guidance_scale", args.guidance_scale)) if v is not None}
+    options = {k: v for k, v in (("prior", args.prior), ("steps", args.steps), ("guidance_scale", args.guidance_scale),
+                                 ("sampler", args.sampler), ("prior_guidance_scale", args.prior_guidance_scale),
+                                 ("size", args.size)) if v is not None}
     evaluation = evaluate(pipe, judge, prompts, args.images_per_prompt, args.seed or 0, judge_accuracy=accuracy,
                           batch_prompts=args.batch_prompts, progress=not args.quiet, generate_options=options)
     evaluation.result["meta"] = {"model": str(model), "prompts": str(prompts_path), "judge": str(judge_dir),

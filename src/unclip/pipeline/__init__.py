@@ -14,18 +14,26 @@ from pathlib import Path
 from unclip.errors import ModelFormatError
 
 
+def default_model_dir() -> Path:
+    """The shipped default model (shapes world, docs/model_card.md), inside the package."""
+    directory = Path(__file__).resolve().parent.parent / "assets" / "model"
+    if not (directory / "unclip.json").is_file():
+        raise ModelFormatError(f"the default model is missing from this installation ({directory}); install unclip "
+                               "from a clone of the repository, or pass a model directory")
+    return directory
+
+
 def load(path: str | Path | None = None, *, device: str | None = None):
     """The `UnclipPipeline` of a model directory (written by `unclip assemble`, `unclip train all` or
-    `unclip import-diffusers`, or a diffusers unCLIP directory such as a copy of karlo-v1-alpha)."""
+    `unclip import-diffusers`, or a diffusers unCLIP directory such as a copy of karlo-v1-alpha).
+    With no path, the shipped default model (`default_model_dir()`)."""
     from unclip.clip.stage import load_clip
     from unclip.config import UnclipConfig
     from unclip.decoder.stage import load_decoder, load_upsampler
     from unclip.modeldir import read_manifest
     from unclip.pipeline.pipeline import UnclipPipeline
 
-    if path is None:
-        raise ModelFormatError("no model given: pass a model directory (see `unclip assemble --help`)")
-    directory = Path(path)
+    directory = default_model_dir() if path is None else Path(path)
     from unclip.pipeline.interop import is_diffusers_dir, load_diffusers
 
     if is_diffusers_dir(directory):  # Karlo or any diffusers unCLIP layout, imported or not

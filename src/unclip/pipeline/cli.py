@@ -77,7 +77,8 @@ def _load(args: argparse.Namespace):
 
 
 def _common(parser: argparse.ArgumentParser, verb: str, *, seed: int | None = 0) -> None:
-    parser.add_argument("--model", help="model directory (from `unclip assemble` or `unclip train all`)")
+    parser.add_argument("--model", help="model directory (from `unclip assemble` or `unclip train all`; "
+                                        "default: the shipped shapes-world model, docs/model_card.md)")
     parser.add_argument("--out", default=f"out/{verb}.png",
                         help=f"grid PNG; each image goes beside it as <name>-<i>.png (default: out/{verb}.png)")
     parser.add_argument("--seed", type=int, default=seed, help=f"random seed (default: {seed})")

@@ -65,7 +65,8 @@ def _train_decoder(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir or f"runs/{cfg.name}/decoder")
     out = Path(args.out or run_dir / "model")
     train_decoder(cfg, clip_dir=args.clip, run_dir=run_dir, out=out, resume=not args.no_resume,
-                  evaluate=not args.no_eval, eval_samples=args.eval_samples, time_budget=_budget(args))
+                  evaluate=not args.no_eval, eval_samples=args.eval_samples, time_budget=_budget(args),
+                  init=args.init)
     print(f"decoder model: {out}")
     _report(out, run_dir, "decoder", sheet="real images and their decodings")
     return 0
@@ -79,7 +80,8 @@ def _train_upsampler(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir or f"runs/{cfg.name}/upsampler{args.stage}")
     out = Path(args.out or run_dir / "model")
     train_upsampler(cfg, stage=args.stage, run_dir=run_dir, out=out, resume=not args.no_resume,
-                    evaluate=not args.no_eval, eval_samples=args.eval_samples, time_budget=_budget(args))
+                    evaluate=not args.no_eval, eval_samples=args.eval_samples, time_budget=_budget(args),
+                  init=args.init)
     print(f"upsampler {args.stage} model: {out}")
     _report(out, run_dir, f"upsampler{args.stage}", sheet="bicubic, upsampled and real images")
     return 0
@@ -161,6 +163,8 @@ def register(subparsers) -> None:
                     "decoded images to their originals and write a model directory.")
     _common(decoder, "decoder")
     decoder.add_argument("--clip", required=True, help="model directory holding the CLIP to train against")
+    decoder.add_argument("--init", help="start from the decoder of this model directory (same architecture; "
+                                        "fresh optimizer and schedule), e.g. to train the shipped model longer")
     decoder.add_argument("--no-eval", action="store_true", help="skip the evaluation after training")
     decoder.add_argument("--eval-samples", type=int, default=16, help="images decoded for the evaluation (default: 16)")
     decoder.set_defaults(func=_train_decoder)
@@ -172,6 +176,7 @@ def register(subparsers) -> None:
                     "PSNR and SSIM against bicubic upscaling and write a model directory.")
     _common(upsampler, "upsampler")
     upsampler.add_argument("--stage", type=int, choices=[1, 2], default=1, help="which ×4 stage (default: 1)")
+    upsampler.add_argument("--init", help="start from this stage's upsampler in a model directory (same architecture)")
     upsampler.add_argument("--no-eval", action="store_true", help="skip the evaluation after training")
     upsampler.add_argument("--eval-samples", type=int, default=16,
                            help="images upsampled for the evaluation (default: 16)")

@@ -239,6 +239,8 @@ def train(stage: nn.Module, make_batches: Callable[[int], Iterator[dict]], *, cf
                 ema.update(accelerator.unwrap_model(model))
             window_steps += 1
             done = step + 1
+            if deadline is not None and time.perf_counter() > deadline:
+                plan["total"] = done  # out of time before the fitted end: stop here, schedule and all
             if done % cfg.log_every == 0 or done == plan["total"]:
                 now = time.perf_counter()
                 elapsed = now - window_start
@@ -256,8 +258,6 @@ def train(stage: nn.Module, make_batches: Callable[[int], Iterator[dict]], *, cf
                 sums, window_start, window_steps = {}, time.perf_counter(), 0
             bar.update(1)
             result.step = done
-            if deadline is not None and time.perf_counter() > deadline:
-                plan["total"] = done  # out of time before the fitted end: stop here, schedule and all
             if done % cfg.ckpt_every == 0 or done >= plan["total"]:
                 checkpoint(done)
     bar.close()
