@@ -129,6 +129,14 @@ def test_assembled_model_holds_every_stage_and_refuses_a_foreign_clip(model_dir,
 # --- generate ------------------------------------------------------------------------------------
 
 
+def test_a_list_of_seeds_gives_each_image_its_own(pipe):
+    both = pipe.generate(["a red circle", "a blue square"], n=1, seed=[7, 2], size=16)
+    alone = [pipe.generate("a red circle", seed=7, size=16)[0], pipe.generate("a blue square", seed=2, size=16)[0]]
+    assert all(np.abs(_array(a) - _array(b)).max() <= 1 for a, b in zip(both, alone))
+    with pytest.raises(ConfigError, match="3 seeds for 2 images"):
+        pipe.generate(["a red circle", "a blue square"], seed=[1, 2, 3])
+
+
 def test_generate_is_seeded_and_a_batch_of_one_equals_the_batch(pipe):
     seen = []
     images = pipe.generate(["a red circle", "วงกลมสีแดง"], n=2, seed=3, callback=lambda stage, step: seen.append(stage))
@@ -255,3 +263,13 @@ def test_every_cli_verb_runs_on_the_tiny_model(model_dir, tmp_path, capsys):
     assert main(["assemble", "--decoder", str(model_dir), "--ar-prior", str(model_dir),
                  "--out", str(tmp_path / "again")]) == 0
     assert (tmp_path / "again" / "ar_prior").is_dir() and not (tmp_path / "again" / "prior").exists()
+
+
+def test_the_prior_ablations_replace_z_i(pipe):
+    text = pipe.encode_text(["a red circle", "a blue square"])
+    torch.testing.assert_close(pipe.prior_sample(text, prior="caption"), text.embeds.float())
+    null = pipe.prior_sample(text, prior="none")
+    assert null.shape == text.embeds.shape and torch.equal(null[0], null[1])
+    assert len(pipe.generate("a red circle", prior="none", seed=0, size=16)) == 1
+    with pytest.raises(ConfigError, match="caption, none"):
+        pipe.generate("a red circle", prior="zt")

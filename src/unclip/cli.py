@@ -25,6 +25,7 @@ COMMAND_MODULES = (
     "unclip.clip.cli",
     "unclip.explain.cli",
     "unclip.eval.cli",
+    "unclip.serve.cli",
 )
 
 

@@ -13,7 +13,8 @@ a mask and call it.
 - `pca_probe`: decode z_i truncated to its first k principal components, x_T fixed (§4).
 
 Images go in as PIL images, paths or tensors [B, 3, S, S] in [-1, 1] and come out as PIL images.
-Every call takes `seed` (an int, a `torch.Generator`, or None for fresh randomness) and an
+Every call takes `seed` (an int: image i draws from seed + i; a list of ints, one per image; a
+`torch.Generator`; or None for fresh randomness) and an
 optional `callback(stage, step)` that sees every sampling step ("prior", "decoder",
 "invert", "upsampler1", ...).
 """
@@ -34,17 +35,25 @@ from unclip.pipeline import latent
 
 log = logging.getLogger(__name__)
 
-Seed = int | torch.Generator | None
+Seed = int | Sequence[int] | torch.Generator | None
 Callback = Callable[[str, SampleStep], None]
 ImageInput = "Image.Image | str | Path | torch.Tensor | Sequence"
 PRIORS = ("diffusion", "ar")
+# the paper's ablations (§5.1, figure 9), for `unclip eval --prior`: "caption" passes the caption's
+# z_t as z_i; "none" passes the decoder's learned null z_i, so it draws from the caption alone
+ABLATIONS = ("caption", "none")
 
 
 def generators(seed: Seed, n: int) -> list[torch.Generator] | torch.Generator | None:
-    """Per-image generators seed, seed+1, … (so image i is the same in a batch or alone), or the
-    given generator shared by the batch, or None."""
+    """Per-image generators seed, seed+1, … (so image i is the same in a batch or alone), one per
+    listed seed (so requests with their own seeds can share a batch), the given generator shared
+    by the batch, or None."""
     if seed is None or isinstance(seed, torch.Generator):
         return seed
+    if isinstance(seed, Sequence) and not isinstance(seed, str):
+        if len(seed) != n:
+            raise ConfigError(f"{len(seed)} seeds for {n} images: give one seed per image, or one int")
+        return [torch.Generator().manual_seed(int(s)) for s in seed]
     return [torch.Generator().manual_seed(int(seed) + i) for i in range(n)]
 
 
@@ -137,13 +146,19 @@ class UnclipPipeline:
     @torch.no_grad()
     def prior_sample(self, text: TextEncoding, *, prior: str | None = None, guidance_scale: float | None = None,
                      seed: Seed = None, callback: Callback | None = None) -> torch.Tensor:
-        """z_i [B, D] for encoded captions from the diffusion prior (default) or the AR prior."""
+        """z_i [B, D] for encoded captions from the diffusion prior (default) or the AR prior, or
+        one of the ablations in `ABLATIONS`."""
+        if prior == "caption":
+            return text.embeds.float().to(self.device)
+        if prior == "none":
+            null = self.decoder.text_proj.learned_classifier_free_guidance_embeddings.detach().float()
+            return null.expand(len(text.embeds), -1).clone()
         if not self.priors:
             raise ConfigError("this model has no prior, so it cannot turn captions into images; it can still make "
                               "variations, interpolations and text diffs of images (an image-variation model)")
         prior = prior or self.priors[0]
         if prior not in PRIORS:
-            raise ConfigError(f"unknown prior {prior!r}; use one of {', '.join(PRIORS)}")
+            raise ConfigError(f"unknown prior {prior!r}; use one of {', '.join(PRIORS + ABLATIONS)}")
         if prior not in self.priors:
             raise ConfigError(f"this model has no {prior} prior; it has: {', '.join(self.priors)}")
         n = len(text.embeds)

@@ -1,0 +1,274 @@
+// The unclip page: generate, vary and inpaint through the server's OpenAI Images API.
+// Each request carries an Unclip-Job header; /api/jobs/<id> tells its queue position and
+// sampling step while it runs. Cancel (or leaving the page) closes the request, and the
+// server cancels its work.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+const state = { info: null, key: localStorage.getItem("unclip-key") || "", busy: null, editing: null };
+
+function headers(extra = {}) {
+  return state.key ? { ...extra, Authorization: `Bearer ${state.key}` } : extra;
+}
+
+function jobId() {
+  if (window.crypto && crypto.randomUUID) return crypto.randomUUID();
+  return `job-${Date.now()}-${Math.random().toString(36).slice(2)}`;
+}
+
+function showError(message) {
+  $("error").textContent = message || "";
+  $("error").hidden = !message;
+}
+
+async function loadInfo() {
+  const response = await fetch("/api/info", { headers: headers() });
+  if (response.status === 401) {
+    $("key-row").hidden = false;
+    $("model").textContent = "this server needs an API key";
+    return;
+  }
+  const info = await response.json();
+  state.info = info;
+  $("model").textContent = `${info.model} · makes ${info.native_sizes.join(", ")}`;
+  $("max-prompt").textContent = info.limits.prompt;
+  $("n").max = info.limits.n;
+  $("steps").max = info.limits.steps;
+  $("steps").placeholder = `${info.defaults.steps}`;
+  $("guidance").placeholder = `${info.defaults.guidance_scale}`;
+  if (info.defaults.prior_guidance_scale !== null) $("prior-guidance").placeholder = `${info.defaults.prior_guidance_scale}`;
+  const select = $("size");
+  select.replaceChildren();
+  for (const size of info.sizes) {
+    const native = info.native_sizes.includes(size);
+    const option = new Option(native ? `${size} (native)` : `${size} (resized)`, size);
+    option.selected = size === info.default_size;
+    select.append(option);
+  }
+  updateCounter();
+}
+
+function updateCounter() {
+  const limit = state.info ? state.info.limits.prompt : 1000;
+  const length = $("prompt").value.length;
+  $("count").textContent = length;
+  $("count").parentElement.classList.toggle("over", length > limit);
+  $("generate").disabled = state.busy !== null || length === 0 || length > limit;
+}
+
+function numberField(id) {
+  const value = $(id).value.trim();
+  return value === "" ? undefined : Number(value);
+}
+
+function extras() {
+  const fields = { seed: numberField("seed"), steps: numberField("steps"), guidance_scale: numberField("guidance") };
+  return Object.fromEntries(Object.entries(fields).filter(([, v]) => v !== undefined));
+}
+
+// --- one request, with live progress --------------------------------------------------------------
+
+async function run(path, body, meta) {
+  const id = jobId();
+  const controller = new AbortController();
+  state.busy = controller;
+  updateCounter();
+  showError("");
+  $("cancel").hidden = false;
+  $("progress").hidden = false;
+  $("progress-text").textContent = "sending…";
+  $("progress-bar").value = 0;
+  const poll = setInterval(() => pollProgress(id), 200);
+  const isForm = body instanceof FormData;
+  try {
+    const response = await fetch(path, {
+      method: "POST",
+      headers: headers(isForm ? { "Unclip-Job": id } : { "Unclip-Job": id, "Content-Type": "application/json" }),
+      body: isForm ? body : JSON.stringify(body),
+      signal: controller.signal,
+    });
+    const answer = await response.json();
+    if (!response.ok) {
+      const retry = response.headers.get("Retry-After");
+      showError(answer.error ? answer.error.message + (retry ? ` (retry in ${retry} s)` : "") : `HTTP ${response.status}`);
+      if (response.status === 401) $("key-row").hidden = false;
+      return;
+    }
+    answer.data.slice().reverse().forEach((item) => addCard(item, meta, answer.size)); // newest first, in order
+  } catch (err) {
+    showError(err.name === "AbortError" ? "cancelled" : `the request failed: ${err.message}`);
+  } finally {
+    clearInterval(poll);
+    state.busy = null;
+    $("cancel").hidden = true;
+    $("progress").hidden = true;
+    updateCounter();
+  }
+}
+
+async function pollProgress(id) {
+  const response = await fetch(`/api/jobs/${id}`, { headers: headers() }).catch(() => null);
+  if (!response || !response.ok || state.busy === null) return;
+  const job = await response.json();
+  if (job.state === "queued") {
+    $("progress-text").textContent = `waiting in the queue (position ${job.position})`;
+  } else if (job.state === "running" && job.stage) {
+    $("progress-text").textContent = `${job.stage}: step ${job.step} of ${job.total} · seed ${job.seed}`;
+    $("progress-bar").value = job.total ? job.step / job.total : 0;
+  }
+}
+
+// --- gallery ------------------------------------------------------------------------------------------
+
+function addCard(item, meta, size) {
+  const label = meta.label;
+  const card = $("card-template").content.firstElementChild.cloneNode(true);
+  const img = card.querySelector("img");
+  img.src = item.url;
+  img.alt = label;
+  card.querySelector(".label").textContent = label;
+  card.querySelector(".seed").textContent = `seed ${item.seed} · ${size}`;
+  const download = card.querySelector(".download");
+  download.href = item.url;
+  download.download = `unclip-${item.seed}.png`;
+  const entry = { url: item.url, seed: item.seed, size, label, prompt: meta.prompt };
+  card.querySelector(".reuse").addEventListener("click", () => reuse(entry));
+  card.querySelector(".vary").addEventListener("click", () => vary(entry));
+  card.querySelector(".inpaint").addEventListener("click", () => openEditor(entry));
+  $("gallery").prepend(card);
+  $("empty").hidden = true;
+}
+
+function reuse(entry) {
+  $("seed").value = entry.seed;
+  if (entry.prompt !== null) $("prompt").value = entry.prompt;
+  $("n").value = 1;
+  updateCounter();
+  $("prompt").focus();
+}
+
+async function imageBlob(url) {
+  const response = await fetch(url);
+  if (!response.ok) throw new Error("the image has expired");
+  return response.blob();
+}
+
+async function vary(entry) {
+  if (state.busy) return;
+  const form = new FormData();
+  form.append("image", await imageBlob(entry.url), "image.png");
+  form.append("n", $("n").value || "1");
+  form.append("size", entry.size);
+  for (const [key, value] of Object.entries(extras())) form.append(key, String(value));
+  await run("/v1/images/variations", form, { label: `variation of seed ${entry.seed}`, prompt: null });
+}
+
+// --- inpainting: a brush paints the mask (transparent = repaint) ------------------------------------
+
+function openEditor(entry) {
+  const img = new Image();
+  img.onload = () => {
+    const mask = document.createElement("canvas");
+    mask.width = img.naturalWidth;
+    mask.height = img.naturalHeight;
+    const m = mask.getContext("2d");
+    m.fillStyle = "#fff";
+    m.fillRect(0, 0, mask.width, mask.height);
+    state.editing = { entry, img, mask, painted: false, last: null };
+    const view = $("edit-image").getContext("2d");
+    view.imageSmoothingEnabled = false;
+    view.drawImage(img, 0, 0, 320, 320);
+    clearPaint();
+    $("edit-prompt").value = entry.prompt || "";
+    $("editor").hidden = false;
+    $("editor").scrollIntoView({ behavior: "smooth" });
+  };
+  img.src = entry.url;
+}
+
+function clearPaint() {
+  const paint = $("edit-paint").getContext("2d");
+  paint.clearRect(0, 0, 320, 320);
+  if (!state.editing) return;
+  const m = state.editing.mask.getContext("2d");
+  m.globalCompositeOperation = "source-over";
+  m.fillStyle = "#fff";
+  m.fillRect(0, 0, state.editing.mask.width, state.editing.mask.height);
+  state.editing.painted = false;
+}
+
+function stroke(event) {
+  const editing = state.editing;
+  const canvas = $("edit-paint");
+  const x = event.offsetX / canvas.clientWidth, y = event.offsetY / canvas.clientHeight;
+  const from = editing.last || { x, y };
+  const brush = Number($("brush").value) / 320;
+  const paint = canvas.getContext("2d");
+  paint.strokeStyle = "rgba(255, 0, 200, 0.55)";
+  paint.lineCap = "round";
+  paint.lineWidth = brush * 320;
+  paint.beginPath();
+  paint.moveTo(from.x * 320, from.y * 320);
+  paint.lineTo(x * 320 + 0.01, y * 320);
+  paint.stroke();
+  const side = editing.mask.width;
+  const m = editing.mask.getContext("2d");
+  m.globalCompositeOperation = "destination-out"; // painted pixels become fully transparent
+  m.lineCap = "round";
+  m.lineWidth = Math.max(1, brush * side);
+  m.beginPath();
+  m.moveTo(from.x * side, from.y * side);
+  m.lineTo(x * side + 0.01, y * side);
+  m.stroke();
+  editing.last = { x, y };
+  editing.painted = true;
+}
+
+async function fill() {
+  const editing = state.editing;
+  if (!editing || state.busy) return;
+  if (!editing.painted) return showError("paint over the region to repaint first");
+  const prompt = $("edit-prompt").value;
+  const maskBlob = await new Promise((resolve) => editing.mask.toBlob(resolve, "image/png"));
+  const form = new FormData();
+  form.append("image", await imageBlob(editing.entry.url), "image.png");
+  form.append("mask", maskBlob, "mask.png");
+  form.append("prompt", prompt);
+  form.append("n", $("n").value || "1");
+  form.append("size", editing.entry.size);
+  for (const [key, value] of Object.entries(extras())) form.append(key, String(value));
+  await run("/v1/images/edits", form, { label: `inpainted: ${prompt}`, prompt });
+}
+
+// --- wiring -------------------------------------------------------------------------------------------
+
+function generate(event) {
+  event.preventDefault();
+  if (state.busy) return;
+  const prompt = $("prompt").value;
+  const body = { prompt, n: Number($("n").value || 1), size: $("size").value, response_format: "url", ...extras() };
+  const prior = numberField("prior-guidance");
+  if (prior !== undefined) body.prior_guidance_scale = prior;
+  run("/v1/images/generations", body, { label: prompt, prompt });
+}
+
+window.addEventListener("DOMContentLoaded", () => {
+  $("prompt").addEventListener("input", updateCounter);
+  $("generate-form").addEventListener("submit", generate);
+  $("cancel").addEventListener("click", () => state.busy && state.busy.abort());
+  $("random-seed").addEventListener("click", () => { $("seed").value = ""; });
+  $("api-key").value = state.key;
+  $("api-key").addEventListener("change", () => {
+    state.key = $("api-key").value.trim();
+    localStorage.setItem("unclip-key", state.key);
+    loadInfo().catch((err) => showError(err.message));
+  });
+  const paint = $("edit-paint");
+  paint.addEventListener("pointerdown", (e) => { paint.setPointerCapture(e.pointerId); state.editing.last = null; stroke(e); });
+  paint.addEventListener("pointermove", (e) => { if (e.buttons & 1 && state.editing) stroke(e); });
+  paint.addEventListener("pointerup", () => { if (state.editing) state.editing.last = null; });
+  $("clear-mask").addEventListener("click", clearPaint);
+  $("close-editor").addEventListener("click", () => { $("editor").hidden = true; state.editing = null; });
+  $("fill").addEventListener("click", fill);
+  loadInfo().catch((err) => showError(`cannot reach the server: ${err.message}`));
+});

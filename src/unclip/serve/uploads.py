@@ -1,0 +1,103 @@
+"""Uploaded PNGs read safely, edit masks from their alpha channel, answers encoded as PNG.
+
+An upload must be a PNG smaller than 4 MB (`MAX_IMAGE_BYTES`), square, and at most
+`MAX_SIDE` pixels on a side. The side is read from the PNG header before any pixel is
+decoded, so a decompression bomb (a small file that claims a huge canvas) is refused without
+being inflated. Accepted images are shrunk to the side the model works at before they reach the
+pipeline.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import warnings
+
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+
+from unclip.serve.schemas import MAX_IMAGE_BYTES, ApiError
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+MAX_SIDE = 4096  # 4096² RGBA decodes to 64 MiB
+
+
+def read_png(data: bytes, *, param: str) -> Image.Image:
+    """A decoded square PNG (any mode) from uploaded bytes, or a 400 `ApiError` naming `param`."""
+    if not data:
+        raise ApiError(400, f"'{param}' is empty: upload a square PNG smaller than 4 MB", param=param,
+                       code="invalid_image")
+    if len(data) >= MAX_IMAGE_BYTES:
+        raise ApiError(400, f"Invalid input image - '{param}' must be a PNG less than 4 MB; got "
+                            f"{len(data) / 2**20:.1f} MB", param=param, code="image_too_large")
+    if not data.startswith(PNG_SIGNATURE):
+        raise ApiError(400, f"Invalid input image - '{param}' must be a PNG file", param=param,
+                       code="invalid_image_format")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data), formats=["PNG"])
+            width, height = image.size  # from the header: nothing is inflated yet
+            if width != height:
+                raise ApiError(400, f"Invalid input image - '{param}' must be square; got {width}×{height}",
+                               param=param, code="invalid_image_size")
+            if width > MAX_SIDE:
+                raise ApiError(400, f"Invalid input image - '{param}' is {width}×{height}; at most "
+                                    f"{MAX_SIDE}×{MAX_SIDE} is accepted", param=param, code="image_too_large")
+            image.load()
+    except ApiError:
+        raise
+    except Exception as err:  # noqa: BLE001 - a corrupt file raises many kinds of errors inside PIL
+        raise ApiError(400, f"Invalid input image - '{param}' could not be decoded as a PNG ({err})", param=param,
+                       code="invalid_image") from None
+    return image
+
+
+def edit_mask(image: Image.Image, mask: Image.Image | None) -> Image.Image:
+    """The region to repaint as an L image (255 = repaint): the mask's, or else the image's,
+    fully transparent pixels (alpha 0), as the OpenAI Images API defines them."""
+    source, param = (image, "image") if mask is None else (mask, "mask")
+    if mask is not None and mask.size != image.size:
+        raise ApiError(400, f"Invalid mask - the mask is {mask.width}×{mask.height} and the image "
+                            f"{image.width}×{image.height}; they must be the same size", param="mask",
+                       code="invalid_mask")
+    if not _has_alpha(source):
+        what = "the mask" if mask is not None else "the image (sent without a mask)"
+        raise ApiError(400, f"Invalid {param} - {what} has no alpha channel; its fully transparent pixels mark "
+                            "the region to edit, so send an RGBA PNG", param=param, code="invalid_mask")
+    alpha = source.convert("RGBA").getchannel("A")
+    hole = alpha.point(lambda a: 255 if a == 0 else 0)
+    if hole.getbbox() is None:
+        raise ApiError(400, f"Invalid {param} - it has no fully transparent pixels, so there is nothing to edit",
+                       param=param, code="invalid_mask")
+    return hole
+
+
+def _has_alpha(image: Image.Image) -> bool:
+    return image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info
+
+
+def fit(image: Image.Image, side: int, *, resample: int = Image.Resampling.LANCZOS) -> Image.Image:
+    """`image` shrunk to side × side when larger (the pipeline never needs more)."""
+    return image if image.width <= side else image.resize((side, side), resample)
+
+
+def rgb(image: Image.Image) -> Image.Image:
+    """Any PIL mode as RGB (16-bit and palette images included)."""
+    try:
+        return image.convert("RGB")
+    except (ValueError, OSError) as err:
+        raise ApiError(400, f"Invalid input image - its pixel format cannot be read as RGB ({err})",
+                       param="image", code="invalid_image") from None
+
+
+def encode_png(image: Image.Image, side: int, params: dict) -> bytes:
+    """PNG bytes of `image` resized (Lanczos) to side × side, carrying `params` as JSON in the
+    PNG text chunk "unclip", like every image the unclip CLI writes."""
+    if image.width != side:
+        image = image.resize((side, side), Image.Resampling.LANCZOS)
+    info = PngInfo()
+    info.add_text("unclip", json.dumps(params, ensure_ascii=False))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", pnginfo=info)
+    return buffer.getvalue()

@@ -1,0 +1,452 @@
+"""`unclip serve`: the OpenAI Images API on a live loopback server, driven by the official client.
+
+The server runs a tiny untrained model (built as in test_pipeline.py) in a thread of this
+process; the page (test_server_page.py) and the schemathesis run (test_server_schema.py) use
+the same helpers.
+"""
+
+import base64
+import io
+import json
+import socket
+import subprocess
+import sys
+import threading
+import time
+from contextlib import contextmanager
+
+import httpx2 as httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+_MODEL = {}
+
+
+def tiny_model(tmp_path_factory):
+    """A tiny untrained model directory with both priors and one ×4 upsampler (16² → 64²), built once."""
+    if "dir" not in _MODEL:
+        from test_pipeline import _clip_dir, _stages
+
+        from unclip.pipeline.assemble import assemble
+
+        root = tmp_path_factory.mktemp("server-model")
+        dirs = _stages(root, _clip_dir(root))
+        _MODEL["dir"] = assemble(root / "model", decoder=dirs["decoder"], prior=dirs["prior"],
+                                 ar_prior=dirs["ar_prior"], upsamplers=(dirs["upsampler"],))
+    return _MODEL["dir"]
+
+
+@contextmanager
+def live_server(pipe, **options):
+    """A live server for `pipe` on a free loopback port; yields its base URL."""
+    from unclip.serve.app import ServerOptions, create_app
+    from unclip.serve.run import running
+
+    with running(create_app(pipe, ServerOptions(**options))) as url:
+        yield url
+
+
+def png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def scene(side=64, seed=0) -> Image.Image:
+    from unclip.data.render import render
+    from unclip.data.world import sample
+
+    return render(sample("val", seed, lang="en").scene, side).convert("RGB")
+
+
+@pytest.fixture(scope="module")
+def pipe(tmp_path_factory):
+    import unclip
+
+    return unclip.load(tiny_model(tmp_path_factory))
+
+
+@pytest.fixture(scope="module")
+def server(pipe):
+    with live_server(pipe) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    from openai import OpenAI
+
+    return OpenAI(base_url=f"{server}/v1", api_key="unused-on-loopback", max_retries=0)
+
+
+def _open(data: bytes) -> Image.Image:
+    image = Image.open(io.BytesIO(data))
+    image.load()
+    return image
+
+
+def _array(image: Image.Image) -> np.ndarray:
+    return np.asarray(image.convert("RGB"), dtype=np.int16)
+
+
+# --- the three endpoints through the official client -------------------------------------------
+
+
+def test_generations_with_the_openai_client_are_seeded_sized_and_fetchable(client, server):
+    assert [m.id for m in client.models.list().data] == ["unclip-tiny"]
+    first = client.images.generate(model="dall-e-2", prompt="a red circle", n=2, size="64x64", extra_body={"seed": 7})
+    assert first.size == "64x64" and [d.seed for d in first.data] == [7, 8]
+    images = [_open(httpx.get(d.url).content) for d in first.data]
+    assert all(image.size == (64, 64) for image in images)
+    params = json.loads(images[1].text["unclip"])
+    assert params["verb"] == "generate" and params["seed"] == 8 and params["prompt"] == "a red circle"
+    # image 1 of the batch drew from seed 8: asked alone with seed 8, it is the same image
+    alone = client.images.generate(prompt="a red circle", size="64x64", response_format="b64_json",
+                                   extra_body={"seed": 8})
+    assert alone.data[0].url is None
+    assert np.abs(_array(_open(base64.b64decode(alone.data[0].b64_json))) - _array(images[1])).max() <= 1
+    # an OpenAI size: the whole cascade (64²) resized to 256²; a native size: the decoder's own 16²
+    big = client.images.generate(prompt="วงกลมสีแดง", size="256x256", response_format="b64_json",
+                                 extra_body={"steps": 3, "guidance_scale": 2.0, "prior_guidance_scale": 1.5})
+    assert big.size == "256x256" and _open(base64.b64decode(big.data[0].b64_json)).size == (256, 256)
+    small = client.images.generate(prompt="a blue star", size="16x16", response_format="b64_json",
+                                   extra_body={"prior": "ar", "sampler": "ddpm"})
+    assert _open(base64.b64decode(small.data[0].b64_json)).size == (16, 16)
+    assert client.models.retrieve("unclip-tiny").id == "unclip-tiny"
+
+
+def test_edits_repaint_only_the_transparent_region(client):
+    original = scene()
+    image = original.convert("RGBA")
+    mask = image.copy()
+    mask.paste((0, 0, 0, 0), (0, 0, 32, 64))  # the left half is transparent: repaint it
+    out = client.images.edit(image=("image.png", png(image), "image/png"), mask=("mask.png", png(mask), "image/png"),
+                             prompt="a green star", n=2, size="64x64", response_format="b64_json",
+                             extra_body={"seed": 3, "steps": 3, "resample": 1})
+    assert [d.seed for d in out.data] == [3, 4]
+    for item in out.data:
+        edited = _array(_open(base64.b64decode(item.b64_json)))
+        assert np.array_equal(edited[:, 32:], _array(original)[:, 32:])  # the opaque half is kept
+        assert not np.array_equal(edited[:, :32], _array(original)[:, :32])
+    # no mask: the image's own transparent pixels mark the edit
+    holed = image.copy()
+    holed.paste((0, 0, 0, 0), (0, 0, 64, 16))
+    out = client.images.edit(image=("image.png", png(holed), "image/png"), prompt="a green star", size="256x256",
+                             extra_body={"steps": 2, "resample": 1})
+    assert _open(httpx.get(out.data[0].url).content).size == (256, 256)
+
+
+def test_variations_of_an_uploaded_png(client):
+    out = client.images.create_variation(image=("a.png", png(scene(side=200)), "image/png"), n=3, size="64x64",
+                                         response_format="b64_json", extra_body={"seed": 11, "steps": 3, "eta": 1.0})
+    images = [_array(_open(base64.b64decode(d.b64_json))) for d in out.data]
+    assert len(images) == 3 and images[0].shape == (64, 64, 3) and [d.seed for d in out.data] == [11, 12, 13]
+    assert not np.array_equal(images[0], images[1])
+    decoder_only = client.images.create_variation(image=("a.png", png(scene()), "image/png"), size="16x16",
+                                                  extra_body={"steps": 2})
+    assert _open(httpx.get(decoder_only.data[0].url).content).size == (16, 16)
+
+
+# --- errors: the OpenAI error JSON with the right status -----------------------------------------
+
+
+def _header_only_png(side: int) -> bytes:
+    """A PNG whose header claims side × side pixels but holds almost no data (a decompression bomb)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)
+    body = chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 4096)) + chunk(b"IEND", b"")
+    return b"\x89PNG\r\n\x1a\n" + body
+
+
+def _jpeg() -> bytes:
+    buffer = io.BytesIO()
+    scene().save(buffer, format="JPEG")
+    return buffer.getvalue()
+
+
+_RGBA = scene().convert("RGBA")
+_HOLE = _RGBA.copy()
+_HOLE.paste((0, 0, 0, 0), (0, 0, 32, 32))
+_GEN, _VARY, _EDIT = "/v1/images/generations", "/v1/images/variations", "/v1/images/edits"
+ERRORS = {
+    # name: (path, request keyword arguments, status, param)
+    "empty prompt": (_GEN, {"json": {"prompt": ""}}, 400, "prompt"),
+    "blank prompt": (_GEN, {"json": {"prompt": "   "}}, 400, "prompt"),
+    "prompt over 1000 characters": (_GEN, {"json": {"prompt": "a" * 1001}}, 400, "prompt"),
+    "no prompt": (_GEN, {"json": {"n": 1}}, 400, "prompt"),
+    "prompt not a string": (_GEN, {"json": {"prompt": 5}}, 400, "prompt"),
+    "n = 0": (_GEN, {"json": {"prompt": "a", "n": 0}}, 400, "n"),
+    "n = 11": (_GEN, {"json": {"prompt": "a", "n": 11}}, 400, "n"),
+    "n as text": (_GEN, {"json": {"prompt": "a", "n": "2"}}, 400, "n"),
+    "n as a boolean": (_GEN, {"json": {"prompt": "a", "n": True}}, 400, "n"),
+    "unknown size": (_GEN, {"json": {"prompt": "a", "size": "100x100"}}, 400, "size"),
+    "dall-e-3 size": (_GEN, {"json": {"prompt": "a", "size": "1792x1024"}}, 400, "size"),
+    "unknown response_format": (_GEN, {"json": {"prompt": "a", "response_format": "jpeg"}}, 400, "response_format"),
+    "unknown field": (_GEN, {"json": {"prompt": "a", "style": "vivid"}}, 400, "style"),
+    "unknown model": (_GEN, {"json": {"prompt": "a", "model": "gpt-image-1"}}, 400, "model"),
+    "steps = 0": (_GEN, {"json": {"prompt": "a", "steps": 0}}, 400, "steps"),
+    "steps past the timesteps": (_GEN, {"json": {"prompt": "a", "steps": 10**6}}, 400, "steps"),
+    "negative seed": (_GEN, {"json": {"prompt": "a", "seed": -1}}, 400, "seed"),
+    "guidance NaN": (_GEN, {"content": b'{"prompt": "a", "guidance_scale": NaN}',
+                            "headers": {"content-type": "application/json"}}, 400, "guidance_scale"),
+    "unknown prior": (_GEN, {"json": {"prompt": "a", "prior": "gan"}}, 400, "prior"),
+    "broken JSON": (_GEN, {"content": b'{"prompt": ', "headers": {"content-type": "application/json"}}, 400, None),
+    "JSON array": (_GEN, {"json": [1, 2]}, 400, None),
+    "form body for JSON": (_GEN, {"data": {"prompt": "a"}}, 400, None),
+    "JPEG upload": (_VARY, {"files": {"image": ("a.jpg", _jpeg(), "image/jpeg")}}, 400, "image"),
+    "non-square PNG": (_VARY, {"files": {"image": ("a.png", png(scene().crop((0, 0, 64, 48))), "image/png")}},
+                       400, "image"),
+    "truncated PNG": (_VARY, {"files": {"image": ("a.png", png(scene())[:300], "image/png")}}, 400, "image"),
+    "PNG of 4 MB": (_VARY, {"files": {"image": ("a.png", png(scene()) + bytes(4 * 2**20), "image/png")}},
+                    400, "image"),
+    "bomb past PIL's limit": (_VARY, {"files": {"image": ("a.png", _header_only_png(100_000), "image/png")}},
+                              400, "image"),
+    "bomb past the side limit": (_VARY, {"files": {"image": ("a.png", _header_only_png(5000), "image/png")}},
+                                 400, "image"),
+    "no image": (_VARY, {"files": {"mask": ("m.png", png(_HOLE), "image/png")}}, 400, "mask"),
+    "image missing": (_VARY, {"data": {"n": "1"}, "files": {}}, 400, None),
+    "image as text": (_VARY, {"data": {"image": "abc"}, "files": {"x": ("x", b"", "text/plain")}}, 400, "image"),
+    "prompt for variations": (_VARY, {"data": {"prompt": "a"}, "files": {"image": ("a.png", png(scene()),
+                                                                                   "image/png")}}, 400, "prompt"),
+    "n = 11 in a form": (_VARY, {"data": {"n": "11"}, "files": {"image": ("a.png", png(scene()), "image/png")}},
+                         400, "n"),
+    "JSON for multipart": (_VARY, {"json": {"n": 1}}, 400, None),
+    "mask of another size": (_EDIT, {"data": {"prompt": "a"}, "files": {
+        "image": ("a.png", png(_RGBA), "image/png"), "mask": ("m.png", png(_HOLE.resize((32, 32))), "image/png")}},
+                             400, "mask"),
+    "mask without alpha": (_EDIT, {"data": {"prompt": "a"}, "files": {
+        "image": ("a.png", png(_RGBA), "image/png"), "mask": ("m.png", png(scene()), "image/png")}}, 400, "mask"),
+    "opaque mask": (_EDIT, {"data": {"prompt": "a"}, "files": {
+        "image": ("a.png", png(_RGBA), "image/png"), "mask": ("m.png", png(_RGBA), "image/png")}}, 400, "mask"),
+    "no mask, opaque image": (_EDIT, {"data": {"prompt": "a"}, "files": {"image": ("a.png", png(scene()),
+                                                                                  "image/png")}}, 400, "image"),
+    "edit without prompt": (_EDIT, {"files": {"image": ("a.png", png(_HOLE), "image/png")}}, 400, "prompt"),
+    "resample = 0": (_EDIT, {"data": {"prompt": "a", "resample": "0"}, "files": {
+        "image": ("a.png", png(_HOLE), "image/png")}}, 400, "resample"),
+}
+
+
+@pytest.mark.parametrize("name", list(ERRORS))
+def test_bad_requests_get_the_openai_error_json(server, name):
+    path, kwargs, status, param = ERRORS[name]
+    started = time.perf_counter()
+    response = httpx.post(server + path, timeout=30, **kwargs)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["type"] == "invalid_request_error"
+    assert error["param"] == param and error["message"], error
+    assert time.perf_counter() - started < 5  # refused up front: no image was inflated, no job queued
+
+
+def test_unknown_paths_methods_models_and_images_are_errors_too(server, client):
+    import openai
+
+    for method, path, status in (("GET", "/v1/nothing", 404), ("GET", _GEN, 405), ("DELETE", "/v1/models", 405),
+                                 ("GET", "/v1/models/dall-e-5", 404), ("GET", "/images/expired.png", 404)):
+        response = httpx.request(method, server + path)
+        assert response.status_code == status and set(response.json()["error"]) == {"message", "type", "param", "code"}
+    with pytest.raises(openai.BadRequestError) as raised:  # the client reads the error JSON as OpenAI's
+        client.images.generate(prompt="a red circle", n=11)
+    assert raised.value.body["param"] == "n" and raised.value.status_code == 400
+
+
+def test_oversized_bodies_are_refused_before_they_are_read(server):
+    host, port = server.removeprefix("http://").split(":")
+
+    def raw(head: bytes, body: bytes = b"") -> tuple[int, dict]:
+        with socket.create_connection((host, int(port)), timeout=10) as sock:
+            sock.sendall(head + body)
+            reply = b""
+            while b"\r\n\r\n" not in reply or not reply.rstrip().endswith(b"}"):
+                part = sock.recv(65536)
+                if not part:
+                    break
+                reply += part
+        status = int(reply.split(b" ", 2)[1])
+        return status, json.loads(reply.split(b"\r\n\r\n", 1)[1])
+
+    # a declared 50 MB upload: answered at once, nothing read
+    status, body = raw(b"POST /v1/images/edits HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; "
+                       b"boundary=b\r\nContent-Length: 52428800\r\n\r\n")
+    assert status == 413 and body["error"]["type"] == "invalid_request_error"
+    # a chunked body with no length: refused once it passes the limit
+    chunk = b"x" * 65536
+    chunked = b"".join(b"%x\r\n%s\r\n" % (len(chunk), chunk) for _ in range(6)) + b"0\r\n\r\n"
+    status, body = raw(b"POST /v1/images/generations HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                       b"Transfer-Encoding: chunked\r\n\r\n", chunked)
+    assert status == 413 and "larger than" in body["error"]["message"]
+
+
+# --- load: batching, a bounded queue, cancellation -----------------------------------------------
+
+
+def _raw_request(url: str, path: str, job: str, **kwargs) -> socket.socket:
+    """Send a request on a socket of our own and return it unread, so that closing it is a
+    client going away."""
+    request = httpx.Request("POST", url + path, headers={"Unclip-Job": job}, **kwargs)
+    body = request.read()
+    host, port = url.removeprefix("http://").split(":")
+    head = [f"POST {path} HTTP/1.1", f"Host: {host}:{port}"] + [f"{k}: {v}" for k, v in request.headers.items()
+                                                                 if k.lower() != "host"]
+    sock = socket.create_connection((host, int(port)), timeout=30)
+    sock.sendall(("\r\n".join(head) + "\r\n\r\n").encode() + body)
+    return sock
+
+
+def _wait_for(url: str, check, what: str, timeout: float = 20.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _job(url: str, job: str) -> dict:
+    response = httpx.get(f"{url}/api/jobs/{job}")
+    return response.json() if response.status_code == 200 else {}
+
+
+def test_queue_batches_refuses_with_429_and_cancels_when_the_client_leaves(pipe):
+    import openai
+
+    with live_server(pipe, max_queue=3, max_batch=8) as url:
+        # a long edit (RePaint, 100 steps × 20 resamplings) occupies the worker
+        slow = _raw_request(url, _EDIT, "slow", data={"prompt": "a green star", "steps": "100", "resample": "20"},
+                            files={"image": ("a.png", png(_HOLE), "image/png")})
+        _wait_for(url, lambda: _job(url, "slow").get("step", 0) >= 1, "the slow edit to start sampling")
+        # a queued request whose client leaves is dropped from the queue
+        gone = _raw_request(url, _GEN, "gone", json={"prompt": "a red circle"})
+        _wait_for(url, lambda: _job(url, "gone").get("state") == "queued", "the request to queue")
+        gone.close()
+        _wait_for(url, lambda: _job(url, "gone").get("state") == "cancelled", "the queued request to be cancelled")
+        # three generations wait behind the edit ...
+        answers = {}
+
+        def ask(i: int) -> None:
+            answers[i] = httpx.post(url + _GEN, timeout=60, json={
+                "prompt": ["a red circle", "a blue square", "ดาวสีเขียว"][i], "size": "64x64", "response_format":
+                "b64_json"})
+
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(3)]
+        for thread in threads:
+            thread.start()
+        _wait_for(url, lambda: httpx.get(url + "/api/status").json()["queued"] == 3, "three queued requests")
+        # ... and the queue is full: 429, Retry-After, the OpenAI error JSON
+        refused = httpx.post(url + _GEN, json={"prompt": "a red circle"})
+        assert refused.status_code == 429 and int(refused.headers["Retry-After"]) >= 1
+        assert refused.json()["error"]["code"] == "rate_limit_exceeded"
+        from openai import OpenAI
+
+        with pytest.raises(openai.RateLimitError):
+            OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0).images.generate(prompt="a red circle")
+        # the edit's client leaves: its work stops, and the queued generations run as one batch
+        left = time.monotonic()
+        slow.close()
+        for thread in threads:
+            thread.join(60)
+        assert time.monotonic() - left < 10  # the edit alone would have run for minutes
+        assert _job(url, "slow")["state"] == "cancelled"
+        assert all(answers[i].status_code == 200 for i in range(3))
+        status = httpx.get(url + "/api/status").json()
+        assert status["cancelled"] == 2 and status["refused"] == 2 and status["largest_batch"] == 3
+        # batched, each request kept its own seed: asked alone with that seed, it is the same image
+        seeds = [answers[i].json()["data"][0]["seed"] for i in range(3)]
+        assert len(set(seeds)) == 3  # each drew its own seed, batched in one call all the same
+        again = httpx.post(url + _GEN, timeout=60, json={"prompt": "a blue square", "size": "64x64", "seed":
+                                                         answers[1].json()["data"][0]["seed"], "response_format":
+                                                         "b64_json"}).json()
+        batched = _open(base64.b64decode(answers[1].json()["data"][0]["b64_json"]))
+        assert np.abs(_array(_open(base64.b64decode(again["data"][0]["b64_json"]))) - _array(batched)).max() <= 1
+
+
+# --- the API key, the command line, the URL store and the size mapping ---------------------------
+
+
+def test_an_api_key_guards_the_api_but_not_the_page(pipe):
+    import openai
+    from openai import OpenAI
+
+    with live_server(pipe, api_key="sekrit") as url:
+        missing = httpx.get(url + "/v1/models")
+        assert missing.status_code == 401 and missing.headers["WWW-Authenticate"] == "Bearer"
+        assert missing.json()["error"]["code"] == "invalid_api_key"
+        assert httpx.get(url + "/api/info").status_code == 401
+        with pytest.raises(openai.AuthenticationError):
+            OpenAI(base_url=f"{url}/v1", api_key="wrong", max_retries=0).models.list()
+        out = OpenAI(base_url=f"{url}/v1", api_key="sekrit", max_retries=0).images.generate(
+            prompt="a red circle", extra_body={"steps": 2})
+        assert httpx.get(out.data[0].url).status_code == 200  # the URL is the capability
+        assert "<textarea" in httpx.get(url + "/").text
+        spec = httpx.get(url + "/openapi.json").json()
+        assert spec["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"
+
+
+def test_serve_refuses_a_public_address_without_a_key(capsys, monkeypatch):
+    from unclip.cli import main
+    from unclip.serve.run import is_loopback
+
+    monkeypatch.delenv("UNCLIP_API_KEY", raising=False)
+    assert main(["serve", "--host", "0.0.0.0"]) == 2
+    assert "API key is required" in capsys.readouterr().err
+    assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost") and is_loopback("127.8.0.1")
+    assert not is_loopback("0.0.0.0") and not is_loopback("192.168.1.4") and not is_loopback("example.org")
+
+
+def test_unclip_serve_runs_on_loopback_and_stops_on_interrupt(pipe):
+    import signal
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    process = subprocess.Popen([sys.executable, "-m", "unclip", "serve", str(pipe.directory), "--port", str(port),
+                                "--threads", "1", "--log-level", "warning"], stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    try:
+        line = process.stdout.readline()
+        assert f"http://127.0.0.1:{port}/" in line, line
+        url = f"http://127.0.0.1:{port}"
+        models = _wait_for(url, lambda: _models(url), "the server to answer", timeout=60)
+        assert models["data"][0]["id"] == "unclip-tiny"
+        answer = httpx.post(url + _GEN, timeout=60, json={"prompt": "a red circle", "steps": 2})
+        assert answer.status_code == 200 and answer.json()["size"] == "64x64"
+    finally:
+        process.send_signal(signal.SIGINT)
+        assert process.wait(30) == 0
+
+
+def _models(url: str) -> dict:
+    try:
+        return httpx.get(url + "/v1/models").json()
+    except httpx.TransportError:
+        return {}
+
+
+def test_url_images_expire_and_the_store_keeps_its_size():
+    from unclip.serve.store import ImageStore
+
+    store = ImageStore(ttl_s=0.2, max_bytes=10)
+    first = store.put(b"123456")
+    assert store.get(first)[0] == b"123456" and 0 < store.get(first)[1] <= 0.2
+    second = store.put(b"abcdef")  # 12 bytes > 10: the oldest goes
+    assert store.get(first) is None and store.get(second)[0] == b"abcdef"
+    time.sleep(0.25)
+    assert store.get(second) is None and len(store) == 0
+
+
+def test_sizes_map_onto_the_cascade():
+    from unclip.serve.schemas import parse_size, size_choices
+
+    assert size_choices([32, 128]) == ["32x32", "128x128", "256x256", "512x512", "1024x1024"]
+    assert parse_size(None, [32, 128]) == (128, 128)          # default: the model's largest side
+    assert parse_size("32x32", [32, 128]) == (32, 32)         # a native side stops the cascade there
+    assert parse_size("256x256", [32, 128]) == (256, 128)     # larger than the model: last stage, resized
+    assert parse_size("256x256", [64, 256, 1024]) == (256, 256)  # Karlo-like: 256² is native
+    assert parse_size("512x512", [64, 256, 1024]) == (512, 1024)  # the next stage up, then shrunk

@@ -1,0 +1,134 @@
+"""The page at /, in headless Chromium driven by Playwright: from typing a prompt to seeing images,
+then reusing a seed, downloading, variations and inpainting with the brush.
+
+Chromium is Debian's (`make test` installs the `chromium` package when it is missing); set
+UNCLIP_CHROMIUM to use another binary. Without one this test fails: it never skips.
+"""
+
+import io
+import os
+import shutil
+
+import httpx2 as httpx
+import numpy as np
+import pytest
+from PIL import Image
+from test_server import live_server, tiny_model
+
+CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-sync",
+                  "--disable-background-networking", "--disable-component-update"]
+
+
+def chromium() -> str:
+    path = os.environ.get("UNCLIP_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+    if path is None:
+        pytest.fail("Chromium was not found: the page test needs Debian's chromium (`apt-get install chromium`, "
+                    "which `make test` runs when it is missing) or UNCLIP_CHROMIUM=/path/to/chrome")
+    return path
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    import unclip
+
+    with live_server(unclip.load(tiny_model(tmp_path_factory))) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def page(server):
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium(), args=CHROMIUM_FLAGS)
+        page = browser.new_page(accept_downloads=True)
+        page.errors = []
+        page.on("pageerror", lambda err: page.errors.append(str(err)))
+        page.goto(server + "/")
+        yield page
+        browser.close()
+
+
+def _image(url: str) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(httpx.get(url).content)).convert("RGB"), dtype=np.int16)
+
+
+def _wait_for_cards(page, count: int) -> None:
+    page.wait_for_function(
+        f"""() => {{ const imgs = [...document.querySelectorAll('#gallery .card img')];
+                   return imgs.length >= {count} && imgs.every(i => i.complete && i.naturalWidth > 0); }}""",
+        timeout=60_000)
+
+
+def test_typing_a_prompt_shows_progress_then_images_with_their_seeds(page):
+    from playwright.sync_api import expect
+
+    expect(page.locator("#model")).to_contain_text("unclip-tiny")
+    page.locator("#prompt").fill("x" * 1001)
+    expect(page.locator("#count")).to_have_text("1001")
+    expect(page.locator(".counter")).to_have_class("counter over")
+    expect(page.locator("#generate")).to_be_disabled()
+    page.locator("#prompt").fill("")
+    page.locator("#prompt").press_sequentially("a red circle")
+    expect(page.locator("#count")).to_have_text("12")
+    expect(page.locator("#generate")).to_be_enabled()
+
+    page.evaluate("""() => { window.seen = []; const text = document.getElementById('progress-text');
+        new MutationObserver(() => window.seen.push(text.textContent))
+            .observe(text, {childList: true, characterData: true, subtree: true}); }""")
+    page.fill("#n", "6")
+    page.fill("#steps", "100")
+    page.select_option("#size", "64x64")
+    page.click("#generate")
+    _wait_for_cards(page, 6)
+    seen = page.evaluate("window.seen")
+    assert any(": step " in text for text in seen), seen  # live progress: "decoder: step 12 of 100 · seed …"
+    labels = page.locator("#gallery .card .seed").all_inner_texts()
+    seeds = [int(label.split()[1]) for label in labels]
+    assert seeds == list(range(seeds[0], seeds[0] + 6)) and all("64x64" in label for label in labels)
+    assert page.locator("#gallery .card .label").first.inner_text() == "a red circle"
+    assert page.locator("#error").is_hidden() and not page.errors
+
+
+def test_a_shown_seed_redraws_its_image_and_downloads(page, tmp_path):
+    second = page.locator("#gallery .card").nth(1)
+    seed = int(second.locator(".seed").inner_text().split()[1])
+    source = second.locator("img").get_attribute("src")
+    second.locator(".reuse").click()
+    assert page.input_value("#seed") == str(seed) and page.input_value("#n") == "1"
+    page.click("#generate")
+    _wait_for_cards(page, 7)
+    newest = page.locator("#gallery .card").first
+    assert newest.locator(".seed").inner_text().startswith(f"seed {seed} ")
+    assert np.abs(_image(newest.locator("img").get_attribute("src")) - _image(source)).max() <= 1
+    with page.expect_download() as download:
+        newest.locator(".download").click()
+    saved = tmp_path / download.value.suggested_filename
+    download.value.save_as(saved)
+    assert saved.name == f"unclip-{seed}.png" and Image.open(saved).size == (64, 64)
+
+
+def test_variations_and_brush_inpainting_from_the_gallery(page):
+    page.fill("#seed", "")
+    page.fill("#n", "2")
+    page.fill("#steps", "3")
+    page.locator("#gallery .card").first.locator(".vary").click()
+    _wait_for_cards(page, 9)
+    assert page.locator("#gallery .card .label").first.inner_text().startswith("variation of seed")
+
+    source = page.locator("#gallery .card img").first.get_attribute("src")
+    page.locator("#gallery .card").first.locator(".inpaint").click()
+    page.wait_for_selector("#editor:not([hidden])")
+    box = page.locator("#edit-paint").bounding_box()
+    page.mouse.move(box["x"] + 40, box["y"] + 40)
+    page.mouse.down()
+    page.mouse.move(box["x"] + 260, box["y"] + 200, steps=10)
+    page.mouse.up()
+    page.fill("#edit-prompt", "a green star")
+    page.click("#fill")
+    _wait_for_cards(page, 11)
+    assert page.locator("#gallery .card .label").first.inner_text() == "inpainted: a green star"
+    before, after = _image(source), _image(page.locator("#gallery .card img").first.get_attribute("src"))
+    assert np.array_equal(after[48:, :16], before[48:, :16])  # far from the stroke: kept
+    assert not np.array_equal(after[:48], before[:48])        # under the stroke: repainted
+    assert page.locator("#error").is_hidden() and not page.errors
