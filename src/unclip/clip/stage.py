@@ -46,6 +46,15 @@ def run_tokenizer(cfg: UnclipConfig, run_dir: Path) -> Tokenizer:
     return tokenizer
 
 
+def clip_records(manifest: Manifest) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The CLIP's own provenance and evaluation entries, from any directory holding a CLIP (a CLIP
+    run's, or a stage or whole model trained against it), without the other stages' records."""
+    provenance = manifest.provenance
+    provenance = provenance["clip"] if "clip" in provenance else provenance
+    evaluation = {"clip": manifest.evaluation["clip"]} if "clip" in manifest.evaluation else {}
+    return provenance, evaluation
+
+
 def provenance(*, seconds: float, steps: int, **extra: Any) -> dict[str, Any]:
     return {
         "trained_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

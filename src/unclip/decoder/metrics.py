@@ -56,7 +56,7 @@ def _renders(split: str, n: int, size: int, *, seed: int, lang: str = "en") -> t
 
 @torch.no_grad()
 def upsampler_quality(upsampler: Upsampler, *, n: int = 16, split: str = "val", seed: int = 0, batch_size: int = 8,
-                      steps: int | None = None, degraded: bool = False,
+                      steps: int | None = None, sampler: str | None = None, degraded: bool = False,
                       sheet: str | Path | None = None) -> dict[str, float]:
     """Mean PSNR / SSIM of the upsampler and of bicubic upscaling against real high-res renders.
 
@@ -76,7 +76,7 @@ def upsampler_quality(upsampler: Upsampler, *, n: int = 16, split: str = "val", 
         low = low_res(target, cfg)
         if degraded:
             low = degrade(low, cfg, generator=generator)
-        out = upsampler.sample(low, steps=steps, generator=generator).cpu()
+        out = upsampler.sample(low, steps=steps, sampler=sampler, generator=generator).cpu()
         bicubic = upsample(low, cfg.out_resolution)
         sums["psnr"] += psnr(out, target).sum().item()
         sums["ssim"] += ssim(out, target).sum().item()
@@ -88,13 +88,14 @@ def upsampler_quality(upsampler: Upsampler, *, n: int = 16, split: str = "val", 
         write_sheet(sheet, [("bicubic", torch.cat(bicubics)), ("upsampled", torch.cat(outs)), ("real", high)],
                     cell=cfg.out_resolution)
     return {**{k: round(v / n, 4) for k, v in sums.items()}, "n": n, "steps": steps or cfg.sample_steps,
-            "split": split, "degraded_conditioning": degraded}
+            "sampler": sampler or cfg.sampler, "split": split, "degraded_conditioning": degraded}
 
 
 @torch.no_grad()
 def decode_clip_similarity(decoder: Decoder, clip: ClipModel, *, n: int = 16, split: str = "val", seed: int = 0,
                            batch_size: int = 8, steps: int | None = None, guidance_scale: float | None = None,
-                           with_caption: bool = True, sheet: str | Path | None = None) -> dict[str, float]:
+                           sampler: str | None = None, with_caption: bool = True,
+                           sheet: str | Path | None = None) -> dict[str, float]:
     """Mean cosine between CLIP(decode(z_i of a real image)) and CLIP(the real image).
 
     Both images are seen by CLIP at the decoder's resolution, so resolution is not counted
@@ -113,7 +114,7 @@ def decode_clip_similarity(decoder: Decoder, clip: ClipModel, *, n: int = 16, sp
                               resolution=decoder.config.resolution)
         decoded = decoder.sample(batch["z_i"], batch["text_states"] if with_caption else None,
                                  batch["text_mask"] if with_caption else None, steps=steps,
-                                 guidance_scale=guidance_scale, generator=generator)
+                                 guidance_scale=guidance_scale, sampler=sampler, generator=generator)
         real = clip.encode_image(batch["image"])  # the real image at the decoder's resolution
         fake = clip.encode_image(decoded)
         cos.append((real * fake).sum(dim=1))
@@ -128,7 +129,7 @@ def decode_clip_similarity(decoder: Decoder, clip: ClipModel, *, n: int = 16, sp
             "clip_similarity_shuffled": round(torch.cat(shuffled).mean().item(), 4), "n": n,
             "steps": steps or cfg.sample_steps,
             "guidance_scale": cfg.guidance_scale if guidance_scale is None else guidance_scale,
-            "sampler": cfg.sampler, "split": split}
+            "sampler": sampler or cfg.sampler, "split": split}
 
 
 def write_sheet(path: str | Path, rows: list[tuple[str, torch.Tensor]], *, captions: list[str] | None = None,

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from unclip.clip.model import ClipModel
-from unclip.clip.stage import load_clip, provenance
+from unclip.clip.stage import clip_records, load_clip, provenance
 from unclip.config import UnclipConfig
 from unclip.decoder.model import Decoder
 from unclip.decoder.upsampler import Upsampler
@@ -142,8 +142,9 @@ def save_decoder(decoder: Decoder, clip: ClipModel, directory: str | Path, *, cf
         stats=stats,
         extra={"components": ["tokenizer", "text_encoder", "image_encoder", DECODER_DIR, TEXT_PROJ_DIR,
                               DECODER_SCHEDULER_DIR]},
-        provenance={**({"clip": clip_manifest.provenance} if clip_manifest else {}), "decoder": provenance or {}},
-        evaluation={**(clip_manifest.evaluation if clip_manifest else {}), **({"decoder": evaluation} if evaluation else {})},
+        provenance={**({"clip": clip_records(clip_manifest)[0]} if clip_manifest else {}), "decoder": provenance or {}},
+        evaluation={**(clip_records(clip_manifest)[1] if clip_manifest else {}),
+                    **({"decoder": evaluation} if evaluation else {})},
     )
     return save_model_dir(directory, manifest, components)
 

@@ -33,7 +33,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "for `eval prompts`, how many to write (default: 4)")
     g.add_argument("--judge", help="judge directory (default: the shipped judge, src/unclip/eval/judge)")
     g.add_argument("--batch-prompts", type=int, default=4, help="prompts generated per batch (default: 4)")
-    g.add_argument("--prior", help="diffusion or ar (default: the model's first prior)")
+    g.add_argument("--prior", help="diffusion or ar (default: the model's first prior), or an ablation: caption "
+                   "(the caption's z_t as z_i) or none (the decoder's null z_i: caption only)")
     g.add_argument("--steps", type=int, help="decoder sampling steps (default: the model's config)")
     g.add_argument("--guidance-scale", type=float, help="decoder classifier-free guidance (default: the model's)")
     g.add_argument("--sampler", choices=["ddim", "ddpm", "dpmsolver++"], help="decoder sampler (default: the model's)")

@@ -34,6 +34,10 @@ VERBS = {"decoder": "decoder", "prior": "prior --kind diffusion", "ar_prior": "p
          "upsampler1": "upsampler --stage 1", "upsampler2": "upsampler --stage 2"}
 
 
+# provenance / evaluation keys each stage directory writes about itself
+OWN_RECORDS = {"decoder": ("decoder", "clip"), "prior": ("diffusion_prior",), "ar_prior": ("ar_prior",)}
+
+
 def clip_fingerprint(manifest: Manifest) -> dict[str, str]:
     """sha256 of every CLIP file a manifest lists: equal fingerprints mean the same frozen CLIP."""
     return {name: record["sha256"] for name, record in manifest.files.items()
@@ -88,6 +92,12 @@ def assemble(out: str | Path, *, decoder: str | Path, prior: str | Path | None =
     upsampler_cfgs = []
     stats, provenance, evaluation = {}, {}, {}
     for name, _, manifest, _ in sources:
+        # a stage's own records come from its own directory, whatever older copies other sources carry
+        own = OWN_RECORDS.get(name, (name,))
+        for merged, records in ((provenance, manifest.provenance), (evaluation, manifest.evaluation)):
+            for key, value in records.items():
+                if key in own or key not in merged:
+                    merged[key] = value
         stage_cfg = UnclipConfig.from_dict(manifest.config)
         if name == "prior":
             cfg = replace(cfg, prior=stage_cfg.prior)
@@ -96,8 +106,6 @@ def assemble(out: str | Path, *, decoder: str | Path, prior: str | Path | None =
         elif name.startswith("upsampler"):
             upsampler_cfgs.append(stage_cfg.upsamplers[int(name[-1]) - 1])
         stats.update(manifest.stats)
-        provenance.update(manifest.provenance)
-        evaluation.update(manifest.evaluation)
     cfg = replace(cfg, upsamplers=tuple(upsampler_cfgs))
     check(cfg)
 

@@ -182,7 +182,9 @@ def register(subparsers) -> None:
         "upsamplers enlarge it."))
     gen.add_argument("prompts", nargs="+", metavar="PROMPT", help="one or more captions")
     gen.add_argument("-n", type=int, default=4, help="images per prompt (default: 4)")
-    gen.add_argument("--prior", choices=["diffusion", "ar"], help="which prior (default: diffusion when present)")
+    gen.add_argument("--prior", choices=["diffusion", "ar", "caption", "none"],
+                     help="which prior (default: diffusion when present); the ablations: caption (z_t as z_i), "
+                          "none (the decoder's null z_i: the caption alone)")
     gen.add_argument("--prior-guidance-scale", type=float, help="prior classifier-free guidance (default: the model's)")
     gen.add_argument("--sampler", choices=["ddim", "ddpm", "dpmsolver++"], help="decoder sampler (default: the model's)")
     gen.add_argument("--size", type=int, help="image side: the decoder's or an upsampler's (default: the largest)")

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from unclip.clip.model import ClipModel
-from unclip.clip.stage import load_clip, provenance
+from unclip.clip.stage import clip_records, load_clip, provenance
 from unclip.config import UnclipConfig
 from unclip.errors import ModelFormatError, UnclipError
 from unclip.io import write_json_atomic
@@ -130,8 +130,8 @@ def save_prior(clip: ClipModel, prior: ARPrior, directory: str | Path, *, cfg: U
         stats={**clip_manifest.stats, "ar_prior_components": prior.quantizer.components,
                "ar_prior_explained_variance": float(prior.quantizer.explained[-1])},
         extra={"components": ["tokenizer", "text_encoder", "image_encoder", AR_DIR]},
-        provenance={"clip": clip_manifest.provenance, "ar_prior": provenance},
-        evaluation={**clip_manifest.evaluation, "ar_prior": evaluation},
+        provenance={"clip": clip_records(clip_manifest)[0], "ar_prior": provenance},
+        evaluation={**clip_records(clip_manifest)[1], "ar_prior": evaluation},
     )
     return save_model_dir(directory, manifest, components)
 
@@ -193,8 +193,8 @@ def save_diffusion_prior(clip: ClipModel, prior: DiffusionPrior, directory: str 
                "prior_z_i_std_mean": float(std.mean())},
         extra={"components": ["tokenizer", "text_encoder", "image_encoder", PRIOR_DIR, PRIOR_SCHEDULER_DIR,
                               PRIOR_COND_DIR]},
-        provenance={"clip": clip_manifest.provenance, "diffusion_prior": provenance},
-        evaluation={**clip_manifest.evaluation, "diffusion_prior": evaluation},
+        provenance={"clip": clip_records(clip_manifest)[0], "diffusion_prior": provenance},
+        evaluation={**clip_records(clip_manifest)[1], "diffusion_prior": evaluation},
     )
     return save_model_dir(directory, manifest, components)
 

@@ -1,0 +1,58 @@
+"""Copy a trained model directory into the package as the shipped default, float16.
+
+    python scripts/ship_default.py MODEL [--recipe TEXT]
+
+The sampling defaults (sampler, steps, guidance, η) of the decoder, prior and upsamplers are taken
+from the current shapes-gpu preset, so a sweep's verdict (docs/model_card.md) reaches
+`unclip generate` without retraining; training settings stay as the run recorded them. The
+recipe text goes into the manifest's provenance. Writes src/unclip/assets/model atomically.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+
+from unclip.config import UnclipConfig, preset
+from unclip.io import write_json_atomic
+from unclip.modeldir import MANIFEST, half_model_dir, read_manifest
+
+SAMPLING = ("sampler", "sample_steps", "eta", "guidance_scale")
+TARGET = Path(__file__).resolve().parents[1] / "src" / "unclip" / "assets" / "model"
+
+
+def with_sampling(cfg: UnclipConfig, source: UnclipConfig) -> UnclipConfig:
+    """`cfg` with the sampling fields of `source`'s decoder, prior and upsamplers."""
+
+    def take(section, other):
+        return replace(section, **{k: getattr(other, k) for k in SAMPLING if hasattr(section, k)})
+
+    return replace(cfg, decoder=take(cfg.decoder, source.decoder), prior=take(cfg.prior, source.prior),
+                   upsamplers=tuple(take(u, o) for u, o in zip(cfg.upsamplers, source.upsamplers)))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("model")
+    parser.add_argument("--recipe", default="", help="how the model was trained, for the provenance")
+    args = parser.parse_args()
+    TARGET.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=TARGET.parent, prefix=".ship.") as tmp:
+        half = half_model_dir(args.model, Path(tmp) / "model")
+        manifest = read_manifest(half).to_dict()
+        cfg = with_sampling(UnclipConfig.from_dict(manifest["config"]), preset("shapes-gpu"))
+        manifest["config"] = cfg.to_dict()
+        if args.recipe:
+            manifest["provenance"]["recipe"] = args.recipe
+        write_json_atomic(half / MANIFEST, manifest)
+        if TARGET.exists():
+            shutil.rmtree(TARGET)
+        half.rename(TARGET)
+    print(f"shipped {TARGET}")
+
+
+if __name__ == "__main__":
+    main()

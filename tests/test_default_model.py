@@ -1,0 +1,54 @@
+"""The shipped default model: present, small, loadable with no argument, and drawing what it is asked."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import unclip
+from unclip.modeldir import read_manifest, verify_files
+from unclip.pipeline import default_model_dir
+
+
+def test_the_shipped_model_is_complete_float16_and_under_60_mb():
+    directory = default_model_dir()
+    manifest = read_manifest(directory)
+    verify_files(directory, manifest, checksums=True)
+    assert manifest.extra["weights_dtype"] == "float16"
+    assert sum(r["bytes"] for r in manifest.files.values()) < 60e6
+    assert {"prior", "ar_prior", "decoder", "super_res_first", "text_encoder"} <= {p.name for p in directory.iterdir()}
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return unclip.load()
+
+
+def test_load_with_no_argument_is_the_default_model(pipe):
+    assert list(pipe.sizes) == [32, 128]
+    assert pipe.decoder.unet.conv_in.weight.dtype == torch.float32  # float16 on disk, float32 to compute
+
+
+def test_the_default_model_draws_the_colour_it_is_asked_for(pipe):
+    """A judge reading of the decoder's 32² images: a model with broken weights draws no red object."""
+    from unclip.eval.judge import default_judge_dir, load_judge
+
+    judge, _ = load_judge(default_judge_dir())
+    images = pipe.generate(["a large red circle", "วงกลมสีแดงขนาดใหญ่"], n=3, seed=0, size=32, steps=25)
+    readings, _ = judge.read(images)
+    red = sum(any(o["colour"] == "red" for o in r["objects"]) for r in readings)
+    assert red >= 4, readings
+
+
+def test_unclip_generate_needs_no_model_argument(tmp_path):
+    out = tmp_path / "g.png"
+    done = subprocess.run([sys.executable, "-m", "unclip", "generate", "a blue square", "-n", "1", "--size", "32",
+                           "--steps", "10", "--quiet", "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert out.is_file() and (tmp_path / "g-0.png").is_file()
+    from PIL import Image
+
+    params = json.loads(Image.open(tmp_path / "g-0.png").text["unclip"])
+    assert params["verb"] == "generate"
