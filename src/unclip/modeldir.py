@@ -38,6 +38,8 @@ if TYPE_CHECKING:
     import torch
 
 MANIFEST = "unclip.json"
+# the frozen CLIP's folders, which every stage trained against it carries
+CLIP_COMPONENTS = ("tokenizer", "text_encoder", "image_encoder")
 FORMAT_VERSION = 1
 
 # format_version -> function upgrading a manifest dict of that version to the next one.

@@ -18,7 +18,7 @@ import torch
 
 from unclip.clip.model import ClipModel
 from unclip.config import UnclipConfig
-from unclip.modeldir import Manifest, read_manifest, save_model_dir, verify_files
+from unclip.modeldir import CLIP_COMPONENTS, Manifest, read_manifest, save_model_dir, verify_files
 from unclip.tokenizer import Tokenizer, train_shapes_tokenizer
 
 log = logging.getLogger(__name__)
@@ -53,6 +53,19 @@ def clip_records(manifest: Manifest) -> tuple[dict[str, Any], dict[str, Any]]:
     provenance = provenance["clip"] if "clip" in provenance else provenance
     evaluation = {"clip": manifest.evaluation["clip"]} if "clip" in manifest.evaluation else {}
     return provenance, evaluation
+
+
+def stage_manifest(cfg: UnclipConfig, clip_manifest: Manifest, name: str, *, components: list[str],
+                   stats: dict | None = None, provenance: dict | None = None, evaluation: dict | None = None,
+                   resolutions: tuple[int, ...] = ()) -> Manifest:
+    """The manifest of stage `name` trained against the CLIP of `clip_manifest`: the directory also
+    holds that CLIP, so it carries the CLIP's stats and own records beside the stage's."""
+    clip_provenance, clip_evaluation = clip_records(clip_manifest)
+    return Manifest(
+        config=cfg.to_dict(), resolutions=resolutions, stats={**clip_manifest.stats, **(stats or {})},
+        extra={"components": [*CLIP_COMPONENTS, *components]},
+        provenance={"clip": clip_provenance, name: provenance or {}},
+        evaluation={**clip_evaluation, **({name: evaluation} if evaluation else {})})
 
 
 def provenance(*, seconds: float, steps: int, **extra: Any) -> dict[str, Any]:
@@ -98,7 +111,7 @@ def save_clip(model: ClipModel, directory: str | Path, *, cfg: UnclipConfig, pro
     manifest = Manifest(
         config=cfg.to_dict(),
         stats={"clip_logit_scale": float(model.logit_scale.detach())},
-        extra={"components": ["tokenizer", "text_encoder", "image_encoder"]},
+        extra={"components": list(CLIP_COMPONENTS)},
         provenance=provenance or {},
         evaluation={"clip": evaluation} if evaluation else {},
     )

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from unclip.clip.model import ClipModel
-from unclip.clip.stage import clip_records, load_clip, provenance
+from unclip.clip.stage import load_clip, provenance, stage_manifest
 from unclip.config import UnclipConfig
 from unclip.decoder.model import Decoder
 from unclip.decoder.upsampler import Upsampler
@@ -135,17 +135,10 @@ def save_decoder(decoder: Decoder, clip: ClipModel, directory: str | Path, *, cf
         diffusers_scheduler(schedule=dc.noise_schedule, timesteps=dc.timesteps, variance=dc.variance,
                             prediction_type=dc.prediction_type).save_pretrained(tmp / DECODER_SCHEDULER_DIR)
 
-    stats = dict(clip_manifest.stats) if clip_manifest else {"clip_logit_scale": float(clip.logit_scale.detach())}
-    manifest = Manifest(
-        config=cfg.to_dict(),
-        resolutions=(dc.resolution,),
-        stats=stats,
-        extra={"components": ["tokenizer", "text_encoder", "image_encoder", DECODER_DIR, TEXT_PROJ_DIR,
-                              DECODER_SCHEDULER_DIR]},
-        provenance={**({"clip": clip_records(clip_manifest)[0]} if clip_manifest else {}), "decoder": provenance or {}},
-        evaluation={**(clip_records(clip_manifest)[1] if clip_manifest else {}),
-                    **({"decoder": evaluation} if evaluation else {})},
-    )
+    if clip_manifest is None:  # a CLIP with no directory of its own (tests, conversions): its temperature only
+        clip_manifest = Manifest(config=cfg.to_dict(), stats={"clip_logit_scale": float(clip.logit_scale.detach())})
+    manifest = stage_manifest(cfg, clip_manifest, "decoder", components=[DECODER_DIR, TEXT_PROJ_DIR, DECODER_SCHEDULER_DIR],
+                              provenance=provenance, evaluation=evaluation, resolutions=(dc.resolution,))
     return save_model_dir(directory, manifest, components)
 
 

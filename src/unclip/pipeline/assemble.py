@@ -16,11 +16,10 @@ from pathlib import Path
 
 from unclip.config import UnclipConfig, check, resolutions
 from unclip.errors import ModelFormatError
-from unclip.modeldir import Manifest, read_manifest, save_model_dir, verify_files
+from unclip.modeldir import CLIP_COMPONENTS, Manifest, read_manifest, save_model_dir, verify_files
 
 log = logging.getLogger(__name__)
 
-CLIP_COMPONENTS = ("tokenizer", "text_encoder", "image_encoder")
 # the folder that marks each stage in the directory its `unclip train` verb writes
 STAGE_MARKERS = {"decoder": "decoder", "prior": "prior", "ar_prior": "ar_prior",
                  "upsampler1": "super_res_first", "upsampler2": "super_res_second"}

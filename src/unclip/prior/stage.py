@@ -20,11 +20,11 @@ from pathlib import Path
 import torch
 
 from unclip.clip.model import ClipModel
-from unclip.clip.stage import clip_records, load_clip, provenance
+from unclip.clip.stage import load_clip, provenance, stage_manifest
 from unclip.config import UnclipConfig
 from unclip.errors import ModelFormatError, UnclipError
 from unclip.io import write_json_atomic
-from unclip.modeldir import Manifest, load_into, read_manifest, save_model_dir, save_weights, verify_files
+from unclip.modeldir import load_into, read_manifest, save_model_dir, save_weights, verify_files
 from unclip.prior.ar import ARPrior
 from unclip.prior.diffusion import DiffusionPrior
 from unclip.prior.pca import PCAQuantizer
@@ -125,14 +125,10 @@ def save_prior(clip: ClipModel, prior: ARPrior, directory: str | Path, *, cfg: U
             "context_length": clip.tokenizer.context_length})
         save_weights(tmp / AR_DIR / "model.safetensors", prior.state_dict())
 
-    manifest = Manifest(
-        config=cfg.to_dict(),
-        stats={**clip_manifest.stats, "ar_prior_components": prior.quantizer.components,
-               "ar_prior_explained_variance": float(prior.quantizer.explained[-1])},
-        extra={"components": ["tokenizer", "text_encoder", "image_encoder", AR_DIR]},
-        provenance={"clip": clip_records(clip_manifest)[0], "ar_prior": provenance},
-        evaluation={**clip_records(clip_manifest)[1], "ar_prior": evaluation},
-    )
+    manifest = stage_manifest(cfg, clip_manifest, "ar_prior", components=[AR_DIR], provenance=provenance,
+                              evaluation=evaluation,
+                              stats={"ar_prior_components": prior.quantizer.components,
+                                     "ar_prior_explained_variance": float(prior.quantizer.explained[-1])})
     return save_model_dir(directory, manifest, components)
 
 
@@ -186,16 +182,12 @@ def save_diffusion_prior(clip: ClipModel, prior: DiffusionPrior, directory: str 
         save_weights(tmp / PRIOR_COND_DIR / "model.safetensors", prior.cond.state_dict())
 
     std = prior.transformer.clip_std.detach()
-    manifest = Manifest(
-        config=cfg.to_dict(),
-        stats={**clip_manifest.stats, "prior_normalization": cfg.prior.normalization,
-               "prior_z_i_mean_norm": float(prior.transformer.clip_mean.detach().norm()),
-               "prior_z_i_std_mean": float(std.mean())},
-        extra={"components": ["tokenizer", "text_encoder", "image_encoder", PRIOR_DIR, PRIOR_SCHEDULER_DIR,
-                              PRIOR_COND_DIR]},
-        provenance={"clip": clip_records(clip_manifest)[0], "diffusion_prior": provenance},
-        evaluation={**clip_records(clip_manifest)[1], "diffusion_prior": evaluation},
-    )
+    manifest = stage_manifest(cfg, clip_manifest, "diffusion_prior",
+                              components=[PRIOR_DIR, PRIOR_SCHEDULER_DIR, PRIOR_COND_DIR], provenance=provenance,
+                              evaluation=evaluation,
+                              stats={"prior_normalization": cfg.prior.normalization,
+                                     "prior_z_i_mean_norm": float(prior.transformer.clip_mean.detach().norm()),
+                                     "prior_z_i_std_mean": float(std.mean())})
     return save_model_dir(directory, manifest, components)
 
 
