@@ -273,3 +273,18 @@ def test_the_prior_ablations_replace_z_i(pipe):
     assert len(pipe.generate("a red circle", prior="none", seed=0, size=16)) == 1
     with pytest.raises(ConfigError, match="caption, none"):
         pipe.generate("a red circle", prior="zt")
+
+
+def test_variations_and_inpainting_stop_the_cascade_at_a_size(pipe):
+    image = pipe.generate("a red circle", seed=1)[0]
+    assert pipe.variations(image, n=1, seed=0, size=16)[0].size == (16, 16)
+    assert pipe.variations(image, n=1, seed=0, size=64)[0].size == (64, 64)
+    mask = torch.zeros(64, 64)
+    mask[:, 32:] = 1
+    small = pipe.inpaint(image, mask, "a blue square", seed=0, size=16)[0]
+    full = pipe.inpaint(image, mask, "a blue square", seed=0)[0]
+    assert small.size == (16, 16) and full.size == (64, 64)
+    kept = np.asarray(full)[:, :32].astype(int) - np.asarray(image)[:, :32].astype(int)
+    assert np.abs(kept).max() == 0  # the known half is the original's, pixel for pixel
+    with pytest.raises(ConfigError, match="size 48"):
+        pipe.inpaint(image, mask, size=48)

@@ -256,15 +256,17 @@ class UnclipPipeline:
 
     def variations(self, image, n: int = 4, *, eta: float = 0.8, steps: int | None = None,
                    guidance_scale: float | None = None, seed: Seed = None, callback: Callback | None = None,
-                   upsample: bool = True) -> list:
+                   upsample: bool = True, size: int | None = None) -> list:
         """n variations of one image (paper §3.1): its z_i and DDIM-inverted x_T, decoded with DDIM η.
 
-        η = 0 reconstructs the image; larger η keeps z_i's content and varies the rest.
+        η = 0 reconstructs the image; larger η keeps z_i's content and varies the rest. size: stop
+        the cascade at this side (one of `sizes`).
         """
+        self.stages_for(size)  # an unknown size is an error before any work
         z_i, x_T = self.invert(image, steps=steps, guidance_scale=guidance_scale, callback=callback)
         z_i, x_T = z_i[:1].expand(n, -1), x_T[:1].expand(n, -1, -1, -1)
         images = self.decode(z_i, x_T=x_T, sampler="ddim", eta=eta, steps=steps, guidance_scale=guidance_scale,
-                             seed=seed, callback=callback, upsample=upsample)
+                             seed=seed, callback=callback, upsample=upsample, size=size)
         return to_pil(images)
 
     def interpolate(self, image_a, image_b, n: int = 5, *, mode: str = "fixed", steps: int | None = None,
@@ -312,13 +314,16 @@ class UnclipPipeline:
 
     def inpaint(self, image, mask, prompt: str | None = None, n: int = 1, *, resample: int = 5,
                 steps: int | None = None, guidance_scale: float | None = None, seed: Seed = None,
-                callback: Callback | None = None) -> list:
+                callback: Callback | None = None, size: int | None = None) -> list:
         """Fill the white (1) region of `mask` and keep the rest of `image` (RePaint resampling).
 
         The fill follows `prompt` (through the prior) or, without one, the image's own z_i. mask:
-        PIL image or tensor [H, W] in {0, 1}, square, any side (resized to the decoder's).
+        PIL image or tensor [H, W] in {0, 1}, square, any side (resized to the decoder's). size:
+        stop the cascade at this side (one of `sizes`).
         """
         from unclip.diffusion import repaint_loop, run
+
+        stages = self.stages_for(size)
 
         side = self.config.decoder.resolution
         known = self.pixels(image, side)[:1].expand(n, -1, -1, -1)
@@ -336,11 +341,12 @@ class UnclipPipeline:
                             resample=resample, generator=generators(seed, n))
         images = run(loop, _stage_callback(callback, "decoder"))
         gens = generators(seed, n)
-        for stage, upsampler in enumerate(self.upsamplers, start=1):
+        for stage, upsampler in enumerate(self.upsamplers[:stages], start=1):
             images = upsampler.sample(images, generator=gens, callback=_stage_callback(callback, f"upsampler{stage}"))
-        if self.upsamplers and not isinstance(image, torch.Tensor):  # keep the original's known pixels at full size
-            full = self.pixels(image, self.resolution)[:1]
-            big_hole = torch.nn.functional.interpolate(hole, size=(self.resolution,) * 2, mode="nearest")
+        out_side = images.shape[-1]
+        if out_side > side and not isinstance(image, torch.Tensor):  # keep the original's known pixels at that size
+            full = self.pixels(image, out_side)[:1]
+            big_hole = torch.nn.functional.interpolate(hole, size=(out_side,) * 2, mode="nearest")
             images = big_hole * images + (1 - big_hole) * full
         return to_pil(images)
 

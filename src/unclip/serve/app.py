@@ -155,7 +155,7 @@ def create_app(pipe, options: ServerOptions | None = None) -> FastAPI:
 
         image, hole = await run_in_threadpool(prepare)
         side, cascade = schemas.parse_size(params.size, pipe.sizes)
-        task = Task(kind="edit", n=params.n, side=side, cascade_side=max(pipe.sizes), prompt=params.prompt,
+        task = Task(kind="edit", n=params.n, side=side, cascade_side=cascade, prompt=params.prompt,
                     seed=params.seed, image=image, mask=hole,
                     options=options_of(params, ("steps", "guidance_scale", "resample")))
         return await answer(request, task, params.response_format)
@@ -172,7 +172,6 @@ def create_app(pipe, options: ServerOptions | None = None) -> FastAPI:
 
         image = await run_in_threadpool(prepare)
         side, cascade = schemas.parse_size(params.size, pipe.sizes)
-        cascade = cascade if cascade == pipe.sizes[0] else max(pipe.sizes)  # decoder only, or every upsampler
         task = Task(kind="vary", n=params.n, side=side, cascade_side=cascade, seed=params.seed, image=image,
                     options=options_of(params, ("steps", "guidance_scale", "eta")))
         return await answer(request, task, params.response_format)

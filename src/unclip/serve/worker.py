@@ -269,9 +269,9 @@ class Worker:
             return pipe.generate(prompts, n=1, seed=seeds, size=task.cascade_side, callback=callback, **task.options)
         if task.kind == "vary":
             return pipe.variations(task.image, n=task.n, seed=batch[0].seed, callback=callback,
-                                   upsample=task.cascade_side > pipe.sizes[0], **task.options)
+                                   size=task.cascade_side, **task.options)
         return pipe.inpaint(task.image, task.mask, task.prompt, n=task.n, seed=batch[0].seed, callback=callback,
-                            **task.options)
+                            size=task.cascade_side, **task.options)
 
     def _params(self, job: Job, index: int) -> dict:
         verb = {"generate": "generate", "vary": "vary", "edit": "inpaint"}[job.task.kind]
