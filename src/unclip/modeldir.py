@@ -225,7 +225,6 @@ def half_model_dir(source: str | Path, target: str | Path) -> Path:
     written atomically and may not be `source`.
     """
     import torch
-    from safetensors.torch import save
 
     source, target = Path(source), Path(target)
     if source.resolve() == target.resolve():
@@ -241,8 +240,7 @@ def half_model_dir(source: str | Path, target: str | Path) -> Path:
                 shutil.copyfile(src, dst)
                 continue
             state = {k: v.half() if v.dtype == torch.float32 else v for k, v in load_weights(src).items()}
-            with atomic_write(dst, "wb") as handle:
-                handle.write(save(state, metadata={"format": "pt"}))
+            save_weights(dst, state, metadata={"format": "pt"})
 
     half = Manifest(**{**_fields(manifest), "extra": {**manifest.extra, "weights_dtype": "float16"}})
     return save_model_dir(target, half, components)

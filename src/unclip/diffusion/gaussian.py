@@ -111,6 +111,7 @@ class GaussianDiffusion:
         self.posterior_log_variance_clipped = torch.log(clipped)
         self.posterior_mean_coef1 = betas * self.alphas_cumprod_prev.sqrt() / (1.0 - self.alphas_cumprod)
         self.posterior_mean_coef2 = (1.0 - self.alphas_cumprod_prev) * alphas.sqrt() / (1.0 - self.alphas_cumprod)
+        self._device_tables: dict[tuple[int, str], torch.Tensor] = {}  # `_on`'s copies on other devices
 
     @classmethod
     def from_schedule(cls, schedule: str, timesteps: int, *, prediction_type: str = "epsilon",
@@ -130,11 +131,10 @@ class GaussianDiffusion:
         table with GPU timesteps would stall every training step on a copy back to the CPU."""
         if device.type == "cpu":
             return values
-        cache = self.__dict__.setdefault("_device_tables", {})
         key = (id(values), str(device))
-        if key not in cache:
-            cache[key] = values.to(device)
-        return cache[key]
+        if key not in self._device_tables:
+            self._device_tables[key] = values.to(device)
+        return self._device_tables[key]
 
     def _at(self, values: torch.Tensor, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """values[t] [B] broadcast to x's shape [B, 1, ...] on x's device and dtype."""

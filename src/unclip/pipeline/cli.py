@@ -156,7 +156,6 @@ def _probe(args: argparse.Namespace) -> int:
 
 
 def _assemble(args: argparse.Namespace) -> int:
-    import shutil
     import tempfile
 
     from unclip.modeldir import half_model_dir
@@ -167,7 +166,6 @@ def _assemble(args: argparse.Namespace) -> int:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=Path(args.out).parent, prefix=".assemble.") as tmp:
             out = half_model_dir(assemble(Path(tmp) / "fp32", **stages), args.out)
-            shutil.rmtree(Path(tmp) / "fp32", ignore_errors=True)
     else:
         out = assemble(args.out, **stages)
     print(f"model: {out}")

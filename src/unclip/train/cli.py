@@ -81,7 +81,7 @@ def _train_upsampler(args: argparse.Namespace) -> int:
     out = Path(args.out or run_dir / "model")
     train_upsampler(cfg, stage=args.stage, run_dir=run_dir, out=out, resume=not args.no_resume,
                     evaluate=not args.no_eval, eval_samples=args.eval_samples, time_budget=_budget(args),
-                  init=args.init)
+                    init=args.init)
     print(f"upsampler {args.stage} model: {out}")
     _report(out, run_dir, f"upsampler{args.stage}", sheet="bicubic, upsampled and real images")
     return 0

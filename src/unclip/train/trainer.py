@@ -61,8 +61,6 @@ class EMA:
     def update(self, module: nn.Module) -> None:
         state = module.state_dict()
         keys = [k for k in self.shadow if k in state]
-        if keys and self.shadow[keys[0]].device != state[keys[0]].device:
-            self.shadow = {k: v.to(state[k].device) for k, v in self.shadow.items()}
         # one fused call instead of a kernel per tensor: it matters on a GPU
         torch._foreach_lerp_([self.shadow[k] for k in keys], [state[k].detach() for k in keys], 1.0 - self.decay)
 
@@ -73,7 +71,9 @@ class EMA:
         return self.shadow
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        self.shadow = {k: v.clone() for k, v in state.items()}
+        """Load a shadow (from a checkpoint, on the CPU) onto the device the module's shadow is on."""
+        self.shadow = {k: v.to(self.shadow[k].device if k in self.shadow else v.device, copy=True)
+                       for k, v in state.items()}
 
 
 def lr_factor(step: int, cfg: TrainConfig, total: int | None = None) -> float:
