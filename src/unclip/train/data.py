@@ -1,31 +1,91 @@
-"""Endless, resumable batch feeds: `make_batches(start)` → iterator of batches from sample `start`.
+"""Endless, resumable batch feeds: `make_batches(start)` → this rank's batches from global sample `start`.
 
-Shapes world is indexed, so a feed that starts at sample k is exactly the tail of one that
-started at 0 (with `num_workers=0`, or any worker count for the stream's own split of indices).
-Finite data sets (folders) are walked in epochs, each shuffled by `seed + epoch`, so sample k
-of the feed is also always the same item.
+`batch_size` is the global batch. Every feed numbers the samples of one global stream; global
+batch s is positions s·B … s·B + B - 1 of it, and rank r of R takes the contiguous slice
+r·B/R … (r+1)·B/R - 1 of each. So R processes see exactly the global batches one process sees,
+and a feed that starts at sample k is exactly the tail of one that started at 0.
+
+- shapes: sample i of the endless train split is item i of the stream (rendered from its index).
+- folder: endless epochs, each shuffled by `seed + epoch`.
+- webdataset: tar shards resampled with replacement (infinite epochs), split by rank and by
+  data-loader worker, decoded and shuffled in a buffer. This stream is reproducible from its
+  seed but not indexable: a resumed run draws a fresh stream seeded by its start, so its data
+  position is approximate (see docs/training.md).
+
+Indices are batched in the main process and the data loader's workers only turn indices into
+items, so batches come out in the same order for any `num_workers`; items must be pure
+functions of their index (shapes and folder items are). The data loaders use their own
+`torch.Generator`, so starting a feed never draws from the global RNG a resumed run restores.
 """
 
 from __future__ import annotations
 
+import io
+import logging
 from collections.abc import Callable, Iterator
+from functools import partial
+from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
 
 from unclip.config import DataConfig
-from unclip.errors import DataError
+from unclip.errors import ConfigError, DataError
+from unclip.train.dist import rank_world
+
+log = logging.getLogger(__name__)
+
+SHUFFLE_BUFFER = 1000  # webdataset samples held for shuffling, per data-loader worker
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+
+
+def local_batch_size(batch_size: int, world: int) -> int:
+    """This rank's share of the global batch."""
+    if batch_size % world:
+        raise ConfigError(f"train.batch_size={batch_size} is the global batch and must split evenly over the "
+                          f"{world} processes; use a multiple of {world}")
+    return batch_size // world
+
+
+def rank_share(positions: Iterator[int], *, batch_size: int, rank: int, world: int) -> Iterator[int]:
+    """Rank `rank`'s contiguous slice of every global batch of `batch_size` in a stream of indices."""
+    local = local_batch_size(batch_size, world)
+    low, high = rank * local, (rank + 1) * local
+    for position, index in enumerate(positions):
+        if low <= position % batch_size < high:
+            yield index
+
+
+class _IndexStream(torch.utils.data.Sampler):
+    def __init__(self, it: Iterator[int]):
+        self.it = it
+
+    def __iter__(self) -> Iterator[int]:
+        return self.it
+
+
+def index_feed(dataset, indices: Callable[[int], Iterator[int]], *, batch_size: int, num_workers: int = 0,
+               seed: int = 0) -> Callable[[int], Iterator[dict]]:
+    """Batches of `dataset[i]` for the global index stream `indices(start)`, this rank's share of each."""
+
+    def make(start: int) -> Iterator[dict]:
+        rank, world = rank_world()
+        sampler = _IndexStream(rank_share(indices(start), batch_size=batch_size, rank=rank, world=world))
+        return iter(DataLoader(dataset, batch_size=local_batch_size(batch_size, world), sampler=sampler,
+                               num_workers=num_workers, generator=torch.Generator().manual_seed(seed)))
+
+    return make
 
 
 def shapes_feed(*, size: int, batch_size: int, lang: str, seed: int,
                 num_workers: int = 0) -> Callable[[int], Iterator[dict]]:
-    from unclip.data.shapes import ShapesStream
+    """Shapes world's endless train split: global sample i is scene i."""
+    from itertools import count
 
-    def make(start: int) -> Iterator[dict]:
-        stream = ShapesStream("train", size=size, lang=lang, seed=seed, start=start)
-        return iter(DataLoader(stream, batch_size=batch_size, num_workers=num_workers))
+    from unclip.data.shapes import ShapesDataset
 
-    return make
+    dataset = ShapesDataset("train", size=size, lang=lang, seed=seed, length=2**62)  # endless in practice
+    return index_feed(dataset, count, batch_size=batch_size, num_workers=num_workers, seed=seed)
 
 
 def epoch_feed(dataset, *, batch_size: int, seed: int, num_workers: int = 0) -> Callable[[int], Iterator[dict]]:
@@ -39,19 +99,72 @@ def epoch_feed(dataset, *, batch_size: int, seed: int, num_workers: int = 0) -> 
             yield from order[offset:]
             epoch, offset = epoch + 1, 0
 
+    return index_feed(dataset, indices, batch_size=batch_size, num_workers=num_workers, seed=seed)
+
+
+def shard_urls(pattern: str) -> list[str]:
+    """The tar shards a pattern names ("data/{000000..000009}.tar", several joined by "::"), all present."""
+    import braceexpand
+
+    urls = [u for part in pattern.split("::") if part for u in braceexpand.braceexpand(part)]
+    if not urls:
+        raise DataError(f"no shards match {pattern!r}; give a pattern like 'data/{{000000..000009}}.tar'")
+    missing = [u for u in urls if "://" not in u and not Path(u).is_file()]
+    if missing:
+        shown = ", ".join(missing[:3]) + (", ..." if len(missing) > 3 else "")
+        raise DataError(f"{len(missing)} shard(s) of {pattern!r} are missing: {shown}")
+    return urls
+
+
+def _same_seed() -> int:
+    """Every rank and worker resamples the same shard sequence; split_by_node/worker then deal it out."""
+    return 0
+
+
+def _has_pair(sample: dict) -> bool:
+    if "txt" in sample and any(ext in sample for ext in IMAGE_EXTENSIONS):
+        return True
+    log.warning("skipping %s in %s: no image or caption", sample.get("__key__"), sample.get("__url__"))
+    return False
+
+
+def _wds_item(sample: dict, *, size: int) -> dict:
+    """A raw webdataset sample (bytes per extension) → dict(image, caption, key) like the folder source."""
+    from unclip.data.folder import open_square_rgb
+    from unclip.data.shapes import to_tensor
+
+    data = next(sample[ext] for ext in IMAGE_EXTENSIONS if ext in sample)
+    caption = sample["txt"].decode("utf-8").strip() if isinstance(sample["txt"], bytes) else sample["txt"]
+    return {"image": to_tensor(open_square_rgb(io.BytesIO(data), size)), "caption": caption,
+            "key": sample["__key__"]}
+
+
+def webdataset_feed(pattern: str, *, size: int, batch_size: int, seed: int, num_workers: int = 0,
+                    shuffle_buffer: int = SHUFFLE_BUFFER) -> Callable[[int], Iterator[dict]]:
+    """Endless batches streamed from img2dataset-layout shards (KEY.jpg + KEY.txt), see the module docstring."""
+    import webdataset as wds
+
+    urls = shard_urls(pattern)
+
     def make(start: int) -> Iterator[dict]:
-        sampler = _IndexStream(indices(start))
-        return iter(DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers))
+        rank, world = rank_world()
+        if start:
+            log.warning("webdataset data resumes approximately: the stream restarts at a fresh, seeded draw of "
+                        "shards and samples rather than at sample %d (shapes and folder data resume exactly)", start)
+        stream_seed = seed * 1_000_003 + start
+        pipeline = wds.DataPipeline(
+            wds.ResampledShards(urls, seed=stream_seed, deterministic=True, worker_seed=_same_seed),
+            wds.split_by_node, wds.split_by_worker,
+            wds.tarfile_to_samples(),
+            wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 100), seed=stream_seed + rank),
+            wds.select(_has_pair),
+            wds.map(partial(_wds_item, size=size)),
+            wds.batched(local_batch_size(batch_size, world), partial=False),
+        )
+        return iter(DataLoader(pipeline, batch_size=None, num_workers=num_workers,
+                               generator=torch.Generator().manual_seed(seed)))
 
     return make
-
-
-class _IndexStream(torch.utils.data.Sampler):
-    def __init__(self, it: Iterator[int]):
-        self.it = it
-
-    def __iter__(self) -> Iterator[int]:
-        return self.it
 
 
 def feed_for(data: DataConfig, *, size: int, batch_size: int, num_workers: int = 0) -> Callable[[int], Iterator[dict]]:
@@ -65,4 +178,8 @@ def feed_for(data: DataConfig, *, size: int, batch_size: int, num_workers: int =
             raise DataError("data.source=folder needs data.path=FOLDER (images with same-name .txt captions)")
         return epoch_feed(FolderDataset(data.path, size=size), batch_size=batch_size, seed=data.seed,
                           num_workers=num_workers)
-    raise DataError(f"data.source={data.source!r} is not supported for training yet; use shapes or folder")
+    if data.source == "webdataset":
+        if not data.path:
+            raise DataError("data.source=webdataset needs data.path='DIR/{000000..000009}.tar' (img2dataset layout)")
+        return webdataset_feed(data.path, size=size, batch_size=batch_size, seed=data.seed, num_workers=num_workers)
+    raise DataError(f"data.source={data.source!r} is not supported; use shapes, folder or webdataset")

@@ -1,28 +1,37 @@
-"""One trainer for every stage.
+"""One trainer for every stage, on one process or many.
 
 A stage is an `nn.Module` whose `forward(batch)` returns `training_losses(batch)`: a dict with a
 scalar "loss" and any other scalars to log. The trainer owns everything else: AdamW with
-warmup + cosine, `accelerate` (one process by default, bf16 autocast on CPU or GPU), gradient
-accumulation and clipping, EMA, a progress bar, a JSONL metrics file, atomic checkpoints every
-`ckpt_every` steps and at the end, and resume from the last checkpoint (model, optimizer,
-scheduler, EMA, step, RNG states and data position). A loss that turns NaN or Inf stops the run
-with the last good checkpoint untouched.
+warmup + cosine, `accelerate` (bf16 autocast on CPU or GPU; DDP or FSDP under
+`accelerate launch`), gradient accumulation and clipping, EMA, a progress bar, a JSONL metrics
+file (and TensorBoard when installed), atomic checkpoints every `ckpt_every` steps and at the
+end, and exact resume from the last checkpoint (model, optimizer, scheduler, EMA, step, every
+rank's RNG states and the data position). A loss that turns NaN or Inf on any rank stops every
+rank with the last good checkpoint untouched.
 
-Data comes from `make_batches(start)`, which returns an endless iterator of batches beginning at
-sample number `start`; resuming at step k asks for `start = k * batch_size * grad_accum`. Batches
-may live on the CPU: the trainer moves their tensors to the training device (a GPU when there is
-one), and hands the stage back on the CPU.
+Data comes from `make_batches(start)`, which returns an endless iterator of this process's
+batches beginning at global sample number `start`; resuming at step k asks for
+`start = k * batch_size * grad_accum`. `cfg.batch_size` is the global batch: with R processes
+each draws its own slice of batch_size / R samples of every global batch (the feeds in
+`unclip.train.data` do this), so R processes see the same global batches as one. Batches may
+live on the CPU: the trainer moves their tensors to the training device and hands the stage
+back on the CPU.
+
+Only the main process writes checkpoints, metrics and the progress bar; every rank loads the
+checkpoint to resume. A checkpoint written by R processes resumes exactly on R processes; on
+another count the weights, optimizer and data position carry over but random draws (noise,
+dropout) are reseeded, which the log says. See docs/training.md.
 
 A run can be given a wall-clock budget (`time_budget`, seconds; `--minutes` on the CLI): the
 trainer measures its own speed and shortens the run so that warmup + cosine end inside the
-budget, re-measuring as it goes (other jobs on the same GPU change the speed). The schedule then
-ends at the fitted step count, recorded as `planned_steps` in the metrics.
+budget, re-measuring as it goes. The schedule then ends at the fitted step count, recorded as
+`planned_steps` in the metrics; under several processes the main process's clock decides.
 """
 
 from __future__ import annotations
 
-import json
 import logging
+import os
 import math
 import random
 import time
@@ -36,16 +45,15 @@ import torch
 from torch import nn
 
 from unclip.config import TrainConfig
-from unclip.errors import UnclipError
-from unclip.io import atomic_write
+from unclip.errors import ConfigError, UnclipError
 from unclip.modeldir import load_checkpoint, save_checkpoint
+from unclip.train import dist
+from unclip.train.metrics import METRICS, MetricsLog, trim_metrics
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint.pt"
-METRICS = "metrics.jsonl"
-
-
+__all__ = ["CHECKPOINT", "METRICS", "EMA", "TrainResult", "TrainingError", "train"]
 class TrainingError(UnclipError):
     """Training cannot go on (a non-finite loss, a checkpoint from another config)."""
 
@@ -112,8 +120,11 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 
 def training_device() -> torch.device:
-    """Where a one-process run trains: the GPU when torch sees one, else the CPU."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """Where this process trains: its GPU when torch sees one (the launcher's LOCAL_RANK picks
+    which, so that stages can place frozen helpers before the trainer starts), else the CPU."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
@@ -135,27 +146,86 @@ class TrainResult:
     metrics: dict[str, float] = field(default_factory=dict)
     resumed_from: int = 0
     seconds: float = 0.0
+    world_size: int = 1
+    main_process: bool = True  # False on the other ranks: only the main process should write the model
 
 
-def _trim_metrics(path: Path, step: int) -> None:
-    """Drop metric lines past `step` (logged after the checkpoint a resumed run starts from)."""
-    if not path.is_file():
+def _check_world(cfg: TrainConfig, world: int, distributed_type: str) -> None:
+    if cfg.batch_size % world:
+        raise ConfigError(
+            f"train.batch_size={cfg.batch_size} is the global batch and must split evenly over the {world} "
+            f"processes; use a multiple of {world}, or launch a number of processes that divides it")
+    if distributed_type == "FSDP" and cfg.ema_decay > 0:
+        raise ConfigError("EMA keeps a full copy of the weights on every rank, which FSDP is there to avoid; "
+                          "set train.ema_decay=0 under FSDP, or train with DDP (configs/accelerate/ddp.yaml)")
+
+
+def _remove_stale_temps(ckpt_path: Path) -> None:
+    """Delete temporary files a killed checkpoint write left behind (the checkpoint itself is whole)."""
+    for stale in ckpt_path.parent.glob(f".{ckpt_path.name}.*.tmp"):
+        log.info("removing %s, left by a checkpoint write that was interrupted", stale)
+        stale.unlink(missing_ok=True)
+
+
+def _read_resume_state(ckpt_path: Path, run_config: dict[str, Any]) -> dict[str, Any]:
+    state = load_checkpoint(ckpt_path)
+    if state.get("run_config") != run_config:
+        raise TrainingError(
+            f"{ckpt_path} was written by a run with another config; resume it with that config, "
+            "pass --no-resume to start over, or choose another --run-dir")
+    return state
+
+
+def _restore_rng(saved: Any, *, rank: int, world: int, seed: int, step: int) -> None:
+    """Each rank takes back its own RNG states; a checkpoint from another process count reseeds."""
+    states = saved if isinstance(saved, list) else [saved]  # one dict: written before multi-process runs
+    if len(states) == world:
+        _set_rng_state(states[rank])
         return
-    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    kept = [line for line in lines if json.loads(line).get("step", 0) <= step]
-    with atomic_write(path, "w") as handle:
-        handle.writelines(line + "\n" for line in kept)
+    if rank == 0:
+        log.warning("the checkpoint was written by %d process(es) and this run has %d: weights, optimizer and "
+                    "data position resume exactly, random draws (noise, dropout) are reseeded", len(states), world)
+    torch.manual_seed(seed * 1_000_003 + step * 1009 + rank)
+
+
+def _is_fsdp(accelerator) -> bool:
+    return accelerator.distributed_type == "FSDP"
+
+
+def _model_state(accelerator, model: nn.Module) -> dict[str, torch.Tensor]:
+    """The full weights (gathered from the shards under FSDP: a collective every rank joins)."""
+    return accelerator.get_state_dict(model) if _is_fsdp(accelerator) else accelerator.unwrap_model(model).state_dict()
+
+
+def _optimizer_state(accelerator, model: nn.Module, optimizer) -> dict[str, Any]:
+    if _is_fsdp(accelerator):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        return get_optimizer_state_dict(model, optimizer.optimizer,
+                                        options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return optimizer.state_dict()
+
+
+def _load_optimizer_state(accelerator, model: nn.Module, optimizer, state: dict[str, Any]) -> None:
+    if _is_fsdp(accelerator):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        set_optimizer_state_dict(model, optimizer.optimizer, state, options=StateDictOptions(full_state_dict=True))
+    else:
+        optimizer.load_state_dict(state)
 
 
 def train(stage: nn.Module, make_batches: Callable[[int], Iterator[dict]], *, cfg: TrainConfig,
           run_dir: str | Path, run_config: dict[str, Any], resume: bool = True, progress: bool = True,
-          stage_name: str = "stage", time_budget: float | None = None) -> TrainResult:
+          stage_name: str = "stage", time_budget: float | None = None, stop_at: int | None = None) -> TrainResult:
     """Train `stage` for `cfg.steps` optimizer steps, checkpointing into `run_dir`.
 
     `run_config` (the full UnclipConfig as a dict) is stored in every checkpoint; resuming a run
     whose checkpoint holds a different config is an error rather than a silent mix. At the end
     the stage holds the EMA weights when EMA is on, and is on the CPU. `time_budget` (seconds
-    of this call) fits the schedule's length to the time, see the module docstring.
+    of this call) fits the schedule's length to the time, see the module docstring. `stop_at`
+    ends this call after that step with a checkpoint, as a preemption would, without changing
+    the schedule: a later call resumes where it stopped (jobs on time-sliced clusters, tests).
     """
     from accelerate import Accelerator
     from tqdm.auto import tqdm
@@ -163,69 +233,77 @@ def train(stage: nn.Module, make_batches: Callable[[int], Iterator[dict]], *, cf
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path, metrics_path = run_dir / CHECKPOINT, run_dir / METRICS
-    torch.manual_seed(cfg.seed)
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum)
+    accelerator = Accelerator(cpu=dist.cpu_only(), mixed_precision=cfg.mixed_precision,
+                              gradient_accumulation_steps=cfg.grad_accum)
+    rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
+    _check_world(cfg, world, str(accelerator.distributed_type).split(".")[-1])
+    torch.manual_seed(cfg.seed + rank)  # each rank draws its own noise; rank 0 draws a one-process run's
     stage.to(accelerator.device)
     optimizer = torch.optim.AdamW(_param_groups(stage, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6,
                                   fused=accelerator.device.type == "cuda")
     plan = {"total": cfg.steps}  # shortened by a time budget
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg, plan["total"]))
-    ema = EMA(stage, decay=cfg.ema_decay) if cfg.ema_decay > 0 else None
 
-    start = 0
+    start, state = 0, None
     if resume and ckpt_path.is_file():
-        state = load_checkpoint(ckpt_path)
-        if state.get("run_config") != run_config:
-            raise TrainingError(
-                f"{ckpt_path} was written by a run with another config; resume it with that config, "
-                "pass --no-resume to start over, or choose another --run-dir")
-        stage.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        state = _read_resume_state(ckpt_path, run_config)
+        stage.load_state_dict(state["model"])  # full weights, before FSDP shards them
         scheduler.load_state_dict(state["scheduler"])
-        if ema is not None:
-            ema.load_state_dict(state["ema"])
-        _set_rng_state(state["rng"])
         start = state["step"]
         plan["total"] = max(start, state.get("planned_steps", cfg.steps))
-        _trim_metrics(metrics_path, start)
         log.info("resuming %s from step %d (%s)", stage_name, start, ckpt_path)
-    elif metrics_path.exists():
-        metrics_path.unlink()
+    accelerator.wait_for_everyone()  # every rank has read the files before the main process touches them
+    if main:
+        _remove_stale_temps(ckpt_path)
+        if state is not None:
+            trim_metrics(metrics_path, start)
+        elif metrics_path.exists():
+            metrics_path.unlink()
 
-    model, optimizer = accelerator.prepare(stage, optimizer)
-    samples_per_step = cfg.batch_size * cfg.grad_accum
+    model, optimizer = accelerator.prepare(stage, optimizer)  # DDP broadcasts rank 0's weights
+    ema = EMA(accelerator.unwrap_model(model), decay=cfg.ema_decay) if cfg.ema_decay > 0 else None
+    if state is not None:
+        _load_optimizer_state(accelerator, model, optimizer, state["optimizer"])
+        if ema is not None:
+            ema.load_state_dict(state["ema"])
+        _restore_rng(state["rng"], rank=rank, world=world, seed=cfg.seed, step=start)
+    state = None  # free the loaded copy
+    samples_per_step = cfg.batch_size * cfg.grad_accum  # global
     batches = make_batches(start * samples_per_step)
 
     def checkpoint(step: int) -> None:
-        unwrapped = accelerator.unwrap_model(model)
-        save_checkpoint(ckpt_path, {
-            "stage": stage_name, "step": step, "run_config": run_config,
-            "model": unwrapped.state_dict(), "optimizer": optimizer.state_dict(),
+        payload = {
+            "stage": stage_name, "step": step, "run_config": run_config, "world_size": world,
+            "model": _model_state(accelerator, model), "optimizer": _optimizer_state(accelerator, model, optimizer),
             "scheduler": scheduler.state_dict(), "ema": ema.state_dict() if ema else None,
-            "rng": _rng_state(), "data_position": step * samples_per_step, "planned_steps": plan["total"],
-        })
+            "rng": dist.gather(_rng_state()), "data_position": step * samples_per_step, "planned_steps": plan["total"],
+        }
+        if main:
+            save_checkpoint(ckpt_path, payload)
+        accelerator.wait_for_everyone()
 
-    result = TrainResult(step=start, resumed_from=start)
+    result = TrainResult(step=start, resumed_from=start, world_size=world, main_process=main)
     began = time.perf_counter()
     deadline = None if time_budget is None else began + time_budget
     device = accelerator.device
     window_start, window_steps = time.perf_counter(), 0
     model.train()
-    bar = tqdm(total=cfg.steps, initial=start, desc=f"train {stage_name}", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=cfg.steps, initial=start, desc=f"train {stage_name}", disable=not (progress and main),
+               dynamic_ncols=True)
     sums: dict[str, float] = {}
-    with open(metrics_path, "a", encoding="utf-8") as metrics_file:
+    with MetricsLog(run_dir, enabled=main) as metrics:
         for step in range(start, cfg.steps):
-            if step >= plan["total"]:
+            if step >= plan["total"] or (stop_at is not None and step >= stop_at):
                 break
             for _ in range(cfg.grad_accum):
                 batch = to_device(next(batches), device)
                 with accelerator.accumulate(model):
                     losses = model(batch)
                     loss = losses["loss"]
-                    if not torch.isfinite(loss.detach()):
+                    if not dist.all_ok(bool(torch.isfinite(loss.detach()))):
                         raise TrainingError(
-                            f"{stage_name} loss became {loss.item()} at step {step}; the last good "
-                            f"checkpoint ({ckpt_path}) is intact. Lower the learning rate or set "
+                            f"{stage_name} loss became non-finite at step {step} (this rank's: {loss.item()}); "
+                            f"the last good checkpoint ({ckpt_path}) is intact. Lower the learning rate or set "
                             "train.grad_clip, then resume.")
                     accelerator.backward(loss)
                     if accelerator.sync_gradients and cfg.grad_clip > 0:
@@ -239,26 +317,26 @@ def train(stage: nn.Module, make_batches: Callable[[int], Iterator[dict]], *, cf
                 ema.update(accelerator.unwrap_model(model))
             window_steps += 1
             done = step + 1
-            if deadline is not None and time.perf_counter() > deadline:
+            if deadline is not None and dist.from_main(int(time.perf_counter() > deadline)):
                 plan["total"] = done  # out of time before the fitted end: stop here, schedule and all
             if done % cfg.log_every == 0 or done == plan["total"]:
                 now = time.perf_counter()
                 elapsed = now - window_start
                 if deadline is not None and done - start > cfg.log_every:  # the first window holds start-up
-                    plan["total"] = fit_steps(done=done, limit=cfg.steps, seconds_per_step=elapsed / window_steps,
-                                              seconds_left=deadline - now)
+                    plan["total"] = dist.from_main(fit_steps(
+                        done=done, limit=cfg.steps, seconds_per_step=elapsed / window_steps, seconds_left=deadline - now))
                     bar.total = plan["total"]
-                row = {"step": done, **{k: v / window_steps for k, v in sums.items()},
+                averaged = dist.mean([v / window_steps for v in sums.values()])  # over the window and the ranks
+                row = {"step": done, **dict(zip(sums, averaged, strict=True)),
                        "lr": scheduler.get_last_lr()[0], "samples_per_s": window_steps * samples_per_step / elapsed,
                        **({"planned_steps": plan["total"]} if deadline is not None else {})}
-                metrics_file.write(json.dumps(row) + "\n")
-                metrics_file.flush()
+                metrics.write(row)
                 bar.set_postfix(loss=f"{row['loss']:.4f}", refresh=False)
                 result.metrics = row
                 sums, window_start, window_steps = {}, time.perf_counter(), 0
             bar.update(1)
             result.step = done
-            if done % cfg.ckpt_every == 0 or done >= plan["total"]:
+            if done % cfg.ckpt_every == 0 or done >= plan["total"] or done == stop_at:
                 checkpoint(done)
     bar.close()
     stage = accelerator.unwrap_model(model)
