@@ -8,7 +8,8 @@ Output folder:
 For webdataset input, shard `000123.npz` holds exactly the samples of `000123.tar`, in order.
 For shapes world and folders, shards hold `shard_size` consecutive samples. Every shard is
 written atomically; `load_embeddings` refuses a folder whose shards are missing, truncated or
-out of line with `meta.json`, naming the shard.
+out of line with `meta.json` or with the image shards (`check_aligned`), naming the shard.
+Under `accelerate launch` the processes share the shards (shard i on rank i mod R).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import io
 import json
 import logging
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -30,23 +32,25 @@ from unclip.io import atomic_write, write_json_atomic
 log = logging.getLogger(__name__)
 
 
-def _shapes_items(split: str, n: int, lang: str, seed: int, size: int) -> Iterator[tuple[str, object, str]]:
+def _index_groups(n: int, shard_size: int, item) -> Iterator[tuple[str, Iterator]]:
+    """Shards of `shard_size` consecutive items `item(i)`, i < n; items are made only when read."""
+    for index, begin in enumerate(range(0, n, shard_size)):
+        yield f"{index:06d}.npz", (item(i) for i in range(begin, min(n, begin + shard_size)))
+
+
+def _shapes_item(i: int, *, split: str, lang: str, seed: int, size: int) -> tuple[str, object, str]:
     from unclip.data.render import render
     from unclip.data.world import sample
 
-    for i in range(n):
-        s = sample(split, i, seed=seed, lang=lang)
-        yield s.key, render(s.scene, size), s.caption
+    s = sample(split, i, seed=seed, lang=lang)
+    return s.key, render(s.scene, size), s.caption
 
 
-def _folder_items(path: str, size: int) -> Iterator[tuple[str, object, str]]:
-    from unclip.data.folder import FolderDataset
+def _folder_item(dataset, i: int) -> tuple[str, object, str]:
     from unclip.data.shapes import to_pil
 
-    dataset = FolderDataset(path, size=size)
-    for i in range(len(dataset)):
-        item = dataset[i]
-        yield item["key"], to_pil(item["image"]), item["caption"]
+    item = dataset[i]
+    return item["key"], to_pil(item["image"]), item["caption"]
 
 
 def _write_shard(path: Path, keys: list[str], z_i: torch.Tensor, z_t: torch.Tensor, captions: list[str]) -> None:
@@ -66,101 +70,191 @@ def _embed_chunk(model: ClipModel, images: list, captions: list[str]) -> tuple[t
     return z_i, z_t
 
 
+def _embed_group(model: ClipModel, out: Path, name: str, items: Iterator, batch_size: int, bar) -> dict | None:
+    """Embed one shard's items in chunks of `batch_size` and write it; None when it held no items."""
+    keys, captions, z_is, z_ts, images, chunk_caps = [], [], [], [], [], []
+
+    def flush() -> None:
+        z_i, z_t = _embed_chunk(model, images, chunk_caps)
+        z_is.append(z_i), z_ts.append(z_t)
+        bar.update(len(images))
+        images.clear(), chunk_caps.clear()
+
+    for key, image, caption in items:
+        keys.append(key)
+        captions.append(caption)
+        images.append(image)
+        chunk_caps.append(caption)
+        if len(images) == batch_size:
+            flush()
+    if images:
+        flush()
+    if not keys:
+        return None
+    _write_shard(out / name, keys, torch.cat(z_is), torch.cat(z_ts), captions)
+    return {"name": name, "count": len(keys)}
+
+
 def embed_items(model: ClipModel, groups: Iterator[tuple[str, Iterator]], out: str | Path, *,
                 meta: dict, batch_size: int = 256, total: int | None = None, progress: bool = True) -> Path:
-    """Embed `(shard_name, items)` groups; items are (key, PIL image, caption)."""
+    """Embed `(shard_name, items)` groups; items are (key, PIL image, caption).
+
+    Under several processes (`accelerate launch`) rank r embeds groups r, r + R, r + 2R, ...;
+    the ranks then exchange what they wrote (or why they failed: every rank raises then, naming
+    the shard, instead of leaving the others waiting), and the main process writes meta.json.
+    """
+    from unclip.train import dist
+
     out = Path(out)
+    rank, world = dist.rank_world()
     model.eval()
-    shards = []
-    bar = tqdm(total=total, desc="embed", unit="img", disable=not progress)
-    for name, items in groups:
-        keys, captions, z_is, z_ts, images, chunk_caps = [], [], [], [], [], []
-        for key, image, caption in items:
-            keys.append(key)
-            captions.append(caption)
-            images.append(image)
-            chunk_caps.append(caption)
-            if len(images) == batch_size:
-                z_i, z_t = _embed_chunk(model, images, chunk_caps)
-                z_is.append(z_i), z_ts.append(z_t)
-                bar.update(len(images))
-                images, chunk_caps = [], []
-        if images:
-            z_i, z_t = _embed_chunk(model, images, chunk_caps)
-            z_is.append(z_i), z_ts.append(z_t)
-            bar.update(len(images))
-        if not keys:
-            continue
-        _write_shard(out / name, keys, torch.cat(z_is), torch.cat(z_ts), captions)
-        shards.append({"name": name, "count": len(keys)})
-    bar.close()
-    write_json_atomic(out / "meta.json", {**meta, "embed_dim": model.config.embed_dim, "shards": shards,
-                                          "total": sum(s["count"] for s in shards)})
+    shards, failure, error = [], None, None
+    bar = tqdm(total=total if world == 1 else None, desc="embed", unit="img", disable=not progress or rank > 0)
+    try:
+        for index, (name, items) in enumerate(groups):
+            if index % world != rank:
+                continue
+            try:
+                shard = _embed_group(model, out, name, items, batch_size, bar)
+            except Exception as err:
+                failure, error = f"shard {name} failed on rank {rank}: {err}", err
+                break
+            if shard is not None:
+                shards.append(shard)
+    finally:
+        bar.close()
+    reports = dist.gather((shards, failure))
+    failures = [f for _, f in reports if f]
+    if failures:
+        message = "embedding stopped: " + "; ".join(failures)
+        raise DataError(message) from error
+    shards = sorted((s for part, _ in reports for s in part), key=lambda s: s["name"])
+    if rank == 0:
+        write_json_atomic(out / "meta.json", {**meta, "embed_dim": model.config.embed_dim, "shards": shards,
+                                              "total": sum(s["count"] for s in shards)})
+    dist.barrier()  # meta.json exists on return, on every rank
     return out
 
 
 def embed_dataset(model: ClipModel, out: str | Path, *, source: str = "shapes", split: str = "train",
                   n: int = 10_000, path: str = "", lang: str = "mix", seed: int = 0, shard_size: int = 10_000,
                   batch_size: int = 256, progress: bool = True, model_path: str = "") -> Path:
-    """Embed shapes world, a caption folder, or webdataset shards; see the module docstring."""
+    """Embed shapes world, a caption folder, or webdataset shards; see the module docstring.
+
+    Launched on several processes (`accelerate launch -m unclip embed ...`), the processes
+    share the shards: shard i is embedded by rank i mod R.
+    """
+    from unclip.train import dist
+
+    if dist.launched_world_size() > 1:
+        dist.start()
     size = model.config.image_size
     meta = {"model": model_path, "source": source, "split": split, "path": path, "lang": lang, "seed": seed}
     if source == "webdataset":
         return embed_items(model, _webdataset_groups(path, size), out, meta=meta, batch_size=batch_size,
                            progress=progress)
     if source == "shapes":
-        items = _shapes_items(split, n, lang, seed, size)
-        total = n
+        groups = _index_groups(n, shard_size, partial(_shapes_item, split=split, lang=lang, seed=seed, size=size))
     elif source == "folder":
-        items = _folder_items(path, size)
-        total = None
+        from unclip.data.folder import FolderDataset
+
+        dataset = FolderDataset(path, size=size)
+        n = len(dataset)
+        groups = _index_groups(n, shard_size, partial(_folder_item, dataset))
     else:
         raise DataError(f"unknown source {source!r}; use shapes, folder or webdataset")
-
-    def groups():
-        index = 0
-        while True:
-            chunk = [item for _, item in zip(range(shard_size), items)]
-            if not chunk:
-                return
-            yield f"{index:06d}.npz", iter(chunk)
-            index += 1
-
-    return embed_items(model, groups(), out, meta=meta, batch_size=batch_size, total=total, progress=progress)
+    return embed_items(model, groups, out, meta=meta, batch_size=batch_size, total=n, progress=progress)
 
 
 def _webdataset_groups(pattern: str, size: int) -> Iterator[tuple[str, Iterator]]:
-    """One group per tar shard, named like the shard, samples in shard order."""
-    import braceexpand
-    import webdataset as wds
-    from PIL import Image
+    """One group per tar shard, named like the shard, samples in shard order (all shards checked first)."""
+    from unclip.train.data import shard_urls
 
-    urls = [u for p in pattern.split("::") for u in braceexpand.braceexpand(p)]
-    if not urls:
-        raise DataError(f"no shards match {pattern!r}")
-    for url in urls:
-        if not Path(url).is_file():
-            raise DataError(f"shard {url} is missing")
+    urls = shard_urls(pattern)  # a missing shard is an error on every rank, before any work
 
-        def items(url=url):
-            for sample in wds.WebDataset(url, shardshuffle=False, empty_check=False).decode("pil"):
-                image = sample.get("jpg") or sample.get("png") or sample.get("webp")
-                if image is None or "txt" not in sample:
-                    log.warning("skipping %s in %s: no image or caption", sample["__key__"], url)
-                    continue
-                image = image.convert("RGB").resize((size, size), Image.Resampling.BICUBIC)
-                yield sample["__key__"], image, sample["txt"]
+    def items(url: str) -> Iterator[tuple[str, object, str]]:
+        import webdataset as wds
+        from PIL import Image
 
-        yield Path(url).name.replace(".tar", ".npz"), items()
+        # nodesplitter=None: the ranks already share out whole shards, each reads all of its own
+        for sample in wds.WebDataset(url, shardshuffle=False, empty_check=False, nodesplitter=None).decode("pil"):
+            image = sample.get("jpg") or sample.get("png") or sample.get("webp")
+            if image is None or "txt" not in sample:
+                log.warning("skipping %s in %s: no image or caption", sample["__key__"], url)
+                continue
+            image = image.convert("RGB").resize((size, size), Image.Resampling.BICUBIC)
+            yield sample["__key__"], image, sample["txt"]
+
+    return ((Path(url).name.replace(".tar", ".npz"), items(url)) for url in urls)
 
 
-def load_embeddings(directory: str | Path) -> dict[str, np.ndarray]:
-    """All shards of an embedding folder, concatenated: keys, image_embeds, text_embeds, captions."""
+def tar_keys(path: str | Path) -> list[str]:
+    """The keys of a tar shard that hold an image and a caption, in shard order (what `unclip embed` keeps)."""
+    import tarfile
+
+    extensions: dict[str, set[str]] = {}
+    try:
+        with tarfile.open(path) as tar:
+            for member in tar:
+                if member.isfile():
+                    key, _, ext = member.name.partition(".")
+                    extensions.setdefault(key, set()).add(ext.lower())
+    except (OSError, tarfile.TarError) as err:
+        raise DataError(f"image shard {path} cannot be read: {err}") from None
+    return [key for key, exts in extensions.items() if "txt" in exts and exts & {"jpg", "jpeg", "png", "webp"}]
+
+
+def check_aligned(directory: str | Path, images: str) -> None:
+    """Every image shard of the pattern `images` has its embedding shard with the same keys in order.
+
+    Raises DataError naming the first shard that is missing or out of line; nothing is waited on,
+    so a bad folder is an error at once, on every rank that checks it.
+    """
+    from unclip.train.data import shard_urls
+
+    directory = Path(directory)
+    for url in shard_urls(images):
+        tar = Path(url)
+        npz = directory / tar.name.replace(".tar", ".npz")
+        if not npz.is_file():
+            raise DataError(f"embedding shard {npz} is missing (image shard {tar} has no embeddings); run "
+                            f"`unclip embed` on {images!r} again (it rewrites every shard)")
+        expected = tar_keys(tar)
+        try:
+            with np.load(npz) as data:
+                keys = [str(k) for k in data["keys"]]
+        except (OSError, ValueError, KeyError, EOFError) as err:
+            raise DataError(f"embedding shard {npz} is truncated or corrupt: {err}") from None
+        if keys != expected:
+            at = next((i for i, (a, b) in enumerate(zip(keys, expected)) if a != b), min(len(keys), len(expected)))
+            found = keys[at] if at < len(keys) else "<end>"
+            wanted = expected[at] if at < len(expected) else "<end>"
+            raise DataError(f"embedding shard {npz} does not line up with image shard {tar}: {len(keys)} keys "
+                            f"vs {len(expected)}, first difference at position {at} ({found!r} where the image shard "
+                            f"has {wanted!r}); embed the shards again with the same pattern")
+
+
+def load_embeddings(directory: str | Path, *, images: str | None = None) -> dict[str, np.ndarray]:
+    """All shards of an embedding folder, concatenated: keys, image_embeds, text_embeds, captions.
+
+    With `images` (a shard pattern) the folder is first checked against those image shards
+    (`check_aligned`). Without it, a folder embedded from webdataset shards is checked against
+    the shards it names when they are all still there.
+    """
     directory = Path(directory)
     meta_path = directory / "meta.json"
     if not meta_path.is_file():
         raise DataError(f"{meta_path} is missing; make the folder with `unclip embed`")
     meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    if images is None and meta.get("source") == "webdataset" and meta.get("path"):
+        try:
+            from unclip.train.data import shard_urls
+
+            shard_urls(meta["path"])
+            images = meta["path"]
+        except DataError:
+            log.warning("the image shards %s that %s was embedded from are not all there; alignment not checked",
+                        meta["path"], directory)
     parts: dict[str, list[np.ndarray]] = {"keys": [], "image_embeds": [], "text_embeds": [], "captions": []}
     for shard in meta["shards"]:
         path = directory / shard["name"]
@@ -176,4 +270,6 @@ def load_embeddings(directory: str | Path) -> dict[str, np.ndarray]:
             raise DataError(f"embedding shard {path} is misaligned: {counts}, meta.json says {shard['count']}")
         for k, v in arrays.items():
             parts[k].append(v)
+    if images is not None:
+        check_aligned(directory, images)
     return {k: np.concatenate(v) for k, v in parts.items()}

@@ -1,0 +1,191 @@
+"""Training at scale on this CPU: two gloo processes, exact resume, SIGKILL mid-checkpoint, data splits,
+embedding shards aligned with image shards."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from train_scale_helpers import SIZE, TinyStage, config, run
+
+from unclip.clip.embed import _write_shard, check_aligned, load_embeddings, tar_keys
+from unclip.data.export import export_webdataset
+from unclip.errors import ConfigError, DataError
+from unclip.modeldir import load_checkpoint
+from unclip.train.data import epoch_feed, rank_share, webdataset_feed
+from unclip.train.metrics import read_metrics
+
+HELPERS = Path(__file__).with_name("train_scale_helpers.py")
+LOSSES = ("loss", "mae", "lr")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _child_env() -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory):
+    """Two CPU processes talking over gloo, started by torchrun (what `accelerate launch --multi_gpu` runs;
+    accelerate's own `--cpu` launcher needs MPI for several processes): the tiny stage 6 steps, 3 steps,
+    and an embed."""
+    out = tmp_path_factory.mktemp("ddp")
+    export_webdataset(out / "wds", split="val", n=10, size=SIZE, shard_size=3, progress=False)
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+               "--master_port", str(_free_port()), str(HELPERS), "ddp", str(out)]
+    done = subprocess.run(command, env=_child_env(), capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return out
+
+
+def _close(a: dict, b: dict, atol: float) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=atol, rtol=0, msg=lambda m, k=k: f"{k}: {m}")
+
+
+def test_two_processes_agree_with_each_other_and_with_one(ddp_run, tmp_path):
+    ranks = [torch.load(ddp_run / "full" / f"rank{r}.pt") for r in (0, 1)]
+    assert [r["main"] for r in ranks] == [True, False] and all(r["step"] == 6 for r in ranks)
+    _close(ranks[0]["state"], ranks[1]["state"], atol=0)  # EMA weights: identical on both ranks
+
+    single, result = run(tmp_path / "one", config())  # the same global batch of 8 in one process
+    assert result.world_size == 1
+    _close(single.state_dict(), ranks[0]["state"], atol=1e-5)
+    raw_one = load_checkpoint(tmp_path / "one" / "checkpoint.pt")
+    raw_two = load_checkpoint(ddp_run / "full" / "checkpoint.pt")
+    assert raw_two["world_size"] == 2 and len(raw_two["rng"]) == 2
+    _close(raw_one["model"], raw_two["model"], atol=1e-5)
+    assert (raw_one["model"]["net.1.weight"] - TinyStage().net[1].weight).norm() > 0.01  # it did train
+
+    rows_one, rows_two = read_metrics(tmp_path / "one" / "metrics.jsonl"), read_metrics(ddp_run / "full" / "metrics.jsonl")
+    assert [r["step"] for r in rows_two] == [1, 2, 3, 4, 5, 6]  # one writer, no duplicate lines
+    for a, b in zip(rows_one, rows_two, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)  # averaged over both ranks' halves
+
+
+def test_a_two_process_checkpoint_resumes_in_one_process(ddp_run, tmp_path, caplog):
+    import shutil
+
+    part = tmp_path / "part"
+    shutil.copytree(ddp_run / "part", part)
+    assert load_checkpoint(part / "checkpoint.pt")["step"] == 3
+    with caplog.at_level("WARNING"):
+        stage, result = run(part, config())
+    assert result.resumed_from == 3 and result.step == 6
+    assert "reseeded" in caplog.text  # 2 processes' RNG states, 1 process now: said, not hidden
+    reference, _ = run(tmp_path / "one", config())
+    _close(stage.state_dict(), reference.state_dict(), atol=1e-5)
+
+
+def test_resume_is_exact(tmp_path):
+    """Stopped at step 4 of 8 and resumed: the same losses and bit-identical weights, with noise drawn
+    from the global RNG, EMA, warmup + cosine, gradient accumulation and a data-loader worker."""
+    cfg = config(steps=8, ckpt_every=4, log_every=2, grad_accum=2, num_workers=1)
+    whole, _ = run(tmp_path / "whole", cfg, noise=0.1)
+    _, first = run(tmp_path / "split", cfg, noise=0.1, stop_at=4)
+    assert first.step == 4
+    resumed, second = run(tmp_path / "split", cfg, noise=0.1)
+    assert second.resumed_from == 4 and second.step == 8
+
+    rows_whole = read_metrics(tmp_path / "whole" / "metrics.jsonl")
+    rows_split = read_metrics(tmp_path / "split" / "metrics.jsonl")
+    assert [r["step"] for r in rows_split] == [2, 4, 6, 8]
+    assert [{k: r[k] for k in LOSSES} for r in rows_split] == [{k: r[k] for k in LOSSES} for r in rows_whole]
+    _close(resumed.state_dict(), whole.state_dict(), atol=0)  # EMA weights
+    a, b = load_checkpoint(tmp_path / "whole" / "checkpoint.pt"), load_checkpoint(tmp_path / "split" / "checkpoint.pt")
+    _close(a["model"], b["model"], atol=0)
+    assert a["scheduler"] == b["scheduler"]
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values(), strict=True):
+        _close(sa, sb, atol=0)
+
+
+def test_sigkill_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path):
+    run_dir = tmp_path / "run"
+    threads = str(torch.get_num_threads())
+    child = subprocess.Popen([sys.executable, str(HELPERS), "killsave", str(run_dir), "--threads", threads],
+                             env=_child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        began = time.monotonic()
+        line = child.stdout.readline()
+        while line and "WRITING" not in line and time.monotonic() - began < 120:
+            line = child.stdout.readline()
+        assert "WRITING" in line, child.stderr.read()[-3000:]
+        child.send_signal(signal.SIGKILL)
+    finally:
+        child.kill()
+        child.wait(timeout=30)
+    assert child.returncode == -signal.SIGKILL
+    assert list(run_dir.glob(".checkpoint.pt.*.tmp")), "the killed write left its half-written temporary file"
+    assert load_checkpoint(run_dir / "checkpoint.pt")["step"] == 2  # the previous checkpoint, whole
+
+    cfg = config(ckpt_every=2)
+    resumed, result = run(run_dir, cfg, noise=0.1)
+    assert result.resumed_from == 2 and result.step == 6
+    assert not list(run_dir.glob(".checkpoint.pt.*.tmp"))  # cleaned up on resume
+    assert [r["step"] for r in read_metrics(run_dir / "metrics.jsonl")] == [1, 2, 3, 4, 5, 6]
+    whole, _ = run(tmp_path / "whole", cfg, noise=0.1)
+    _close(resumed.state_dict(), whole.state_dict(), atol=1e-6)
+
+
+def test_ranks_take_disjoint_slices_that_make_up_the_global_batch():
+    data = [{"i": i} for i in range(10)]
+    one = epoch_feed(data, batch_size=4, seed=3)(0)
+    first_one = next(one)["i"].tolist()
+    slices = [list(rank_share(iter(range(8)), batch_size=4, rank=r, world=2)) for r in (0, 1)]
+    assert slices == [[0, 1, 4, 5], [2, 3, 6, 7]]
+    order = torch.randperm(10, generator=torch.Generator().manual_seed(3)).tolist()
+    assert first_one == order[:4]
+    with pytest.raises(ConfigError, match="multiple of 3"):
+        list(rank_share(iter(range(8)), batch_size=4, rank=0, world=3))
+
+
+def test_webdataset_feed_streams_endlessly_and_reproducibly(tmp_path):
+    export_webdataset(tmp_path / "wds", split="val", n=6, size=SIZE, shard_size=2, progress=False)
+    feed = webdataset_feed(str(tmp_path / "wds" / "{000000..000002}.tar"), size=SIZE, batch_size=4, seed=1,
+                           shuffle_buffer=4)
+    batches = [next(it) for it in [feed(0)] for _ in range(5)]  # 20 samples from 6: resampled, endless
+    assert batches[0]["image"].shape == (4, 3, SIZE, SIZE) and len(batches[0]["caption"]) == 4
+    again = feed(0)
+    assert [next(again)["key"] for _ in range(5)] == [b["key"] for b in batches]  # seeded: the same stream
+    keys = {k for b in batches for k in b["key"]}
+    assert keys <= {f"{i:09d}" for i in range(6)} and len(keys) > 3
+    with pytest.raises(DataError, match="000007.tar"):
+        webdataset_feed(str(tmp_path / "wds" / "{000006..000007}.tar"), size=SIZE, batch_size=4, seed=1)
+
+
+def test_embed_on_two_ranks_writes_every_shard_aligned(ddp_run):
+    meta = json.loads((ddp_run / "emb" / "meta.json").read_text())
+    assert [s["name"] for s in meta["shards"]] == [f"{i:06d}.npz" for i in range(4)] and meta["total"] == 10
+    embeddings = load_embeddings(ddp_run / "emb")  # checked against the image shards it names
+    assert list(embeddings["keys"]) == [f"{i:09d}" for i in range(10)]
+    check_aligned(ddp_run / "emb", str(ddp_run / "wds" / "{000000..000003}.tar"))
+
+
+def test_misaligned_or_missing_embedding_shards_are_errors_naming_the_shard(tmp_path):
+    export_webdataset(tmp_path / "wds", split="val", n=6, size=SIZE, shard_size=3, progress=False)
+    pattern = str(tmp_path / "wds" / "{000000..000001}.tar")
+    emb = tmp_path / "emb"
+    for i in range(2):
+        keys = tar_keys(tmp_path / "wds" / f"{i:06d}.tar")
+        _write_shard(emb / f"{i:06d}.npz", keys, torch.zeros(3, 4), torch.zeros(3, 4), ["c"] * 3)
+    check_aligned(emb, pattern)
+
+    keys = tar_keys(tmp_path / "wds" / "000001.tar")
+    _write_shard(emb / "000001.npz", [keys[0], keys[2], keys[1]], torch.zeros(3, 4), torch.zeros(3, 4), ["c"] * 3)
+    with pytest.raises(DataError, match=r"000001\.npz does not line up with image shard .*000001\.tar.*position 1"):
+        check_aligned(emb, pattern)
+    (emb / "000001.npz").unlink()
+    with pytest.raises(DataError, match=r"000001\.npz is missing"):
+        check_aligned(emb, pattern)

@@ -1,0 +1,126 @@
+"""A tiny stage and the jobs tests/test_train_scale.py runs in other processes.
+
+As a script: `python tests/train_scale_helpers.py JOB OUT [--threads N]`, where JOB is
+- `ddp`: under `accelerate launch --num_processes 2 --cpu`, train the tiny stage for 6 steps
+  (OUT/full) and for 3 of the same 6 (OUT/part), each rank saving its final weights; then embed
+  the webdataset shards in OUT/wds into OUT/emb with a stand-in CLIP, the shards shared by rank;
+- `killsave`: train with a checkpoint writer that stalls half-way through its second checkpoint
+  and prints WRITING, for the test to SIGKILL it there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+from torch import nn
+
+from unclip.config import TrainConfig
+from unclip.train.data import shapes_feed
+from unclip.train.trainer import train
+
+SIZE = 8
+
+
+class TinyStage(nn.Module):
+    """Predict a shapes image's mean colour from its pixels; `noise` perturbs the input with the
+    global torch RNG, so an inexact RNG restore changes the losses."""
+
+    def __init__(self, *, noise: float = 0.0):
+        super().__init__()
+        generator = torch.Generator().manual_seed(0)
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(3 * SIZE * SIZE, 16), nn.Tanh(), nn.Linear(16, 3))
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=generator) * 0.1)
+        self.noise = noise
+
+    def forward(self, batch: dict) -> dict[str, torch.Tensor]:
+        x = batch["image"]
+        if self.noise:
+            x = x + self.noise * torch.randn_like(x)
+        pred = self.net(x)  # [B, 3]
+        target = batch["image"].mean(dim=(2, 3))  # [B, 3]
+        return {"loss": ((pred - target) ** 2).mean(), "mae": (pred - target).abs().mean()}
+
+
+def config(**overrides) -> TrainConfig:
+    base = {"steps": 6, "batch_size": 8, "lr": 1e-2, "warmup_steps": 2, "ema_decay": 0.9, "log_every": 1,
+            "ckpt_every": 3}
+    return TrainConfig(**{**base, **overrides})
+
+
+def run(run_dir: str | Path, cfg: TrainConfig, *, noise: float = 0.0, stop_at: int | None = None):
+    """Train a fresh TinyStage on shapes world; returns (stage, TrainResult)."""
+    stage = TinyStage(noise=noise)
+    feed = shapes_feed(size=SIZE, batch_size=cfg.batch_size, lang="en", seed=0, num_workers=cfg.num_workers)
+    result = train(stage, feed, cfg=cfg, run_dir=run_dir, run_config={"tiny": repr(cfg), "noise": noise},
+                   progress=False, stop_at=stop_at)
+    return stage, result
+
+
+class StandInClip(nn.Module):
+    """What `embed_items` needs of a CLIP: image and caption embeddings of a known form."""
+
+    config = SimpleNamespace(embed_dim=4, image_size=SIZE)
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        return torch.cat([images.mean(dim=(2, 3)), images.std(dim=(1, 2, 3))[:, None]], dim=1)  # [B, 4]
+
+    def encode_captions(self, captions: list[str]) -> torch.Tensor:
+        return torch.tensor([[len(c), c.count(" "), 0.0, 1.0] for c in captions])  # [B, 4]
+
+
+def _ddp(out: Path) -> None:
+    from unclip.clip.embed import embed_dataset
+    from unclip.train.dist import rank_world
+
+    cfg = config()
+    for name, stop_at in (("full", None), ("part", 3)):
+        stage, result = run(out / name, cfg, stop_at=stop_at)
+        rank, world = rank_world()
+        assert world == 2, "run this job under accelerate launch --num_processes 2"
+        torch.save({"state": stage.state_dict(), "step": result.step, "main": result.main_process},
+                   out / name / f"rank{rank}.pt")
+    embed_dataset(StandInClip(), out / "emb", source="webdataset", path=str(out / "wds" / "{000000..000003}.tar"),
+                  progress=False)
+
+
+def _killsave(out: Path) -> None:
+    real_save, calls = torch.save, []
+
+    def stalling_save(obj, f, *args, **kwargs):
+        calls.append(1)
+        if len(calls) < 2:
+            return real_save(obj, f, *args, **kwargs)
+        buffer = io.BytesIO()
+        real_save(obj, buffer)
+        data = buffer.getvalue()
+        f.write(data[: len(data) // 2])
+        f.flush()
+        print("WRITING", flush=True)
+        time.sleep(120)  # the test kills the process here
+        raise SystemExit("not killed")
+
+    torch.save = stalling_save
+    run(out, config(ckpt_every=2), noise=0.1)
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("job", choices=["ddp", "killsave"])
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    {"ddp": _ddp, "killsave": _killsave}[args.job](args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
