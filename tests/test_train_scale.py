@@ -189,3 +189,47 @@ def test_misaligned_or_missing_embedding_shards_are_errors_naming_the_shard(tmp_
     (emb / "000001.npz").unlink()
     with pytest.raises(DataError, match=r"000001\.npz is missing"):
         check_aligned(emb, pattern)
+
+
+class _TurnsNaN(TinyStage):
+    def __init__(self, at_call: int):
+        super().__init__()
+        self.calls, self.at_call = 0, at_call
+
+    def forward(self, batch):
+        self.calls += 1
+        losses = super().forward(batch)
+        return {**losses, "loss": losses["loss"] * float("nan")} if self.calls >= self.at_call else losses
+
+
+def test_a_nan_loss_stops_with_the_last_good_checkpoint_intact(tmp_path):
+    from unclip.train.data import shapes_feed
+    from unclip.train.trainer import TrainingError, train
+
+    cfg = config(ckpt_every=2)
+    feed = shapes_feed(size=SIZE, batch_size=cfg.batch_size, lang="en", seed=0)
+    with pytest.raises(TrainingError, match=r"non-finite at step 4 .*checkpoint.pt\) is intact"):
+        train(_TurnsNaN(at_call=5), feed, cfg=cfg, run_dir=tmp_path, run_config={}, progress=False)
+    state = load_checkpoint(tmp_path / "checkpoint.pt")
+    assert state["step"] == 4 and all(torch.isfinite(v).all() for v in state["model"].values())
+
+
+def test_metrics_go_to_jsonl_and_to_tensorboard_when_installed(tmp_path, monkeypatch):
+    import unclip.train.metrics as metrics
+
+    scalars = []
+
+    class Writer:  # stands in for torch.utils.tensorboard.SummaryWriter (tensorboard is optional)
+        def add_scalar(self, key, value, step):
+            scalars.append((key, step))
+
+        def flush(self):
+            pass
+
+        def close(self):
+            scalars.append("closed")
+
+    monkeypatch.setattr(metrics, "_tensorboard_writer", lambda directory: Writer())
+    run(tmp_path, config(steps=2))
+    assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [1, 2]
+    assert ("loss", 1) in scalars and ("lr", 2) in scalars and scalars[-1] == "closed"

@@ -95,6 +95,8 @@ def train_clip(cfg: UnclipConfig, *, run_dir: str | Path, out: str | Path, resum
     feed = feed_for(cfg.data, size=cfg.clip.image_size, batch_size=tc.batch_size, num_workers=tc.num_workers)
     result = train(model, feed, cfg=tc, run_dir=run_dir, run_config=cfg.to_dict(), resume=resume,
                    progress=progress, stage_name="clip", time_budget=time_budget)
+    if not result.main_process:
+        return Path(out)  # under accelerate launch the main process evaluates and writes the model
     evaluation = {}
     if evaluate and cfg.data.source == "shapes":
         from unclip.clip.zeroshot import evaluate_clip

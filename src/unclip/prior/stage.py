@@ -85,6 +85,8 @@ def train_prior(cfg: UnclipConfig, *, kind: str, clip_dir: str | Path, run_dir: 
     result = train(prior, feed, cfg=tc, run_dir=run_dir, run_config=cfg.to_dict(), resume=resume,
                    progress=progress, stage_name=f"{kind}_prior", time_budget=time_budget)
     clip.cpu()
+    if not result.main_process:
+        return Path(out)  # under accelerate launch the main process evaluates and writes the model
     evaluation = {}
     if evaluate and cfg.data.source == "shapes":
         from unclip.prior.metrics import evaluate_prior

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from unclip.config import UnclipConfig
 from unclip.errors import ConfigError, ModelFormatError
+from unclip.train import dist
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,8 @@ def train_all(cfg: UnclipConfig, *, root: str | Path, out: str | Path, stages: S
     unknown = set(stages) - set(STAGES)
     if unknown:
         raise ConfigError(f"unknown stage(s) {', '.join(sorted(unknown))}; stages are {', '.join(STAGES)}")
+    if dist.launched_world_size() > 1:
+        dist.start()  # every rank joins now: stages already complete are skipped by all of them alike
     root = Path(root)
     model = {name: root / name / "model" for name in ("clip", "prior", "ar_prior", "decoder")}
     embeddings = root / "emb"
@@ -66,6 +69,7 @@ def train_all(cfg: UnclipConfig, *, root: str | Path, out: str | Path, stages: S
         start = time.monotonic()
         log.info("%s: training into %s", name, target)
         fn()
+        dist.barrier()  # under accelerate launch: the main process has written the model the next stage reads
         timings[name] = round(time.monotonic() - start, 1)
 
     run("clip", model["clip"], lambda: train_clip(cfg, run_dir=root / "clip", out=model["clip"], resume=resume,
@@ -97,7 +101,10 @@ def train_all(cfg: UnclipConfig, *, root: str | Path, out: str | Path, stages: S
     for stage, target in enumerate(upsampler_dirs, start=1):
         run("upsamplers", target, lambda stage=stage, target=target: train_upsampler(
             cfg, stage=stage, run_dir=target.parent, out=target, resume=resume, progress=progress, evaluate=evaluate))
-    path = assemble(out, decoder=model["decoder"], prior=model["prior"], ar_prior=model["ar_prior"],
-                    upsamplers=tuple(upsampler_dirs))
+    path = Path(out)
+    if dist.rank_world()[0] == 0:
+        path = assemble(out, decoder=model["decoder"], prior=model["prior"], ar_prior=model["ar_prior"],
+                        upsamplers=tuple(upsampler_dirs))
+    dist.barrier()
     log.info("trained %s; seconds per stage: %s", path, timings)
     return timings

@@ -15,6 +15,13 @@ def _threads(args: argparse.Namespace) -> None:
         torch.set_num_threads(args.threads)
 
 
+def _other_rank() -> bool:
+    """True on the non-main processes of `accelerate launch`: the main one reports, they stay quiet."""
+    from unclip.train.dist import rank_world
+
+    return rank_world()[0] > 0
+
+
 def _budget(args: argparse.Namespace) -> float | None:
     return None if args.minutes is None else args.minutes * 60.0
 
@@ -28,6 +35,8 @@ def _train_clip(args: argparse.Namespace) -> int:
     out = Path(args.out or run_dir / "model")
     train_clip(cfg, run_dir=run_dir, out=out, resume=not args.no_resume, evaluate=not args.no_eval,
                time_budget=_budget(args))
+    if _other_rank():
+        return 0
     print(f"CLIP model: {out}")
     if not args.no_eval and cfg.data.source == "shapes":
         from unclip.clip.zeroshot import markdown_table
@@ -48,6 +57,8 @@ def _train_prior(args: argparse.Namespace) -> int:
     train_prior(cfg, kind=args.kind, clip_dir=args.clip, run_dir=run_dir, out=out, embeddings=args.embeddings,
                 resume=not args.no_resume, evaluate=not args.no_eval, fit_samples=args.fit_samples,
                 time_budget=_budget(args))
+    if _other_rank():
+        return 0
     print(f"{args.kind} prior model: {out}")
     if not args.no_eval and cfg.data.source == "shapes":
         from unclip.modeldir import read_manifest
@@ -67,6 +78,8 @@ def _train_decoder(args: argparse.Namespace) -> int:
     train_decoder(cfg, clip_dir=args.clip, run_dir=run_dir, out=out, resume=not args.no_resume,
                   evaluate=not args.no_eval, eval_samples=args.eval_samples, time_budget=_budget(args),
                   init=args.init)
+    if _other_rank():
+        return 0
     print(f"decoder model: {out}")
     _report(out, run_dir, "decoder", sheet="real images and their decodings")
     return 0
@@ -82,6 +95,8 @@ def _train_upsampler(args: argparse.Namespace) -> int:
     train_upsampler(cfg, stage=args.stage, run_dir=run_dir, out=out, resume=not args.no_resume,
                     evaluate=not args.no_eval, eval_samples=args.eval_samples, time_budget=_budget(args),
                     init=args.init)
+    if _other_rank():
+        return 0
     print(f"upsampler {args.stage} model: {out}")
     _report(out, run_dir, f"upsampler{args.stage}", sheet="bicubic, upsampled and real images")
     return 0
@@ -109,6 +124,8 @@ def _train_all(args: argparse.Namespace) -> int:
     stages = args.stages or STAGES
     timings = train_all(cfg, root=root, out=out, stages=stages, resume=not args.no_resume,
                         embed_pairs=args.embed_pairs)
+    if _other_rank():
+        return 0
     print(f"model: {out}")
     if timings:
         print("minutes per stage: " + ", ".join(f"{k} {v / 60:.1f}" for k, v in timings.items()))
