@@ -126,6 +126,23 @@ def test_assembled_model_holds_every_stage_and_refuses_a_foreign_clip(model_dir,
         assemble(tmp_path / "none", decoder=model_dir)
 
 
+def test_clip_fingerprint_reads_weights_and_tokenizer_not_the_writers_version():
+    """A CLIP re-saved under another transformers version (its config.json records the version)
+    is the same CLIP to `assemble`; different weights are not."""
+    from unclip.modeldir import Manifest
+    from unclip.pipeline.assemble import clip_fingerprint
+
+    def manifest(config_sha: str, weights_sha: str) -> Manifest:
+        files = {"text_encoder/config.json": {"sha256": config_sha},
+                 "text_encoder/model.safetensors": {"sha256": weights_sha},
+                 "tokenizer/tokenizer.json": {"sha256": "t"}, "decoder/config.json": {"sha256": "d"}}
+        return Manifest(config={}, files=files)
+
+    assert clip_fingerprint(manifest("v5.17", "w")) == clip_fingerprint(manifest("v5.24", "w"))
+    assert clip_fingerprint(manifest("v5.17", "w")) != clip_fingerprint(manifest("v5.17", "other"))
+    assert set(clip_fingerprint(manifest("a", "w"))) == {"text_encoder/model.safetensors", "tokenizer/tokenizer.json"}
+
+
 # --- generate ------------------------------------------------------------------------------------
 
 

@@ -107,6 +107,8 @@ def train_decoder(cfg: UnclipConfig, *, clip_dir: str | Path, run_dir: str | Pat
     result = train(decoder, decoder_feed(clip, images, resolution=cfg.decoder.resolution), cfg=tc, run_dir=run_dir,
                    run_config=cfg.to_dict(), resume=resume, progress=progress, stage_name="decoder",
                    time_budget=time_budget)
+    if not result.main_process:
+        return Path(out)
     clip.cpu()
     evaluation = {}
     if evaluate and cfg.data.source == "shapes" and eval_samples > 0:
@@ -182,6 +184,8 @@ def train_upsampler(cfg: UnclipConfig, *, stage: int, run_dir: str | Path, out: 
                           device=training_device())
     result = train(upsampler, feed, cfg=tc, run_dir=run_dir, run_config=cfg.to_dict(), resume=resume,
                    progress=progress, stage_name=f"upsampler{stage}", time_budget=time_budget)
+    if not result.main_process:
+        return Path(out)
     evaluation = {}
     if evaluate and cfg.data.source == "shapes" and eval_samples > 0:
         from unclip.decoder.metrics import upsampler_quality

@@ -38,9 +38,12 @@ OWN_RECORDS = {"decoder": ("decoder", "clip"), "prior": ("diffusion_prior",), "a
 
 
 def clip_fingerprint(manifest: Manifest) -> dict[str, str]:
-    """sha256 of every CLIP file a manifest lists: equal fingerprints mean the same frozen CLIP."""
+    """sha256 of the CLIP's weights and tokenizer files a manifest lists: equal fingerprints mean
+    the same frozen CLIP. The towers' config.json files are left out: transformers writes its own
+    version into them, so re-saving the same CLIP under another version changes their bytes while
+    the towers stay the same."""
     return {name: record["sha256"] for name, record in manifest.files.items()
-            if name.split("/", 1)[0] in CLIP_COMPONENTS}
+            if name.split("/", 1)[0] in CLIP_COMPONENTS and not name.endswith("/config.json")}
 
 
 def _source(name: str, directory: str | Path) -> tuple[str, Path, Manifest, tuple[str, ...]]:

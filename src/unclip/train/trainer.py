@@ -31,8 +31,8 @@ budget, re-measuring as it goes. The schedule then ends at the fitted step count
 from __future__ import annotations
 
 import logging
-import os
 import math
+import os
 import random
 import time
 from collections.abc import Callable, Iterator
@@ -53,7 +53,8 @@ from unclip.train.metrics import METRICS, MetricsLog, trim_metrics
 log = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint.pt"
-__all__ = ["CHECKPOINT", "METRICS", "EMA", "TrainResult", "TrainingError", "train"]
+
+
 class TrainingError(UnclipError):
     """Training cannot go on (a non-finite loss, a checkpoint from another config)."""
 
