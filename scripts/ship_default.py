@@ -1,16 +1,19 @@
 """Copy a trained model directory into the package as the shipped default, float16.
 
-    python scripts/ship_default.py MODEL [--recipe TEXT]
+    python scripts/ship_default.py MODEL [--recipe TEXT] [--eval EVAL_JSON] [--stage-metrics JSON]
 
 The sampling defaults (sampler, steps, guidance, η) of the decoder, prior and upsamplers are taken
 from the current shapes-gpu preset, so a sweep's verdict (docs/model_card.md) reaches
 `unclip generate` without retraining; training settings stay as the run recorded them. The
-recipe text goes into the manifest's provenance. Writes src/unclip/assets/model atomically.
+recipe text goes into the manifest's provenance; the summary of `unclip eval`'s eval.json and the
+decoder and upsampler rows of bench/stage_metrics.py go into its evaluation (DESIGN §4: the
+manifest holds the model's evaluation summary). Writes src/unclip/assets/model atomically.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import tempfile
 from dataclasses import replace
@@ -21,6 +24,8 @@ from unclip.io import write_json_atomic
 from unclip.modeldir import MANIFEST, half_model_dir, read_manifest
 
 SAMPLING = ("sampler", "sample_steps", "eta", "guidance_scale")
+SUMMARY = ("tasks", "overall", "by_split", "by_lang", "judge_support_overall", "frechet_judge_features", "diversity",
+           "images_per_prompt", "prompts", "seed", "meta")
 TARGET = Path(__file__).resolve().parents[1] / "src" / "unclip" / "assets" / "model"
 
 
@@ -38,6 +43,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model")
     parser.add_argument("--recipe", default="", help="how the model was trained, for the provenance")
+    parser.add_argument("--eval", help="eval.json written by `unclip eval MODEL`: its summary goes into the manifest")
+    parser.add_argument("--stage-metrics", help="stage_metrics.json written by bench/stage_metrics.py")
     args = parser.parse_args()
     TARGET.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=TARGET.parent, prefix=".ship.") as tmp:
@@ -47,6 +54,12 @@ def main() -> None:
         manifest["config"] = cfg.to_dict()
         if args.recipe:
             manifest["provenance"]["recipe"] = args.recipe
+        if args.eval:
+            result = json.loads(Path(args.eval).read_text(encoding="utf-8"))
+            manifest["evaluation"]["geneval"] = {k: result[k] for k in SUMMARY if k in result}
+        if args.stage_metrics:
+            stages = json.loads(Path(args.stage_metrics).read_text(encoding="utf-8"))
+            manifest["evaluation"].update({k: stages[k] for k in ("decoder", "upsampler") if k in stages})
         write_json_atomic(half / MANIFEST, manifest)
         if TARGET.exists():
             shutil.rmtree(TARGET)

@@ -196,3 +196,27 @@ def test_cli_trains_a_decoder(tmp_path, capsys):
     with Image.open(tmp_path / "run" / "samples.png") as sheet:  # real row over decoded row, 2 columns
         assert sheet.width > 2 * 96 and sheet.height > 2 * 96
     assert load_decoder(tmp_path / "model").config.train.steps == 2
+
+
+def test_init_continues_from_a_model_and_records_its_history(tmp_path, capsys):
+    """`--init`: the run starts from the model's weights (lr 0 keeps them exactly), the new
+    provenance holds the old one under "init", and another architecture is refused."""
+    from unclip.cli import main
+    from unclip.decoder.stage import load_decoder
+    from unclip.modeldir import read_manifest
+
+    clip_dir = _tiny_clip_dir(tmp_path)
+    common = ["train", "decoder", "--preset", "tiny", "--clip", str(clip_dir), "--no-eval",
+              "--set", "decoder.train.steps=2", "--set", "decoder.train.ema_decay=0"]
+    assert main([*common, "--run-dir", str(tmp_path / "a"), "--out", str(tmp_path / "first")]) == 0
+    assert main([*common, "--run-dir", str(tmp_path / "b"), "--out", str(tmp_path / "second"),
+                 "--init", str(tmp_path / "first"), "--set", "decoder.train.lr=0"]) == 0
+    first, second = load_decoder(tmp_path / "first"), load_decoder(tmp_path / "second")
+    for (name, a), b in zip(first.state_dict().items(), second.state_dict().values()):
+        assert torch.equal(a, b), name
+    record = read_manifest(tmp_path / "second").provenance["decoder"]
+    assert record["init"]["from"] == str(tmp_path / "first")
+    assert record["init"]["provenance"] == read_manifest(tmp_path / "first").provenance["decoder"]
+    assert main([*common, "--run-dir", str(tmp_path / "c"), "--out", str(tmp_path / "third"),
+                 "--init", str(tmp_path / "first"), "--set", "decoder.base_channels=8"]) == 2
+    assert "architecture differs" in capsys.readouterr().err and not (tmp_path / "third").exists()

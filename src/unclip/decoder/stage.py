@@ -67,9 +67,12 @@ def build_decoder(cfg: UnclipConfig) -> Decoder:
     return Decoder.from_config(cfg.decoder, clip_dim=cfg.clip.embed_dim, text_width=cfg.clip.text_width)
 
 
-def init_from(module_parts: dict[str, torch.nn.Module], directory: str | Path, section: str, cfg_section) -> None:
+def init_from(module_parts: dict[str, torch.nn.Module], directory: str | Path, section: str, cfg_section) -> dict:
     """Load the weights of a trained model directory into freshly built networks (`--init`): the
-    architecture in its config must be the one being trained (training settings may differ)."""
+    architecture in its config must be the one being trained (training settings may differ).
+
+    Returns what the continued run records as its `init`: the directory and the provenance of the
+    weights it starts from, so a model continued several times keeps its whole training history."""
     directory = Path(directory)
     manifest = read_manifest(directory)
     verify_files(directory, manifest)
@@ -81,6 +84,7 @@ def init_from(module_parts: dict[str, torch.nn.Module], directory: str | Path, s
     for path, module in module_parts.items():
         load_into(module, directory / path)
     log.info("%s initialised from %s", section, directory)
+    return {"from": str(directory), "provenance": manifest.provenance.get(section, {})}
 
 
 def train_decoder(cfg: UnclipConfig, *, clip_dir: str | Path, run_dir: str | Path, out: str | Path,
@@ -99,9 +103,11 @@ def train_decoder(cfg: UnclipConfig, *, clip_dir: str | Path, run_dir: str | Pat
     tc = cfg.decoder.train
     torch.manual_seed(tc.seed)
     decoder = build_decoder(cfg)
+    started_from = {}
     if init:
-        init_from({f"{DECODER_DIR}/{UNET_WEIGHTS}": decoder.unet, f"{TEXT_PROJ_DIR}/model.safetensors": decoder.text_proj},
-                  init, "decoder", cfg.decoder)
+        started_from = {"init": init_from({f"{DECODER_DIR}/{UNET_WEIGHTS}": decoder.unet,
+                                           f"{TEXT_PROJ_DIR}/model.safetensors": decoder.text_proj},
+                                          init, "decoder", cfg.decoder)}
     side = max(cfg.clip.image_size, cfg.decoder.resolution)
     images = feed_for(cfg.data, size=side, batch_size=tc.batch_size, num_workers=tc.num_workers)
     result = train(decoder, decoder_feed(clip, images, resolution=cfg.decoder.resolution), cfg=tc, run_dir=run_dir,
@@ -117,7 +123,8 @@ def train_decoder(cfg: UnclipConfig, *, clip_dir: str | Path, run_dir: str | Pat
         evaluation = decode_clip_similarity(decoder, clip, n=eval_samples, sheet=Path(run_dir) / "samples.png")
         log.info("decoder CLIP similarity %s", evaluation)
     save_decoder(decoder, clip, out, cfg=cfg, clip_dir=clip_dir, evaluation=evaluation,
-                 provenance=provenance(seconds=result.seconds, steps=result.step, final_metrics=result.metrics))
+                 provenance=provenance(seconds=result.seconds, steps=result.step, final_metrics=result.metrics,
+                                       **started_from))
     log.info("decoder model written to %s", out)
     return Path(out)
 
@@ -177,8 +184,10 @@ def train_upsampler(cfg: UnclipConfig, *, stage: int, run_dir: str | Path, out: 
     tc = uc.train
     torch.manual_seed(tc.seed)
     upsampler = Upsampler.from_config(uc)
+    started_from = {}
     if init:
-        init_from({f"{UPSAMPLER_DIRS[stage][0]}/{UNET_WEIGHTS}": upsampler.unet}, init, f"upsampler{stage}", uc)
+        started_from = {"init": init_from({f"{UPSAMPLER_DIRS[stage][0]}/{UNET_WEIGHTS}": upsampler.unet}, init,
+                                          f"upsampler{stage}", uc)}
     images = feed_for(cfg.data, size=uc.out_resolution, batch_size=tc.batch_size, num_workers=tc.num_workers)
     feed = upsampler_feed(images, uc, batch_size=tc.batch_size, seed=cfg.data.seed + 1000 * stage,
                           device=training_device())
@@ -193,7 +202,8 @@ def train_upsampler(cfg: UnclipConfig, *, stage: int, run_dir: str | Path, out: 
         evaluation = upsampler_quality(upsampler, n=eval_samples, sheet=Path(run_dir) / "samples.png")
         log.info("upsampler %d quality %s", stage, evaluation)
     save_upsampler(upsampler, out, cfg=cfg, stage=stage, evaluation=evaluation,
-                   provenance=provenance(seconds=result.seconds, steps=result.step, final_metrics=result.metrics))
+                   provenance=provenance(seconds=result.seconds, steps=result.step, final_metrics=result.metrics,
+                                         **started_from))
     log.info("upsampler %d written to %s", stage, out)
     return Path(out)
 
