@@ -146,6 +146,24 @@ def test_clip_fingerprint_reads_weights_and_tokenizer_not_the_writers_version():
 # --- generate ------------------------------------------------------------------------------------
 
 
+def test_bfloat16_precision_samples_under_autocast_close_to_float32(pipe):
+    """precision="bfloat16" changes the UNets' arithmetic (outputs differ) but not what they draw
+    (outputs stay close); an unknown precision is refused."""
+    z_i = pipe.encode_image([_image()])
+    try:
+        outs = {}
+        for precision in ("float32", "bfloat16"):
+            pipe.set_precision(precision)
+            outs[precision] = pipe.decode(z_i, sampler="ddim", steps=4, seed=3)
+    finally:
+        pipe.set_precision("float32")
+    difference = (outs["float32"] - outs["bfloat16"]).abs()
+    assert outs["bfloat16"].dtype == torch.float32 and outs["bfloat16"].shape == (1, 3, 64, 64)
+    assert 0 < difference.max() and difference.mean() < 0.05, difference.mean()
+    with pytest.raises(ConfigError, match="precision"):
+        pipe.set_precision("float16")
+
+
 def test_a_list_of_seeds_gives_each_image_its_own(pipe):
     both = pipe.generate(["a red circle", "a blue square"], n=1, seed=[7, 2], size=16)
     alone = [pipe.generate("a red circle", seed=7, size=16)[0], pipe.generate("a blue square", seed=2, size=16)[0]]

@@ -89,7 +89,7 @@ class Decoder(nn.Module):
 
     def unet_fn(self, x_t: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
         """model_fn for the diffusion math: x_t [B, 3, R, R], t [B] → output [B, 3 or 6, R, R]."""
-        return self.unet(x_t, t, **cond).sample
+        return self.unet(x_t, t, **cond).sample.float()  # float32 for the diffusion math, also under autocast
 
     # --- training --------------------------------------------------------------------------------
 

@@ -69,7 +69,7 @@ class Upsampler(nn.Module):
 
     def unet_fn(self, x_t: torch.Tensor, t: torch.Tensor, *, low: torch.Tensor) -> torch.Tensor:
         """model_fn: x_t [B, 3, S, S], t [B], low [B, 3, S, S] (upsampled conditioning) → output."""
-        return self.unet(torch.cat([x_t, low], dim=1), t).sample
+        return self.unet(torch.cat([x_t, low], dim=1), t).sample.float()  # float32 also under autocast
 
     def target_of(self, image: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
         """What the diffusion runs on: the image, or with `target="residual"` its difference from the

@@ -6,6 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
+from unclip.pipeline.cli import add_precision_argument
+
 DESCRIPTION = """\
 unclip eval MODEL     GenEval-style scores of a model directory: generate images for every prompt,
                       let the frozen judge pass or fail each one, and write eval.json, report.md and
@@ -42,6 +44,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--size", type=int, help="judge images at this side of the cascade, e.g. the decoder's 32 "
                    "for fast sweeps (default: the largest)")
     g.add_argument("--device", help="torch device, e.g. cuda (default: cpu)")
+    add_precision_argument(g)
     j = p.add_argument_group("training the judge")
     j.add_argument("--train-steps", type=int, default=4000, help="optimizer steps (default: 4000, ~10 min on 1 CPU thread)")
     j.add_argument("--batch-size", type=int, default=64, help="renders per step (default: 64)")
@@ -113,7 +116,7 @@ def _model(args: argparse.Namespace) -> int:
     prompts = read_prompts(prompts_path)
     if args.per_group:
         prompts = limit(prompts, args.per_group)
-    pipe = unclip.load(model, device=args.device)
+    pipe = unclip.load(model, device=args.device, precision=args.precision)
     options = {k: v for k, v in (("prior", args.prior), ("steps", args.steps), ("guidance_scale", args.guidance_scale),
                                  ("sampler", args.sampler), ("prior_guidance_scale", args.prior_guidance_scale),
                                  ("size", args.size)) if v is not None}

@@ -66,6 +66,16 @@ def write_outputs(images: list, out: str | Path, *, labels: list[str], params: d
     return paths
 
 
+def add_precision_argument(parser) -> None:
+    """--precision for every verb that samples (generate, the edits, eval, serve)."""
+    from unclip.pipeline import DEFAULT_PRECISION
+
+    parser.add_argument("--precision", choices=["auto", "float32", "bfloat16"],
+                        help="what the decoder and upsampler compute in while sampling; auto picks bfloat16 "
+                             "where the CPU (AVX-512-BF16, AMX) or GPU has bf16 units, else float32 "
+                             f"(default: {DEFAULT_PRECISION}; docs/performance.md)")
+
+
 def _load(args: argparse.Namespace):
     import unclip
 
@@ -73,7 +83,7 @@ def _load(args: argparse.Namespace):
         import torch
 
         torch.set_num_threads(args.threads)
-    return unclip.load(args.model, device=args.device)
+    return unclip.load(args.model, device=args.device, precision=args.precision)
 
 
 def _common(parser: argparse.ArgumentParser, verb: str, *, seed: int | None = 0) -> None:
@@ -85,6 +95,7 @@ def _common(parser: argparse.ArgumentParser, verb: str, *, seed: int | None = 0)
     parser.add_argument("--steps", type=int, help="decoder sampling steps (default: the model's config)")
     parser.add_argument("--guidance-scale", type=float, help="decoder classifier-free guidance (default: the model's)")
     parser.add_argument("--device", help="torch device, e.g. cuda (default: cpu)")
+    add_precision_argument(parser)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 

@@ -1,0 +1,51 @@
+"""End-to-end text → image latency of a model (default: the shipped one) beside issue 11's target.
+
+    .venv/bin/python bench/bench_generate.py [MODEL] [--precision float32 bfloat16] [--threads 2]
+
+For each precision: load the model, warm up with one short generation, then time
+`generate(PROMPTS, n=4)` (8 images of 128², the model's default sampling settings: prior,
+decoder and upsampler steps as its config says) and report seconds per image and the process's
+peak RSS. Optional `--steps`/`--sampler` override the decoder's, to see what fewer steps buy.
+The target is ≤ 1 s per image on the 2-core CPU (issue 11).
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import time
+
+import torch
+
+TARGET = 1.0  # seconds per image, issue 11
+PROMPTS = ["a red circle above a blue square", "สามเหลี่ยมสีเขียวสองรูป"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("model", nargs="?", help="model directory (default: the shipped model)")
+    parser.add_argument("--precision", nargs="+", default=["float32", "bfloat16"])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--n", type=int, default=4, help="images per prompt (default: 4)")
+    parser.add_argument("--steps", type=int, help="decoder steps (default: the model's)")
+    parser.add_argument("--sampler", choices=["ddpm", "ddim", "dpmsolver++"], help="decoder sampler")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    import unclip
+
+    options = {k: v for k, v in (("steps", args.steps), ("sampler", args.sampler)) if v is not None}
+    print(f"text → image, {len(PROMPTS)} prompts × {args.n}, {args.threads} threads, torch {torch.__version__}")
+    print(f"{'precision':<10} {'s / image':>10} {'target':>8} {'peak RSS':>10}")
+    for precision in args.precision:
+        pipe = unclip.load(args.model, precision=precision)
+        pipe.generate(PROMPTS[0], n=1, seed=0, steps=4)  # warm-up: first calls pay for allocation
+        began = time.perf_counter()
+        pipe.generate(PROMPTS, n=args.n, seed=0, **options)
+        per_image = (time.perf_counter() - began) / (len(PROMPTS) * args.n)
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        print(f"{precision:<10} {per_image:>10.2f} {TARGET:>8.1f} {rss:>8.0f} MiB", flush=True)
+
+
+if __name__ == "__main__":
+    main()
