@@ -323,3 +323,21 @@ def test_variations_and_inpainting_stop_the_cascade_at_a_size(pipe):
     assert np.abs(kept).max() == 0  # the known half is the original's, pixel for pixel
     with pytest.raises(ConfigError, match="size 48"):
         pipe.inpaint(image, mask, size=48)
+
+
+def test_upsampler_sampling_can_be_set_for_every_later_call(model_dir):
+    import unclip
+
+    pipe = unclip.load(model_dir)
+    before = pipe.upsamplers[0].config
+    pipe.set_upsampler_sampling(steps=3)
+    assert pipe.upsamplers[0].config.sample_steps == 3 and pipe.upsamplers[0].config.sampler == before.sampler
+    pipe.set_upsampler_sampling(sampler="dpmsolver++")
+    assert pipe.upsamplers[0].config.sampler == "dpmsolver++" and pipe.upsamplers[0].config.sample_steps == 3
+    steps = []
+    pipe.generate("a red circle", n=1, seed=0, steps=2, callback=lambda stage, step: steps.append(stage))
+    assert steps.count("upsampler1") == 3
+    with pytest.raises(ConfigError, match="upsampler steps"):
+        pipe.set_upsampler_sampling(steps=0)
+    with pytest.raises(ConfigError, match="upsampler sampler"):
+        pipe.set_upsampler_sampling(sampler="euler")

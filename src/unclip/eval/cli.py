@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from unclip.pipeline.cli import add_precision_argument
+from unclip.pipeline.cli import add_sampling_arguments, configure_sampling
 
 DESCRIPTION = """\
 unclip eval MODEL     GenEval-style scores of a model directory: generate images for every prompt,
@@ -44,7 +44,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--size", type=int, help="judge images at this side of the cascade, e.g. the decoder's 32 "
                    "for fast sweeps (default: the largest)")
     g.add_argument("--device", help="torch device, e.g. cuda (default: cpu)")
-    add_precision_argument(g)
+    add_sampling_arguments(g)
     j = p.add_argument_group("training the judge")
     j.add_argument("--train-steps", type=int, default=4000, help="optimizer steps (default: 4000, ~10 min on 1 CPU thread)")
     j.add_argument("--batch-size", type=int, default=64, help="renders per step (default: 64)")
@@ -116,14 +116,16 @@ def _model(args: argparse.Namespace) -> int:
     prompts = read_prompts(prompts_path)
     if args.per_group:
         prompts = limit(prompts, args.per_group)
-    pipe = unclip.load(model, device=args.device, precision=args.precision)
+    pipe = configure_sampling(unclip.load(model, device=args.device, precision=args.precision), args)
     options = {k: v for k, v in (("prior", args.prior), ("steps", args.steps), ("guidance_scale", args.guidance_scale),
                                  ("sampler", args.sampler), ("prior_guidance_scale", args.prior_guidance_scale),
                                  ("size", args.size)) if v is not None}
     evaluation = evaluate(pipe, judge, prompts, args.images_per_prompt, args.seed or 0, judge_accuracy=accuracy,
                           batch_prompts=args.batch_prompts, progress=not args.quiet, generate_options=options)
     evaluation.result["meta"] = {"model": str(model), "prompts": str(prompts_path), "judge": str(judge_dir),
-                                 **{k: v for k, v in options.items()}}
+                                 **options, "precision": pipe.precision,
+                                 **{f"upsampler{i}": {"sampler": u.config.sampler, "steps": u.config.sample_steps}
+                                    for i, u in enumerate(pipe.upsamplers, start=1)}}
     out = Path(args.out or Path("out/eval") / model.resolve().name)
     paths = write_evaluation(evaluation, out, title=f"unclip eval {model}")
     r = evaluation.result

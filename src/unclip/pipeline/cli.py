@@ -66,14 +66,24 @@ def write_outputs(images: list, out: str | Path, *, labels: list[str], params: d
     return paths
 
 
-def add_precision_argument(parser) -> None:
-    """--precision for every verb that samples (generate, the edits, eval, serve)."""
+def add_sampling_arguments(parser) -> None:
+    """--precision and the upsampler's sampling, for every verb that samples (generate, the edits,
+    eval, serve); `configure_sampling` applies them to a loaded pipeline."""
     from unclip.pipeline import DEFAULT_PRECISION
 
     parser.add_argument("--precision", choices=["auto", "float32", "bfloat16"],
                         help="what the decoder and upsampler compute in while sampling; auto picks bfloat16 "
                              "where the CPU (AVX-512-BF16, AMX) or GPU has bf16 units, else float32 "
                              f"(default: {DEFAULT_PRECISION}; docs/performance.md)")
+    parser.add_argument("--upsampler-steps", type=int, help="upsampler sampling steps (default: the model's config)")
+    parser.add_argument("--upsampler-sampler", choices=["ddpm", "ddim", "dpmsolver++"],
+                        help="upsampler sampler (default: the model's config)")
+
+
+def configure_sampling(pipe, args: argparse.Namespace):
+    """The pipeline with the upsampler options of `add_sampling_arguments` applied."""
+    pipe.set_upsampler_sampling(sampler=args.upsampler_sampler, steps=args.upsampler_steps)
+    return pipe
 
 
 def _load(args: argparse.Namespace):
@@ -83,7 +93,7 @@ def _load(args: argparse.Namespace):
         import torch
 
         torch.set_num_threads(args.threads)
-    return unclip.load(args.model, device=args.device, precision=args.precision)
+    return configure_sampling(unclip.load(args.model, device=args.device, precision=args.precision), args)
 
 
 def _common(parser: argparse.ArgumentParser, verb: str, *, seed: int | None = 0) -> None:
@@ -95,7 +105,7 @@ def _common(parser: argparse.ArgumentParser, verb: str, *, seed: int | None = 0)
     parser.add_argument("--steps", type=int, help="decoder sampling steps (default: the model's config)")
     parser.add_argument("--guidance-scale", type=float, help="decoder classifier-free guidance (default: the model's)")
     parser.add_argument("--device", help="torch device, e.g. cuda (default: cpu)")
-    add_precision_argument(parser)
+    add_sampling_arguments(parser)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 

@@ -46,6 +46,7 @@ ABLATIONS = ("caption", "none")
 # "bfloat16": the UNets run under bf16 autocast (1.65× faster text → image on a 2-core AVX-512-BF16
 # CPU, same judged scores; docs/performance.md); "auto": bfloat16 where the hardware has bf16 units
 PRECISIONS = ("auto", "float32", "bfloat16")
+SAMPLERS = ("ddpm", "ddim", "dpmsolver++")
 
 
 def auto_precision(device: torch.device) -> str:
@@ -119,6 +120,19 @@ class UnclipPipeline:
         if precision not in PRECISIONS:
             raise ConfigError(f"precision={precision!r}; use one of {', '.join(PRECISIONS)}")
         self.precision = auto_precision(self.device) if precision == "auto" else precision
+
+    def set_upsampler_sampling(self, *, sampler: str | None = None, steps: int | None = None) -> None:
+        """Sample every upsampler with this sampler and/or number of steps from now on (unset: keep
+        the model's). Upsampling is most of a CPU generation's time (docs/performance.md)."""
+        from dataclasses import replace
+
+        if steps is not None and steps < 1:
+            raise ConfigError(f"upsampler steps={steps}; use at least 1")
+        if sampler is not None and sampler not in SAMPLERS:
+            raise ConfigError(f"upsampler sampler={sampler!r}; use one of {', '.join(SAMPLERS)}")
+        for upsampler in self.upsamplers:
+            upsampler.config = replace(upsampler.config, sampler=sampler or upsampler.config.sampler,
+                                       sample_steps=steps or upsampler.config.sample_steps)
 
     def autocast(self):
         """The context the UNets sample in: bf16 autocast with precision="bfloat16", else nothing."""

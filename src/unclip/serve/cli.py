@@ -6,7 +6,7 @@ import argparse
 import os
 
 from unclip.errors import ConfigError
-from unclip.pipeline.cli import add_precision_argument
+from unclip.pipeline.cli import add_sampling_arguments, configure_sampling
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -23,7 +23,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    pipe = unclip.load(args.model, device=args.device, precision=args.precision)
+    pipe = configure_sampling(unclip.load(args.model, device=args.device, precision=args.precision), args)
     app = create_app(pipe, ServerOptions(api_key=api_key, max_queue=args.max_queue, max_batch=args.max_batch,
                                          max_steps=args.max_steps, model_id=args.name))
     shown = f"[{args.host}]" if ":" in args.host else args.host
@@ -53,7 +53,7 @@ def register(subparsers) -> None:
     parser.add_argument("--max-steps", type=int, default=250,
                         help="largest `steps` a request may ask for (default: 250)")
     parser.add_argument("--device", help="torch device, e.g. cuda (default: cpu)")
-    add_precision_argument(parser)
+    add_sampling_arguments(parser)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                         help="uvicorn's log level (default: info)")
