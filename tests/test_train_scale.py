@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from train_scale_helpers import SIZE, TinyStage, config, run
+from train_scale_helpers import SIZE, TinyStage, clip_batch, clip_step, config, run
 
 from unclip.clip.embed import _write_shard, check_aligned, load_embeddings, tar_keys
 from unclip.data.export import export_webdataset
@@ -73,6 +73,25 @@ def test_two_processes_agree_with_each_other_and_with_one(ddp_run, tmp_path):
     assert [r["step"] for r in rows_two] == [1, 2, 3, 4, 5, 6]  # one writer, no duplicate lines
     for a, b in zip(rows_one, rows_two, strict=True):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)  # averaged over both ranks' halves
+
+
+def test_two_process_clip_loss_is_the_global_batch_loss(ddp_run):
+    """Each rank contrasts its half with every caption of the global batch (gathered with gradients):
+    the loss and the DDP-averaged gradients are one process's on the whole batch, and a caption
+    repeated on the other rank still counts as a positive."""
+    batch = clip_batch()
+    assert batch["caption"][1] == batch["caption"][6]  # one copy on each rank
+    one = clip_step(batch)
+    for rank in (0, 1):
+        two = torch.load(ddp_run / "clip" / f"rank{rank}.pt")
+        assert two["loss"] == pytest.approx(one["loss"], rel=1e-5)
+        assert two["acc_i2t"] == one["acc_i2t"]
+        assert two["grads"].keys() == one["grads"].keys()
+        for name, grad in one["grads"].items():
+            torch.testing.assert_close(two["grads"][name], grad, rtol=1e-4, atol=1e-6,
+                                       msg=lambda m, n=name: f"{n}: {m}")
+    half = clip_step({"image": batch["image"][:4], "caption": batch["caption"][:4]})
+    assert half["loss"] != pytest.approx(one["loss"], rel=1e-3)  # a rank's slice alone is another loss
 
 
 def test_a_two_process_checkpoint_resumes_in_one_process(ddp_run, tmp_path, caplog):

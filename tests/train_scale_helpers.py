@@ -4,6 +4,7 @@ As a script: `python tests/train_scale_helpers.py JOB OUT [--threads N]`, where 
 - `ddp`: under `accelerate launch --num_processes 2 --cpu`, train the tiny stage for 6 steps
   (OUT/full) and for 3 of the same 6 (OUT/part), each rank saving its final weights; then embed
   the webdataset shards in OUT/wds into OUT/emb with a stand-in CLIP, the shards shared by rank;
+  then one CLIP loss and gradient on each rank's half of `clip_batch()` (OUT/clip/rankR.pt);
 - `killsave`: train with a checkpoint writer that stalls half-way through its second checkpoint
   and prints WRITING, for the test to SIGKILL it there.
 """
@@ -76,6 +77,40 @@ class StandInClip(nn.Module):
         return torch.tensor([[len(c), c.count(" "), 0.0, 1.0] for c in captions])  # [B, 4]
 
 
+def clip_batch() -> dict:
+    """A global batch of 8 shapes pairs whose captions 1 and 6 are the same: split over two processes,
+    the two copies sit on different ranks and must still be positives of each other."""
+    from unclip.data.shapes import ShapesDataset
+
+    items = [ShapesDataset("train", size=16)[i] for i in range(8)]
+    captions = [item["caption"] for item in items]
+    captions[6] = captions[1]
+    return {"image": torch.stack([item["image"] for item in items]), "caption": captions}
+
+
+def clip_step(batch: dict, *, rank: int = 0, world: int = 1) -> dict:
+    """A tiny CLIP's loss on rank `rank`'s share of `batch`, and its gradients averaged over ranks as
+    DDP averages them."""
+    from unclip.clip.model import ClipModel
+    from unclip.config import preset
+    from unclip.data.world import sample
+    from unclip.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.train([sample("train", i).caption for i in range(300)], vocab_size=400, context_length=32)
+    torch.manual_seed(0)
+    model = ClipModel.from_config(preset("tiny").clip, tokenizer=tokenizer)
+    local = len(batch["caption"]) // world
+    share = slice(rank * local, (rank + 1) * local)
+    out = model.training_losses({"image": batch["image"][share], "caption": batch["caption"][share]})
+    out["loss"].backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    if world > 1:
+        for grad in grads.values():
+            torch.distributed.all_reduce(grad)
+            grad /= world
+    return {"loss": out["loss"].item(), "acc_i2t": out["acc_i2t"].item(), "grads": grads}
+
+
 def _ddp(out: Path) -> None:
     from unclip.clip.embed import embed_dataset
     from unclip.train.dist import rank_world
@@ -89,6 +124,10 @@ def _ddp(out: Path) -> None:
                    out / name / f"rank{rank}.pt")
     embed_dataset(StandInClip(), out / "emb", source="webdataset", path=str(out / "wds" / "{000000..000003}.tar"),
                   progress=False)
+    rank, world = rank_world()
+    step = clip_step(clip_batch(), rank=rank, world=world)
+    (out / "clip").mkdir(exist_ok=True)
+    torch.save(step, out / "clip" / f"rank{rank}.pt")
 
 
 def _killsave(out: Path) -> None:

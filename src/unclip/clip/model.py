@@ -5,10 +5,16 @@ CLIPVisionModelWithProjection (ViT), randomly initialised from `ClipConfig`. The
 symmetric contrastive loss of Radford et al. 2021 with a learnable temperature; in shapes world
 many captions repeat inside a batch ("a red circle"), so pairs whose captions are identical
 count as positives of each other instead of as negatives (`groups`).
+
+Under several processes (DDP) each rank encodes its slice of the global batch; `training_losses`
+gathers every rank's embeddings, with their gradients, and caption ids, so each rank computes the
+loss of the whole global batch, exactly what one process with that batch computes (open_clip's
+`gather_with_grad`; see docs/training.md for why the gradients come out exact).
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +26,7 @@ from torch import nn
 from unclip.config import ClipConfig
 from unclip.errors import ModelFormatError
 from unclip.tokenizer import TokenBatch, Tokenizer
+from unclip.train.dist import rank_world
 
 MAX_LOGIT_SCALE = math.log(100.0)
 
@@ -41,6 +48,38 @@ def contrastive_loss(image_embeds: torch.Tensor, text_embeds: torch.Tensor, logi
     loss_i2t = -(targets * logits.log_softmax(dim=1)).sum(dim=1).mean()
     loss_t2i = -(targets.t() * logits.t().log_softmax(dim=1)).sum(dim=1).mean()
     return (loss_i2t + loss_t2i) / 2
+
+
+def caption_ids(captions: list[str], *, device: torch.device | str = "cpu") -> torch.Tensor:
+    """[B] int64 ids equal exactly for equal captions, the same on every process (a 64-bit hash)."""
+    return torch.tensor([int.from_bytes(hashlib.blake2b(c.encode("utf-8"), digest_size=8).digest(), "little",
+                                        signed=True) for c in captions], dtype=torch.int64, device=device)
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """[b, ...] on each of R ranks → [R·b, ...] in rank order on every rank. Backward sums the gradient
+    that every rank's loss sends to a slice and hands it to the slice's owner, so a loss that reads
+    the gathered tensor trains the towers of every rank."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
+        rank, world = rank_world()
+        parts = [torch.empty_like(tensor) for _ in range(world)]
+        torch.distributed.all_gather(parts, tensor.contiguous())
+        ctx.rank, ctx.local = rank, tensor.shape[0]
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous().clone()
+        torch.distributed.all_reduce(grad)
+        return grad[ctx.rank * ctx.local:(ctx.rank + 1) * ctx.local]
+
+
+def gather_batch(tensor: torch.Tensor) -> torch.Tensor:
+    """Every rank's `tensor` concatenated along dim 0 (ranks hold equal shares), differentiable;
+    the tensor itself in a single process."""
+    return _GatherWithGrad.apply(tensor) if rank_world()[1] > 1 else tensor
 
 
 @dataclass(frozen=True)
@@ -99,12 +138,18 @@ class ClipModel(nn.Module):
         return self.training_losses(batch)
 
     def training_losses(self, batch: dict) -> dict[str, torch.Tensor]:
-        """batch: image [B, 3, S, S], caption list[str] → loss and retrieval accuracies in the batch."""
+        """batch: image [b, 3, S, S], caption list[str] → loss and retrieval accuracies in the batch.
+
+        Under R processes each passes its slice (b = B / R) and all compute the global batch's loss.
+        """
         captions = list(batch["caption"])
-        z_t = self.encode_captions(captions)
-        z_i = self.encode_image(batch["image"])
-        index = {c: i for i, c in enumerate(dict.fromkeys(captions))}
-        groups = torch.tensor([index[c] for c in captions], device=z_i.device)
+        z_t = gather_batch(self.encode_captions(captions))  # [B, D]
+        z_i = gather_batch(self.encode_image(batch["image"]))  # [B, D]
+        groups = caption_ids(captions, device=z_i.device)
+        if rank_world()[1] > 1:
+            parts = [torch.empty_like(groups) for _ in range(rank_world()[1])]
+            torch.distributed.all_gather(parts, groups)
+            groups = torch.cat(parts)  # [B]
         scale = self.logit_scale.clamp(max=MAX_LOGIT_SCALE)
         loss = contrastive_loss(z_i, z_t, scale, groups=groups)
         with torch.no_grad():
