@@ -105,3 +105,17 @@ def test_text_embedding_pools_at_the_end_token():
         changed = model.encode_text(tokens).embeds
     assert torch.allclose(base, after_pad, atol=1e-6)
     assert not torch.allclose(base, changed, atol=1e-3)
+
+
+def test_the_gpu_preset_keeps_the_shipped_models_clip():
+    """`shapes` may change its CPU recipe; `shapes-gpu` must still describe the CLIP the shipped model holds."""
+    import dataclasses
+    import json
+    from pathlib import Path
+
+    import unclip
+
+    manifest = json.loads((Path(unclip.__file__).parent / "assets" / "model" / "unclip.json").read_text())
+    shipped = {k: v for k, v in manifest["config"]["clip"].items() if k != "train"}
+    current = {k: v for k, v in dataclasses.asdict(preset("shapes-gpu").clip).items() if k != "train"}
+    assert current == {"hard_negatives": 0.0, **shipped}

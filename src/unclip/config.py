@@ -79,6 +79,9 @@ class ClipConfig:
     text_layers: int = 4
     text_heads: int = 4
     init_temperature: float = 0.07
+    # Fraction of shapes-world training pairs that come as twins: two scenes one attribute apart
+    # (mostly the shape), side by side in a batch, as hard negatives (unclip.data.twins, docs/clip.md).
+    hard_negatives: float = 0.0
     # Sized to train in about 10 minutes on 2 CPU cores with bf16 autocast (docs/clip.md).
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
         steps=1200, batch_size=128, lr=1e-3, warmup_steps=100, mixed_precision="bf16", ckpt_every=200))
@@ -262,7 +265,7 @@ def check(cfg: UnclipConfig) -> None:
     ):
         if width % heads:
             raise ConfigError(f"{name}_width={width} is not divisible by {name}_heads={heads}")
-    for name, p in (("prior.cond_drop", cfg.prior.cond_drop), ("decoder.z_drop", cfg.decoder.z_drop),
+    for name, p in (("clip.hard_negatives", cfg.clip.hard_negatives), ("prior.cond_drop", cfg.prior.cond_drop), ("decoder.z_drop", cfg.decoder.z_drop),
                     ("decoder.text_drop", cfg.decoder.text_drop), ("ar_prior.cond_drop", cfg.ar_prior.cond_drop)):
         if not 0.0 <= p <= 1.0:
             raise ConfigError(f"{name}={p} must be a probability in [0, 1]")

@@ -92,7 +92,8 @@ def train_clip(cfg: UnclipConfig, *, run_dir: str | Path, out: str | Path, resum
     torch.manual_seed(cfg.clip.train.seed)
     model = ClipModel.from_config(cfg.clip, tokenizer=tokenizer)
     tc = cfg.clip.train
-    feed = feed_for(cfg.data, size=cfg.clip.image_size, batch_size=tc.batch_size, num_workers=tc.num_workers)
+    feed = feed_for(cfg.data, size=cfg.clip.image_size, batch_size=tc.batch_size, num_workers=tc.num_workers,
+                    hard_negatives=cfg.clip.hard_negatives)
     result = train(model, feed, cfg=tc, run_dir=run_dir, run_config=cfg.to_dict(), resume=resume,
                    progress=progress, stage_name="clip", time_budget=time_budget)
     if not result.main_process:

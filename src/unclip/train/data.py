@@ -5,7 +5,8 @@ batch s is positions s·B … s·B + B - 1 of it, and rank r of R takes the cont
 r·B/R … (r+1)·B/R - 1 of each. So R processes see exactly the global batches one process sees,
 and a feed that starts at sample k is exactly the tail of one that started at 0.
 
-- shapes: sample i of the endless train split is item i of the stream (rendered from its index).
+- shapes: sample i of the endless train split is item i of the stream (rendered from its index);
+  with hard negatives, some odd items are instead the twin of the item before (`unclip.data.twins`).
 - folder: endless epochs, each shuffled by `seed + epoch`.
 - webdataset: tar shards resampled with replacement (infinite epochs), split by rank and by
   data-loader worker, decoded and shuffled in a buffer. This stream is reproducible from its
@@ -77,14 +78,22 @@ def index_feed(dataset, indices: Callable[[int], Iterator[int]], *, batch_size: 
     return make
 
 
-def shapes_feed(*, size: int, batch_size: int, lang: str, seed: int,
-                num_workers: int = 0) -> Callable[[int], Iterator[dict]]:
-    """Shapes world's endless train split: global sample i is scene i."""
+def shapes_feed(*, size: int, batch_size: int, lang: str, seed: int, num_workers: int = 0,
+                hard_negatives: float = 0.0) -> Callable[[int], Iterator[dict]]:
+    """Shapes world's endless train split: global sample i is scene i.
+
+    hard_negatives > 0: that fraction of the consecutive pairs of samples (2k, 2k + 1) are twins, two
+    scenes that differ in one attribute (`unclip.data.twins`); an even batch keeps each twin pair together.
+    """
     from itertools import count
 
     from unclip.data.shapes import ShapesDataset
+    from unclip.data.twins import TwinsDataset
 
-    dataset = ShapesDataset("train", size=size, lang=lang, seed=seed, length=2**62)  # endless in practice
+    if hard_negatives > 0:
+        dataset = TwinsDataset(size=size, lang=lang, seed=seed, fraction=hard_negatives)
+    else:
+        dataset = ShapesDataset("train", size=size, lang=lang, seed=seed, length=2**62)  # endless in practice
     return index_feed(dataset, count, batch_size=batch_size, num_workers=num_workers, seed=seed)
 
 
@@ -167,10 +176,19 @@ def webdataset_feed(pattern: str, *, size: int, batch_size: int, seed: int, num_
     return make
 
 
-def feed_for(data: DataConfig, *, size: int, batch_size: int, num_workers: int = 0) -> Callable[[int], Iterator[dict]]:
-    """The batch feed a stage trains on, from the `data` section of the config."""
+def feed_for(data: DataConfig, *, size: int, batch_size: int, num_workers: int = 0,
+             hard_negatives: float = 0.0) -> Callable[[int], Iterator[dict]]:
+    """The batch feed a stage trains on, from the `data` section of the config.
+
+    hard_negatives: the fraction of shapes-world pairs that come as twins (see `shapes_feed`); other
+    sources have no scenes to edit, so there it is ignored, with a warning.
+    """
     if data.source == "shapes":
-        return shapes_feed(size=size, batch_size=batch_size, lang=data.lang, seed=data.seed, num_workers=num_workers)
+        return shapes_feed(size=size, batch_size=batch_size, lang=data.lang, seed=data.seed, num_workers=num_workers,
+                           hard_negatives=hard_negatives)
+    if hard_negatives > 0:
+        log.warning("hard-negative twins are built from shapes-world scenes; data.source=%s has none, so "
+                    "training pairs come without them", data.source)
     if data.source == "folder":
         from unclip.data.folder import FolderDataset
 

@@ -1,0 +1,95 @@
+"""Hard-negative twins for CLIP training (unclip.data.twins) and the shapes feed that weaves them in."""
+
+import pytest
+import torch
+
+from unclip.config import preset
+from unclip.data.shapes import ShapesDataset
+from unclip.data.twins import TWIN_ATTRIBUTES, TwinsDataset, is_twin, twin_sample
+from unclip.data.world import HELD_OUT, INVERSE, sample
+from unclip.errors import ConfigError
+from unclip.train.data import shapes_feed
+
+N = 600
+
+
+def _differences(a, b) -> set[str]:
+    """The object fields (and relation) in which two scenes differ; the scene kind and background must not."""
+    assert (a.kind, a.background, a.count, len(a.objects)) == (b.kind, b.background, b.count, len(b.objects))
+    fields = {f for oa, ob in zip(a.objects, b.objects) for f, v in oa.to_dict().items() if ob.to_dict()[f] != v}
+    return fields | ({"relation"} if a.relation != b.relation else set())
+
+
+def test_a_twin_is_a_pure_function_of_its_index():
+    assert twin_sample(17, seed=3) == twin_sample(17, seed=3)
+    assert twin_sample(17, seed=3) != twin_sample(17, seed=4)
+    a, b = TwinsDataset(size=16, fraction=1.0), TwinsDataset(size=16, fraction=1.0)
+    for i in (0, 1, 41):
+        x, y = a[i], b[i]
+        assert x["caption"] == y["caption"] and x["key"] == y["key"] and torch.equal(x["image"], y["image"])
+
+
+def test_twins_differ_in_exactly_the_chosen_attribute_and_never_use_a_held_out_pair():
+    seen = set()
+    for i in range(N):
+        original, twin, attribute = twin_sample(i)
+        assert original == sample("train", i)  # the first of a pair is the plain train sample
+        assert twin.lang == original.lang and twin.caption != original.caption
+        changed = _differences(original.scene, twin.scene)
+        allowed = {"shape": {"shape"}, "colour": {"colour"}, "size": {"size", "cx", "cy"},
+                   "where": {"cx", "cy", "position", "relation"}}[attribute]
+        assert changed and changed <= allowed, (attribute, changed)
+        assert attribute != "size" or "size" in changed
+        if original.scene.kind == "single" and attribute == "where":
+            assert "position" in changed
+        if original.scene.kind == "pair" and attribute == "where":
+            assert twin.scene.relation == INVERSE[original.scene.relation]
+        if attribute in ("shape", "colour") and original.scene.kind != "count":
+            moved = sum(oa != ob for oa, ob in zip(original.scene.objects, twin.scene.objects))
+            assert moved == 1  # one object of a pair changes; a counting scene's copies change together
+        for obj in twin.scene.objects:
+            assert (obj.colour, obj.shape) not in HELD_OUT
+            assert obj.colour != twin.scene.background
+        if twin.scene.kind == "pair":
+            a, b = twin.scene.objects
+            assert (a.colour, a.shape) != (b.colour, b.shape)
+        seen.add(attribute)
+    assert seen == set(TWIN_ATTRIBUTES)
+
+
+def test_the_twin_stream_pairs_neighbours_and_keeps_the_plain_split_elsewhere():
+    fraction = 0.5
+    data = TwinsDataset(size=16, fraction=fraction)
+    twins = [k for k in range(200) if is_twin(k, seed=0, fraction=fraction)]
+    assert 60 < len(twins) < 140
+    for k in range(40):
+        assert data.sample(2 * k) == sample("train", 2 * k)
+        second = data.sample(2 * k + 1)
+        if k in twins:
+            assert second == twin_sample(2 * k)[1]
+        else:
+            assert second == sample("train", 2 * k + 1)
+    plain = ShapesDataset("train", size=16, length=2**62)
+    assert all(TwinsDataset(size=16, fraction=0.0).sample(i) == sample("train", i) for i in range(20))
+    assert torch.equal(TwinsDataset(size=16, fraction=0.0)[5]["image"], plain[5]["image"])
+    with pytest.raises(ValueError, match="fraction"):
+        TwinsDataset(size=16, fraction=1.5)
+
+
+def test_the_feed_resumes_exactly_and_keeps_twins_in_one_batch():
+    feed = shapes_feed(size=16, batch_size=8, lang="mix", seed=0, hard_negatives=1.0)
+    stream = feed(0)
+    batches = [next(stream) for _ in range(3)]
+    for b in batches:
+        for k in range(4):
+            first, second = b["caption"][2 * k], b["caption"][2 * k + 1]
+            assert first != second and b["key"][2 * k + 1] == b["key"][2 * k] + "-twin"
+    resumed = next(feed(16))  # step 2 of the same run
+    assert resumed["caption"] == batches[2]["caption"] and torch.equal(resumed["image"], batches[2]["image"])
+
+
+def test_hard_negatives_is_a_checked_clip_setting():
+    assert preset("tiny").clip.hard_negatives == 0.0
+    assert preset("shapes").override(["clip.hard_negatives=0.5"]).clip.hard_negatives == 0.5
+    with pytest.raises(ConfigError, match="hard_negatives"):
+        preset("shapes").override(["clip.hard_negatives=1.5"])
