@@ -1,0 +1,92 @@
+"""What every anchor worker shares: the anchor shapes, random batches, timers and the report line.
+
+Each worker (worker_unclip.py, worker_diffusers.py, worker_lucidrains.py) runs in its own venv as
+`python worker_X.py STAGE TRAIN_STEPS` and prints one JSON line; `run.py` collects them. This
+module imports torch only, so it works in every venv.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+# /work/shared/anchor_config.md
+CLIP_DIM, TEXT_WIDTH, TOKENS, TIMESTEPS = 64, 64, 77, 1000
+DECODER = {"resolution": 32, "train_batch": 16, "sample_batch": 4, "sample_steps": 50}
+PRIOR = {"width": 128, "depth": 4, "heads": 4, "head_dim": 32, "train_batch": 64, "sample_batch": 4,
+         "sample_steps": 64}
+
+
+def setup() -> tuple[str, int]:
+    """Two threads, seed 0; the stage and number of timed training steps from argv."""
+    torch.set_num_threads(2)
+    torch.manual_seed(0)
+    return sys.argv[1], int(sys.argv[2])
+
+
+def decoder_batch(n: int, g: torch.Generator) -> dict:
+    """image [n, 3, 32, 32] in [-1, 1], unit z_i [n, 64], text_states [n, 77, 64], text_mask [n, 77]."""
+    return {"image": torch.rand(n, 3, 32, 32, generator=g) * 2 - 1,
+            "z_i": F.normalize(torch.randn(n, CLIP_DIM, generator=g), dim=-1),
+            "text_states": torch.randn(n, TOKENS, TEXT_WIDTH, generator=g),
+            "text_mask": torch.ones(n, TOKENS, dtype=torch.long)}
+
+
+def prior_batch(n: int, g: torch.Generator) -> dict:
+    """text_states [n, 77, 64], text_mask [n, 77], unit z_t [n, 64] and z_i [n, 64]."""
+    return {"text_states": torch.randn(n, TOKENS, TEXT_WIDTH, generator=g),
+            "text_mask": torch.ones(n, TOKENS, dtype=torch.long),
+            "z_t": F.normalize(torch.randn(n, CLIP_DIM, generator=g), dim=-1),
+            "z_i": F.normalize(torch.randn(n, CLIP_DIM, generator=g), dim=-1)}
+
+
+def measure_training(loss_fn, params, data: dict, *, batch_size: int, steps: int) -> tuple[float, float]:
+    """(rows/s over `steps` AdamW steps after two warm-up steps, FLOPs of one step counted by FlopCounterMode).
+
+    FlopCounterMode counts matmuls, convolutions and attention (forward and backward), not
+    normalisation, activations or the optimizer.
+    """
+    params = list(params)
+    opt = torch.optim.AdamW(params, lr=1e-4)
+
+    def step():
+        loss_fn(data).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(2):
+        step()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    rate = steps * batch_size / (time.perf_counter() - start)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        loss_fn(data).backward()
+    opt.zero_grad(set_to_none=True)
+    return rate, float(counter.get_total_flops())
+
+
+def measure_latency(sample_fn, warm_fn=None) -> float:
+    """Seconds of one `sample_fn()` after one warm-up call (of `warm_fn`, a shorter run, when given)."""
+    with torch.no_grad():
+        (warm_fn or sample_fn)()
+        start = time.perf_counter()
+        sample_fn()
+        return time.perf_counter() - start
+
+
+def report(impl: str, stage: str, module_params, *, train_rate: float, train_flops: float, latency: float) -> None:
+    """Print the worker's one JSON line; peak RSS is this whole process's (imports included)."""
+    print(json.dumps({
+        "impl": impl, "stage": stage, "torch": torch.__version__,
+        "params_m": sum(p.numel() for p in module_params) / 1e6,
+        "train_rate": train_rate, "train_flops": train_flops, "latency": latency,
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }), flush=True)

@@ -1,0 +1,120 @@
+"""unclip beside lucidrains' dalle2-pytorch and diffusers at the anchor config, in one run.
+
+    .venv/bin/python bench/anchors/run.py [--repeats 3] [--train-steps 6] [--impls unclip,diffusers,lucidrains]
+
+Installs each anchor into its own venv under .bench-venvs/ (once; see install.py), then runs
+every (stage, implementation) in a fresh subprocess with two threads: the decoder (32², base 64,
+mults (1, 2, 2), train batch 16, 50-step DDIM for a batch of 4) and the diffusion prior (width
+128, depth 4, train batch 64, 64 steps for a batch of 4); shapes from
+/work/shared/anchor_config.md. Repeats are interleaved (every implementation once, then again)
+so that drift in the machine's load spreads over all of them; each number is the median over
+repeats. Prints a markdown table with the ratio of unclip to the faster anchor, and the
+training step's achieved FLOP/s (FlopCounterMode: matmuls, convolutions, attention) against
+this machine's measured fp32 matmul peak.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import install
+
+HERE = Path(__file__).resolve().parent
+MAIN_PYTHON = install.ROOT / ".venv" / "bin" / "python"
+PEAK_FP32 = 195e9  # FLOP/s, this machine's measured 2-thread fp32 matmul peak (issue 11)
+BATCH = {"decoder": 16, "prior": 64}
+UNIT = {"decoder": "img/s", "prior": "emb/s"}
+SAMPLING = {"decoder": "50-step DDIM", "prior": "64 steps"}
+
+
+def run_worker(python: Path, impl: str, stage: str, steps: int) -> dict:
+    out = subprocess.run([str(python), str(HERE / f"worker_{impl}.py"), stage, str(steps)], cwd=HERE,
+                         capture_output=True, text=True, timeout=600)
+    if out.returncode != 0:
+        raise RuntimeError(f"{impl} {stage} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def median_row(runs: list[dict]) -> dict:
+    row = dict(runs[0])
+    for key in ("train_rate", "latency", "peak_rss_mib", "train_flops"):
+        row[key] = statistics.median(r[key] for r in runs)
+    row["n"] = len(runs)
+    return row
+
+
+def table(rows: dict[tuple[str, str], dict], failures: dict[str, str]) -> str:
+    lines = ["| stage | implementation | params | train | sampling (batch 4) | peak RSS | train GFLOP/s (% of fp32 peak) |",
+             "|---|---|---|---|---|---|---|"]
+    ratios = []
+    for stage in ("decoder", "prior"):
+        for impl in ("unclip", "diffusers", "lucidrains"):
+            r = rows.get((stage, impl))
+            if r is None:
+                continue
+            achieved = r["train_flops"] / BATCH[stage] * r["train_rate"]
+            lines.append(f"| {stage} | {impl} | {r['params_m']:.2f} M | {r['train_rate']:.1f} {UNIT[stage]} | "
+                         f"{r['latency']:.2f} s ({SAMPLING[stage]}) | {r['peak_rss_mib']:.0f} MiB | "
+                         f"{achieved / 1e9:.1f} ({100 * achieved / PEAK_FP32:.1f}%) |")
+        anchors = [rows[stage, a] for a in ("diffusers", "lucidrains") if (stage, a) in rows]
+        if (stage, "unclip") in rows and anchors:
+            u = rows[stage, "unclip"]
+            fast_train = max(anchors, key=lambda r: r["train_rate"])
+            fast_sample = min(anchors, key=lambda r: r["latency"])
+            small = min(anchors, key=lambda r: r["peak_rss_mib"])
+            ratios.append(f"| {stage} | unclip ÷ faster anchor | | {u['train_rate'] / fast_train['train_rate']:.2f}× "
+                          f"rate (vs {fast_train['impl']}) | {u['latency'] / fast_sample['latency']:.2f}× latency "
+                          f"(vs {fast_sample['impl']}) | {u['peak_rss_mib'] / small['peak_rss_mib']:.2f}× "
+                          f"(vs {small['impl']}) | |")
+    lines += ratios
+    for impl, why in failures.items():
+        lines.append(f"\n{impl}: not measured: {why}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--train-steps", type=int, default=6, help="timed optimizer steps per process")
+    parser.add_argument("--impls", default="unclip,diffusers,lucidrains")
+    parser.add_argument("--stages", default="decoder,prior")
+    args = parser.parse_args()
+
+    pythons, failures = {}, {}
+    for impl in args.impls.split(","):
+        if impl == "unclip":
+            pythons[impl] = MAIN_PYTHON
+            continue
+        try:
+            pythons[impl] = install.install(impl)
+        except subprocess.CalledProcessError as err:
+            failures[impl] = f"install failed ({err})"
+    runs: dict[tuple[str, str], list[dict]] = {}
+    for repeat in range(args.repeats):
+        for stage in args.stages.split(","):
+            for impl, python in pythons.items():
+                if impl in failures:
+                    continue
+                try:
+                    result = run_worker(python, impl, stage, args.train_steps)
+                except (RuntimeError, subprocess.TimeoutExpired) as err:
+                    failures[impl] = str(err)
+                    print(err, file=sys.stderr, flush=True)
+                    continue
+                runs.setdefault((stage, impl), []).append(result)
+                print(f"repeat {repeat + 1}/{args.repeats} {stage:8} {impl:10} {result['train_rate']:7.1f}/s "
+                      f"{result['latency']:.2f} s {result['peak_rss_mib']:.0f} MiB", file=sys.stderr, flush=True)
+    rows = {key: median_row(value) for key, value in runs.items()}
+    n = min((r["n"] for r in rows.values()), default=0)
+    print(f"torch {next(iter(rows.values()))['torch'] if rows else '?'}, 2 threads, median of {n} fresh processes, "
+          f"{args.train_steps} timed training steps each after 2 warm-up steps\n")
+    print(table(rows, failures))
+
+
+if __name__ == "__main__":
+    main()
