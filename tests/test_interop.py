@@ -220,7 +220,9 @@ def test_every_task_runs_on_an_imported_karlo(karlo, tmp_path):
 
     fit = [_image(32, seed) for seed in range(6)]
     out = import_diffusers(karlo[0], tmp_path / "imported", pca_images=fit)
-    pipe = unclip.load(out)
+    # float32: the seed check below is exact to 1/255 there; this random-weight Karlo amplifies the
+    # different rounding of batched and single bf16 convolutions (docs/pipeline.md, "Seeds")
+    pipe = unclip.load(out, precision="float32")
     assert pipe.pca is not None and pipe.config.decoder.text_null == "empty_prompt"
     a, b = _image(32, 1), _image(32, 2)
     fast = {"steps": 2}
