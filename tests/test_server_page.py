@@ -31,7 +31,8 @@ def chromium() -> str:
 def server(tmp_path_factory):
     import unclip
 
-    with live_server(unclip.load(tiny_model(tmp_path_factory))) as url:
+    # float32: a shown seed must redraw its image to 1/255 (docs/pipeline.md, "Seeds")
+    with live_server(unclip.load(tiny_model(tmp_path_factory), precision="float32")) as url:
         yield url
 
 
