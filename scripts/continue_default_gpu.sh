@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Continue a model's decoder and upsampler on one GPU, side by side, then assemble a float16 model.
+#
+#   scripts/continue_default_gpu.sh RUN_DIR [MODEL]
+#
+# MODEL (default: the shipped src/unclip/assets/model) gives the starting weights (`--init`), the
+# CLIP and the priors, which are kept. This is how version 2 of the shipped model was made
+# (docs/model_card.md): decoder at batch 1,024 (the GPU is busy 95–100% at that size, against a
+# host-bound ~2,200 images/s at 256), upsampler at batch 512, each with its own minute budget that
+# the trainer fits warmup + cosine into. The result is RUN_DIR/model (float16); evaluate it with
+# `unclip eval RUN_DIR/model --per-group 2` and ship it with scripts/ship_default.py.
+#
+# Environment: DECODER_MIN (6.3), UPSAMPLER_MIN (5.4), DECODER_BATCH (1024), UPSAMPLER_BATCH (512),
+# WORKERS (data-loader workers per stage, 6), PYTHON (the interpreter with unclip installed; python3).
+set -uo pipefail
+
+run=${1:?usage: scripts/continue_default_gpu.sh RUN_DIR [MODEL]}
+model=${2:-src/unclip/assets/model}
+python=${PYTHON:-python3}
+unclip=("$python" -m unclip)
+export TQDM_MININTERVAL=${TQDM_MININTERVAL:-15}
+mkdir -p "$run"
+workers=${WORKERS:-6}
+started=$(date +%s)
+say() { echo "[$(( $(date +%s) - started )) s] $*"; }
+
+"${unclip[@]}" train decoder --preset shapes-gpu --clip "$model" --init "$model" --run-dir "$run/decoder" --no-eval \
+    --minutes "${DECODER_MIN:-6.3}" --set decoder.train.batch_size="${DECODER_BATCH:-1024}" \
+    --set decoder.train.lr=2e-4 --set decoder.train.warmup_steps=100 --set decoder.train.num_workers="$workers" \
+    >"$run/decoder.log" 2>&1 &
+decoder=$!
+"${unclip[@]}" train upsampler --stage 1 --preset shapes-gpu --init "$model" --run-dir "$run/upsampler1" --no-eval \
+    --minutes "${UPSAMPLER_MIN:-5.4}" --set upsamplers.0.train.batch_size="${UPSAMPLER_BATCH:-512}" \
+    --set upsamplers.0.train.lr=1e-4 --set upsamplers.0.train.warmup_steps=100 \
+    --set upsamplers.0.train.num_workers="$workers" >"$run/upsampler1.log" 2>&1 &
+upsampler=$!
+failed=0
+for job in $decoder $upsampler; do wait "$job" || failed=1; done
+if [ "$failed" != 0 ]; then
+    say "a stage failed (logs in $run); the same command resumes it from its checkpoint"; exit 1
+fi
+say "trained"
+# The decoder directory re-saves the CLIP it loaded in float32; halved, its files are byte-identical
+# to a float16 MODEL's, which is what assemble compares (sha256) to accept MODEL's priors beside it.
+"$python" -c "from unclip.modeldir import half_model_dir
+for stage in ('decoder', 'upsampler1'):
+    half_model_dir('$run/' + stage + '/model', '$run/' + stage + '/half')" || exit 1
+"${unclip[@]}" assemble --decoder "$run/decoder/half" --prior "$model" --ar-prior "$model" \
+    --upsampler "$run/upsampler1/half" --out "$run/model" --half || exit 1
+say "model (float16): $run/model"
