@@ -90,3 +90,21 @@ def report(impl: str, stage: str, module_params, *, train_rate: float, train_flo
         "train_rate": train_rate, "train_flops": train_flops, "latency": latency,
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }), flush=True)
+
+
+def benchmark(impl: str, stage: str, module, loss_fn, make_sampler, *, steps: int) -> None:
+    """Measure and report one implementation's stage at the anchor config.
+
+    Training rows/s and FLOPs of `loss_fn(batch)` on a seeded batch of the stage's train size;
+    then, in eval mode, the latency of `make_sampler(batch)(n)` — a callable that samples n steps
+    for a seeded batch of the stage's sample size — at the anchor's step count, after a 5-step
+    warm-up.
+    """
+    spec, make_batch = (DECODER, decoder_batch) if stage == "decoder" else (PRIOR, prior_batch)
+    g = torch.Generator().manual_seed(0)
+    rate, flops = measure_training(loss_fn, module.parameters(), make_batch(spec["train_batch"], g),
+                                   batch_size=spec["train_batch"], steps=steps)
+    module.eval()
+    sample = make_sampler(make_batch(spec["sample_batch"], g))
+    latency = measure_latency(sample(spec["sample_steps"]), sample(5))
+    report(impl, stage, module.parameters(), train_rate=rate, train_flops=flops, latency=latency)

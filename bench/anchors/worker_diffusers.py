@@ -13,8 +13,7 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler, PriorTransformer, UNet2DConditionModel
 from diffusers.pipelines.deprecated.unclip.text_proj import UnCLIPTextProjModel
 
-from _common import CLIP_DIM, DECODER, PRIOR, TIMESTEPS, TOKENS, decoder_batch, measure_latency, measure_training, \
-    prior_batch, report, setup
+from _common import CLIP_DIM, DECODER, PRIOR, TIMESTEPS, TOKENS, benchmark, setup
 
 UNET = {"sample_size": 32, "in_channels": 3, "out_channels": 6,
         "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
@@ -43,25 +42,19 @@ def decoder(steps: int) -> None:
         x_t = scheduler.add_noise(b["image"], noise, t)
         return (unet(x_t, t, **cond(b)).sample[:, :3] - noise).pow(2).mean()
 
-    g = torch.Generator().manual_seed(0)
-    rate, flops = measure_training(loss, modules.parameters(), decoder_batch(DECODER["train_batch"], g),
-                                   batch_size=DECODER["train_batch"], steps=steps)
-    modules.eval()
-    small = decoder_batch(DECODER["sample_batch"], g)
+    def sampler(small):
+        def sample(n):
+            def run():
+                c = cond(small)
+                x = torch.randn(DECODER["sample_batch"], 3, 32, 32, generator=torch.Generator().manual_seed(0))
+                scheduler.set_timesteps(n)
+                for t in scheduler.timesteps:
+                    x = scheduler.step(unet(x, t, **c).sample[:, :3], t, x).prev_sample
+                return x
+            return run
+        return sample
 
-    def sample(n):
-        def run():
-            c = cond(small)
-            x = torch.randn(DECODER["sample_batch"], 3, 32, 32, generator=torch.Generator().manual_seed(0))
-            scheduler.set_timesteps(n)
-            for t in scheduler.timesteps:
-                x = scheduler.step(unet(x, t, **c).sample[:, :3], t, x).prev_sample
-            return x
-        return run
-
-    latency = measure_latency(sample(DECODER["sample_steps"]), sample(5))
-    report("diffusers", "decoder", modules.parameters(), train_rate=rate, train_flops=flops, latency=latency)
-
+    benchmark("diffusers", "decoder", modules, loss, sampler, steps=steps)
 
 def prior(steps: int) -> None:
     model = PriorTransformer(num_attention_heads=PRIOR["heads"], attention_head_dim=PRIOR["head_dim"],
@@ -82,24 +75,18 @@ def prior(steps: int) -> None:
         x_t = noise_sched.add_noise(b["z_i"], torch.randn_like(b["z_i"]), t)
         return (predict(x_t, t, b) - b["z_i"]).pow(2).mean()
 
-    g = torch.Generator().manual_seed(0)
-    rate, flops = measure_training(loss, model.parameters(), prior_batch(PRIOR["train_batch"], g),
-                                   batch_size=PRIOR["train_batch"], steps=steps)
-    model.eval()
-    small = prior_batch(PRIOR["sample_batch"], g)
+    def make_sampler(small):
+        def sample(n):
+            def run():
+                x = torch.randn(PRIOR["sample_batch"], CLIP_DIM, generator=torch.Generator().manual_seed(0))
+                sampler.set_timesteps(n)
+                for t in sampler.timesteps:
+                    x = sampler.step(predict(x, t, small), t, x).prev_sample
+                return model.post_process_latents(x)
+            return run
+        return sample
 
-    def sample(n):
-        def run():
-            x = torch.randn(PRIOR["sample_batch"], CLIP_DIM, generator=torch.Generator().manual_seed(0))
-            sampler.set_timesteps(n)
-            for t in sampler.timesteps:
-                x = sampler.step(predict(x, t, small), t, x).prev_sample
-            return model.post_process_latents(x)
-        return run
-
-    latency = measure_latency(sample(PRIOR["sample_steps"]), sample(5))
-    report("diffusers", "prior", model.parameters(), train_rate=rate, train_flops=flops, latency=latency)
-
+    benchmark("diffusers", "prior", model, loss, make_sampler, steps=steps)
 
 if __name__ == "__main__":
     stage, steps = setup()

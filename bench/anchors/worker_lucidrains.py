@@ -20,8 +20,7 @@ for _op in ("nms", "qnms"):
 
 from dalle2_pytorch import Decoder, DiffusionPrior, DiffusionPriorNetwork, Unet  # noqa: E402
 
-from _common import CLIP_DIM, DECODER, PRIOR, TEXT_WIDTH, TIMESTEPS, TOKENS, decoder_batch, \
-    measure_latency, measure_training, prior_batch, report, setup  # noqa: E402
+from _common import CLIP_DIM, DECODER, PRIOR, TEXT_WIDTH, TIMESTEPS, TOKENS, benchmark, setup  # noqa: E402
 
 
 def decoder(steps: int) -> None:
@@ -30,42 +29,31 @@ def decoder(steps: int) -> None:
                 self_attn=(False, True, False), cond_on_text_encodings=True, max_text_len=TOKENS, channels=3)
     model = Decoder(unet=unet, image_size=32, timesteps=TIMESTEPS, sample_timesteps=DECODER["sample_steps"],
                     learned_variance=True, auto_normalize_img=False, ddim_sampling_eta=0.0)
-    g = torch.Generator().manual_seed(0)
-    rate, flops = measure_training(
-        lambda b: model(b["image"], image_embed=b["z_i"], text_encodings=b["text_states"]), model.parameters(),
-        decoder_batch(DECODER["train_batch"], g), batch_size=DECODER["train_batch"], steps=steps)
-    model.eval()
-    small = decoder_batch(DECODER["sample_batch"], g)
 
-    def sample(n):
-        def run():
-            model.sample_timesteps = (n,)  # one entry per unet
-            return model.sample(image_embed=small["z_i"], text_encodings=small["text_states"])
-        return run
+    def sampler(small):
+        def sample(n):
+            def run():
+                model.sample_timesteps = (n,)  # one entry per unet
+                return model.sample(image_embed=small["z_i"], text_encodings=small["text_states"])
+            return run
+        return sample
 
-    latency = measure_latency(sample(DECODER["sample_steps"]), sample(5))
-    report("lucidrains", "decoder", model.parameters(), train_rate=rate, train_flops=flops, latency=latency)
-
+    benchmark("lucidrains", "decoder", model,
+              lambda b: model(b["image"], image_embed=b["z_i"], text_encodings=b["text_states"]), sampler, steps=steps)
 
 def prior(steps: int) -> None:
     net = DiffusionPriorNetwork(dim=CLIP_DIM, depth=PRIOR["depth"], dim_head=PRIOR["head_dim"], heads=PRIOR["heads"],
                                 ff_mult=8, num_timesteps=TIMESTEPS, max_text_len=TOKENS)
     model = DiffusionPrior(net=net, image_embed_dim=CLIP_DIM, timesteps=TIMESTEPS, cond_drop_prob=0.1,
                            condition_on_text_encodings=True)
-    g = torch.Generator().manual_seed(0)
-    rate, flops = measure_training(  # the prior scales image_embed in place: pass a copy
-        lambda b: model(text_embed=b["z_t"], image_embed=b["z_i"].clone(), text_encodings=b["text_states"]),
-        model.parameters(), prior_batch(PRIOR["train_batch"], g), batch_size=PRIOR["train_batch"], steps=steps)
-    model.eval()
-    small = prior_batch(PRIOR["sample_batch"], g)
-    cond = {"text_embed": small["z_t"], "text_encodings": small["text_states"]}
 
-    def sample(n):
-        return lambda: model.p_sample_loop((PRIOR["sample_batch"], CLIP_DIM), text_cond=cond, timesteps=n)
+    def sampler(small):
+        cond = {"text_embed": small["z_t"], "text_encodings": small["text_states"]}
+        return lambda n: lambda: model.p_sample_loop((PRIOR["sample_batch"], CLIP_DIM), text_cond=cond, timesteps=n)
 
-    latency = measure_latency(sample(PRIOR["sample_steps"]), sample(5))
-    report("lucidrains", "prior", model.parameters(), train_rate=rate, train_flops=flops, latency=latency)
-
+    benchmark("lucidrains", "prior", model,  # the prior scales image_embed in place: pass a copy
+              lambda b: model(text_embed=b["z_t"], image_embed=b["z_i"].clone(), text_encodings=b["text_states"]),
+              sampler, steps=steps)
 
 if __name__ == "__main__":
     stage, steps = setup()

@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from _common import CLIP_DIM, DECODER, PRIOR, TEXT_WIDTH, TOKENS, decoder_batch, measure_latency, \
-    measure_training, prior_batch, report, setup
+from _common import CLIP_DIM, DECODER, PRIOR, TEXT_WIDTH, TOKENS, benchmark, setup
 from unclip.config import DecoderConfig, PriorConfig, TrainConfig
 from unclip.decoder.model import Decoder
 from unclip.prior.diffusion import DiffusionPrior
@@ -21,40 +20,24 @@ def decoder(steps: int) -> None:
                         attention_resolutions=(16,), head_dim=32, cross_attention_dim=128, clip_tokens=4,
                         timesteps=1000, train=TrainConfig(batch_size=DECODER["train_batch"]))
     model = Decoder.from_config(cfg, clip_dim=CLIP_DIM, text_width=TEXT_WIDTH)
-    g = torch.Generator().manual_seed(0)
-    rate, flops = measure_training(lambda b: model.training_losses(b)["loss"], model.parameters(),
-                                   decoder_batch(DECODER["train_batch"], g), batch_size=DECODER["train_batch"],
-                                   steps=steps)
-    model.eval()
-    small = decoder_batch(DECODER["sample_batch"], g)
-    args = (small["z_i"], small["text_states"], small["text_mask"])
 
-    def sample(n):
-        return lambda: model.sample(*args, sampler="ddim", steps=n, guidance_scale=1.0,
-                                    generator=torch.Generator().manual_seed(0))
+    def sampler(small):
+        args = (small["z_i"], small["text_states"], small["text_mask"])
+        return lambda n: lambda: model.sample(*args, sampler="ddim", steps=n, guidance_scale=1.0,
+                                              generator=torch.Generator().manual_seed(0))
 
-    latency = measure_latency(sample(DECODER["sample_steps"]), sample(5))
-    report("unclip", "decoder", model.parameters(), train_rate=rate, train_flops=flops, latency=latency)
-
+    benchmark("unclip", "decoder", model, lambda b: model.training_losses(b)["loss"], sampler, steps=steps)
 
 def prior(steps: int) -> None:
     cfg = PriorConfig(width=PRIOR["width"], layers=PRIOR["depth"], heads=PRIOR["heads"], timesteps=1000,
                       sampler="ddim", best_of=1, guidance_scale=1.0)
     model = DiffusionPrior.from_config(cfg, clip_dim=CLIP_DIM, text_width=TEXT_WIDTH, context_length=TOKENS)
-    g = torch.Generator().manual_seed(0)
-    rate, flops = measure_training(lambda b: model.training_losses(b)["loss"], model.parameters(),
-                                   prior_batch(PRIOR["train_batch"], g), batch_size=PRIOR["train_batch"],
-                                   steps=steps)
-    model.eval()
-    small = prior_batch(PRIOR["sample_batch"], g)
-    args = (small["text_states"], small["text_mask"], small["z_t"])
 
-    def sample(n):
-        return lambda: model.sample(*args, steps=n, generator=torch.Generator().manual_seed(0))
+    def sampler(small):
+        args = (small["text_states"], small["text_mask"], small["z_t"])
+        return lambda n: lambda: model.sample(*args, steps=n, generator=torch.Generator().manual_seed(0))
 
-    latency = measure_latency(sample(PRIOR["sample_steps"]), sample(5))
-    report("unclip", "prior", model.parameters(), train_rate=rate, train_flops=flops, latency=latency)
-
+    benchmark("unclip", "prior", model, lambda b: model.training_losses(b)["loss"], sampler, steps=steps)
 
 if __name__ == "__main__":
     stage, steps = setup()
