@@ -13,8 +13,10 @@ from pathlib import Path
 
 from unclip.errors import ModelFormatError
 
-# what the UNets sample in unless told otherwise: bfloat16 where the hardware has it (measured in
-# docs/performance.md: same judged scores, 1.65× faster on this project's 2-core CPU)
+# What the decoder and upsampler UNets sample in (`UnclipPipeline.set_precision`): "bfloat16" runs
+# them under bf16 autocast, "auto" picks it where the hardware has bf16 units. The default, auto:
+# same judged scores, 1.65× faster on this project's 2-core CPU (docs/performance.md).
+PRECISIONS = ("auto", "float32", "bfloat16")
 DEFAULT_PRECISION = "auto"
 
 

@@ -69,9 +69,9 @@ def write_outputs(images: list, out: str | Path, *, labels: list[str], params: d
 def add_sampling_arguments(parser) -> None:
     """--precision and the upsampler's sampling, for every verb that samples (generate, the edits,
     eval, serve); `configure_sampling` applies them to a loaded pipeline."""
-    from unclip.pipeline import DEFAULT_PRECISION
+    from unclip.pipeline import DEFAULT_PRECISION, PRECISIONS
 
-    parser.add_argument("--precision", choices=["auto", "float32", "bfloat16"],
+    parser.add_argument("--precision", choices=PRECISIONS,
                         help="what the decoder and upsampler compute in while sampling; auto picks bfloat16 "
                              "where the CPU (AVX-512-BF16, AMX) or GPU has bf16 units, else float32 "
                              f"(default: {DEFAULT_PRECISION}; docs/performance.md)")

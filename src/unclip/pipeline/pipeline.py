@@ -30,9 +30,9 @@ import torch
 
 from unclip.clip.model import ClipModel, TextEncoding
 from unclip.config import UnclipConfig
-from unclip.diffusion import SampleStep
+from unclip.diffusion import SAMPLERS, SampleStep
 from unclip.errors import ConfigError, DataError
-from unclip.pipeline import latent
+from unclip.pipeline import PRECISIONS, latent
 
 log = logging.getLogger(__name__)
 
@@ -43,10 +43,6 @@ PRIORS = ("diffusion", "ar")
 # the paper's ablations (§5.1, figure 9), for `unclip eval --prior`: "caption" passes the caption's
 # z_t as z_i; "none" passes the decoder's learned null z_i, so it draws from the caption alone
 ABLATIONS = ("caption", "none")
-# "bfloat16": the UNets run under bf16 autocast (1.65× faster text → image on a 2-core AVX-512-BF16
-# CPU, same judged scores; docs/performance.md); "auto": bfloat16 where the hardware has bf16 units
-PRECISIONS = ("auto", "float32", "bfloat16")
-SAMPLERS = ("ddpm", "ddim", "dpmsolver++")
 
 
 def auto_precision(device: torch.device) -> str:
