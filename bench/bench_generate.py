@@ -6,7 +6,7 @@ For each precision: load the model, warm up with one short generation, then time
 `generate(PROMPTS, n=4)` (8 images of 128², the model's default sampling settings: prior,
 decoder and upsampler steps as its config says) and report seconds per image and the process's
 peak RSS. Optional `--steps`/`--sampler` override the decoder's and `--upsampler-steps`/
-`--upsampler-sampler` the upsampler's, to see what fewer steps buy.
+`--upsampler-sampler`/`--upsampler-start` the upsampler's, to see what fewer steps buy.
 The target is ≤ 1 s per image on the 2-core CPU (issue 11).
 """
 
@@ -32,6 +32,7 @@ def main() -> None:
     parser.add_argument("--sampler", choices=["ddpm", "ddim", "dpmsolver++"], help="decoder sampler")
     parser.add_argument("--upsampler-steps", type=int, help="upsampler steps (default: the model's)")
     parser.add_argument("--upsampler-sampler", choices=["ddpm", "ddim", "dpmsolver++"], help="upsampler sampler")
+    parser.add_argument("--upsampler-start", type=float, help="upsampler starting noise level (default: the model's)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -40,11 +41,12 @@ def main() -> None:
     options = {k: v for k, v in (("steps", args.steps), ("sampler", args.sampler)) if v is not None}
     print(f"text → image, {len(PROMPTS)} prompts × {args.n}, {args.threads} threads, torch {torch.__version__}; "
           f"decoder {args.sampler or 'default'} {args.steps or ''}, upsampler {args.upsampler_sampler or 'default'} "
-          f"{args.upsampler_steps or ''}")
+          f"{args.upsampler_steps or ''} {f'from {args.upsampler_start}' if args.upsampler_start else ''}")
     print(f"{'precision':<10} {'s / image':>10} {'target':>8} {'peak RSS':>10}")
     for precision in args.precision:
         pipe = unclip.load(args.model, precision=precision)
-        pipe.set_upsampler_sampling(sampler=args.upsampler_sampler, steps=args.upsampler_steps)
+        pipe.set_upsampler_sampling(sampler=args.upsampler_sampler, steps=args.upsampler_steps,
+                                    start=args.upsampler_start)
         pipe.generate(PROMPTS[0], n=1, seed=0, steps=4)  # warm-up: first calls pay for allocation
         began = time.perf_counter()
         pipe.generate(PROMPTS, n=args.n, seed=0, **options)

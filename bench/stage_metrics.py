@@ -42,7 +42,8 @@ def main() -> None:
     if "decoder" not in args.skip:
         decoder = load_decoder(model)
         rows = []
-        for sampler, steps, scale in [("ddim", 50, 1.0), ("ddpm", 100, 1.0), ("dpmsolver++", 25, 1.0),
+        for sampler, steps, scale in [("ddim", 50, 1.0), ("ddpm", 100, 1.0), ("ddpm", 50, 1.0), ("ddpm", 25, 1.0),
+                                      ("dpmsolver++", 25, 1.0),
                                       ("ddpm", 100, 3.0)]:
             began = time.perf_counter()
             r = decode_clip_similarity(decoder, clip, n=args.n, steps=steps, guidance_scale=scale, sampler=sampler,
@@ -53,10 +54,12 @@ def main() -> None:
     if "upsampler" not in args.skip:
         upsampler = load_upsampler(model, 1)
         rows = []
-        for sampler, steps in [("ddim", 50), ("dpmsolver++", 20), ("dpmsolver++", 10), ("ddpm", 50)]:
+        # (sampler, steps, start): from pure noise (start 1), and from the noised bicubic upsampling
+        for sampler, steps, start in [("ddim", 50, 1.0), ("dpmsolver++", 20, 1.0), ("dpmsolver++", 10, 1.0),
+                                      ("ddpm", 50, 1.0), ("ddpm", 10, 0.1), ("ddpm", 5, 0.1), ("ddim", 5, 0.1)]:
             began = time.perf_counter()
-            r = upsampler_quality(upsampler, n=args.n, steps=steps, sampler=sampler,
-                                  sheet=out / f"upsampler_{sampler}_{steps}.png")
+            r = upsampler_quality(upsampler, n=args.n, steps=steps, sampler=sampler, start=start,
+                                  sheet=out / f"upsampler_{sampler}_{steps}_from{start}.png")
             rows.append({**r, "seconds": round(time.perf_counter() - began, 1)})
             print(rows[-1], flush=True)
         results["upsampler"] = rows

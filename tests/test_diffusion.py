@@ -18,6 +18,7 @@ from unclip.diffusion import (
     sample_loop,
     space_timesteps,
 )
+from unclip.errors import ConfigError
 
 
 def test_cosine_schedule_endpoints_and_diffusers_equivalence():
@@ -122,6 +123,19 @@ def test_spacing_and_respacing_keep_the_trained_noise_levels():
     assert space_timesteps(1000, 50)[0] == 0 and space_timesteps(1000, 50)[-1] == 999
     assert len(space_timesteps(1000, 50)) == 50 and len(space_timesteps(100, 100)) == 100
     assert space_timesteps(1000, 50, "leading") == list(range(0, 1000, 20))
+    # a truncated chain lays the same grids over 0 … end; end = T-1 is the full chain
+    for spacing in ("uniform", "leading", "trailing"):
+        assert space_timesteps(1000, 50, spacing, end=999) == space_timesteps(1000, 50, spacing)
+        kept = space_timesteps(1000, 10, spacing, end=99)
+        assert len(kept) == 10 and 0 <= kept[0] and kept[-1] <= 99
+    assert space_timesteps(1000, 10, "uniform", end=99) == [0, 11, 22, 33, 44, 55, 66, 77, 88, 99]
+    assert space_timesteps(1000, 10, "trailing", end=99) == list(range(9, 100, 10))
+    assert space_timesteps(1000, 10, "leading", end=99) == list(range(0, 100, 10))
+    assert space_timesteps(1000, 1, end=99) == [99]
+    with pytest.raises(ConfigError, match="between 1 and the 100"):
+        space_timesteps(1000, 101, end=99)
+    with pytest.raises(ConfigError, match="end=1000"):
+        space_timesteps(1000, 10, end=1000)
     d = GaussianDiffusion.from_schedule("cosine", 1000)
     for spacing in ("uniform", "leading"):
         r = d.respace(7, spacing)
@@ -161,6 +175,38 @@ def _gaussian_denoiser(d: GaussianDiffusion, mu: float, s: float):
         mean_x0 = mu + a * s * s / (a * a * s * s + b * b) * (x_t - a * mu)
         return (x_t - a * mean_x0) / b
     return model
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_a_truncated_start_samples_the_data_near_its_init(sampler):
+    """start=0.1 starts from init noised to t = round(0.1 · 999) and only visits timesteps up to it:
+    with the exact denoiser of Gaussian data the samples keep the data's spread and stay close to
+    the init they started from; from pure noise (start=1) they are independent of it."""
+    d = GaussianDiffusion.from_schedule("cosine", 1000)
+    mu, spread = 0.3, 0.5
+    exact = _gaussian_denoiser(d, mu, spread)
+    init = mu + spread * torch.randn(20000, 4, generator=torch.Generator().manual_seed(2))
+    seen = []
+
+    def model(x_t, t):
+        seen.append(t)
+        return exact(x_t, t)
+
+    def correlation(a, b):
+        return torch.corrcoef(torch.stack([a.flatten(), b.flatten()]))[0, 1].item()
+
+    kw = {"shape": tuple(init.shape), "sampler": sampler, "steps": 5, "clip_denoised": False, "init": init}
+    out = sample(model, d, start=0.1, generator=torch.Generator().manual_seed(0), **kw)
+    top = max(t.max().item() for t in seen)
+    assert len(seen) == 5 and top <= round(0.1 * 999) and (sampler == "ddim" or top == round(0.1 * 999))
+    assert abs(out.mean().item() - mu) < 0.02 and abs(out.std().item() - spread) < 0.05, (out.mean(), out.std())
+    assert correlation(out, init) > 0.85
+    full = sample(exact, d, start=1.0, generator=torch.Generator().manual_seed(0), **{**kw, "steps": 20})
+    assert abs(correlation(full, init)) < 0.05
+    assert torch.equal(full, sample(exact, d, generator=torch.Generator().manual_seed(0), **{**kw, "steps": 20}))
+    for bad in (0.0, 1.5):
+        with pytest.raises(ConfigError, match="start="):
+            sample(exact, d, start=bad, **kw)
 
 
 @pytest.mark.parametrize("shape", [(4, 64), (2, 3, 8, 8)])

@@ -337,7 +337,11 @@ def test_upsampler_sampling_can_be_set_for_every_later_call(model_dir):
     steps = []
     pipe.generate("a red circle", n=1, seed=0, steps=2, callback=lambda stage, step: steps.append(stage))
     assert steps.count("upsampler1") == 3
+    pipe.set_upsampler_sampling(start=0.2)
+    assert pipe.upsamplers[0].config.sample_start == 0.2 and pipe.upsamplers[0].config.sample_steps == 3
     with pytest.raises(ConfigError, match="upsampler steps"):
         pipe.set_upsampler_sampling(steps=0)
     with pytest.raises(ConfigError, match="upsampler sampler"):
         pipe.set_upsampler_sampling(sampler="euler")
+    with pytest.raises(ConfigError, match="upsampler start"):
+        pipe.set_upsampler_sampling(start=0)

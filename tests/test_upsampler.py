@@ -27,6 +27,25 @@ def _images(n=4, side=64, seed=0) -> torch.Tensor:
     return torch.nn.functional.interpolate(coarse, size=(side, side), mode="nearest")
 
 
+@pytest.mark.parametrize("target", ["image", "residual"])
+def test_a_truncated_start_begins_at_the_bicubic_upsampling(target, monkeypatch):
+    """From start ≈ 0 (timestep 1 of 1000) a network that predicts v = 0 leaves the chain's start
+    almost as it is: the bicubic upsampling for both targets (the image itself, or a zero residual
+    added back to it). For the image target, starting from pure noise gives nothing like it."""
+    cfg = replace(preset("tiny").upsamplers[0], target=target, prediction_type="v_prediction", timesteps=1000)
+    upsampler = Upsampler(config=cfg).eval()
+    monkeypatch.setattr(upsampler, "unet_fn", lambda x_t, t, low: torch.zeros_like(x_t))
+    low_res_images = _images(n=2, side=cfg.in_resolution)
+    bicubic = upsample(low_res_images, cfg.out_resolution)
+    out = upsampler.sample(low_res_images, steps=1, sampler="ddpm", start=0.001,
+                           generator=torch.Generator().manual_seed(0))
+    assert (out - bicubic.clamp(-1, 1)).abs().max() < 0.05
+    if target == "image":
+        noise = upsampler.sample(low_res_images, steps=1, sampler="ddpm", start=1.0,
+                                 generator=torch.Generator().manual_seed(0))
+        assert (noise - bicubic.clamp(-1, 1)).abs().mean() > 0.2
+
+
 def test_stage_one_blur_is_the_papers_kernel():
     w = math.exp(-1 / (2 * 0.6**2))
     assert torch.allclose(gaussian_kernel(3, 0.6), torch.tensor([w, 1, w]) / (1 + 2 * w))
@@ -87,6 +106,9 @@ def test_upsampler_is_convolutional_and_runs_at_full_size():
 def test_psnr_and_ssim_match_their_definitions():
     x = _images(n=2, side=32)
     assert torch.all(ssim(x, x) > 0.9999) and torch.all(psnr(x, x) >= 99)
+    noisy_x = (x + 0.05 * torch.randn(x.shape, generator=torch.Generator().manual_seed(1))).clamp(-1, 1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # metrics stay float32 inside a bf16 sampling context
+        assert torch.allclose(ssim(noisy_x, x), ssim(noisy_x.double(), x.double()).float(), atol=1e-5)
     shifted = (x + 0.2).clamp(-1, 1)
     mse = ((shifted - x) / 2).pow(2).flatten(1).mean(1)
     assert torch.allclose(psnr(shifted, x), 10 * torch.log10(1 / mse))

@@ -23,11 +23,21 @@ PRIOR = {"width": 128, "depth": 4, "heads": 4, "head_dim": 32, "train_batch": 64
          "sample_steps": 64}
 
 
+PRECISION = "fp32"  # or "bf16": training steps and sampling under CPU bf16 autocast (set by `setup`)
+
+
 def setup() -> tuple[str, int]:
-    """Two threads, seed 0; the stage and number of timed training steps from argv."""
+    """Two threads, seed 0; the stage, number of timed training steps and precision from argv."""
+    global PRECISION
     torch.set_num_threads(2)
     torch.manual_seed(0)
+    PRECISION = sys.argv[3] if len(sys.argv) > 3 else "fp32"
     return sys.argv[1], int(sys.argv[2])
+
+
+def autocast():
+    """bf16 autocast on the CPU with PRECISION "bf16", else a context that changes nothing."""
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=PRECISION == "bf16")
 
 
 def decoder_batch(n: int, g: torch.Generator) -> dict:
@@ -56,7 +66,9 @@ def measure_training(loss_fn, params, data: dict, *, batch_size: int, steps: int
     opt = torch.optim.AdamW(params, lr=1e-4)
 
     def step():
-        loss_fn(data).backward()
+        with autocast():
+            loss = loss_fn(data)
+        loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
@@ -68,14 +80,16 @@ def measure_training(loss_fn, params, data: dict, *, batch_size: int, steps: int
     rate = steps * batch_size / (time.perf_counter() - start)
     counter = FlopCounterMode(display=False)
     with counter:
-        loss_fn(data).backward()
+        with autocast():
+            loss = loss_fn(data)
+        loss.backward()
     opt.zero_grad(set_to_none=True)
     return rate, float(counter.get_total_flops())
 
 
 def measure_latency(sample_fn, warm_fn=None) -> float:
     """Seconds of one `sample_fn()` after one warm-up call (of `warm_fn`, a shorter run, when given)."""
-    with torch.no_grad():
+    with torch.no_grad(), autocast():
         (warm_fn or sample_fn)()
         start = time.perf_counter()
         sample_fn()
@@ -85,7 +99,7 @@ def measure_latency(sample_fn, warm_fn=None) -> float:
 def report(impl: str, stage: str, module_params, *, train_rate: float, train_flops: float, latency: float) -> None:
     """Print the worker's one JSON line; peak RSS is this whole process's (imports included)."""
     print(json.dumps({
-        "impl": impl, "stage": stage, "torch": torch.__version__,
+        "impl": impl, "stage": stage, "torch": torch.__version__, "precision": PRECISION,
         "params_m": sum(p.numel() for p in module_params) / 1e6,
         "train_rate": train_rate, "train_flops": train_flops, "latency": latency,
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,

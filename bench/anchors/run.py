@@ -1,6 +1,7 @@
 """unclip beside lucidrains' dalle2-pytorch and diffusers at the anchor config, in one run.
 
     .venv/bin/python bench/anchors/run.py [--repeats 3] [--train-steps 6] [--impls unclip,diffusers,lucidrains]
+                                          [--precision fp32|bf16]
 
 Installs each anchor into its own venv under .bench-venvs/ (once; see install.py), then runs
 every (stage, implementation) in a fresh subprocess with two threads: the decoder (32², base 64,
@@ -10,7 +11,8 @@ mults (1, 2, 2), train batch 16, 50-step DDIM for a batch of 4) and the diffusio
 so that drift in the machine's load spreads over all of them; each number is the median over
 repeats. Prints a markdown table with the ratio of unclip to the faster anchor, and the
 training step's achieved FLOP/s (FlopCounterMode: matmuls, convolutions, attention) against
-this machine's measured fp32 matmul peak.
+this machine's measured matmul peak in that precision. `--precision bf16` runs every
+implementation's training step and sampling under CPU bf16 autocast (unclip's presets train so).
 """
 
 from __future__ import annotations
@@ -26,14 +28,14 @@ import install
 
 HERE = Path(__file__).resolve().parent
 MAIN_PYTHON = install.ROOT / ".venv" / "bin" / "python"
-PEAK_FP32 = 195e9  # FLOP/s, this machine's measured 2-thread fp32 matmul peak (issue 11)
+PEAK = {"fp32": 195e9, "bf16": 900e9}  # FLOP/s, this machine's measured 2-thread matmul peaks (issue 11)
 BATCH = {"decoder": 16, "prior": 64}
 UNIT = {"decoder": "img/s", "prior": "emb/s"}
 SAMPLING = {"decoder": "50-step DDIM", "prior": "64 steps"}
 
 
-def run_worker(python: Path, impl: str, stage: str, steps: int) -> dict:
-    out = subprocess.run([str(python), str(HERE / f"worker_{impl}.py"), stage, str(steps)], cwd=HERE,
+def run_worker(python: Path, impl: str, stage: str, steps: int, precision: str = "fp32") -> dict:
+    out = subprocess.run([str(python), str(HERE / f"worker_{impl}.py"), stage, str(steps), precision], cwd=HERE,
                          capture_output=True, text=True, timeout=600)
     if out.returncode != 0:
         raise RuntimeError(f"{impl} {stage} failed:\n{out.stderr[-3000:]}")
@@ -48,8 +50,9 @@ def median_row(runs: list[dict]) -> dict:
     return row
 
 
-def table(rows: dict[tuple[str, str], dict], failures: dict[str, str]) -> str:
-    lines = ["| stage | implementation | params | train | sampling (batch 4) | peak RSS | train GFLOP/s (% of fp32 peak) |",
+def table(rows: dict[tuple[str, str], dict], failures: dict[str, str], precision: str = "fp32") -> str:
+    lines = [f"| stage | implementation | params | train | sampling (batch 4) | peak RSS | train GFLOP/s (% of {precision} "
+             "peak) |",
              "|---|---|---|---|---|---|---|"]
     ratios = []
     for stage in ("decoder", "prior"):
@@ -60,7 +63,7 @@ def table(rows: dict[tuple[str, str], dict], failures: dict[str, str]) -> str:
             achieved = r["train_flops"] / BATCH[stage] * r["train_rate"]
             lines.append(f"| {stage} | {impl} | {r['params_m']:.2f} M | {r['train_rate']:.1f} {UNIT[stage]} | "
                          f"{r['latency']:.2f} s ({SAMPLING[stage]}) | {r['peak_rss_mib']:.0f} MiB | "
-                         f"{achieved / 1e9:.1f} ({100 * achieved / PEAK_FP32:.1f}%) |")
+                         f"{achieved / 1e9:.1f} ({100 * achieved / PEAK[precision]:.1f}%) |")
         anchors = [rows[stage, a] for a in ("diffusers", "lucidrains") if (stage, a) in rows]
         if (stage, "unclip") in rows and anchors:
             u = rows[stage, "unclip"]
@@ -83,6 +86,8 @@ def main() -> None:
     parser.add_argument("--train-steps", type=int, default=6, help="timed optimizer steps per process")
     parser.add_argument("--impls", default="unclip,diffusers,lucidrains")
     parser.add_argument("--stages", default="decoder,prior")
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                        help="every implementation's training step and sampling in fp32, or under CPU bf16 autocast")
     args = parser.parse_args()
 
     pythons, failures = {}, {}
@@ -101,7 +106,7 @@ def main() -> None:
                 if impl in failures:
                     continue
                 try:
-                    result = run_worker(python, impl, stage, args.train_steps)
+                    result = run_worker(python, impl, stage, args.train_steps, args.precision)
                 except (RuntimeError, subprocess.TimeoutExpired) as err:
                     failures[impl] = str(err)
                     print(err, file=sys.stderr, flush=True)
@@ -111,9 +116,9 @@ def main() -> None:
                       f"{result['latency']:.2f} s {result['peak_rss_mib']:.0f} MiB", file=sys.stderr, flush=True)
     rows = {key: median_row(value) for key, value in runs.items()}
     n = min((r["n"] for r in rows.values()), default=0)
-    print(f"torch {next(iter(rows.values()))['torch'] if rows else '?'}, 2 threads, median of {n} fresh processes, "
-          f"{args.train_steps} timed training steps each after 2 warm-up steps\n")
-    print(table(rows, failures))
+    print(f"torch {next(iter(rows.values()))['torch'] if rows else '?'}, {args.precision}, 2 threads, median of {n} "
+          f"fresh processes, {args.train_steps} timed training steps each after 2 warm-up steps\n")
+    print(table(rows, failures, args.precision))
 
 
 if __name__ == "__main__":

@@ -28,13 +28,19 @@ def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 def ssim(x: torch.Tensor, y: torch.Tensor, *, window: int = 11, sigma: float = 1.5) -> torch.Tensor:
     """Structural similarity [B] (Wang et al. 2004: gaussian window 11, σ 1.5, K1 0.01, K2 0.03)
-    of images [B, C, H, W] in [-1, 1], computed on [0, 1] per channel and averaged."""
+    of images [B, C, H, W] in [-1, 1], computed on [0, 1] per channel and averaged, in float32
+    also under autocast (bf16 window sums would push it past 1)."""
     from unclip.decoder.degrade import gaussian_kernel
 
+    with torch.autocast(x.device.type, enabled=False):
+        return _ssim(x.float(), y.float(), window=window, sigma=sigma, kernel_1d=gaussian_kernel)
+
+
+def _ssim(x: torch.Tensor, y: torch.Tensor, *, window: int, sigma: float, kernel_1d) -> torch.Tensor:
     x, y = (x.clamp(-1, 1) + 1) / 2, (y.clamp(-1, 1) + 1) / 2
     channels = x.shape[1]
     window = min(window, x.shape[-1])
-    k1 = gaussian_kernel(window, sigma).to(x)
+    k1 = kernel_1d(window, sigma).to(x)
     kernel = (k1[:, None] * k1[None, :]).expand(channels, 1, window, window)  # [C, 1, w, w]
     blur = lambda z: F.conv2d(z, kernel, groups=channels)  # noqa: E731  valid windows only
     mu_x, mu_y = blur(x), blur(y)
@@ -56,8 +62,8 @@ def _renders(split: str, n: int, size: int, *, seed: int, lang: str = "en") -> t
 
 @torch.no_grad()
 def upsampler_quality(upsampler: Upsampler, *, n: int = 16, split: str = "val", seed: int = 0, batch_size: int = 8,
-                      steps: int | None = None, sampler: str | None = None, degraded: bool = False,
-                      sheet: str | Path | None = None) -> dict[str, float]:
+                      steps: int | None = None, sampler: str | None = None, start: float | None = None,
+                      degraded: bool = False, sheet: str | Path | None = None) -> dict[str, float]:
     """Mean PSNR / SSIM of the upsampler and of bicubic upscaling against real high-res renders.
 
     The conditioning is the render shrunk to the input side (box filter); with `degraded` it
@@ -71,12 +77,12 @@ def upsampler_quality(upsampler: Upsampler, *, n: int = 16, split: str = "val", 
     generator = torch.Generator().manual_seed(seed)
     sums = {"psnr": 0.0, "ssim": 0.0, "psnr_bicubic": 0.0, "ssim_bicubic": 0.0}
     outs, bicubics = [], []
-    for start in range(0, n, batch_size):
-        target = high[start:start + batch_size]
+    for first in range(0, n, batch_size):
+        target = high[first:first + batch_size]
         low = low_res(target, cfg)
         if degraded:
             low = degrade(low, cfg, generator=generator)
-        out = upsampler.sample(low, steps=steps, sampler=sampler, generator=generator).cpu()
+        out = upsampler.sample(low, steps=steps, sampler=sampler, start=start, generator=generator).cpu()
         bicubic = upsample(low, cfg.out_resolution)
         sums["psnr"] += psnr(out, target).sum().item()
         sums["ssim"] += ssim(out, target).sum().item()
@@ -88,7 +94,8 @@ def upsampler_quality(upsampler: Upsampler, *, n: int = 16, split: str = "val", 
         write_sheet(sheet, [("bicubic", torch.cat(bicubics)), ("upsampled", torch.cat(outs)), ("real", high)],
                     cell=cfg.out_resolution)
     return {**{k: round(v / n, 4) for k, v in sums.items()}, "n": n, "steps": steps or cfg.sample_steps,
-            "sampler": sampler or cfg.sampler, "split": split, "degraded_conditioning": degraded}
+            "sampler": sampler or cfg.sampler, "start": cfg.sample_start if start is None else start, "split": split,
+            "degraded_conditioning": degraded}
 
 
 @torch.no_grad()

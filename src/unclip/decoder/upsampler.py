@@ -89,15 +89,20 @@ class Upsampler(nn.Module):
 
     @torch.no_grad()
     def sample_loop(self, low_res: torch.Tensor, *, steps: int | None = None, sampler: str | None = None,
-                    eta: float | None = None, generator: torch.Generator | None = None,
+                    eta: float | None = None, start: float | None = None, generator: torch.Generator | None = None,
                     x_T: torch.Tensor | None = None) -> Generator[SampleStep, None, torch.Tensor]:
-        """×4 images [B, 3, 4r, 4r] in [-1, 1] from low-res images [B, 3, r, r] (not degraded at inference)."""
+        """×4 images [B, 3, 4r, 4r] in [-1, 1] from low-res images [B, 3, r, r] (not degraded at inference).
+
+        start < 1 starts the chain from the bicubic upsampling noised to that level (its residual,
+        zero, with `target="residual"`) instead of from pure noise.
+        """
         cfg = self.config
         side = cfg.out_resolution * low_res.shape[-1] // cfg.in_resolution
         low = upsample(low_res.to(self.device, torch.float32), side)
         loop = sample_loop(
             self.unet_fn, self.diffusion, shape=(low.shape[0], 3, side, side), x_T=x_T,
             sampler=sampler or cfg.sampler, steps=steps or cfg.sample_steps, eta=cfg.eta if eta is None else eta,
+            start=cfg.sample_start if start is None else start, init=low if cfg.target == "image" else None,
             generator=generator, clip_denoised=True, cond={"low": low}, device=self.device)
         if cfg.target == "image":
             return (yield from loop)

@@ -118,9 +118,9 @@ class GaussianDiffusion:
                       variance: str = "fixed_small") -> GaussianDiffusion:
         return cls(betas=betas_for(schedule, timesteps), prediction_type=prediction_type, variance=variance)
 
-    def respace(self, steps: int, spacing: str = "uniform") -> GaussianDiffusion:
-        """The same process on `steps` of its timesteps (see `schedule.space_timesteps`)."""
-        kept = space_timesteps(self.num_timesteps, steps, spacing)
+    def respace(self, steps: int, spacing: str = "uniform", *, end: int | None = None) -> GaussianDiffusion:
+        """The same process on `steps` of its timesteps 0 … end (see `schedule.space_timesteps`)."""
+        kept = space_timesteps(self.num_timesteps, steps, spacing, end=end)
         return GaussianDiffusion(betas=respaced_betas(self.alphas_cumprod, kept), prediction_type=self.prediction_type,
                                  variance=self.variance, timestep_map=self.timestep_map[kept])
 

@@ -14,6 +14,11 @@ timesteps `timestep_map[t]`. Samplers (strings):
 - "dpmsolver++": DPM-Solver++ 2M (Lu et al. 2022), deterministic, on the "trailing" grid T-1 …
   T/N-1, then a first-order step to the clean image (diffusers' own grid for it).
 
+A truncated start (`start` < 1) runs the chain from noise level round(start · (T-1)) instead of
+pure noise, from `init` (a guess of the clean sample, zeros by default) noised to that level:
+SDEdit's start (Meng et al. 2022). The upsamplers use it: their conditioning already fixes
+everything but fine detail, so a short chain from a low noise level is enough (docs/decoder.md).
+
 `repaint_loop` inpaints (RePaint, ancestral steps on our own `p_mean_variance`, with resampling).
 
 `invert_loop` runs DDIM backwards (η = 0, DDIMInverseScheduler) from a clean x_start to x_T;
@@ -90,21 +95,31 @@ def sample_loop(model_fn: ModelFn, diffusion: GaussianDiffusion, *, shape: tuple
                 x_T: torch.Tensor | None = None, sampler: str = "ddim", steps: int = 50, eta: float = 0.0,
                 generator: Generators = None, clip_denoised: bool = True, cond: dict | None = None,
                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                start: float = 1.0, init: torch.Tensor | None = None,
                 ) -> Generator[SampleStep, None, torch.Tensor]:
     """Draw samples [B, ...] by running `sampler` for `steps` steps from x_T (or fresh noise of `shape`).
 
     diffusion: the full training process (respaced here). model_fn(x_t, t [B], **cond) → output.
-    Yields a `SampleStep` per step; returns the final sample (also the last step's x_t).
+    start in (0, 1]: the noise level to start from as a fraction of the schedule; below 1 the
+    steps are laid over timesteps 0 … round(start · (T-1)) and, without x_T, the chain starts from
+    `init` [B, ...] (zeros when None) noised to that level. Yields a `SampleStep` per step;
+    returns the final sample (also the last step's x_t).
     """
     if sampler not in SAMPLERS:
         raise ConfigError(f"unknown sampler {sampler!r}; use one of {', '.join(SAMPLERS)}")
-    spaced = diffusion.respace(steps, SPACING[sampler])
+    if not 0 < start <= 1:
+        raise ConfigError(f"start={start}: the starting noise level is a fraction in (0, 1]")
+    end = round(start * (diffusion.num_timesteps - 1))
+    spaced = diffusion.respace(steps, SPACING[sampler], end=end)
     scheduler = make_scheduler(sampler, spaced, clip_denoised=clip_denoised)
     scheduler.set_timesteps(spaced.num_timesteps)
     if x_T is None:
         if shape is None:
             raise ValueError("sample_loop needs x_T or shape")
         x_T = _noise(tuple(shape), generator, device, dtype)
+        if start < 1:  # q(x | init) at the chain's top level: `end`, or just below it on DDIM's grid
+            last = torch.full((x_T.shape[0],), spaced.num_timesteps - 1, dtype=torch.long, device=x_T.device)
+            x_T = spaced.q_sample(torch.zeros_like(x_T) if init is None else init.to(x_T), last, x_T)
     x = x_T
     timesteps = scheduler.timesteps.tolist()
     for index, t in enumerate(timesteps):

@@ -55,8 +55,11 @@ def diffusers_beta_args(schedule: str, timesteps: int) -> dict:
     raise ConfigError(f"unknown noise schedule {schedule!r}; use one of {', '.join(SCHEDULES)}")
 
 
-def space_timesteps(timesteps: int, steps: int, spacing: str = "uniform") -> list[int]:
-    """`steps` of the `timesteps` training timesteps, ascending.
+def space_timesteps(timesteps: int, steps: int, spacing: str = "uniform", *, end: int | None = None) -> list[int]:
+    """`steps` of the `timesteps` training timesteps, ascending, from 0 up to `end` (default T-1).
+
+    A lower `end` is a truncated chain: sampling starts from noise level `end` instead of pure
+    noise (`sampling.sample_loop(start=)`); the grids below are then laid over 0 … end.
 
     uniform: evenly spaced from 0 to T-1 inclusive (improved DDPM's respacing), so sampling starts
         from pure noise; for ancestral DDPM.
@@ -68,17 +71,22 @@ def space_timesteps(timesteps: int, steps: int, spacing: str = "uniform") -> lis
         short of T-1, whose cosine level (β capped at 0.999, ᾱ ≈ 1e-3 · ᾱ_{T-2}) no deterministic
         step can invert, so DDIM sampling and DDIM inversion use it (docs/decoder.md).
     """
-    if not 1 <= steps <= timesteps:
-        raise ConfigError(f"sampling steps={steps} must be between 1 and the {timesteps} training timesteps")
+    end = timesteps - 1 if end is None else end
+    if not 0 <= end < timesteps:
+        raise ConfigError(f"end={end} must be one of the {timesteps} training timesteps (0 … {timesteps - 1})")
+    span = end + 1  # the timesteps 0 … end the grid is laid over
+    if not 1 <= steps <= span:
+        raise ConfigError(f"sampling steps={steps} must be between 1 and the {span} training timesteps "
+                          f"it starts from")
     if spacing == "leading":
-        return sorted({(i * timesteps) // steps for i in range(steps)})
+        return sorted({(i * span) // steps for i in range(steps)})
     if spacing == "trailing":
-        return sorted({round(timesteps - 1 - i * timesteps / steps) for i in range(steps)})
+        return sorted({round(end - i * span / steps) for i in range(steps)})
     if spacing != "uniform":
         raise ConfigError(f"unknown timestep spacing {spacing!r}; use uniform, leading or trailing")
     if steps == 1:
-        return [timesteps - 1]
-    stride = (timesteps - 1) / (steps - 1)
+        return [end]
+    stride = end / (steps - 1)
     return sorted({round(i * stride) for i in range(steps)})
 
 

@@ -124,7 +124,8 @@ def _model(args: argparse.Namespace) -> int:
                           batch_prompts=args.batch_prompts, progress=not args.quiet, generate_options=options)
     evaluation.result["meta"] = {"model": str(model), "prompts": str(prompts_path), "judge": str(judge_dir),
                                  **options, "precision": pipe.precision,
-                                 **{f"upsampler{i}": {"sampler": u.config.sampler, "steps": u.config.sample_steps}
+                                 **{f"upsampler{i}": {"sampler": u.config.sampler, "steps": u.config.sample_steps,
+                                                   "start": u.config.sample_start}
                                     for i, u in enumerate(pipe.upsamplers, start=1)}}
     out = Path(args.out or Path("out/eval") / model.resolve().name)
     paths = write_evaluation(evaluation, out, title=f"unclip eval {model}")

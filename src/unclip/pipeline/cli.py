@@ -78,11 +78,16 @@ def add_sampling_arguments(parser) -> None:
     parser.add_argument("--upsampler-steps", type=int, help="upsampler sampling steps (default: the model's config)")
     parser.add_argument("--upsampler-sampler", choices=["ddpm", "ddim", "dpmsolver++"],
                         help="upsampler sampler (default: the model's config)")
+    parser.add_argument("--upsampler-start", type=float,
+                        help="noise level the upsampler starts from, a fraction of its schedule: 1 is pure noise, "
+                             "lower starts from the noised bicubic upsampling and needs fewer steps "
+                             "(default: the model's config)")
 
 
 def configure_sampling(pipe, args: argparse.Namespace):
     """The pipeline with the upsampler options of `add_sampling_arguments` applied."""
-    pipe.set_upsampler_sampling(sampler=args.upsampler_sampler, steps=args.upsampler_steps)
+    pipe.set_upsampler_sampling(sampler=args.upsampler_sampler, steps=args.upsampler_steps,
+                                start=args.upsampler_start)
     return pipe
 
 

@@ -117,18 +117,23 @@ class UnclipPipeline:
             raise ConfigError(f"precision={precision!r}; use one of {', '.join(PRECISIONS)}")
         self.precision = auto_precision(self.device) if precision == "auto" else precision
 
-    def set_upsampler_sampling(self, *, sampler: str | None = None, steps: int | None = None) -> None:
-        """Sample every upsampler with this sampler and/or number of steps from now on (unset: keep
-        the model's). Upsampling is most of a CPU generation's time (docs/performance.md)."""
+    def set_upsampler_sampling(self, *, sampler: str | None = None, steps: int | None = None,
+                               start: float | None = None) -> None:
+        """Sample every upsampler with this sampler, number of steps and/or starting noise level
+        (a fraction of the schedule, 1 = pure noise) from now on (unset: keep the model's).
+        Upsampling is most of a CPU generation's time (docs/performance.md)."""
         from dataclasses import replace
 
         if steps is not None and steps < 1:
             raise ConfigError(f"upsampler steps={steps}; use at least 1")
         if sampler is not None and sampler not in SAMPLERS:
             raise ConfigError(f"upsampler sampler={sampler!r}; use one of {', '.join(SAMPLERS)}")
+        if start is not None and not 0 < start <= 1:
+            raise ConfigError(f"upsampler start={start}; use a noise level in (0, 1] (1 = pure noise)")
         for upsampler in self.upsamplers:
-            upsampler.config = replace(upsampler.config, sampler=sampler or upsampler.config.sampler,
-                                       sample_steps=steps or upsampler.config.sample_steps)
+            cfg = upsampler.config
+            upsampler.config = replace(cfg, sampler=sampler or cfg.sampler, sample_steps=steps or cfg.sample_steps,
+                                       sample_start=cfg.sample_start if start is None else start)
 
     def autocast(self):
         """The context the UNets sample in: bf16 autocast with precision="bfloat16", else nothing."""
