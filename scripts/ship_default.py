@@ -2,8 +2,8 @@
 
     python scripts/ship_default.py MODEL [--recipe TEXT] [--eval EVAL_JSON] [--stage-metrics JSON]
 
-The sampling defaults (sampler, steps, starting noise level, guidance, η) of the decoder, prior
-and upsamplers are taken from the current shapes-gpu preset, so a sweep's verdict
+The sampling defaults (sampler, steps, starting noise level, guidance, η, candidates) of the
+decoder, prior and upsamplers are taken from the current shapes-gpu preset, so a sweep's verdict
 (docs/model_card.md) reaches `unclip generate` without retraining; training settings stay as the
 run recorded them. The recipe text goes into the manifest's provenance; the summary of `unclip
 eval`'s eval.json and the decoder and upsampler rows of bench/stage_metrics.py go into its
@@ -24,7 +24,7 @@ from unclip.config import UnclipConfig, preset
 from unclip.io import write_json_atomic
 from unclip.modeldir import MANIFEST, half_model_dir, read_manifest
 
-SAMPLING = ("sampler", "sample_steps", "sample_start", "eta", "guidance_scale")
+SAMPLING = ("sampler", "sample_steps", "sample_start", "eta", "guidance_scale", "candidates")
 SUMMARY = ("tasks", "overall", "by_split", "by_lang", "judge_support_overall", "frechet_judge_features", "diversity",
            "images_per_prompt", "prompts", "seed", "meta")
 TARGET = Path(__file__).resolve().parents[1] / "src" / "unclip" / "assets" / "model"

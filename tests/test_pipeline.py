@@ -325,6 +325,39 @@ def test_variations_and_inpainting_stop_the_cascade_at_a_size(pipe):
         pipe.inpaint(image, mask, size=48)
 
 
+def test_candidate_seeds_keep_each_images_own_seed_first():
+    from unclip.pipeline.pipeline import candidate_seeds
+
+    assert candidate_seeds(5, 2, 1) == [5, 6] and candidate_seeds([9, 3], 2, 1) == [9, 3]
+    three = candidate_seeds(5, 2, 3)
+    assert three[0] == 5 and three[3] == 6 and len(set(three)) == 6 and three == candidate_seeds(5, 2, 3)
+    assert candidate_seeds([5, 6], 2, 3) == three
+    g = torch.Generator()
+    assert candidate_seeds(g, 2, 3) is g and candidate_seeds(None, 2, 3) is None
+    with pytest.raises(ConfigError, match="3 seeds for 2 images"):
+        candidate_seeds([1, 2, 3], 2, 2)
+
+
+def test_candidates_keep_the_image_clip_puts_closest_to_the_caption(pipe):
+    side = pipe.config.decoder.resolution
+    plain = pipe.generate(["a red circle", "a blue square"], n=2, seed=3, steps=2, size=side)
+    same = pipe.generate(["a red circle", "a blue square"], n=2, seed=3, steps=2, size=side, candidates=1)
+    assert [np.asarray(a).tolist() for a in plain] == [np.asarray(b).tolist() for b in same]
+    best = pipe.generate(["a red circle", "a blue square"], n=2, seed=3, steps=2, size=side, candidates=3)
+    assert len(best) == 4 and best[0].size == (side, side)
+    # candidate 0 of each image is the plain image: the kept one is at least as close to its caption
+    text = pipe.encode_text(["a red circle"] * 2 + ["a blue square"] * 2)
+    cos = lambda images: torch.nn.functional.cosine_similarity(  # noqa: E731
+        pipe.encode_image(images), torch.nn.functional.normalize(text.embeds.float(), dim=-1))
+    assert torch.all(cos(best) >= cos(plain) - 1e-4)
+    # best_candidates picks the row whose CLIP embedding is the caption embedding it is given
+    images = torch.rand(6, 3, side, side, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    target = pipe.encode_image(images)[[1, 5]].repeat_interleave(3, dim=0)
+    assert pipe.best_candidates(images, target, 3).tolist() == [1, 5]
+    with pytest.raises(ConfigError, match="candidates=0"):
+        pipe.generate("a red circle", candidates=0)
+
+
 def test_upsampler_sampling_can_be_set_for_every_later_call(model_dir):
     import unclip
 

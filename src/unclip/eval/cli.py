@@ -41,6 +41,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--guidance-scale", type=float, help="decoder classifier-free guidance (default: the model's)")
     g.add_argument("--sampler", choices=["ddim", "ddpm", "dpmsolver++"], help="decoder sampler (default: the model's)")
     g.add_argument("--prior-guidance-scale", type=float, help="prior classifier-free guidance (default: the model's)")
+    g.add_argument("--candidates", type=int, help="images drawn per judged image, the one closest to the caption "
+                   "in CLIP kept (default: the model's)")
     g.add_argument("--size", type=int, help="judge images at this side of the cascade, e.g. the decoder's 32 "
                    "for fast sweeps (default: the largest)")
     g.add_argument("--device", help="torch device, e.g. cuda (default: cpu)")
@@ -119,11 +121,11 @@ def _model(args: argparse.Namespace) -> int:
     pipe = configure_sampling(unclip.load(model, device=args.device, precision=args.precision), args)
     options = {k: v for k, v in (("prior", args.prior), ("steps", args.steps), ("guidance_scale", args.guidance_scale),
                                  ("sampler", args.sampler), ("prior_guidance_scale", args.prior_guidance_scale),
-                                 ("size", args.size)) if v is not None}
+                                 ("size", args.size), ("candidates", args.candidates)) if v is not None}
     evaluation = evaluate(pipe, judge, prompts, args.images_per_prompt, args.seed or 0, judge_accuracy=accuracy,
                           batch_prompts=args.batch_prompts, progress=not args.quiet, generate_options=options)
     evaluation.result["meta"] = {"model": str(model), "prompts": str(prompts_path), "judge": str(judge_dir),
-                                 **options, "precision": pipe.precision,
+                                 "candidates": pipe.config.decoder.candidates, **options, "precision": pipe.precision,
                                  **{f"upsampler{i}": {"sampler": u.config.sampler, "steps": u.config.sample_steps,
                                                    "start": u.config.sample_start}
                                     for i, u in enumerate(pipe.upsamplers, start=1)}}

@@ -127,12 +127,13 @@ def _generate(args: argparse.Namespace) -> int:
     pipe, bars = _load(args), ProgressBars(not args.quiet)
     images = pipe.generate(args.prompts, n=args.n, prior=args.prior, prior_guidance_scale=args.prior_guidance_scale,
                            guidance_scale=args.guidance_scale, steps=args.steps, sampler=args.sampler,
-                           seed=args.seed, callback=bars, size=args.size)
+                           seed=args.seed, callback=bars, size=args.size, candidates=args.candidates)
     bars.close()
     labels = [p for p in args.prompts for _ in range(args.n)]
     return _finish(args, "generate", images, labels, {"prompts": args.prompts, "n": args.n, "prior": args.prior,
                                                       "prior_guidance_scale": args.prior_guidance_scale,
-                                                      "sampler": args.sampler, "size": args.size})
+                                                      "sampler": args.sampler, "size": args.size,
+                                                      "candidates": args.candidates})
 
 
 def _vary(args: argparse.Namespace) -> int:
@@ -212,6 +213,8 @@ def register(subparsers) -> None:
     gen.add_argument("--prior-guidance-scale", type=float, help="prior classifier-free guidance (default: the model's)")
     gen.add_argument("--sampler", choices=["ddim", "ddpm", "dpmsolver++"], help="decoder sampler (default: the model's)")
     gen.add_argument("--size", type=int, help="image side: the decoder's or an upsampler's (default: the largest)")
+    gen.add_argument("--candidates", type=int, help="draw this many images per image and keep the one CLIP finds "
+                     "closest to the caption (default: the model's; each candidate costs a prior and a decoder run)")
     _common(gen, "generate")
     gen.set_defaults(func=_generate)
 

@@ -59,15 +59,31 @@ def auto_precision(device: torch.device) -> str:
 
 def generators(seed: Seed, n: int) -> list[torch.Generator] | torch.Generator | None:
     """Per-image generators seed, seed+1, … (so image i is the same in a batch or alone), one per
-    listed seed (so requests with their own seeds can share a batch), the given generator shared
-    by the batch, or None."""
+    listed seed or generator (so requests with their own seeds can share a batch), the given
+    generator shared by the batch, or None."""
     if seed is None or isinstance(seed, torch.Generator):
         return seed
     if isinstance(seed, Sequence) and not isinstance(seed, str):
         if len(seed) != n:
             raise ConfigError(f"{len(seed)} seeds for {n} images: give one seed per image, or one int")
-        return [torch.Generator().manual_seed(int(s)) for s in seed]
+        return [s if isinstance(s, torch.Generator) else torch.Generator().manual_seed(int(s)) for s in seed]
     return [torch.Generator().manual_seed(int(seed) + i) for i in range(n)]
+
+
+def candidate_seeds(seed: Seed, n: int, k: int) -> Seed:
+    """Seeds of k candidates for each of n images, candidate-major within an image: candidate 0 of
+    image i has image i's own seed (so k = 1 draws what a plain call draws), candidate j > 0 a seed
+    mixed from (image seed, j). A shared generator or None is shared by all candidates."""
+    if seed is None or isinstance(seed, torch.Generator):
+        return seed
+    import numpy as np
+
+    own = [int(s) for s in seed] if isinstance(seed, Sequence) and not isinstance(seed, str) \
+        else [int(seed) + i for i in range(n)]
+    if len(own) != n:
+        raise ConfigError(f"{len(own)} seeds for {n} images: give one seed per image, or one int")
+    return [s if j == 0 else int(np.random.SeedSequence([s % 2**63, j]).generate_state(1, np.uint64)[0] % 2**63)
+            for s in own for j in range(k)]
 
 
 def _stage_callback(callback: Callback | None, stage: str) -> Callable[[SampleStep], None] | None:
@@ -292,20 +308,43 @@ class UnclipPipeline:
     def generate(self, prompt: str | Sequence[str], n: int = 1, *, prior: str | None = None,
                  prior_guidance_scale: float | None = None, guidance_scale: float | None = None,
                  steps: int | None = None, sampler: str | None = None, seed: Seed = None,
-                 callback: Callback | None = None, upsample: bool = True, size: int | None = None) -> list:
+                 callback: Callback | None = None, upsample: bool = True, size: int | None = None,
+                 candidates: int | None = None) -> list:
         """n images per prompt (paper §2): prior → z_i → decoder (guided by z_i and the caption) → upsamplers.
 
         size: stop the cascade at this side (one of `sizes`; default: the last upsampler's).
+        candidates: draw this many z_i and decoder images per requested image and keep the one
+        whose CLIP image embedding is closest to the caption's z_t, before upsampling (default:
+        the decoder config's `candidates`). It costs that many priors and decoders per image.
         """
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if n < 1:
             raise ConfigError(f"n={n}: ask for at least one image")
-        self.stages_for(size)  # an unknown size is an error before any work
-        text = self.encode_text([p for p in prompts for _ in range(n)])
-        z_i = self.prior_sample(text, prior=prior, guidance_scale=prior_guidance_scale, seed=seed, callback=callback)
+        k = self.config.decoder.candidates if candidates is None else candidates
+        if k < 1:
+            raise ConfigError(f"candidates={k}: draw at least one candidate per image")
+        stages = self.stages_for(size) if upsample else 0  # an unknown size is an error before any work
+        rows = [p for p in prompts for _ in range(n)]
+        seeds = candidate_seeds(seed, len(rows), k)
+        text = self.encode_text([p for p in rows for _ in range(k)])
+        z_i = self.prior_sample(text, prior=prior, guidance_scale=prior_guidance_scale, seed=seeds, callback=callback)
+        gens = generators(seeds, len(text.embeds))  # the decoder's, then the kept candidates' upsamplers'
         images = self.decode(z_i, text, guidance_scale=guidance_scale, steps=steps, sampler=sampler,
-                             seed=seed, callback=callback, upsample=upsample, size=size)
-        return to_pil(images)
+                             seed=gens if isinstance(gens, list) else seeds, callback=callback, upsample=False)
+        if k > 1:
+            kept = self.best_candidates(images, text.embeds, k)
+            images = images[kept]
+            gens = [gens[i] for i in kept.tolist()] if isinstance(gens, list) else gens
+        return to_pil(self.upsample(images, stages, generator=gens, callback=callback))
+
+    @torch.no_grad()
+    def best_candidates(self, images: torch.Tensor, text_embeds: torch.Tensor, k: int) -> torch.Tensor:
+        """Row indices [B / k] of the best of each k consecutive candidate images [B, 3, r, r]: the
+        highest cosine between the image's CLIP embedding and its caption's z_t [B, D]."""
+        z = self.encode_image(images.clamp(-1, 1))
+        t = torch.nn.functional.normalize(text_embeds.float().to(z.device), dim=-1)
+        scores = (torch.nn.functional.normalize(z.float(), dim=-1) * t).sum(-1).view(-1, k)
+        return scores.argmax(dim=1).cpu() + torch.arange(len(scores)) * k
 
     def variations(self, image, n: int = 4, *, eta: float = 0.8, steps: int | None = None,
                    guidance_scale: float | None = None, seed: Seed = None, callback: Callback | None = None,
