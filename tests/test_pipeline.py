@@ -172,6 +172,21 @@ def test_a_list_of_seeds_gives_each_image_its_own(pipe):
         pipe.generate(["a red circle", "a blue square"], seed=[1, 2, 3])
 
 
+def test_the_diffusion_prior_samples_a_batch_as_it_samples_each_caption_alone(pipe):
+    from dataclasses import replace
+
+    before = pipe.prior.config
+    pipe.prior.config = replace(before, best_of=2, sampler="ddpm")  # noise at every step, two draws per caption
+    try:
+        captions = ["a red circle", "a blue square", "วงกลมสีแดง"]
+        batch = pipe.prior_sample(pipe.encode_text(captions), seed=5)
+        alone = torch.cat([pipe.prior_sample(pipe.encode_text([c]), seed=5 + i) for i, c in enumerate(captions)])
+    finally:
+        pipe.prior.config = before
+    assert batch.shape == alone.shape and torch.allclose(batch, alone, atol=1e-5)
+    assert not torch.allclose(batch[0], batch[1], atol=1e-3)
+
+
 def test_generate_is_seeded_and_a_batch_of_one_equals_the_batch(pipe):
     seen = []
     images = pipe.generate(["a red circle", "วงกลมสีแดง"], n=2, seed=3, callback=lambda stage, step: seen.append(stage))

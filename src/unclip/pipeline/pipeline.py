@@ -223,13 +223,20 @@ class UnclipPipeline:
         if prior not in self.priors:
             raise ConfigError(f"this model has no {prior} prior; it has: {', '.join(self.priors)}")
         n = len(text.embeds)
-        rows = []
         gens = generators(seed, n)
-        for i in range(n):  # one caption at a time: a caption's z_i never depends on its batch
+        options = {} if guidance_scale is None else {"guidance_scale": guidance_scale}
+        if prior == "diffusion" and not isinstance(gens, torch.Generator):
+            # One batch; with per-caption generators, best-of-k row j·n + i draws from caption i's
+            # generator, which then draws exactly what it draws for that caption alone.
+            k = self.prior.config.best_of
+            return self.prior.sample(text.token_states.float(), text.mask, text.embeds,
+                                     generator=None if gens is None else [g for _ in range(k) for g in gens],
+                                     callback=_stage_callback(callback, "prior"), **options)
+        rows = []
+        for i in range(n):  # the AR prior, or a shared generator: one caption at a time
             g = gens[i] if isinstance(gens, list) else gens
             args = (text.token_states[i:i + 1].float(), text.mask[i:i + 1], text.embeds[i:i + 1])
             if prior == "diffusion":
-                options = {} if guidance_scale is None else {"guidance_scale": guidance_scale}
                 rows.append(self.prior.sample(*args, generator=g, callback=_stage_callback(callback, "prior"),
                                               **options))
             else:
