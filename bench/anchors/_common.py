@@ -65,10 +65,13 @@ def measure_training(loss_fn, params, data: dict, *, batch_size: int, steps: int
     params = list(params)
     opt = torch.optim.AdamW(params, lr=1e-4)
 
-    def step():
+    def backward():
         with autocast():
             loss = loss_fn(data)
         loss.backward()
+
+    def step():
+        backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
@@ -80,9 +83,7 @@ def measure_training(loss_fn, params, data: dict, *, batch_size: int, steps: int
     rate = steps * batch_size / (time.perf_counter() - start)
     counter = FlopCounterMode(display=False)
     with counter:
-        with autocast():
-            loss = loss_fn(data)
-        loss.backward()
+        backward()
     opt.zero_grad(set_to_none=True)
     return rate, float(counter.get_total_flops())
 

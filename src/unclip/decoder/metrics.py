@@ -30,17 +30,17 @@ def ssim(x: torch.Tensor, y: torch.Tensor, *, window: int = 11, sigma: float = 1
     """Structural similarity [B] (Wang et al. 2004: gaussian window 11, σ 1.5, K1 0.01, K2 0.03)
     of images [B, C, H, W] in [-1, 1], computed on [0, 1] per channel and averaged, in float32
     also under autocast (bf16 window sums would push it past 1)."""
+    with torch.autocast(x.device.type, enabled=False):
+        return _ssim(x.float(), y.float(), window=window, sigma=sigma)
+
+
+def _ssim(x: torch.Tensor, y: torch.Tensor, *, window: int, sigma: float) -> torch.Tensor:
     from unclip.decoder.degrade import gaussian_kernel
 
-    with torch.autocast(x.device.type, enabled=False):
-        return _ssim(x.float(), y.float(), window=window, sigma=sigma, kernel_1d=gaussian_kernel)
-
-
-def _ssim(x: torch.Tensor, y: torch.Tensor, *, window: int, sigma: float, kernel_1d) -> torch.Tensor:
     x, y = (x.clamp(-1, 1) + 1) / 2, (y.clamp(-1, 1) + 1) / 2
     channels = x.shape[1]
     window = min(window, x.shape[-1])
-    k1 = kernel_1d(window, sigma).to(x)
+    k1 = gaussian_kernel(window, sigma).to(x)
     kernel = (k1[:, None] * k1[None, :]).expand(channels, 1, window, window)  # [C, 1, w, w]
     blur = lambda z: F.conv2d(z, kernel, groups=channels)  # noqa: E731  valid windows only
     mu_x, mu_y = blur(x), blur(y)

@@ -57,17 +57,23 @@ def auto_precision(device: torch.device) -> str:
     return "bfloat16" if device.type == "cpu" and native else "float32"
 
 
+def _image_seeds(seed: int | Sequence, n: int) -> list:
+    """One seed (or generator) per image: the listed ones, or seed, seed+1, …"""
+    if isinstance(seed, Sequence) and not isinstance(seed, str):
+        if len(seed) != n:
+            raise ConfigError(f"{len(seed)} seeds for {n} images: give one seed per image, or one int")
+        return list(seed)
+    return [int(seed) + i for i in range(n)]
+
+
 def generators(seed: Seed, n: int) -> list[torch.Generator] | torch.Generator | None:
     """Per-image generators seed, seed+1, … (so image i is the same in a batch or alone), one per
     listed seed or generator (so requests with their own seeds can share a batch), the given
     generator shared by the batch, or None."""
     if seed is None or isinstance(seed, torch.Generator):
         return seed
-    if isinstance(seed, Sequence) and not isinstance(seed, str):
-        if len(seed) != n:
-            raise ConfigError(f"{len(seed)} seeds for {n} images: give one seed per image, or one int")
-        return [s if isinstance(s, torch.Generator) else torch.Generator().manual_seed(int(s)) for s in seed]
-    return [torch.Generator().manual_seed(int(seed) + i) for i in range(n)]
+    return [s if isinstance(s, torch.Generator) else torch.Generator().manual_seed(int(s))
+            for s in _image_seeds(seed, n)]
 
 
 def candidate_seeds(seed: Seed, n: int, k: int) -> Seed:
@@ -78,12 +84,8 @@ def candidate_seeds(seed: Seed, n: int, k: int) -> Seed:
         return seed
     import numpy as np
 
-    own = [int(s) for s in seed] if isinstance(seed, Sequence) and not isinstance(seed, str) \
-        else [int(seed) + i for i in range(n)]
-    if len(own) != n:
-        raise ConfigError(f"{len(own)} seeds for {n} images: give one seed per image, or one int")
     return [s if j == 0 else int(np.random.SeedSequence([s % 2**63, j]).generate_state(1, np.uint64)[0] % 2**63)
-            for s in own for j in range(k)]
+            for s in map(int, _image_seeds(seed, n)) for j in range(k)]
 
 
 def _stage_callback(callback: Callback | None, stage: str) -> Callable[[SampleStep], None] | None:
@@ -337,7 +339,7 @@ class UnclipPipeline:
         z_i = self.prior_sample(text, prior=prior, guidance_scale=prior_guidance_scale, seed=seeds, callback=callback)
         gens = generators(seeds, len(text.embeds))  # the decoder's, then the kept candidates' upsamplers'
         images = self.decode(z_i, text, guidance_scale=guidance_scale, steps=steps, sampler=sampler,
-                             seed=gens if isinstance(gens, list) else seeds, callback=callback, upsample=False)
+                             seed=gens, callback=callback, upsample=False)
         if k > 1:
             kept = self.best_candidates(images, text.embeds, k)
             images = images[kept]
