@@ -82,9 +82,9 @@ class ClipConfig:
     # Fraction of shapes-world training pairs that come as twins: two scenes one attribute apart
     # (mostly the shape), side by side in a batch, as hard negatives (unclip.data.twins, docs/clip.md).
     hard_negatives: float = 0.0
-    # Sized to train in about 10 minutes on 2 CPU cores with bf16 autocast (docs/clip.md).
+    # Sized to train in about 10 minutes on 2 CPU cores with bf16 autocast: 0.21 s a step (docs/clip.md).
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
-        steps=1200, batch_size=128, lr=1e-3, warmup_steps=100, mixed_precision="bf16", ckpt_every=200))
+        steps=2800, batch_size=128, lr=1e-3, warmup_steps=100, mixed_precision="bf16", ckpt_every=400))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -321,13 +321,16 @@ def _shapes() -> UnclipConfig:
     """The bundled default model: 32² decoder, one ×4 upsampler to 128², trained on shapes world.
 
     The decoder is the anchor layout made CPU-sized: base 32 with multipliers (1, 2, 4) and
-    attention at 16² and 8² trains at ~80 img/s with bf16 on 2 cores, against ~50 for the anchor's
-    base 64 (docs/decoder.md). Decoder and upsampler predict v, not ε: after a CPU-sized budget
+    attention at 16² and 8² trains at ~80 img/s with bf16 on 2 cores (~100 with plain CPU attention,
+    docs/performance.md), against ~50 for the anchor's base 64 (docs/decoder.md). Decoder and upsampler predict v, not ε: after a CPU-sized budget
     an ε model's small bias at the top of the cosine schedule (1/√ᾱ ≈ 30 there) set every
     image's background colour wrong, and sampling never recovered it (docs/decoder.md).
     """
     return UnclipConfig(
         name="shapes",
+        # Half the CLIP pairs as twins one attribute apart: once a 2,800-step run has solved its
+        # random batches, twins are what is left to learn shape from (0.87–0.89 → 0.90–0.93, docs/clip.md).
+        clip=ClipConfig(hard_negatives=0.5),
         decoder=DecoderConfig(
             base_channels=32, channel_mult=(1, 2, 4), attention_resolutions=(16, 8), prediction_type="v_prediction",
             train=TrainConfig(steps=3000, batch_size=32, lr=3e-4, warmup_steps=100, ema_decay=0.998,
@@ -358,7 +361,7 @@ def _shapes_gpu() -> UnclipConfig:
 
     return replace(
         base, name="shapes-gpu",
-        clip=replace(base.clip, train=gpu(40_000, 512, 1e-3)),
+        clip=replace(base.clip, hard_negatives=0.0, train=gpu(40_000, 512, 1e-3)),  # the shipped CLIP saw no twins
         prior=replace(base.prior, train=gpu(40_000, 512, 1e-3)),
         ar_prior=replace(base.ar_prior, train=gpu(40_000, 512, 1e-3)),
         # Sampling defaults from the sweeps in docs/model_card.md: ancestral DDPM and no decoder guidance

@@ -48,6 +48,12 @@ class TokenBatch:
     attention_mask: torch.Tensor
     truncated: tuple[bool, ...]
 
+    def trimmed(self) -> TokenBatch:
+        """The batch cut to its longest caption (L = the most real tokens in any row)."""
+        length = max(int(self.attention_mask.sum(dim=1).max()), 1)
+        return TokenBatch(input_ids=self.input_ids[:, :length], attention_mask=self.attention_mask[:, :length],
+                          truncated=self.truncated)
+
 
 class Tokenizer:
     """A trained byte-level BPE with a fixed context length."""
