@@ -18,6 +18,7 @@ from collections.abc import Callable, Generator
 import torch
 from torch import nn
 
+from unclip.attention import plain_attention_on_cpu
 from unclip.config import DecoderConfig
 from unclip.decoder.text_proj import TextProj
 from unclip.diffusion import GaussianDiffusion, SampleStep, cfg_mix, invert_loop, run, sample_loop
@@ -70,7 +71,8 @@ class Decoder(nn.Module):
         from diffusers import UNet2DConditionModel
 
         self.config = config
-        self.unet = UNet2DConditionModel(**unet_config(config)) if unet is None else unet
+        # An imported UNet keeps its own processors (Karlo's added-KV attention is not the plain kind).
+        self.unet = plain_attention_on_cpu(UNet2DConditionModel(**unet_config(config))) if unet is None else unet
         time_embed_dim = 4 * config.base_channels if unet is None else unet.time_embedding.linear_2.out_features
         self.text_proj = TextProj(clip_dim=clip_dim, text_width=text_width, time_embed_dim=time_embed_dim,
                                   cross_attention_dim=config.cross_attention_dim, clip_tokens=config.clip_tokens,

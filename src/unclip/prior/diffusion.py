@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from unclip.attention import plain_attention_on_cpu
 from unclip.config import PriorConfig
 from unclip.diffusion import GaussianDiffusion, SampleStep, cfg_mix, run, sample_loop
 from unclip.errors import ConfigError
@@ -113,8 +114,8 @@ class DiffusionPrior(nn.Module):
         from diffusers import PriorTransformer
 
         self.config = config
-        self.transformer = PriorTransformer(**transformer_config(config, clip_dim=clip_dim,
-                                                                 context_length=context_length))
+        self.transformer = plain_attention_on_cpu(PriorTransformer(**transformer_config(
+            config, clip_dim=clip_dim, context_length=context_length)))
         with torch.no_grad():  # diffusers starts these at zero; a small random start breaks symmetry
             nn.init.normal_(self.transformer.positional_embedding, std=0.02)
             nn.init.normal_(self.transformer.prd_embedding, std=0.02)
