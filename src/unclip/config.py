@@ -322,9 +322,10 @@ def _shapes() -> UnclipConfig:
 
     The decoder is the anchor layout made CPU-sized: base 32 with multipliers (1, 2, 4) and
     attention at 16² and 8² trains at ~80 img/s with bf16 on 2 cores (~100 with plain CPU attention,
-    docs/performance.md), against ~50 for the anchor's base 64 (docs/decoder.md). Decoder and upsampler predict v, not ε: after a CPU-sized budget
-    an ε model's small bias at the top of the cosine schedule (1/√ᾱ ≈ 30 there) set every
-    image's background colour wrong, and sampling never recovered it (docs/decoder.md).
+    docs/performance.md), against ~50 for the anchor's base 64 (docs/decoder.md). Decoder and
+    upsampler predict v, not ε: after a CPU-sized budget an ε model's small bias at the top of the
+    cosine schedule (1/√ᾱ ≈ 30 there) set every image's background colour wrong, and sampling never
+    recovered it (docs/decoder.md).
     """
     return UnclipConfig(
         name="shapes",

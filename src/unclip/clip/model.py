@@ -102,7 +102,8 @@ class ClipModel(nn.Module):
         self.tokenizer = tokenizer
         # Plain matmul-softmax attention: at these lengths (65 patches, ≤ 32 tokens, head width 32)
         # torch's fused CPU attention spends most of a bf16 training step in its backward
-        # (0.38 s vs 0.22 s per step of the shapes preset, docs/clip.md); on a GPU they are alike.
+        # (0.38 s vs 0.22 s per step of the shapes preset, docs/clip.md). Set in text_config and
+        # vision_config; not measured on a GPU, where these short sequences make attention cheap either way.
         self.text = CLIPTextModelWithProjection(text_config(config, tokenizer))
         self.vision = CLIPVisionModelWithProjection(vision_config(config))
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / config.init_temperature)))
