@@ -330,8 +330,9 @@ def _shapes() -> UnclipConfig:
     return UnclipConfig(
         name="shapes",
         # Three quarters of the CLIP pairs as twins one attribute apart: once a 2,800-step run has
-        # solved its random batches, twins are what is left to learn shape from (shape on seen pairs
-        # 0.89 without, 0.93 at 0.5, 0.95 at 0.75, 0.92 at 1.0; docs/clip.md).
+        # solved its random batches, twins are what is left to learn shape from (shape on seen pairs,
+        # init seed 0: 0.89 without, 0.93 at 0.5, 0.95 at 0.75, 0.92 at 1.0; seed 1 at 0.75: 0.89;
+        # docs/clip.md).
         clip=ClipConfig(hard_negatives=0.75),
         decoder=DecoderConfig(
             base_channels=32, channel_mult=(1, 2, 4), attention_resolutions=(16, 8), prediction_type="v_prediction",
