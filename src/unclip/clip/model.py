@@ -100,10 +100,6 @@ class ClipModel(nn.Module):
 
         self.config = config
         self.tokenizer = tokenizer
-        # Plain matmul-softmax attention: at these lengths (65 patches, ≤ 32 tokens, head width 32)
-        # torch's fused CPU attention spends most of a bf16 training step in its backward
-        # (0.38 s vs 0.22 s per step of the shapes preset, docs/clip.md). Set in text_config and
-        # vision_config; not measured on a GPU, where these short sequences make attention cheap either way.
         self.text = CLIPTextModelWithProjection(text_config(config, tokenizer))
         self.vision = CLIPVisionModelWithProjection(vision_config(config))
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / config.init_temperature)))
@@ -205,7 +201,10 @@ def text_config(config: ClipConfig, tokenizer: Tokenizer):
         pad_token_id=tokenizer.pad_id,
         bos_token_id=tokenizer.bos_id,
         eos_token_id=tokenizer.eos_id,
-        attn_implementation="eager",  # see ClipModel.__init__
+        # Plain matmul-softmax attention: at these lengths (65 patches, ≤ 32 tokens, head width 32)
+        # torch's fused CPU attention spends most of a bf16 training step in its backward
+        # (0.38 s vs 0.22 s per step of the shapes preset, docs/clip.md); not measured on a GPU.
+        attn_implementation="eager",
     )
 
 
@@ -221,5 +220,5 @@ def vision_config(config: ClipConfig):
         patch_size=config.patch_size,
         projection_dim=config.embed_dim,
         num_channels=3,
-        attn_implementation="eager",
+        attn_implementation="eager",  # see text_config
     )
