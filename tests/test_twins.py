@@ -5,7 +5,7 @@ import torch
 
 from unclip.config import preset
 from unclip.data.shapes import ShapesDataset
-from unclip.data.twins import TWIN_ATTRIBUTES, TwinsDataset, is_twin, twin_sample
+from unclip.data.twins import MAX_GROUP, TWIN_ATTRIBUTES, TwinsDataset, is_twin, twin_group, twin_sample
 from unclip.data.world import HELD_OUT, INVERSE, sample
 from unclip.errors import ConfigError
 from unclip.train.data import shapes_feed
@@ -57,6 +57,35 @@ def test_twins_differ_in_exactly_the_chosen_attribute_and_never_use_a_held_out_p
     assert seen == set(TWIN_ATTRIBUTES)
 
 
+def test_a_twin_group_sets_one_attribute_of_one_object_to_distinct_values():
+    fields = {"shape": {"shape"}, "colour": {"colour"}, "where": {"cx", "cy", "position", "relation"}}
+    seen = set()
+    for i in range(200):
+        assert twin_group(i)[0] == list(twin_sample(i)[:2])  # a group of two is a twin pair
+        group, attribute = twin_group(i, group=4)
+        assert group[0] == sample("train", i) and len(group) == 4
+        assert len({s.caption for s in group}) == 4 and len({s.key for s in group}) == 4
+        for a in range(4):
+            for b in range(a + 1, 4):
+                changed = _differences(group[a].scene, group[b].scene)
+                assert changed and changed <= fields[attribute], (attribute, changed)
+        for s in group[1:]:
+            assert all((o.colour, o.shape) not in HELD_OUT and o.colour != s.scene.background for o in s.scene.objects)
+        seen.add(attribute)
+    assert seen == {"shape", "colour", "where"}  # a size only flips: a size group of four falls back to shape
+    with pytest.raises(ValueError, match="2 to"):
+        twin_group(0, group=MAX_GROUP + 1)
+
+
+def test_the_twin_stream_keeps_a_group_together_in_a_batch():
+    data = TwinsDataset(size=16, fraction=1.0, group=4)
+    for k in range(5):
+        assert [data.sample(4 * k + j) for j in range(4)] == twin_group(4 * k, group=4)[0]
+    batch = next(shapes_feed(size=16, batch_size=8, lang="mix", seed=0, hard_negatives=1.0, twin_group=4)(0))
+    assert batch["key"][1:4] == [batch["key"][0] + s for s in ("-twin", "-twin2", "-twin3")]
+    assert batch["key"][5] == batch["key"][4] + "-twin"
+
+
 def test_the_twin_stream_pairs_neighbours_and_keeps_the_plain_split_elsewhere():
     fraction = 0.5
     data = TwinsDataset(size=16, fraction=fraction)
@@ -93,3 +122,18 @@ def test_hard_negatives_is_a_checked_clip_setting():
     assert preset("shapes").override(["clip.hard_negatives=0.5"]).clip.hard_negatives == 0.5
     with pytest.raises(ConfigError, match="hard_negatives"):
         preset("shapes").override(["clip.hard_negatives=1.5"])
+    assert preset("shapes").override(["clip.twin_group=4"]).clip.twin_group == 4
+    with pytest.raises(ConfigError, match="twin_group"):
+        preset("shapes").override([f"clip.twin_group={MAX_GROUP + 1}"])
+    with pytest.raises(ConfigError, match="twin_weights"):
+        preset("shapes").override(["clip.twin_weights=[0, 0, 0, 0]"])
+
+
+def test_twin_weights_choose_what_a_group_changes():
+    only = {"shape": (1, 0, 0, 0), "colour": (0, 1, 0, 0)}
+    for attribute, weights in only.items():
+        assert {twin_group(i, group=3, weights=weights)[1] for i in range(100)} == {attribute}
+    data = TwinsDataset(size=16, fraction=1.0, weights=only["colour"])
+    assert data.sample(1) == twin_group(0, weights=only["colour"])[0][1]
+    with pytest.raises(ValueError, match="weights"):
+        twin_group(0, weights=(1, 0, 0))

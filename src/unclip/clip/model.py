@@ -201,6 +201,7 @@ def text_config(config: ClipConfig, tokenizer: Tokenizer):
         pad_token_id=tokenizer.pad_id,
         bos_token_id=tokenizer.bos_id,
         eos_token_id=tokenizer.eos_id,
+        hidden_act=config.activation,
         # Plain matmul-softmax attention: at these lengths (65 patches, ≤ 32 tokens, head width 32)
         # torch's fused CPU attention spends most of a bf16 training step in its backward
         # (0.38 s vs 0.22 s per step of the shapes preset, docs/clip.md); not measured on a GPU.
@@ -220,5 +221,6 @@ def vision_config(config: ClipConfig):
         patch_size=config.patch_size,
         projection_dim=config.embed_dim,
         num_channels=3,
+        hidden_act=config.activation,
         attn_implementation="eager",  # see text_config
     )

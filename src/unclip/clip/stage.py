@@ -93,7 +93,8 @@ def train_clip(cfg: UnclipConfig, *, run_dir: str | Path, out: str | Path, resum
     model = ClipModel.from_config(cfg.clip, tokenizer=tokenizer)
     tc = cfg.clip.train
     feed = feed_for(cfg.data, size=cfg.clip.image_size, batch_size=tc.batch_size, num_workers=tc.num_workers,
-                    hard_negatives=cfg.clip.hard_negatives)
+                    hard_negatives=cfg.clip.hard_negatives, twin_group=cfg.clip.twin_group,
+                    twin_weights=cfg.clip.twin_weights)
     result = train(model, feed, cfg=tc, run_dir=run_dir, run_config=cfg.to_dict(), resume=resume,
                    progress=progress, stage_name="clip", time_budget=time_budget)
     if not result.main_process:

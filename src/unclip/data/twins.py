@@ -9,10 +9,15 @@ shape: same colour, size and position), so both the image and the caption are ha
 the other pair. The twin's caption is drawn with the original's template choices, so the two
 captions differ only in the changed words.
 
-`TwinsDataset` is the endless train split with twins woven in: item 2k is train sample 2k, and
-item 2k + 1 is, for a `fraction` of the k, the twin of item 2k (otherwise train sample 2k + 1). The
-two sit next to each other in every even-sized batch. Every item is a pure function of (index,
-seed), like the plain split's.
+A *twin group* generalises the pair: a scene and `group` − 1 versions of it that each set the same
+attribute of the same object to a different value (a shape sweep: the same red circle as a square,
+a star, a heart), so every two of them are hard negatives of each other, as the candidates of a
+zero-shot shape question are (`unclip.clip.zeroshot`). A group of two is a twin pair.
+
+`TwinsDataset` is the endless train split with twin groups woven in: item g·k is train sample g·k,
+and items g·k + 1 … g·k + g − 1 are, for a `fraction` of the k, its variants (otherwise train samples
+g·k + 1 …). A batch whose size is a multiple of g holds every group whole. Every item is a pure
+function of (index, seed), like the plain split's.
 
 A twin never holds a held-out colour–shape pair (they stay unseen), never gives an object the
 background's colour, and never makes the two objects of a pair scene the same colour and shape.
@@ -32,11 +37,13 @@ from unclip.data.world import (
     cell_of, sample_scene,
 )
 
-# What a twin changes, and how often: the shape most of the time, since that is what random batches
-# teach least; "where" is the grid cell of a one-object scene or the relation of a pair scene.
+# What a twin changes, and how often by default (`clip.twin_weights` sets it): the shape most of the
+# time, since that is what random batches teach least; "where" is the grid cell of a one-object scene
+# or the relation of a pair scene.
 TWIN_ATTRIBUTES = ("shape", "colour", "size", "where")
 TWIN_WEIGHTS = (0.7, 0.1, 0.1, 0.1)
 TWIN_STREAM = len(SPLITS)  # the seed id of the twin draws, beside the splits' ids
+MAX_GROUP = 6  # a shape group needs group − 1 new shapes, and five are always allowed
 
 
 def _pick(rng: np.random.Generator, items: list):
@@ -56,9 +63,12 @@ def _allowed(scene: Scene, k: int, colour: str, shape: str) -> bool:
     return not (scene.kind == "pair" and (colour, shape) == (scene.objects[1 - k].colour, scene.objects[1 - k].shape))
 
 
-def twin_scene(scene: Scene, attribute: str, rng: np.random.Generator) -> Scene | None:
-    """`scene` with `attribute` of one object changed (every copy in a counting scene); None where
-    that attribute cannot change (a counting scene's size or layout, a move that leaves the cell)."""
+def variants(scene: Scene, attribute: str, rng: np.random.Generator, n: int = 1) -> list[Scene]:
+    """Up to `n` versions of `scene`, each with `attribute` of the same object set to a different new
+    value (every copy in a counting scene), so any two of them, and each with `scene`, differ in that
+    attribute alone. Fewer where the attribute has fewer values to take (a size flips, a pair's objects
+    trade places once), none where it cannot change (a counting scene's size or layout, a move that
+    leaves the cell). The first variant draws from `rng` the same way whatever `n` is."""
     k = int(rng.integers(2)) if scene.kind == "pair" else 0
     obj = scene.objects[k]
     if attribute in ("shape", "colour"):
@@ -66,45 +76,67 @@ def twin_scene(scene: Scene, attribute: str, rng: np.random.Generator) -> Scene 
             options = [s for s in SHAPES if s != obj.shape and _allowed(scene, k, obj.colour, s)]
         else:
             options = [c for c in COLORS if c != obj.colour and _allowed(scene, k, c, obj.shape)]
-        value = _pick(rng, options)
-        if scene.kind == "count":
-            return dataclasses.replace(scene, objects=tuple(dataclasses.replace(o, **{attribute: value})
-                                                            for o in scene.objects))
-        return _replace_object(scene, k, **{attribute: value})
+        found = []
+        for _ in range(min(n, len(options))):
+            value = _pick(rng, options)
+            options.remove(value)
+            if scene.kind == "count":
+                found.append(dataclasses.replace(scene, objects=tuple(
+                    dataclasses.replace(o, **{attribute: value}) for o in scene.objects)))
+            else:
+                found.append(_replace_object(scene, k, **{attribute: value}))
+        return found
     if scene.kind == "count":
-        return None
+        return []
     if attribute == "size":
         size = "large" if obj.size == "small" else "small"
         if scene.kind == "pair":  # pair objects sit half a canvas apart: either size fits
-            return _replace_object(scene, k, size=size)
+            return [_replace_object(scene, k, size=size)]
         cx, cy = _clamp(obj.cx, SIZES[size]), _clamp(obj.cy, SIZES[size])
         if cell_of(cx, cy) != obj.position:
-            return None
-        return _replace_object(scene, k, size=size, cx=cx, cy=cy)
+            return []
+        return [_replace_object(scene, k, size=size, cx=cx, cy=cy)]
     if attribute != "where":
         raise ValueError(f"unknown twin attribute {attribute!r}; use one of {', '.join(TWIN_ATTRIBUTES)}")
     if scene.kind == "pair":  # the objects trade places: "a left of b" becomes "a right of b"
         a, b = scene.objects
         moved = (dataclasses.replace(a, cx=b.cx, cy=b.cy, position=b.position),
                  dataclasses.replace(b, cx=a.cx, cy=a.cy, position=a.position))
-        return dataclasses.replace(scene, objects=moved, relation=INVERSE[scene.relation])
+        return [dataclasses.replace(scene, objects=moved, relation=INVERSE[scene.relation])]
     col, row = POSITIONS[obj.position]
-    target = _pick(rng, [p for p in POSITIONS if p != obj.position])
-    new_col, new_row = POSITIONS[target]
+    targets = [p for p in POSITIONS if p != obj.position]
     r = SIZES[obj.size]
-    cx, cy = _clamp(obj.cx + (new_col - col) / 3, r), _clamp(obj.cy + (new_row - row) / 3, r)
-    if cell_of(cx, cy) != target:
-        return None
-    return _replace_object(scene, k, cx=cx, cy=cy, position=target)
+    found = []
+    for _ in range(min(n, len(targets))):
+        target = _pick(rng, targets)
+        targets.remove(target)
+        new_col, new_row = POSITIONS[target]
+        cx, cy = _clamp(obj.cx + (new_col - col) / 3, r), _clamp(obj.cy + (new_row - row) / 3, r)
+        if cell_of(cx, cy) != target:
+            break
+        found.append(_replace_object(scene, k, cx=cx, cy=cy, position=target))
+    return found
 
 
-def twin_sample(index: int, *, seed: int = 0, lang: str = "mix") -> tuple[Sample, Sample, str]:
-    """(train sample `index`, its twin, the attribute the twin changed).
+def twin_scene(scene: Scene, attribute: str, rng: np.random.Generator) -> Scene | None:
+    """`scene` with `attribute` of one object changed, or None where it cannot change (see `variants`)."""
+    found = variants(scene, attribute, rng)
+    return found[0] if found else None
 
-    The twin's caption is drawn with the same random template choices as the original's; where the
-    chosen attribute cannot change or the caption does not mention it (size and position are
-    optional words), the twin changes the shape instead, which every caption names.
+
+def twin_group(index: int, *, seed: int = 0, lang: str = "mix", group: int = 2,
+               weights: tuple[float, ...] = TWIN_WEIGHTS) -> tuple[list[Sample], str]:
+    """([train sample `index`, then `group` − 1 variants of it], the attribute the variants change).
+
+    The attribute is drawn with relative `weights` over TWIN_ATTRIBUTES (shape, colour, size, where).
+    Every caption is drawn with the same random template choices as the original's. Where the drawn
+    attribute has fewer than `group` − 1 values to take, or a caption does not mention it (size and
+    position are optional words), the group changes the shape instead, which every caption names and
+    which has at least five values to take (eight shapes less the original's, its colour's held-out
+    shape and a pair partner's).
     """
+    if not 2 <= group <= MAX_GROUP:
+        raise ValueError(f"a twin group holds 2 to {MAX_GROUP} scenes, not {group}")
     rng = _rng("train", index, seed)
     scene = sample_scene(rng, "train")
     if lang == "mix":
@@ -113,45 +145,71 @@ def twin_sample(index: int, *, seed: int = 0, lang: str = "mix") -> tuple[Sample
     original = Sample(key=f"train-{index:09d}", split="train", index=index, scene=scene, lang=lang,
                       caption=caption(scene, lang=lang, rng=rng))
     twin_rng = np.random.default_rng([seed, TWIN_STREAM, index])
-    attribute = TWIN_ATTRIBUTES[int(twin_rng.choice(len(TWIN_ATTRIBUTES), p=TWIN_WEIGHTS))]
+    p = np.asarray(check_weights(weights), dtype=np.float64)
+    attribute = TWIN_ATTRIBUTES[int(twin_rng.choice(len(TWIN_ATTRIBUTES), p=p / p.sum()))]
     for attempt in (attribute, "shape"):
-        edited = twin_scene(scene, attempt, twin_rng)
-        if edited is None:
-            continue
-        text = caption(edited, lang=lang, rng=copy.deepcopy(template_state))
-        if text != original.caption:
-            twin = dataclasses.replace(original, key=f"{original.key}-twin", scene=edited, caption=text)
-            return original, twin, attempt
-    raise AssertionError("a shape twin always exists and every caption names the shape")  # unreachable
+        edited = variants(scene, attempt, twin_rng, group - 1)
+        texts = [caption(e, lang=lang, rng=copy.deepcopy(template_state)) for e in edited]
+        if len(edited) == group - 1 and len({original.caption, *texts}) == group:
+            suffixes = ["-twin", *(f"-twin{j}" for j in range(2, group))]
+            return [original, *(dataclasses.replace(original, key=original.key + suffix, scene=e, caption=text)
+                                for suffix, e, text in zip(suffixes, edited, texts))], attempt
+    raise AssertionError("a shape group always exists and every caption names the shape")  # unreachable
+
+
+def check_weights(weights: tuple[float, ...]) -> tuple[float, ...]:
+    """`weights`, if they are one non-negative weight per TWIN_ATTRIBUTES with a positive sum."""
+    if len(weights) != len(TWIN_ATTRIBUTES) or min(weights) < 0 or sum(weights) <= 0:
+        raise ValueError(f"twin weights {list(weights)} must be {len(TWIN_ATTRIBUTES)} non-negative numbers, not all "
+                         f"zero, for {', '.join(TWIN_ATTRIBUTES)}")
+    return tuple(weights)
+
+
+def twin_sample(index: int, *, seed: int = 0, lang: str = "mix") -> tuple[Sample, Sample, str]:
+    """(train sample `index`, its twin, the attribute the twin changed): a group of two."""
+    (original, twin), attribute = twin_group(index, seed=seed, lang=lang)
+    return original, twin, attribute
 
 
 def is_twin(k: int, *, seed: int, fraction: float) -> bool:
-    """Whether items 2k and 2k + 1 of the twin stream are a twin pair."""
+    """Whether group k of the twin stream (items k·group … k·group + group − 1) is a twin group."""
     return fraction > 0 and float(np.random.default_rng([seed, TWIN_STREAM + 1, k]).random()) < fraction
 
 
 class TwinsDataset(Dataset):
-    """The endless train split with a `fraction` of its consecutive pairs (2k, 2k + 1) made twins.
+    """The endless train split with a `fraction` of its consecutive groups of `group` items made twin
+    groups: item k·group is train sample k·group, and for a twin group items k·group + 1 … are its
+    variants (`twin_group`); elsewhere item i is train sample i.
 
     Items are the dicts of `ShapesDataset` (image, caption, lang, scene, key).
     """
 
-    def __init__(self, *, size: int, lang: str = "mix", seed: int = 0, fraction: float = 0.5,
-                 length: int = 2**62):
+    def __init__(self, *, size: int, lang: str = "mix", seed: int = 0, fraction: float = 0.5, group: int = 2,
+                 weights: tuple[float, ...] = TWIN_WEIGHTS, length: int = 2**62):
         from unclip.data.shapes import _check
 
         _check("train", size, lang)
         if not 0.0 <= fraction <= 1.0:
             raise ValueError(f"twin fraction {fraction} must be in [0, 1]")
-        self.size, self.lang, self.seed, self.fraction, self.length = size, lang, seed, fraction, length
+        if not 2 <= group <= MAX_GROUP:
+            raise ValueError(f"a twin group holds 2 to {MAX_GROUP} scenes, not {group}")
+        self.size, self.lang, self.seed, self.fraction, self.group = size, lang, seed, fraction, group
+        self.weights, self.length = check_weights(tuple(weights)), length
+        self._last: tuple[int, list[Sample]] | None = None  # items come in order: each group is built once
+
+    def _group(self, start: int) -> list[Sample]:
+        if self._last is None or self._last[0] != start:
+            self._last = start, twin_group(start, seed=self.seed, lang=self.lang, group=self.group,
+                                           weights=self.weights)[0]
+        return self._last[1]
 
     def __len__(self) -> int:
         return self.length
 
     def sample(self, index: int) -> Sample:
-        k, second = divmod(index, 2)
-        if second and is_twin(k, seed=self.seed, fraction=self.fraction):
-            return twin_sample(index - 1, seed=self.seed, lang=self.lang)[1]
+        k, j = divmod(index, self.group)
+        if j and is_twin(k, seed=self.seed, fraction=self.fraction):
+            return self._group(index - j)[j]
         from unclip.data.world import sample
 
         return sample("train", index, seed=self.seed, lang=self.lang)

@@ -79,19 +79,22 @@ def index_feed(dataset, indices: Callable[[int], Iterator[int]], *, batch_size: 
 
 
 def shapes_feed(*, size: int, batch_size: int, lang: str, seed: int, num_workers: int = 0,
-                hard_negatives: float = 0.0) -> Callable[[int], Iterator[dict]]:
+                hard_negatives: float = 0.0, twin_group: int = 2,
+                twin_weights: tuple[float, ...] | None = None) -> Callable[[int], Iterator[dict]]:
     """Shapes world's endless train split: global sample i is scene i.
 
-    hard_negatives > 0: that fraction of the consecutive pairs of samples (2k, 2k + 1) are twins, two
-    scenes that differ in one attribute (`unclip.data.twins`); an even batch keeps each twin pair together.
+    hard_negatives > 0: that fraction of the consecutive groups of `twin_group` samples are twin groups,
+    scenes one attribute apart, drawn with `twin_weights` (`unclip.data.twins`); a batch whose size is
+    a multiple of `twin_group` keeps each group together.
     """
     from itertools import count
 
     from unclip.data.shapes import ShapesDataset
-    from unclip.data.twins import TwinsDataset
+    from unclip.data.twins import TWIN_WEIGHTS, TwinsDataset
 
     if hard_negatives > 0:
-        dataset = TwinsDataset(size=size, lang=lang, seed=seed, fraction=hard_negatives)
+        dataset = TwinsDataset(size=size, lang=lang, seed=seed, fraction=hard_negatives, group=twin_group,
+                               weights=twin_weights or TWIN_WEIGHTS)
     else:
         dataset = ShapesDataset("train", size=size, lang=lang, seed=seed, length=2**62)  # endless in practice
     return index_feed(dataset, count, batch_size=batch_size, num_workers=num_workers, seed=seed)
@@ -177,7 +180,8 @@ def webdataset_feed(pattern: str, *, size: int, batch_size: int, seed: int, num_
 
 
 def feed_for(data: DataConfig, *, size: int, batch_size: int, num_workers: int = 0,
-             hard_negatives: float = 0.0) -> Callable[[int], Iterator[dict]]:
+             hard_negatives: float = 0.0, twin_group: int = 2,
+             twin_weights: tuple[float, ...] | None = None) -> Callable[[int], Iterator[dict]]:
     """The batch feed a stage trains on, from the `data` section of the config.
 
     hard_negatives: the fraction of shapes-world pairs that come as twins (see `shapes_feed`); other
@@ -185,7 +189,7 @@ def feed_for(data: DataConfig, *, size: int, batch_size: int, num_workers: int =
     """
     if data.source == "shapes":
         return shapes_feed(size=size, batch_size=batch_size, lang=data.lang, seed=data.seed, num_workers=num_workers,
-                           hard_negatives=hard_negatives)
+                           hard_negatives=hard_negatives, twin_group=twin_group, twin_weights=twin_weights)
     if hard_negatives > 0:
         log.warning("hard-negative twins are built from shapes-world scenes; data.source=%s has none, so "
                     "training pairs come without them", data.source)
