@@ -88,7 +88,8 @@ class ClipConfig:
     # Scenes per twin group: a scene and twin_group − 1 versions of it that each set the same
     # attribute to a different value, so every two of them are hard negatives (unclip.data.twins).
     twin_group: int = 2
-    # Relative odds that a twin group changes the shape, the colour, the size or the place ("where").
+    # Relative odds that a twin group changes the shape, the colour, the size or the place ("where");
+    # these defaults are also unclip.data.twins' defaults.
     twin_weights: tuple[float, ...] = (0.7, 0.1, 0.1, 0.1)
     # This network's schedule in about 10 minutes on 2 CPU cores with bf16 autocast (0.21 s a step); the
     # shapes preset trains a cheaper variant of it for 3,000 steps (docs/clip.md).
@@ -285,14 +286,14 @@ def check(cfg: UnclipConfig) -> None:
                     ("decoder.text_drop", cfg.decoder.text_drop), ("ar_prior.cond_drop", cfg.ar_prior.cond_drop)):
         if not 0.0 <= p <= 1.0:
             raise ConfigError(f"{name}={p} must be a probability in [0, 1]")
-    from unclip.data.twins import MAX_GROUP
+    from unclip.data.twins import check_group, check_weights
 
-    if not 2 <= cfg.clip.twin_group <= MAX_GROUP:
-        raise ConfigError(f"clip.twin_group={cfg.clip.twin_group} must be 2 to {MAX_GROUP} scenes")
-    weights = cfg.clip.twin_weights
-    if len(weights) != 4 or min(weights) < 0 or sum(weights) <= 0:
-        raise ConfigError(f"clip.twin_weights={list(weights)} must be four non-negative odds, for shape, colour, "
-                          "size and where, not all zero")
+    for name, value, valid in (("clip.twin_group", cfg.clip.twin_group, check_group),
+                               ("clip.twin_weights", cfg.clip.twin_weights, check_weights)):
+        try:
+            valid(value)
+        except ValueError as err:
+            raise ConfigError(f"{name}: {err}") from None
     previous = cfg.decoder.resolution
     for i, up in enumerate(cfg.upsamplers):
         if up.in_resolution != previous:

@@ -32,6 +32,7 @@ import json
 import numpy as np
 from torch.utils.data import Dataset
 
+from unclip.config import ClipConfig
 from unclip.data.world import (
     COLORS, HELD_OUT, INVERSE, POSITIONS, SHAPES, SIZES, SPLITS, Obj, Sample, Scene, _clamp, _rng, caption,
     cell_of, sample_scene,
@@ -41,7 +42,7 @@ from unclip.data.world import (
 # time, since that is what random batches teach least; "where" is the grid cell of a one-object scene
 # or the relation of a pair scene.
 TWIN_ATTRIBUTES = ("shape", "colour", "size", "where")
-TWIN_WEIGHTS = (0.7, 0.1, 0.1, 0.1)
+TWIN_WEIGHTS = ClipConfig.twin_weights
 TWIN_STREAM = len(SPLITS)  # the seed id of the twin draws, beside the splits' ids
 MAX_GROUP = 6  # a shape group needs group − 1 new shapes, and five are always allowed
 
@@ -118,12 +119,6 @@ def variants(scene: Scene, attribute: str, rng: np.random.Generator, n: int = 1)
     return found
 
 
-def twin_scene(scene: Scene, attribute: str, rng: np.random.Generator) -> Scene | None:
-    """`scene` with `attribute` of one object changed, or None where it cannot change (see `variants`)."""
-    found = variants(scene, attribute, rng)
-    return found[0] if found else None
-
-
 def twin_group(index: int, *, seed: int = 0, lang: str = "mix", group: int = 2,
                weights: tuple[float, ...] = TWIN_WEIGHTS) -> tuple[list[Sample], str]:
     """([train sample `index`, then `group` − 1 variants of it], the attribute the variants change).
@@ -135,8 +130,7 @@ def twin_group(index: int, *, seed: int = 0, lang: str = "mix", group: int = 2,
     which has at least five values to take (eight shapes less the original's, its colour's held-out
     shape and a pair partner's).
     """
-    if not 2 <= group <= MAX_GROUP:
-        raise ValueError(f"a twin group holds 2 to {MAX_GROUP} scenes, not {group}")
+    check_group(group)
     rng = _rng("train", index, seed)
     scene = sample_scene(rng, "train")
     if lang == "mix":
@@ -155,6 +149,13 @@ def twin_group(index: int, *, seed: int = 0, lang: str = "mix", group: int = 2,
             return [original, *(dataclasses.replace(original, key=original.key + suffix, scene=e, caption=text)
                                 for suffix, e, text in zip(suffixes, edited, texts))], attempt
     raise AssertionError("a shape group always exists and every caption names the shape")  # unreachable
+
+
+def check_group(group: int) -> int:
+    """`group`, if a twin group of that many scenes can always be built."""
+    if not 2 <= group <= MAX_GROUP:
+        raise ValueError(f"a twin group holds 2 to {MAX_GROUP} scenes, not {group}")
+    return group
 
 
 def check_weights(weights: tuple[float, ...]) -> tuple[float, ...]:
@@ -191,10 +192,8 @@ class TwinsDataset(Dataset):
         _check("train", size, lang)
         if not 0.0 <= fraction <= 1.0:
             raise ValueError(f"twin fraction {fraction} must be in [0, 1]")
-        if not 2 <= group <= MAX_GROUP:
-            raise ValueError(f"a twin group holds 2 to {MAX_GROUP} scenes, not {group}")
-        self.size, self.lang, self.seed, self.fraction, self.group = size, lang, seed, fraction, group
-        self.weights, self.length = check_weights(tuple(weights)), length
+        self.size, self.lang, self.seed, self.fraction = size, lang, seed, fraction
+        self.group, self.weights, self.length = check_group(group), check_weights(tuple(weights)), length
         self._last: tuple[int, list[Sample]] | None = None  # items come in order: each group is built once
 
     def _group(self, start: int) -> list[Sample]:
