@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from unclip.config import ARPriorConfig, TrainConfig
+from unclip.errors import ModelFormatError
 from unclip.prior.ar import DOT_BUCKETS, ARPrior, top_half_dot_buckets
 from unclip.prior.pca import PCAQuantizer
 from unclip.train.trainer import train
@@ -132,3 +133,9 @@ def test_cli_trains_saves_and_loads_the_same_prior(tmp_path, capsys):
     a = loaded.sample(*args, generator=torch.Generator().manual_seed(3))
     b = trained.eval().sample(*args, generator=torch.Generator().manual_seed(3))
     assert torch.equal(a, b)
+    shape_file = tmp_path / "model" / "ar_prior" / "config.json"
+    shape_file.write_bytes(b"{" * shape_file.stat().st_size)  # same size: only parsing can tell
+    with pytest.raises(ModelFormatError, match="config.json is corrupt"):
+        load_ar_prior(tmp_path / "model")
+    with pytest.raises(ModelFormatError, match="holds no autoregressive prior"):
+        load_ar_prior(tmp_path / "clip")

@@ -134,18 +134,26 @@ def save_prior(clip: ClipModel, prior: ARPrior, directory: str | Path, *, cfg: U
     return save_model_dir(directory, manifest, components)
 
 
-def load_ar_prior(directory: str | Path) -> ARPrior:
-    directory = Path(directory)
+def _read_prior(directory: Path, shape_file: Path, *, needs: tuple[Path, ...] = (),
+                what: str) -> tuple[UnclipConfig, dict]:
+    """(config, the JSON at `shape_file`) of a model directory that reads back and holds `shape_file`
+    and `needs`; ModelFormatError, saying it holds no `what`, otherwise."""
     manifest = read_manifest(directory)
     verify_files(directory, manifest)
-    config_path = directory / AR_DIR / "config.json"
-    if not config_path.is_file():
-        raise ModelFormatError(f"{config_path} is missing: {directory} holds no autoregressive prior")
+    for path in (*needs, shape_file):
+        if not path.is_file():
+            raise ModelFormatError(f"{path} is missing: {directory} holds no {what}")
     try:
-        shape = json.loads(config_path.read_text(encoding="utf-8"))
+        shape = json.loads(shape_file.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
-        raise ModelFormatError(f"{config_path} is corrupt: {err}") from None
-    cfg = UnclipConfig.from_dict(manifest.config)
+        raise ModelFormatError(f"{shape_file} is corrupt: {err}") from None
+    return UnclipConfig.from_dict(manifest.config), shape
+
+
+def load_ar_prior(directory: str | Path) -> ARPrior:
+    """The autoregressive prior of a model directory, built from its config and loaded strictly (eval mode)."""
+    directory = Path(directory)
+    cfg, shape = _read_prior(directory, directory / AR_DIR / "config.json", what="autoregressive prior")
     quantizer = PCAQuantizer(dim=shape["dim"], components=shape["components"], buckets=shape["buckets"])
     from unclip.prior.ar import DOT_BUCKETS
 
@@ -196,17 +204,9 @@ def save_diffusion_prior(clip: ClipModel, prior: DiffusionPrior, directory: str 
 def load_diffusion_prior(directory: str | Path) -> DiffusionPrior:
     """The diffusion prior of a model directory, built from its config and loaded strictly (eval mode)."""
     directory = Path(directory)
-    manifest = read_manifest(directory)
-    verify_files(directory, manifest)
-    weights, cond_config = directory / PRIOR_DIR / PRIOR_WEIGHTS, directory / PRIOR_COND_DIR / "config.json"
-    for path in (weights, cond_config):
-        if not path.is_file():
-            raise ModelFormatError(f"{path} is missing: {directory} holds no diffusion prior")
-    try:
-        shape = json.loads(cond_config.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise ModelFormatError(f"{cond_config} is corrupt: {err}") from None
-    cfg = UnclipConfig.from_dict(manifest.config)
+    weights = directory / PRIOR_DIR / PRIOR_WEIGHTS
+    cfg, shape = _read_prior(directory, directory / PRIOR_COND_DIR / "config.json", needs=(weights,),
+                             what="diffusion prior")
     prior = DiffusionPrior(config=cfg.prior, clip_dim=shape["clip_dim"], text_width=shape["text_width"],
                            context_length=shape["context_length"])
     load_into(prior.transformer, weights)
