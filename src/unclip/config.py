@@ -82,8 +82,8 @@ class ClipConfig:
     # step of the shapes preset 15% cheaper on the CPU (docs/clip.md).
     activation: Literal["quick_gelu", "gelu"] = "quick_gelu"
     init_temperature: float = 0.07
-    # Fraction of shapes-world training pairs that come as twins: two scenes one attribute apart
-    # (mostly the shape), side by side in a batch, as hard negatives (unclip.data.twins, docs/clip.md).
+    # Fraction of the shapes-world training stream that comes in twin groups: scenes one attribute
+    # apart, side by side in a batch, as hard negatives (unclip.data.twins, docs/clip.md).
     hard_negatives: float = 0.0
     # Scenes per twin group: a scene and twin_group − 1 versions of it that each set the same
     # attribute to a different value, so every two of them are hard negatives (unclip.data.twins).

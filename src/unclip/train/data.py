@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from unclip.config import DataConfig
+from unclip.config import ClipConfig, DataConfig
 from unclip.errors import ConfigError, DataError
 from unclip.train.dist import rank_world
 
@@ -80,7 +80,7 @@ def index_feed(dataset, indices: Callable[[int], Iterator[int]], *, batch_size: 
 
 def shapes_feed(*, size: int, batch_size: int, lang: str, seed: int, num_workers: int = 0,
                 hard_negatives: float = 0.0, twin_group: int = 2,
-                twin_weights: tuple[float, ...] | None = None) -> Callable[[int], Iterator[dict]]:
+                twin_weights: tuple[float, ...] = ClipConfig.twin_weights) -> Callable[[int], Iterator[dict]]:
     """Shapes world's endless train split: global sample i is scene i.
 
     hard_negatives > 0: that fraction of the consecutive groups of `twin_group` samples are twin groups,
@@ -90,11 +90,11 @@ def shapes_feed(*, size: int, batch_size: int, lang: str, seed: int, num_workers
     from itertools import count
 
     from unclip.data.shapes import ShapesDataset
-    from unclip.data.twins import TWIN_WEIGHTS, TwinsDataset
+    from unclip.data.twins import TwinsDataset
 
     if hard_negatives > 0:
         dataset = TwinsDataset(size=size, lang=lang, seed=seed, fraction=hard_negatives, group=twin_group,
-                               weights=twin_weights or TWIN_WEIGHTS)
+                               weights=twin_weights)
     else:
         dataset = ShapesDataset("train", size=size, lang=lang, seed=seed, length=2**62)  # endless in practice
     return index_feed(dataset, count, batch_size=batch_size, num_workers=num_workers, seed=seed)
@@ -181,7 +181,7 @@ def webdataset_feed(pattern: str, *, size: int, batch_size: int, seed: int, num_
 
 def feed_for(data: DataConfig, *, size: int, batch_size: int, num_workers: int = 0,
              hard_negatives: float = 0.0, twin_group: int = 2,
-             twin_weights: tuple[float, ...] | None = None) -> Callable[[int], Iterator[dict]]:
+             twin_weights: tuple[float, ...] = ClipConfig.twin_weights) -> Callable[[int], Iterator[dict]]:
     """The batch feed a stage trains on, from the `data` section of the config.
 
     hard_negatives: the fraction of shapes-world pairs that come as twins (see `shapes_feed`); other
