@@ -10,7 +10,7 @@ import torch
 from unclip.data.world import HELD_OUT, SHAPES, Obj, Scene
 from unclip.eval.geneval import (check, diversity, frechet_distance, frechet_from_stats, realise, scene_reading,
                                  summarise)
-from unclip.eval.judge import CLASS_INDEX, Judge, JudgeConfig, losses, scene_targets
+from unclip.eval.judge import CLASS_INDEX, Judge, JudgeConfig, decode, losses, read_objects, scene_targets
 from unclip.eval.prompts import TASKS, make_prompts, read_prompts, write_prompts
 
 TINY_JUDGE = JudgeConfig(image_size=16, channels=(8, 16))
@@ -26,7 +26,7 @@ def _obj(colour, shape, cx=0.5, cy=0.5, size="large", cell=None):
 
 
 def test_judge_learns_a_separable_toy():
-    """Two scenes that differ in every attribute: a few Adam steps read both exactly."""
+    """Two scenes that differ in every attribute: 200 Adam steps read both exactly."""
     from unclip.data.render import render
     from unclip.data.shapes import to_tensor
 
@@ -39,7 +39,7 @@ def test_judge_learns_a_separable_toy():
     judge = Judge(TINY_JUDGE)
     optimizer = torch.optim.Adam(judge.parameters(), lr=1e-2)
     first = None
-    for _ in range(100):
+    for _ in range(200):
         loss = losses(judge(images), target)
         first = first if first is not None else float(loss["loss"].detach())
         optimizer.zero_grad()
@@ -91,6 +91,39 @@ def test_judge_save_load_roundtrip(tmp_path):
 
 
 # --- pass / fail and scores --------------------------------------------------------------------
+
+
+def _density(*blobs):
+    """Density maps [72, 8, 8]: each blob (class, row, col, mass) puts its mass on one place."""
+    density = torch.zeros(len(CLASS_INDEX), 8, 8)
+    for pair, row, col, mass in blobs:
+        density[CLASS_INDEX[pair], row, col] += mass
+    return density
+
+
+def test_the_judge_reads_objects_by_place_then_by_class():
+    circle, hexagon, star = ("yellow", "circle"), ("yellow", "hexagon"), ("blue", "star")
+    # a crisp object in each half: one object of each class, centred where its mass is
+    counts, centres = read_objects(_density((circle, 4, 1, 1.0), (star, 4, 6, 0.97)))
+    assert counts[CLASS_INDEX[circle]] == 1 and counts[CLASS_INDEX[star]] == 1 and counts.sum() == 2
+    assert centres[CLASS_INDEX[circle]].tolist() == pytest.approx([1.5 / 8, 4.5 / 8])
+    # a shape between two classes: rounding class by class reads nothing, by place it is one object,
+    # of the class it is most like, centred on the whole object
+    blob = _density((circle, 4, 1, 0.45), (hexagon, 4, 1, 0.35), (hexagon, 4, 2, 0.1), (star, 1, 6, 1.0))
+    assert (blob.sum((1, 2)).round() >= 1).sum() == 1  # the old per-class reading: the star alone
+    counts, centres = read_objects(blob)
+    assert counts[CLASS_INDEX[circle]] == 1 and counts[CLASS_INDEX[hexagon]] == 0 and counts.sum() == 2
+    assert 1.5 / 8 < centres[CLASS_INDEX[circle], 0] < 2.5 / 8
+    # copies of one class in one region; mass below the threshold is no object
+    counts, _ = read_objects(_density((star, 2, 2, 1.0), (star, 2, 3, 1.02), (circle, 6, 6, 0.04)))
+    assert counts.sum() == 2 and counts[CLASS_INDEX[star]] == 2
+    counts, _ = read_objects(_density((circle, 3, 3, 0.3)))
+    assert counts.sum() == 0
+    # decode turns the counts into a reading with centres and cells
+    out = {"density": blob[None], "size": torch.zeros(1, len(CLASS_INDEX), 2)}
+    (reading,) = decode(out)
+    assert sorted((o["colour"], o["shape"], o["cell"]) for o in reading["objects"]) == [
+        ("blue", "star", "top-right"), ("yellow", "circle", "left")]
 
 
 def test_check_passes_and_fails_exactly_when_it_should():

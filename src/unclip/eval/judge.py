@@ -7,14 +7,17 @@ The head is one density map per (colour, shape) class, 9 × 8 = 72 maps over the
 map, so a colour is always bound to its shape where it is drawn, and what the judge learns at one
 place holds at every other. Per class k:
 
-- count [B, 72]: the mass of map k, trained to the number of copies (0–4) and read rounded;
+- count [B, 72]: the mass of map k, trained to the number of copies (0–4);
 - centre [B, 72, 2]: the map's centre of mass, (cx, cy) in [0, 1], y down (trained where the
   class is present once);
 - size logits [B, 72, 2]: small or large, a per-place prediction averaged under map k.
 
-Everything the tasks check derives from these: the number of objects is the sum of the counts;
-a single object's 3×3 cell is `world.cell_of(centre)`; the relation of two objects compares
-their centres along the axis on which they lie farther apart. The penultimate features [B, 2C]
+A reading (`read_objects`) takes objects by place first, then by class: the maps summed over
+classes show where objects are, each region holds round(its mass) objects, and they go to the
+classes with most mass there, so a generated shape between two classes is one object of the
+nearer class rather than two halves that round to nothing. The number of objects is the sum of
+the counts; a single object's 3×3 cell is `world.cell_of(centre)`; the relation of two objects
+compares their centres along the axis on which they lie farther apart. The penultimate features [B, 2C]
 are the last feature map's mean and max over places.
 
 Inputs are images [B, 3, S, S] in [-1, 1] of any side; they are resized to `image_size` (64).
@@ -26,6 +29,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -37,6 +41,8 @@ CLASSES: tuple[tuple[str, str], ...] = tuple((c, s) for c in COLORS for s in SHA
 CLASS_INDEX = {pair: k for k, pair in enumerate(CLASSES)}
 SIZE_NAMES = ("small", "large")
 MAX_COUNT = 4
+PLACE_THRESHOLD = 0.05  # summed density at a place of the last map above which it belongs to an object
+CLASS_FLOOR = 0.03  # a class's mass in a region below which it is haze, not part of an object
 WEIGHTS = "judge.safetensors"
 
 
@@ -145,23 +151,61 @@ class Judge(nn.Module):
         return readings, torch.cat(features) if features else torch.zeros(0, self.config.feature_dim)
 
 
-def read_counts(out: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The number of copies of each class [B, 72]: the density mass, rounded, at most MAX_COUNT."""
-    return out["count"].round().clamp(0, MAX_COUNT).long()
+def read_objects(density: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One image's density maps [72, h, w] → (copies of each class [72], each class's centre [72, 2]).
+
+    Objects are read by place first, then by class. The maps summed over the classes show where
+    objects are: each 8-connected region of places whose summed density exceeds PLACE_THRESHOLD
+    holds round(its mass) objects (at most MAX_COUNT), shared out among the classes in proportion
+    to their mass there, largest remainders first; a class with less than CLASS_FLOOR there counts
+    for nothing. On a crisp render each object's mass sits in its
+    own class and this is every class's mass rounded; on a generated shape that lies between two
+    classes (a roundish hexagon: 0.5 circle, 0.4 hexagon) rounding class by class would read no
+    object at all, where this reads one, of the class it is most like (docs/eval.md).
+
+    A class read once in a region of one object has that region's centre of mass as its centre;
+    otherwise its own map's centre of mass within its region. Classes never read keep centre 0.
+    """
+    from scipy import ndimage
+
+    k, rows, cols = density.shape
+    counts = torch.zeros(k, dtype=torch.long)
+    centres = torch.zeros(k, 2)
+    d = density.detach().float().cpu()
+    total = d.sum(0)
+    labels, regions = ndimage.label((total > PLACE_THRESHOLD).numpy(), structure=np.ones((3, 3)))
+    xs = (torch.arange(cols) + 0.5) / cols
+    ys = (torch.arange(rows) + 0.5) / rows
+    for r in range(1, regions + 1):
+        inside = torch.from_numpy(labels == r)
+        mass = (d * inside).sum((1, 2))  # [72]
+        mass = torch.where(mass >= CLASS_FLOOR, mass, torch.zeros(()))  # a class's faint haze is not an object
+        n = min(int(torch.round(mass.sum())), MAX_COUNT)
+        if n == 0:
+            continue
+        quota = mass * (n / float(mass.sum()))
+        share = quota.floor().long()
+        for j in torch.argsort(quota - share, descending=True)[:n - int(share.sum())].tolist():
+            share[j] += 1
+        for j in share.nonzero().flatten().tolist():
+            weights = (total if n == 1 else d[j]) * inside
+            weights = weights / weights.sum().clamp_min(1e-9)
+            centres[j] = torch.stack([(weights.sum(0) * xs).sum(), (weights.sum(1) * ys).sum()])
+        counts += share
+    return counts.clamp(max=MAX_COUNT), centres
 
 
 def decode(out: dict[str, torch.Tensor]) -> list[dict]:
-    """Judge outputs → one reading per image (see `Judge.read`)."""
-    counts = read_counts(out).cpu()  # [B, 72]
+    """Judge outputs → one reading per image (see `Judge.read` and `read_objects`)."""
     sizes = out["size"].argmax(-1).cpu()  # [B, 72]
-    centres = out["centre"].cpu()  # [B, 72, 2]
     readings = []
-    for b in range(len(counts)):
+    for b in range(len(sizes)):
+        counts, centres = read_objects(out["density"][b])
         objects = []
-        for k in counts[b].nonzero().flatten().tolist():
-            n = int(counts[b, k])
+        for k in counts.nonzero().flatten().tolist():
+            n = int(counts[k])
             colour, shape = CLASSES[k]
-            cx, cy = (float(v) for v in centres[b, k])
+            cx, cy = (float(v) for v in centres[k])
             for _ in range(n):
                 obj = {"colour": colour, "shape": shape, "size": SIZE_NAMES[int(sizes[b, k])]}
                 if n == 1:

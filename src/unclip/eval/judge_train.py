@@ -26,7 +26,7 @@ import torch
 from unclip.data.render import render
 from unclip.data.shapes import to_tensor
 from unclip.data.world import Scene, cell_of, sample, sample_scene
-from unclip.eval.judge import (CLASS_INDEX, CLASSES, SIZE_NAMES, Judge, JudgeConfig, losses, read_counts,
+from unclip.eval.judge import (CLASS_INDEX, CLASSES, SIZE_NAMES, Judge, JudgeConfig, losses, read_objects,
                                relation_of, resize, scene_targets)
 
 log = logging.getLogger(__name__)
@@ -160,7 +160,7 @@ def judge_accuracy(judge: Judge, *, splits: tuple[str, ...] = ("test", "unseen")
 
 def _check(scene: Scene, out: dict[str, torch.Tensor]) -> dict[str, bool]:
     """Which attributes the judge read right for one scene (outputs of one image, no batch axis)."""
-    counts = read_counts(out)  # [72]
+    counts, read_centres = read_objects(out["density"])  # [72], [72, 2]
     truth = scene_targets(scene)["count"]
     read_pairs = sorted((k, int(c)) for k, c in enumerate(counts.tolist()) if c)
     true_pairs = sorted((k, int(c)) for k, c in enumerate(truth.tolist()) if c)
@@ -176,7 +176,8 @@ def _check(scene: Scene, out: dict[str, torch.Tensor]) -> dict[str, bool]:
         "size": all(SIZE_NAMES[int(out["size"][CLASS_INDEX[(o.colour, o.shape)]].argmax())] == o.size
                     for o in scene.objects),
     }
-    centre = {k: {"cx": float(out["centre"][k, 0]), "cy": float(out["centre"][k, 1])} for k, _ in true_pairs}
+    centres = torch.where(counts[:, None] > 0, read_centres, out["centre"])  # a class not read: its map's centre
+    centre = {k: {"cx": float(centres[k, 0]), "cy": float(centres[k, 1])} for k, _ in true_pairs}
     if scene.kind == "single":
         obj = scene.objects[0]
         c = centre[CLASS_INDEX[(obj.colour, obj.shape)]]
