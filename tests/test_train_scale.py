@@ -115,8 +115,11 @@ def test_resume_is_exact(tmp_path):
     whole, _ = run(tmp_path / "whole", cfg, noise=0.1)
     _, first = run(tmp_path / "split", cfg, noise=0.1, stop_at=4)
     assert first.step == 4
+    stopped = load_checkpoint(tmp_path / "split" / "checkpoint.pt")["seconds"]
+    assert 0 < stopped <= first.seconds
     resumed, second = run(tmp_path / "split", cfg, noise=0.1)
     assert second.resumed_from == 4 and second.step == 8
+    assert second.seconds > stopped  # the run's training time counts both calls, not only the last
 
     rows_whole = read_metrics(tmp_path / "whole" / "metrics.jsonl")
     rows_split = read_metrics(tmp_path / "split" / "metrics.jsonl")

@@ -146,7 +146,7 @@ class TrainResult:
     step: int
     metrics: dict[str, float] = field(default_factory=dict)
     resumed_from: int = 0
-    seconds: float = 0.0
+    seconds: float = 0.0  # training time of the whole run: this call, plus earlier calls up to their last checkpoint
     world_size: int = 1
     main_process: bool = True  # False on the other ranks: only the main process should write the model
 
@@ -245,12 +245,13 @@ def train(stage: nn.Module, make_batches: Callable[[int], Iterator[dict]], *, cf
     plan = {"total": cfg.steps}  # shortened by a time budget
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg, plan["total"]))
 
-    start, state = 0, None
+    start, state, earlier_seconds = 0, None, 0.0
     if resume and ckpt_path.is_file():
         state = _read_resume_state(ckpt_path, run_config)
         stage.load_state_dict(state["model"])  # full weights, before FSDP shards them
         scheduler.load_state_dict(state["scheduler"])
         start = state["step"]
+        earlier_seconds = float(state.get("seconds", 0.0))  # training time of the calls before, up to this checkpoint
         plan["total"] = max(start, state.get("planned_steps", cfg.steps))
         log.info("resuming %s from step %d (%s)", stage_name, start, ckpt_path)
     accelerator.wait_for_everyone()  # every rank has read the files before the main process touches them
@@ -278,6 +279,7 @@ def train(stage: nn.Module, make_batches: Callable[[int], Iterator[dict]], *, cf
             "model": _model_state(accelerator, model), "optimizer": _optimizer_state(accelerator, model, optimizer),
             "scheduler": scheduler.state_dict(), "ema": ema.state_dict() if ema else None,
             "rng": dist.gather(_rng_state()), "data_position": step * samples_per_step, "planned_steps": plan["total"],
+            "seconds": earlier_seconds + time.perf_counter() - began,
         }
         if main:
             save_checkpoint(ckpt_path, payload)
@@ -344,5 +346,5 @@ def train(stage: nn.Module, make_batches: Callable[[int], Iterator[dict]], *, cf
     if ema is not None:
         ema.copy_to(stage)
     stage.cpu().eval()
-    result.seconds = time.perf_counter() - began
+    result.seconds = earlier_seconds + time.perf_counter() - began
     return result
