@@ -11,7 +11,9 @@
 #
 # Environment: PRESET (shapes-gpu), UPSAMPLER_MIN (7.4), CLIP_MIN (2.0), DECODER_MIN (5.0),
 # PRIOR_MIN (2.5), THREADS (torch CPU threads per stage; default: torch's choice), UNCLIP (the
-# command that runs unclip; default: python3 -m unclip).
+# command that runs unclip; default: python3 -m unclip), CLIP_SET (config overrides for CLIP alone,
+# e.g. "clip.hard_negatives=0.75 clip.twin_group=4 clip.twin_weights=[0.5,0,0,0,0.5]": binding
+# twins, docs/clip.md "Binding").
 set -uo pipefail
 
 run=${1:?usage: scripts/train_default_gpu.sh RUN_DIR}
@@ -32,7 +34,9 @@ stage() {  # stage NAME ARGS...: run `unclip train ARGS` into RUN_DIR/NAME.log
 
 stage upsampler1 upsampler "${common[@]}" --run-dir "$run/upsampler1" --minutes "${UPSAMPLER_MIN:-7.4}" &
 upsampler=$!
-stage clip clip "${common[@]}" --run-dir "$run/clip" --minutes "${CLIP_MIN:-2.0}" || { wait; exit 1; }
+clip_set=()
+for item in ${CLIP_SET:-}; do clip_set+=(--set "$item"); done
+stage clip clip "${common[@]}" "${clip_set[@]}" --run-dir "$run/clip" --minutes "${CLIP_MIN:-2.0}" || { wait; exit 1; }
 clip=(--clip "$run/clip/model")
 stage decoder decoder "${common[@]}" "${clip[@]}" --run-dir "$run/decoder" --minutes "${DECODER_MIN:-5.0}" &
 decoder=$!

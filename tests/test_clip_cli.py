@@ -46,6 +46,8 @@ def test_eval_classify_and_embed(clip_dir, tmp_path, capsys):
     assert main(["clip", "eval", model, "-n", "8", "--retrieval-n", "20", "--out", str(tmp_path / "e.json")]) == 0
     result = json.loads((tmp_path / "e.json").read_text())
     assert set(result["zero_shot"]) == {"test", "unseen"} and set(result["zero_shot"]["test"]) == {"en", "th"}
+    assert set(result["zero_shot"]["unseen"]["th"]) == {"colour", "shape", "size", "position", "count",
+                                                       "colour_binding", "shape_binding", "relation"}
     assert 0.0 <= result["retrieval"]["th"]["r5"] <= 1.0
 
     assert main(["data", "export", "--out", str(tmp_path / "f"), "--format", "folder", "-n", "2", "--size", "16"]) == 0
@@ -63,6 +65,54 @@ def test_eval_classify_and_embed(clip_dir, tmp_path, capsys):
     emb = load_embeddings(out)
     assert emb["image_embeds"].shape == (25, 16) and list(emb["keys"][:2]) == ["train-000000000", "train-000000001"]
     assert np.allclose(np.linalg.norm(emb["image_embeds"].astype(np.float32), axis=1), 1, atol=2e-3)
+
+
+def test_binding_accuracy_asks_which_of_two_bindings_the_embedding_holds(clip_dir):
+    """Each binding question puts a two-object scene's caption against one rebinding of its words."""
+    from unclip.clip.stage import load_clip
+    from unclip.clip.zeroshot import BINDINGS, attribute_accuracy, candidates
+    from unclip.data.world import INVERSE, canonical_caption, sample
+
+    scene = next(s for s in (sample("test", i).scene for i in range(100)) if s.kind == "pair"
+                 and s.objects[0].colour != s.objects[1].colour and s.objects[0].shape != s.objects[1].shape)
+    (a, b), relation = scene.objects, scene.relation
+    for attribute, wrong in (("colour_binding", ((b.colour, a.shape), (a.colour, b.shape), relation)),
+                             ("shape_binding", ((a.colour, b.shape), (b.colour, a.shape), relation)),
+                             ("relation", ((a.colour, a.shape), (b.colour, b.shape), INVERSE[relation]))):
+        right, other = candidates(scene, attribute)
+        assert right == scene and (*((o.colour, o.shape) for o in other.objects), other.relation) == wrong
+
+    model = load_clip(clip_dir / "model")
+    for attribute in BINDINGS:
+        def caption_of(pick, attribute=attribute):
+            return lambda scenes, lang: model.encode_captions(
+                [canonical_caption(candidates(s, attribute)[pick], lang=lang) for s in scenes])
+        # an embedding that holds the true caption wins every question; the rebinding's, none
+        assert attribute_accuracy(model, split="test", lang="th", attribute=attribute, n=20, embed=caption_of(0)) == 1.0
+        assert attribute_accuracy(model, split="unseen", lang="en", attribute=attribute, n=20,
+                                  embed=caption_of(1)) == 0.0
+
+
+def test_image_binding_asks_whether_a_prior_lands_nearer_the_right_render(clip_dir):
+    """A prior that hands over the true render's z_i scores 1, one that hands over the rebinding's 0."""
+    from unclip.clip.stage import load_clip
+    from unclip.clip.zeroshot import BINDINGS, candidates, render_and_encode, scenes_for
+    from unclip.data.world import canonical_caption
+    from unclip.prior.metrics import image_binding_accuracy
+
+    model = load_clip(clip_dir / "model")
+    render = render_and_encode(model)
+    for binding in BINDINGS:
+        scenes = list(scenes_for("test", binding, 12, 0))
+        z_t = model.encode_captions([canonical_caption(s, lang="en") for s in scenes])
+        for pick, expected in ((0, 1.0), (1, 0.0)):
+            answer = render([candidates(s, binding)[pick] for s in scenes], "en")
+
+            def predict(text_states, text_mask, z, generator, z_t=z_t, answer=answer):
+                return answer[(z @ z_t.t()).argmax(1)]  # look each caption up among the scenes'
+
+            assert image_binding_accuracy(model, predict, split="test", lang="en", binding=binding,
+                                          n=12) == expected
 
 
 def test_embed_webdataset_shards_align_by_key(clip_dir, tmp_path):

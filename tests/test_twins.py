@@ -54,7 +54,33 @@ def test_twins_differ_in_exactly_the_chosen_attribute_and_never_use_a_held_out_p
             a, b = twin.scene.objects
             assert (a.colour, a.shape) != (b.colour, b.shape)
         seen.add(attribute)
-    assert seen == set(TWIN_ATTRIBUTES)
+    assert seen == set(TWIN_ATTRIBUTES) - {"binding"}  # the default odds give binding none
+
+
+def test_a_binding_group_rebinds_a_pair_scenes_colours_shapes_and_places():
+    weights = (0, 0, 0, 0, 1)
+    kinds = set()
+    for i in range(300):
+        group, attribute = twin_group(i, group=4, weights=weights)
+        original = group[0].scene
+        if original.kind != "pair":  # one object binds nothing: the group sweeps the shape instead
+            assert attribute == "shape"
+        if attribute != "binding":  # (or a pair whose objects share a colour, or a trade makes a held-out pair)
+            continue
+        for s in group[1:]:
+            scene = s.scene
+            for field in ("colour", "shape"):
+                assert sorted(getattr(o, field) for o in scene.objects) == \
+                    sorted(getattr(o, field) for o in original.objects)
+            assert {(o.cx, o.cy) for o in scene.objects} == {(o.cx, o.cy) for o in original.objects}
+            assert all((o.colour, o.shape) not in HELD_OUT for o in scene.objects)
+        assert len({str(s.scene.to_dict()) for s in group}) == 4 and len({s.caption for s in group}) == 4
+        kinds.add(original.kind)
+    assert kinds == {"pair"}
+    pairs = [twin_group(i, weights=weights) for i in range(300)]
+    changes = {frozenset(_differences(g[0].scene, g[1].scene)) for g, a in pairs if a == "binding"}
+    assert {frozenset({"colour"}), frozenset({"shape"})} <= changes  # colours traded, shapes traded
+    assert any("relation" in c for c in changes)  # places traded
 
 
 def test_a_twin_group_sets_one_attribute_of_one_object_to_distinct_values():
@@ -136,4 +162,8 @@ def test_twin_weights_choose_what_a_group_changes():
     data = TwinsDataset(size=16, fraction=1.0, weights=only["colour"])
     assert data.sample(1) == twin_group(0, weights=only["colour"])[0][1]
     with pytest.raises(ValueError, match="weights"):
-        twin_group(0, weights=(1, 0, 0))
+        twin_group(0, weights=(1, 0, 0, 0, 0, 0))
+    with pytest.raises(ValueError, match="weights"):
+        twin_group(0, weights=(1, -1))
+    # weights written before "binding" existed read as its odds being 0
+    assert twin_group(5, group=3, weights=(0.7, 0.1, 0.1, 0.1)) == twin_group(5, group=3)

@@ -9,6 +9,12 @@ star ...", "... green star ..."); the answer is correct when the true value wins
 size and position are read on one-object scenes, count on counting scenes, for the `test` split
 (seen colour–shape pairs) and the `unseen` split (held-out pairs), per language.
 
+Binding: on two-object scenes (two colours, two shapes), the scene's canonical caption against one
+wrong reading of the same words, two ways to choose: the colours traded between the objects
+(`colour_binding`: "a red circle left of a blue square" → "a blue circle left of a red square"),
+the shapes traded (`shape_binding`) or the relation turned round (`relation`: "… right of …").
+A bag of words scores 0.5; the decoder can only draw what z_i tells apart (docs/clip.md).
+
 Retrieval: 1,000 `val` images, each queried by its canonical caption; a hit at k is an image in
 the top k whose scene has the same canonical caption (identical descriptions are the same query).
 """
@@ -24,6 +30,8 @@ from tqdm.auto import tqdm
 from unclip.clip.model import MAX_LOGIT_SCALE, ClipModel
 
 ATTRIBUTES = ("colour", "shape", "size", "position", "count")
+BINDINGS = ("colour_binding", "shape_binding", "relation")
+TRADED = {"colour_binding": "colour", "shape_binding": "shape", "relation": "place"}  # what each binding trades
 
 
 @torch.inference_mode()
@@ -50,20 +58,35 @@ def _swap(scene, attribute: str, value):
     return dataclasses.replace(scene, objects=(obj, *scene.objects[1:]))
 
 
-def _truth(scene, attribute: str):
-    return scene.count if attribute == "count" else getattr(scene.objects[0], attribute)
+def candidates(scene, attribute: str) -> list:
+    """The scenes whose captions compete for `scene`'s image: the true scene first, then the wrong ones.
+    A binding's wrong scene is a real scene too (the relation's: the objects' places traded), so its
+    render can stand in for the wrong image (`unclip.prior.metrics`)."""
+    from unclip.data.twins import traded
+
+    if attribute in BINDINGS:
+        return [scene, traded(scene, TRADED[attribute])]
+    truth = scene.count if attribute == "count" else getattr(scene.objects[0], attribute)
+    return [scene, *(_swap(scene, attribute, v) for v in _values(attribute) if v != truth)]
 
 
-def _scenes(split: str, attribute: str, n: int, seed: int) -> Iterator:
+def _answers(scene, attribute: str) -> bool:
+    """Can `scene` answer `attribute`? Bindings need two objects of different colours and shapes."""
+    if attribute in BINDINGS:
+        return (scene.kind == "pair" and scene.objects[0].colour != scene.objects[1].colour
+                and scene.objects[0].shape != scene.objects[1].shape)
+    return scene.kind == ("count" if attribute == "count" else "single")
+
+
+def scenes_for(split: str, attribute: str, n: int, seed: int) -> Iterator:
     """The first `n` scenes of `split` that can answer `attribute`."""
     from unclip.data.world import sample
 
-    kind = "count" if attribute == "count" else "single"
     found, index = 0, 0
     while found < n:
         scene = sample(split, index, seed=seed, lang="en").scene
         index += 1
-        if scene.kind == kind:
+        if _answers(scene, attribute):
             found += 1
             yield scene
 
@@ -84,7 +107,8 @@ def render_and_encode(model: ClipModel) -> Callable[[list, str], torch.Tensor]:
 def attribute_accuracy(model: ClipModel, *, split: str, lang: str, attribute: str, n: int = 300,
                        seed: int = 0, batch_size: int = 100,
                        embed: Callable[[list, str], torch.Tensor] | None = None) -> float:
-    """Fraction of `n` scenes whose true `attribute` value wins among all its values.
+    """Fraction of `n` scenes whose own caption wins among its `candidates` for `attribute` (one of
+    ATTRIBUTES: every value of it; or of BINDINGS: the one wrong binding).
 
     `embed(scenes, lang) -> z [N, D]` gives the embedding judged for each scene: by default the
     CLIP image embedding of its render; a prior's evaluation passes the z_i it predicts from the
@@ -92,19 +116,17 @@ def attribute_accuracy(model: ClipModel, *, split: str, lang: str, attribute: st
     """
     from unclip.data.world import canonical_caption
 
-    values = _values(attribute)
-    scenes = list(_scenes(split, attribute, n, seed))
-    embed = embed or render_and_encode(model)
-    prompts = sorted({canonical_caption(_swap(s, attribute, v), lang=lang) for s in scenes for v in values})
+    scenes = list(scenes_for(split, attribute, n, seed))
+    options = [[canonical_caption(c, lang=lang) for c in candidates(s, attribute)] for s in scenes]
+    prompts = sorted({p for row in options for p in row})
     z_t = torch.cat([model.encode_captions(prompts[i:i + 512]) for i in range(0, len(prompts), 512)])
     row = {p: i for i, p in enumerate(prompts)}
+    embed = embed or render_and_encode(model)
     correct = 0
     for start in range(0, len(scenes), batch_size):
         chunk = scenes[start:start + batch_size]
-        for scene, z in zip(chunk, embed(chunk, lang)):
-            options = [row[canonical_caption(_swap(scene, attribute, v), lang=lang)] for v in values]
-            best = values[int((z_t[options] @ z).argmax())]
-            correct += best == _truth(scene, attribute)
+        for captions, z in zip(options[start:start + batch_size], embed(chunk, lang)):
+            correct += int((z_t[[row[c] for c in captions]] @ z).argmax()) == 0
     return correct / len(scenes)
 
 
@@ -125,9 +147,9 @@ def retrieval(model: ClipModel, *, lang: str, n: int = 1000, split: str = "val",
 
 def evaluate_clip(model: ClipModel, *, n: int = 300, retrieval_n: int = 1000, progress: bool = True,
                   langs: Sequence[str] = ("en", "th"), splits: Sequence[str] = ("test", "unseen")) -> dict:
-    """Zero-shot attribute accuracy per split and language, and retrieval per language."""
+    """Zero-shot attribute and binding accuracy per split and language, and retrieval per language."""
     model.eval()
-    jobs = [(s, lang, a) for s in splits for lang in langs for a in ATTRIBUTES]
+    jobs = [(s, lang, a) for s in splits for lang in langs for a in ATTRIBUTES + BINDINGS]
     result: dict = {"zero_shot": {s: {lang: {} for lang in langs} for s in splits}, "retrieval": {}, "n": n}
     for split, lang, attribute in tqdm(jobs, desc="eval clip", disable=not progress):
         result["zero_shot"][split][lang][attribute] = attribute_accuracy(
@@ -138,11 +160,13 @@ def evaluate_clip(model: ClipModel, *, n: int = 300, retrieval_n: int = 1000, pr
 
 
 def markdown_table(result: dict) -> str:
-    """The zero-shot and retrieval numbers as a markdown table."""
-    lines = ["| split | lang | " + " | ".join(ATTRIBUTES) + " |", "|---|---|" + "---|" * len(ATTRIBUTES)]
+    """The zero-shot and retrieval numbers as a markdown table ("–" where a result predates a column)."""
+    columns = ATTRIBUTES + BINDINGS
+    lines = ["| split | lang | " + " | ".join(columns) + " |", "|---|---|" + "---|" * len(columns)]
     for split, by_lang in result["zero_shot"].items():
         for lang, accs in by_lang.items():
-            lines.append(f"| {split} | {lang} | " + " | ".join(f"{accs[a]:.3f}" for a in ATTRIBUTES) + " |")
+            lines.append(f"| {split} | {lang} | " + " | ".join(f"{accs[a]:.3f}" if a in accs else "–"
+                                                                for a in columns) + " |")
     lines += ["", "| lang | R@1 | R@5 |", "|---|---|---|"]
     lines += [f"| {lang} | {r['r1']:.3f} | {r['r5']:.3f} |" for lang, r in result["retrieval"].items()]
     return "\n".join(lines)

@@ -40,8 +40,9 @@ from unclip.data.world import (
 
 # What a twin changes, and how often by default (`clip.twin_weights` sets it): the shape most of the
 # time, since that is what random batches teach least; "where" is the grid cell of a one-object scene
-# or the relation of a pair scene.
-TWIN_ATTRIBUTES = ("shape", "colour", "size", "where")
+# or the relation of a pair scene; "binding" trades the colours, the shapes or the places of a pair
+# scene's two objects, which leaves the caption's words and changes what goes with what.
+TWIN_ATTRIBUTES = ("shape", "colour", "size", "where", "binding")
 TWIN_WEIGHTS = ClipConfig.twin_weights
 TWIN_STREAM = len(SPLITS)  # the seed id of the twin draws, beside the splits' ids
 MAX_GROUP = 6  # a shape group needs group − 1 new shapes, and five are always allowed
@@ -68,8 +69,9 @@ def variants(scene: Scene, attribute: str, rng: np.random.Generator, n: int = 1)
     """Up to `n` versions of `scene`, each with `attribute` of the same object set to a different new
     value (every copy in a counting scene), so any two of them, and each with `scene`, differ in that
     attribute alone. Fewer where the attribute has fewer values to take (a size flips, a pair's objects
-    trade places once), none where it cannot change (a counting scene's size or layout, a move that
-    leaves the cell). The first variant draws from `rng` the same way whatever `n` is."""
+    trade places once, a pair has three rebindings), none where it cannot change (a counting scene's
+    size or layout, a move that leaves the cell, the binding of one object). The first variant draws
+    from `rng` the same way whatever `n` is."""
     k = int(rng.integers(2)) if scene.kind == "pair" else 0
     obj = scene.objects[k]
     if attribute in ("shape", "colour"):
@@ -87,8 +89,10 @@ def variants(scene: Scene, attribute: str, rng: np.random.Generator, n: int = 1)
             else:
                 found.append(_replace_object(scene, k, **{attribute: value}))
         return found
-    if scene.kind == "count":
+    if scene.kind == "count" or (attribute == "binding" and scene.kind != "pair"):
         return []
+    if attribute == "binding":
+        return _bindings(scene, rng, n)
     if attribute == "size":
         size = "large" if obj.size == "small" else "small"
         if scene.kind == "pair":  # pair objects sit half a canvas apart: either size fits
@@ -100,10 +104,7 @@ def variants(scene: Scene, attribute: str, rng: np.random.Generator, n: int = 1)
     if attribute != "where":
         raise ValueError(f"unknown twin attribute {attribute!r}; use one of {', '.join(TWIN_ATTRIBUTES)}")
     if scene.kind == "pair":  # the objects trade places: "a left of b" becomes "a right of b"
-        a, b = scene.objects
-        moved = (dataclasses.replace(a, cx=b.cx, cy=b.cy, position=b.position),
-                 dataclasses.replace(b, cx=a.cx, cy=a.cy, position=a.position))
-        return [dataclasses.replace(scene, objects=moved, relation=INVERSE[scene.relation])]
+        return [traded(scene, "place")]
     col, row = POSITIONS[obj.position]
     targets = [p for p in POSITIONS if p != obj.position]
     r = SIZES[obj.size]
@@ -117,6 +118,33 @@ def variants(scene: Scene, attribute: str, rng: np.random.Generator, n: int = 1)
             break
         found.append(_replace_object(scene, k, cx=cx, cy=cy, position=target))
     return found
+
+
+def traded(scene: Scene, what: str) -> Scene:
+    """A two-object scene with its objects' `what` ("colour", "shape" or "place") traded; trading places
+    turns the relation round ("a left of b" becomes "a right of b")."""
+    a, b = scene.objects
+    if what == "place":
+        moved = (dataclasses.replace(a, cx=b.cx, cy=b.cy, position=b.position),
+                 dataclasses.replace(b, cx=a.cx, cy=a.cy, position=a.position))
+        return dataclasses.replace(scene, objects=moved, relation=INVERSE[scene.relation])
+    return dataclasses.replace(scene, objects=(dataclasses.replace(a, **{what: getattr(b, what)}),
+                                               dataclasses.replace(b, **{what: getattr(a, what)})))
+
+
+def _bindings(scene: Scene, rng: np.random.Generator, n: int) -> list[Scene]:
+    """Up to `n` of a pair scene's rebindings, in random order: its objects' colours traded ("a red
+    circle left of a blue square" → "a blue circle left of a red square"), their shapes traded, their
+    places traded. Each holds the scene's colours, shapes and places, bound differently; a trade that
+    changes nothing (two objects of one colour) or makes a held-out pair is left out."""
+    a, b = scene.objects
+    found = [traded(scene, "place")]
+    for what in ("colour", "shape"):
+        if getattr(a, what) != getattr(b, what):
+            rebound = traded(scene, what)
+            if all((o.colour, o.shape) not in HELD_OUT for o in rebound.objects):
+                found.append(rebound)
+    return [found[int(k)] for k in rng.permutation(len(found))[:n]]
 
 
 def twin_group(index: int, *, seed: int = 0, lang: str = "mix", group: int = 2,
@@ -159,11 +187,12 @@ def check_group(group: int) -> int:
 
 
 def check_weights(weights: tuple[float, ...]) -> tuple[float, ...]:
-    """`weights`, if they are one non-negative weight per TWIN_ATTRIBUTES with a positive sum."""
-    if len(weights) != len(TWIN_ATTRIBUTES) or min(weights) < 0 or sum(weights) <= 0:
-        raise ValueError(f"twin weights {list(weights)} must be {len(TWIN_ATTRIBUTES)} non-negative numbers, not all "
-                         f"zero, for {', '.join(TWIN_ATTRIBUTES)}")
-    return tuple(weights)
+    """`weights`, one non-negative weight per TWIN_ATTRIBUTES with a positive sum, padded with zeros
+    where the tail is left out (configs written before "binding" existed hold four)."""
+    if not 1 <= len(weights) <= len(TWIN_ATTRIBUTES) or min(weights) < 0 or sum(weights) <= 0:
+        raise ValueError(f"twin weights {list(weights)} must be up to {len(TWIN_ATTRIBUTES)} non-negative numbers, "
+                         f"not all zero, for {', '.join(TWIN_ATTRIBUTES)}")
+    return tuple(weights) + (0.0,) * (len(TWIN_ATTRIBUTES) - len(weights))
 
 
 def twin_sample(index: int, *, seed: int = 0, lang: str = "mix") -> tuple[Sample, Sample, str]:
