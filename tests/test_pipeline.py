@@ -309,6 +309,11 @@ def test_every_cli_verb_runs_on_the_tiny_model(model_dir, tmp_path, capsys):
 
     assert main(["generate", "", *common]) == 2  # empty prompt: a clear error, status 2
     assert "empty" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as stop:  # not a PNG: refused before anything is generated
+        main(["generate", "a red circle", *common, "--out", str(tmp_path / "grid.jpg")])
+    assert stop.value.code == 2 and "is not a .png path" in capsys.readouterr().err
+    assert main(["generate", "a red circle", "-n", "1", *common, "--out", str(tmp_path / "folder")]) == 0
+    assert (tmp_path / "folder" / "generate.png").is_file() and (tmp_path / "folder" / "generate-0.png").is_file()
     assert main(["generate", "a red circle", "--model", str(tmp_path / "missing")]) == 2
     assert main(["assemble", "--decoder", str(model_dir), "--ar-prior", str(model_dir),
                  "--out", str(tmp_path / "again")]) == 0

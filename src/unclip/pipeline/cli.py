@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 VERB_HELP = {
@@ -101,11 +102,29 @@ def _load(args: argparse.Namespace):
     return configure_sampling(unclip.load(args.model, device=args.device, precision=args.precision), args)
 
 
+def grid_path(verb: str):
+    """An argparse type for --out: a .png path as given; a folder (existing, ending in "/", or with no
+    suffix) gets `<verb>.png` inside; any other suffix is an error before anything is generated."""
+
+    def parse(value: str) -> str:
+        path = Path(value)
+        if value.endswith(("/", os.sep)) or path.is_dir() or not path.suffix:
+            return str(path / f"{verb}.png")
+        if path.suffix.lower() != ".png":
+            raise argparse.ArgumentTypeError(
+                f"{value!r} is not a .png path: the grid and its images are PNGs that carry their settings; "
+                f"give e.g. out/{verb}.png, or a folder")
+        return value
+
+    return parse
+
+
 def _common(parser: argparse.ArgumentParser, verb: str, *, seed: int | None = 0) -> None:
     parser.add_argument("--model", help="model directory (from `unclip assemble` or `unclip train all`; "
                                         "default: the shipped shapes-world model, docs/model_card.md)")
-    parser.add_argument("--out", default=f"out/{verb}.png",
-                        help=f"grid PNG; each image goes beside it as <name>-<i>.png (default: out/{verb}.png)")
+    parser.add_argument("--out", default=f"out/{verb}.png", type=grid_path(verb),
+                        help=f"grid PNG, or a folder to put {verb}.png in; each image goes beside the grid as "
+                             f"<name>-<i>.png (default: out/{verb}.png)")
     parser.add_argument("--seed", type=int, default=seed, help=f"random seed (default: {seed})")
     parser.add_argument("--steps", type=int, help="decoder sampling steps (default: the model's config)")
     parser.add_argument("--guidance-scale", type=float, help="decoder classifier-free guidance (default: the model's)")
