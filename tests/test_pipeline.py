@@ -314,6 +314,34 @@ def test_every_cli_verb_runs_on_the_tiny_model(model_dir, tmp_path, capsys):
     assert stop.value.code == 2 and "is not a .png path" in capsys.readouterr().err
     assert main(["generate", "a red circle", "-n", "1", *common, "--out", str(tmp_path / "folder")]) == 0
     assert (tmp_path / "folder" / "generate.png").is_file() and (tmp_path / "folder" / "generate-0.png").is_file()
+    with pytest.raises(SystemExit):
+        main(["generate", "a red circle", *common, "--steps", "0"])
+    assert "--steps: 0 is too small" in capsys.readouterr().err
+
+
+def test_generate_samples_in_batches_that_change_no_image(model_dir, tmp_path, monkeypatch):
+    """Any -n runs in flat memory: batches of BATCH images, each written before the next, with the
+    images (seed + i) of one big call; the grid shows the first GRID_MAX."""
+    import json
+
+    from PIL import Image
+
+    from unclip.cli import main
+    from unclip.pipeline import cli as pipeline_cli
+
+    argv = ["generate", "a red circle", "ดาวสีเขียว", "-n", "3", "--model", str(model_dir), "--steps", "3",
+            "--quiet", "--seed", "7"]
+    assert main([*argv, "--out", str(tmp_path / "whole" / "g.png")]) == 0
+    monkeypatch.setattr(pipeline_cli, "BATCH", 4)
+    monkeypatch.setattr(pipeline_cli, "GRID_MAX", 4)
+    assert main([*argv, "--out", str(tmp_path / "batched" / "g.png")]) == 0
+    for i in range(6):
+        with Image.open(tmp_path / "whole" / f"g-{i}.png") as a, Image.open(tmp_path / "batched" / f"g-{i}.png") as b:
+            assert json.loads(b.text["unclip"])["index"] == i
+            assert np.abs(np.asarray(a, dtype=np.int16) - np.asarray(b, dtype=np.int16)).max() <= 1, i
+    assert not (tmp_path / "batched" / "g-6.png").exists()
+    with Image.open(tmp_path / "whole" / "g.png") as whole, Image.open(tmp_path / "batched" / "g.png") as grid:
+        assert grid.height < whole.height  # one row of 4 images, not two rows holding 6
     assert main(["generate", "a red circle", "--model", str(tmp_path / "missing")]) == 2
     assert main(["assemble", "--decoder", str(model_dir), "--ar-prior", str(model_dir),
                  "--out", str(tmp_path / "again")]) == 0

@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from unclip.pipeline.cli import add_sampling_arguments, configure_sampling
+from unclip.pipeline.cli import add_sampling_arguments, configure_sampling, positive_int
 
 DESCRIPTION = """\
 unclip eval MODEL     GenEval-style scores of a model directory: generate images for every prompt,
@@ -30,27 +30,27 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     g = p.add_argument_group("evaluating a model")
     g.add_argument("--prompts", help="prompt file (JSONL; default: the shipped set, src/unclip/eval/prompts.jsonl)")
-    g.add_argument("--images-per-prompt", type=int, default=4, help="images per prompt (default: 4)")
-    g.add_argument("--per-group", type=int, help="use only the first N prompts of each (task, split, lang); "
+    g.add_argument("--images-per-prompt", type=positive_int, default=4, help="images per prompt (default: 4)")
+    g.add_argument("--per-group", type=positive_int, help="use only the first N prompts of each (task, split, lang); "
                    "for `eval prompts`, how many to write (default: 4)")
     g.add_argument("--judge", help="judge directory (default: the shipped judge, src/unclip/eval/judge)")
-    g.add_argument("--batch-prompts", type=int, default=4, help="prompts generated per batch (default: 4)")
+    g.add_argument("--batch-prompts", type=positive_int, default=4, help="prompts generated per batch (default: 4)")
     g.add_argument("--prior", help="diffusion or ar (default: the model's first prior), or an ablation: caption "
                    "(the caption's z_t as z_i) or none (the decoder's null z_i: caption only)")
-    g.add_argument("--steps", type=int, help="decoder sampling steps (default: the model's config)")
+    g.add_argument("--steps", type=positive_int, help="decoder sampling steps (default: the model's config)")
     g.add_argument("--guidance-scale", type=float, help="decoder classifier-free guidance (default: the model's)")
     g.add_argument("--sampler", choices=["ddim", "ddpm", "dpmsolver++"], help="decoder sampler (default: the model's)")
     g.add_argument("--prior-guidance-scale", type=float, help="prior classifier-free guidance (default: the model's)")
-    g.add_argument("--candidates", type=int, help="images drawn per judged image, the one closest to the caption "
+    g.add_argument("--candidates", type=positive_int, help="images drawn per judged image, the one closest to the caption "
                    "in CLIP kept (default: the model's)")
     g.add_argument("--size", type=int, help="judge images at this side of the cascade, e.g. the decoder's 32 "
                    "for fast sweeps (default: the largest)")
     g.add_argument("--device", help="torch device, e.g. cuda (default: cpu)")
     add_sampling_arguments(g)
     j = p.add_argument_group("training the judge")
-    j.add_argument("--train-steps", type=int, default=4000, help="optimizer steps (default: 4000, ~10 min on 1 CPU thread)")
-    j.add_argument("--batch-size", type=int, default=64, help="renders per step (default: 64)")
-    j.add_argument("--eval-n", type=int, default=1000, help="held-out renders per split for its accuracy (default: 1000)")
+    j.add_argument("--train-steps", type=positive_int, default=4000, help="optimizer steps (default: 4000, ~10 min on 1 CPU thread)")
+    j.add_argument("--batch-size", type=positive_int, default=64, help="renders per step (default: 64)")
+    j.add_argument("--eval-n", type=positive_int, default=1000, help="held-out renders per split for its accuracy (default: 1000)")
     p.set_defaults(func=run)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from pathlib import Path
 
 VERB_HELP = {
@@ -44,26 +45,45 @@ class ProgressBars:
             self.bar = None
 
 
-def write_outputs(images: list, out: str | Path, *, labels: list[str], params: dict, columns: int = 4) -> list[Path]:
-    """The grid at `out` and each image at `<stem>-<i>.png`, all written atomically with
-    `params` (plus the image's index and label) as JSON in the PNG text chunk "unclip"."""
+GRID_MAX = 64  # images the grid shows; every image is written on its own
+BATCH = 16  # images `unclip generate` samples at once, so memory stays flat for any -n
+
+
+def write_singles(images: list, out: str | Path, *, labels: list[str], params: dict, start: int = 0) -> list[Path]:
+    """Each image at `<stem>-<start + i>.png` beside `out`, written atomically with `params` (plus
+    the image's index and label) as JSON in the PNG text chunk "unclip"."""
+    from PIL.PngImagePlugin import PngInfo
+
+    from unclip.io import save_image_atomic
+
+    out, paths = Path(out), []
+    for i, (image, label) in enumerate(zip(images, labels), start=start):
+        info = PngInfo()
+        info.add_text("unclip", json.dumps({**params, "index": i, "label": label}, ensure_ascii=False))
+        paths.append(save_image_atomic(out.with_name(f"{out.stem}-{i}.png"), image, pnginfo=info))
+    return paths
+
+
+def write_grid(images: list, out: str | Path, *, labels: list[str], params: dict, columns: int = 4) -> Path:
+    """The captioned grid of the first GRID_MAX images at `out`, atomically, `params` in its text chunk."""
     from PIL.PngImagePlugin import PngInfo
 
     from unclip.data.preview import captioned_grid
     from unclip.io import save_image_atomic
 
-    out = Path(out)
-    paths = []
-    for i, (image, label) in enumerate(zip(images, labels)):
-        info = PngInfo()
-        info.add_text("unclip", json.dumps({**params, "index": i, "label": label}, ensure_ascii=False))
-        paths.append(save_image_atomic(out.with_name(f"{out.stem}-{i}.png"), image, pnginfo=info))
+    images, labels = images[:GRID_MAX], labels[:GRID_MAX]
     thai = lambda text: any("\u0e00" <= ch <= "\u0e7f" for ch in text)  # noqa: E731
     grid = captioned_grid(images, [[("th" if thai(label) else "en", label)] for label in labels],
                           columns=min(columns, len(images)))
     info = PngInfo()
     info.add_text("unclip", json.dumps(params, ensure_ascii=False))
-    save_image_atomic(out, grid, pnginfo=info)
+    return save_image_atomic(out, grid, pnginfo=info)
+
+
+def write_outputs(images: list, out: str | Path, *, labels: list[str], params: dict, columns: int = 4) -> list[Path]:
+    """The grid at `out` and each image beside it (`write_singles`, `write_grid`); the singles' paths."""
+    paths = write_singles(images, out, labels=labels, params=params)
+    write_grid(images, out, labels=labels, params=params, columns=columns)
     return paths
 
 
@@ -76,7 +96,7 @@ def add_sampling_arguments(parser) -> None:
                         help="what the decoder and upsampler compute in while sampling; auto picks bfloat16 "
                              "where the CPU (AVX-512-BF16, AMX) or GPU has bf16 units, else float32 "
                              f"(default: {DEFAULT_PRECISION}; docs/performance.md)")
-    parser.add_argument("--upsampler-steps", type=int, help="upsampler sampling steps (default: the model's config)")
+    parser.add_argument("--upsampler-steps", type=positive_int, help="upsampler sampling steps (default: the model's config)")
     parser.add_argument("--upsampler-sampler", choices=["ddpm", "ddim", "dpmsolver++"],
                         help="upsampler sampler (default: the model's config)")
     parser.add_argument("--upsampler-start", type=float,
@@ -100,6 +120,17 @@ def _load(args: argparse.Namespace):
 
         torch.set_num_threads(args.threads)
     return configure_sampling(unclip.load(args.model, device=args.device, precision=args.precision), args)
+
+
+def positive_int(value: str) -> int:
+    """An argparse type: a whole number ≥ 1 (a count of images, steps or candidates)."""
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"{number} is too small: give 1 or more")
+    return number
 
 
 def grid_path(verb: str):
@@ -126,7 +157,7 @@ def _common(parser: argparse.ArgumentParser, verb: str, *, seed: int | None = 0)
                         help=f"grid PNG, or a folder to put {verb}.png in; each image goes beside the grid as "
                              f"<name>-<i>.png (default: out/{verb}.png)")
     parser.add_argument("--seed", type=int, default=seed, help=f"random seed (default: {seed})")
-    parser.add_argument("--steps", type=int, help="decoder sampling steps (default: the model's config)")
+    parser.add_argument("--steps", type=positive_int, help="decoder sampling steps (default: the model's config)")
     parser.add_argument("--guidance-scale", type=float, help="decoder classifier-free guidance (default: the model's)")
     parser.add_argument("--device", help="torch device, e.g. cuda (default: cpu)")
     add_sampling_arguments(parser)
@@ -143,16 +174,31 @@ def _finish(args: argparse.Namespace, verb: str, images: list, labels: list[str]
 
 
 def _generate(args: argparse.Namespace) -> int:
+    """Sample BATCH images at a time, writing each batch before the next: image i has seed `--seed` + i
+    whatever the batching (`unclip.pipeline.generators`), so the files match one big call's."""
     pipe, bars = _load(args), ProgressBars(not args.quiet)
-    images = pipe.generate(args.prompts, n=args.n, prior=args.prior, prior_guidance_scale=args.prior_guidance_scale,
-                           guidance_scale=args.guidance_scale, steps=args.steps, sampler=args.sampler,
-                           seed=args.seed, callback=bars, size=args.size, candidates=args.candidates)
+    pipe.encode_text(args.prompts)  # an empty prompt is an error before any image is drawn
+    rows = [p for p in args.prompts for _ in range(args.n)]
+    params = {"verb": "generate", "model": str(args.model), "seed": args.seed, "steps": args.steps,
+              "guidance_scale": args.guidance_scale, "prompts": args.prompts, "n": args.n, "prior": args.prior,
+              "prior_guidance_scale": args.prior_guidance_scale, "sampler": args.sampler, "size": args.size,
+              "candidates": args.candidates}
+    shown = []
+    for start in range(0, len(rows), BATCH):
+        if len(rows) > BATCH and not args.quiet:
+            print(f"images {start + 1}–{min(start + BATCH, len(rows))} of {len(rows)}", file=sys.stderr)
+        seed = None if args.seed is None else args.seed + start
+        images = pipe.generate(rows[start:start + BATCH], n=1, prior=args.prior,
+                               prior_guidance_scale=args.prior_guidance_scale, guidance_scale=args.guidance_scale,
+                               steps=args.steps, sampler=args.sampler, seed=seed, callback=bars, size=args.size,
+                               candidates=args.candidates)
+        write_singles(images, args.out, labels=rows[start:start + BATCH], params=params, start=start)
+        shown += images[:GRID_MAX - len(shown)]
     bars.close()
-    labels = [p for p in args.prompts for _ in range(args.n)]
-    return _finish(args, "generate", images, labels, {"prompts": args.prompts, "n": args.n, "prior": args.prior,
-                                                      "prior_guidance_scale": args.prior_guidance_scale,
-                                                      "sampler": args.sampler, "size": args.size,
-                                                      "candidates": args.candidates})
+    write_grid(shown, args.out, labels=rows, params=params)
+    more = f" (the grid shows the first {GRID_MAX})" if len(rows) > GRID_MAX else ""
+    print(f"{len(rows)} image(s): grid {args.out}{more}, images {Path(args.out).parent}/{Path(args.out).stem}-*.png")
+    return 0
 
 
 def _vary(args: argparse.Namespace) -> int:
@@ -225,14 +271,14 @@ def register(subparsers) -> None:
         "embedding, the decoder paints it at low resolution guided by the embedding and the caption, and the "
         "upsamplers enlarge it."))
     gen.add_argument("prompts", nargs="+", metavar="PROMPT", help="one or more captions")
-    gen.add_argument("-n", type=int, default=4, help="images per prompt (default: 4)")
+    gen.add_argument("-n", type=positive_int, default=4, help="images per prompt (default: 4)")
     gen.add_argument("--prior", choices=["diffusion", "ar", "caption", "none"],
                      help="which prior (default: diffusion when present); the ablations: caption (z_t as z_i), "
                           "none (the decoder's null z_i: the caption alone)")
     gen.add_argument("--prior-guidance-scale", type=float, help="prior classifier-free guidance (default: the model's)")
     gen.add_argument("--sampler", choices=["ddim", "ddpm", "dpmsolver++"], help="decoder sampler (default: the model's)")
     gen.add_argument("--size", type=int, help="image side: the decoder's or an upsampler's (default: the largest)")
-    gen.add_argument("--candidates", type=int, help="draw this many images per image and keep the one CLIP finds "
+    gen.add_argument("--candidates", type=positive_int, help="draw this many images per image and keep the one CLIP finds "
                      "closest to the caption (default: the model's; each candidate costs a prior and a decoder run)")
     _common(gen, "generate")
     gen.set_defaults(func=_generate)
@@ -241,7 +287,7 @@ def register(subparsers) -> None:
         "Encode the image to its bipartite latent (CLIP z_i and the decoder's x_T by DDIM inversion) and decode "
         "it with DDIM η > 0: the content CLIP sees stays, the rest varies. η = 0 reconstructs the image."))
     vary.add_argument("image", help="a square image file")
-    vary.add_argument("-n", type=int, default=4, help="number of variations (default: 4)")
+    vary.add_argument("-n", type=positive_int, default=4, help="number of variations (default: 4)")
     vary.add_argument("--eta", type=float, default=0.8, help="DDIM η: 0 reconstructs, 1 varies most (default: 0.8)")
     _common(vary, "vary")
     vary.set_defaults(func=_vary)
@@ -252,7 +298,7 @@ def register(subparsers) -> None:
         "so the ends reconstruct the images)."))
     inter.add_argument("image_a", help="first square image file")
     inter.add_argument("image_b", help="second square image file")
-    inter.add_argument("-n", type=int, default=6, help="number of frames, ends included (default: 6)")
+    inter.add_argument("-n", type=positive_int, default=6, help="number of frames, ends included (default: 6)")
     inter.add_argument("--mode", choices=["fixed", "inverted"], default="fixed", help="x_T handling (default: fixed)")
     _common(inter, "interpolate")
     inter.set_defaults(func=_interpolate)
@@ -274,8 +320,8 @@ def register(subparsers) -> None:
     paint.add_argument("image", help="a square image file")
     paint.add_argument("mask", help="a square mask image: white or transparent = repaint")
     paint.add_argument("--prompt", help="what to paint (default: follow the image's own CLIP embedding)")
-    paint.add_argument("-n", type=int, default=4, help="number of results (default: 4)")
-    paint.add_argument("--resample", type=int, default=5, help="RePaint resamplings per step (default: 5)")
+    paint.add_argument("-n", type=positive_int, default=4, help="number of results (default: 4)")
+    paint.add_argument("--resample", type=positive_int, default=5, help="RePaint resamplings per step (default: 5)")
     _common(paint, "inpaint", seed=0)
     paint.set_defaults(func=_inpaint)
 
