@@ -17,8 +17,8 @@ classes show where objects are, each region holds round(its mass) objects, and t
 classes with most mass there, so a generated shape between two classes is one object of the
 nearer class rather than two halves that round to nothing. The number of objects is the sum of
 the counts; a single object's 3×3 cell is `world.cell_of(centre)`; the relation of two objects
-compares their centres along the axis on which they lie farther apart. The penultimate features [B, 2C]
-are the last feature map's mean and max over places.
+compares their centres along the axis on which they lie farther apart. The penultimate features
+[B, 2C] are the last feature map's mean and max over places.
 
 Inputs are images [B, 3, S, S] in [-1, 1] of any side; they are resized to `image_size` (64).
 """
@@ -158,10 +158,10 @@ def read_objects(density: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     objects are: each 8-connected region of places whose summed density exceeds PLACE_THRESHOLD
     holds round(its mass) objects (at most MAX_COUNT), shared out among the classes in proportion
     to their mass there, largest remainders first; a class with less than CLASS_FLOOR there counts
-    for nothing. On a crisp render each object's mass sits in its
-    own class and this is every class's mass rounded; on a generated shape that lies between two
-    classes (a roundish hexagon: 0.5 circle, 0.4 hexagon) rounding class by class would read no
-    object at all, where this reads one, of the class it is most like (docs/eval.md).
+    for nothing. On a crisp render each object's mass sits in its own class and this is every
+    class's mass rounded; on a generated shape that lies between two classes (a roundish hexagon:
+    0.5 circle, 0.4 hexagon) rounding class by class would read no object at all, where this reads
+    one, of the class it is most like (docs/eval.md).
 
     A class read once in a region of one object has that region's centre of mass as its centre;
     otherwise its own map's centre of mass within its region. Classes never read keep centre 0.
