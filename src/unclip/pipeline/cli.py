@@ -165,11 +165,20 @@ def _common(parser: argparse.ArgumentParser, verb: str, *, seed: int | None = 0)
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+def _params(args: argparse.Namespace, verb: str, extra: dict) -> dict:
+    """What every PNG of a verb's run carries in its text chunk."""
+    return {"verb": verb, "model": str(args.model), "seed": args.seed, "steps": args.steps,
+            "guidance_scale": args.guidance_scale, **extra}
+
+
+def _said(args: argparse.Namespace, count: int) -> None:
+    more = f" (the grid shows the first {GRID_MAX})" if count > GRID_MAX else ""
+    print(f"{count} image(s): grid {args.out}{more}, images {Path(args.out).parent}/{Path(args.out).stem}-*.png")
+
+
 def _finish(args: argparse.Namespace, verb: str, images: list, labels: list[str], extra: dict) -> int:
-    params = {"verb": verb, "model": str(args.model), "seed": args.seed, "steps": args.steps,
-              "guidance_scale": args.guidance_scale, **extra}
-    paths = write_outputs(images, args.out, labels=labels, params=params)
-    print(f"{len(images)} image(s): grid {args.out}, images {paths[0].parent}/{Path(args.out).stem}-*.png")
+    write_outputs(images, args.out, labels=labels, params=_params(args, verb, extra))
+    _said(args, len(images))
     return 0
 
 
@@ -179,10 +188,9 @@ def _generate(args: argparse.Namespace) -> int:
     pipe, bars = _load(args), ProgressBars(not args.quiet)
     pipe.encode_text(args.prompts)  # an empty prompt is an error before any image is drawn
     rows = [p for p in args.prompts for _ in range(args.n)]
-    params = {"verb": "generate", "model": str(args.model), "seed": args.seed, "steps": args.steps,
-              "guidance_scale": args.guidance_scale, "prompts": args.prompts, "n": args.n, "prior": args.prior,
-              "prior_guidance_scale": args.prior_guidance_scale, "sampler": args.sampler, "size": args.size,
-              "candidates": args.candidates}
+    params = _params(args, "generate", {"prompts": args.prompts, "n": args.n, "prior": args.prior,
+                                        "prior_guidance_scale": args.prior_guidance_scale, "sampler": args.sampler,
+                                        "size": args.size, "candidates": args.candidates})
     shown = []
     for start in range(0, len(rows), BATCH):
         if len(rows) > BATCH and not args.quiet:
@@ -196,8 +204,7 @@ def _generate(args: argparse.Namespace) -> int:
         shown += images[:GRID_MAX - len(shown)]
     bars.close()
     write_grid(shown, args.out, labels=rows, params=params)
-    more = f" (the grid shows the first {GRID_MAX})" if len(rows) > GRID_MAX else ""
-    print(f"{len(rows)} image(s): grid {args.out}{more}, images {Path(args.out).parent}/{Path(args.out).stem}-*.png")
+    _said(args, len(rows))
     return 0
 
 
