@@ -26,13 +26,19 @@ def _budget(args: argparse.Namespace) -> float | None:
     return None if args.minutes is None else args.minutes * 60.0
 
 
+def _prepare(args: argparse.Namespace, stage: str):
+    """Set the threads; the config from --preset/--set; the run directory (default runs/<preset>/<stage>,
+    or runs/<preset> for stage "") and the model directory (default <run directory>/model)."""
+    _threads(args)
+    cfg = config_from_args(args)
+    run_dir = Path(args.run_dir or f"runs/{cfg.name}/{stage}")
+    return cfg, run_dir, Path(args.out or run_dir / "model")
+
+
 def _train_clip(args: argparse.Namespace) -> int:
     from unclip.clip.stage import train_clip
 
-    _threads(args)
-    cfg = config_from_args(args)
-    run_dir = Path(args.run_dir or f"runs/{cfg.name}/clip")
-    out = Path(args.out or run_dir / "model")
+    cfg, run_dir, out = _prepare(args, "clip")
     train_clip(cfg, run_dir=run_dir, out=out, resume=not args.no_resume, evaluate=not args.no_eval,
                time_budget=_budget(args))
     if _other_rank():
@@ -50,10 +56,7 @@ def _train_clip(args: argparse.Namespace) -> int:
 def _train_prior(args: argparse.Namespace) -> int:
     from unclip.prior.stage import train_prior
 
-    _threads(args)
-    cfg = config_from_args(args)
-    run_dir = Path(args.run_dir or f"runs/{cfg.name}/{args.kind}_prior")
-    out = Path(args.out or run_dir / "model")
+    cfg, run_dir, out = _prepare(args, f"{args.kind}_prior")
     train_prior(cfg, kind=args.kind, clip_dir=args.clip, run_dir=run_dir, out=out, embeddings=args.embeddings,
                 resume=not args.no_resume, evaluate=not args.no_eval, fit_samples=args.fit_samples,
                 time_budget=_budget(args))
@@ -71,10 +74,7 @@ def _train_prior(args: argparse.Namespace) -> int:
 def _train_decoder(args: argparse.Namespace) -> int:
     from unclip.decoder.stage import train_decoder
 
-    _threads(args)
-    cfg = config_from_args(args)
-    run_dir = Path(args.run_dir or f"runs/{cfg.name}/decoder")
-    out = Path(args.out or run_dir / "model")
+    cfg, run_dir, out = _prepare(args, "decoder")
     train_decoder(cfg, clip_dir=args.clip, run_dir=run_dir, out=out, resume=not args.no_resume,
                   evaluate=not args.no_eval, eval_samples=args.eval_samples, time_budget=_budget(args),
                   init=args.init)
@@ -88,10 +88,7 @@ def _train_decoder(args: argparse.Namespace) -> int:
 def _train_upsampler(args: argparse.Namespace) -> int:
     from unclip.decoder.stage import train_upsampler
 
-    _threads(args)
-    cfg = config_from_args(args)
-    run_dir = Path(args.run_dir or f"runs/{cfg.name}/upsampler{args.stage}")
-    out = Path(args.out or run_dir / "model")
+    cfg, run_dir, out = _prepare(args, f"upsampler{args.stage}")
     train_upsampler(cfg, stage=args.stage, run_dir=run_dir, out=out, resume=not args.no_resume,
                     evaluate=not args.no_eval, eval_samples=args.eval_samples, time_budget=_budget(args),
                     init=args.init)
@@ -117,10 +114,7 @@ def _report(out: Path, run_dir: Path, name: str, *, sheet: str) -> None:
 def _train_all(args: argparse.Namespace) -> int:
     from unclip.train.all import STAGES, train_all
 
-    _threads(args)
-    cfg = config_from_args(args)
-    root = Path(args.run_dir or f"runs/{cfg.name}")
-    out = Path(args.out or root / "model")
+    cfg, root, out = _prepare(args, "")  # every stage's run directory sits under runs/<preset>/
     stages = args.stages or STAGES
     timings = train_all(cfg, root=root, out=out, stages=stages, resume=not args.no_resume,
                         embed_pairs=args.embed_pairs)
