@@ -41,6 +41,25 @@ def test_rerun_resumes_and_more_steps_continue(clip_dir, capsys):
     assert len(rows) == 6  # nothing left to train; the log was not duplicated
 
 
+def test_init_fine_tunes_a_trained_clip_and_refuses_another_network(clip_dir, tmp_path, capsys):
+    """--init starts from a model directory's CLIP and tokenizer (here with twins); another network is refused."""
+    from unclip.clip.stage import load_clip
+
+    base = clip_dir / "model"
+    assert main(["train", "clip", *TINY, "--set", "clip.hard_negatives=0.5", "--init", str(base),
+                 "--run-dir", str(tmp_path / "run"), "--out", str(tmp_path / "model"), "--no-eval"]) == 0
+    manifest = read_manifest(tmp_path / "model")
+    assert manifest.provenance["init"]["from"] == str(base) and manifest.provenance["init"]["provenance"]["steps"] == 6
+    before, after = load_clip(base), load_clip(tmp_path / "model")
+    captions = ["a red circle", "ดาวสีเขียว"]
+    assert after.tokenize(captions).input_ids.tolist() == before.tokenize(captions).input_ids.tolist()
+    z_before, z_after = (m.encode_captions(captions).detach().numpy() for m in (before, after))
+    assert not np.allclose(z_after, z_before)  # trained on from there
+    assert main(["train", "clip", *TINY, "--set", "clip.text_layers=3", "--init", str(base),
+                 "--run-dir", str(tmp_path / "other"), "--no-eval"]) == 2
+    assert "CLIP network differs" in capsys.readouterr().err
+
+
 def test_eval_classify_and_embed(clip_dir, tmp_path, capsys):
     model = str(clip_dir / "model")
     assert main(["clip", "eval", model, "-n", "8", "--retrieval-n", "20", "--out", str(tmp_path / "e.json")]) == 0

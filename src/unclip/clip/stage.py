@@ -80,17 +80,31 @@ def provenance(*, seconds: float, steps: int, **extra: Any) -> dict[str, Any]:
     }
 
 
+# What a CLIP run may change when it starts from trained weights (`--init`): how it trains, not the network.
+TRAINING_FIELDS = ("train", "hard_negatives", "twin_group", "twin_weights", "init_temperature")
+
+
 def train_clip(cfg: UnclipConfig, *, run_dir: str | Path, out: str | Path, resume: bool = True,
-               progress: bool = True, evaluate: bool = True, time_budget: float | None = None) -> Path:
-    """Train CLIP with `cfg.clip` on `cfg.data` and write the model directory `out`."""
+               progress: bool = True, evaluate: bool = True, time_budget: float | None = None,
+               init: str | Path | None = None) -> Path:
+    """Train CLIP with `cfg.clip` on `cfg.data` and write the model directory `out`.
+
+    init: a model directory whose CLIP (towers, tokenizer, temperature) the run starts from, e.g.
+    to fine-tune the shipped CLIP with hard negatives; its network settings must be `cfg.clip`'s
+    (a checkpoint in `run_dir` still wins, so an interrupted run resumes where it was)."""
     from unclip.train.data import feed_for
     from unclip.train.trainer import train
 
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    tokenizer = run_tokenizer(cfg, run_dir)
     torch.manual_seed(cfg.clip.train.seed)
-    model = ClipModel.from_config(cfg.clip, tokenizer=tokenizer)
+    started_from = {}
+    if init:
+        model, started_from = _init_clip(init, cfg)
+        if not (run_dir / "tokenizer" / "tokenizer.json").is_file():
+            model.tokenizer.save(run_dir / "tokenizer")
+    else:
+        model = ClipModel.from_config(cfg.clip, tokenizer=run_tokenizer(cfg, run_dir))
     tc = cfg.clip.train
     feed = feed_for(cfg.data, size=cfg.clip.image_size, batch_size=tc.batch_size, num_workers=tc.num_workers,
                     hard_negatives=cfg.clip.hard_negatives, twin_group=cfg.clip.twin_group,
@@ -105,9 +119,30 @@ def train_clip(cfg: UnclipConfig, *, run_dir: str | Path, out: str | Path, resum
 
         evaluation = evaluate_clip(model, progress=progress)
     save_clip(model, out, cfg=cfg, provenance=provenance(seconds=result.seconds, steps=result.step,
-                                                        final_metrics=result.metrics), evaluation=evaluation)
+                                                        final_metrics=result.metrics, **started_from),
+              evaluation=evaluation)
     log.info("CLIP model written to %s", out)
     return Path(out)
+
+
+def _init_clip(directory: str | Path, cfg: UnclipConfig) -> tuple[ClipModel, dict]:
+    """The CLIP of a trained model directory, if its network is the one `cfg` trains, and what the run
+    records as its `init` (the directory and the provenance of the weights it starts from)."""
+    from dataclasses import replace
+
+    from unclip.errors import ConfigError
+
+    directory = Path(directory)
+    manifest = read_manifest(directory)
+    theirs = UnclipConfig.from_dict(manifest.config).clip
+    if replace(theirs, **{k: getattr(cfg.clip, k) for k in TRAINING_FIELDS}) != cfg.clip:
+        raise ConfigError(f"--init {directory}: its CLIP network differs from the one being trained; use the preset "
+                          "it was trained with (its unclip.json records it), changing only how it trains")
+    if UnclipConfig.from_dict(manifest.config).tokenizer != cfg.tokenizer:
+        raise ConfigError(f"--init {directory}: its tokenizer settings differ from the config's")
+    log.info("CLIP initialised from %s", directory)
+    record = manifest.provenance.get("clip", manifest.provenance)
+    return load_clip(directory), {"init": {"from": str(directory), "provenance": record}}
 
 
 def save_clip(model: ClipModel, directory: str | Path, *, cfg: UnclipConfig, provenance: dict | None = None,

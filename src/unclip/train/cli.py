@@ -40,7 +40,7 @@ def _train_clip(args: argparse.Namespace) -> int:
 
     cfg, run_dir, out = _prepare(args, "clip")
     train_clip(cfg, run_dir=run_dir, out=out, resume=not args.no_resume, evaluate=not args.no_eval,
-               time_budget=_budget(args))
+               time_budget=_budget(args), init=args.init)
     if _other_rank():
         return 0
     print(f"CLIP model: {out}")
@@ -148,6 +148,8 @@ def register(subparsers) -> None:
         description="Train CLIP (tokenizer, text and image towers) on cfg.data, then evaluate zero-shot "
                     "attribute accuracy and retrieval (shapes world) and write a model directory.")
     _common(clip, "clip")
+    clip.add_argument("--init", help="start from the CLIP (and tokenizer) of this model directory: same network, "
+                                     "fresh optimizer and schedule, e.g. to fine-tune the shipped CLIP with twins")
     clip.add_argument("--no-eval", action="store_true", help="skip the evaluation after training")
     clip.set_defaults(func=_train_clip)
 
