@@ -16,18 +16,10 @@ set -uo pipefail
 
 run=${1:?usage: scripts/continue_default_gpu.sh RUN_DIR [MODEL]}
 model=${2:-src/unclip/assets/model}
-python=${PYTHON:-python3}
-unclip=("$python" -m unclip)
-export TQDM_MININTERVAL=${TQDM_MININTERVAL:-15}
-mkdir -p "$run"
 workers=${WORKERS:-6}
-started=$(date +%s)
-say() { echo "[$(( $(date +%s) - started )) s] $*"; }
+source "$(dirname "$0")/gpu_common.sh"
 
-"${unclip[@]}" train decoder --preset shapes-gpu --clip "$model" --init "$model" --run-dir "$run/decoder" --no-eval \
-    --minutes "${DECODER_MIN:-6.3}" --set decoder.train.batch_size="${DECODER_BATCH:-1024}" \
-    --set decoder.train.lr=2e-4 --set decoder.train.warmup_steps=100 --set decoder.train.num_workers="$workers" \
-    >"$run/decoder.log" 2>&1 &
+continue_decoder "$model" "$model" "${DECODER_MIN:-6.3}" "$workers"
 decoder=$!
 "${unclip[@]}" train upsampler --stage 1 --preset shapes-gpu --init "$model" --run-dir "$run/upsampler1" --no-eval \
     --minutes "${UPSAMPLER_MIN:-5.4}" --set upsamplers.0.train.batch_size="${UPSAMPLER_BATCH:-512}" \

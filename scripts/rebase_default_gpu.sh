@@ -18,18 +18,10 @@ set -uo pipefail
 run=${1:?usage: scripts/rebase_default_gpu.sh RUN_DIR CLIP_DIR [MODEL]}
 clip=${2:?usage: scripts/rebase_default_gpu.sh RUN_DIR CLIP_DIR [MODEL]}
 model=${3:-src/unclip/assets/model}
-python=${PYTHON:-python3}
-unclip=("$python" -m unclip)
-export TQDM_MININTERVAL=${TQDM_MININTERVAL:-15}
-mkdir -p "$run"
 workers=${WORKERS:-4}
-started=$(date +%s)
-say() { echo "[$(( $(date +%s) - started )) s] $*"; }
+source "$(dirname "$0")/gpu_common.sh"
 
-"${unclip[@]}" train decoder --preset shapes-gpu --clip "$clip" --init "$model" --run-dir "$run/decoder" --no-eval \
-    --minutes "${DECODER_MIN:-8}" --set decoder.train.batch_size="${DECODER_BATCH:-1024}" \
-    --set decoder.train.lr=2e-4 --set decoder.train.warmup_steps=100 --set decoder.train.num_workers="$workers" \
-    >"$run/decoder.log" 2>&1 &
+continue_decoder "$clip" "$model" "${DECODER_MIN:-8}" "$workers"
 decoder=$!
 for kind in diffusion ar; do
     "${unclip[@]}" train prior --kind "$kind" --preset shapes-gpu --clip "$clip" --run-dir "$run/${kind}_prior" \
