@@ -8,6 +8,8 @@ import torch
 from unclip.config import preset
 from unclip.decoder.model import Decoder, draw_keep, unet_config
 
+from tiny_models import save_tiny_clip
+
 CLIP_DIM, TEXT_WIDTH = 16, 32
 
 
@@ -130,18 +132,6 @@ def test_ddim_inversion_then_sampling_reconstructs_the_image():
     assert (other_steps - b["image"]).pow(2).mean() > 1e-2  # the inversion is tied to its own step grid
 
 
-def _tiny_clip_dir(tmp_path):
-    from unclip.clip.model import ClipModel
-    from unclip.clip.stage import save_clip
-    from unclip.tokenizer import train_shapes_tokenizer
-
-    cfg = preset("tiny")
-    torch.manual_seed(0)
-    tokenizer = train_shapes_tokenizer(vocab_size=600, context_length=32, corpus_size=1000)
-    clip = ClipModel.from_config(cfg.clip, tokenizer=tokenizer).eval()
-    return save_clip(clip, tmp_path / "clip", cfg=cfg)
-
-
 def test_tiny_decoder_trains_through_the_trainer_and_reloads_to_the_same_samples(tmp_path):
     from diffusers import DDPMScheduler
 
@@ -152,7 +142,7 @@ def test_tiny_decoder_trains_through_the_trainer_and_reloads_to_the_same_samples
     from unclip.train.data import shapes_feed
     from unclip.train.trainer import train
 
-    clip_dir = _tiny_clip_dir(tmp_path)
+    clip_dir = save_tiny_clip(tmp_path)
     cfg = with_clip_config(preset("tiny"), clip_dir)
     clip = load_clip(clip_dir)
     decoder = build_decoder(cfg)
@@ -183,7 +173,7 @@ def test_cli_trains_a_decoder(tmp_path, capsys):
     from unclip.decoder.stage import load_decoder
     from unclip.modeldir import read_manifest
 
-    clip_dir = _tiny_clip_dir(tmp_path)
+    clip_dir = save_tiny_clip(tmp_path)
     argv = ["train", "decoder", "--preset", "tiny", "--clip", str(clip_dir), "--run-dir", str(tmp_path / "run"),
             "--out", str(tmp_path / "model"), "--eval-samples", "2", "--set", "decoder.train.steps=2"]
     assert main(argv) == 0
@@ -205,7 +195,7 @@ def test_init_continues_from_a_model_and_records_its_history(tmp_path, capsys):
     from unclip.decoder.stage import load_decoder
     from unclip.modeldir import read_manifest
 
-    clip_dir = _tiny_clip_dir(tmp_path)
+    clip_dir = save_tiny_clip(tmp_path)
     common = ["train", "decoder", "--preset", "tiny", "--clip", str(clip_dir), "--no-eval",
               "--set", "decoder.train.steps=2", "--set", "decoder.train.ema_decay=0"]
     assert main([*common, "--run-dir", str(tmp_path / "a"), "--out", str(tmp_path / "first")]) == 0

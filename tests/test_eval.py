@@ -265,12 +265,12 @@ def judge_dir(tmp_path_factory):
 
 
 def test_unclip_eval_end_to_end_writes_json_markdown_and_grids(tmp_path, judge_dir):
-    from test_pipeline import _clip_dir, _stages
+    from tiny_models import save_tiny_clip, save_tiny_stages
 
     from unclip.cli import main
     from unclip.pipeline.assemble import assemble
 
-    dirs = _stages(tmp_path, _clip_dir(tmp_path))
+    dirs = save_tiny_stages(tmp_path, save_tiny_clip(tmp_path))
     model = assemble(tmp_path / "model", decoder=dirs["decoder"], prior=dirs["prior"], upsamplers=(dirs["upsampler"],))
     prompts = write_prompts(tmp_path / "prompts.jsonl", make_prompts(per_group=1, splits=("seen", "unseen"),
                                                                       langs=("en",)))

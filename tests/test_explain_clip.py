@@ -4,22 +4,15 @@ import json
 import re
 
 import pytest
-import torch
 
 from unclip.cli import main
-from unclip.clip.model import ClipModel
-from unclip.clip.stage import save_clip
-from unclip.config import preset
-from unclip.tokenizer import train_shapes_tokenizer
+
+from tiny_models import save_tiny_clip
 
 
 @pytest.fixture(scope="module")
 def tiny_clip(tmp_path_factory):
-    cfg = preset("tiny")
-    tok = train_shapes_tokenizer(vocab_size=600, context_length=32, corpus_size=1000)
-    torch.manual_seed(0)
-    model = ClipModel.from_config(cfg.clip, tokenizer=tok).eval()
-    return save_clip(model, tmp_path_factory.mktemp("clip") / "model", cfg=cfg)
+    return save_tiny_clip(tmp_path_factory.mktemp("clip"))
 
 
 def test_writes_figures_page_and_metrics(tiny_clip, tmp_path, capsys):

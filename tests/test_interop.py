@@ -276,21 +276,19 @@ def _tiny_unclip(root, prediction_type="epsilon", target="image"):
     of its decoder and upsampler, `target` of its upsampler."""
     from dataclasses import replace
 
-    from unclip.clip.model import ClipModel
-    from unclip.clip.stage import load_clip, save_clip
+    from unclip.clip.stage import load_clip
     from unclip.config import preset
     from unclip.decoder.stage import build_decoder, save_decoder, save_upsampler, with_clip_config
     from unclip.decoder.upsampler import Upsampler
     from unclip.pipeline.assemble import assemble
     from unclip.prior.stage import build_diffusion_prior, save_diffusion_prior
-    from unclip.tokenizer import train_shapes_tokenizer
+
+    from tiny_models import save_tiny_clip
 
     cfg = preset("tiny")
     cfg = replace(cfg, decoder=replace(cfg.decoder, prediction_type=prediction_type),
                   upsamplers=(replace(cfg.upsamplers[0], prediction_type=prediction_type, target=target),))
-    torch.manual_seed(0)
-    tokenizer = train_shapes_tokenizer(vocab_size=600, context_length=32, corpus_size=1000)
-    clip_dir = save_clip(ClipModel.from_config(cfg.clip, tokenizer=tokenizer).eval(), root / "clip", cfg=cfg)
+    clip_dir = save_tiny_clip(root)
     cfg, clip = with_clip_config(cfg, clip_dir), load_clip(clip_dir)
     decoder = save_decoder(build_decoder(cfg), clip, root / "decoder", cfg=cfg, clip_dir=clip_dir)
     prior = save_diffusion_prior(clip, build_diffusion_prior(cfg, clip, fit_samples=32), root / "prior", cfg=cfg,

@@ -10,39 +10,7 @@ from unclip.config import preset
 from unclip.errors import ConfigError, DataError, ModelFormatError
 from unclip.pipeline.latent import pca_truncate, slerp, slerp_rows, text_direction
 
-
-def _clip_dir(root, seed=0):
-    from unclip.clip.model import ClipModel
-    from unclip.clip.stage import save_clip
-    from unclip.tokenizer import train_shapes_tokenizer
-
-    cfg = preset("tiny")
-    torch.manual_seed(seed)
-    tokenizer = train_shapes_tokenizer(vocab_size=600, context_length=32, corpus_size=1000)
-    clip = ClipModel.from_config(cfg.clip, tokenizer=tokenizer).eval()
-    return save_clip(clip, root / f"clip{seed}", cfg=cfg)
-
-
-def _stages(root, clip_dir):
-    """Untrained tiny stage directories, as the `unclip train` verbs would write them."""
-    from unclip.clip.stage import load_clip
-    from unclip.decoder.stage import build_decoder, save_decoder, save_upsampler, with_clip_config
-    from unclip.decoder.upsampler import Upsampler
-    from unclip.prior.stage import build_ar_prior, build_diffusion_prior, save_diffusion_prior, save_prior
-
-    cfg = with_clip_config(preset("tiny"), clip_dir)
-    clip = load_clip(clip_dir)
-    torch.manual_seed(0)
-    decoder = build_decoder(cfg)
-    with torch.no_grad():  # an untrained UNet is no denoiser; damped, DDIM inversion holds (test_decoder.py)
-        decoder.unet.conv_out.weight.mul_(0.02)
-    dirs = {"decoder": save_decoder(decoder, clip, root / "decoder", cfg=cfg, clip_dir=clip_dir)}
-    dirs["ar_prior"] = save_prior(clip, build_ar_prior(cfg, clip, fit_samples=64), root / "ar", cfg=cfg,
-                                  clip_dir=clip_dir, evaluation={}, provenance={})
-    dirs["prior"] = save_diffusion_prior(clip, build_diffusion_prior(cfg, clip, fit_samples=64), root / "prior",
-                                         cfg=cfg, clip_dir=clip_dir, evaluation={}, provenance={})
-    dirs["upsampler"] = save_upsampler(Upsampler.from_config(cfg.upsamplers[0]), root / "up", cfg=cfg, stage=1)
-    return dirs
+from tiny_models import save_tiny_clip, save_tiny_stages
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +18,7 @@ def model_dir(tmp_path_factory):
     from unclip.pipeline.assemble import assemble
 
     root = tmp_path_factory.mktemp("pipeline")
-    dirs = _stages(root, _clip_dir(root))
+    dirs = save_tiny_stages(root, save_tiny_clip(root))
     return assemble(root / "model", decoder=dirs["decoder"], prior=dirs["prior"], ar_prior=dirs["ar_prior"],
                     upsamplers=(dirs["upsampler"],))
 
@@ -117,7 +85,7 @@ def test_assembled_model_holds_every_stage_and_refuses_a_foreign_clip(model_dir,
                  "super_res_first"):
         assert (model_dir / comp).is_dir(), comp
     assert manifest.resolutions == (16, 64) and manifest.extra["priors"] == ["prior", "ar_prior"]
-    other = _stages(tmp_path, _clip_dir(tmp_path, seed=1))
+    other = save_tiny_stages(tmp_path, save_tiny_clip(tmp_path, seed=1))
     with pytest.raises(ModelFormatError, match="different CLIP"):
         assemble(tmp_path / "mixed", decoder=model_dir, ar_prior=other["ar_prior"])
     with pytest.raises(ModelFormatError, match="holds no prior"):

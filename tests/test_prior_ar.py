@@ -106,27 +106,24 @@ def test_trained_prior_beats_the_caption_baseline_and_seeds_repeat(tmp_path):
 
 def test_cli_trains_saves_and_loads_the_same_prior(tmp_path, capsys):
     from unclip.cli import main
-    from unclip.clip.model import ClipModel
-    from unclip.clip.stage import load_clip, save_clip
+    from unclip.clip.stage import load_clip
     from unclip.config import preset
     from unclip.modeldir import load_checkpoint, read_manifest
     from unclip.prior.data import sample_pairs
     from unclip.prior.stage import build_ar_prior, load_ar_prior
-    from unclip.tokenizer import train_shapes_tokenizer
+
+    from tiny_models import save_tiny_clip
 
     cfg = preset("tiny")
-    torch.manual_seed(0)
-    clip = ClipModel.from_config(cfg.clip, tokenizer=train_shapes_tokenizer(
-        vocab_size=600, context_length=32, corpus_size=1000))
-    save_clip(clip.eval(), tmp_path / "clip", cfg=cfg)
-    argv = ["train", "prior", "--kind", "ar", "--preset", "tiny", "--clip", str(tmp_path / "clip"),
+    clip_dir = save_tiny_clip(tmp_path)
+    argv = ["train", "prior", "--kind", "ar", "--preset", "tiny", "--clip", str(clip_dir),
             "--run-dir", str(tmp_path / "run"), "--out", str(tmp_path / "model"), "--fit-samples", "200",
             "--no-eval"]
     assert main(argv) == 0
     manifest = read_manifest(tmp_path / "model")
     assert "ar_prior/model.safetensors" in manifest.files and "text_encoder/model.safetensors" in manifest.files
     loaded = load_ar_prior(tmp_path / "model")
-    trained = build_ar_prior(cfg, load_clip(tmp_path / "clip"), fit_samples=200)
+    trained = build_ar_prior(cfg, load_clip(clip_dir), fit_samples=200)
     trained.load_state_dict(load_checkpoint(tmp_path / "run" / "checkpoint.pt")["model"])
     pairs = sample_pairs(load_clip(tmp_path / "model"), split="val", n=6, lang="th")
     args = (pairs["text_states"], pairs["text_mask"], pairs["z_t"])
@@ -138,4 +135,4 @@ def test_cli_trains_saves_and_loads_the_same_prior(tmp_path, capsys):
     with pytest.raises(ModelFormatError, match="config.json is corrupt"):
         load_ar_prior(tmp_path / "model")
     with pytest.raises(ModelFormatError, match="holds no autoregressive prior"):
-        load_ar_prior(tmp_path / "clip")
+        load_ar_prior(clip_dir)

@@ -206,19 +206,16 @@ def test_every_sampler_repeats_for_a_seed_yields_steps_and_returns_unit_vectors(
 
 def test_cli_trains_saves_and_loads_the_same_prior(tmp_path):
     from unclip.cli import main
-    from unclip.clip.model import ClipModel
-    from unclip.clip.stage import load_clip, save_clip
+    from unclip.clip.stage import load_clip
     from unclip.modeldir import load_checkpoint, read_manifest
     from unclip.prior.data import sample_pairs
     from unclip.prior.stage import build_diffusion_prior, load_diffusion_prior, prior_scheduler
-    from unclip.tokenizer import train_shapes_tokenizer
+
+    from tiny_models import save_tiny_clip
 
     cfg = preset("tiny")
-    torch.manual_seed(0)
-    clip = ClipModel.from_config(cfg.clip, tokenizer=train_shapes_tokenizer(
-        vocab_size=600, context_length=32, corpus_size=1000))
-    save_clip(clip.eval(), tmp_path / "clip", cfg=cfg)
-    argv = ["train", "prior", "--kind", "diffusion", "--preset", "tiny", "--clip", str(tmp_path / "clip"),
+    clip_dir = save_tiny_clip(tmp_path)
+    argv = ["train", "prior", "--kind", "diffusion", "--preset", "tiny", "--clip", str(clip_dir),
             "--run-dir", str(tmp_path / "run"), "--out", str(tmp_path / "model"), "--fit-samples", "200",
             "--no-eval"]
     assert main(argv) == 0
@@ -229,7 +226,7 @@ def test_cli_trains_saves_and_loads_the_same_prior(tmp_path):
         assert name in manifest.files, name
     assert manifest.provenance["diffusion_prior"]["steps"] == cfg.prior.train.steps
     loaded = load_diffusion_prior(tmp_path / "model")
-    trained = build_diffusion_prior(cfg, load_clip(tmp_path / "clip"), fit_samples=200)
+    trained = build_diffusion_prior(cfg, load_clip(clip_dir), fit_samples=200)
     fitted_mean = trained.transformer.clip_mean.clone()
     trained.load_state_dict(load_checkpoint(tmp_path / "run" / "checkpoint.pt")["model"])
     assert torch.equal(loaded.transformer.clip_mean, fitted_mean) and fitted_mean.norm() > 0  # statistics saved

@@ -26,12 +26,12 @@ _MODEL = {}
 def tiny_model(tmp_path_factory):
     """A tiny untrained model directory with both priors and one ×4 upsampler (16² → 64²), built once."""
     if "dir" not in _MODEL:
-        from test_pipeline import _clip_dir, _stages
+        from tiny_models import save_tiny_clip, save_tiny_stages
 
         from unclip.pipeline.assemble import assemble
 
         root = tmp_path_factory.mktemp("server-model")
-        dirs = _stages(root, _clip_dir(root))
+        dirs = save_tiny_stages(root, save_tiny_clip(root))
         _MODEL["dir"] = assemble(root / "model", decoder=dirs["decoder"], prior=dirs["prior"],
                                  ar_prior=dirs["ar_prior"], upsamplers=(dirs["upsampler"],))
     return _MODEL["dir"]
