@@ -88,3 +88,10 @@ def test_config_cli_prints_json_with_overrides(capsys, tmp_path):
     assert json.loads(capsys.readouterr().out.split("\n", 1)[1])["name"] == "again"
     assert main(["config", "--set", "bogus=1"]) == 2
     assert "valid keys" in capsys.readouterr().err
+
+
+def test_config_refuses_an_unusable_guidance_scale():
+    for key, value in (("decoder.guidance_scale", "1e999"), ("prior.guidance_scale", "-1")):  # 1e999: inf
+        with pytest.raises(ConfigError, match=f"{key}: guidance scale"):
+            preset("tiny").override([f"{key}={value}"])
+    assert isinstance(preset("tiny").override(["decoder.guidance_scale=0"]), UnclipConfig)

@@ -285,6 +285,21 @@ def test_every_cli_verb_runs_on_the_tiny_model(model_dir, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["generate", "a red circle", *common, "--steps", "0"])
     assert "--steps: 0 is too small" in capsys.readouterr().err
+    for scale in ("nan", "inf", "-1"):  # refused at once, not as a broken image after sampling
+        with pytest.raises(SystemExit):
+            main(["generate", "a red circle", *common, "--guidance-scale", scale])
+        assert "give a finite number ≥ 0" in capsys.readouterr().err
+
+
+def test_every_guided_sampler_refuses_an_unusable_guidance_scale(model_dir):
+    import unclip
+
+    pipe = unclip.load(model_dir)
+    for options in ({"guidance_scale": float("nan")}, {"prior_guidance_scale": -2.0}):
+        with pytest.raises(ConfigError, match="finite number ≥ 0"):
+            pipe.generate(["a red circle"], n=1, steps=2, **options)
+    with pytest.raises(ConfigError, match="finite number ≥ 0"):
+        pipe.generate(["a red circle"], n=1, steps=2, prior="ar", prior_guidance_scale=float("inf"))
 
 
 def test_generate_samples_in_batches_that_change_no_image(model_dir, tmp_path, monkeypatch):

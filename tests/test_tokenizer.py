@@ -58,6 +58,11 @@ def test_truncation_is_reported_and_keeps_end_token(tok, caplog):
     assert batch.truncated == (True, False)
     assert batch.input_ids[0, -1] == tok.eos_id and batch.attention_mask[0].all()
     assert "cut to 16 tokens" in caplog.text and "green square" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="unclip.tokenizer"):  # a batch repeats a prompt per candidate
+        batch = tok.encode([long * 20] * 3 + ["a red circle"], context_length=16)
+    assert batch.truncated == (True, True, True, False)
+    assert len(caplog.records) == 1 and len(caplog.text) < 300, caplog.text
 
 
 def test_save_load_same_ids(tok, tmp_path):

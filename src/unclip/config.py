@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field, fields, is_dataclass, replace
@@ -266,6 +267,17 @@ class UnclipConfig:
         return cfg
 
 
+def check_guidance_scale(scale: float) -> float:
+    """`scale` if it is a usable classifier-free guidance scale (finite, ≥ 0), else a ConfigError.
+
+    1 is no guidance, 0 the null branch alone, above 1 pushes towards the condition. A NaN or an
+    infinity would otherwise surface only as a broken image after the whole sampling run.
+    """
+    if not math.isfinite(scale) or scale < 0:
+        raise ConfigError(f"guidance scale {scale}: give a finite number ≥ 0 (1 is no guidance, 3 is strong)")
+    return float(scale)
+
+
 def check(cfg: UnclipConfig) -> None:
     """Cross-field checks that a type alone cannot express.
 
@@ -287,6 +299,12 @@ def check(cfg: UnclipConfig) -> None:
                     ("decoder.text_drop", cfg.decoder.text_drop), ("ar_prior.cond_drop", cfg.ar_prior.cond_drop)):
         if not 0.0 <= p <= 1.0:
             raise ConfigError(f"{name}={p} must be a probability in [0, 1]")
+    for name, scale in (("prior.guidance_scale", cfg.prior.guidance_scale),
+                        ("decoder.guidance_scale", cfg.decoder.guidance_scale)):
+        try:
+            check_guidance_scale(scale)
+        except ConfigError as err:
+            raise ConfigError(f"{name}: {err}") from None
     from unclip.data.twins import check_group, check_weights
 
     for name, value, valid in (("clip.twin_group", cfg.clip.twin_group, check_group),

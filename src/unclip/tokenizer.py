@@ -117,14 +117,16 @@ class Tokenizer:
         room = length - 2
         ids = torch.full((len(texts), length), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(texts), length), dtype=torch.long)
-        truncated = []
+        truncated, warned = [], set()
         for row, encoding in enumerate(self.backend.encode_batch(list(texts), add_special_tokens=False)):
             tokens = encoding.ids
             cut = len(tokens) > room
-            if cut:
+            if cut and texts[row] not in warned:  # once per caption, however often the batch repeats it
+                warned.add(texts[row])
                 lost = self.backend.decode(tokens[room:])
-                log.warning("caption cut to %d tokens; dropped the end: %r", length, lost)
-                tokens = tokens[:room]
+                shown = lost if len(lost) <= 60 else f"{lost[:60]}… ({len(lost)} characters)"
+                log.warning("caption cut to %d tokens; dropped the end: %r", length, shown)
+            tokens = tokens[:room]
             seq = [self.bos_id, *tokens, self.eos_id]
             ids[row, : len(seq)] = torch.tensor(seq)
             mask[row, : len(seq)] = 1

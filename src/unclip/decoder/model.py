@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from unclip.attention import plain_attention_on_cpu
-from unclip.config import DecoderConfig
+from unclip.config import DecoderConfig, check_guidance_scale
 from unclip.decoder.text_proj import TextProj
 from unclip.diffusion import GaussianDiffusion, SampleStep, cfg_mix, invert_loop, run, sample_loop
 
@@ -126,7 +126,7 @@ class Decoder(nn.Module):
         """
         n = z_i.shape[0]
         ones = torch.ones(n, dtype=torch.bool, device=z_i.device)
-        if guidance_scale == 1.0:
+        if check_guidance_scale(guidance_scale) == 1.0:
             cond = self.text_proj(z_i, text_states, text_mask, keep_z=ones, keep_text=ones, text_embeds=text_embeds)
             return lambda x_t, t: self.unet_fn(x_t, t, **cond)
         both = lambda x: None if x is None else torch.cat([x, x])  # noqa: E731  [2B, ...]

@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from unclip.pipeline.cli import add_sampling_arguments, configure_sampling, positive_int
+from unclip.pipeline.cli import add_sampling_arguments, configure_sampling, guidance, positive_int
 
 DESCRIPTION = """\
 unclip eval MODEL     GenEval-style scores of a model directory: generate images for every prompt,
@@ -38,9 +38,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--prior", help="diffusion or ar (default: the model's first prior), or an ablation: caption "
                    "(the caption's z_t as z_i) or none (the decoder's null z_i: caption only)")
     g.add_argument("--steps", type=positive_int, help="decoder sampling steps (default: the model's config)")
-    g.add_argument("--guidance-scale", type=float, help="decoder classifier-free guidance (default: the model's)")
+    g.add_argument("--guidance-scale", type=guidance, help="decoder classifier-free guidance (default: the model's)")
     g.add_argument("--sampler", choices=["ddim", "ddpm", "dpmsolver++"], help="decoder sampler (default: the model's)")
-    g.add_argument("--prior-guidance-scale", type=float, help="prior classifier-free guidance (default: the model's)")
+    g.add_argument("--prior-guidance-scale", type=guidance, help="prior classifier-free guidance (default: the model's)")
     g.add_argument("--candidates", type=positive_int, help="images drawn per judged image, the one closest to the caption "
                    "in CLIP kept (default: the model's)")
     g.add_argument("--size", type=int, help="judge images at this side of the cascade, e.g. the decoder's 32 "

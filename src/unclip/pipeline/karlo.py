@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from unclip.clip.model import TextEncoding
-from unclip.config import ClipConfig, PriorConfig, UpsamplerConfig
+from unclip.config import ClipConfig, PriorConfig, UpsamplerConfig, check_guidance_scale
 from unclip.decoder.upsampler import Upsampler
 from unclip.diffusion import GaussianDiffusion, SampleStep, cfg_mix, run, sample_loop
 from unclip.errors import ModelFormatError
@@ -161,7 +161,7 @@ class DiffusersPrior(nn.Module):
                   guidance_scale: float) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
         """model_fn(x_t, t): conditional and empty-prompt rows in one batch, `cfg_mix`, then the clamp."""
         cond = {"proj_embedding": z_t, "encoder_hidden_states": text_states, "attention_mask": text_mask.bool()}
-        if guidance_scale != 1.0:
+        if check_guidance_scale(guidance_scale) != 1.0:
             if self.empty_states.numel() == 0:
                 raise ModelFormatError("the prior's empty-prompt encoding is not set (call set_empty_prompt)")
             n = z_t.shape[0]

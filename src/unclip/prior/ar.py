@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from unclip.config import ARPriorConfig
+from unclip.config import ARPriorConfig, check_guidance_scale
 from unclip.prior.pca import PCAQuantizer
 
 DOT_BUCKETS = 32
@@ -109,7 +109,7 @@ class ARPrior(nn.Module):
         batch = len(z_t)
         device = z_t.device
         dot = top_half_dot_buckets(batch, generator=generator).to(device)
-        guided = guidance_scale != 1.0
+        guided = check_guidance_scale(guidance_scale) != 1.0
         if guided:
             text_states, text_mask = torch.cat([text_states] * 2), torch.cat([text_mask] * 2)
             z_t, dot = torch.cat([z_t] * 2), torch.cat([dot] * 2)

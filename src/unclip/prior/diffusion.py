@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from unclip.attention import plain_attention_on_cpu
-from unclip.config import PriorConfig
+from unclip.config import PriorConfig, check_guidance_scale
 from unclip.diffusion import GaussianDiffusion, SampleStep, cfg_mix, run, sample_loop
 from unclip.errors import ConfigError
 
@@ -191,7 +191,7 @@ class DiffusionPrior(nn.Module):
         """model_fn(x_t, t) with CFG: the same x_t in conditional and null rows of one batch, then `cfg_mix`."""
         n = z_t.shape[0]
         ones = torch.ones(n, dtype=torch.bool, device=z_t.device)
-        if guidance_scale == 1.0:
+        if check_guidance_scale(guidance_scale) == 1.0:
             cond = self.cond(z_t, text_states, text_mask, ones)
             return lambda x_t, t: self.model_fn(x_t, t, **cond)
         both = lambda x: torch.cat([x, x])  # noqa: E731  [2B, ...]
