@@ -1,6 +1,7 @@
 """The pipeline: assembling stages, the one decode path, every task, slerp, bad input."""
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -289,6 +290,20 @@ def test_every_cli_verb_runs_on_the_tiny_model(model_dir, tmp_path, capsys):
         with pytest.raises(SystemExit):
             main(["generate", "a red circle", *common, "--guidance-scale", scale])
         assert "give a finite number ≥ 0" in capsys.readouterr().err
+
+
+def test_prompts_with_words_the_model_never_saw_are_warned_about_once(model_dir, caplog):
+    import logging
+
+    import unclip
+
+    pipe = unclip.load(model_dir)  # a tiny model of the shapes preset: trained on shapes-world captions
+    assert pipe.unknown_words("a dog on a red skateboard") == ["dog", "skateboard"]
+    with caplog.at_level(logging.WARNING, logger="unclip.pipeline.pipeline"):
+        pipe.encode_text(["a dog on a red skateboard"] * 3 + ["a red circle", "ดาวสีเขียว"])
+    assert len(caplog.records) == 1 and "never saw 'dog', 'skateboard' in training; those words" in caplog.text
+    pipe.config = replace(pipe.config, data=replace(pipe.config.data, source="folder"))
+    assert pipe.unknown_words("a dog on a red skateboard") == []  # other data: no vocabulary kept
 
 
 def test_every_guided_sampler_refuses_an_unusable_guidance_scale(model_dir):

@@ -99,6 +99,10 @@ def test_generations_with_the_openai_client_are_seeded_sized_and_fetchable(clien
     assert [m.id for m in client.models.list().data] == ["unclip-tiny"]
     first = client.images.generate(model="dall-e-2", prompt="a red circle", n=2, size="64x64", extra_body={"seed": 7})
     assert first.size == "64x64" and [d.seed for d in first.data] == [7, 8]
+    assert first.warnings == []
+    odd = httpx.post(f"{server}/v1/images/generations", json={"prompt": "a red dog", "size": "16x16", "steps": 2})
+    assert odd.status_code == 200 and odd.json()["warnings"] == [
+        "this model never saw 'dog' in training; that word means nothing to it"]
     images = [_open(httpx.get(d.url).content) for d in first.data]
     assert all(image.size == (64, 64) for image in images)
     params = json.loads(images[1].text["unclip"])

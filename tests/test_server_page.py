@@ -88,7 +88,7 @@ def test_typing_a_prompt_shows_progress_then_images_with_their_seeds(page):
     seeds = [int(label.split()[1]) for label in labels]
     assert seeds == list(range(seeds[0], seeds[0] + 6)) and all("64x64" in label for label in labels)
     assert page.locator("#gallery .card .label").first.inner_text() == "a red circle"
-    assert page.locator("#error").is_hidden() and not page.errors
+    assert page.locator("#error").is_hidden() and page.locator("#notice").is_hidden() and not page.errors
 
 
 def test_a_shown_seed_redraws_its_image_and_downloads(page, tmp_path):
@@ -133,3 +133,20 @@ def test_variations_and_brush_inpainting_from_the_gallery(page):
     assert np.array_equal(after[48:, :16], before[48:, :16])  # far from the stroke: kept
     assert not np.array_equal(after[:48], before[:48])        # under the stroke: repainted
     assert page.locator("#error").is_hidden() and not page.errors
+
+
+def test_a_prompt_with_a_word_the_model_never_saw_is_drawn_with_a_note(page):
+    from playwright.sync_api import expect
+
+    page.locator("#prompt").fill("a red dog")
+    page.fill("#seed", "")
+    page.fill("#n", "1")
+    page.fill("#steps", "2")
+    page.click("#generate")
+    _wait_for_cards(page, 12)
+    expect(page.locator("#notice")).to_contain_text("never saw 'dog'")
+    assert page.locator("#error").is_hidden() and not page.errors
+    page.locator("#prompt").fill("a red circle")  # the next answer without warnings clears the note
+    page.click("#generate")
+    _wait_for_cards(page, 13)
+    expect(page.locator("#notice")).to_be_hidden()

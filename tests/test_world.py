@@ -128,6 +128,19 @@ def test_thai_captions_are_made_of_known_words():
         assert all(w in world.THAI_WORDS for w in words) and "".join(words) == text.replace(" ", ""), text
 
 
+def test_the_vocabulary_holds_every_caption_word_and_flags_the_rest():
+    more = {w for split in ("train", "unseen", "val") for lang in ("en", "th") for i in range(3500)
+            for w in world.caption_words(sample(split, i, lang=lang).caption)}
+    vocab = world.vocabulary()
+    assert vocab == more  # 2,000 training captions per language already meet every word of 21,000
+    assert {"circle", "hexagons", "top-left", "วงกลม", "ข้าวหลามตัด", "สี่"} <= vocab
+    assert world.unknown_words("a red circle above a blue square") == []
+    assert world.unknown_words("A Dog, a dog and a red skateboard!") == ["dog", "and", "skateboard"]
+    assert world.unknown_words("วงกลมสีแดงอยู่เหนือสี่เหลี่ยมสีน้ำเงิน") == []  # สี่เหลี่ยม: inside สี่เหลี่ยมจัตุรัส
+    assert world.unknown_words("หมาสีแดงกินวงกลม") == ["หมา", "กิน"]  # dog, eats: unknown runs kept whole
+    assert world.unknown_words("a red circle 42") == ["42"]
+
+
 def test_relations_and_positions_are_geometrically_true():
     for i in range(3000):
         scene = sample("train", i).scene

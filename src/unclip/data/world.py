@@ -7,6 +7,8 @@ This module is numpy only; `render.py` draws scenes and `shapes.py` wraps them a
 
 from __future__ import annotations
 
+import functools
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -167,6 +169,51 @@ def thai_words(text: str) -> list[str]:
             words.append(word)
             i += len(word)
     return words
+
+
+THAI_CHARACTERS = re.compile(r"[\u0e00-\u0e7f]+")
+
+
+def caption_words(text: str) -> list[str]:
+    """The words of a caption in either language: lower-case English words without punctuation,
+    Thai runs split by `thai_words` (a run of characters that starts no known Thai word stays one
+    word)."""
+    words: list[str] = []
+    for chunk in text.lower().split():
+        for part in re.split(r"([\u0e00-\u0e7f]+)", chunk):
+            if THAI_CHARACTERS.fullmatch(part):
+                for word in thai_words(part):
+                    if len(word) == 1 and word not in THAI_WORDS and words and words[-1].startswith("\0"):
+                        words[-1] += word  # glue the unknown characters of one run back together
+                    else:
+                        words.append("\0" + word if word not in THAI_WORDS else word)
+            else:
+                words += re.findall(r"[^\W_]+(?:['-][^\W_]+)*", part)
+    return [w.lstrip("\0") for w in words]
+
+
+@functools.lru_cache(maxsize=1)
+def vocabulary() -> frozenset[str]:
+    """Every word the world's captions use, in both languages (from 2,000 training captions each,
+    which meet every template, colour, shape, size, count and place; tests/test_world.py checks
+    this against 20,000)."""
+    return frozenset(w for lang in ("en", "th") for i in range(2000) for w in caption_words(sample("train", i, lang=lang).caption))
+
+
+def unknown_words(text: str) -> list[str]:
+    """The words of `text` that no shapes-world caption uses, in order, each once.
+
+    Thai letters that are part of a known word count as known ("สี่เหลี่ยม", a rectangle, is the
+    start of the world's "สี่เหลี่ยมจัตุรัส", a square): the tokenizer shares their pieces.
+    """
+    known = vocabulary()
+
+    def unknown(word: str) -> bool:
+        if word in known:
+            return False
+        return not (THAI_CHARACTERS.fullmatch(word) and any(word in k for k in known))
+
+    return list(dict.fromkeys(w for w in caption_words(text) if unknown(w)))
 
 
 def _rng(split: str, index: int, seed: int) -> np.random.Generator:

@@ -173,7 +173,27 @@ class UnclipPipeline:
         for p in prompts:
             if not isinstance(p, str) or not p.strip():
                 raise DataError(f"prompt {p!r} is empty; describe the image, e.g. \"a red circle above a blue square\"")
+        for p in dict.fromkeys(prompts):  # once per prompt, however many candidates repeat it
+            for warning in self.prompt_warnings(p):
+                log.warning("%r: %s (the words it knows: docs/shapes_world.md)", p, warning)
         return self.clip.encode_text(self.clip.tokenize(prompts))
+
+    def prompt_warnings(self, prompt: str) -> list[str]:
+        """What a caller should know about `prompt` before trusting the images: words the model never saw."""
+        unknown = self.unknown_words(prompt)
+        if not unknown:
+            return []
+        those = "that word means" if len(unknown) == 1 else "those words mean"
+        return [f"this model never saw {', '.join(map(repr, unknown))} in training; {those} nothing to it"]
+
+    def unknown_words(self, prompt: str) -> list[str]:
+        """Words of `prompt` that no caption of a shapes-world model's training data uses (each once,
+        in order); [] for models trained on other data, whose vocabulary unclip does not keep."""
+        if self.config.data.source != "shapes" or self.config.name.startswith("imported:"):  # interop.py's name
+            return []
+        from unclip.data.world import unknown_words
+
+        return unknown_words(prompt)
 
     @torch.no_grad()
     def encode_image(self, images) -> torch.Tensor:

@@ -125,7 +125,8 @@ def create_app(pipe, options: ServerOptions | None = None) -> FastAPI:
             else:
                 item = {"url": f"{request.base_url}images/{store.put(png)}.png"}
             data.append({**item, "revised_prompt": None, "seed": job.seed + i})
-        return JSONResponse({"created": int(time.time()), "data": data, "size": schemas.size_name(task.side)})
+        return JSONResponse({"created": int(time.time()), "data": data, "size": schemas.size_name(task.side),
+                             "warnings": pipe.prompt_warnings(task.prompt) if task.prompt else []})
 
     def options_of(params: BaseModel, names: tuple[str, ...]) -> dict:
         return {name: getattr(params, name) for name in names if getattr(params, name) is not None}

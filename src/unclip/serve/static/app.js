@@ -19,6 +19,12 @@ function jobId() {
 function showError(message) {
   $("error").textContent = message || "";
   $("error").hidden = !message;
+  if (message) showNotice("");
+}
+
+function showNotice(message) {  // the server's warnings: the images came, but read this
+  $("notice").textContent = message || "";
+  $("notice").hidden = !message;
 }
 
 async function loadInfo() {
@@ -95,6 +101,7 @@ async function run(path, body, meta) {
       return;
     }
     answer.data.slice().reverse().forEach((item) => addCard(item, meta, answer.size)); // newest first, in order
+    showNotice((answer.warnings || []).join(" "));
   } catch (err) {
     showError(err.name === "AbortError" ? "cancelled" : `the request failed: ${err.message}`);
   } finally {
