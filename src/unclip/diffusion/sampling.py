@@ -123,9 +123,7 @@ def sample_loop(model_fn: ModelFn, diffusion: GaussianDiffusion, *, shape: tuple
     x = x_T
     timesteps = scheduler.timesteps.tolist()
     for index, t in enumerate(timesteps):
-        t_batch = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
-        output = model_fn(x, spaced.model_timesteps(t_batch), **(cond or {}))
-        prediction, _ = split_variance(output, spaced.variance)
+        t_batch, output, prediction = _predict(model_fn, spaced, x, t, cond)
         pred_x0 = spaced.pred_x0(x, t_batch, prediction)
         if clip_denoised:
             pred_x0 = pred_x0.clamp(-1, 1)
@@ -137,6 +135,14 @@ def sample_loop(model_fn: ModelFn, diffusion: GaussianDiffusion, *, shape: tuple
             x = scheduler.step(pred_x0, t, x, generator=generator).prev_sample
         yield SampleStep(index=index, total=len(timesteps), t=int(spaced.timestep_map[t]), x_t=x, pred_x0=pred_x0)
     return x
+
+
+def _predict(model_fn: ModelFn, spaced: GaussianDiffusion, x: torch.Tensor, t: int,
+             cond: dict | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(t as a [B] batch, the model's output at step t of the respaced process, its prediction half)."""
+    t_batch = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
+    output = model_fn(x, spaced.model_timesteps(t_batch), **(cond or {}))
+    return t_batch, output, split_variance(output, spaced.variance)[0]
 
 
 def invert_loop(model_fn: ModelFn, diffusion: GaussianDiffusion, x_start: torch.Tensor, *, steps: int = 50,
@@ -156,9 +162,7 @@ def invert_loop(model_fn: ModelFn, diffusion: GaussianDiffusion, x_start: torch.
     x = x_start
     timesteps = scheduler.timesteps.tolist()
     for index, t in enumerate(timesteps):
-        t_batch = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
-        output = model_fn(x, spaced.model_timesteps(t_batch), **(cond or {}))
-        prediction, _ = split_variance(output, spaced.variance)
+        _, _, prediction = _predict(model_fn, spaced, x, t, cond)
         step = scheduler.step(prediction, t, x)
         x = step.prev_sample
         yield SampleStep(index=index, total=len(timesteps), t=int(spaced.timestep_map[t]), x_t=x,
