@@ -6,6 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
+from unclip.argtypes import positive_int
 from unclip.errors import DataError
 
 
@@ -88,8 +89,8 @@ def register(subparsers) -> None:
 
     e = verbs.add_parser("eval", help="zero-shot attribute accuracy and retrieval on shapes world")
     e.add_argument("model", help="model directory holding a CLIP")
-    e.add_argument("-n", type=int, default=300, help="scenes per attribute, split and language (default: 300)")
-    e.add_argument("--retrieval-n", type=int, default=1000, help="val pairs for retrieval (default: 1000)")
+    e.add_argument("-n", type=positive_int, default=300, help="scenes per attribute, split and language (default: 300)")
+    e.add_argument("--retrieval-n", type=positive_int, default=1000, help="val pairs for retrieval (default: 1000)")
     e.add_argument("--out", help="write the results as JSON here")
     e.set_defaults(func=_eval)
 
@@ -102,8 +103,8 @@ def register(subparsers) -> None:
     m.add_argument("--source", choices=["shapes", "folder", "webdataset"], default="shapes")
     m.add_argument("--path", default="", help="folder, or shard pattern like 'data/{000000..000009}.tar'")
     m.add_argument("--split", default="train", help="shapes-world split (default: train)")
-    m.add_argument("-n", type=int, default=10_000, help="shapes-world pairs (default: 10000)")
+    m.add_argument("-n", type=positive_int, default=10_000, help="shapes-world pairs (default: 10000)")
     m.add_argument("--lang", default="mix", choices=["en", "th", "mix"])
     m.add_argument("--seed", type=int, default=0)
-    m.add_argument("--shard-size", type=int, default=10_000)
+    m.add_argument("--shard-size", type=positive_int, default=10_000)
     m.set_defaults(func=_embed)

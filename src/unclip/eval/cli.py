@@ -6,7 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
-from unclip.pipeline.cli import add_sampling_arguments, configure_sampling, guidance, positive_int
+from unclip.argtypes import guidance, positive_int, threads
+from unclip.pipeline.cli import add_sampling_arguments, configure_sampling
 
 DESCRIPTION = """\
 unclip eval MODEL     GenEval-style scores of a model directory: generate images for every prompt,
@@ -26,7 +27,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("target", metavar="MODEL", help="model directory, or `judge`, or `prompts`")
     p.add_argument("--out", help="output folder (prompts: a .jsonl file)")
     p.add_argument("--seed", type=int, help="random seed (default: 0; training the judge: 1)")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=threads, default=0, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     g = p.add_argument_group("evaluating a model")
     g.add_argument("--prompts", help="prompt file (JSONL; default: the shipped set, src/unclip/eval/prompts.jsonl)")

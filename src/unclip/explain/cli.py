@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from unclip.argtypes import positive_int
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the `explain` verb and its sub-verbs to the main CLI's subparsers."""
@@ -42,7 +44,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     clip.add_argument("--model", required=True, help="model directory holding a CLIP (e.g. runs/shapes/clip/model)")
     clip.add_argument("--out", default="out/explain/clip", help="output folder (default: out/explain/clip)")
     clip.add_argument("--seed", type=int, default=0, help="t-SNE seed (default: 0)")
-    clip.add_argument("-n", type=int, default=150, help="scenes in the t-SNE (default: 150)")
+    clip.add_argument("-n", type=positive_int, default=150, help="scenes in the t-SNE (default: 150)")
     clip.set_defaults(func=_clip)
 
 

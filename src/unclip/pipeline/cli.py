@@ -13,6 +13,8 @@ import os
 import sys
 from pathlib import Path
 
+from unclip.argtypes import guidance, positive_int, threads
+
 VERB_HELP = {
     "generate": "caption → images (prior → decoder → upsamplers)",
     "vary": "variations of an image (DDIM inversion, then DDIM with η > 0; paper §3.1)",
@@ -122,29 +124,6 @@ def _load(args: argparse.Namespace):
     return configure_sampling(unclip.load(args.model, device=args.device, precision=args.precision), args)
 
 
-def guidance(value: str) -> float:
-    """An argparse type: a classifier-free guidance scale (a finite number ≥ 0)."""
-    from unclip.config import check_guidance_scale
-    from unclip.errors import ConfigError
-
-    try:
-        return check_guidance_scale(float(value))
-    except ValueError as err:  # ConfigError is a ValueError too
-        message = str(err) if isinstance(err, ConfigError) else f"{value!r} is not a number"
-        raise argparse.ArgumentTypeError(message) from None
-
-
-def positive_int(value: str) -> int:
-    """An argparse type: a whole number ≥ 1 (a count of images, steps or candidates)."""
-    try:
-        number = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number") from None
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"{number} is too small: give 1 or more")
-    return number
-
-
 def grid_path(verb: str):
     """An argparse type for --out: a .png path as given; a folder (existing, ending in "/", or with no
     suffix) gets `<verb>.png` inside; any other suffix is an error before anything is generated."""
@@ -173,7 +152,7 @@ def _common(parser: argparse.ArgumentParser, verb: str, *, seed: int | None = 0)
     parser.add_argument("--guidance-scale", type=guidance, help="decoder classifier-free guidance (default: the model's)")
     parser.add_argument("--device", help="torch device, e.g. cuda (default: cpu)")
     add_sampling_arguments(parser)
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--threads", type=threads, default=0, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
+from unclip.argtypes import port, positive_int, threads
 from unclip.errors import ConfigError
 from unclip.pipeline.cli import add_sampling_arguments, configure_sampling
 
@@ -42,19 +43,19 @@ def register(subparsers) -> None:
         "otherwise; any other address needs an API key. docs/server.md has the details."))
     parser.add_argument("model", nargs="?", help="model directory (default: the shipped shapes-world model)")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
-    parser.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    parser.add_argument("--port", type=port, default=8000, help="port (default: 8000)")
     parser.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on the API (default: $UNCLIP_API_KEY; "
                                           "required when --host is not a loopback address)")
     parser.add_argument("--name", help="the model id /v1/models lists (default: unclip-<config name>)")
-    parser.add_argument("--max-queue", type=int, default=64,
+    parser.add_argument("--max-queue", type=positive_int, default=64,
                         help="requests that may wait; more get 429 with Retry-After (default: 64)")
-    parser.add_argument("--max-batch", type=int, default=8,
+    parser.add_argument("--max-batch", type=positive_int, default=8,
                         help="images per batched generation call (default: 8; 1 turns batching off)")
-    parser.add_argument("--max-steps", type=int, default=250,
+    parser.add_argument("--max-steps", type=positive_int, default=250,
                         help="largest `steps` a request may ask for (default: 250)")
     parser.add_argument("--device", help="torch device, e.g. cuda (default: cpu)")
     add_sampling_arguments(parser)
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--threads", type=threads, default=0, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                         help="uvicorn's log level (default: info)")
     parser.set_defaults(func=_serve)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from unclip.argtypes import positive_int, threads
 from unclip.config_cli import add_config_arguments, config_from_args
 
 
@@ -132,7 +133,7 @@ def _common(parser: argparse.ArgumentParser, stage: str, *, budget: bool = True)
     parser.add_argument("--run-dir", help=f"checkpoints and metrics (default: runs/<preset name>/{stage})")
     parser.add_argument("--out", help="model directory to write (default: <run dir>/model)")
     parser.add_argument("--no-resume", action="store_true", help="start over even if the run dir has a checkpoint")
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--threads", type=threads, default=0, help="torch CPU threads (default: torch's choice)")
     if budget:
         parser.add_argument("--minutes", type=float,
                             help="wall-clock budget for the training steps: the run measures its speed and ends "
@@ -164,7 +165,7 @@ def register(subparsers) -> None:
                             "ar: PCA + quantized autoregressive prior (config key ar_prior) (default: diffusion)")
     prior.add_argument("--clip", required=True, help="model directory holding the CLIP to train against")
     prior.add_argument("--embeddings", help="embedding folder from `unclip embed` (default: encode on the fly)")
-    prior.add_argument("--fit-samples", type=int, default=5000, help="train pairs for fitting PCA (default: 5000)")
+    prior.add_argument("--fit-samples", type=positive_int, default=5000, help="train pairs for fitting PCA (default: 5000)")
     prior.add_argument("--no-eval", action="store_true", help="skip the evaluation after training")
     prior.set_defaults(func=_train_prior)
 
@@ -179,7 +180,7 @@ def register(subparsers) -> None:
     decoder.add_argument("--init", help="start from the decoder of this model directory (same architecture; "
                                         "fresh optimizer and schedule), e.g. to train the shipped model longer")
     decoder.add_argument("--no-eval", action="store_true", help="skip the evaluation after training")
-    decoder.add_argument("--eval-samples", type=int, default=16, help="images decoded for the evaluation (default: 16)")
+    decoder.add_argument("--eval-samples", type=positive_int, default=16, help="images decoded for the evaluation (default: 16)")
     decoder.set_defaults(func=_train_decoder)
 
     upsampler = stages.add_parser(
@@ -191,7 +192,7 @@ def register(subparsers) -> None:
     upsampler.add_argument("--stage", type=int, choices=[1, 2], default=1, help="which ×4 stage (default: 1)")
     upsampler.add_argument("--init", help="start from this stage's upsampler in a model directory (same architecture)")
     upsampler.add_argument("--no-eval", action="store_true", help="skip the evaluation after training")
-    upsampler.add_argument("--eval-samples", type=int, default=16,
+    upsampler.add_argument("--eval-samples", type=positive_int, default=16,
                            help="images upsampled for the evaluation (default: 16)")
     upsampler.set_defaults(func=_train_upsampler)
 
@@ -201,7 +202,7 @@ def register(subparsers) -> None:
                     "the upsamplers, then assemble one model directory. Stages already complete under the run "
                     "directory are skipped and an interrupted stage resumes, so rerun the command after a crash.")
     _common(everything, "", budget=False)
-    everything.add_argument("--embed-pairs", type=int, default=20_000,
+    everything.add_argument("--embed-pairs", type=positive_int, default=20_000,
                             help="training pairs embedded for the priors (default: 20000)")
     everything.add_argument("--stages", nargs="+", choices=["clip", "embed", "prior", "ar_prior", "decoder", "upsamplers"],
                             help="run only these stages (the others must be complete already)")

@@ -1,0 +1,48 @@
+"""argparse types shared by every verb: a bad number is refused before anything loads or runs."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def _whole(value: str) -> int:
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number") from None
+
+
+def positive_int(value: str) -> int:
+    """A whole number ≥ 1: a count of images, steps, samples or candidates."""
+    number = _whole(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"{number} is too small: give 1 or more")
+    return number
+
+
+def threads(value: str) -> int:
+    """torch CPU threads: a whole number ≥ 1, or 0 for torch's own choice."""
+    number = _whole(value)
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"{number} threads: give 1 or more, or 0 for torch's choice")
+    return number
+
+
+def port(value: str) -> int:
+    """A TCP port, 1–65535."""
+    number = _whole(value)
+    if not 1 <= number <= 65535:
+        raise argparse.ArgumentTypeError(f"{number} is not a TCP port: give 1 to 65535")
+    return number
+
+
+def guidance(value: str) -> float:
+    """A classifier-free guidance scale: a finite number ≥ 0."""
+    from unclip.config import check_guidance_scale
+    from unclip.errors import ConfigError
+
+    try:
+        return check_guidance_scale(float(value))
+    except ValueError as err:  # ConfigError is a ValueError too
+        message = str(err) if isinstance(err, ConfigError) else f"{value!r} is not a number"
+        raise argparse.ArgumentTypeError(message) from None
