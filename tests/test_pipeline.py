@@ -306,6 +306,20 @@ def test_prompts_with_words_the_model_never_saw_are_warned_about_once(model_dir,
     assert pipe.unknown_words("a dog on a red skateboard") == []  # other data: no vocabulary kept
 
 
+def test_a_damaged_weight_file_of_the_right_size_is_refused_at_load(model_dir, tmp_path):
+    import shutil
+
+    import unclip
+
+    copy = shutil.copytree(model_dir, tmp_path / "model")
+    weights = copy / "prior" / "diffusion_pytorch_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0x01  # one bit of one weight: it would load and sample wrong, silently
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ModelFormatError, match="diffusion_pytorch_model.safetensors is corrupt: its sha256"):
+        unclip.load(copy)
+
+
 def test_every_guided_sampler_refuses_an_unusable_guidance_scale(model_dir):
     import unclip
 

@@ -154,8 +154,25 @@ def read_manifest(directory: str | Path) -> Manifest:
         raise ModelFormatError(f"{path} has unexpected fields: {err}") from None
 
 
-def verify_files(directory: str | Path, manifest: Manifest, *, checksums: bool = False) -> None:
-    """Check that every file the manifest lists is present with its recorded size (and hash)."""
+_HASHED: dict[tuple[str, int, int], str] = {}  # (resolved path, bytes, mtime ns) → sha256, per process
+
+
+def _sha256(path: Path) -> str:
+    """The file's sha256, hashed once per process while its size and mtime stay the same: every
+    stage of an assembled model verifies the one directory, and this reads each file once."""
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _HASHED:
+        _HASHED[key] = file_record(path)["sha256"]
+    return _HASHED[key]
+
+
+def verify_files(directory: str | Path, manifest: Manifest, *, checksums: bool = True) -> None:
+    """Check that every file the manifest lists is present with its recorded size and sha256.
+
+    Hashing is cheap next to loading (about 1.5 GB/s here; 0.03 s for the shipped 44 MB model) and
+    turns a damaged weight file of the right size into this error instead of silently wrong images.
+    """
     directory = Path(directory)
     for name, record in manifest.files.items():
         path = directory / name
@@ -165,8 +182,9 @@ def verify_files(directory: str | Path, manifest: Manifest, *, checksums: bool =
         if size != record["bytes"]:
             state = "truncated" if size < record["bytes"] else "larger than recorded"
             raise ModelFormatError(f"{path} is {state}: {size} bytes, the manifest records {record['bytes']}")
-        if checksums and file_record(path)["sha256"] != record["sha256"]:
-            raise ModelFormatError(f"{path} is corrupt: its sha256 differs from the one in {MANIFEST}")
+        if checksums and _sha256(path) != record["sha256"]:
+            raise ModelFormatError(f"{path} is corrupt: its sha256 differs from the one {directory / MANIFEST} "
+                                   "records (a damaged copy: copy or download the model again)")
 
 
 # --- weights ---------------------------------------------------------------------------------
