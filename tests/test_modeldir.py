@@ -132,6 +132,9 @@ def test_truncated_checkpoint_is_a_clear_error(tmp_path):
     path.write_bytes(path.read_bytes()[:500])
     with pytest.raises(ModelFormatError, match="ckpt.pt is truncated or corrupt"):
         load_checkpoint(path)
+    path.write_text("not a checkpoint\n")  # no torch file at all: refused the same way, with what to do
+    with pytest.raises(ModelFormatError, match="ckpt.pt is truncated or corrupt.*delete it to start the run over"):
+        load_checkpoint(path)
 
 
 def test_half_copy_halves_the_weights_and_loads_back_as_float32(tmp_path):

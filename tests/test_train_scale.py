@@ -234,6 +234,8 @@ def test_a_nan_loss_stops_with_the_last_good_checkpoint_intact(tmp_path):
         train(_TurnsNaN(at_call=5), feed, cfg=cfg, run_dir=tmp_path, run_config={}, progress=False)
     state = load_checkpoint(tmp_path / "checkpoint.pt")
     assert state["step"] == 4 and all(torch.isfinite(v).all() for v in state["model"].values())
+    with pytest.raises(TrainingError, match="non-finite at step 0 .*no checkpoint was written yet"):
+        train(_TurnsNaN(at_call=1), feed, cfg=cfg, run_dir=tmp_path / "fresh", run_config={}, progress=False)
 
 
 def test_metrics_go_to_jsonl_and_to_tensorboard_when_installed(tmp_path, monkeypatch):

@@ -288,8 +288,10 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise ModelFormatError(f"checkpoint {path} is missing")
     try:
         state = torch.load(path, map_location="cpu", weights_only=False)
-    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, OSError) as err:
-        raise ModelFormatError(f"checkpoint {path} is truncated or corrupt: {err}") from None
+    except (RuntimeError, EOFError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile, OSError) as err:
+        # ValueError: a file that is not a torch checkpoint at all fails on the pickle's magic number
+        raise ModelFormatError(f"checkpoint {path} is truncated or corrupt ({err}); delete it to start the run "
+                               "over, or put back a good copy to resume from it") from None
     if not isinstance(state, dict):
         raise ModelFormatError(f"checkpoint {path} does not hold a dict of training state")
     return state

@@ -304,10 +304,11 @@ def train(stage: nn.Module, make_batches: Callable[[int], Iterator[dict]], *, cf
                     losses = model(batch)
                     loss = losses["loss"]
                     if not dist.all_ok(bool(torch.isfinite(loss.detach()))):
+                        kept = (f"the last good checkpoint ({ckpt_path}) is intact" if Path(ckpt_path).is_file()
+                                else "no checkpoint was written yet, so the run starts over")
                         raise TrainingError(
                             f"{stage_name} loss became non-finite at step {step} (this rank's: {loss.item()}); "
-                            f"the last good checkpoint ({ckpt_path}) is intact. Lower the learning rate or set "
-                            "train.grad_clip, then resume.")
+                            f"{kept}. Lower the learning rate or set train.grad_clip, then run the same command.")
                     accelerator.backward(loss)
                     if accelerator.sync_gradients and cfg.grad_clip > 0:
                         accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
