@@ -10,7 +10,8 @@
 # the trainer fits warmup + cosine into. The result is RUN_DIR/model (float16); evaluate it with
 # `unclip eval RUN_DIR/model --per-group 2` and ship it with scripts/ship_default.py.
 #
-# Environment: DECODER_MIN (6.3), UPSAMPLER_MIN (5.4), DECODER_BATCH (1024), UPSAMPLER_BATCH (512),
+# Environment: DECODER_MIN (6.3), UPSAMPLER_MIN (5.4; 0 keeps MODEL's upsampler and trains the decoder
+# alone), DECODER_BATCH (1024), UPSAMPLER_BATCH (512),
 # WORKERS (data-loader workers per stage, 6), PYTHON (the interpreter with unclip installed; python3).
 set -uo pipefail
 
@@ -19,15 +20,18 @@ model=${2:-src/unclip/assets/model}
 workers=${WORKERS:-6}
 source "$(dirname "$0")/gpu_common.sh"
 
+upsampler_min=${UPSAMPLER_MIN:-5.4}
 continue_decoder "$model" "$model" "${DECODER_MIN:-6.3}" "$workers"
-decoder=$!
-"${unclip[@]}" train upsampler --stage 1 --preset shapes-gpu --init "$model" --run-dir "$run/upsampler1" --no-eval \
-    --minutes "${UPSAMPLER_MIN:-5.4}" --set upsamplers.0.train.batch_size="${UPSAMPLER_BATCH:-512}" \
-    --set upsamplers.0.train.lr=1e-4 --set upsamplers.0.train.warmup_steps=100 \
-    --set upsamplers.0.train.num_workers="$workers" >"$run/upsampler1.log" 2>&1 &
-upsampler=$!
+pids=($!) stages=(decoder) upsampler=$model  # UPSAMPLER_MIN=0 keeps MODEL's upsampler, the GPU all the decoder's
+if [ "$upsampler_min" != 0 ]; then
+    "${unclip[@]}" train upsampler --stage 1 --preset shapes-gpu --init "$model" --run-dir "$run/upsampler1" --no-eval \
+        --minutes "$upsampler_min" --set upsamplers.0.train.batch_size="${UPSAMPLER_BATCH:-512}" \
+        --set upsamplers.0.train.lr=1e-4 --set upsamplers.0.train.warmup_steps=100 \
+        --set upsamplers.0.train.num_workers="$workers" >"$run/upsampler1.log" 2>&1 &
+    pids+=($!) stages+=(upsampler1) upsampler=$run/upsampler1/half
+fi
 failed=0
-for job in $decoder $upsampler; do wait "$job" || failed=1; done
+for job in "${pids[@]}"; do wait "$job" || failed=1; done
 if [ "$failed" != 0 ]; then
     say "a stage failed (logs in $run); the same command resumes it from its checkpoint"; exit 1
 fi
@@ -35,8 +39,8 @@ say "trained"
 # The decoder directory re-saves the CLIP it loaded in float32; halved, its files are byte-identical
 # to a float16 MODEL's, which is what assemble compares (sha256) to accept MODEL's priors beside it.
 "$python" -c "from unclip.modeldir import half_model_dir
-for stage in ('decoder', 'upsampler1'):
+for stage in '${stages[*]}'.split():
     half_model_dir('$run/' + stage + '/model', '$run/' + stage + '/half')" || exit 1
 "${unclip[@]}" assemble --decoder "$run/decoder/half" --prior "$model" --ar-prior "$model" \
-    --upsampler "$run/upsampler1/half" --out "$run/model" --half || exit 1
+    --upsampler "$upsampler" --out "$run/model" --half || exit 1
 say "model (float16): $run/model"
