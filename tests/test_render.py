@@ -74,6 +74,15 @@ def test_preview_wraps_captions_between_words(lang):
             assert sum((thai_words(line) for line in lines), []) == thai_words(text), lines
 
 
+def test_a_thai_prompt_with_words_outside_the_world_wraps_between_them_too():
+    """The README's Thai prompt says สี่เหลี่ยม (a rectangle), no word of the world's own: its
+    letters stay together on one line ("สี่เหลี่ย" then "ม" was how a grid label broke)."""
+    face = font("th", 13)
+    lines = wrap("วงกลมสีแดงอยู่เหนือสี่เหลี่ยมสีน้ำเงิน", face, 150, "th")
+    assert lines == ["วงกลมสีแดงอยู่เหนือสี่", "เหลี่ยมสีน้ำเงิน"]
+    assert thai_words("หมาสีแดงกินวงกลม") == ["หมา", "สี", "แดง", "กิน", "วงกลม"]  # unknown runs kept whole
+
+
 def test_preview_grid(tmp_path):
     path = write_preview(tmp_path / "p.png", split="unseen", n=5, size=32, seed=1)
     image = Image.open(path)

@@ -159,13 +159,22 @@ def cell_of(cx: float, cy: float) -> str:
 def thai_words(text: str) -> list[str]:
     """Split a Thai caption into words by longest match against `THAI_WORDS`; spaces are dropped.
 
-    A character that starts no known word becomes a word of its own.
+    Characters that start no known word stay together as one word up to the next known one
+    ("หมาสีแดง", a red dog: หมา, สี, แดง), so a wrapped line never breaks inside them.
     """
+    def known_at(chunk: str, i: int) -> str | None:
+        return max((w for w in THAI_WORDS if chunk.startswith(w, i)), key=len, default=None)
+
     words = []
     for chunk in text.split():
         i = 0
         while i < len(chunk):
-            word = max((w for w in THAI_WORDS if chunk.startswith(w, i)), key=len, default=chunk[i])
+            word = known_at(chunk, i)
+            if word is None:
+                end = i + 1
+                while end < len(chunk) and known_at(chunk, end) is None:
+                    end += 1
+                word = chunk[i:end]
             words.append(word)
             i += len(word)
     return words
@@ -176,20 +185,15 @@ THAI_CHARACTERS = re.compile(r"[\u0e00-\u0e7f]+")
 
 def caption_words(text: str) -> list[str]:
     """The words of a caption in either language: lower-case English words without punctuation,
-    Thai runs split by `thai_words` (a run of characters that starts no known Thai word stays one
-    word)."""
+    Thai runs split by `thai_words`."""
     words: list[str] = []
     for chunk in text.lower().split():
         for part in re.split(r"([\u0e00-\u0e7f]+)", chunk):
             if THAI_CHARACTERS.fullmatch(part):
-                for word in thai_words(part):
-                    if len(word) == 1 and word not in THAI_WORDS and words and words[-1].startswith("\0"):
-                        words[-1] += word  # glue the unknown characters of one run back together
-                    else:
-                        words.append("\0" + word if word not in THAI_WORDS else word)
+                words += thai_words(part)
             else:
                 words += re.findall(r"[^\W_]+(?:['-][^\W_]+)*", part)
-    return [w.lstrip("\0") for w in words]
+    return words
 
 
 @functools.lru_cache(maxsize=1)
