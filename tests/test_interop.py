@@ -224,6 +224,7 @@ def test_every_task_runs_on_an_imported_karlo(karlo, tmp_path):
     # different rounding of batched and single bf16 convolutions (docs/pipeline.md, "Seeds")
     pipe = unclip.load(out, precision="float32")
     assert pipe.pca is not None and pipe.config.decoder.text_null == "empty_prompt"
+    assert pipe.unknown_words("a dog on a skateboard") == []  # Karlo knows more than shapes world: no warnings
     a, b = _image(32, 1), _image(32, 2)
     fast = {"steps": 2}
     images = pipe.generate(PROMPT, n=2, seed=0, **fast)

@@ -244,7 +244,7 @@ def load_diffusers(path: str | Path, *, image_encoder: str | Path | None = None,
     from transformers import CLIPTextModelWithProjection
 
     from unclip.pipeline.karlo import DiffusersClip
-    from unclip.pipeline.pipeline import UnclipPipeline
+    from unclip.pipeline.pipeline import IMPORTED, UnclipPipeline
 
     directory = Path(path)
     index = _json(directory / "model_index.json")
@@ -270,7 +270,7 @@ def load_diffusers(path: str | Path, *, image_encoder: str | Path | None = None,
     prior = _prior(directory, text.config.hidden_size) if (directory / "prior").is_dir() else None
     if prior is not None:
         prior.set_empty_prompt(empty.token_states, empty.mask, empty.embeds)
-    cfg = UnclipConfig(name=f"imported:{directory.name}", tokenizer=TokenizerConfig(
+    cfg = UnclipConfig(name=f"{IMPORTED}{directory.name}", tokenizer=TokenizerConfig(
         vocab_size=tokenizer.vocab_size, context_length=tokenizer.context_length), clip=clip_cfg,
         prior=prior.config if prior is not None else PriorConfig(), decoder=decoder.config,
         upsamplers=tuple(u.config for u in upsamplers))

@@ -35,6 +35,7 @@ from unclip.errors import ConfigError, DataError
 from unclip.pipeline import PRECISIONS, latent
 
 log = logging.getLogger(__name__)
+IMPORTED = "imported:"  # the config name's prefix for models read from diffusers' layout (interop.py)
 
 Seed = int | Sequence[int] | torch.Generator | None
 Callback = Callable[[str, SampleStep], None]
@@ -189,7 +190,7 @@ class UnclipPipeline:
     def unknown_words(self, prompt: str) -> list[str]:
         """Words of `prompt` that no caption of a shapes-world model's training data uses (each once,
         in order); [] for models trained on other data, whose vocabulary unclip does not keep."""
-        if self.config.data.source != "shapes" or self.config.name.startswith("imported:"):  # interop.py's name
+        if self.config.data.source != "shapes" or self.config.name.startswith(IMPORTED):
             return []
         from unclip.data.world import unknown_words
 
