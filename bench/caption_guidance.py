@@ -14,14 +14,9 @@ into --out. The numbers in docs/model_card.md ("Sampling sweeps") came from this
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-import tempfile
-from pathlib import Path
 
 import torch
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def partial_guided_fn(drop: str):
@@ -63,13 +58,8 @@ def main() -> int:
     from unclip.decoder.model import Decoder
 
     Decoder.guided_fn = partial_guided_fn(args.drop)
-    lines = (ROOT / "src/unclip/eval/prompts.jsonl").read_text(encoding="utf-8").splitlines()
-    chosen = [line for line in lines if json.loads(line)["tag"] in args.tasks]
-    with tempfile.TemporaryDirectory() as tmp:
-        prompts = Path(tmp) / "prompts.jsonl"
-        prompts.write_text("\n".join(chosen) + "\n", encoding="utf-8")
-        return unclip_main(["eval", args.model, "--prompts", str(prompts), "--guidance-scale", str(args.scale),
-                            "--out", args.out, "--threads", "2", "--quiet"])
+    return unclip_main(["eval", args.model, "--tasks", *args.tasks, "--guidance-scale", str(args.scale),
+                        "--out", args.out, "--threads", "2", "--quiet"])
 
 
 if __name__ == "__main__":

@@ -290,6 +290,14 @@ def test_unclip_eval_end_to_end_writes_json_markdown_and_grids(tmp_path, judge_d
     assert "judge accuracy" in report and "## The judge's own accuracy" in report
     assert all((out / f"grid_{t}.png").is_file() for t in TASKS)
 
+    some = ["eval", str(model), "--prompts", str(prompts), "--judge", str(judge_dir), "--images-per-prompt", "1",
+            "--quiet", "--out", str(tmp_path / "some")]
+    assert main([*some, "--tasks", "two_object", "position"]) == 0  # a quick look at the tasks a change is about
+    result = json.loads((tmp_path / "some" / "eval.json").read_text())
+    assert set(result["tasks"]) == {"two_object", "position"} and len(result["records"]) == 2 * 2
+    assert result["meta"]["tasks"] == ["two_object", "position"]
+    assert main([*some, "--tasks", "relations"]) == 2  # not in the file: a clear error naming what is
+
 
 def test_unclip_eval_without_a_judge_is_a_clear_error(tmp_path, capsys):
     from unclip.cli import main

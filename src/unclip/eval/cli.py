@@ -34,6 +34,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--images-per-prompt", type=positive_int, default=4, help="images per prompt (default: 4)")
     g.add_argument("--per-group", type=positive_int, help="use only the first N prompts of each (task, split, lang); "
                    "for `eval prompts`, how many to write (default: 4)")
+    g.add_argument("--tasks", nargs="+", metavar="TASK", help="score only these tasks, e.g. two_object position "
+                   "(default: all in the prompt file; overall is then their mean)")
     g.add_argument("--judge", help="judge directory (default: the shipped judge, src/unclip/eval/judge)")
     g.add_argument("--batch-prompts", type=positive_int, default=4, help="prompts generated per batch (default: 4)")
     g.add_argument("--prior", help="diffusion or ar (default: the model's first prior), or an ablation: caption "
@@ -56,16 +58,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from unclip.errors import ConfigError
-
     if args.threads:
         import torch
 
         torch.set_num_threads(args.threads)
-    if args.images_per_prompt < 1:
-        raise ConfigError(f"--images-per-prompt {args.images_per_prompt}: use at least 1")
-    if args.per_group is not None and args.per_group < 1:
-        raise ConfigError(f"--per-group {args.per_group}: use at least 1")
     if args.target == "judge":
         return _judge(args)
     if args.target == "prompts":
@@ -103,7 +99,7 @@ def _prompts(args: argparse.Namespace) -> int:
 
 def _model(args: argparse.Namespace) -> int:
     import unclip
-    from unclip.errors import ModelFormatError
+    from unclip.errors import ConfigError, ModelFormatError
     from unclip.eval.geneval import evaluate
     from unclip.eval.judge import default_judge_dir, load_judge
     from unclip.eval.prompts import default_prompts_path, limit, read_prompts
@@ -117,6 +113,12 @@ def _model(args: argparse.Namespace) -> int:
     judge, accuracy = load_judge(judge_dir)
     prompts_path = Path(args.prompts) if args.prompts else default_prompts_path()
     prompts = read_prompts(prompts_path)
+    if args.tasks:
+        present = sorted({p["tag"] for p in prompts})
+        if unknown := sorted(set(args.tasks) - set(present)):
+            raise ConfigError(f"--tasks {' '.join(unknown)}: {prompts_path} holds no such task; it holds "
+                              f"{', '.join(present)}")
+        prompts = [p for p in prompts if p["tag"] in args.tasks]
     if args.per_group:
         prompts = limit(prompts, args.per_group)
     pipe = configure_sampling(unclip.load(model, device=args.device, precision=args.precision), args)
@@ -125,7 +127,8 @@ def _model(args: argparse.Namespace) -> int:
                                  ("size", args.size), ("candidates", args.candidates)) if v is not None}
     evaluation = evaluate(pipe, judge, prompts, args.images_per_prompt, args.seed or 0, judge_accuracy=accuracy,
                           batch_prompts=args.batch_prompts, progress=not args.quiet, generate_options=options)
-    evaluation.result["meta"] = {"model": str(model), "prompts": str(prompts_path), "judge": str(judge_dir),
+    evaluation.result["meta"] = {"model": str(model), "prompts": str(prompts_path), "tasks": args.tasks or "all",
+                                 "judge": str(judge_dir),
                                  "candidates": pipe.config.decoder.candidates, **options, "precision": pipe.precision,
                                  **{f"upsampler{i}": {"sampler": u.config.sampler, "steps": u.config.sample_steps,
                                                    "start": u.config.sample_start}
