@@ -43,6 +43,10 @@ SIZE_NAMES = ("small", "large")
 MAX_COUNT = 4
 PLACE_THRESHOLD = 0.05  # summed density at a place of the last map above which it belongs to an object
 CLASS_FLOOR = 0.03  # a class's mass in a region below which it is haze, not part of an object
+# A region's mass from which it holds at least one object. On real renders every region holds 0.5
+# or more; generated shapes the judge finds unfamiliar make regions of 0.16-0.5 that are plainly
+# objects (each its own component of non-background pixels), which rounding read as nothing.
+OBJECT_FLOOR = 0.15
 WEIGHTS = "judge.safetensors"
 
 
@@ -156,9 +160,10 @@ def read_objects(density: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
     Objects are read by place first, then by class. The maps summed over the classes show where
     objects are: each 8-connected region of places whose summed density exceeds PLACE_THRESHOLD
-    holds round(its mass) objects (at most MAX_COUNT), shared out among the classes in proportion
-    to their mass there, largest remainders first; a class with less than CLASS_FLOOR there counts
-    for nothing. On a crisp render each object's mass sits in its own class and this is every
+    holds round(its mass) objects (at most MAX_COUNT, and at least one once its mass reaches
+    OBJECT_FLOOR), shared out among the classes in proportion to their mass there, largest
+    remainders first; a class with less than CLASS_FLOOR there counts for nothing unless no class
+    reaches it. On a crisp render each object's mass sits in its own class and this is every
     class's mass rounded; on a generated shape that lies between two classes (a roundish hexagon:
     0.5 circle, 0.4 hexagon) rounding class by class would read no object at all, where this reads
     one, of the class it is most like (docs/eval.md).
@@ -178,11 +183,13 @@ def read_objects(density: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     ys = (torch.arange(rows) + 0.5) / rows
     for r in range(1, regions + 1):
         inside = torch.from_numpy(labels == r)
-        mass = (d * inside).sum((1, 2))  # [72]
-        mass = torch.where(mass >= CLASS_FLOOR, mass, torch.zeros(()))  # a class's faint haze is not an object
-        n = min(int(torch.round(mass.sum())), MAX_COUNT)
-        if n == 0:
+        raw = (d * inside).sum((1, 2))  # [72]
+        if float(raw.sum()) < OBJECT_FLOOR:
             continue
+        mass = torch.where(raw >= CLASS_FLOOR, raw, torch.zeros(()))  # a class's faint haze is not an object
+        if float(mass.sum()) == 0:
+            mass = raw
+        n = min(max(int(torch.round(mass.sum())), 1), MAX_COUNT)
         quota = mass * (n / float(mass.sum()))
         share = quota.floor().long()
         for j in torch.argsort(quota - share, descending=True)[:n - int(share.sum())].tolist():
