@@ -320,6 +320,24 @@ def test_a_damaged_weight_file_of_the_right_size_is_refused_at_load(model_dir, t
         unclip.load(copy)
 
 
+def test_the_python_api_names_what_was_wrong_with_its_arguments(model_dir):
+    from PIL import Image
+
+    import unclip
+
+    pipe = unclip.load(model_dir)
+    for prompt, message in ((None, "a string or a list of strings, not NoneType"), (5, "not int"),
+                            (["a red circle", None], "None is a NoneType, not a string"), ([], "no prompt given")):
+        with pytest.raises(DataError, match=message):
+            pipe.generate(prompt, n=1, steps=2)
+    with pytest.raises(ConfigError, match="steps=0 must be between 1"):  # 0 steps was the default, silently
+        pipe.generate("a red circle", n=1, steps=0)
+    with pytest.raises(ConfigError, match="seed 'abc': give a whole number"):
+        pipe.generate("a red circle", n=1, steps=2, seed="abc")
+    with pytest.raises(DataError, match="an image is a PIL image, a path or a tensor, not NoneType"):
+        pipe.interpolate(Image.new("RGB", (16, 16)), None, n=2, steps=2)
+
+
 def test_every_guided_sampler_refuses_an_unusable_guidance_scale(model_dir):
     import unclip
 

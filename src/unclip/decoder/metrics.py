@@ -93,8 +93,9 @@ def upsampler_quality(upsampler: Upsampler, *, n: int = 16, split: str = "val", 
     if sheet is not None:
         write_sheet(sheet, [("bicubic", torch.cat(bicubics)), ("upsampled", torch.cat(outs)), ("real", high)],
                     cell=cfg.out_resolution)
-    return {**{k: round(v / n, 4) for k, v in sums.items()}, "n": n, "steps": steps or cfg.sample_steps,
-            "sampler": sampler or cfg.sampler, "start": cfg.sample_start if start is None else start, "split": split,
+    return {**{k: round(v / n, 4) for k, v in sums.items()}, "n": n,
+            "steps": cfg.sample_steps if steps is None else steps, "sampler": sampler or cfg.sampler,
+            "start": cfg.sample_start if start is None else start, "split": split,
             "degraded_conditioning": degraded}
 
 
@@ -134,7 +135,7 @@ def decode_clip_similarity(decoder: Decoder, clip: ClipModel, *, n: int = 16, sp
     cfg = decoder.config
     return {"clip_similarity": round(torch.cat(cos).mean().item(), 4),
             "clip_similarity_shuffled": round(torch.cat(shuffled).mean().item(), 4), "n": n,
-            "steps": steps or cfg.sample_steps,
+            "steps": cfg.sample_steps if steps is None else steps,
             "guidance_scale": cfg.guidance_scale if guidance_scale is None else guidance_scale,
             "sampler": sampler or cfg.sampler, "split": split}
 

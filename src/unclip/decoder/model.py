@@ -164,8 +164,8 @@ class Decoder(nn.Module):
         shape = (z_i.shape[0], 3, cfg.resolution, cfg.resolution)
         return (yield from sample_loop(
             model_fn, self.diffusion, shape=shape, x_T=x_T, sampler=sampler or cfg.sampler,
-            steps=steps or cfg.sample_steps, eta=cfg.eta if eta is None else eta, generator=generator,
-            clip_denoised=clip_denoised, device=self.device))
+            steps=cfg.sample_steps if steps is None else steps, eta=cfg.eta if eta is None else eta,
+            generator=generator, clip_denoised=clip_denoised, device=self.device))
 
     def sample(self, z_i: torch.Tensor, text_states: torch.Tensor | None = None,
                text_mask: torch.Tensor | None = None, *, callback: Callable[[SampleStep], None] | None = None,
@@ -189,5 +189,5 @@ class Decoder(nn.Module):
         text_embeds = None if text_embeds is None else text_embeds.to(self.device, torch.float32)
         model_fn = self.guided_fn(z_i, text_states, text_mask, guidance_scale, text_embeds=text_embeds)
         loop = invert_loop(model_fn, self.diffusion, images.to(self.device, torch.float32),
-                           steps=steps or self.config.sample_steps)
+                           steps=self.config.sample_steps if steps is None else steps)
         return run(loop, callback)

@@ -101,9 +101,10 @@ class Upsampler(nn.Module):
         low = upsample(low_res.to(self.device, torch.float32), side)
         loop = sample_loop(
             self.unet_fn, self.diffusion, shape=(low.shape[0], 3, side, side), x_T=x_T,
-            sampler=sampler or cfg.sampler, steps=steps or cfg.sample_steps, eta=cfg.eta if eta is None else eta,
-            start=cfg.sample_start if start is None else start, init=low if cfg.target == "image" else None,
-            generator=generator, clip_denoised=True, cond={"low": low}, device=self.device)
+            sampler=sampler or cfg.sampler, steps=cfg.sample_steps if steps is None else steps,
+            eta=cfg.eta if eta is None else eta, start=cfg.sample_start if start is None else start,
+            init=low if cfg.target == "image" else None, generator=generator, clip_denoised=True, cond={"low": low},
+            device=self.device)
         if cfg.target == "image":
             return (yield from loop)
         for step in loop:  # residual: steps show the image the residual predicts

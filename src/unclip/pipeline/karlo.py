@@ -197,8 +197,8 @@ class DiffusersPrior(nn.Module):
                                   cfg.guidance_scale if guidance_scale is None else guidance_scale)
         x = yield from sample_loop(
             model_fn, self.diffusion, shape=(z_t.shape[0], self.transformer.proj_in.in_features), x_T=x_T,
-            sampler=sampler or cfg.sampler, steps=steps or cfg.sample_steps, eta=cfg.eta if eta is None else eta,
-            generator=generator, clip_denoised=False, device=device)
+            sampler=sampler or cfg.sampler, steps=cfg.sample_steps if steps is None else steps,
+            eta=cfg.eta if eta is None else eta, generator=generator, clip_denoised=False, device=device)
         return self.transformer.post_process_latents(x)
 
     def sample(self, text_states: torch.Tensor, text_mask: torch.Tensor, z_t: torch.Tensor, *,
@@ -237,5 +237,6 @@ class TwoNetUpsampler(Upsampler):
                             align_corners=False, antialias=True)
         return (yield from sample_loop(
             self.unet_fn, self.diffusion, shape=(low.shape[0], 3, side, side), x_T=x_T,
-            sampler=sampler or cfg.sampler, steps=steps or cfg.sample_steps, eta=cfg.eta if eta is None else eta,
-            generator=generator, clip_denoised=True, cond={"low": low}, device=self.device))
+            sampler=sampler or cfg.sampler, steps=cfg.sample_steps if steps is None else steps,
+            eta=cfg.eta if eta is None else eta, generator=generator, clip_denoised=True, cond={"low": low},
+            device=self.device))

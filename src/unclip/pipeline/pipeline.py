@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -63,8 +64,30 @@ def _image_seeds(seed: int | Sequence, n: int) -> list:
     if isinstance(seed, Sequence) and not isinstance(seed, str):
         if len(seed) != n:
             raise ConfigError(f"{len(seed)} seeds for {n} images: give one seed per image, or one int")
-        return list(seed)
-    return [int(seed) + i for i in range(n)]
+        return [s if isinstance(s, torch.Generator) else _whole_seed(s) for s in seed]
+    return [_whole_seed(seed) + i for i in range(n)]
+
+
+def prompt_list(prompts: str | Sequence[str]) -> list[str]:
+    """One prompt or a list of them as a list, each a non-blank string, else a DataError saying why."""
+    if not isinstance(prompts, (str, Sequence)):
+        raise DataError(f"prompts are a string or a list of strings, not {type(prompts).__name__}")
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    if not prompts:
+        raise DataError("no prompt given")
+    for p in prompts:
+        if not isinstance(p, str):
+            raise DataError(f"prompt {p!r} is a {type(p).__name__}, not a string")
+        if not p.strip():
+            raise DataError(f"prompt {p!r} is empty; describe the image, e.g. \"a red circle above a blue square\"")
+    return prompts
+
+
+def _whole_seed(seed) -> int:
+    try:
+        return int(seed)
+    except (TypeError, ValueError):
+        raise ConfigError(f"seed {seed!r}: give a whole number (or None for a random draw)") from None
 
 
 def generators(seed: Seed, n: int) -> list[torch.Generator] | torch.Generator | None:
@@ -73,8 +96,7 @@ def generators(seed: Seed, n: int) -> list[torch.Generator] | torch.Generator | 
     generator shared by the batch, or None."""
     if seed is None or isinstance(seed, torch.Generator):
         return seed
-    return [s if isinstance(s, torch.Generator) else torch.Generator().manual_seed(int(s))
-            for s in _image_seeds(seed, n)]
+    return [s if isinstance(s, torch.Generator) else torch.Generator().manual_seed(s) for s in _image_seeds(seed, n)]
 
 
 def candidate_seeds(seed: Seed, n: int, k: int) -> Seed:
@@ -151,7 +173,8 @@ class UnclipPipeline:
             raise ConfigError(f"upsampler start={start}; use a noise level in (0, 1] (1 = pure noise)")
         for upsampler in self.upsamplers:
             cfg = upsampler.config
-            upsampler.config = replace(cfg, sampler=sampler or cfg.sampler, sample_steps=steps or cfg.sample_steps,
+            upsampler.config = replace(cfg, sampler=sampler or cfg.sampler,
+                                       sample_steps=cfg.sample_steps if steps is None else steps,
                                        sample_start=cfg.sample_start if start is None else start)
 
     def autocast(self):
@@ -168,12 +191,7 @@ class UnclipPipeline:
 
         Empty prompts are an error; prompts longer than the context are cut (a warning says what).
         """
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        if not prompts:
-            raise DataError("no prompt given")
-        for p in prompts:
-            if not isinstance(p, str) or not p.strip():
-                raise DataError(f"prompt {p!r} is empty; describe the image, e.g. \"a red circle above a blue square\"")
+        prompts = prompt_list(prompts)
         for p in dict.fromkeys(prompts):  # once per prompt, however many candidates repeat it
             for warning in self.prompt_warnings(p):
                 log.warning("%r: %s (the words it knows: docs/shapes_world.md)", p, warning)
@@ -347,7 +365,7 @@ class UnclipPipeline:
         whose CLIP image embedding is closest to the caption's z_t, before upsampling (default:
         the decoder config's `candidates`). It costs that many priors and decoders per image.
         """
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        prompts = prompt_list(prompt)
         if n < 1:
             raise ConfigError(f"n={n}: ask for at least one image")
         k = self.config.decoder.candidates if candidates is None else candidates
@@ -459,8 +477,9 @@ class UnclipPipeline:
         model_fn = self.decoder.guided_fn(z_i, None if text is None else text.token_states.float(),
                                           None if text is None else text.mask, scale,
                                           text_embeds=None if text is None else text.embeds)
-        loop = repaint_loop(model_fn, self.decoder.diffusion, known, 1 - hole, steps=steps or self.decoder.config.sample_steps,
-                            resample=resample, generator=generators(seed, n))
+        steps = self.decoder.config.sample_steps if steps is None else steps
+        loop = repaint_loop(model_fn, self.decoder.diffusion, known, 1 - hole, steps=steps, resample=resample,
+                            generator=generators(seed, n))
         with self.autocast():
             images = run(loop, _stage_callback(callback, "decoder"))
         images = self.upsample(images, stages, generator=generators(seed, n), callback=callback)
@@ -503,6 +522,8 @@ def _open_rgb(item):
 
     if isinstance(item, Image.Image):
         image = item
+    elif not isinstance(item, (str, os.PathLike)):
+        raise DataError(f"an image is a PIL image, a path or a tensor, not {type(item).__name__}")
     else:
         try:
             with Image.open(item) as opened:

@@ -226,8 +226,8 @@ class DiffusionPrior(nn.Module):
                                   cfg.guidance_scale if guidance_scale is None else guidance_scale)
         x = yield from sample_loop(
             model_fn, self.diffusion, shape=(k * z_t.shape[0], z_t.shape[1]), sampler=sampler or cfg.sampler,
-            steps=steps or cfg.sample_steps, eta=cfg.eta if eta is None else eta, generator=generator,
-            clip_denoised=False, device=device)
+            steps=cfg.sample_steps if steps is None else steps, eta=cfg.eta if eta is None else eta,
+            generator=generator, clip_denoised=False, device=device)
         candidates = F.normalize(self.denormalise(x), dim=-1).reshape(k, *z_t.shape)  # [k, B, D]
         return pick_best(candidates, z_t)
 
