@@ -298,9 +298,10 @@ def test_unclip_eval_end_to_end_writes_json_markdown_and_grids(tmp_path, judge_d
 
     some = ["eval", str(model), "--prompts", str(prompts), "--judge", str(judge_dir), "--images-per-prompt", "1",
             "--quiet", "--out", str(tmp_path / "some")]
-    assert main([*some, "--tasks", "two_object", "position"]) == 0  # a quick look at the tasks a change is about
+    assert main([*some, "--tasks", "two_object", "position", "--keep-images"]) == 0  # the tasks a change is about
     result = json.loads((tmp_path / "some" / "eval.json").read_text())
     assert set(result["tasks"]) == {"two_object", "position"} and len(result["records"]) == 2 * 2
+    assert sorted(p.name for p in (tmp_path / "some" / "images").iterdir()) == ["000.png", "001.png", "002.png", "003.png"]
     assert result["meta"]["tasks"] == ["two_object", "position"]
     assert main([*some, "--tasks", "relations"]) == 2  # not in the file: a clear error naming what is
 

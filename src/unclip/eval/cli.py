@@ -37,6 +37,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--tasks", nargs="+", metavar="TASK", help="score only these tasks, e.g. two_object position "
                    "(default: all in the prompt file; overall is then their mean)")
     g.add_argument("--judge", help="judge directory (default: the shipped judge, src/unclip/eval/judge)")
+    g.add_argument("--keep-images", action="store_true", help="also write every judged image to OUT/images/NNN.png "
+                   "(in prompt order), e.g. to read them again with bench/judge_reading.py --images")
     g.add_argument("--batch-prompts", type=positive_int, default=4, help="prompts generated per batch (default: 4)")
     g.add_argument("--prior", help="diffusion or ar (default: the model's first prior), or an ablation: caption "
                    "(the caption's z_t as z_i) or none (the decoder's null z_i: caption only)")
@@ -135,6 +137,12 @@ def _model(args: argparse.Namespace) -> int:
                                     for i, u in enumerate(pipe.upsamplers, start=1)}}
     out = Path(args.out or Path("out/eval") / model.resolve().name)
     paths = write_evaluation(evaluation, out, title=f"unclip eval {model}")
+    if args.keep_images:
+        from unclip.io import save_image_atomic
+
+        (out / "images").mkdir(parents=True, exist_ok=True)
+        for i, image in enumerate(evaluation.images):
+            save_image_atomic(out / "images" / f"{i:03d}.png", image)
     r = evaluation.result
     print(json.dumps({"overall": round(r["overall"], 4), **{t: round(v, 4) for t, v in r["tasks"].items()}}))
     print(f"report {paths['markdown']}, all numbers {paths['json']}, grids {out}/grid_*.png")
