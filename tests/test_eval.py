@@ -301,7 +301,8 @@ def test_unclip_eval_end_to_end_writes_json_markdown_and_grids(tmp_path, judge_d
     assert main([*some, "--tasks", "two_object", "position", "--keep-images"]) == 0  # the tasks a change is about
     result = json.loads((tmp_path / "some" / "eval.json").read_text())
     assert set(result["tasks"]) == {"two_object", "position"} and len(result["records"]) == 2 * 2
-    assert sorted(p.name for p in (tmp_path / "some" / "images").iterdir()) == ["000.png", "001.png", "002.png", "003.png"]
+    kept = sorted(p.name for p in (tmp_path / "some" / "images").iterdir())
+    assert kept == ["000.png", "001.png", "002.png", "003.png"]
     assert result["meta"]["tasks"] == ["two_object", "position"]
     assert main([*some, "--tasks", "relations"]) == 2  # not in the file: a clear error naming what is
 

@@ -45,7 +45,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--steps", type=positive_int, help="decoder sampling steps (default: the model's config)")
     g.add_argument("--guidance-scale", type=guidance, help="decoder classifier-free guidance (default: the model's)")
     g.add_argument("--sampler", choices=["ddim", "ddpm", "dpmsolver++"], help="decoder sampler (default: the model's)")
-    g.add_argument("--prior-guidance-scale", type=guidance, help="prior classifier-free guidance (default: the model's)")
+    g.add_argument("--prior-guidance-scale", type=guidance,
+                   help="prior classifier-free guidance (default: the model's)")
     g.add_argument("--candidates", type=positive_int, help="images drawn per judged image, the one closest to the caption "
                    "in CLIP kept (default: the model's)")
     g.add_argument("--size", type=int, help="judge images at this side of the cascade, e.g. the decoder's 32 "
