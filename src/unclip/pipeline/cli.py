@@ -149,7 +149,8 @@ def _common(parser: argparse.ArgumentParser, verb: str, *, seed: int | None = 0)
                              f"<name>-<i>.png (default: out/{verb}.png)")
     parser.add_argument("--seed", type=int, default=seed, help=f"random seed (default: {seed})")
     parser.add_argument("--steps", type=positive_int, help="decoder sampling steps (default: the model's config)")
-    parser.add_argument("--guidance-scale", type=guidance, help="decoder classifier-free guidance (default: the model's)")
+    parser.add_argument("--guidance-scale", type=guidance,
+                        help="decoder classifier-free guidance (default: the model's)")
     parser.add_argument("--device", help="torch device, e.g. cuda (default: cpu)")
     add_sampling_arguments(parser)
     parser.add_argument("--threads", type=threads, default=0, help="torch CPU threads (default: torch's choice)")
@@ -273,7 +274,8 @@ def register(subparsers) -> None:
     gen.add_argument("--prior", choices=["diffusion", "ar", "caption", "none"],
                      help="which prior (default: diffusion when present); the ablations: caption (z_t as z_i), "
                           "none (the decoder's null z_i: the caption alone)")
-    gen.add_argument("--prior-guidance-scale", type=guidance, help="prior classifier-free guidance (default: the model's)")
+    gen.add_argument("--prior-guidance-scale", type=guidance,
+                     help="prior classifier-free guidance (default: the model's)")
     gen.add_argument("--sampler", choices=["ddim", "ddpm", "dpmsolver++"], help="decoder sampler (default: the model's)")
     gen.add_argument("--size", type=int, help="image side: the decoder's or an upsampler's (default: the largest)")
     gen.add_argument("--candidates", type=positive_int, help="draw this many images per image and keep the one CLIP finds "
