@@ -15,10 +15,11 @@ place holds at every other. Per class k:
 A reading (`read_objects`) takes objects by place first, then by class: the maps summed over
 classes show where objects are, each region holds round(its mass) objects (at least one from
 OBJECT_FLOOR on), and they go to the classes with most mass there, so a generated shape between
-two classes is one object of the nearer class rather than two halves that round to nothing. The number of objects is the sum of
-the counts; a single object's 3×3 cell is `world.cell_of(centre)`; the relation of two objects
-compares their centres along the axis on which they lie farther apart. The penultimate features
-[B, 2C] are the last feature map's mean and max over places.
+two classes is one object of the nearer class rather than two halves that round to nothing. The
+number of objects is the sum of the counts; a single object's 3×3 cell is
+`world.cell_of(centre)`; the relation of two objects compares their centres along the axis on
+which they lie farther apart. The penultimate features [B, 2C] are the last feature map's mean
+and max over places.
 
 Inputs are images [B, 3, S, S] in [-1, 1] of any side; they are resized to `image_size` (64).
 """
