@@ -303,7 +303,7 @@ def test_unclip_eval_end_to_end_writes_json_markdown_and_grids(tmp_path, judge_d
     assert set(result["tasks"]) == {"two_object", "position"} and len(result["records"]) == 2 * 2
     kept = sorted(p.name for p in (tmp_path / "some" / "images").iterdir())
     assert kept == ["000.png", "001.png", "002.png", "003.png"]
-    assert result["meta"]["tasks"] == ["two_object", "position"]
+    assert result["meta"]["tasks"] == ["two_object", "position"] and "0.15 mass" in result["meta"]["judge_reading"]
     assert main([*some, "--tasks", "relations"]) == 2  # not in the file: a clear error naming what is
 
 

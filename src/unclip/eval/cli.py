@@ -104,7 +104,7 @@ def _model(args: argparse.Namespace) -> int:
     import unclip
     from unclip.errors import ConfigError, ModelFormatError
     from unclip.eval.geneval import evaluate
-    from unclip.eval.judge import default_judge_dir, load_judge
+    from unclip.eval.judge import READING, default_judge_dir, load_judge
     from unclip.eval.prompts import default_prompts_path, limit, read_prompts
     from unclip.eval.report import write_evaluation
 
@@ -131,7 +131,7 @@ def _model(args: argparse.Namespace) -> int:
     evaluation = evaluate(pipe, judge, prompts, args.images_per_prompt, args.seed or 0, judge_accuracy=accuracy,
                           batch_prompts=args.batch_prompts, progress=not args.quiet, generate_options=options)
     evaluation.result["meta"] = {"model": str(model), "prompts": str(prompts_path), "tasks": args.tasks or "all",
-                                 "judge": str(judge_dir),
+                                 "judge": str(judge_dir), "judge_reading": READING,
                                  "candidates": pipe.config.decoder.candidates, **options, "precision": pipe.precision,
                                  **{f"upsampler{i}": {"sampler": u.config.sampler, "steps": u.config.sample_steps,
                                                    "start": u.config.sample_start}

@@ -48,6 +48,9 @@ CLASS_FLOOR = 0.03  # a class's mass in a region below which it is haze, not par
 # or more; generated shapes the judge finds unfamiliar make regions of 0.16-0.5 that are plainly
 # objects (each its own component of non-background pixels), which rounding read as nothing.
 OBJECT_FLOOR = 0.15
+# What `unclip eval` records of how its verdicts were read, so that scores read differently are
+# not compared unawares (session 8 read class by class before it, session 9 added the floor).
+READING = f"by place, then by class; a region of {OBJECT_FLOOR} mass or more holds an object (since session 9)"
 WEIGHTS = "judge.safetensors"
 
 
