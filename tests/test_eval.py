@@ -9,7 +9,7 @@ import torch
 
 from unclip.data.world import HELD_OUT, SHAPES, Obj, Scene
 from unclip.eval.geneval import (check, diversity, frechet_distance, frechet_from_stats, realise, scene_reading,
-                                 summarise)
+                                 summarise, verdict)
 from unclip.eval.judge import CLASS_INDEX, Judge, JudgeConfig, decode, losses, read_objects, scene_targets
 from unclip.eval.prompts import TASKS, make_prompts, read_prompts, write_prompts
 
@@ -159,6 +159,12 @@ def test_check_passes_and_fails_exactly_when_it_should():
     star_left = [_obj("red", "star", 0.25, 0.5), _obj("blue", "square", 0.75, 0.52)]
     star_right = [_obj("red", "star", 0.75, 0.5), _obj("blue", "square", 0.25, 0.5)]
     assert check(left, {"objects": star_left})[0] and not check(left, {"objects": star_right})[0]
+    # why each failed, the kind the report counts: the first unmet part of the prompt
+    assert verdict(left, {"objects": star_right})[1] == "relation"
+    assert verdict(left, {"objects": star_left[:1]})[1] == "count"
+    assert verdict(left, {"objects": [star_left[0], _obj("blue", "heart", 0.75, 0.5)]})[1] == "content"
+    assert verdict(cell, {"objects": [_obj("green", "star", 0.5, 0.2)]})[1] == "cell"
+    assert verdict(left, {"objects": star_left})[:2] == (True, None)
     above = {"objects": 2, "include": [{"shape": "star", "count": 1, "relation": ["above", 1]},
                                        {"shape": "square", "count": 1}]}
     assert check(above, {"objects": [_obj("red", "star", 0.5, 0.2), _obj("blue", "square", 0.45, 0.8)]})[0]
@@ -294,6 +300,10 @@ def test_unclip_eval_end_to_end_writes_json_markdown_and_grids(tmp_path, judge_d
     report = (out / "report.md").read_text()
     assert "| single_object |" in report and "Fréchet distance (judge features)" in report
     assert "judge accuracy" in report and "## The judge's own accuracy" in report
+    assert "## Why images fail" in report and set(result["failures"]) == set(TASKS)
+    for task, kinds in result["failures"].items():  # every failing image counted once, under one kind
+        failing = [r for r in result["records"] if r["tag"] == task and not r["pass"]]
+        assert sum(kinds.values()) == len(failing) and all(r["failure"] in kinds for r in failing)
     assert all((out / f"grid_{t}.png").is_file() for t in TASKS)
 
     some = ["eval", str(model), "--prompts", str(prompts), "--judge", str(judge_dir), "--images-per-prompt", "1",

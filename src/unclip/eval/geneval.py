@@ -45,34 +45,46 @@ def _describe(entry: dict) -> str:
     return " ".join(filter(None, (entry.get("colour"), entry["shape"])))
 
 
-def check(expect: dict, reading: dict) -> tuple[bool, str]:
-    """Whether a reading (`Judge.read`) meets a prompt's expectation, and why not.
+# Why an image fails, by the first unmet part of its prompt: the number of objects, the objects'
+# shapes (and colours, where the task asks), a lone object's cell, or two objects' relation.
+FAILURES = ("count", "content", "cell", "relation")
+
+
+def verdict(expect: dict, reading: dict) -> tuple[bool, str | None, str]:
+    """(passes, the FAILURES kind or None, why) for a reading (`Judge.read`) against an expectation.
 
     Exactly `objects` objects; per include entry exactly `count` of its shape (and colour); its
     `cell`; its `relation` [name, j] to entry j's object, from the two read centres.
     """
     objects = reading["objects"]
     if len(objects) != expect["objects"]:
-        return False, f"{len(objects)} object(s), expected {expect['objects']}"
+        return False, "count", f"{len(objects)} object(s), expected {expect['objects']}"
     matched = []
     for entry in expect["include"]:
         found = [o for o in objects if o["shape"] == entry["shape"]
                  and ("colour" not in entry or o["colour"] == entry["colour"])]
         if len(found) != entry["count"]:
-            return False, f"{len(found)} {_describe(entry)}, expected {entry['count']}"
+            return False, "content", f"{len(found)} {_describe(entry)}, expected {entry['count']}"
         matched.append(found)
     for entry, found in zip(expect["include"], matched):
         if "cell" in entry and found[0].get("cell") != entry["cell"]:
-            return False, f"{_describe(entry)} at {found[0].get('cell', '?')}, expected {entry['cell']}"
+            return False, "cell", f"{_describe(entry)} at {found[0].get('cell', '?')}, expected {entry['cell']}"
         if "relation" in entry:
             relation, j = entry["relation"]
             a, b = found[0], matched[j][0]
             if "cx" not in a or "cx" not in b:
-                return False, "cannot place the objects"
+                return False, "relation", "cannot place the objects"
             actual = relation_of(a, b)
             if actual != relation:
-                return False, f"{_describe(entry)} {actual} {_describe(expect['include'][j])}, expected {relation}"
-    return True, "pass"
+                return False, "relation", (f"{_describe(entry)} {actual} {_describe(expect['include'][j])}, "
+                                           f"expected {relation}")
+    return True, None, "pass"
+
+
+def check(expect: dict, reading: dict) -> tuple[bool, str]:
+    """(passes, why): `verdict` without the kind."""
+    ok, _, reason = verdict(expect, reading)
+    return ok, reason
 
 
 def scene_reading(scene: Scene) -> dict:
@@ -94,7 +106,8 @@ def scene_reading(scene: Scene) -> dict:
 def summarise(records: Sequence[dict]) -> dict:
     """Task scores (mean pass over images), overall (unweighted mean of tasks), per split and lang.
 
-    records: one per image with "tag", "split", "lang" and "pass".
+    records: one per image with "tag", "split", "lang", "pass" and "failure" (a FAILURES kind or
+    None); "failures" counts, per task, the images failing for each kind.
     """
     def scores(rows: Sequence[dict]) -> dict:
         tasks = {t: float(np.mean([r["pass"] for r in rows if r["tag"] == t]))
@@ -106,6 +119,8 @@ def summarise(records: Sequence[dict]) -> dict:
     for key, name in (("split", "by_split"), ("lang", "by_lang")):
         values = sorted({r[key] for r in records})
         result[name] = {v: scores([r for r in records if r[key] == v]) for v in values}
+    result["failures"] = {t: {kind: sum(r["tag"] == t and r.get("failure") == kind for r in records)
+                              for kind in FAILURES} for t in result["tasks"]}
     return result
 
 
@@ -223,9 +238,10 @@ def evaluate(pipe, judge: Judge, prompts: Sequence[dict], images_per_prompt: int
     records = []
     for i, (reading, image) in enumerate(zip(readings, images)):
         p = prompts[i // n]
-        ok, reason = check(p["expect"], reading)
+        ok, kind, reason = verdict(p["expect"], reading)
         records.append({"id": p.get("id"), "tag": p["tag"], "split": p["split"], "lang": p["lang"],
-                        "prompt": p["prompt"], "seed": seed + i, "pass": ok, "reason": reason, "reading": reading})
+                        "prompt": p["prompt"], "seed": seed + i, "pass": ok, "failure": kind, "reason": reason,
+                        "reading": reading})
     result = summarise(records)
     accuracy = judge_accuracy or {}
     result["judge_accuracy"] = accuracy

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from unclip.eval.geneval import TASK_ATTRIBUTES, Evaluation
+from unclip.eval.geneval import FAILURES, TASK_ATTRIBUTES, Evaluation
 from unclip.eval.judge_train import ATTRIBUTES
 from unclip.eval.prompts import TASKS
+
+FAILURE_NAMES = {"count": "number of objects", "content": "a shape or colour missing", "cell": "wrong cell",
+                 "relation": "wrong way round"}
 
 
 def _f(value) -> str:
@@ -35,6 +38,14 @@ def markdown_report(result: dict, *, title: str = "unclip eval") -> str:
     lines += ["", "Judge accuracy: the judge's lowest accuracy, over held-out `test` and `unseen` renders, on the "
               "attributes the task's verdict rests on (" + "; ".join(f"{t}: {', '.join(a)}"
                                                                      for t, a in TASK_ATTRIBUTES.items()) + ")."]
+    why = result.get("failures")
+    if why:
+        lines += ["", "## Why images fail", "",
+                  "Each failing image counted once, by the first unmet part of its prompt.", "",
+                  "| task | images failing | " + " | ".join(FAILURE_NAMES[k] for k in FAILURES) + " |",
+                  "|---|---|" + "---|" * len(FAILURES)]
+        for task, kinds in why.items():
+            lines.append(f"| {task} | {sum(kinds.values())} | " + " | ".join(str(kinds[k]) for k in FAILURES) + " |")
     accuracy = result.get("judge_accuracy") or {}
     if accuracy:
         attributes = [a for a in ATTRIBUTES if any(a in s for s in accuracy.values())]
