@@ -10,21 +10,13 @@ from unclip.prior.ar import DOT_BUCKETS, ARPrior, top_half_dot_buckets
 from unclip.prior.pca import PCAQuantizer
 from unclip.train.trainer import train
 
+from tiny_models import caption_world
+
 D, L, W = 16, 6, 8
 
 
 def _world(seed=0):
-    g = torch.Generator().manual_seed(seed)
-    centres = F.normalize(torch.randn(8, D, generator=g), dim=-1)
-    states = torch.randn(8, L, W, generator=g)
-
-    def draw(n, gen):
-        c = torch.randint(0, 8, (n,), generator=gen)
-        z_i = F.normalize(centres[c] + 0.15 * torch.randn(n, D, generator=gen), dim=-1)
-        z_t = F.normalize(centres[c] + 0.5 * torch.randn(n, D, generator=gen), dim=-1)
-        return {"text_states": states[c], "text_mask": torch.ones(n, L, dtype=torch.long), "z_t": z_t, "z_i": z_i}
-
-    return draw
+    return caption_world(dim=D, length=L, width=W, seed=seed)
 
 
 def test_pca_keeps_fewest_components_reaching_the_variance():

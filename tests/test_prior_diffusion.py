@@ -12,6 +12,8 @@ from unclip.config import TrainConfig, preset
 from unclip.prior.diffusion import DiffusionPrior, pick_best
 from unclip.train.trainer import train
 
+from tiny_models import caption_world
+
 D, L, W, CONTEXT = 16, 6, 32, 8
 
 
@@ -23,20 +25,9 @@ def _prior(**changes) -> DiffusionPrior:
 
 
 def _world(seed=0):
-    """Captions of 8 kinds: text states and z_t tell the kind; z_i is near the kind's centre."""
-    g = torch.Generator().manual_seed(seed)
-    centres = F.normalize(torch.randn(8, D, generator=g), dim=-1)
-    states = torch.randn(8, L, W, generator=g)
-
-    def draw(n, gen):
-        c = torch.randint(0, 8, (n,), generator=gen)
-        mask = torch.ones(n, L, dtype=torch.long)
-        mask[c % 2 == 1, 4:] = 0  # odd kinds have shorter captions
-        z_i = F.normalize(centres[c] + 0.15 * torch.randn(n, D, generator=gen), dim=-1)
-        z_t = F.normalize(centres[c] + 0.5 * torch.randn(n, D, generator=gen), dim=-1)
-        return {"text_states": states[c], "text_mask": mask, "z_t": z_t, "z_i": z_i}
-
-    return draw
+    """Captions of 8 kinds: text states and z_t tell the kind; z_i is near the kind's centre; odd
+    kinds have shorter captions."""
+    return caption_world(dim=D, length=L, width=W, seed=seed, short_odd=True)
 
 
 def _transformer_inputs(prior: DiffusionPrior, run) -> list[dict]:

@@ -43,3 +43,25 @@ def save_tiny_stages(root: Path, clip_dir: Path) -> dict[str, Path]:
                                          cfg=cfg, clip_dir=clip_dir, evaluation={}, provenance={})
     dirs["upsampler"] = save_upsampler(Upsampler.from_config(cfg.upsamplers[0]), root / "up", cfg=cfg, stage=1)
     return dirs
+
+
+def caption_world(*, dim: int, length: int, width: int, seed: int = 0, short_odd: bool = False):
+    """A toy prior data set: `draw(n, generator)` gives captions of 8 kinds whose text states
+    [n, length, width] and z_t [n, dim] tell the kind, and z_i near the kind's centre (unit
+    vectors); with `short_odd` the odd kinds' captions end after 4 tokens (mask 0 beyond)."""
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(seed)
+    centres = F.normalize(torch.randn(8, dim, generator=g), dim=-1)
+    states = torch.randn(8, length, width, generator=g)
+
+    def draw(n: int, gen: torch.Generator) -> dict:
+        c = torch.randint(0, 8, (n,), generator=gen)
+        mask = torch.ones(n, length, dtype=torch.long)
+        if short_odd:
+            mask[c % 2 == 1, 4:] = 0
+        z_i = F.normalize(centres[c] + 0.15 * torch.randn(n, dim, generator=gen), dim=-1)
+        z_t = F.normalize(centres[c] + 0.5 * torch.randn(n, dim, generator=gen), dim=-1)
+        return {"text_states": states[c], "text_mask": mask, "z_t": z_t, "z_i": z_i}
+
+    return draw
