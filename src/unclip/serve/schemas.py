@@ -171,8 +171,8 @@ class ImagesResponse(BaseModel):
     created: int
     data: list[ImageData]
     size: str = Field(..., description="the images' side, e.g. 256x256")
-    warnings: list[str] = Field(default_factory=list,
-                                description="unclip: what the caller should know, e.g. prompt words the model never saw")
+    warnings: list[str] = Field(default_factory=list, description="unclip: what the caller should know, e.g. "
+                                                                  "prompt words the model never saw")
 
 
 class ErrorDetail(BaseModel):

@@ -165,7 +165,8 @@ def register(subparsers) -> None:
                             "ar: PCA + quantized autoregressive prior (config key ar_prior) (default: diffusion)")
     prior.add_argument("--clip", required=True, help="model directory holding the CLIP to train against")
     prior.add_argument("--embeddings", help="embedding folder from `unclip embed` (default: encode on the fly)")
-    prior.add_argument("--fit-samples", type=positive_int, default=5000, help="train pairs for fitting PCA (default: 5000)")
+    prior.add_argument("--fit-samples", type=positive_int, default=5000,
+                       help="train pairs for fitting PCA (default: 5000)")
     prior.add_argument("--no-eval", action="store_true", help="skip the evaluation after training")
     prior.set_defaults(func=_train_prior)
 
@@ -180,7 +181,8 @@ def register(subparsers) -> None:
     decoder.add_argument("--init", help="start from the decoder of this model directory (same architecture; "
                                         "fresh optimizer and schedule), e.g. to train the shipped model longer")
     decoder.add_argument("--no-eval", action="store_true", help="skip the evaluation after training")
-    decoder.add_argument("--eval-samples", type=positive_int, default=16, help="images decoded for the evaluation (default: 16)")
+    decoder.add_argument("--eval-samples", type=positive_int, default=16,
+                         help="images decoded for the evaluation (default: 16)")
     decoder.set_defaults(func=_train_decoder)
 
     upsampler = stages.add_parser(
