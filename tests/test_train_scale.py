@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_models import save_tiny_clip
 from train_scale_helpers import SIZE, TinyStage, clip_batch, clip_step, config, run
 
 from unclip.clip.embed import _write_shard, check_aligned, load_embeddings, tar_keys
@@ -106,6 +107,88 @@ def test_a_two_process_checkpoint_resumes_in_one_process(ddp_run, tmp_path, capl
     assert "reseeded" in caplog.text  # 2 processes' RNG states, 1 process now: said, not hidden
     reference, _ = run(tmp_path / "one", config())
     _close(stage.state_dict(), reference.state_dict(), atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def fsdp_run(tmp_path_factory):
+    """FSDP (configs/accelerate/fsdp.yaml's settings) on two CPU processes over gloo, through the
+    test-only shim `train_scale_helpers.fsdp_on_cpu`; OUT/from_one starts as a one-process run
+    stopped at step 3, OUT/clip0 is the CLIP the decoder is trained on."""
+    out = tmp_path_factory.mktemp("fsdp")
+    run(out / "from_one", config(ema_decay=0.0), stop_at=3)
+    save_tiny_clip(out)
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+               "--master_port", str(_free_port()), str(HELPERS), "fsdp", str(out)]
+    done = subprocess.run(command, env=_child_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return out
+
+
+def _ranks(out: Path) -> list[dict]:
+    return [torch.load(out / f"rank{r}.pt") for r in (0, 1)]  # weights_only: plain tensors, no DTensors
+
+
+def test_fsdp_trains_as_one_process_and_hands_back_whole_weights(fsdp_run, tmp_path):
+    single, _ = run(tmp_path / "one", config(ema_decay=0.0))
+    ranks = _ranks(fsdp_run / "full")
+    assert [r["main"] for r in ranks] == [True, False] and all(r["step"] == 6 for r in ranks)
+    for r in ranks:  # every rank's stage holds the whole trained weights, not its shard
+        _close(r["state"], single.state_dict(), atol=1e-5)
+    saved = load_checkpoint(fsdp_run / "full" / "checkpoint.pt")  # a plain single-file checkpoint
+    _close(saved["model"], single.state_dict(), atol=1e-5)
+    assert set(saved["optimizer"]["state"]) == {name for name, _ in single.named_parameters()}
+    assert (saved["model"]["net.1.weight"] - TinyStage().net[1].weight).norm() > 0.01  # it did train
+    bf16 = _ranks(fsdp_run / "bf16")
+    assert set(load_checkpoint(fsdp_run / "bf16" / "checkpoint.pt")["optimizer"]["state"]) == set(saved["optimizer"]["state"])
+    _close(bf16[0]["state"], bf16[1]["state"], atol=0)
+    _close(bf16[0]["state"], single.state_dict(), atol=0.02)  # bf16 autocast: close, not equal
+    refused = (fsdp_run / "ema_refused0.txt").read_text()
+    assert "ema_decay=0" in refused and "FSDP" in refused
+
+
+def test_fsdp_checkpoints_resume_under_fsdp_and_in_one_process(fsdp_run, tmp_path):
+    import shutil
+
+    whole = _ranks(fsdp_run / "full")[0]["state"]
+    resumed = _ranks(fsdp_run / "part")  # stopped at 3, then the same command again
+    assert all(r["resumed_from"] == 3 and r["step"] == 6 for r in resumed)
+    _close(resumed[0]["state"], whole, atol=1e-6)
+    from_one = _ranks(fsdp_run / "from_one")  # a one-process checkpoint continued under FSDP
+    assert from_one[0]["resumed_from"] == 3
+    _close(from_one[0]["state"], whole, atol=1e-5)
+
+    to_one = tmp_path / "to_one"  # an FSDP checkpoint at step 3 continued in one process
+    shutil.copytree(fsdp_run / "to_one", to_one)
+    stage, result = run(to_one, config(ema_decay=0.0))
+    assert result.resumed_from == 3 and result.step == 6
+    _close(stage.state_dict(), whole, atol=1e-5)
+
+
+def test_fsdp_trains_a_decoder_with_its_blocks_sharded(fsdp_run):
+    """configs/accelerate/fsdp.yaml on a real stage: a diffusers UNet in bf16, its residual and attention
+    blocks each an FSDP unit (accelerate's size-based wrap picked ModuleLists, which FSDP2 refuses)."""
+    from unclip.decoder.stage import load_decoder
+
+    units = (fsdp_run / "decoder" / "units0.txt").read_text().split()
+    assert units.count("ResnetBlock2D") == 8 and units.count("BasicTransformerBlock") == 4
+    assert units[-1] == "Decoder" and len(units) == 13  # and the rest of the stage as one unit
+    saved = load_checkpoint(fsdp_run / "decoder" / "checkpoint.pt")
+    assert saved["step"] == 2 and saved["world_size"] == 2
+    assert all(isinstance(k, str) for k in saved["optimizer"]["state"])  # written under FSDP
+    decoder = load_decoder(fsdp_run / "decoder" / "model")
+    weights = decoder.state_dict()
+    assert weights.keys() == saved["model"].keys()
+    _close({k: v.float() for k, v in weights.items()}, {k: v.float() for k, v in saved["model"].items()}, atol=1e-6)
+    assert all(torch.isfinite(v).all() for v in weights.values())
+
+
+def test_stages_of_one_process_may_train_in_different_precisions(tmp_path):
+    """`unclip train all` trains every stage in one process; accelerate keeps one mixed precision per
+    process and refused the second stage's own ("AcceleratorState has already been initialized")."""
+    _, first = run(tmp_path / "fp32", config(steps=2))
+    _, second = run(tmp_path / "bf16", config(steps=2, mixed_precision="bf16", grad_accum=2))
+    assert first.step == second.step == 2
+    assert read_metrics(tmp_path / "bf16" / "metrics.jsonl")[-1]["step"] == 2
 
 
 def test_resume_is_exact(tmp_path):

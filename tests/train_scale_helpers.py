@@ -6,7 +6,14 @@ As a script: `python tests/train_scale_helpers.py JOB OUT [--threads N]`, where 
   the webdataset shards in OUT/wds into OUT/emb with a stand-in CLIP, the shards shared by rank;
   then one CLIP loss and gradient on each rank's half of `clip_batch()` (OUT/clip/rankR.pt);
 - `killsave`: train with a checkpoint writer that stalls half-way through its second checkpoint
-  and prints WRITING, for the test to SIGKILL it there.
+  and prints WRITING, for the test to SIGKILL it there;
+- `fsdp`: under torchrun with 2 processes, FSDP as configs/accelerate/fsdp.yaml asks for it (see
+  `fsdp_on_cpu`): the tiny stage 6 steps (OUT/full), 3 steps (OUT/part) and on to 6 (OUT/part
+  again), 3 steps for the test to continue in one process (OUT/to_one), a one-process
+  checkpoint at step 3 that the test left in OUT/from_one continued to 6,
+  the same in bf16 (OUT/bf16), and EMA refused; each rank writes what it got to OUT/NAME/rankR.pt;
+  then the tiny preset's decoder (a diffusers UNet, its blocks sharded one by one) 2 steps in bf16
+  on the untrained CLIP the test left in OUT/clip0 (OUT/decoder).
 """
 
 from __future__ import annotations
@@ -150,14 +157,84 @@ def _killsave(out: Path) -> None:
     run(out, config(ckpt_every=2), noise=0.1)
 
 
+def fsdp_on_cpu() -> None:
+    """Make `accelerate` run FSDP over gloo on the CPU, as `accelerate launch --config_file
+    configs/accelerate/fsdp.yaml` runs it over NCCL on GPUs.
+
+    accelerate turns FSDP on only for accelerator devices and keeps "MULTI_CPU" otherwise, while
+    torch's FSDP2 (`fully_shard`) itself runs on CPU tensors over gloo. A test-only shim: the
+    environment `accelerate launch` derives from the config file's `fsdp_config`, and the FSDP
+    distributed type wherever accelerate would have said MULTI_CPU.
+    """
+    import os
+
+    import yaml
+    from accelerate import state as accelerate_state
+    from accelerate.utils import DistributedType
+
+    config_file = Path(__file__).parents[1] / "configs" / "accelerate" / "fsdp.yaml"
+    for key, value in yaml.safe_load(config_file.read_text())["fsdp_config"].items():
+        os.environ[key.upper()] = str(value).lower() if isinstance(value, bool) else str(value)
+    os.environ["ACCELERATE_USE_FSDP"] = "true"
+    original = accelerate_state.AcceleratorState.__init__
+
+    def init(self, *args, fsdp_plugin=None, **kwargs):
+        original(self, *args, fsdp_plugin=fsdp_plugin, **kwargs)
+        if fsdp_plugin is not None and self.distributed_type in (DistributedType.MULTI_CPU, DistributedType.FSDP):
+            # AcceleratorState() copies PartialState's fields on every call: set the type in both
+            accelerate_state.PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+            self.distributed_type = DistributedType.FSDP
+            self.fsdp_plugin = fsdp_plugin
+
+    accelerate_state.AcceleratorState.__init__ = init
+
+
+def _fsdp(out: Path) -> None:
+    from unclip.errors import ConfigError
+    from unclip.train.dist import rank_world
+
+    fsdp_on_cpu()
+    cfg = config(ema_decay=0.0)
+    runs = [("full", cfg, None), ("part", cfg, 3), ("part", cfg, None), ("to_one", cfg, 3), ("from_one", cfg, None),
+            ("bf16", config(ema_decay=0.0, mixed_precision="bf16"), None)]
+    for name, run_cfg, stop_at in runs:
+        stage, result = run(out / name, run_cfg, stop_at=stop_at)
+        rank, world = rank_world()
+        assert world == 2, "run this job under torchrun --nproc_per_node 2"
+        torch.save({"state": stage.state_dict(), "step": result.step, "resumed_from": result.resumed_from,
+                    "main": result.main_process}, out / name / f"rank{rank}.pt")
+    try:
+        run(out / "ema", config())
+    except ConfigError as e:
+        (out / f"ema_refused{rank}.txt").write_text(str(e))
+    from unclip.config import preset
+    from unclip.decoder.stage import train_decoder
+
+    cfg = preset("tiny").override(["decoder.train.steps=2", "decoder.train.batch_size=8", "decoder.train.ema_decay=0",
+                                   "decoder.train.mixed_precision=bf16"])
+    import torch.distributed.fsdp as fsdp
+
+    shard, units = fsdp.fully_shard, []
+
+    def recording_shard(module, *args, **kwargs):  # what accelerate makes an FSDP unit
+        units.append(type(module).__name__)
+        return shard(module, *args, **kwargs)
+
+    fsdp.fully_shard = recording_shard
+    train_decoder(cfg, clip_dir=out / "clip0", run_dir=out / "decoder", out=out / "decoder" / "model",
+                  progress=False, evaluate=False)
+    fsdp.fully_shard = shard
+    (out / "decoder" / f"units{rank}.txt").write_text(" ".join(units))
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser()
-    parser.add_argument("job", choices=["ddp", "killsave"])
+    parser.add_argument("job", choices=["ddp", "killsave", "fsdp"])
     parser.add_argument("out", type=Path)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    {"ddp": _ddp, "killsave": _killsave}[args.job](args.out)
+    {"ddp": _ddp, "killsave": _killsave, "fsdp": _fsdp}[args.job](args.out)
     return 0
 
 

@@ -30,6 +30,7 @@ budget, re-measuring as it goes. The schedule then ends at the fitted step count
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import os
@@ -198,7 +199,40 @@ def _model_state(accelerator, model: nn.Module) -> dict[str, torch.Tensor]:
     return accelerator.get_state_dict(model) if _is_fsdp(accelerator) else accelerator.unwrap_model(model).state_dict()
 
 
+# The blocks FSDP shards one by one (accelerate's TRANSFORMER_BASED_WRAP reads them from the
+# model's `_no_split_modules`): the UNets' residual and attention blocks, the CLIP towers' and
+# the priors' transformer layers.
+SHARD_UNITS = ("ResnetBlock2D", "BasicTransformerBlock", "CLIPEncoderLayer", "TransformerEncoderLayer")
+
+
+def _shard_units(module: nn.Module) -> list[str]:
+    present = {type(m).__name__ for m in module.modules()}
+    return [name for name in SHARD_UNITS if name in present]
+
+
+def _gathered_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every rank's copy of the full weights of an FSDP-sharded `model`, on the CPU, one tensor gathered at
+    a time (a collective every rank joins)."""
+    from torch.distributed.tensor import DTensor
+
+    return {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().cpu() for k, v in model.state_dict().items()}
+
+
+def _param_names(accelerator, model: nn.Module, optimizer) -> list[str]:
+    """The parameter names in the optimizer's order: what its state's integer keys stand for."""
+    names = {id(p): n for n, p in accelerator.unwrap_model(model).named_parameters()}
+    return [names[id(p)] for group in optimizer.optimizer.param_groups for p in group["params"]]
+
+
+def _rekeyed(state: dict[str, Any], key: Callable[[Any], Any]) -> dict[str, Any]:
+    return {"state": {key(k): v for k, v in state["state"].items()},
+            "param_groups": [{**g, "params": [key(k) for k in g["params"]]} for g in state["param_groups"]]}
+
+
 def _optimizer_state(accelerator, model: nn.Module, optimizer) -> dict[str, Any]:
+    """Keyed by parameter position (torch's own format) on one process and under DDP, by parameter name
+    under FSDP (torch.distributed.checkpoint's); `_load_optimizer_state` reads either, so a
+    checkpoint moves between FSDP and DDP or one process."""
     if _is_fsdp(accelerator):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
@@ -208,12 +242,15 @@ def _optimizer_state(accelerator, model: nn.Module, optimizer) -> dict[str, Any]
 
 
 def _load_optimizer_state(accelerator, model: nn.Module, optimizer, state: dict[str, Any]) -> None:
+    names = _param_names(accelerator, model, optimizer)
+    by_name = any(isinstance(k, str) for g in state["param_groups"] for k in g["params"])
     if _is_fsdp(accelerator):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
+        state = state if by_name else _rekeyed(state, names.__getitem__)
         set_optimizer_state_dict(model, optimizer.optimizer, state, options=StateDictOptions(full_state_dict=True))
     else:
-        optimizer.load_state_dict(state)
+        optimizer.load_state_dict(_rekeyed(state, names.index) if by_name else state)
 
 
 def train(stage: nn.Module, make_batches: Callable[[int], Iterator[dict]], *, cfg: TrainConfig,
@@ -229,18 +266,27 @@ def train(stage: nn.Module, make_batches: Callable[[int], Iterator[dict]], *, cf
     the schedule: a later call resumes where it stopped (jobs on time-sliced clusters, tests).
     """
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
     from tqdm.auto import tqdm
 
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path, metrics_path = run_dir / CHECKPOINT, run_dir / METRICS
+    # accelerate keeps one mixed precision per process and refuses another; stages of one process
+    # (`unclip train all`, the Python API) may each have their own. The process group stays.
+    AcceleratorState._reset_state(reset_partial_state=False)
     accelerator = Accelerator(cpu=dist.cpu_only(), mixed_precision=cfg.mixed_precision,
                               gradient_accumulation_steps=cfg.grad_accum)
     rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
     _check_world(cfg, world, str(accelerator.distributed_type).split(".")[-1])
     torch.manual_seed(cfg.seed + rank)  # each rank draws its own noise; rank 0 draws a one-process run's
-    stage.to(accelerator.device)
-    optimizer = torch.optim.AdamW(_param_groups(stage, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6,
+    # FSDP shards the module it is given in place; the caller's stage stays whole and takes the
+    # gathered weights at the end
+    trained = copy.deepcopy(stage) if _is_fsdp(accelerator) else stage
+    if _is_fsdp(accelerator) and not getattr(trained, "_no_split_modules", None):
+        trained._no_split_modules = _shard_units(trained)  # what TRANSFORMER_BASED_WRAP shards one by one
+    trained.to(accelerator.device)
+    optimizer = torch.optim.AdamW(_param_groups(trained, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6,
                                   fused=accelerator.device.type == "cuda")
     plan = {"total": cfg.steps}  # shortened by a time budget
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg, plan["total"]))
@@ -248,7 +294,7 @@ def train(stage: nn.Module, make_batches: Callable[[int], Iterator[dict]], *, cf
     start, state, earlier_seconds = 0, None, 0.0
     if resume and ckpt_path.is_file():
         state = _read_resume_state(ckpt_path, run_config)
-        stage.load_state_dict(state["model"])  # full weights, before FSDP shards them
+        trained.load_state_dict(state["model"])  # full weights, before FSDP shards them
         scheduler.load_state_dict(state["scheduler"])
         start = state["step"]
         earlier_seconds = float(state.get("seconds", 0.0))  # training time of the calls before, up to this checkpoint
@@ -262,7 +308,7 @@ def train(stage: nn.Module, make_batches: Callable[[int], Iterator[dict]], *, cf
         elif metrics_path.exists():
             metrics_path.unlink()
 
-    model, optimizer = accelerator.prepare(stage, optimizer)  # DDP broadcasts rank 0's weights
+    model, optimizer = accelerator.prepare(trained, optimizer)  # DDP broadcasts rank 0's weights
     ema = EMA(accelerator.unwrap_model(model), decay=cfg.ema_decay) if cfg.ema_decay > 0 else None
     if state is not None:
         _load_optimizer_state(accelerator, model, optimizer, state["optimizer"])
@@ -343,7 +389,10 @@ def train(stage: nn.Module, make_batches: Callable[[int], Iterator[dict]], *, cf
             if done % cfg.ckpt_every == 0 or done >= plan["total"] or done == stop_at:
                 checkpoint(done)
     bar.close()
-    stage = accelerator.unwrap_model(model)
+    if _is_fsdp(accelerator):
+        stage.load_state_dict(_gathered_weights(accelerator.unwrap_model(model)))
+    else:
+        stage = accelerator.unwrap_model(model)
     if ema is not None:
         ema.copy_to(stage)
     stage.cpu().eval()
