@@ -230,3 +230,49 @@ def test_cli_trains_saves_and_loads_the_same_prior(tmp_path):
     scheduler = type(prior_scheduler(cfg)).from_pretrained(tmp_path / "model" / "prior_scheduler")
     assert scheduler.config.num_train_timesteps == cfg.prior.timesteps
     assert scheduler.config.prediction_type == "sample"
+
+
+def test_priors_fit_their_statistics_on_the_training_data(tmp_path):
+    """Trained on a caption folder, the diffusion prior's z_i normalisation and the AR prior's PCA
+    come from that folder's pairs (they came from shapes-world renders whatever the data), or from
+    the embedding folder `unclip train all` writes of them."""
+    from dataclasses import replace
+
+    import numpy as np
+    from PIL import Image
+
+    from unclip.clip.stage import load_clip
+    from unclip.data.folder import FolderDataset
+    from unclip.prior.stage import build_ar_prior, build_diffusion_prior
+
+    from tiny_models import save_tiny_clip
+
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "own"
+    folder.mkdir()
+    for i in range(24):  # vertical colour gradients: nothing like a shapes-world render
+        top, bottom = rng.uniform(0, 255, 3), rng.uniform(0, 255, 3)
+        ramp = np.linspace(0, 1, 40)[:, None, None]
+        pixels = np.broadcast_to(top * (1 - ramp) + bottom * ramp, (40, 40, 3)).astype(np.uint8)
+        Image.fromarray(pixels).save(folder / f"{i:03d}.png")
+        (folder / f"{i:03d}.txt").write_text(f"a gradient, number {i}")
+    clip = load_clip(save_tiny_clip(tmp_path))
+    shapes_cfg = preset("tiny")
+    cfg = replace(shapes_cfg, data=replace(shapes_cfg.data, source="folder", path=str(folder)))
+    items = FolderDataset(folder, size=clip.config.image_size)
+    with torch.no_grad():
+        z_i = clip.encode_image(torch.stack([items[i]["image"] for i in range(len(items))]))
+    mean = z_i.mean(dim=0)
+
+    diffusion = build_diffusion_prior(cfg, clip, fit_samples=5000)  # a folder of 24 gives its 24
+    torch.testing.assert_close(diffusion.transformer.clip_mean[0], mean, atol=1e-5, rtol=0)
+    ar = build_ar_prior(cfg, clip, fit_samples=5000)
+    torch.testing.assert_close(ar.quantizer.mean, mean, atol=1e-5, rtol=0)
+    shapes_mean = build_diffusion_prior(shapes_cfg, clip, fit_samples=200).transformer.clip_mean[0]
+    assert (shapes_mean - mean).norm() > 0.1  # what the folder-trained priors were fitted on before
+
+    embeddings = {"image_embeds": rng.normal(size=(30, mean.shape[0])).astype(np.float32),
+                  "text_embeds": rng.normal(size=(30, mean.shape[0])).astype(np.float32), "captions": ["x"] * 30}
+    from_embeddings = build_diffusion_prior(cfg, clip, fit_samples=20, embeddings=embeddings)
+    torch.testing.assert_close(from_embeddings.transformer.clip_mean[0],
+                               torch.from_numpy(embeddings["image_embeds"][:20].mean(axis=0)), atol=1e-5, rtol=0)

@@ -81,3 +81,45 @@ def sample_pairs(clip: ClipModel, *, split: str, n: int, lang: str, seed: int = 
         images = torch.stack([to_tensor(render(s.scene, clip.config.image_size)) for s in items])
         parts.append(encode_batch(clip, [s.caption for s in items], images=images))
     return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+
+
+@torch.no_grad()
+def fit_pairs(clip: ClipModel, data, *, n: int, embeddings: dict | None = None) -> dict[str, torch.Tensor]:
+    """z_i and z_t [n, D] of the pairs a prior trains on, for fitting its statistics (the diffusion
+    prior's z_i normalisation, the AR prior's PCA basis and dot-product buckets).
+
+    data: the config's `data` section. Shapes world: the first `n` of its train split (as before, so
+    the shapes recipes are unchanged). Other sources: the first `n` of `embeddings` (an `unclip embed`
+    folder of the training pairs, as `unclip train all` makes) when given, else the first `n` pairs
+    of a folder, or `n` drawn from a webdataset stream, encoded. A folder of fewer pairs gives all.
+    """
+    if data.source == "shapes":
+        pairs = sample_pairs(clip, split="train", n=n, lang=data.lang, seed=data.seed)
+        return {"z_i": pairs["z_i"], "z_t": pairs["z_t"]}
+    if embeddings is not None:
+        return {"z_i": torch.from_numpy(embeddings["image_embeds"][:n]).float(),
+                "z_t": torch.from_numpy(embeddings["text_embeds"][:n]).float()}
+    clip.eval()
+    if data.source == "folder":
+        from unclip.data.folder import FolderDataset
+        from unclip.errors import DataError
+
+        if not data.path:
+            raise DataError("data.source=folder needs data.path=FOLDER (images with same-name .txt captions)")
+        folder = FolderDataset(data.path, size=clip.config.image_size)
+        items = [folder[i] for i in range(min(n, len(folder)))]
+        batches = ({"image": torch.stack([it["image"] for it in items[k:k + 250]]),
+                    "caption": [it["caption"] for it in items[k:k + 250]]} for k in range(0, len(items), 250))
+    else:
+        from unclip.train.data import feed_for
+
+        batches = feed_for(data, size=clip.config.image_size, batch_size=min(n, 250))(0)  # an endless stream
+    z_i, z_t, count = [], [], 0
+    for batch in batches:
+        encoded = encode_batch(clip, batch["caption"], images=batch["image"])
+        z_i.append(encoded["z_i"])
+        z_t.append(encoded["z_t"])
+        count += len(encoded["z_i"])
+        if count >= n:
+            break
+    return {"z_i": torch.cat(z_i)[:n], "z_t": torch.cat(z_t)[:n]}

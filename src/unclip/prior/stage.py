@@ -38,20 +38,25 @@ KINDS = ("diffusion", "ar")
 FIT_SAMPLES = 5000  # train pairs the PCA and the dot-product buckets are fitted on
 
 
-def build_ar_prior(cfg: UnclipConfig, clip: ClipModel, *, fit_samples: int = FIT_SAMPLES) -> ARPrior:
-    from unclip.prior.data import sample_pairs
+def build_ar_prior(cfg: UnclipConfig, clip: ClipModel, *, fit_samples: int = FIT_SAMPLES,
+                   embeddings: dict | None = None) -> ARPrior:
+    """A fresh AR prior whose PCA basis and dot-product buckets are fitted on `fit_samples` training
+    pairs (`unclip.prior.data.fit_pairs`: from `cfg.data`, or `embeddings` of them)."""
+    from unclip.prior.data import fit_pairs
 
-    pairs = sample_pairs(clip, split="train", n=fit_samples, lang=cfg.data.lang, seed=cfg.data.seed)
+    pairs = fit_pairs(clip, cfg.data, n=fit_samples, embeddings=embeddings)
     torch.manual_seed(cfg.ar_prior.train.seed)
     return ARPrior.from_data(cfg.ar_prior, z_i=pairs["z_i"], z_t=pairs["z_t"], text_width=cfg.clip.text_width,
                              context_length=clip.tokenizer.context_length)
 
 
-def build_diffusion_prior(cfg: UnclipConfig, clip: ClipModel, *, fit_samples: int = FIT_SAMPLES) -> DiffusionPrior:
-    """A fresh diffusion prior whose normalisation statistics come from `fit_samples` train z_i."""
-    from unclip.prior.data import sample_pairs
+def build_diffusion_prior(cfg: UnclipConfig, clip: ClipModel, *, fit_samples: int = FIT_SAMPLES,
+                          embeddings: dict | None = None) -> DiffusionPrior:
+    """A fresh diffusion prior whose normalisation statistics come from `fit_samples` training z_i
+    (`unclip.prior.data.fit_pairs`: from `cfg.data`, or `embeddings` of them)."""
+    from unclip.prior.data import fit_pairs
 
-    pairs = sample_pairs(clip, split="train", n=fit_samples, lang=cfg.data.lang, seed=cfg.data.seed)
+    pairs = fit_pairs(clip, cfg.data, n=fit_samples, embeddings=embeddings)
     torch.manual_seed(cfg.prior.train.seed)
     return DiffusionPrior.from_data(cfg.prior, z_i=pairs["z_i"], text_width=clip.config.text_width,
                                     context_length=clip.tokenizer.context_length)
@@ -68,16 +73,15 @@ def train_prior(cfg: UnclipConfig, *, kind: str, clip_dir: str | Path, run_dir: 
     if kind not in KINDS:
         raise UnclipError(f"unknown prior kind {kind!r}; use one of {', '.join(KINDS)}")
     clip = load_clip(clip_dir)
-    if kind == "diffusion":
-        tc = cfg.prior.train
-        prior = build_diffusion_prior(cfg, clip, fit_samples=fit_samples)
-    else:
-        tc = cfg.ar_prior.train
-        prior = build_ar_prior(cfg, clip, fit_samples=fit_samples)
     if embeddings:
         from unclip.clip.embed import load_embeddings
 
-        feed = embedding_feed(clip, load_embeddings(embeddings), batch_size=tc.batch_size, seed=cfg.data.seed)
+        embeddings = load_embeddings(embeddings)
+    build = build_diffusion_prior if kind == "diffusion" else build_ar_prior
+    tc = cfg.prior.train if kind == "diffusion" else cfg.ar_prior.train
+    prior = build(cfg, clip, fit_samples=fit_samples, embeddings=embeddings or None)
+    if embeddings:
+        feed = embedding_feed(clip, embeddings, batch_size=tc.batch_size, seed=cfg.data.seed)
     else:
         feed = on_the_fly_feed(clip, feed_for(cfg.data, size=cfg.clip.image_size, batch_size=tc.batch_size,
                                               num_workers=tc.num_workers))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 from pathlib import Path
 
 from unclip.argtypes import positive_int, threads
@@ -112,6 +113,19 @@ def _report(out: Path, run_dir: Path, name: str, *, sheet: str) -> None:
         print(f"{sheet}: {run_dir / 'samples.png'}")
 
 
+def _example_caption(cfg, root: Path) -> str:
+    """A caption to try the new model on: the README's for shapes world, else one of the training pairs'."""
+    if cfg.data.source != "shapes":
+        from unclip.clip.embed import load_embeddings
+        from unclip.errors import UnclipError
+
+        try:
+            return str(load_embeddings(root / "emb")["captions"][0])
+        except (UnclipError, OSError, IndexError, KeyError):
+            pass
+    return "a red circle above a blue square"
+
+
 def _train_all(args: argparse.Namespace) -> int:
     from unclip.train.all import STAGES, train_all
 
@@ -124,7 +138,7 @@ def _train_all(args: argparse.Namespace) -> int:
     print(f"model: {out}")
     if timings:
         print("minutes per stage: " + ", ".join(f"{k} {v / 60:.1f}" for k, v in timings.items()))
-    print(f'try: unclip generate "a red circle above a blue square" --model {out}')
+    print(f"try: unclip generate {shlex.quote(_example_caption(cfg, root))} --model {out}")
     return 0
 
 
@@ -166,7 +180,8 @@ def register(subparsers) -> None:
     prior.add_argument("--clip", required=True, help="model directory holding the CLIP to train against")
     prior.add_argument("--embeddings", help="embedding folder from `unclip embed` (default: encode on the fly)")
     prior.add_argument("--fit-samples", type=positive_int, default=5000,
-                       help="train pairs for fitting PCA (default: 5000)")
+                       help="training pairs the prior's statistics are fitted on: the diffusion prior's z_i "
+                            "mean and std, the AR prior's PCA and dot buckets (default: 5000)")
     prior.add_argument("--no-eval", action="store_true", help="skip the evaluation after training")
     prior.set_defaults(func=_train_prior)
 
