@@ -276,7 +276,7 @@ def judge_dir(tmp_path_factory):
     return save_judge(judge, tmp_path_factory.mktemp("judge") / "judge", accuracy=accuracy, provenance=provenance)
 
 
-def test_unclip_eval_end_to_end_writes_json_markdown_and_grids(tmp_path, judge_dir):
+def test_unclip_eval_end_to_end_writes_json_markdown_and_grids(tmp_path, judge_dir, caplog):
     from tiny_models import save_tiny_clip, save_tiny_stages
 
     from unclip.cli import main
@@ -315,6 +315,13 @@ def test_unclip_eval_end_to_end_writes_json_markdown_and_grids(tmp_path, judge_d
     assert kept == ["000.png", "001.png", "002.png", "003.png"]
     assert result["meta"]["tasks"] == ["two_object", "position"] and "0.15 mass" in result["meta"]["judge_reading"]
     assert main([*some, "--tasks", "relations"]) == 2  # not in the file: a clear error naming what is
+
+    manifest = json.loads((model / "unclip.json").read_text())  # as if trained on a caption folder
+    manifest["config"]["data"]["source"] = "folder"
+    (model / "unclip.json").write_text(json.dumps(manifest))
+    with caplog.at_level("WARNING", logger="unclip.eval.cli"):
+        assert main([*some, "--tasks", "colors"]) == 0
+    assert "trained on data.source=folder" in caplog.text  # shapes prompts: said, since they may mean nothing
 
 
 def test_unclip_eval_without_a_judge_is_a_clear_error(tmp_path, capsys):

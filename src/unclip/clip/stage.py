@@ -30,10 +30,9 @@ def run_tokenizer(cfg: UnclipConfig, run_dir: Path) -> Tokenizer:
     if (path / "tokenizer.json").is_file():
         return Tokenizer.load(path)
     if cfg.data.source != "shapes":
-        from unclip.data.folder import scan_folder
+        from unclip.train.data import source_captions
 
-        pairs, _ = scan_folder(cfg.data.path, verify=False)
-        captions = [caption for _, caption in pairs][: cfg.tokenizer.corpus_size]
+        captions = source_captions(cfg.data, cfg.tokenizer.corpus_size)
         tokenizer = Tokenizer.train(captions, vocab_size=cfg.tokenizer.vocab_size,
                                     context_length=cfg.tokenizer.context_length,
                                     max_token_bytes=cfg.tokenizer.max_token_bytes)

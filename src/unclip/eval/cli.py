@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 from pathlib import Path
 
 from unclip.argtypes import guidance, positive_int, threads
 from unclip.pipeline.cli import add_sampling_arguments, configure_sampling
+
+log = logging.getLogger(__name__)
 
 DESCRIPTION = """\
 unclip eval MODEL     GenEval-style scores of a model directory: generate images for every prompt,
@@ -125,6 +128,10 @@ def _model(args: argparse.Namespace) -> int:
     if args.per_group:
         prompts = limit(prompts, args.per_group)
     pipe = configure_sampling(unclip.load(model, device=args.device, precision=args.precision), args)
+    if pipe.config.data.source != "shapes":
+        log.warning("%s was trained on data.source=%s; these prompts and the judge are shapes world's, so the "
+                    "scores say how it draws shapes-world scenes, which only means something if its data held "
+                    "them (e.g. `unclip data export` shards)", model, pipe.config.data.source)
     options = {k: v for k, v in (("prior", args.prior), ("steps", args.steps), ("guidance_scale", args.guidance_scale),
                                  ("sampler", args.sampler), ("prior_guidance_scale", args.prior_guidance_scale),
                                  ("size", args.size), ("candidates", args.candidates)) if v is not None}

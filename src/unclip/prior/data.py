@@ -102,10 +102,9 @@ def fit_pairs(clip: ClipModel, data, *, n: int, embeddings: dict | None = None) 
     clip.eval()
     if data.source == "folder":
         from unclip.data.folder import FolderDataset
-        from unclip.errors import DataError
+        from unclip.train.data import _check_path
 
-        if not data.path:
-            raise DataError("data.source=folder needs data.path=FOLDER (images with same-name .txt captions)")
+        _check_path(data)
         folder = FolderDataset(data.path, size=clip.config.image_size)
         items = [folder[i] for i in range(min(n, len(folder)))]
         batches = ({"image": torch.stack([it["image"] for it in items[k:k + 250]]),

@@ -179,6 +179,37 @@ def webdataset_feed(pattern: str, *, size: int, batch_size: int, seed: int, num_
     return make
 
 
+def _check_path(data: DataConfig) -> None:
+    if data.source == "folder" and not data.path:
+        raise DataError("data.source=folder needs data.path=FOLDER (images with same-name .txt captions)")
+    if data.source == "webdataset" and not data.path:
+        raise DataError("data.source=webdataset needs data.path='DIR/{000000..000009}.tar' (img2dataset layout)")
+
+
+def source_captions(data: DataConfig, n: int) -> list[str]:
+    """The first `n` captions of a folder or webdataset source, in file or shard order (without
+    opening the images): what the tokenizer of a run on that data is trained on."""
+    _check_path(data)
+    if data.source == "folder":
+        from unclip.data.folder import scan_folder
+
+        pairs, _ = scan_folder(data.path, verify=False)
+        return [caption for _, caption in pairs][:n]
+    if data.source == "webdataset":
+        import webdataset as wds
+
+        captions = []
+        for sample in wds.DataPipeline(wds.SimpleShardList(shard_urls(data.path)), wds.tarfile_to_samples()):
+            if "txt" in sample:
+                captions.append(sample["txt"].decode("utf-8").strip())
+                if len(captions) >= n:
+                    break
+        if not captions:
+            raise DataError(f"the shards of {data.path!r} hold no .txt captions")
+        return captions
+    raise DataError(f"data.source={data.source!r} has no caption files; use folder or webdataset")
+
+
 def feed_for(data: DataConfig, *, size: int, batch_size: int, num_workers: int = 0,
              hard_negatives: float = 0.0, twin_group: int = 2,
              twin_weights: tuple[float, ...] = ClipConfig.twin_weights) -> Callable[[int], Iterator[dict]]:
@@ -193,15 +224,12 @@ def feed_for(data: DataConfig, *, size: int, batch_size: int, num_workers: int =
     if hard_negatives > 0:
         log.warning("hard-negative twins are built from shapes-world scenes; data.source=%s has none, so "
                     "training pairs come without them", data.source)
+    _check_path(data)
     if data.source == "folder":
         from unclip.data.folder import FolderDataset
 
-        if not data.path:
-            raise DataError("data.source=folder needs data.path=FOLDER (images with same-name .txt captions)")
         return epoch_feed(FolderDataset(data.path, size=size), batch_size=batch_size, seed=data.seed,
                           num_workers=num_workers)
     if data.source == "webdataset":
-        if not data.path:
-            raise DataError("data.source=webdataset needs data.path='DIR/{000000..000009}.tar' (img2dataset layout)")
         return webdataset_feed(data.path, size=size, batch_size=batch_size, seed=data.seed, num_workers=num_workers)
     raise DataError(f"data.source={data.source!r} is not supported; use shapes, folder or webdataset")
