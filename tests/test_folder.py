@@ -73,3 +73,18 @@ def test_empty_or_missing_folder_is_an_error(tmp_path):
     (tmp_path / "x.txt").write_text("junk")
     with pytest.raises(DataError, match="no usable image-caption pairs"):
         FolderDataset(tmp_path, size=8)
+
+
+def test_images_smaller_than_the_stage_are_upscaled_with_one_warning(folder, caplog, monkeypatch):
+    import unclip.data.folder as folder_module
+
+    monkeypatch.setattr(folder_module, "_UPSCALED", set())
+    with caplog.at_level(logging.WARNING, logger="unclip.data.folder"):
+        data = FolderDataset(folder, size=24)  # the smallest short side is 30
+        assert data[0]["image"].shape == (3, 24, 24)
+        assert "upscaled" not in caplog.text
+        data = FolderDataset(folder, size=64)
+        for i in range(len(data)):
+            assert data[i]["image"].shape == (3, 64, 64)
+    upscaled = [r for r in caplog.records if "upscaled" in r.getMessage()]
+    assert len(upscaled) == 1 and "30² (the short side) is upscaled to the 64²" in upscaled[0].getMessage()

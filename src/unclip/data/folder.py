@@ -52,6 +52,18 @@ def _read_caption(path: Path) -> str | None:
     return text or None
 
 
+_UPSCALED: set[int] = set()  # sizes this process has warned about
+
+
+def _note_upscaled(side: int, size: int) -> None:
+    """Warn once per process and size that images smaller than the stage's resolution are upscaled."""
+    if size not in _UPSCALED:
+        _UPSCALED.add(size)
+        log.warning("an image of %d² (the short side) is upscaled to the %d² this stage trains at; images "
+                    "smaller than that teach it blur. Give larger images, or train this stage at a lower "
+                    "resolution", side, size)
+
+
 def open_square_rgb(path: str | Path, size: int):
     """Decode `path`, centre-crop to a square and resize to size×size RGB (PIL image)."""
     from PIL import Image
@@ -60,6 +72,8 @@ def open_square_rgb(path: str | Path, size: int):
         image.load()
         image = image.convert("RGB")
     side = min(image.size)
+    if side < size:
+        _note_upscaled(side, size)
     left, top = (image.width - side) // 2, (image.height - side) // 2
     image = image.crop((left, top, left + side, top + side))
     if side != size:
