@@ -91,6 +91,15 @@ def test_save_load_identical_embeddings(trained, tmp_path):
     assert again.logit_scale.item() == pytest.approx(model.logit_scale.item())
 
 
+def test_a_checkpoint_with_a_scalar_temperature_still_loads():
+    """logit_scale became shape [1] (FSDP2 shards no 0-d parameter); training checkpoints written
+    before hold it 0-d and resume."""
+    model = _toy()
+    old = {**model.state_dict(), "logit_scale": torch.tensor(2.5)}
+    model.load_state_dict(old)
+    assert model.logit_scale.shape == (1,) and model.logit_scale.item() == 2.5
+
+
 def test_text_embedding_pools_at_the_end_token():
     model = _toy().eval()
     tokens = model.tokenize(["a red square"])

@@ -10,9 +10,9 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
-from tiny_models import save_tiny_clip
 from train_scale_helpers import SIZE, TinyStage, clip_batch, clip_step, config, run
 
 from unclip.clip.embed import _write_shard, check_aligned, load_embeddings, tar_keys
@@ -36,6 +36,19 @@ def _child_env() -> dict:
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
+def _launch_two(job: str, out: Path, *, timeout: int) -> None:
+    """Run a train_scale_helpers job in two gloo processes under torchrun; it must finish on both.
+
+    One launch in about 16 still ends with a process aborting at interpreter exit, after its work
+    and `dist.finish()` ("terminate called without an active exception", torch's C++ runtime; one
+    in 4 without `finish`). That abort alone is tolerated: the tests check what the job wrote."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+               "--master_port", str(_free_port()), str(HELPERS), job, str(out)]
+    done = subprocess.run(command, env=_child_env(), capture_output=True, text=True, timeout=timeout)
+    exit_abort = done.stdout.count("JOB DONE") == 2 and "terminate called without an active exception" in done.stderr
+    assert done.returncode == 0 or exit_abort, done.stdout[-3000:] + done.stderr[-3000:]
+
+
 @pytest.fixture(scope="module")
 def ddp_run(tmp_path_factory):
     """Two CPU processes talking over gloo, started by torchrun (what `accelerate launch --multi_gpu` runs;
@@ -43,10 +56,7 @@ def ddp_run(tmp_path_factory):
     and an embed."""
     out = tmp_path_factory.mktemp("ddp")
     export_webdataset(out / "wds", split="val", n=10, size=SIZE, shard_size=3, progress=False)
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-               "--master_port", str(_free_port()), str(HELPERS), "ddp", str(out)]
-    done = subprocess.run(command, env=_child_env(), capture_output=True, text=True, timeout=240)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    _launch_two("ddp", out, timeout=240)
     return out
 
 
@@ -113,14 +123,10 @@ def test_a_two_process_checkpoint_resumes_in_one_process(ddp_run, tmp_path, capl
 def fsdp_run(tmp_path_factory):
     """FSDP (configs/accelerate/fsdp.yaml's settings) on two CPU processes over gloo, through the
     test-only shim `train_scale_helpers.fsdp_on_cpu`; OUT/from_one starts as a one-process run
-    stopped at step 3, OUT/clip0 is the CLIP the decoder is trained on."""
+    stopped at step 3."""
     out = tmp_path_factory.mktemp("fsdp")
     run(out / "from_one", config(ema_decay=0.0), stop_at=3)
-    save_tiny_clip(out)
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-               "--master_port", str(_free_port()), str(HELPERS), "fsdp", str(out)]
-    done = subprocess.run(command, env=_child_env(), capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    _launch_two("fsdp", out, timeout=300)
     return out
 
 
@@ -164,22 +170,32 @@ def test_fsdp_checkpoints_resume_under_fsdp_and_in_one_process(fsdp_run, tmp_pat
     _close(stage.state_dict(), whole, atol=1e-5)
 
 
-def test_fsdp_trains_a_decoder_with_its_blocks_sharded(fsdp_run):
-    """configs/accelerate/fsdp.yaml on a real stage: a diffusers UNet in bf16, its residual and attention
-    blocks each an FSDP unit (accelerate's size-based wrap picked ModuleLists, which FSDP2 refuses)."""
-    from unclip.decoder.stage import load_decoder
+def test_fsdp_trains_the_whole_cascade_with_each_stages_blocks_sharded(fsdp_run):
+    """configs/accelerate/fsdp.yaml on every stage of `unclip train all`: each residual, attention and
+    transformer block an FSDP unit, then the rest of the stage (accelerate's size-based wrap picked
+    ModuleLists, which FSDP2 refuses; CLIP's 0-d temperature was refused too)."""
+    import unclip
 
-    units = (fsdp_run / "decoder" / "units0.txt").read_text().split()
-    assert units.count("ResnetBlock2D") == 8 and units.count("BasicTransformerBlock") == 4
-    assert units[-1] == "Decoder" and len(units) == 13  # and the rest of the stage as one unit
-    saved = load_checkpoint(fsdp_run / "decoder" / "checkpoint.pt")
-    assert saved["step"] == 2 and saved["world_size"] == 2
-    assert all(isinstance(k, str) for k in saved["optimizer"]["state"])  # written under FSDP
-    decoder = load_decoder(fsdp_run / "decoder" / "model")
-    weights = decoder.state_dict()
-    assert weights.keys() == saved["model"].keys()
-    _close({k: v.float() for k, v in weights.items()}, {k: v.float() for k, v in saved["model"].items()}, atol=1e-6)
-    assert all(torch.isfinite(v).all() for v in weights.values())
+    from unclip.config import preset
+
+    cfg = preset("tiny")
+    units, stages, current = (fsdp_run / "all" / "units0.txt").read_text().split(), {}, []
+    for unit in units:  # children first, the stage itself last
+        if unit == "list":
+            continue  # accelerate's own unit of a final norm (the AR prior's) and output layer
+        current.append(unit)
+        if unit in ("ClipModel", "DiffusionPrior", "ARPrior", "Decoder", "Upsampler"):
+            stages[unit], current = current[:-1], []
+    assert stages["ClipModel"] == ["CLIPEncoderLayer"] * (cfg.clip.text_layers + cfg.clip.vision_layers)
+    assert stages["DiffusionPrior"] == ["BasicTransformerBlock"] * cfg.prior.layers
+    assert stages["ARPrior"] == ["TransformerEncoderLayer"] * cfg.ar_prior.layers
+    assert sorted(stages["Decoder"]) == ["BasicTransformerBlock"] * 4 + ["ResnetBlock2D"] * 8
+    assert set(stages["Upsampler"]) == {"ResnetBlock2D"}
+
+    saved = load_checkpoint(fsdp_run / "all" / "decoder" / "checkpoint.pt")
+    assert saved["world_size"] == 2 and all(isinstance(k, str) for k in saved["optimizer"]["state"])  # by name
+    image = unclip.load(fsdp_run / "all" / "model").generate("a red circle", n=1, seed=0, steps=2)[0]
+    assert image.size == (64, 64) and np.asarray(image).std() > 0
 
 
 def test_stages_of_one_process_may_train_in_different_precisions(tmp_path):

@@ -1,7 +1,7 @@
 """A tiny stage and the jobs tests/test_train_scale.py runs in other processes.
 
 As a script: `python tests/train_scale_helpers.py JOB OUT [--threads N]`, where JOB is
-- `ddp`: under `accelerate launch --num_processes 2 --cpu`, train the tiny stage for 6 steps
+- `ddp`: under `torchrun --nproc_per_node 2`, train the tiny stage for 6 steps
   (OUT/full) and for 3 of the same 6 (OUT/part), each rank saving its final weights; then embed
   the webdataset shards in OUT/wds into OUT/emb with a stand-in CLIP, the shards shared by rank;
   then one CLIP loss and gradient on each rank's half of `clip_batch()` (OUT/clip/rankR.pt);
@@ -12,8 +12,8 @@ As a script: `python tests/train_scale_helpers.py JOB OUT [--threads N]`, where 
   again), 3 steps for the test to continue in one process (OUT/to_one), a one-process
   checkpoint at step 3 that the test left in OUT/from_one continued to 6,
   the same in bf16 (OUT/bf16), and EMA refused; each rank writes what it got to OUT/NAME/rankR.pt;
-  then the tiny preset's decoder (a diffusers UNet, its blocks sharded one by one) 2 steps in bf16
-  on the untrained CLIP the test left in OUT/clip0 (OUT/decoder).
+  then `unclip train all` of the tiny preset (EMA off, the decoder in bf16), each stage's blocks
+  sharded one by one, the FSDP units it made written to OUT/all/unitsR.txt.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from torch import nn
 
 from unclip.config import TrainConfig
 from unclip.train.data import shapes_feed
+from unclip.train.dist import finish
 from unclip.train.trainer import train
 
 SIZE = 8
@@ -126,7 +127,7 @@ def _ddp(out: Path) -> None:
     for name, stop_at in (("full", None), ("part", 3)):
         stage, result = run(out / name, cfg, stop_at=stop_at)
         rank, world = rank_world()
-        assert world == 2, "run this job under accelerate launch --num_processes 2"
+        assert world == 2, "run this job under torchrun --nproc_per_node 2"
         torch.save({"state": stage.state_dict(), "step": result.step, "main": result.main_process},
                    out / name / f"rank{rank}.pt")
     embed_dataset(StandInClip(), out / "emb", source="webdataset", path=str(out / "wds" / "{000000..000003}.tar"),
@@ -207,12 +208,10 @@ def _fsdp(out: Path) -> None:
         run(out / "ema", config())
     except ConfigError as e:
         (out / f"ema_refused{rank}.txt").write_text(str(e))
-    from unclip.config import preset
-    from unclip.decoder.stage import train_decoder
-
-    cfg = preset("tiny").override(["decoder.train.steps=2", "decoder.train.batch_size=8", "decoder.train.ema_decay=0",
-                                   "decoder.train.mixed_precision=bf16"])
     import torch.distributed.fsdp as fsdp
+
+    from unclip.config import preset
+    from unclip.train.all import train_all
 
     shard, units = fsdp.fully_shard, []
 
@@ -221,10 +220,13 @@ def _fsdp(out: Path) -> None:
         return shard(module, *args, **kwargs)
 
     fsdp.fully_shard = recording_shard
-    train_decoder(cfg, clip_dir=out / "clip0", run_dir=out / "decoder", out=out / "decoder" / "model",
-                  progress=False, evaluate=False)
+    stages = ("clip", "prior", "ar_prior", "decoder", "upsamplers.0")
+    cfg = preset("tiny").override([f"{stage}.train.ema_decay=0" for stage in stages] +
+                                  ["decoder.train.mixed_precision=bf16"])
+    train_all(cfg, root=out / "all", out=out / "all" / "model", progress=False, evaluate=False, embed_pairs=64,
+              fit_samples=64)
     fsdp.fully_shard = shard
-    (out / "decoder" / f"units{rank}.txt").write_text(" ".join(units))
+    (out / "all" / f"units{rank}.txt").write_text(" ".join(units))
 
 
 def main(argv: list[str]) -> int:
@@ -235,6 +237,8 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     {"ddp": _ddp, "killsave": _killsave, "fsdp": _fsdp}[args.job](args.out)
+    finish()  # as `unclip`'s main does: without it 1 run in 4 aborted at exit, its work done
+    print("JOB DONE", flush=True)
     return 0
 
 

@@ -88,7 +88,12 @@ def main(argv: list[str] | None = None) -> int:
         format="%(levelname)s %(name)s: %(message)s",
     )
     try:
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
+        if "torch.distributed" in sys.modules:  # under torchrun / accelerate launch
+            from unclip.train.dist import finish
+
+            finish()
+        return code
     except UnclipError as err:
         print(f"unclip: error: {err}", file=sys.stderr)
         return 2

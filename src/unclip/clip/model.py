@@ -35,7 +35,7 @@ def contrastive_loss(image_embeds: torch.Tensor, text_embeds: torch.Tensor, logi
                      *, groups: torch.Tensor | None = None) -> torch.Tensor:
     """Symmetric InfoNCE over a batch of pairs.
 
-    image_embeds, text_embeds: [B, D] L2-normalised; logit_scale: scalar log(1/temperature).
+    image_embeds, text_embeds: [B, D] L2-normalised; logit_scale: log(1/temperature), [] or [1].
     groups: optional [B] integer ids; pairs with equal ids are all positives of each other
     (the target is uniform over them). Without groups the target is the diagonal.
     """
@@ -91,6 +91,12 @@ class TextEncoding:
     mask: torch.Tensor
 
 
+def _logit_scale_as_vector(state_dict, prefix, *args) -> None:
+    key = prefix + "logit_scale"
+    if key in state_dict and state_dict[key].dim() == 0:
+        state_dict[key] = state_dict[key].reshape(1)
+
+
 class ClipModel(nn.Module):
     """The CLIP stage: `training_losses(batch)` for the trainer, `encode_*` for everything else."""
 
@@ -102,7 +108,9 @@ class ClipModel(nn.Module):
         self.tokenizer = tokenizer
         self.text = CLIPTextModelWithProjection(text_config(config, tokenizer))
         self.vision = CLIPVisionModelWithProjection(vision_config(config))
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / config.init_temperature)))
+        # shape [1], not a 0-d scalar: FSDP2 shards no 0-d parameter; 0-d ones in older checkpoints load
+        self.logit_scale = nn.Parameter(torch.tensor([math.log(1.0 / config.init_temperature)]))
+        self._register_load_state_dict_pre_hook(_logit_scale_as_vector)
 
     @classmethod
     def from_config(cls, config: ClipConfig, *, tokenizer: Tokenizer) -> ClipModel:
