@@ -39,8 +39,9 @@ def test_train_all_trains_assembles_and_skips_finished_stages(tmp_path):
 @pytest.mark.parametrize("source", ["webdataset", "folder"])
 def test_train_all_on_your_own_data(tmp_path, source, capsys):
     """The whole cascade from image–caption shards or a caption folder, through the CLI: the tokenizer
-    learns the data's captions (webdataset runs failed there, reading the shards as a folder), and
-    the priors' statistics come from the data's pairs, not shapes world's."""
+    learns the data's captions (webdataset runs failed there, reading the shards as a folder), the
+    priors' statistics come from the data's pairs, not shapes world's, and every stage is evaluated
+    on the data's first pairs (shapes-world evaluations were skipped, leaving nothing)."""
     from unclip.cli import main
     from unclip.clip.embed import load_embeddings
     from unclip.data.export import export_folder, export_webdataset
@@ -63,6 +64,16 @@ def test_train_all_on_your_own_data(tmp_path, source, capsys):
     data = preset("tiny").data
     own = source_captions(type(data)(source=source, path=path), 100)
     assert len(own) == 60 and all(any("\u0e00" <= c <= "\u0e7f" for c in caption) for caption in own)  # Thai val
+    from unclip.modeldir import read_manifest  # each stage evaluated on the data's own first pairs
+
+    evaluation = read_manifest(root / "model").evaluation
+    assert evaluation["clip"]["pairs"] == 60 and evaluation["clip"]["chance_r1"] == pytest.approx(1 / 60, abs=1e-4)
+    assert 0 <= evaluation["clip"]["text_to_image_r1"] <= evaluation["clip"]["text_to_image_r5"] <= 1
+    for prior in ("diffusion_prior", "ar_prior"):
+        assert evaluation[prior]["n"] == 60 and -1 <= evaluation[prior]["cosine"] <= 1
+    assert evaluation["decoder"]["split"] == "the first 16 training pairs"
+    assert evaluation["upsampler1"]["split"] == "the first 16 training images" and evaluation["upsampler1"]["psnr"] > 0
+    assert (root / "decoder" / "samples.png").is_file() and (root / "upsampler1" / "samples.png").is_file()
     ar = load_ar_prior(root / "model")
     z_i = load_embeddings(root / "emb")["image_embeds"]
     np.testing.assert_allclose(ar.quantizer.mean.numpy(), z_i.astype(np.float32).mean(axis=0), atol=1e-3)  # fp16 shards

@@ -24,6 +24,9 @@ from unclip.tokenizer import Tokenizer, train_shapes_tokenizer
 log = logging.getLogger(__name__)
 
 
+OWN_DATA_PAIRS = 500  # pairs of a folder or webdataset source the CLIP's retrieval is measured on
+
+
 def run_tokenizer(cfg: UnclipConfig, run_dir: Path) -> Tokenizer:
     """The run's tokenizer: loaded from `run_dir/tokenizer` if an earlier attempt made one."""
     path = run_dir / "tokenizer"
@@ -117,6 +120,13 @@ def train_clip(cfg: UnclipConfig, *, run_dir: str | Path, out: str | Path, resum
         from unclip.clip.zeroshot import evaluate_clip
 
         evaluation = evaluate_clip(model, progress=progress)
+    elif evaluate:
+        from unclip.clip.zeroshot import pair_retrieval
+        from unclip.train.data import first_pairs
+
+        images, captions = first_pairs(cfg.data, OWN_DATA_PAIRS, size=cfg.clip.image_size)
+        evaluation = {"data": f"the first {len(captions)} training pairs", **pair_retrieval(model, images, captions)}
+        log.info("CLIP retrieval %s", evaluation)
     save_clip(model, out, cfg=cfg, provenance=provenance(seconds=result.seconds, steps=result.step,
                                                         final_metrics=result.metrics, **started_from),
               evaluation=evaluation)

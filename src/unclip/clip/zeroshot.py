@@ -140,9 +140,29 @@ def retrieval(model: ClipModel, *, lang: str, n: int = 1000, split: str = "val",
     embed = render_and_encode(model)
     z_i = torch.cat([embed(scenes[i:i + 250], lang) for i in range(0, n, 250)])
     z_t = torch.cat([model.encode_captions(captions[i:i + 250]) for i in range(0, n, 250)])
-    top5 = (z_t @ z_i.t()).topk(5, dim=1).indices  # [n, 5] image indices per caption
-    hits = [[captions[j] == captions[q] for j in top5[q].tolist()] for q in range(n)]
+    return _recall(z_t @ z_i.t(), captions)
+
+
+def _recall(scores: torch.Tensor, captions: list[str]) -> dict[str, float]:
+    """Recall@1 and @5 of scores [n, n] (query q against candidate j); a candidate with the query's
+    caption counts as a hit."""
+    n = len(captions)
+    top = scores.topk(min(5, n), dim=1).indices  # [n, ≤5] candidates per query
+    hits = [[captions[j] == captions[q] for j in top[q].tolist()] for q in range(n)]
     return {"r1": sum(h[0] for h in hits) / n, "r5": sum(any(h) for h in hits) / n}
+
+
+@torch.no_grad()
+def pair_retrieval(model: ClipModel, images: torch.Tensor, captions: list[str]) -> dict[str, float]:
+    """Recall@1 and @5 of caption → image and image → caption among `images` [n, 3, S, S] and their
+    `captions` (e.g. the first pairs of a data set that is not shapes world), and chance at @1."""
+    model.eval()
+    z_i = torch.cat([model.encode_image(images[i:i + 250]) for i in range(0, len(captions), 250)])
+    z_t = torch.cat([model.encode_captions(captions[i:i + 250]) for i in range(0, len(captions), 250)])
+    text_to_image, image_to_text = _recall(z_t @ z_i.t(), captions), _recall(z_i @ z_t.t(), captions)
+    return {"pairs": len(captions), "text_to_image_r1": round(text_to_image["r1"], 4),
+            "text_to_image_r5": round(text_to_image["r5"], 4), "image_to_text_r1": round(image_to_text["r1"], 4),
+            "image_to_text_r5": round(image_to_text["r5"], 4), "chance_r1": round(1 / len(captions), 4)}
 
 
 def evaluate_clip(model: ClipModel, *, n: int = 300, retrieval_n: int = 1000, progress: bool = True,

@@ -63,17 +63,20 @@ def _renders(split: str, n: int, size: int, *, seed: int, lang: str = "en") -> t
 @torch.no_grad()
 def upsampler_quality(upsampler: Upsampler, *, n: int = 16, split: str = "val", seed: int = 0, batch_size: int = 8,
                       steps: int | None = None, sampler: str | None = None, start: float | None = None,
-                      degraded: bool = False, sheet: str | Path | None = None) -> dict[str, float]:
+                      degraded: bool = False, sheet: str | Path | None = None,
+                      images: torch.Tensor | None = None) -> dict[str, float]:
     """Mean PSNR / SSIM of the upsampler and of bicubic upscaling against real high-res renders.
 
     The conditioning is the render shrunk to the input side (box filter); with `degraded` it
     also goes through the stage's training degradation (seeded). With `sheet`, a PNG of bicubic
-    upscaling, the upsampler's output and the real image, row by row, is written there.
+    upscaling, the upsampler's output and the real image, row by row, is written there. `images`
+    [n, 3, out, out] replaces the renders of `split` (data that is not shapes world).
     """
     from unclip.decoder.degrade import degrade
 
     cfg = upsampler.config
-    high, _ = _renders(split, n, cfg.out_resolution, seed=seed)
+    high = _renders(split, n, cfg.out_resolution, seed=seed)[0] if images is None else images
+    n = len(high)
     generator = torch.Generator().manual_seed(seed)
     sums = {"psnr": 0.0, "ssim": 0.0, "psnr_bicubic": 0.0, "ssim_bicubic": 0.0}
     outs, bicubics = [], []
@@ -103,18 +106,21 @@ def upsampler_quality(upsampler: Upsampler, *, n: int = 16, split: str = "val", 
 def decode_clip_similarity(decoder: Decoder, clip: ClipModel, *, n: int = 16, split: str = "val", seed: int = 0,
                            batch_size: int = 8, steps: int | None = None, guidance_scale: float | None = None,
                            sampler: str | None = None, with_caption: bool = True,
-                           sheet: str | Path | None = None) -> dict[str, float]:
+                           sheet: str | Path | None = None,
+                           pairs: tuple[torch.Tensor, list[str]] | None = None) -> dict[str, float]:
     """Mean cosine between CLIP(decode(z_i of a real image)) and CLIP(the real image).
 
     Both images are seen by CLIP at the decoder's resolution, so resolution is not counted
     against the decoder. `shuffled` is the same cosine against the next image of the batch: the
     level that says "no better than a random image of the data set". With `sheet`, a PNG of the
-    real images (top) over their decodings (bottom) is written there.
+    real images (top) over their decodings (bottom) is written there. `pairs` (images [n, 3, S, S]
+    with S ≥ the CLIP's and the decoder's side, captions) replaces the renders of `split`.
     """
     from unclip.decoder.data import decoder_batch
 
     side = max(clip.config.image_size, decoder.config.resolution)
-    images, captions = _renders(split, n, side, seed=seed)
+    images, captions = _renders(split, n, side, seed=seed) if pairs is None else pairs
+    n = len(captions)
     generator = torch.Generator().manual_seed(seed)
     cos, shuffled, reals, fakes = [], [], [], []
     for start in range(0, n, batch_size):

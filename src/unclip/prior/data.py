@@ -90,8 +90,8 @@ def fit_pairs(clip: ClipModel, data, *, n: int, embeddings: dict | None = None) 
 
     data: the config's `data` section. Shapes world: the first `n` of its train split (as before, so
     the shapes recipes are unchanged). Other sources: the first `n` of `embeddings` (an `unclip embed`
-    folder of the training pairs, as `unclip train all` makes) when given, else the first `n` pairs
-    of a folder, or `n` drawn from a webdataset stream, encoded. A folder of fewer pairs gives all.
+    folder of the training pairs, as `unclip train all` makes) when given, else the source's first
+    `n` pairs (`unclip.train.data.source_batches`), encoded. A folder of fewer pairs gives all.
     """
     if data.source == "shapes":
         pairs = sample_pairs(clip, split="train", n=n, lang=data.lang, seed=data.seed)
@@ -99,26 +99,9 @@ def fit_pairs(clip: ClipModel, data, *, n: int, embeddings: dict | None = None) 
     if embeddings is not None:
         return {"z_i": torch.from_numpy(embeddings["image_embeds"][:n]).float(),
                 "z_t": torch.from_numpy(embeddings["text_embeds"][:n]).float()}
+    from unclip.train.data import source_batches
+
     clip.eval()
-    if data.source == "folder":
-        from unclip.data.folder import FolderDataset
-        from unclip.train.data import _check_path
-
-        _check_path(data)
-        folder = FolderDataset(data.path, size=clip.config.image_size)
-        items = [folder[i] for i in range(min(n, len(folder)))]
-        batches = ({"image": torch.stack([it["image"] for it in items[k:k + 250]]),
-                    "caption": [it["caption"] for it in items[k:k + 250]]} for k in range(0, len(items), 250))
-    else:
-        from unclip.train.data import feed_for
-
-        batches = feed_for(data, size=clip.config.image_size, batch_size=min(n, 250))(0)  # an endless stream
-    z_i, z_t, count = [], [], 0
-    for batch in batches:
-        encoded = encode_batch(clip, batch["caption"], images=batch["image"])
-        z_i.append(encoded["z_i"])
-        z_t.append(encoded["z_t"])
-        count += len(encoded["z_i"])
-        if count >= n:
-            break
-    return {"z_i": torch.cat(z_i)[:n], "z_t": torch.cat(z_t)[:n]}
+    encoded = [encode_batch(clip, captions, images=images)
+               for images, captions in source_batches(data, n, size=clip.config.image_size)]
+    return {"z_i": torch.cat([e["z_i"] for e in encoded]), "z_t": torch.cat([e["z_t"] for e in encoded])}

@@ -36,6 +36,7 @@ PRIOR_DIR, PRIOR_SCHEDULER_DIR, PRIOR_COND_DIR = "prior", "prior_scheduler", "pr
 PRIOR_WEIGHTS = "diffusion_pytorch_model.safetensors"
 KINDS = ("diffusion", "ar")
 FIT_SAMPLES = 5000  # train pairs the PCA and the dot-product buckets are fitted on
+OWN_DATA_PAIRS = 500  # pairs of a folder or webdataset source the prior's cosines are measured on
 
 
 def build_ar_prior(cfg: UnclipConfig, clip: ClipModel, *, fit_samples: int = FIT_SAMPLES,
@@ -92,11 +93,21 @@ def train_prior(cfg: UnclipConfig, *, kind: str, clip_dir: str | Path, run_dir: 
     if not result.main_process:
         return Path(out)  # under accelerate launch the main process evaluates and writes the model
     evaluation = {}
+    predict = diffusion_predictor(prior) if kind == "diffusion" else ar_predictor(prior, guidance_scale=1.0)
     if evaluate and cfg.data.source == "shapes":
         from unclip.prior.metrics import evaluate_prior
 
-        predict = diffusion_predictor(prior) if kind == "diffusion" else ar_predictor(prior, guidance_scale=1.0)
         evaluation = evaluate_prior(clip, predict, progress=progress)
+    elif evaluate:
+        from unclip.prior.data import encode_batch
+        from unclip.prior.metrics import cosine_metrics
+        from unclip.train.data import first_pairs
+
+        images, captions = first_pairs(cfg.data, OWN_DATA_PAIRS, size=clip.config.image_size)
+        metrics = cosine_metrics(predict, encode_batch(clip, captions, images=images))
+        evaluation = {"data": f"the first {len(captions)} training pairs",
+                      **{k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}}
+        log.info("%s prior: %s", kind, evaluation)
     save = save_diffusion_prior if kind == "diffusion" else save_prior
     save(clip, prior, out, cfg=cfg, clip_dir=clip_dir, evaluation=evaluation,
          provenance=provenance(seconds=result.seconds, steps=result.step, final_metrics=result.metrics))

@@ -51,7 +51,9 @@ def _train_clip(args: argparse.Namespace) -> int:
         from unclip.modeldir import read_manifest
 
         print(markdown_table(read_manifest(out).evaluation["clip"]))
-    print(f"metrics: {run_dir / 'metrics.jsonl'}")
+        print(f"metrics: {run_dir / 'metrics.jsonl'}")
+    else:
+        _report(out, run_dir, "clip")
     return 0
 
 
@@ -70,6 +72,8 @@ def _train_prior(args: argparse.Namespace) -> int:
         from unclip.prior.metrics import markdown_table
 
         print(markdown_table(read_manifest(out).evaluation[f"{args.kind}_prior"]))
+    else:
+        _report(out, run_dir, f"{args.kind}_prior")
     return 0
 
 
@@ -101,7 +105,7 @@ def _train_upsampler(args: argparse.Namespace) -> int:
     return 0
 
 
-def _report(out: Path, run_dir: Path, name: str, *, sheet: str) -> None:
+def _report(out: Path, run_dir: Path, name: str, *, sheet: str = "") -> None:
     """Print stage `name`'s evaluation from the model directory, the metrics file and the picture."""
     from unclip.modeldir import read_manifest
 
@@ -109,7 +113,7 @@ def _report(out: Path, run_dir: Path, name: str, *, sheet: str) -> None:
     if evaluation:
         print(" ".join(f"{k}={v}" for k, v in evaluation.items()))
     print(f"metrics: {run_dir / 'metrics.jsonl'}")
-    if (run_dir / "samples.png").is_file():
+    if sheet and (run_dir / "samples.png").is_file():
         print(f"{sheet}: {run_dir / 'samples.png'}")
 
 

@@ -210,6 +210,45 @@ def source_captions(data: DataConfig, n: int) -> list[str]:
     raise DataError(f"data.source={data.source!r} has no caption files; use folder or webdataset")
 
 
+def source_batches(data: DataConfig, n: int, *, size: int,
+                   batch_size: int = 250) -> Iterator[tuple[torch.Tensor, list[str]]]:
+    """The first m ≤ n image–caption pairs of a folder (file order) or webdataset source (shard
+    order, each shard read once) in batches of images [b, 3, size, size] in [-1, 1] and captions:
+    what the stages fit statistics on and are evaluated on when they train on data other than
+    shapes world (training pairs, not held out). Data of fewer than n pairs gives all of them."""
+    _check_path(data)
+    if data.source == "folder":
+        from unclip.data.folder import FolderDataset
+
+        folder = FolderDataset(data.path, size=size)
+        for start in range(0, min(n, len(folder)), batch_size):
+            items = [folder[i] for i in range(start, min(n, len(folder), start + batch_size))]
+            yield torch.stack([item["image"] for item in items]), [item["caption"] for item in items]
+    elif data.source == "webdataset":
+        import webdataset as wds
+
+        items = wds.DataPipeline(wds.SimpleShardList(shard_urls(data.path)), wds.tarfile_to_samples(),
+                                 wds.select(_has_pair), wds.map(partial(_wds_item, size=size)))
+        batch: list[dict] = []
+        for given, item in enumerate(items, start=1):
+            batch.append(item)
+            if len(batch) == batch_size or given == n:
+                yield torch.stack([it["image"] for it in batch]), [it["caption"] for it in batch]
+                batch = []
+            if given == n:
+                return
+        if batch:
+            yield torch.stack([it["image"] for it in batch]), [it["caption"] for it in batch]
+    else:
+        raise DataError(f"data.source={data.source!r} has no pairs of its own to read; use folder or webdataset")
+
+
+def first_pairs(data: DataConfig, n: int, *, size: int) -> tuple[torch.Tensor, list[str]]:
+    """`source_batches` in one batch: images [m, 3, size, size] and m captions."""
+    batches = list(source_batches(data, n, size=size))
+    return torch.cat([images for images, _ in batches]), [c for _, captions in batches for c in captions]
+
+
 def feed_for(data: DataConfig, *, size: int, batch_size: int, num_workers: int = 0,
              hard_negatives: float = 0.0, twin_group: int = 2,
              twin_weights: tuple[float, ...] = ClipConfig.twin_weights) -> Callable[[int], Iterator[dict]]:
