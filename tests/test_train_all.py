@@ -36,17 +36,20 @@ def test_train_all_trains_assembles_and_skips_finished_stages(tmp_path):
         train_all(cfg, root=root, out=out, stages=["clip"], progress=False, evaluate=False)
 
 
-@pytest.mark.parametrize("source", ["webdataset", "folder"])
-def test_train_all_on_your_own_data(tmp_path, source, capsys):
+@pytest.mark.parametrize(("source", "holdout"), [("webdataset", 0.0), ("folder", 0.0), ("webdataset", 0.25)])
+def test_train_all_on_your_own_data(tmp_path, source, holdout, capsys):
     """The whole cascade from image–caption shards or a caption folder, through the CLI: the tokenizer
     learns the data's captions (webdataset runs failed there, reading the shards as a folder), the
     priors' statistics come from the data's pairs, not shapes world's, and every stage is evaluated
-    on the data's first pairs (shapes-world evaluations were skipped, leaving nothing)."""
+    on the data's first pairs (shapes-world evaluations were skipped, leaving nothing), or on the
+    pairs `data.holdout` kept out of training."""
     from unclip.cli import main
     from unclip.clip.embed import load_embeddings
     from unclip.data.export import export_folder, export_webdataset
+    from unclip.modeldir import read_manifest
+    from unclip.prior.data import training_rows
     from unclip.prior.stage import load_ar_prior
-    from unclip.train.data import source_captions
+    from unclip.train.data import held_out, source_captions
 
     if source == "webdataset":
         export_webdataset(tmp_path / "data", split="val", n=60, size=32, shard_size=25, lang="th", progress=False)
@@ -56,24 +59,30 @@ def test_train_all_on_your_own_data(tmp_path, source, capsys):
         path = str(tmp_path / "data")
     root = tmp_path / "runs"
     argv = ["train", "all", "--preset", "tiny", "--run-dir", str(root), "--embed-pairs", "40",
-            "--set", f"data.source={source}", "--set", f"data.path={path}"]
+            "--set", f"data.source={source}", "--set", f"data.path={path}", "--set", f"data.holdout={holdout}"]
     assert main(argv) == 0
-    captions = load_embeddings(root / "emb")["captions"]
-    assert f"try: unclip generate {shlex.quote(captions[0])} --model {root / 'model'}" in capsys.readouterr().out
+    embeddings = load_embeddings(root / "emb")
+    assert f"try: unclip generate {shlex.quote(embeddings['captions'][0])} --model {root / 'model'}" in \
+        capsys.readouterr().out
 
-    data = preset("tiny").data
-    own = source_captions(type(data)(source=source, path=path), 100)
-    assert len(own) == 60 and all(any("\u0e00" <= c <= "\u0e7f" for c in caption) for caption in own)  # Thai val
-    from unclip.modeldir import read_manifest  # each stage evaluated on the data's own first pairs
-
-    evaluation = read_manifest(root / "model").evaluation
-    assert evaluation["clip"]["pairs"] == 60 and evaluation["clip"]["chance_r1"] == pytest.approx(1 / 60, abs=1e-4)
+    data = type(preset("tiny").data)(source=source, path=path, holdout=holdout)
+    kept_out = sum(held_out(f"{i:09d}", holdout) for i in range(60))  # the export's keys
+    own = source_captions(data, 100)  # the tokenizer's corpus: the training pairs' captions
+    assert len(own) == 60 - kept_out and all(any("\u0e00" <= c <= "\u0e7f" for c in caption) for caption in own)
+    evaluated = kept_out if holdout else 60
+    label = f"the first {{}} held-out pairs" if holdout else "the first {} training pairs (none held out)"
+    evaluation = read_manifest(root / "model").evaluation  # each stage measured on the data's own pairs
+    assert evaluation["clip"]["pairs"] == evaluated and evaluation["clip"]["data"] == label.format(evaluated)
+    assert evaluation["clip"]["chance_r1"] == pytest.approx(1 / evaluated, abs=1e-4)
     assert 0 <= evaluation["clip"]["text_to_image_r1"] <= evaluation["clip"]["text_to_image_r5"] <= 1
     for prior in ("diffusion_prior", "ar_prior"):
-        assert evaluation[prior]["n"] == 60 and -1 <= evaluation[prior]["cosine"] <= 1
-    assert evaluation["decoder"]["split"] == "the first 16 training pairs"
-    assert evaluation["upsampler1"]["split"] == "the first 16 training images" and evaluation["upsampler1"]["psnr"] > 0
+        assert evaluation[prior]["n"] == evaluated and -1 <= evaluation[prior]["cosine"] <= 1
+    assert evaluation["decoder"]["split"] == label.format(min(16, evaluated))
+    assert evaluation["upsampler1"]["split"] == label.format(min(16, evaluated)) and evaluation["upsampler1"]["psnr"] > 0
     assert (root / "decoder" / "samples.png").is_file() and (root / "upsampler1" / "samples.png").is_file()
+
+    rows = training_rows(embeddings, holdout)  # the priors never see a held-out pair
+    assert len(rows["keys"]) == len(embeddings["keys"]) - sum(held_out(str(k), holdout) for k in embeddings["keys"])
     ar = load_ar_prior(root / "model")
-    z_i = load_embeddings(root / "emb")["image_embeds"]
-    np.testing.assert_allclose(ar.quantizer.mean.numpy(), z_i.astype(np.float32).mean(axis=0), atol=1e-3)  # fp16 shards
+    np.testing.assert_allclose(ar.quantizer.mean.numpy(), rows["image_embeds"].astype(np.float32).mean(axis=0),
+                               atol=1e-3)  # fp16 shards

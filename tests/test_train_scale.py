@@ -356,3 +356,32 @@ def test_metrics_go_to_jsonl_and_to_tensorboard_when_installed(tmp_path, monkeyp
     run(tmp_path, config(steps=2))
     assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [1, 2]
     assert ("loss", 1) in scalars and ("lr", 2) in scalars and scalars[-1] == "closed"
+
+
+def test_holdout_keeps_the_same_pairs_out_of_every_training_feed(tmp_path):
+    """`data.holdout` picks pairs by a hash of their keys: no training feed of a folder or of shards ever
+    yields one, the evaluations read exactly those, and the choice is the same everywhere."""
+    from dataclasses import replace
+
+    from unclip.config import DataConfig, UnclipConfig, check
+    from unclip.data.export import export_folder
+    from unclip.train.data import feed_for, first_pairs, held_out
+
+    assert abs(sum(held_out(f"key{i}", 0.3) for i in range(4000)) / 4000 - 0.3) < 0.03
+    assert not any(held_out(f"key{i}", 0.0) for i in range(100))
+    export_folder(tmp_path / "folder", split="val", n=80, size=SIZE, progress=False)
+    export_webdataset(tmp_path / "wds", split="val", n=80, size=SIZE, shard_size=40, progress=False)
+    for source, path in (("folder", str(tmp_path / "folder")), ("webdataset", str(tmp_path / "wds" / "{000000..000001}.tar"))):
+        data = DataConfig(source=source, path=path, holdout=0.3)
+        keys = [f"{i:09d}" for i in range(80)]
+        kept_out = {k for k in keys if held_out(k, 0.3)}
+        assert 10 < len(kept_out) < 40
+        feed = feed_for(data, size=SIZE, batch_size=8)(0)
+        seen = {k for _ in range(30) for k in next(feed)["key"]}  # 240 samples: every training pair, some twice
+        assert seen == set(keys) - kept_out, source
+        images, captions = first_pairs(data, 100, size=SIZE, part="holdout")
+        assert len(captions) == len(kept_out) and images.shape == (len(kept_out), 3, SIZE, SIZE)
+    with pytest.raises(ConfigError, match="data.holdout"):
+        check(replace(UnclipConfig(), data=DataConfig(source="folder", path="x", holdout=1.0)))
+    with pytest.raises(ConfigError, match="shapes world has its own"):
+        check(replace(UnclipConfig(), data=DataConfig(holdout=0.1)))

@@ -52,6 +52,9 @@ class DataConfig:
     path: str = ""  # folder or shard pattern ("data/{000000..000009}.tar") when not shapes
     lang: Literal["en", "th", "mix"] = "mix"
     seed: int = 0
+    # folder or webdataset: the fraction of pairs kept out of training (chosen by a hash of each
+    # pair's key, so the same pairs on any machine) and evaluated on; shapes world has its splits
+    holdout: float = 0.0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -283,6 +286,11 @@ def check(cfg: UnclipConfig) -> None:
 
     Run after all overrides are applied (not per field), so related fields can change together.
     """
+    if not 0.0 <= cfg.data.holdout < 1.0:
+        raise ConfigError(f"data.holdout={cfg.data.holdout} must be a fraction in [0, 1), e.g. 0.05")
+    if cfg.data.holdout and cfg.data.source == "shapes":
+        raise ConfigError("data.holdout is for folder and webdataset data; shapes world has its own val and "
+                          "test splits")
     if cfg.clip.image_size % cfg.clip.patch_size:
         raise ConfigError(
             f"clip.image_size={cfg.clip.image_size} is not a multiple of clip.patch_size={cfg.clip.patch_size}"

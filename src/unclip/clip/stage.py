@@ -122,10 +122,11 @@ def train_clip(cfg: UnclipConfig, *, run_dir: str | Path, out: str | Path, resum
         evaluation = evaluate_clip(model, progress=progress)
     elif evaluate:
         from unclip.clip.zeroshot import pair_retrieval
-        from unclip.train.data import first_pairs
+        from unclip.train.data import evaluation_part, first_pairs, pairs_label
 
-        images, captions = first_pairs(cfg.data, OWN_DATA_PAIRS, size=cfg.clip.image_size)
-        evaluation = {"data": f"the first {len(captions)} training pairs", **pair_retrieval(model, images, captions)}
+        part = evaluation_part(cfg.data)
+        images, captions = first_pairs(cfg.data, OWN_DATA_PAIRS, size=cfg.clip.image_size, part=part)
+        evaluation = {"data": pairs_label(len(captions), part), **pair_retrieval(model, images, captions)}
         log.info("CLIP retrieval %s", evaluation)
     save_clip(model, out, cfg=cfg, provenance=provenance(seconds=result.seconds, steps=result.step,
                                                         final_metrics=result.metrics, **started_from),

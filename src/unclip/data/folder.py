@@ -10,6 +10,7 @@ of the next one and counted too. `FolderDataset.report` holds the counts and nam
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -87,8 +88,10 @@ def unreadable_errors() -> tuple[type[BaseException], ...]:
     return (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
-def scan_folder(root: str | Path, *, verify: bool = True) -> tuple[list[tuple[Path, str]], FolderReport]:
-    """Find usable (image, caption) pairs under `root`, sorted by path."""
+def scan_folder(root: str | Path, *, verify: bool = True,
+                keep: Callable[[str], bool] | None = None) -> tuple[list[tuple[Path, str]], FolderReport]:
+    """Find usable (image, caption) pairs under `root`, sorted by path; with `keep`, only those
+    whose key (the path under `root` without suffix) it accepts."""
     from PIL import Image
 
     root = Path(root)
@@ -98,6 +101,8 @@ def scan_folder(root: str | Path, *, verify: bool = True) -> tuple[list[tuple[Pa
     pairs = []
     for path in sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()):
         name = str(path.relative_to(root))
+        if keep is not None and not keep(path.relative_to(root).with_suffix("").as_posix()):
+            continue
         caption_path = path.with_suffix(".txt")
         if not caption_path.is_file():
             report.missing_caption.append(name)
@@ -125,10 +130,10 @@ class FolderDataset:
     without suffix. A torch `Dataset` by duck typing (DataLoader needs only len and getitem).
     """
 
-    def __init__(self, root: str | Path, *, size: int, verify: bool = True):
+    def __init__(self, root: str | Path, *, size: int, verify: bool = True, keep: Callable[[str], bool] | None = None):
         self.root = Path(root)
         self.size = size
-        self.pairs, self.report = scan_folder(self.root, verify=verify)
+        self.pairs, self.report = scan_folder(self.root, verify=verify, keep=keep)
         if self.report.skipped:
             log.warning("%s: %s", self.root, self.report.summary())
         if not self.pairs:

@@ -95,7 +95,7 @@ def train_decoder(cfg: UnclipConfig, *, clip_dir: str | Path, run_dir: str | Pat
     init: a model directory whose decoder weights the run starts from (a checkpoint in `run_dir`
     still wins, so an interrupted run resumes where it was)."""
     from unclip.decoder.data import decoder_feed
-    from unclip.train.data import feed_for, first_pairs
+    from unclip.train.data import evaluation_part, feed_for, first_pairs, pairs_label
     from unclip.train.trainer import train, training_device
 
     cfg = with_clip_config(cfg, clip_dir)
@@ -120,11 +120,12 @@ def train_decoder(cfg: UnclipConfig, *, clip_dir: str | Path, run_dir: str | Pat
     if evaluate and eval_samples > 0:
         from unclip.decoder.metrics import decode_clip_similarity
 
-        pairs = None if cfg.data.source == "shapes" else first_pairs(cfg.data, eval_samples, size=side)
+        part = evaluation_part(cfg.data)
+        pairs = None if cfg.data.source == "shapes" else first_pairs(cfg.data, eval_samples, size=side, part=part)
         evaluation = decode_clip_similarity(decoder, clip, n=eval_samples, sheet=Path(run_dir) / "samples.png",
                                             pairs=pairs)
         if pairs is not None:
-            evaluation["split"] = f"the first {len(pairs[1])} training pairs"
+            evaluation["split"] = pairs_label(len(pairs[1]), part)
         log.info("decoder CLIP similarity %s", evaluation)
     save_decoder(decoder, clip, out, cfg=cfg, clip_dir=clip_dir, evaluation=evaluation,
                  provenance=provenance(seconds=result.seconds, steps=result.step, final_metrics=result.metrics,
@@ -181,7 +182,7 @@ def train_upsampler(cfg: UnclipConfig, *, stage: int, run_dir: str | Path, out: 
 
     init: a model directory holding this upsampler stage to start from (see `train_decoder`)."""
     from unclip.decoder.data import upsampler_feed
-    from unclip.train.data import feed_for, first_pairs
+    from unclip.train.data import evaluation_part, feed_for, first_pairs, pairs_label
     from unclip.train.trainer import train, training_device
 
     uc = cfg.upsamplers[_stage_index(cfg, stage)]
@@ -203,10 +204,12 @@ def train_upsampler(cfg: UnclipConfig, *, stage: int, run_dir: str | Path, out: 
     if evaluate and eval_samples > 0:
         from unclip.decoder.metrics import upsampler_quality
 
-        images = None if cfg.data.source == "shapes" else first_pairs(cfg.data, eval_samples, size=uc.out_resolution)[0]
+        part = evaluation_part(cfg.data)
+        images = (None if cfg.data.source == "shapes"
+                  else first_pairs(cfg.data, eval_samples, size=uc.out_resolution, part=part)[0])
         evaluation = upsampler_quality(upsampler, n=eval_samples, sheet=Path(run_dir) / "samples.png", images=images)
         if images is not None:
-            evaluation["split"] = f"the first {len(images)} training images"
+            evaluation["split"] = pairs_label(len(images), part)
         log.info("upsampler %d quality %s", stage, evaluation)
     save_upsampler(upsampler, out, cfg=cfg, stage=stage, evaluation=evaluation,
                    provenance=provenance(seconds=result.seconds, steps=result.step, final_metrics=result.metrics,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 
+import numpy as np
 import torch
 
 from unclip.clip.model import ClipModel
@@ -39,6 +40,17 @@ def on_the_fly_feed(clip: ClipModel, image_feed: Callable[[int], Iterator[dict]]
             yield encode_batch(clip, batch["caption"], images=batch["image"])
 
     return make
+
+
+def training_rows(embeddings: dict, holdout: float) -> dict:
+    """The rows of an embedding folder (`load_embeddings`) that are not held out (`data.holdout`):
+    `unclip embed` embeds every pair of the shards it is aligned with, the priors train on these."""
+    if holdout <= 0:
+        return embeddings
+    from unclip.train.data import held_out
+
+    keep = np.array([not held_out(str(key), holdout) for key in embeddings["keys"]], dtype=bool)
+    return {k: v[keep] for k, v in embeddings.items()}
 
 
 class _Embeddings(torch.utils.data.Dataset):
@@ -97,6 +109,7 @@ def fit_pairs(clip: ClipModel, data, *, n: int, embeddings: dict | None = None) 
         pairs = sample_pairs(clip, split="train", n=n, lang=data.lang, seed=data.seed)
         return {"z_i": pairs["z_i"], "z_t": pairs["z_t"]}
     if embeddings is not None:
+        embeddings = training_rows(embeddings, data.holdout)
         return {"z_i": torch.from_numpy(embeddings["image_embeds"][:n]).float(),
                 "z_t": torch.from_numpy(embeddings["text_embeds"][:n]).float()}
     from unclip.train.data import source_batches

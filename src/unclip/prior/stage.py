@@ -76,8 +76,9 @@ def train_prior(cfg: UnclipConfig, *, kind: str, clip_dir: str | Path, run_dir: 
     clip = load_clip(clip_dir)
     if embeddings:
         from unclip.clip.embed import load_embeddings
+        from unclip.prior.data import training_rows
 
-        embeddings = load_embeddings(embeddings)
+        embeddings = training_rows(load_embeddings(embeddings), cfg.data.holdout)
     build = build_diffusion_prior if kind == "diffusion" else build_ar_prior
     tc = cfg.prior.train if kind == "diffusion" else cfg.ar_prior.train
     prior = build(cfg, clip, fit_samples=fit_samples, embeddings=embeddings or None)
@@ -101,11 +102,12 @@ def train_prior(cfg: UnclipConfig, *, kind: str, clip_dir: str | Path, run_dir: 
     elif evaluate:
         from unclip.prior.data import encode_batch
         from unclip.prior.metrics import cosine_metrics
-        from unclip.train.data import first_pairs
+        from unclip.train.data import evaluation_part, first_pairs, pairs_label
 
-        images, captions = first_pairs(cfg.data, OWN_DATA_PAIRS, size=clip.config.image_size)
+        part = evaluation_part(cfg.data)
+        images, captions = first_pairs(cfg.data, OWN_DATA_PAIRS, size=clip.config.image_size, part=part)
         metrics = cosine_metrics(predict, encode_batch(clip, captions, images=images))
-        evaluation = {"data": f"the first {len(captions)} training pairs",
+        evaluation = {"data": pairs_label(len(captions), part),
                       **{k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}}
         log.info("%s prior: %s", kind, evaluation)
     save = save_diffusion_prior if kind == "diffusion" else save_prior

@@ -21,6 +21,7 @@ functions of their index (shapes and folder items are). The data loaders use the
 
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 from collections.abc import Callable, Iterator
@@ -151,9 +152,29 @@ def _wds_item(sample: dict, *, size: int) -> dict:
             "key": sample["__key__"]}
 
 
+def held_out(key: str, fraction: float) -> bool:
+    """Whether the pair with this key is one of the `fraction` kept out of training (`data.holdout`):
+    a hash of the key, so every machine, rank and run makes the same choice."""
+    if fraction <= 0:
+        return False
+    return int.from_bytes(hashlib.blake2b(key.encode("utf-8"), digest_size=8).digest(), "big") < fraction * 2**64
+
+
+def _kept(fraction: float, sample: dict) -> bool:
+    return not held_out(sample["__key__"], fraction)
+
+
+def _part(fraction: float, part: str) -> Callable[[str], bool]:
+    """Key filter for `part` ("train" or "holdout") of data with `fraction` held out."""
+    if part not in ("train", "holdout"):
+        raise ValueError(f"part must be train or holdout, not {part!r}")
+    return (lambda key: held_out(key, fraction)) if part == "holdout" else (lambda key: not held_out(key, fraction))
+
+
 def webdataset_feed(pattern: str, *, size: int, batch_size: int, seed: int, num_workers: int = 0,
-                    shuffle_buffer: int = SHUFFLE_BUFFER) -> Callable[[int], Iterator[dict]]:
-    """Endless batches streamed from img2dataset-layout shards (KEY.jpg + KEY.txt), see the module docstring."""
+                    shuffle_buffer: int = SHUFFLE_BUFFER, holdout: float = 0.0) -> Callable[[int], Iterator[dict]]:
+    """Endless batches streamed from img2dataset-layout shards (KEY.jpg + KEY.txt), see the module
+    docstring; the `holdout` fraction of keys (`held_out`) is left out."""
     import webdataset as wds
 
     urls = shard_urls(pattern)
@@ -170,6 +191,7 @@ def webdataset_feed(pattern: str, *, size: int, batch_size: int, seed: int, num_
             wds.tarfile_to_samples(),
             wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 100), seed=stream_seed + rank),
             wds.select(_has_pair),
+            wds.select(partial(_kept, holdout)),
             wds.map(partial(_wds_item, size=size)),
             wds.batched(local_batch_size(batch_size, world), partial=False),
         )
@@ -187,20 +209,21 @@ def _check_path(data: DataConfig) -> None:
 
 
 def source_captions(data: DataConfig, n: int) -> list[str]:
-    """The first `n` captions of a folder or webdataset source, in file or shard order (without
-    opening the images): what the tokenizer of a run on that data is trained on."""
+    """The first `n` captions of the training pairs of a folder or webdataset source, in file or
+    shard order (without opening the images): what the tokenizer of a run on that data learns."""
     _check_path(data)
+    train = _part(data.holdout, "train")
     if data.source == "folder":
         from unclip.data.folder import scan_folder
 
-        pairs, _ = scan_folder(data.path, verify=False)
+        pairs, _ = scan_folder(data.path, verify=False, keep=train)
         return [caption for _, caption in pairs][:n]
     if data.source == "webdataset":
         import webdataset as wds
 
         captions = []
         for sample in wds.DataPipeline(wds.SimpleShardList(shard_urls(data.path)), wds.tarfile_to_samples()):
-            if "txt" in sample:
+            if "txt" in sample and train(sample["__key__"]):
                 captions.append(sample["txt"].decode("utf-8").strip())
                 if len(captions) >= n:
                     break
@@ -210,17 +233,19 @@ def source_captions(data: DataConfig, n: int) -> list[str]:
     raise DataError(f"data.source={data.source!r} has no caption files; use folder or webdataset")
 
 
-def source_batches(data: DataConfig, n: int, *, size: int,
+def source_batches(data: DataConfig, n: int, *, size: int, part: str = "train",
                    batch_size: int = 250) -> Iterator[tuple[torch.Tensor, list[str]]]:
-    """The first m ≤ n image–caption pairs of a folder (file order) or webdataset source (shard
-    order, each shard read once) in batches of images [b, 3, size, size] in [-1, 1] and captions:
-    what the stages fit statistics on and are evaluated on when they train on data other than
-    shapes world (training pairs, not held out). Data of fewer than n pairs gives all of them."""
+    """The first m ≤ n image–caption pairs of `part` ("train", or "holdout": the `data.holdout`
+    fraction kept out of training) of a folder (file order) or webdataset source (shard order,
+    each shard read once) in batches of images [b, 3, size, size] in [-1, 1] and captions: what
+    the stages fit statistics on and are evaluated on when they train on data other than shapes
+    world. Data of fewer than n pairs gives all of them."""
     _check_path(data)
+    keep = _part(data.holdout, part)
     if data.source == "folder":
         from unclip.data.folder import FolderDataset
 
-        folder = FolderDataset(data.path, size=size)
+        folder = FolderDataset(data.path, size=size, keep=keep)
         for start in range(0, min(n, len(folder)), batch_size):
             items = [folder[i] for i in range(start, min(n, len(folder), start + batch_size))]
             yield torch.stack([item["image"] for item in items]), [item["caption"] for item in items]
@@ -228,7 +253,8 @@ def source_batches(data: DataConfig, n: int, *, size: int,
         import webdataset as wds
 
         items = wds.DataPipeline(wds.SimpleShardList(shard_urls(data.path)), wds.tarfile_to_samples(),
-                                 wds.select(_has_pair), wds.map(partial(_wds_item, size=size)))
+                                 wds.select(_has_pair), wds.select(lambda sample: keep(sample["__key__"])),
+                                 wds.map(partial(_wds_item, size=size)))
         batch: list[dict] = []
         for given, item in enumerate(items, start=1):
             batch.append(item)
@@ -243,9 +269,22 @@ def source_batches(data: DataConfig, n: int, *, size: int,
         raise DataError(f"data.source={data.source!r} has no pairs of its own to read; use folder or webdataset")
 
 
-def first_pairs(data: DataConfig, n: int, *, size: int) -> tuple[torch.Tensor, list[str]]:
+def evaluation_part(data: DataConfig) -> str:
+    """What a stage trained on folder or webdataset data is evaluated on: its held-out pairs when
+    `data.holdout` keeps some out, else (saying so) its first training pairs."""
+    return "holdout" if data.holdout > 0 else "train"
+
+
+def pairs_label(n: int, part: str) -> str:
+    return f"the first {n} held-out pairs" if part == "holdout" else f"the first {n} training pairs (none held out)"
+
+
+def first_pairs(data: DataConfig, n: int, *, size: int, part: str = "train") -> tuple[torch.Tensor, list[str]]:
     """`source_batches` in one batch: images [m, 3, size, size] and m captions."""
-    batches = list(source_batches(data, n, size=size))
+    batches = list(source_batches(data, n, size=size, part=part))
+    if not batches:
+        raise DataError(f"{data.path} holds no {'held-out' if part == 'holdout' else 'training'} pairs "
+                        f"(data.holdout={data.holdout})")
     return torch.cat([images for images, _ in batches]), [c for _, captions in batches for c in captions]
 
 
@@ -267,8 +306,9 @@ def feed_for(data: DataConfig, *, size: int, batch_size: int, num_workers: int =
     if data.source == "folder":
         from unclip.data.folder import FolderDataset
 
-        return epoch_feed(FolderDataset(data.path, size=size), batch_size=batch_size, seed=data.seed,
-                          num_workers=num_workers)
+        return epoch_feed(FolderDataset(data.path, size=size, keep=_part(data.holdout, "train")),
+                          batch_size=batch_size, seed=data.seed, num_workers=num_workers)
     if data.source == "webdataset":
-        return webdataset_feed(data.path, size=size, batch_size=batch_size, seed=data.seed, num_workers=num_workers)
+        return webdataset_feed(data.path, size=size, batch_size=batch_size, seed=data.seed, num_workers=num_workers,
+                               holdout=data.holdout)
     raise DataError(f"data.source={data.source!r} is not supported; use shapes, folder or webdataset")
