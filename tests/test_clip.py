@@ -162,3 +162,21 @@ def test_the_gpu_preset_keeps_the_shipped_models_clip():
     shipped = UnclipConfig.from_dict(read_manifest(Path(unclip.__file__).parent / "assets" / "model").config).clip
     assert shipped.hard_negatives == 0.0 and shipped.activation == "quick_gelu"
     assert network(preset("shapes-gpu").clip) == network(shipped)
+
+
+def test_a_stage_on_other_data_than_its_clip_is_warned_about(tmp_path, caplog):
+    """`unclip train prior --clip DIR` without the --set data.* of the CLIP's run trained on shapes world
+    with a CLIP of other data, silently."""
+    from dataclasses import replace
+
+    from unclip.clip.stage import warn_if_other_data
+
+    from tiny_models import save_tiny_clip
+
+    clip_dir = save_tiny_clip(tmp_path)  # trained (as far as its manifest says) on shapes world
+    cfg = preset("tiny")
+    with caplog.at_level("WARNING", logger="unclip.clip.stage"):
+        warn_if_other_data(cfg, clip_dir, "decoder")
+        assert caplog.text == ""
+        warn_if_other_data(replace(cfg, data=replace(cfg.data, source="folder", path="my_pairs")), clip_dir, "decoder")
+    assert "trained on shapes and this decoder run trains on folder (my_pairs)" in caplog.text

@@ -167,6 +167,20 @@ def save_clip(model: ClipModel, directory: str | Path, *, cfg: UnclipConfig, pro
     return save_model_dir(directory, manifest, model.save_components)
 
 
+def warn_if_other_data(cfg: UnclipConfig, clip_dir: str | Path, stage: str) -> None:
+    """Say so when a stage is about to train on other data than its CLIP was trained on: the usual
+    cause is a stage run on its own without the --set data.* its CLIP's run had."""
+    theirs = UnclipConfig.from_dict(read_manifest(clip_dir).config).data
+    ours = cfg.data
+    if (theirs.source, theirs.path) != (ours.source, ours.path):
+        def where(data) -> str:
+            return data.source + (f" ({data.path})" if data.path else "")
+
+        log.warning("the CLIP at %s was trained on %s and this %s run trains on %s; if that is not meant, give "
+                    "this run the same --set data.source=... data.path=... (unclip train all does)",
+                    clip_dir, where(theirs), stage, where(ours))
+
+
 def load_clip(directory: str | Path) -> ClipModel:
     """Load the CLIP stage of a model directory, strictly."""
     directory = Path(directory)

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from unclip.clip.model import ClipModel
-from unclip.clip.stage import load_clip, provenance, stage_manifest
+from unclip.clip.stage import load_clip, provenance, stage_manifest, warn_if_other_data
 from unclip.config import UnclipConfig
 from unclip.decoder.model import Decoder
 from unclip.decoder.upsampler import Upsampler
@@ -99,6 +99,7 @@ def train_decoder(cfg: UnclipConfig, *, clip_dir: str | Path, run_dir: str | Pat
     from unclip.train.trainer import train, training_device
 
     cfg = with_clip_config(cfg, clip_dir)
+    warn_if_other_data(cfg, clip_dir, "decoder")
     clip = load_clip(clip_dir).to(training_device())  # encodes each batch where the decoder trains
     tc = cfg.decoder.train
     torch.manual_seed(tc.seed)

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from unclip.clip.model import ClipModel
-from unclip.clip.stage import load_clip, provenance, stage_manifest
+from unclip.clip.stage import load_clip, provenance, stage_manifest, warn_if_other_data
 from unclip.config import UnclipConfig
 from unclip.errors import ModelFormatError, UnclipError
 from unclip.io import write_json_atomic
@@ -73,6 +73,7 @@ def train_prior(cfg: UnclipConfig, *, kind: str, clip_dir: str | Path, run_dir: 
 
     if kind not in KINDS:
         raise UnclipError(f"unknown prior kind {kind!r}; use one of {', '.join(KINDS)}")
+    warn_if_other_data(cfg, clip_dir, f"{kind} prior")
     clip = load_clip(clip_dir)
     if embeddings:
         from unclip.clip.embed import load_embeddings
