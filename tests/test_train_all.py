@@ -8,7 +8,7 @@ import pytest
 from unclip.config import preset
 
 
-def test_train_all_trains_assembles_and_skips_finished_stages(tmp_path):
+def test_train_all_trains_assembles_and_skips_finished_stages(tmp_path, caplog):
     import unclip
     from unclip.errors import ModelFormatError
     from unclip.modeldir import read_manifest
@@ -29,8 +29,13 @@ def test_train_all_trains_assembles_and_skips_finished_stages(tmp_path):
     import shutil
 
     shutil.rmtree(root / "decoder" / "model")
-    again = train_all(cfg, root=root, out=out, progress=False, evaluate=False, embed_pairs=64, fit_samples=64)
-    assert set(again) == {"decoder"}
+    with caplog.at_level("WARNING", logger="unclip.train.all"):
+        again = train_all(cfg, root=root, out=out, progress=False, evaluate=False, embed_pairs=64, fit_samples=64)
+        assert set(again) == {"decoder"} and caplog.text == ""  # the same config: skipped in silence
+        changed = cfg.override(["upsamplers.0.train.steps=8"])
+        assert train_all(changed, root=root, out=out, progress=False, evaluate=False) == {}
+    assert "upsamplers at" in caplog.text and "(upsamplers.0.train.steps: 4 → 8)" in caplog.text  # kept, said
+    assert "decoder at" not in caplog.text
     shutil.rmtree(root / "decoder" / "model")
     with pytest.raises(ModelFormatError, match="stage decoder is not complete"):
         train_all(cfg, root=root, out=out, stages=["clip"], progress=False, evaluate=False)

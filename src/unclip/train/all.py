@@ -8,6 +8,7 @@ from its last checkpoint, so running the command again after a crash finishes th
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Sequence
@@ -32,6 +33,32 @@ def _done(model_dir: Path) -> bool:
     except ModelFormatError:
         return False
     return True
+
+
+SECTIONS = {"clip": ("data", "clip", "tokenizer"), "prior": ("data", "prior"), "ar_prior": ("data", "ar_prior"),
+            "decoder": ("data", "decoder"), "upsamplers": ("data", "upsamplers")}  # what each stage's model depends on
+
+
+def _changes(old: object, new: object, prefix: str) -> list[str]:
+    """Dotted keys where two config dicts differ (a removed or added key counts)."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [c for k in sorted(set(old) | set(new), key=str)
+                for c in _changes(old.get(k), new.get(k), f"{prefix}.{k}" if prefix else str(k))]
+    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new) and any(
+            isinstance(v, dict) for v in old):
+        return [c for i, (a, b) in enumerate(zip(old, new, strict=True)) for c in _changes(a, b, f"{prefix}.{i}")]
+    return [] if old == new else [f"{prefix}: {old!r} → {new!r}"]
+
+
+def _stale(name: str, target: Path, cfg: UnclipConfig) -> list[str]:
+    """What in `cfg` differs from the config the complete stage at `target` was trained with."""
+    from unclip.modeldir import read_manifest
+
+    def plain(config: UnclipConfig) -> dict:  # JSON's lists for tuples; fields added since, at their defaults
+        return json.loads(json.dumps(config.to_dict()))
+
+    theirs, ours = plain(UnclipConfig.from_dict(read_manifest(target).config)), plain(cfg)
+    return [c for section in SECTIONS[name] for c in _changes(theirs.get(section), ours.get(section), section)]
 
 
 def train_all(cfg: UnclipConfig, *, root: str | Path, out: str | Path, stages: Sequence[str] = STAGES,
@@ -62,6 +89,11 @@ def train_all(cfg: UnclipConfig, *, root: str | Path, out: str | Path, stages: S
     def run(name: str, target: Path, fn) -> None:
         if _done(target):
             log.info("%s: %s is complete, skipped", name, target)
+            if changed := _stale(name, target, cfg):
+                log.warning("%s at %s was trained with another config (%s%s) and is kept as it is; to train it "
+                            "again with this one, delete %s or give another --run-dir", name, target,
+                            "; ".join(changed[:3]), f"; {len(changed) - 3} more" if len(changed) > 3 else "",
+                            target)
             return
         if name not in stages:
             raise ModelFormatError(f"stage {name} is not complete at {target} and was not asked for; "
