@@ -65,6 +65,21 @@ def test_truncation_is_reported_and_keeps_end_token(tok, caplog):
     assert len(caplog.records) == 1 and len(caplog.text) < 300, caplog.text
 
 
+def test_training_on_long_captions_logs_a_few_then_says_more_are_cut(tok, caplog):
+    """Every batch of a data set of long captions logged each of them again (a warning per caption per
+    step); now each once, the first CUT_LOGS, then one line that more are cut."""
+    from unclip.tokenizer import CUT_LOGS, Tokenizer
+
+    fresh = Tokenizer(backend=tok.backend, context_length=8)
+    long = [f"a small blue star above a green square number {i}" for i in range(CUT_LOGS + 4)]
+    with caplog.at_level(logging.WARNING, logger="unclip.tokenizer"):
+        for _ in range(3):  # three epochs
+            assert all(fresh.encode(long).truncated)
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == CUT_LOGS + 1 and len(fresh.cut_captions) == len(long)
+    assert messages[-1].startswith(f"more captions are cut to 8 tokens ({CUT_LOGS + 1} so far)")
+
+
 def test_save_load_same_ids(tok, tmp_path):
     tok.save(tmp_path / "tokenizer")
     again = Tokenizer.load(tmp_path / "tokenizer")

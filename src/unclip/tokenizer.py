@@ -26,6 +26,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+CUT_LOGS = 5  # captions cut to the context that one tokenizer logs one by one
+
 PAD, BOS, EOS = "<|pad|>", "<|startoftext|>", "<|endoftext|>"
 # Ids 0, 1, 2 in this order. The end token must not get id 2: transformers' CLIP text tower
 # treats eos_token_id == 2 as a legacy config and pools at argmax(input_ids) instead of at the
@@ -63,6 +65,7 @@ class Tokenizer:
             raise UnclipError(f"context_length={context_length} leaves no room for a caption; use at least 3")
         self.backend = backend
         self.context_length = context_length
+        self.cut_captions: set[str] = set()  # captions this tokenizer has cut to its context, each logged once
         self.pad_id, self.bos_id, self.eos_id = (backend.token_to_id(t) for t in (PAD, BOS, EOS))
         if None in (self.pad_id, self.bos_id, self.eos_id):
             raise ModelFormatError(f"tokenizer lacks one of the special tokens {PAD}, {BOS}, {EOS}")
@@ -117,21 +120,29 @@ class Tokenizer:
         room = length - 2
         ids = torch.full((len(texts), length), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(texts), length), dtype=torch.long)
-        truncated, warned = [], set()
+        truncated = []
         for row, encoding in enumerate(self.backend.encode_batch(list(texts), add_special_tokens=False)):
             tokens = encoding.ids
             cut = len(tokens) > room
-            if cut and texts[row] not in warned:  # once per caption, however often the batch repeats it
-                warned.add(texts[row])
-                lost = self.backend.decode(tokens[room:])
-                shown = lost if len(lost) <= 60 else f"{lost[:60]}… ({len(lost)} characters)"
-                log.warning("caption cut to %d tokens; dropped the end: %r", length, shown)
+            if cut and texts[row] not in self.cut_captions:  # once per caption, however often it comes
+                self._log_cut(texts[row], self.backend.decode(tokens[room:]), length)
             tokens = tokens[:room]
             seq = [self.bos_id, *tokens, self.eos_id]
             ids[row, : len(seq)] = torch.tensor(seq)
             mask[row, : len(seq)] = 1
             truncated.append(cut)
         return TokenBatch(input_ids=ids, attention_mask=mask, truncated=tuple(truncated))
+
+    def _log_cut(self, caption: str, lost: str, length: int) -> None:
+        """Log the first CUT_LOGS captions cut to the context, then once that more are (training on
+        long captions would log every one, batch after batch)."""
+        self.cut_captions.add(caption)
+        if len(self.cut_captions) <= CUT_LOGS:
+            shown = lost if len(lost) <= 60 else f"{lost[:60]}… ({len(lost)} characters)"
+            log.warning("caption cut to %d tokens; dropped the end: %r", length, shown)
+        elif len(self.cut_captions) == CUT_LOGS + 1:
+            log.warning("more captions are cut to %d tokens (%d so far); no more are logged. A longer "
+                        "tokenizer.context_length keeps more of them (a new CLIP run)", length, CUT_LOGS + 1)
 
     def decode(self, ids: Sequence[int]) -> str:
         """Text of `ids`, skipping start, end and padding."""

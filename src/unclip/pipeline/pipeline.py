@@ -193,12 +193,20 @@ class UnclipPipeline:
         """
         prompts = prompt_list(prompts)
         for p in dict.fromkeys(prompts):  # once per prompt, however many candidates repeat it
-            for warning in self.prompt_warnings(p):
+            for warning in self._word_warnings(p):  # a prompt cut to the context the tokenizer logs itself
                 log.warning("%r: %s (the words it knows: docs/shapes_world.md)", p, warning)
         return self.clip.encode_text(self.clip.tokenize(prompts))
 
     def prompt_warnings(self, prompt: str) -> list[str]:
-        """What a caller should know about `prompt` before trusting the images: words the model never saw."""
+        """What a caller should know about `prompt` before trusting the images: words the model never
+        saw, and whether it is longer than the model reads."""
+        warnings = self._word_warnings(prompt)
+        if self.clip.tokenize([prompt]).truncated[0]:
+            warnings.append(f"it is longer than the {self.clip.tokenizer.context_length - 2} tokens this model "
+                            "reads; the rest was left out")
+        return warnings
+
+    def _word_warnings(self, prompt: str) -> list[str]:
         unknown = self.unknown_words(prompt)
         if not unknown:
             return []
