@@ -64,7 +64,8 @@ def test_train_all_on_your_own_data(tmp_path, source, holdout, capsys):
         path = str(tmp_path / "data")
     root = tmp_path / "runs"
     argv = ["train", "all", "--preset", "tiny", "--run-dir", str(root), "--embed-pairs", "40",
-            "--set", f"data.source={source}", "--set", f"data.path={path}", "--set", f"data.holdout={holdout}"]
+            "--set", f"data.source={source}", "--set", f"data.path={path}", "--set", f"data.holdout={holdout}",
+            "--set", "decoder.train.eval_every=2", "--set", "decoder.train.eval_batches=1"]
     assert main(argv) == 0
     embeddings = load_embeddings(root / "emb")
     assert f"try: unclip generate {shlex.quote(embeddings['captions'][0])} --model {root / 'model'}" in \
@@ -85,6 +86,11 @@ def test_train_all_on_your_own_data(tmp_path, source, holdout, capsys):
     assert evaluation["decoder"]["split"] == label.format(min(16, evaluated))
     assert evaluation["upsampler1"]["split"] == label.format(min(16, evaluated)) and evaluation["upsampler1"]["psnr"] > 0
     assert (root / "decoder" / "samples.png").is_file() and (root / "upsampler1" / "samples.png").is_file()
+
+    from unclip.train.metrics import read_metrics
+
+    validated = [r["step"] for r in read_metrics(root / "decoder" / "metrics.jsonl") if "val_loss" in r]
+    assert validated == ([2, 4] if holdout else [])  # the held-out pairs' loss, when some are held out
 
     rows = training_rows(embeddings, holdout)  # the priors never see a held-out pair
     assert len(rows["keys"]) == len(embeddings["keys"]) - sum(held_out(str(k), holdout) for k in embeddings["keys"])

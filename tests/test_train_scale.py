@@ -207,6 +207,34 @@ def test_stages_of_one_process_may_train_in_different_precisions(tmp_path):
     assert read_metrics(tmp_path / "bf16" / "metrics.jsonl")[-1]["step"] == 2
 
 
+def test_validation_is_fixed_leaves_training_alone_and_is_the_same_on_two_processes(ddp_run, tmp_path):
+    """`train.eval_every`: mean losses over fixed held-out batches (shapes world's val split here) every
+    k steps and at the end, with the same random draws each pass; training is what it was without
+    them (losses, weights, exact resume); two processes log one process's numbers."""
+    cfg = config(steps=8, ckpt_every=4, log_every=2, eval_every=3, eval_batches=2)
+    whole, result = run(tmp_path / "whole", cfg, noise=0.1)
+    rows = read_metrics(tmp_path / "whole" / "metrics.jsonl")
+    val = [r for r in rows if "val_loss" in r]
+    assert [r["step"] for r in val] == [3, 6, 8] and result.validation == val[-1]
+    assert set(val[0]) == {"step", "val_loss", "val_mae"} and val[-1]["val_loss"] < val[0]["val_loss"]
+    plain, _ = run(tmp_path / "plain", config(steps=8, ckpt_every=4, log_every=2), noise=0.1)
+    _close(whole.state_dict(), plain.state_dict(), atol=0)  # validating drew nothing from the training RNG
+    train_rows = [{k: r[k] for k in LOSSES} for r in rows if "loss" in r]
+    assert train_rows == [{k: r[k] for k in LOSSES} for r in read_metrics(tmp_path / "plain" / "metrics.jsonl")]
+
+    run(tmp_path / "split", cfg, noise=0.1, stop_at=4)  # stopped between two validations, resumed
+    resumed, _ = run(tmp_path / "split", cfg, noise=0.1)
+    _close(resumed.state_dict(), whole.state_dict(), atol=0)
+    assert [r for r in read_metrics(tmp_path / "split" / "metrics.jsonl") if "val_loss" in r] == val
+
+    run(tmp_path / "one", config(eval_every=3, eval_batches=2))  # no input noise: ranks draw alike
+    one = [r for r in read_metrics(tmp_path / "one" / "metrics.jsonl") if "val_loss" in r]
+    two = [r for r in read_metrics(ddp_run / "val" / "metrics.jsonl") if "val_loss" in r]
+    assert [r["step"] for r in two] == [3, 6] and len(one) == len(two)
+    for a, b in zip(one, two, strict=True):  # each rank validated its half of each batch, averaged
+        assert a["val_mae"] == pytest.approx(b["val_mae"], rel=1e-4)
+
+
 def test_resume_is_exact(tmp_path):
     """Stopped at step 4 of 8 and resumed: the same losses and bit-identical weights, with noise drawn
     from the global RNG, EMA, warmup + cosine, gradient accumulation and a data-loader worker."""

@@ -2,7 +2,8 @@
 
 As a script: `python tests/train_scale_helpers.py JOB OUT [--threads N]`, where JOB is
 - `ddp`: under `torchrun --nproc_per_node 2`, train the tiny stage for 6 steps
-  (OUT/full) and for 3 of the same 6 (OUT/part), each rank saving its final weights; then embed
+  (OUT/full) and for 3 of the same 6 (OUT/part), each rank saving its final weights, and 6 steps
+  validated every 3 (OUT/val); then embed
   the webdataset shards in OUT/wds into OUT/emb with a stand-in CLIP, the shards shared by rank;
   then one CLIP loss and gradient on each rank's half of `clip_batch()` (OUT/clip/rankR.pt);
 - `killsave`: train with a checkpoint writer that stalls half-way through its second checkpoint
@@ -65,11 +66,15 @@ def config(**overrides) -> TrainConfig:
 
 
 def run(run_dir: str | Path, cfg: TrainConfig, *, noise: float = 0.0, stop_at: int | None = None):
-    """Train a fresh TinyStage on shapes world; returns (stage, TrainResult)."""
+    """Train a fresh TinyStage on shapes world; returns (stage, TrainResult). With `cfg.eval_every`,
+    validated on shapes world's val split."""
+    from unclip.config import DataConfig
+    from unclip.train.data import validation_feed
+
     stage = TinyStage(noise=noise)
     feed = shapes_feed(size=SIZE, batch_size=cfg.batch_size, lang="en", seed=0, num_workers=cfg.num_workers)
     result = train(stage, feed, cfg=cfg, run_dir=run_dir, run_config={"tiny": repr(cfg), "noise": noise},
-                   progress=False, stop_at=stop_at)
+                   progress=False, stop_at=stop_at, val_batches=validation_feed(DataConfig(lang="en"), cfg, size=SIZE))
     return stage, result
 
 
@@ -130,6 +135,7 @@ def _ddp(out: Path) -> None:
         assert world == 2, "run this job under torchrun --nproc_per_node 2"
         torch.save({"state": stage.state_dict(), "step": result.step, "main": result.main_process},
                    out / name / f"rank{rank}.pt")
+    run(out / "val", config(eval_every=3, eval_batches=2))  # validation rows in OUT/val/metrics.jsonl
     embed_dataset(StandInClip(), out / "emb", source="webdataset", path=str(out / "wds" / "{000000..000003}.tar"),
                   progress=False)
     rank, world = rank_world()

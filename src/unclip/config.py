@@ -40,6 +40,10 @@ class TrainConfig:
     mixed_precision: Precision = "no"
     log_every: int = 20
     ckpt_every: int = 500
+    # validation loss every this many steps (0: none) on eval_batches fixed batches of held-out pairs:
+    # shapes world's val split, or a folder's or shards' `data.holdout`
+    eval_every: int = 0
+    eval_batches: int = 4
     num_workers: int = 0
     seed: int = 0
 

@@ -94,7 +94,7 @@ def train_clip(cfg: UnclipConfig, *, run_dir: str | Path, out: str | Path, resum
     init: a model directory whose CLIP (towers, tokenizer, temperature) the run starts from, e.g.
     to fine-tune the shipped CLIP with hard negatives; its network settings must be `cfg.clip`'s
     (a checkpoint in `run_dir` still wins, so an interrupted run resumes where it was)."""
-    from unclip.train.data import feed_for
+    from unclip.train.data import feed_for, validation_feed
     from unclip.train.trainer import train
 
     run_dir = Path(run_dir)
@@ -112,7 +112,8 @@ def train_clip(cfg: UnclipConfig, *, run_dir: str | Path, out: str | Path, resum
                     hard_negatives=cfg.clip.hard_negatives, twin_group=cfg.clip.twin_group,
                     twin_weights=cfg.clip.twin_weights)
     result = train(model, feed, cfg=tc, run_dir=run_dir, run_config=cfg.to_dict(), resume=resume,
-                   progress=progress, stage_name="clip", time_budget=time_budget)
+                   progress=progress, stage_name="clip", time_budget=time_budget,
+                   val_batches=validation_feed(cfg.data, tc, size=cfg.clip.image_size))
     if not result.main_process:
         return Path(out)  # under accelerate launch the main process evaluates and writes the model
     evaluation = {}

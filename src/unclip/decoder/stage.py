@@ -57,6 +57,9 @@ def _stage_index(cfg: UnclipConfig, stage: int) -> int:
 # --- decoder ---------------------------------------------------------------------------------
 
 
+VALIDATION_PAIRS_SEED = 104729  # the upsampler's validation degradations and crops, the same at every pass
+
+
 def with_clip_config(cfg: UnclipConfig, clip_dir: str | Path) -> UnclipConfig:
     """`cfg` with its clip and tokenizer sections taken from the CLIP model it trains against."""
     clip_cfg = UnclipConfig.from_dict(read_manifest(clip_dir).config)
@@ -95,7 +98,7 @@ def train_decoder(cfg: UnclipConfig, *, clip_dir: str | Path, run_dir: str | Pat
     init: a model directory whose decoder weights the run starts from (a checkpoint in `run_dir`
     still wins, so an interrupted run resumes where it was)."""
     from unclip.decoder.data import decoder_feed
-    from unclip.train.data import evaluation_part, feed_for, first_pairs, pairs_label
+    from unclip.train.data import evaluation_part, feed_for, first_pairs, pairs_label, validation_feed
     from unclip.train.trainer import train, training_device
 
     cfg = with_clip_config(cfg, clip_dir)
@@ -111,9 +114,11 @@ def train_decoder(cfg: UnclipConfig, *, clip_dir: str | Path, run_dir: str | Pat
                                           init, "decoder", cfg.decoder)}
     side = max(cfg.clip.image_size, cfg.decoder.resolution)
     images = feed_for(cfg.data, size=side, batch_size=tc.batch_size, num_workers=tc.num_workers)
+    val = validation_feed(cfg.data, tc, size=side)
     result = train(decoder, decoder_feed(clip, images, resolution=cfg.decoder.resolution), cfg=tc, run_dir=run_dir,
                    run_config=cfg.to_dict(), resume=resume, progress=progress, stage_name="decoder",
-                   time_budget=time_budget)
+                   time_budget=time_budget,
+                   val_batches=decoder_feed(clip, val, resolution=cfg.decoder.resolution) if val else None)
     if not result.main_process:
         return Path(out)
     clip.cpu()
@@ -183,7 +188,7 @@ def train_upsampler(cfg: UnclipConfig, *, stage: int, run_dir: str | Path, out: 
 
     init: a model directory holding this upsampler stage to start from (see `train_decoder`)."""
     from unclip.decoder.data import upsampler_feed
-    from unclip.train.data import evaluation_part, feed_for, first_pairs, pairs_label
+    from unclip.train.data import evaluation_part, feed_for, first_pairs, pairs_label, validation_feed
     from unclip.train.trainer import train, training_device
 
     uc = cfg.upsamplers[_stage_index(cfg, stage)]
@@ -197,8 +202,11 @@ def train_upsampler(cfg: UnclipConfig, *, stage: int, run_dir: str | Path, out: 
     images = feed_for(cfg.data, size=uc.out_resolution, batch_size=tc.batch_size, num_workers=tc.num_workers)
     feed = upsampler_feed(images, uc, batch_size=tc.batch_size, seed=cfg.data.seed + 1000 * stage,
                           device=training_device())
+    val = validation_feed(cfg.data, tc, size=uc.out_resolution)
     result = train(upsampler, feed, cfg=tc, run_dir=run_dir, run_config=cfg.to_dict(), resume=resume,
-                   progress=progress, stage_name=f"upsampler{stage}", time_budget=time_budget)
+                   progress=progress, stage_name=f"upsampler{stage}", time_budget=time_budget,
+                   val_batches=upsampler_feed(val, uc, batch_size=tc.batch_size, seed=VALIDATION_PAIRS_SEED,
+                                              device=training_device()) if val else None)
     if not result.main_process:
         return Path(out)
     evaluation = {}

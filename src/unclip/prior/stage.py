@@ -68,7 +68,7 @@ def train_prior(cfg: UnclipConfig, *, kind: str, clip_dir: str | Path, run_dir: 
                 evaluate: bool = True, fit_samples: int = FIT_SAMPLES, time_budget: float | None = None) -> Path:
     """Train the `kind` ("diffusion" or "ar") prior and write a model directory at `out`."""
     from unclip.prior.data import embedding_feed, on_the_fly_feed
-    from unclip.train.data import feed_for
+    from unclip.train.data import feed_for, validation_feed
     from unclip.train.trainer import train, training_device
 
     if kind not in KINDS:
@@ -89,8 +89,10 @@ def train_prior(cfg: UnclipConfig, *, kind: str, clip_dir: str | Path, run_dir: 
         feed = on_the_fly_feed(clip, feed_for(cfg.data, size=cfg.clip.image_size, batch_size=tc.batch_size,
                                               num_workers=tc.num_workers))
     clip.to(training_device())  # encodes each batch's captions where the prior trains
+    val = validation_feed(cfg.data, tc, size=cfg.clip.image_size)
     result = train(prior, feed, cfg=tc, run_dir=run_dir, run_config=cfg.to_dict(), resume=resume,
-                   progress=progress, stage_name=f"{kind}_prior", time_budget=time_budget)
+                   progress=progress, stage_name=f"{kind}_prior", time_budget=time_budget,
+                   val_batches=on_the_fly_feed(clip, val) if val else None)
     clip.cpu()
     if not result.main_process:
         return Path(out)  # under accelerate launch the main process evaluates and writes the model

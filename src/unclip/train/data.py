@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from unclip.config import ClipConfig, DataConfig
+from unclip.config import ClipConfig, DataConfig, TrainConfig
 from unclip.errors import ConfigError, DataError
 from unclip.train.dist import rank_world
 
@@ -286,6 +286,42 @@ def first_pairs(data: DataConfig, n: int, *, size: int, part: str = "train") -> 
         raise DataError(f"{data.path} holds no {'held-out' if part == 'holdout' else 'training'} pairs "
                         f"(data.holdout={data.holdout})")
     return torch.cat([images for images, _ in batches]), [c for _, captions in batches for c in captions]
+
+
+def validation_feed(data: DataConfig, train: TrainConfig, *, size: int) -> Callable[[int], Iterator[dict]] | None:
+    """A finite feed of the same `train.eval_batches` global batches of held-out pairs at every call,
+    each rank taking its slice as in training: shapes world's val split, or the `data.holdout` pairs
+    of a folder or shards (fewer batches if they hold fewer). None when `train.eval_every` is 0 or
+    the data holds nothing out."""
+    if not train.eval_every:
+        return None
+    batch_size, batches = train.batch_size, train.eval_batches
+    if data.source == "shapes":
+        from unclip.data.shapes import ShapesDataset
+
+        val = ShapesDataset("val", size=size, lang=data.lang, seed=data.seed)
+        items = [val[i] for i in range(batch_size * batches)]
+        images, captions = torch.stack([it["image"] for it in items]), [it["caption"] for it in items]
+    elif data.holdout > 0:
+        images, captions = first_pairs(data, batch_size * batches, size=size, part="holdout")
+    else:
+        log.warning("train.eval_every is set but data.holdout keeps no pairs out of training; no validation is "
+                    "run (set data.holdout=0.05, say)")
+        return None
+    whole = len(captions) // batch_size * batch_size
+    if whole == 0:
+        log.warning("validation needs a batch of %d held-out pairs and the data holds %d out; none is run",
+                    batch_size, len(captions))
+        return None
+
+    def make(start: int) -> Iterator[dict]:
+        rank, world = rank_world()
+        local = local_batch_size(batch_size, world)
+        for first in range(0, whole, batch_size):
+            low = first + rank * local
+            yield {"image": images[low:low + local], "caption": captions[low:low + local]}
+
+    return make
 
 
 def feed_for(data: DataConfig, *, size: int, batch_size: int, num_workers: int = 0,

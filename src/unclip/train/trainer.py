@@ -150,6 +150,7 @@ class TrainResult:
     seconds: float = 0.0  # training time of the whole run: this call, plus earlier calls up to their last checkpoint
     world_size: int = 1
     main_process: bool = True  # False on the other ranks: only the main process should write the model
+    validation: dict[str, float] = field(default_factory=dict)  # the last validation row, when there was one
 
 
 def _check_world(cfg: TrainConfig, world: int, distributed_type: str) -> None:
@@ -253,9 +254,32 @@ def _load_optimizer_state(accelerator, model: nn.Module, optimizer, state: dict[
         optimizer.load_state_dict(_rekeyed(state, names.index) if by_name else state)
 
 
+VALIDATION_SEED = 7919  # the noise, timesteps and drops of every validation pass (the same each time)
+
+
+def _validate(model: nn.Module, val_batches: Callable[[int], Iterator[dict]], device: torch.device,
+              seed: int) -> dict[str, float]:
+    """Mean losses of the model (training weights, eval mode) over the validation batches, averaged
+    over ranks; the random draws are fixed and the training RNG is left as it was (resume stays exact)."""
+    sums: dict[str, float] = {}
+    count = 0
+    model.eval()
+    devices = [torch.cuda.current_device()] if device.type == "cuda" else []
+    with torch.no_grad(), torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        for batch in val_batches(0):
+            for k, v in model(to_device(batch, device)).items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+            count += 1
+    model.train()
+    averaged = dist.mean([v / count for v in sums.values()])
+    return {f"val_{k}": v for k, v in zip(sums, averaged, strict=True)}
+
+
 def train(stage: nn.Module, make_batches: Callable[[int], Iterator[dict]], *, cfg: TrainConfig,
           run_dir: str | Path, run_config: dict[str, Any], resume: bool = True, progress: bool = True,
-          stage_name: str = "stage", time_budget: float | None = None, stop_at: int | None = None) -> TrainResult:
+          stage_name: str = "stage", time_budget: float | None = None, stop_at: int | None = None,
+          val_batches: Callable[[int], Iterator[dict]] | None = None) -> TrainResult:
     """Train `stage` for `cfg.steps` optimizer steps, checkpointing into `run_dir`.
 
     `run_config` (the full UnclipConfig as a dict) is stored in every checkpoint; resuming a run
@@ -264,6 +288,8 @@ def train(stage: nn.Module, make_batches: Callable[[int], Iterator[dict]], *, cf
     of this call) fits the schedule's length to the time, see the module docstring. `stop_at`
     ends this call after that step with a checkpoint, as a preemption would, without changing
     the schedule: a later call resumes where it stopped (jobs on time-sliced clusters, tests).
+    `val_batches` (a finite feed, e.g. `unclip.train.data.validation_feed`) is evaluated every
+    `cfg.eval_every` steps and at the end; its mean losses go to the metrics as `val_<name>`.
     """
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
@@ -384,6 +410,10 @@ def train(stage: nn.Module, make_batches: Callable[[int], Iterator[dict]], *, cf
                 bar.set_postfix(loss=f"{row['loss']:.4f}", refresh=False)
                 result.metrics = row
                 sums, window_start, window_steps = {}, time.perf_counter(), 0
+            if val_batches is not None and cfg.eval_every and (done % cfg.eval_every == 0 or done == plan["total"]):
+                row = {"step": done, **_validate(model, val_batches, device, cfg.seed + VALIDATION_SEED)}
+                metrics.write(row)
+                result.validation = row
             bar.update(1)
             result.step = done
             if done % cfg.ckpt_every == 0 or done >= plan["total"] or done == stop_at:
