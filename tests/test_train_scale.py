@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from train_scale_helpers import SIZE, TinyStage, clip_batch, clip_step, config, run
+from train_scale_helpers import SIZE, StandInClip, TinyStage, clip_batch, clip_step, config, run
 
 from unclip.clip.embed import _write_shard, check_aligned, load_embeddings, tar_keys
 from unclip.data.export import export_webdataset
@@ -312,6 +312,62 @@ def test_webdataset_feed_streams_endlessly_and_reproducibly(tmp_path):
     assert keys <= {f"{i:09d}" for i in range(6)} and len(keys) > 3
     with pytest.raises(DataError, match="000007.tar"):
         webdataset_feed(str(tmp_path / "wds" / "{000006..000007}.tar"), size=SIZE, batch_size=4, seed=1)
+
+
+def _damaged_shard(path: Path, source: Path) -> None:
+    """`source` with sample 1's image cut to a third, sample 2's image replaced by garbage, sample 3's
+    caption in Latin-1 and sample 4's image made non-square (wide), each a common flaw of scraped shards."""
+    import io
+    import tarfile
+
+    from PIL import Image
+
+    with tarfile.open(source) as src, tarfile.open(path, "w") as out:
+        for member in src.getmembers():
+            data = src.extractfile(member).read()
+            key, ext = member.name.split(".", 1)
+            if (key, ext) == ("000000001", "jpg"):
+                data = data[: len(data) // 3]
+            elif (key, ext) == ("000000002", "jpg"):
+                data = b"not an image at all"
+            elif (key, ext) == ("000000003", "txt"):
+                data = "un carré rouge".encode("latin-1")
+            elif (key, ext) == ("000000004", "jpg"):
+                wide, image = io.BytesIO(), Image.new("RGB", (48, 16), (200, 30, 30))
+                image.paste((30, 200, 30), (16, 0, 32, 16))  # red | green | blue: the centre square is green
+                image.paste((30, 30, 200), (32, 0, 48, 16))
+                image.save(wide, format="PNG")
+                data = wide.getvalue()
+            info = tarfile.TarInfo(member.name)
+            info.size = len(data)
+            out.addfile(info, io.BytesIO(data))
+
+
+def test_damaged_shard_samples_are_skipped_in_training_and_embedding(tmp_path, caplog, monkeypatch):
+    """A cut or garbage image, or a caption that is not UTF-8, in a shard stopped training with PIL's or
+    Python's error; now each is skipped and logged, in the training feed and in `unclip embed` (whose
+    shards record the keys they skipped, so they still line up), and embed centre-crops as training does."""
+    from unclip.clip.embed import embed_dataset, load_embeddings
+
+    export_webdataset(tmp_path / "clean", split="val", n=8, size=SIZE, shard_size=8, progress=False)
+    (tmp_path / "wds").mkdir()
+    _damaged_shard(tmp_path / "wds" / "000000.tar", tmp_path / "clean" / "000000.tar")
+    pattern = str(tmp_path / "wds" / "000000.tar")
+    monkeypatch.setattr("unclip.train.data._skipped", set())  # what this process has logged so far
+    with caplog.at_level("WARNING", logger="unclip.train.data"):
+        feed = webdataset_feed(pattern, size=SIZE, batch_size=4, seed=0, shuffle_buffer=4)(0)
+        keys = {k for _ in range(10) for k in next(feed)["key"]}
+    bad = {"000000002", "000000003"}  # garbage image, Latin-1 caption (a JPEG cut short may still decode)
+    assert not keys & bad and len(keys) >= 5
+    assert "unreadable image" in caplog.text and "non-UTF-8 caption" in caplog.text
+
+    embed_dataset(StandInClip(), tmp_path / "emb", source="webdataset", path=pattern, progress=False)
+    embeddings = load_embeddings(tmp_path / "emb", images=pattern)  # lines up with the shard, less the skipped
+    assert not set(embeddings["keys"]) & bad and len(embeddings["keys"]) >= 5
+    wide = list(embeddings["keys"]).index("000000004")
+    green = StandInClip().encode_image(torch.tensor([-0.76, 0.57, -0.76])[None, :, None, None].expand(1, 3, SIZE, SIZE))
+    np.testing.assert_allclose(embeddings["image_embeds"][wide].astype(np.float32)[:3], green[0, :3].numpy(),
+                               atol=0.02)  # the centre square, as training crops it; squashed it was a mix
 
 
 def test_embed_on_two_ranks_writes_every_shard_aligned(ddp_run):

@@ -53,10 +53,12 @@ def _folder_item(dataset, i: int) -> tuple[str, object, str]:
     return item["key"], to_pil(item["image"]), item["caption"]
 
 
-def _write_shard(path: Path, keys: list[str], z_i: torch.Tensor, z_t: torch.Tensor, captions: list[str]) -> None:
+def _write_shard(path: Path, keys: list[str], z_i: torch.Tensor, z_t: torch.Tensor, captions: list[str], *,
+                 skipped: list[str] = ()) -> None:
+    """skipped: keys of the image shard whose image could not be decoded (not embedded)."""
     buffer = io.BytesIO()
     np.savez(buffer, keys=np.array(keys), image_embeds=z_i.half().numpy(), text_embeds=z_t.half().numpy(),
-             captions=np.array(captions))
+             captions=np.array(captions), skipped=np.array(list(skipped), dtype=str))
     with atomic_write(path, "wb") as handle:
         handle.write(buffer.getvalue())
 
@@ -72,7 +74,7 @@ def _embed_chunk(model: ClipModel, images: list, captions: list[str]) -> tuple[t
 
 def _embed_group(model: ClipModel, out: Path, name: str, items: Iterator, batch_size: int, bar) -> dict | None:
     """Embed one shard's items in chunks of `batch_size` and write it; None when it held no items."""
-    keys, captions, z_is, z_ts, images, chunk_caps = [], [], [], [], [], []
+    keys, captions, z_is, z_ts, images, chunk_caps, skipped = [], [], [], [], [], [], []
 
     def flush() -> None:
         z_i, z_t = _embed_chunk(model, images, chunk_caps)
@@ -81,6 +83,9 @@ def _embed_group(model: ClipModel, out: Path, name: str, items: Iterator, batch_
         images.clear(), chunk_caps.clear()
 
     for key, image, caption in items:
+        if image is None:  # an image that cannot be decoded: recorded, so the shard still lines up
+            skipped.append(key)
+            continue
         keys.append(key)
         captions.append(caption)
         images.append(image)
@@ -91,8 +96,8 @@ def _embed_group(model: ClipModel, out: Path, name: str, items: Iterator, batch_
         flush()
     if not keys:
         return None
-    _write_shard(out / name, keys, torch.cat(z_is), torch.cat(z_ts), captions)
-    return {"name": name, "count": len(keys)}
+    _write_shard(out / name, keys, torch.cat(z_is), torch.cat(z_ts), captions, skipped=skipped)
+    return {"name": name, "count": len(keys), **({"skipped": len(skipped)} if skipped else {})}
 
 
 def embed_items(model: ClipModel, groups: Iterator[tuple[str, Iterator]], out: str | Path, *,
@@ -174,16 +179,21 @@ def _webdataset_groups(pattern: str, size: int) -> Iterator[tuple[str, Iterator]
 
     def items(url: str) -> Iterator[tuple[str, object, str]]:
         import webdataset as wds
-        from PIL import Image
+
+        from unclip.data.shapes import to_pil
+        from unclip.train.data import IMAGE_EXTENSIONS, shard_item
 
         # nodesplitter=None: the ranks already share out whole shards, each reads all of its own
-        for sample in wds.WebDataset(url, shardshuffle=False, empty_check=False, nodesplitter=None).decode("pil"):
-            image = sample.get("jpg") or sample.get("png") or sample.get("webp")
-            if image is None or "txt" not in sample:
+        for sample in wds.WebDataset(url, shardshuffle=False, empty_check=False, nodesplitter=None):
+            if "txt" not in sample or not any(ext in sample for ext in IMAGE_EXTENSIONS):
                 log.warning("skipping %s in %s: no image or caption", sample["__key__"], url)
                 continue
-            image = image.convert("RGB").resize((size, size), Image.Resampling.BICUBIC)
-            yield sample["__key__"], image, sample["txt"]
+            # decoded and centre-cropped as the training feeds do it; unreadable: kept as a skipped key
+            item = shard_item(sample, size=size)
+            if item is None:
+                yield sample["__key__"], None, ""
+                continue
+            yield item["key"], to_pil(item["image"]), item["caption"]
 
     return ((Path(url).name.replace(".tar", ".npz"), items(url)) for url in urls)
 
@@ -219,12 +229,13 @@ def check_aligned(directory: str | Path, images: str) -> None:
         if not npz.is_file():
             raise DataError(f"embedding shard {npz} is missing (image shard {tar} has no embeddings); run "
                             f"`unclip embed` on {images!r} again (it rewrites every shard)")
-        expected = tar_keys(tar)
         try:
             with np.load(npz) as data:
                 keys = [str(k) for k in data["keys"]]
+                skipped = {str(k) for k in data["skipped"]} if "skipped" in data.files else set()
         except (OSError, ValueError, KeyError, EOFError) as err:
             raise DataError(f"embedding shard {npz} is truncated or corrupt: {err}") from None
+        expected = [k for k in tar_keys(tar) if k not in skipped]  # less the images embed could not decode
         if keys != expected:
             at = next((i for i, (a, b) in enumerate(zip(keys, expected)) if a != b), min(len(keys), len(expected)))
             found = keys[at] if at < len(keys) else "<end>"

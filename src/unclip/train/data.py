@@ -141,15 +141,46 @@ def _has_pair(sample: dict) -> bool:
     return False
 
 
-def _wds_item(sample: dict, *, size: int) -> dict:
-    """A raw webdataset sample (bytes per extension) → dict(image, caption, key) like the folder source."""
-    from unclip.data.folder import open_square_rgb
+SKIP_LOGS = 5  # unreadable samples of shards that one process logs one by one
+_skipped: set[str] = set()
+
+
+def skip_unreadable(key: str, where: str, why: str) -> None:
+    """Log a sample that is left out (the first SKIP_LOGS of a process, then once that more are)."""
+    if f"{where}/{key}" in _skipped:
+        return
+    _skipped.add(f"{where}/{key}")
+    if len(_skipped) <= SKIP_LOGS:
+        log.warning("skipping %s in %s: %s", key, where, why)
+    elif len(_skipped) == SKIP_LOGS + 1:
+        log.warning("more unreadable samples are skipped (%d so far); no more are logged", len(_skipped))
+
+
+def shard_item(sample: dict, *, size: int) -> dict | None:
+    """A raw webdataset sample (bytes per extension) → dict(image, caption, key) like the folder
+    source; None, logged, for an image that cannot be decoded or a caption that is empty or not UTF-8."""
+    from unclip.data.folder import open_square_rgb, unreadable_errors
     from unclip.data.shapes import to_tensor
 
+    key, where = sample["__key__"], sample.get("__url__", "the shards")
     data = next(sample[ext] for ext in IMAGE_EXTENSIONS if ext in sample)
-    caption = sample["txt"].decode("utf-8").strip() if isinstance(sample["txt"], bytes) else sample["txt"]
-    return {"image": to_tensor(open_square_rgb(io.BytesIO(data), size)), "caption": caption,
-            "key": sample["__key__"]}
+    try:
+        caption = sample["txt"].decode("utf-8").strip() if isinstance(sample["txt"], bytes) else sample["txt"].strip()
+    except UnicodeDecodeError:
+        caption = ""
+    if not caption:
+        skip_unreadable(key, where, "empty or non-UTF-8 caption")
+        return None
+    try:
+        image = open_square_rgb(io.BytesIO(data), size)
+    except unreadable_errors() as err:
+        skip_unreadable(key, where, f"unreadable image ({err})")
+        return None
+    return {"image": to_tensor(image), "caption": caption, "key": key}
+
+
+def _is_item(item: dict | None) -> bool:
+    return item is not None
 
 
 def held_out(key: str, fraction: float) -> bool:
@@ -192,7 +223,8 @@ def webdataset_feed(pattern: str, *, size: int, batch_size: int, seed: int, num_
             wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 100), seed=stream_seed + rank),
             wds.select(_has_pair),
             wds.select(partial(_kept, holdout)),
-            wds.map(partial(_wds_item, size=size)),
+            wds.map(partial(shard_item, size=size)),
+            wds.select(_is_item),
             wds.batched(local_batch_size(batch_size, world), partial=False),
         )
         return iter(DataLoader(pipeline, batch_size=None, num_workers=num_workers,
@@ -254,7 +286,7 @@ def source_batches(data: DataConfig, n: int, *, size: int, part: str = "train",
 
         items = wds.DataPipeline(wds.SimpleShardList(shard_urls(data.path)), wds.tarfile_to_samples(),
                                  wds.select(_has_pair), wds.select(lambda sample: keep(sample["__key__"])),
-                                 wds.map(partial(_wds_item, size=size)))
+                                 wds.map(partial(shard_item, size=size)), wds.select(_is_item))
         batch: list[dict] = []
         for given, item in enumerate(items, start=1):
             batch.append(item)
