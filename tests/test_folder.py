@@ -88,3 +88,29 @@ def test_images_smaller_than_the_stage_are_upscaled_with_one_warning(folder, cap
             assert data[i]["image"].shape == (3, 64, 64)
     upscaled = [r for r in caplog.records if "upscaled" in r.getMessage()]
     assert len(upscaled) == 1 and "30² (the short side) is upscaled to the 64²" in upscaled[0].getMessage()
+
+
+def test_photos_are_read_upright_by_their_exif_orientation(tmp_path):
+    """A phone photo stores its pixels sideways and says so in EXIF; read as stored, it trained (and was
+    varied) lying on its side."""
+    import torch
+
+    stored = Image.new("RGB", (40, 20), (220, 20, 20))
+    stored.paste((20, 20, 220), (0, 10, 40, 20))  # stored: red over blue
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: turn 90° clockwise to view
+    stored.save(tmp_path / "photo.jpg", exif=exif, quality=95)
+    (tmp_path / "photo.txt").write_text("a photo")
+    image = FolderDataset(tmp_path, size=20)[0]["image"]  # upright: 20 wide, 40 high; the centre square
+    left, right = image[:, :, :5].mean(dim=(1, 2)), image[:, :, -5:].mean(dim=(1, 2))
+    top, bottom = image[:, :5, :].mean(dim=(1, 2)), image[:, -5:, :].mean(dim=(1, 2))
+    assert (left - right).abs().max() > 1.0 and (top - bottom).abs().max() < 0.2  # red | blue, side by side
+    assert torch.isfinite(image).all()
+
+    from unclip.pipeline.pipeline import _open_rgb
+
+    square = Image.new("RGB", (20, 20), (220, 20, 20))
+    square.paste((20, 20, 220), (0, 10, 20, 20))
+    square.save(tmp_path / "square.jpg", exif=exif, quality=95)
+    upright = _open_rgb(tmp_path / "square.jpg")  # what vary, interpolate and inpaint read
+    assert upright.getpixel((2, 10))[2] > 150 and upright.getpixel((17, 10))[0] > 150  # blue | red: turned

@@ -67,11 +67,11 @@ def _note_upscaled(side: int, size: int) -> None:
 
 def open_square_rgb(path: str | Path, size: int):
     """Decode `path`, centre-crop to a square and resize to size×size RGB (PIL image)."""
-    from PIL import Image
+    from PIL import Image, ImageOps
 
     with Image.open(path) as image:
         image.load()
-        image = image.convert("RGB")
+        image = ImageOps.exif_transpose(image).convert("RGB")  # a phone photo's EXIF says which way is up
     side = min(image.size)
     if side < size:
         _note_upscaled(side, size)

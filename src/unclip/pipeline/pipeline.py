@@ -526,7 +526,7 @@ class UnclipPipeline:
 
 def _open_rgb(item):
     """A square RGB PIL image from a PIL image or a path; other modes are converted, other shapes refused."""
-    from PIL import Image
+    from PIL import Image, ImageOps
 
     if isinstance(item, Image.Image):
         image = item
@@ -536,7 +536,7 @@ def _open_rgb(item):
         try:
             with Image.open(item) as opened:
                 opened.load()
-                image = opened.copy()
+                image = ImageOps.exif_transpose(opened)  # upright, as the training data was read
         except (OSError, ValueError) as err:
             raise DataError(f"cannot read the image {item}: {err}") from None
     if image.width != image.height:
