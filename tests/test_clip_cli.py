@@ -155,6 +155,45 @@ def test_embed_webdataset_shards_align_by_key(clip_dir, tmp_path):
         load_embeddings(out)
 
 
+@pytest.mark.parametrize("source", ["webdataset", "shapes"])
+def test_an_interrupted_embed_keeps_the_shards_it_finished(clip_dir, tmp_path, caplog, source):
+    """Rerun after a stop, `unclip embed` kept nothing and embedded every shard again (hours on big
+    data); it keeps each shard the same CLIP wrote whole, and redoes missing, damaged or stale ones."""
+    import shutil
+
+    import numpy as np
+
+    from unclip.data.export import export_webdataset
+
+    model = str(clip_dir / "model")
+    if source == "webdataset":
+        export_webdataset(tmp_path / "wds", split="val", n=12, size=16, shard_size=4, progress=False)
+        where = ["--source", "webdataset", "--path", str(tmp_path / "wds" / "{000000..000002}.tar")]
+    else:
+        where = ["--source", "shapes", "-n", "12", "--shard-size", "4"]
+    embed = ["embed", model, *where, "--out", str(tmp_path / "emb")]
+    assert main(embed) == 0
+    first = load_embeddings(tmp_path / "emb")
+    (tmp_path / "emb" / "000001.npz").unlink()  # stopped before this shard was written
+    (tmp_path / "emb" / "000002.npz").write_bytes(b"cut short")
+    with caplog.at_level("INFO", logger="unclip.clip.embed"):
+        assert main(embed) == 0
+    assert "kept 1 of 3 shard(s)" in caplog.text
+    again = load_embeddings(tmp_path / "emb")
+    assert list(again["keys"]) == list(first["keys"])
+    np.testing.assert_array_equal(again["image_embeds"], first["image_embeds"])
+
+    other = tmp_path / "other"  # another CLIP (retrained): nothing of the first is kept
+    shutil.copytree(clip_dir / "model", other)
+    assert main(["train", "clip", *TINY, "--init", model, "--run-dir", str(tmp_path / "run"), "--out", str(other),
+                 "--no-eval"]) == 0
+    caplog.clear()
+    with caplog.at_level("INFO", logger="unclip.clip.embed"):
+        assert main(["embed", str(other), *where, "--out", str(tmp_path / "emb")]) == 0
+    assert "kept" not in caplog.text
+    assert not np.array_equal(load_embeddings(tmp_path / "emb")["image_embeds"], first["image_embeds"])
+
+
 @pytest.mark.slow
 def test_shapes_clip_reaches_its_targets(tmp_path):
     """Issue 3's targets on the shapes preset: ≈10 min on 2 cores."""

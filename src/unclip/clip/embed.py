@@ -3,13 +3,15 @@
 Output folder:
     meta.json       model, embed_dim, source, shards [{"name": "000000.npz", "count": N}], total
     000000.npz      keys [N] str, image_embeds [N, D] float16, text_embeds [N, D] float16,
-                    captions [N] str
+                    captions [N] str, skipped [M] str (keys whose image or caption could not be
+                    read), clip str (the fingerprint of the CLIP that embedded it)
 
 For webdataset input, shard `000123.npz` holds exactly the samples of `000123.tar`, in order.
 For shapes world and folders, shards hold `shard_size` consecutive samples. Every shard is
 written atomically; `load_embeddings` refuses a folder whose shards are missing, truncated or
 out of line with `meta.json` or with the image shards (`check_aligned`), naming the shard.
-Under `accelerate launch` the processes share the shards (shard i on rank i mod R).
+Under `accelerate launch` the processes share the shards (shard i on rank i mod R). Run again
+into the same folder, a shard the same CLIP wrote whole is kept, so an interrupted run resumes.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from __future__ import annotations
 import io
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
 
@@ -54,13 +56,48 @@ def _folder_item(dataset, i: int) -> tuple[str, object, str]:
 
 
 def _write_shard(path: Path, keys: list[str], z_i: torch.Tensor, z_t: torch.Tensor, captions: list[str], *,
-                 skipped: list[str] = ()) -> None:
-    """skipped: keys of the image shard whose image could not be decoded (not embedded)."""
+                 skipped: list[str] = (), clip: str = "") -> None:
+    """skipped: keys of the image shard whose image could not be decoded (not embedded); clip: the
+    fingerprint of the CLIP that embedded it (`clip_fingerprint`), so a rerun can keep the shard."""
     buffer = io.BytesIO()
     np.savez(buffer, keys=np.array(keys), image_embeds=z_i.half().numpy(), text_embeds=z_t.half().numpy(),
-             captions=np.array(captions), skipped=np.array(list(skipped), dtype=str))
+             captions=np.array(captions), skipped=np.array(list(skipped), dtype=str), clip=np.array(clip))
     with atomic_write(path, "wb") as handle:
         handle.write(buffer.getvalue())
+
+
+def clip_fingerprint(model_path: str | Path) -> str:
+    """The sha256s of a CLIP model directory's tower weights and tokenizer, joined ("" without a manifest)."""
+    from unclip.errors import ModelFormatError
+    from unclip.modeldir import read_manifest
+
+    if not model_path:
+        return ""
+    try:
+        files = read_manifest(model_path).files
+    except ModelFormatError:
+        return ""
+    parts = sorted((name, entry["sha256"]) for name, entry in files.items()
+                   if name.split("/")[0] in ("text_encoder", "image_encoder", "tokenizer") and entry.get("sha256"))
+    return ";".join(f"{name}={sha}" for name, sha in parts)
+
+
+def _kept_shard(path: Path, clip: str, expected: Callable[[], list[str]]) -> dict | None:
+    """The entry of an embedding shard an earlier (perhaps interrupted) run wrote, if the same CLIP
+    wrote it and it holds exactly the keys it should; None to embed it again."""
+    if not clip or not path.is_file():
+        return None
+    try:
+        with np.load(path) as data:
+            if "clip" not in data.files or str(data["clip"]) != clip:
+                return None
+            keys = [str(k) for k in data["keys"]]
+            skipped = [str(k) for k in data["skipped"]] if "skipped" in data.files else []
+    except (OSError, ValueError, KeyError, EOFError):
+        return None
+    if [k for k in expected() if k not in set(skipped)] != keys:
+        return None
+    return {"name": path.name, "count": len(keys), "kept": True, **({"skipped": len(skipped)} if skipped else {})}
 
 
 @torch.inference_mode()
@@ -72,7 +109,8 @@ def _embed_chunk(model: ClipModel, images: list, captions: list[str]) -> tuple[t
     return z_i, z_t
 
 
-def _embed_group(model: ClipModel, out: Path, name: str, items: Iterator, batch_size: int, bar) -> dict | None:
+def _embed_group(model: ClipModel, out: Path, name: str, items: Iterator, batch_size: int, bar,
+                 clip: str = "") -> dict | None:
     """Embed one shard's items in chunks of `batch_size` and write it; None when it held no items."""
     keys, captions, z_is, z_ts, images, chunk_caps, skipped = [], [], [], [], [], [], []
 
@@ -96,17 +134,20 @@ def _embed_group(model: ClipModel, out: Path, name: str, items: Iterator, batch_
         flush()
     if not keys:
         return None
-    _write_shard(out / name, keys, torch.cat(z_is), torch.cat(z_ts), captions, skipped=skipped)
+    _write_shard(out / name, keys, torch.cat(z_is), torch.cat(z_ts), captions, skipped=skipped, clip=clip)
     return {"name": name, "count": len(keys), **({"skipped": len(skipped)} if skipped else {})}
 
 
 def embed_items(model: ClipModel, groups: Iterator[tuple[str, Iterator]], out: str | Path, *,
-                meta: dict, batch_size: int = 256, total: int | None = None, progress: bool = True) -> Path:
+                meta: dict, batch_size: int = 256, total: int | None = None, progress: bool = True,
+                clip: str = "", expected: Callable[[str], list[str]] | None = None) -> Path:
     """Embed `(shard_name, items)` groups; items are (key, PIL image, caption).
 
     Under several processes (`accelerate launch`) rank r embeds groups r, r + R, r + 2R, ...;
     the ranks then exchange what they wrote (or why they failed: every rank raises then, naming
     the shard, instead of leaving the others waiting), and the main process writes meta.json.
+    With `clip` (a `clip_fingerprint`) and `expected` (shard name → the keys it should hold), a
+    shard an earlier run of the same CLIP wrote whole is kept, so an interrupted run resumes.
     """
     from unclip.train import dist
 
@@ -119,8 +160,13 @@ def embed_items(model: ClipModel, groups: Iterator[tuple[str, Iterator]], out: s
         for index, (name, items) in enumerate(groups):
             if index % world != rank:
                 continue
+            kept = _kept_shard(out / name, clip, partial(expected, name)) if expected else None
+            if kept is not None:
+                shards.append(kept)
+                bar.update(kept["count"])
+                continue
             try:
-                shard = _embed_group(model, out, name, items, batch_size, bar)
+                shard = _embed_group(model, out, name, items, batch_size, bar, clip=clip)
             except Exception as err:
                 failure, error = f"shard {name} failed on rank {rank}: {err}", err
                 break
@@ -134,6 +180,8 @@ def embed_items(model: ClipModel, groups: Iterator[tuple[str, Iterator]], out: s
         message = "embedding stopped: " + "; ".join(failures)
         raise DataError(message) from error
     shards = sorted((s for part, _ in reports for s in part), key=lambda s: s["name"])
+    if rank == 0 and (kept := sum(1 for s in shards if s.pop("kept", False))):
+        log.info("kept %d of %d shard(s), embedded whole by this CLIP before", kept, len(shards))
     if rank == 0:
         write_json_atomic(out / "meta.json", {**meta, "embed_dim": model.config.embed_dim, "shards": shards,
                                               "total": sum(s["count"] for s in shards)})
@@ -155,20 +203,38 @@ def embed_dataset(model: ClipModel, out: str | Path, *, source: str = "shapes", 
         dist.start()
     size = model.config.image_size
     meta = {"model": model_path, "source": source, "split": split, "path": path, "lang": lang, "seed": seed}
+    clip = clip_fingerprint(model_path)
     if source == "webdataset":
+        from unclip.train.data import shard_urls
+
+        tars = {Path(url).name.replace(".tar", ".npz"): url for url in shard_urls(path)}
         return embed_items(model, _webdataset_groups(path, size), out, meta=meta, batch_size=batch_size,
-                           progress=progress)
+                           progress=progress, clip=clip, expected=lambda name: tar_keys(tars[name]))
     if source == "shapes":
+        from unclip.data.world import sample
+
         groups = _index_groups(n, shard_size, partial(_shapes_item, split=split, lang=lang, seed=seed, size=size))
+
+        def key(i: int) -> str:
+            return sample(split, i, seed=seed, lang=lang).key
     elif source == "folder":
         from unclip.data.folder import FolderDataset
 
         dataset = FolderDataset(path, size=size)
         n = len(dataset)
         groups = _index_groups(n, shard_size, partial(_folder_item, dataset))
+
+        def key(i: int) -> str:
+            return dataset.pairs[i][0].relative_to(dataset.root).with_suffix("").as_posix()
     else:
         raise DataError(f"unknown source {source!r}; use shapes, folder or webdataset")
-    return embed_items(model, groups, out, meta=meta, batch_size=batch_size, total=n, progress=progress)
+
+    def expected(name: str) -> list[str]:
+        begin = int(name.split(".")[0]) * shard_size
+        return [key(i) for i in range(begin, min(n, begin + shard_size))]
+
+    return embed_items(model, groups, out, meta=meta, batch_size=batch_size, total=n, progress=progress, clip=clip,
+                       expected=expected)
 
 
 def _webdataset_groups(pattern: str, size: int) -> Iterator[tuple[str, Iterator]]:
