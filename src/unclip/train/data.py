@@ -256,7 +256,10 @@ def source_captions(data: DataConfig, n: int) -> list[str]:
         captions = []
         for sample in wds.DataPipeline(wds.SimpleShardList(shard_urls(data.path)), wds.tarfile_to_samples()):
             if "txt" in sample and train(sample["__key__"]):
-                captions.append(sample["txt"].decode("utf-8").strip())
+                try:
+                    captions.append(sample["txt"].decode("utf-8").strip())
+                except UnicodeDecodeError:
+                    continue  # the feeds skip it too
                 if len(captions) >= n:
                     break
         if not captions:

@@ -7,7 +7,8 @@ warmup + cosine, `accelerate` (bf16 autocast on CPU or GPU; DDP or FSDP under
 file (and TensorBoard when installed), atomic checkpoints every `ckpt_every` steps and at the
 end, and exact resume from the last checkpoint (model, optimizer, scheduler, EMA, step, every
 rank's RNG states and the data position). A loss that turns NaN or Inf on any rank stops every
-rank with the last good checkpoint untouched.
+rank with the last good checkpoint untouched. With `cfg.eval_every`, validation losses on fixed
+held-out batches are logged as `val_*` rows without touching the training random state.
 
 Data comes from `make_batches(start)`, which returns an endless iterator of this process's
 batches beginning at global sample number `start`; resuming at step k asks for
