@@ -123,11 +123,10 @@ def train_clip(cfg: UnclipConfig, *, run_dir: str | Path, out: str | Path, resum
         evaluation = evaluate_clip(model, progress=progress)
     elif evaluate:
         from unclip.clip.zeroshot import pair_retrieval
-        from unclip.train.data import evaluation_part, first_pairs, pairs_label
+        from unclip.train.data import evaluation_pairs
 
-        part = evaluation_part(cfg.data)
-        images, captions = first_pairs(cfg.data, OWN_DATA_PAIRS, size=cfg.clip.image_size, part=part)
-        evaluation = {"data": pairs_label(len(captions), part), **pair_retrieval(model, images, captions)}
+        images, captions, label = evaluation_pairs(cfg.data, OWN_DATA_PAIRS, size=cfg.clip.image_size)
+        evaluation = {"data": label, **pair_retrieval(model, images, captions)}
         log.info("CLIP retrieval %s", evaluation)
     save_clip(model, out, cfg=cfg, provenance=provenance(seconds=result.seconds, steps=result.step,
                                                         final_metrics=result.metrics, **started_from),

@@ -98,7 +98,7 @@ def train_decoder(cfg: UnclipConfig, *, clip_dir: str | Path, run_dir: str | Pat
     init: a model directory whose decoder weights the run starts from (a checkpoint in `run_dir`
     still wins, so an interrupted run resumes where it was)."""
     from unclip.decoder.data import decoder_feed
-    from unclip.train.data import evaluation_part, feed_for, first_pairs, pairs_label, validation_feed
+    from unclip.train.data import evaluation_pairs, feed_for, validation_feed
     from unclip.train.trainer import train, training_device
 
     cfg = with_clip_config(cfg, clip_dir)
@@ -126,12 +126,11 @@ def train_decoder(cfg: UnclipConfig, *, clip_dir: str | Path, run_dir: str | Pat
     if evaluate and eval_samples > 0:
         from unclip.decoder.metrics import decode_clip_similarity
 
-        part = evaluation_part(cfg.data)
-        pairs = None if cfg.data.source == "shapes" else first_pairs(cfg.data, eval_samples, size=side, part=part)
+        own = None if cfg.data.source == "shapes" else evaluation_pairs(cfg.data, eval_samples, size=side)
         evaluation = decode_clip_similarity(decoder, clip, n=eval_samples, sheet=Path(run_dir) / "samples.png",
-                                            pairs=pairs)
-        if pairs is not None:
-            evaluation["split"] = pairs_label(len(pairs[1]), part)
+                                            pairs=own[:2] if own else None)
+        if own:
+            evaluation["split"] = own[2]
         log.info("decoder CLIP similarity %s", evaluation)
     save_decoder(decoder, clip, out, cfg=cfg, clip_dir=clip_dir, evaluation=evaluation,
                  provenance=provenance(seconds=result.seconds, steps=result.step, final_metrics=result.metrics,
@@ -188,7 +187,7 @@ def train_upsampler(cfg: UnclipConfig, *, stage: int, run_dir: str | Path, out: 
 
     init: a model directory holding this upsampler stage to start from (see `train_decoder`)."""
     from unclip.decoder.data import upsampler_feed
-    from unclip.train.data import evaluation_part, feed_for, first_pairs, pairs_label, validation_feed
+    from unclip.train.data import evaluation_pairs, feed_for, validation_feed
     from unclip.train.trainer import train, training_device
 
     uc = cfg.upsamplers[_stage_index(cfg, stage)]
@@ -213,12 +212,11 @@ def train_upsampler(cfg: UnclipConfig, *, stage: int, run_dir: str | Path, out: 
     if evaluate and eval_samples > 0:
         from unclip.decoder.metrics import upsampler_quality
 
-        part = evaluation_part(cfg.data)
-        images = (None if cfg.data.source == "shapes"
-                  else first_pairs(cfg.data, eval_samples, size=uc.out_resolution, part=part)[0])
-        evaluation = upsampler_quality(upsampler, n=eval_samples, sheet=Path(run_dir) / "samples.png", images=images)
-        if images is not None:
-            evaluation["split"] = pairs_label(len(images), part)
+        own = None if cfg.data.source == "shapes" else evaluation_pairs(cfg.data, eval_samples, size=uc.out_resolution)
+        evaluation = upsampler_quality(upsampler, n=eval_samples, sheet=Path(run_dir) / "samples.png",
+                                       images=own[0] if own else None)
+        if own:
+            evaluation["split"] = own[2]
         log.info("upsampler %d quality %s", stage, evaluation)
     save_upsampler(upsampler, out, cfg=cfg, stage=stage, evaluation=evaluation,
                    provenance=provenance(seconds=result.seconds, steps=result.step, final_metrics=result.metrics,

@@ -105,12 +105,11 @@ def train_prior(cfg: UnclipConfig, *, kind: str, clip_dir: str | Path, run_dir: 
     elif evaluate:
         from unclip.prior.data import encode_batch
         from unclip.prior.metrics import cosine_metrics
-        from unclip.train.data import evaluation_part, first_pairs, pairs_label
+        from unclip.train.data import evaluation_pairs
 
-        part = evaluation_part(cfg.data)
-        images, captions = first_pairs(cfg.data, OWN_DATA_PAIRS, size=clip.config.image_size, part=part)
+        images, captions, label = evaluation_pairs(cfg.data, OWN_DATA_PAIRS, size=clip.config.image_size)
         metrics = cosine_metrics(predict, encode_batch(clip, captions, images=images))
-        evaluation = {"data": pairs_label(len(captions), part),
+        evaluation = {"data": label,
                       **{k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}}
         log.info("%s prior: %s", kind, evaluation)
     save = save_diffusion_prior if kind == "diffusion" else save_prior

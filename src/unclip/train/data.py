@@ -304,14 +304,15 @@ def source_batches(data: DataConfig, n: int, *, size: int, part: str = "train",
         raise DataError(f"data.source={data.source!r} has no pairs of its own to read; use folder or webdataset")
 
 
-def evaluation_part(data: DataConfig) -> str:
-    """What a stage trained on folder or webdataset data is evaluated on: its held-out pairs when
-    `data.holdout` keeps some out, else (saying so) its first training pairs."""
-    return "holdout" if data.holdout > 0 else "train"
-
-
-def pairs_label(n: int, part: str) -> str:
-    return f"the first {n} held-out pairs" if part == "holdout" else f"the first {n} training pairs (none held out)"
+def evaluation_pairs(data: DataConfig, n: int, *, size: int) -> tuple[torch.Tensor, list[str], str]:
+    """Images, captions and a label of what a stage trained on folder or webdataset data is measured
+    on: the first n of its held-out pairs when `data.holdout` keeps some out, else (the label says
+    so) its first n training pairs."""
+    part = "holdout" if data.holdout > 0 else "train"
+    images, captions = first_pairs(data, n, size=size, part=part)
+    label = (f"the first {len(captions)} held-out pairs" if part == "holdout"
+             else f"the first {len(captions)} training pairs (none held out)")
+    return images, captions, label
 
 
 def first_pairs(data: DataConfig, n: int, *, size: int, part: str = "train") -> tuple[torch.Tensor, list[str]]:
