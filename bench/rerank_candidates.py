@@ -36,7 +36,8 @@ if ranker_dir != "none":
     def best(images, text_embeds, kk):
         z = ranker.encode_image(pipe.pixels(images.clamp(-1, 1), ranker.config.image_size).cpu())
         t = ranker.encode_captions(seen["rows"])
-        scores = (torch.nn.functional.normalize(z.float(), dim=-1) * torch.nn.functional.normalize(t.float(), dim=-1)).sum(-1).view(-1, kk)
+        z, t = (torch.nn.functional.normalize(x.float(), dim=-1) for x in (z, t))
+        scores = (z * t).sum(-1).view(-1, kk)
         return scores.argmax(dim=1).cpu() + torch.arange(len(scores)) * kk
 
     pipe.best_candidates = best
@@ -50,4 +51,5 @@ ev = evaluate(pipe, judge, prompts, 4, 0, judge_accuracy=accuracy, batch_prompts
 ev.result["meta"] = {"ranker": ranker_dir, "candidates": k, "tasks": tasks or "all"}
 write_evaluation(ev, out, title=f"rerank {ranker_dir} k={k}")
 r = ev.result
-print(json.dumps({"overall": round(r["overall"], 3), **{t: round(v, 3) for t, v in r["tasks"].items()}}), f"{time.time() - t0:.0f}s")
+scores = {"overall": round(r["overall"], 3), **{t: round(v, 3) for t, v in r["tasks"].items()}}
+print(json.dumps(scores), f"{time.time() - t0:.0f}s")

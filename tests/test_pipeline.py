@@ -303,8 +303,8 @@ def test_prompts_with_words_the_model_never_saw_are_warned_about_once(model_dir,
         pipe.encode_text(["a dog on a red skateboard"] * 3 + ["a red circle", "ดาวสีเขียว"])
     assert len(caplog.records) == 1 and "never saw 'dog', 'skateboard' in training; those words" in caplog.text
     long = " ".join(["a red circle above a blue square"] * 8)  # what a server answer carries, beside the images
-    assert pipe.prompt_warnings(long) == [
-        f"it is longer than the {pipe.clip.tokenizer.context_length - 2} tokens this model reads; the rest was left out"]
+    reads = pipe.clip.tokenizer.context_length - 2
+    assert pipe.prompt_warnings(long) == [f"it is longer than the {reads} tokens this model reads; the rest was left out"]
     assert pipe.prompt_warnings("a red circle") == []
     pipe.config = replace(pipe.config, data=replace(pipe.config.data, source="folder"))
     assert pipe.unknown_words("a dog on a red skateboard") == []  # other data: no vocabulary kept

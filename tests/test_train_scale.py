@@ -145,7 +145,8 @@ def test_fsdp_trains_as_one_process_and_hands_back_whole_weights(fsdp_run, tmp_p
     assert set(saved["optimizer"]["state"]) == {name for name, _ in single.named_parameters()}
     assert (saved["model"]["net.1.weight"] - TinyStage().net[1].weight).norm() > 0.01  # it did train
     bf16 = _ranks(fsdp_run / "bf16")
-    assert set(load_checkpoint(fsdp_run / "bf16" / "checkpoint.pt")["optimizer"]["state"]) == set(saved["optimizer"]["state"])
+    bf16_saved = load_checkpoint(fsdp_run / "bf16" / "checkpoint.pt")
+    assert set(bf16_saved["optimizer"]["state"]) == set(saved["optimizer"]["state"])
     _close(bf16[0]["state"], bf16[1]["state"], atol=0)
     _close(bf16[0]["state"], single.state_dict(), atol=0.02)  # bf16 autocast: close, not equal
     refused = (fsdp_run / "ema_refused0.txt").read_text()
@@ -455,7 +456,8 @@ def test_holdout_keeps_the_same_pairs_out_of_every_training_feed(tmp_path):
     assert not any(held_out(f"key{i}", 0.0) for i in range(100))
     export_folder(tmp_path / "folder", split="val", n=80, size=SIZE, progress=False)
     export_webdataset(tmp_path / "wds", split="val", n=80, size=SIZE, shard_size=40, progress=False)
-    for source, path in (("folder", str(tmp_path / "folder")), ("webdataset", str(tmp_path / "wds" / "{000000..000001}.tar"))):
+    shards = str(tmp_path / "wds" / "{000000..000001}.tar")
+    for source, path in (("folder", str(tmp_path / "folder")), ("webdataset", shards)):
         data = DataConfig(source=source, path=path, holdout=0.3)
         keys = [f"{i:09d}" for i in range(80)]
         kept_out = {k for k in keys if held_out(k, 0.3)}
