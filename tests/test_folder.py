@@ -114,3 +114,26 @@ def test_photos_are_read_upright_by_their_exif_orientation(tmp_path):
     square.save(tmp_path / "square.jpg", exif=exif, quality=95)
     upright = _open_rgb(tmp_path / "square.jpg")  # what vary, interpolate and inpaint read
     assert upright.getpixel((2, 10))[2] > 150 and upright.getpixel((17, 10))[0] > 150  # blue | red: turned
+
+
+def test_data_check_reports_what_training_will_do_with_a_folder(folder, capsys):
+    import json
+
+    from unclip.cli import main
+    from unclip.data.check import check_data
+
+    report = check_data(str(folder), size=32, holdout=0.5, progress=False)
+    assert report.usable == 5 == len(FolderDataset(folder, size=8))  # as many as training reads
+    assert report.skipped == {"corrupt or unreadable images": 2, "images without a .txt caption": 1,
+                              "empty or non-UTF-8 captions": 1}
+    assert sorted(report.examples["corrupt or unreadable images"]) == ["cut.jpg", "garbage.jpg"]
+    assert (report.smaller, report.smallest, report.not_square) == (5, 30, 5)  # 40×30 and 30×50 images
+    assert report.caption_words["max"] == 2 and report.repeated_captions == 0
+    assert 0 <= report.held_out <= 5
+    assert main(["data", "check", str(folder), "--size", "32", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["usable"] == 5
+    assert main(["data", "check", str(folder), "--size", "16"]) == 0
+    text = capsys.readouterr().out
+    assert "5 usable image-caption pairs" in text and "skipped: 2 corrupt or unreadable images" in text
+    assert "smaller than" not in text and "5 images are not square: training keeps their centre square" in text
+    assert main(["data", "check", str(folder / "nothing-here")]) == 2  # neither a folder nor shards

@@ -365,6 +365,12 @@ def test_damaged_shard_samples_are_skipped_in_training_and_embedding(tmp_path, c
     embed_dataset(StandInClip(), tmp_path / "emb", source="webdataset", path=pattern, progress=False)
     embeddings = load_embeddings(tmp_path / "emb", images=pattern)  # lines up with the shard, less the skipped
     assert not set(embeddings["keys"]) & bad and len(embeddings["keys"]) >= 5
+    from unclip.data.check import check_data
+
+    report = check_data(pattern, size=SIZE, progress=False)  # `unclip data check` reads them as training does
+    assert report.usable == len(embeddings["keys"]) and report.not_square == 1
+    assert report.skipped.get("corrupt or unreadable images", 0) + report.skipped["empty or non-UTF-8 captions"] == \
+        8 - report.usable
     wide = list(embeddings["keys"]).index("000000004")
     green = StandInClip().encode_image(torch.tensor([-0.76, 0.57, -0.76])[None, :, None, None].expand(1, 3, SIZE, SIZE))
     np.testing.assert_allclose(embeddings["image_embeds"][wide].astype(np.float32)[:3], green[0, :3].numpy(),

@@ -1,4 +1,4 @@
-"""`unclip data preview|export`: look at shapes world and write it to disk.
+"""`unclip data preview|export|check`: look at shapes world, write it to disk, check your own data.
 
 Values are checked by the library functions, which raise `DataError` naming the valid ones.
 """
@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 
+from unclip.argtypes import positive_int
 from unclip.data.world import SPLIT_LENGTHS, SPLITS
 
 _SPLITS_HELP = ", ".join(f"{s} ({SPLIT_LENGTHS[s]:,} samples)" if s in SPLIT_LENGTHS else f"{s} (endless)"
@@ -35,8 +36,19 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check(args: argparse.Namespace) -> int:
+    import json
+    from dataclasses import asdict
+
+    from unclip.data.check import check_data
+
+    report = check_data(args.path, size=args.size, holdout=args.holdout, progress=not args.json)
+    print(json.dumps(asdict(report), ensure_ascii=False, indent=2) if args.json else "\n".join(report.lines(args.holdout)))
+    return 0
+
+
 def register(subparsers) -> None:
-    """Add the `data` verb and its sub-verbs `preview` and `export` to the main parser."""
+    """Add the `data` verb and its sub-verbs `preview`, `export` and `check` to the main parser."""
     data = subparsers.add_parser(
         "data", help="preview and export the shapes-world data set",
         description="Shapes world: procedural coloured shapes with English and Thai captions "
@@ -70,3 +82,15 @@ def register(subparsers) -> None:
     e.add_argument("--quality", type=int, default=95, help="JPEG quality of webdataset images (default: 95)")
     e.add_argument("--seed", type=int, default=0, help="data seed (default: 0)")
     e.set_defaults(func=_export)
+
+    c = verbs.add_parser(
+        "check", help="what your caption folder or webdataset shards hold, before training on them",
+        description="Read every pair as training would: how many are usable, which are skipped and why, how "
+                    "many images training will upscale, crop or turn upright, how long the captions are, and "
+                    "how many pairs a data.holdout keeps out. Nothing is written.")
+    c.add_argument("path", help="a folder of images with same-name .txt captions, or shards 'DIR/{000000..000099}.tar'")
+    c.add_argument("--size", type=positive_int, default=128,
+                   help="the largest resolution a stage will train at (default: 128, the shapes preset's upsampler)")
+    c.add_argument("--holdout", type=float, default=0.0, help="count the pairs this data.holdout keeps out (e.g. 0.05)")
+    c.add_argument("--json", action="store_true", help="print the report as JSON")
+    c.set_defaults(func=_check)

@@ -1,0 +1,172 @@
+"""`unclip data check`: what a caption folder or webdataset shards hold, before hours of training.
+
+It reads every pair the way training will (`unclip.data.folder`, `unclip.train.data`) without
+decoding more than it must: image headers for sizes and EXIF orientation, a full decode only to
+find the images that cannot be read. The report says how many pairs are usable, which are
+skipped and why (the first few by name), how many images training will upscale, crop or turn
+upright, how long the captions are, and how many pairs a `data.holdout` would keep out.
+"""
+
+from __future__ import annotations
+
+import io
+import statistics
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from unclip.errors import DataError
+
+SHOWN = 5  # file names listed per kind of problem
+EXIF_ORIENTATION = 0x0112
+
+
+@dataclass
+class DataReport:
+    source: str
+    path: str
+    size: int  # the resolution checked against (the largest a stage will train at)
+    usable: int = 0
+    skipped: dict[str, int] = field(default_factory=dict)  # why → how many
+    examples: dict[str, list[str]] = field(default_factory=dict)  # why → the first SHOWN names
+    smaller: int = 0  # images whose short side is under `size`: upscaled in training
+    smallest: int | None = None  # the shortest short side
+    not_square: int = 0  # centre-cropped in training
+    rotated: int = 0  # EXIF orientation other than upright: turned upright in training
+    caption_words: dict[str, float] = field(default_factory=dict)  # median, 95th percentile, longest
+    caption_chars: dict[str, float] = field(default_factory=dict)
+    repeated_captions: int = 0  # pairs whose caption another pair has too
+    held_out: int | None = None  # with a data.holdout fraction: the usable pairs it keeps out
+
+    def skip(self, why: str, name: str) -> None:
+        self.skipped[why] = self.skipped.get(why, 0) + 1
+        names = self.examples.setdefault(why, [])
+        if len(names) < SHOWN:
+            names.append(name)
+
+    def lines(self, holdout: float = 0.0) -> list[str]:
+        """The report as sentences, each with what training does about it."""
+        out = [f"{self.usable} usable image-caption pairs in {self.path} ({self.source})"]
+        for why, count in self.skipped.items():
+            shown = ", ".join(self.examples[why]) + (", ..." if count > len(self.examples[why]) else "")
+            out.append(f"skipped: {count} {why} ({shown})")
+        if self.smaller:
+            out.append(f"{self.smaller} images are smaller than {self.size}² (the smallest {self.smallest}²): training "
+                       f"at {self.size}² upscales them, which teaches blur; train that stage smaller or use larger images")
+        if self.not_square:
+            out.append(f"{self.not_square} images are not square: training keeps their centre square")
+        if self.rotated:
+            out.append(f"{self.rotated} photos carry an EXIF rotation: training reads them upright")
+        if self.caption_words:
+            w, c = self.caption_words, self.caption_chars
+            out.append(f"captions: median {w['median']:.0f} words ({c['median']:.0f} characters), 95% within "
+                       f"{w['p95']:.0f} words, the longest {w['max']:.0f} words ({c['max']:.0f} characters)")
+        if self.repeated_captions:
+            out.append(f"{self.repeated_captions} pairs share their caption with another pair")
+        if self.held_out is not None:
+            out.append(f"data.holdout={holdout} keeps {self.held_out} of the {self.usable} pairs out of training")
+        return out
+
+
+def _source(path: str) -> str:
+    if Path(path).is_dir():
+        return "folder"
+    if ".tar" in path:
+        return "webdataset"
+    raise DataError(f"{path} is neither a folder of images with .txt captions nor a shard pattern like "
+                    "'DIR/{000000..000099}.tar'")
+
+
+def _look(report: DataReport, image) -> None:
+    """Size, shape and orientation of one opened (not yet decoded) image."""
+    side = min(image.size)
+    if side < report.size:
+        report.smaller += 1
+    report.smallest = side if report.smallest is None else min(report.smallest, side)
+    if image.width != image.height:
+        report.not_square += 1
+    if image.getexif().get(EXIF_ORIENTATION, 1) not in (1, None):
+        report.rotated += 1
+
+
+def _folder_pairs(report: DataReport, path: str, progress: bool) -> Iterator[tuple[str, str]]:
+    from PIL import Image
+
+    from unclip.data.folder import scan_folder, unreadable_errors
+
+    pairs, scanned = scan_folder(path, verify=True)
+    for why, names in (("corrupt or unreadable images", scanned.corrupt),
+                       ("images without a .txt caption", scanned.missing_caption),
+                       ("empty or non-UTF-8 captions", scanned.bad_caption)):
+        for name in names:
+            report.skip(why, name)
+    for image_path, caption in tqdm(pairs, desc="check", unit="pair", disable=not progress):
+        name = image_path.relative_to(path).with_suffix("").as_posix()
+        try:
+            with Image.open(image_path) as image:
+                _look(report, image)
+        except unreadable_errors():
+            report.skip("corrupt or unreadable images", name)
+            continue
+        yield name, caption
+
+
+def _shard_pairs(report: DataReport, path: str, progress: bool) -> Iterator[tuple[str, str]]:
+    import webdataset as wds
+    from PIL import Image
+
+    from unclip.data.folder import unreadable_errors
+    from unclip.train.data import IMAGE_EXTENSIONS, shard_urls
+
+    samples = wds.DataPipeline(wds.SimpleShardList(shard_urls(path)), wds.tarfile_to_samples())
+    for sample in tqdm(samples, desc="check", unit="pair", disable=not progress):
+        name = f"{Path(sample.get('__url__', '')).name}:{sample['__key__']}"
+        data = next((sample[ext] for ext in IMAGE_EXTENSIONS if ext in sample), None)
+        if data is None or "txt" not in sample:
+            report.skip("samples without an image or a caption", name)
+            continue
+        try:
+            caption = sample["txt"].decode("utf-8").strip()
+        except UnicodeDecodeError:
+            caption = ""
+        if not caption:
+            report.skip("empty or non-UTF-8 captions", name)
+            continue
+        try:
+            with Image.open(io.BytesIO(data)) as image:
+                _look(report, image)
+                image.load()  # a cut or garbage file fails here, as it would in training
+        except unreadable_errors():
+            report.skip("corrupt or unreadable images", name)
+            continue
+        yield sample["__key__"], caption
+
+
+def check_data(path: str, *, size: int = 128, holdout: float = 0.0, progress: bool = True) -> DataReport:
+    """Read every pair of a caption folder or of webdataset shards as training would; see the module
+    docstring. size: the largest resolution a stage will train at (the shapes preset's upsampler: 128)."""
+    from unclip.train.data import held_out
+
+    source = _source(path)
+    report = DataReport(source=source, path=path, size=size)
+    pairs = _folder_pairs(report, path, progress) if source == "folder" else _shard_pairs(report, path, progress)
+    words, chars, captions = [], [], Counter()
+    kept_out = 0
+    for key, caption in pairs:
+        report.usable += 1
+        words.append(len(caption.split()))
+        chars.append(len(caption))
+        captions[caption] += 1
+        kept_out += held_out(key, holdout)
+    if not report.usable:
+        raise DataError(f"{path} holds no usable image-caption pairs: " + "; ".join(report.lines()[1:]))
+    for name, values in (("caption_words", words), ("caption_chars", chars)):
+        ordered = sorted(values)
+        setattr(report, name, {"median": statistics.median(ordered), "p95": ordered[int(0.95 * (len(ordered) - 1))],
+                               "max": ordered[-1]})
+    report.repeated_captions = sum(n for n in captions.values() if n > 1)
+    report.held_out = kept_out if holdout > 0 else None
+    return report
