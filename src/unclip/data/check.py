@@ -54,8 +54,9 @@ class DataReport:
             shown = ", ".join(self.examples[why]) + (", ..." if count > len(self.examples[why]) else "")
             out.append(f"skipped: {count} {why} ({shown})")
         if self.smaller:
-            out.append(f"{self.smaller} images are smaller than {self.size}² (the smallest {self.smallest}²): training "
-                       f"at {self.size}² upscales them, which teaches blur; train that stage smaller or use larger images")
+            out.append(f"{self.smaller} images are smaller than {self.size}² (the smallest {self.smallest}²): "
+                       f"training at {self.size}² upscales them, which teaches blur; train that stage smaller or "
+                       "use larger images")
         if self.not_square:
             out.append(f"{self.not_square} images are not square: training keeps their centre square")
         if self.rotated:

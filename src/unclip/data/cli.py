@@ -43,7 +43,10 @@ def _check(args: argparse.Namespace) -> int:
     from unclip.data.check import check_data
 
     report = check_data(args.path, size=args.size, holdout=args.holdout, progress=not args.json)
-    print(json.dumps(asdict(report), ensure_ascii=False, indent=2) if args.json else "\n".join(report.lines(args.holdout)))
+    if args.json:
+        print(json.dumps(asdict(report), ensure_ascii=False, indent=2))
+    else:
+        print("\n".join(report.lines(args.holdout)))
     return 0
 
 
