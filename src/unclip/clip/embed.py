@@ -294,7 +294,7 @@ def check_aligned(directory: str | Path, images: str) -> None:
         npz = directory / tar.name.replace(".tar", ".npz")
         if not npz.is_file():
             raise DataError(f"embedding shard {npz} is missing (image shard {tar} has no embeddings); run "
-                            f"`unclip embed` on {images!r} again (it rewrites every shard)")
+                            f"`unclip embed` on {images!r} again (it keeps the shards that are whole)")
         try:
             with np.load(npz) as data:
                 keys = [str(k) for k in data["keys"]]
