@@ -137,3 +137,7 @@ def test_data_check_reports_what_training_will_do_with_a_folder(folder, capsys):
     assert "5 usable image-caption pairs" in text and "skipped: 2 corrupt or unreadable images" in text
     assert "smaller than" not in text and "5 images are not square: training keeps their centre square" in text
     assert main(["data", "check", str(folder / "nothing-here")]) == 2  # neither a folder nor shards
+    assert main(["data", "check", str(folder), "--sheet", str(folder / "sheet.png")]) == 0
+    with Image.open(folder / "sheet.png") as sheet:  # the 5 usable pairs as training reads them, captioned
+        assert sheet.width >= 5 * 96 and sheet.height > 96
+    assert "the first 5 pairs as training reads them" in capsys.readouterr().out

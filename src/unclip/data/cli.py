@@ -47,6 +47,22 @@ def _check(args: argparse.Namespace) -> int:
         print(json.dumps(asdict(report), ensure_ascii=False, indent=2))
     else:
         print("\n".join(report.lines(args.holdout)))
+    if args.sheet:
+        from PIL import Image
+
+        from unclip.config import DataConfig
+        from unclip.data.preview import captioned_grid
+        from unclip.data.shapes import to_pil
+        from unclip.io import save_image_atomic
+        from unclip.train.data import first_pairs
+
+        images, captions = first_pairs(DataConfig(source=report.source, path=args.path), 16, size=args.size)
+        cell = max(96, args.size)
+        tiles = [to_pil(image).resize((cell, cell), Image.Resampling.NEAREST) for image in images]
+        labels = [[("th" if any("\u0e00" <= ch <= "\u0e7f" for ch in c) else "en", c)] for c in captions]
+        save_image_atomic(args.sheet, captioned_grid(tiles, labels, columns=8))
+        if not args.json:
+            print(f"the first {len(captions)} pairs as training reads them: {args.sheet}")
     return 0
 
 
@@ -96,4 +112,6 @@ def register(subparsers) -> None:
                    help="the largest resolution a stage will train at (default: 128, the shapes preset's upsampler)")
     c.add_argument("--holdout", type=float, default=0.0, help="count the pairs this data.holdout keeps out (e.g. 0.05)")
     c.add_argument("--json", action="store_true", help="print the report as JSON")
+    c.add_argument("--sheet", metavar="PNG", help="also draw the first 16 pairs as training reads them (cropped, "
+                                                   "upright, at --size) with their captions into this PNG")
     c.set_defaults(func=_check)
