@@ -95,7 +95,8 @@ def _kept_shard(path: Path, clip: str, expected: Callable[[], list[str]]) -> dic
             skipped = [str(k) for k in data["skipped"]] if "skipped" in data.files else []
     except (OSError, ValueError, KeyError, EOFError):
         return None
-    if [k for k in expected() if k not in set(skipped)] != keys:
+    left_out = set(skipped)
+    if [k for k in expected() if k not in left_out] != keys:
         return None
     return {"name": path.name, "count": len(keys), "kept": True, **({"skipped": len(skipped)} if skipped else {})}
 
@@ -218,14 +219,14 @@ def embed_dataset(model: ClipModel, out: str | Path, *, source: str = "shapes", 
         def key(i: int) -> str:
             return sample(split, i, seed=seed, lang=lang).key
     elif source == "folder":
-        from unclip.data.folder import FolderDataset
+        from unclip.data.folder import FolderDataset, pair_key
 
         dataset = FolderDataset(path, size=size)
         n = len(dataset)
         groups = _index_groups(n, shard_size, partial(_folder_item, dataset))
 
         def key(i: int) -> str:
-            return dataset.pairs[i][0].relative_to(dataset.root).with_suffix("").as_posix()
+            return pair_key(dataset.root, dataset.pairs[i][0])
     else:
         raise DataError(f"unknown source {source!r}; use shapes, folder or webdataset")
 

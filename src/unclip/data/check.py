@@ -96,7 +96,7 @@ def _look(report: DataReport, image) -> None:
 def _folder_pairs(report: DataReport, path: str, progress: bool) -> Iterator[tuple[str, str]]:
     from PIL import Image
 
-    from unclip.data.folder import scan_folder, unreadable_errors
+    from unclip.data.folder import pair_key, scan_folder, unreadable_errors
 
     pairs, scanned = scan_folder(path, verify=True)
     for why, names in (("corrupt or unreadable images", scanned.corrupt),
@@ -105,7 +105,7 @@ def _folder_pairs(report: DataReport, path: str, progress: bool) -> Iterator[tup
         for name in names:
             report.skip(why, name)
     for image_path, caption in tqdm(pairs, desc="check", unit="pair", disable=not progress):
-        name = image_path.relative_to(path).with_suffix("").as_posix()
+        name = pair_key(Path(path), image_path)
         try:
             with Image.open(image_path) as image:
                 _look(report, image)

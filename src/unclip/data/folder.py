@@ -88,6 +88,11 @@ def unreadable_errors() -> tuple[type[BaseException], ...]:
     return (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
+def pair_key(root: Path, image_path: Path) -> str:
+    """A pair's key: its image's path under the folder, without suffix ("sub/0042")."""
+    return image_path.relative_to(root).with_suffix("").as_posix()
+
+
 def scan_folder(root: str | Path, *, verify: bool = True,
                 keep: Callable[[str], bool] | None = None) -> tuple[list[tuple[Path, str]], FolderReport]:
     """Find usable (image, caption) pairs under `root`, sorted by path; with `keep`, only those
@@ -101,7 +106,7 @@ def scan_folder(root: str | Path, *, verify: bool = True,
     pairs = []
     for path in sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()):
         name = str(path.relative_to(root))
-        if keep is not None and not keep(path.relative_to(root).with_suffix("").as_posix()):
+        if keep is not None and not keep(pair_key(root, path)):
             continue
         caption_path = path.with_suffix(".txt")
         if not caption_path.is_file():
@@ -155,6 +160,6 @@ class FolderDataset:
                     self.report.corrupt.append(name)
                     log.warning("skipping unreadable image %s: %s", path, err)
                 continue
-            key = path.relative_to(self.root).with_suffix("").as_posix()
+            key = pair_key(self.root, path)
             return {"image": to_tensor(image), "caption": caption, "key": key}
         raise DataError(f"no image under {self.root} could be decoded: {self.report.summary()}")
