@@ -36,7 +36,7 @@ def _done(model_dir: Path) -> bool:
 
 
 SECTIONS = {"clip": ("data", "clip", "tokenizer"), "prior": ("data", "prior"), "ar_prior": ("data", "ar_prior"),
-            "decoder": ("data", "decoder"), "upsamplers": ("data", "upsamplers")}  # what each stage's model depends on
+            "decoder": ("data", "decoder")}  # what each stage's model depends on (an upsampler: its own entry)
 
 
 def _changes(old: object, new: object, prefix: str) -> list[str]:
@@ -58,6 +58,13 @@ def _stale(name: str, target: Path, cfg: UnclipConfig) -> list[str]:
         return json.loads(json.dumps(config.to_dict()))
 
     theirs, ours = plain(UnclipConfig.from_dict(read_manifest(target).config)), plain(cfg)
+    if name == "upsamplers":  # target is <root>/upsamplerN/model: the data and that stage's section
+        i = int(target.parent.name.removeprefix("upsampler")) - 1
+
+        def own(config: dict) -> dict | None:
+            return config["upsamplers"][i] if i < len(config["upsamplers"]) else None
+
+        return _changes(theirs["data"], ours["data"], "data") + _changes(own(theirs), own(ours), f"upsamplers.{i}")
     return [c for section in SECTIONS[name] for c in _changes(theirs.get(section), ours.get(section), section)]
 
 
