@@ -221,7 +221,11 @@ def register(subparsers) -> None:
         "all", help="the whole cascade: CLIP, priors, decoder, upsamplers, assembled",
         description="Train CLIP, embed the training pairs, train the diffusion and AR priors, the decoder and "
                     "the upsamplers, then assemble one model directory. Stages already complete under the run "
-                    "directory are skipped and an interrupted stage resumes, so rerun the command after a crash.")
+                    "directory are skipped and an interrupted stage resumes, so rerun the command after a crash. "
+                    "Your own data: --set data.source=folder --set data.path=DIR (images with same-name .txt "
+                    "captions) or --set data.source=webdataset --set data.path='DIR/{000000..000099}.tar', "
+                    "with --set data.holdout=0.05 to keep pairs out for evaluation; check it first with "
+                    "`unclip data check DIR`.")
     _common(everything, "", budget=False)
     everything.add_argument("--embed-pairs", type=positive_int, default=20_000,
                             help="training pairs embedded for the priors (default: 20000)")
