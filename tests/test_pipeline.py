@@ -306,8 +306,10 @@ def test_prompts_with_words_the_model_never_saw_are_warned_about_once(model_dir,
     reads = pipe.clip.tokenizer.context_length - 2
     assert pipe.prompt_warnings(long) == [f"it is longer than the {reads} tokens this model reads; the rest was left out"]
     assert pipe.prompt_warnings("a red circle") == []
+    assert pipe.example_prompt == "a red circle above a blue square"
     pipe.config = replace(pipe.config, data=replace(pipe.config.data, source="folder"))
     assert pipe.unknown_words("a dog on a red skateboard") == []  # other data: no vocabulary kept
+    assert pipe.example_prompt == ""  # its CLIP's manifest keeps no training caption
 
 
 def test_a_damaged_weight_file_of_the_right_size_is_refused_at_load(model_dir, tmp_path):

@@ -385,6 +385,8 @@ def test_an_api_key_guards_the_api_but_not_the_page(pipe):
         assert missing.status_code == 401 and missing.headers["WWW-Authenticate"] == "Bearer"
         assert missing.json()["error"]["code"] == "invalid_api_key"
         assert httpx.get(url + "/api/info").status_code == 401
+        info = httpx.get(url + "/api/info", headers={"Authorization": "Bearer sekrit"}).json()
+        assert info["example_prompt"] == "a red circle above a blue square"  # the page's placeholder
         with pytest.raises(openai.AuthenticationError):
             OpenAI(base_url=f"{url}/v1", api_key="wrong", max_retries=0).models.list()
         out = OpenAI(base_url=f"{url}/v1", api_key="sekrit", max_retries=0).images.generate(

@@ -68,10 +68,13 @@ def test_train_all_on_your_own_data(tmp_path, source, holdout, capsys):
             "--set", "decoder.train.eval_every=2", "--set", "decoder.train.eval_batches=1"]
     assert main(argv) == 0
     embeddings = load_embeddings(root / "emb")
-    assert f"try: unclip generate {shlex.quote(embeddings['captions'][0])} --model {root / 'model'}" in \
-        capsys.readouterr().out
-
     data = type(preset("tiny").data)(source=source, path=path, holdout=holdout)
+    first = source_captions(data, 1)[0]  # the first training caption: what the tools suggest trying
+    assert f"try: unclip generate {shlex.quote(first)} --model {root / 'model'}" in capsys.readouterr().out
+    import unclip
+
+    assert unclip.load(root / "model").example_prompt == first  # the server page's placeholder
+
     kept_out = sum(held_out(f"{i:09d}", holdout) for i in range(60))  # the export's keys
     own = source_captions(data, 100)  # the tokenizer's corpus: the training pairs' captions
     assert len(own) == 60 - kept_out and all(any("\u0e00" <= c <= "\u0e7f" for c in caption) for caption in own)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import platform
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -128,9 +129,15 @@ def train_clip(cfg: UnclipConfig, *, run_dir: str | Path, out: str | Path, resum
         images, captions, label = evaluation_pairs(cfg.data, OWN_DATA_PAIRS, size=cfg.clip.image_size)
         evaluation = {"data": label, **pair_retrieval(model, images, captions)}
         log.info("CLIP retrieval %s", evaluation)
+    if cfg.data.source != "shapes":
+        from unclip.train.data import source_captions
+
+        examples = source_captions(cfg.data, 3)
+    else:
+        examples = []
     save_clip(model, out, cfg=cfg, provenance=provenance(seconds=result.seconds, steps=result.step,
                                                         final_metrics=result.metrics, **started_from),
-              evaluation=evaluation)
+              evaluation=evaluation, example_captions=examples)
     log.info("CLIP model written to %s", out)
     return Path(out)
 
@@ -156,10 +163,13 @@ def _init_clip(directory: str | Path, cfg: UnclipConfig) -> tuple[ClipModel, dic
 
 
 def save_clip(model: ClipModel, directory: str | Path, *, cfg: UnclipConfig, provenance: dict | None = None,
-              evaluation: dict | None = None) -> Path:
+              evaluation: dict | None = None, example_captions: Sequence[str] = ()) -> Path:
+    """Write a CLIP model directory; `example_captions` (a few training captions of data other than
+    shapes world) go into its stats, for the prompts the tools suggest (`UnclipPipeline.example_prompt`)."""
     manifest = Manifest(
         config=cfg.to_dict(),
-        stats={"clip_logit_scale": float(model.logit_scale.detach())},
+        stats={"clip_logit_scale": float(model.logit_scale.detach()),
+               **({"example_captions": list(example_captions)} if example_captions else {})},
         extra={"components": list(CLIP_COMPONENTS)},
         provenance=provenance or {},
         evaluation={"clip": evaluation} if evaluation else {},

@@ -37,6 +37,7 @@ from unclip.pipeline import PRECISIONS, latent
 
 log = logging.getLogger(__name__)
 IMPORTED = "imported:"  # the config name's prefix for models read from diffusers' layout (interop.py)
+EXAMPLE_PROMPT = "a red circle above a blue square"  # what a shapes-world model is shown off with
 
 Seed = int | Sequence[int] | torch.Generator | None
 Callback = Callable[[str, SampleStep], None]
@@ -196,6 +197,18 @@ class UnclipPipeline:
             for warning in self._word_warnings(p):  # a prompt cut to the context the tokenizer logs itself
                 log.warning("%r: %s (the words it knows: docs/shapes_world.md)", p, warning)
         return self.clip.encode_text(self.clip.tokenize(prompts))
+
+    @property
+    def example_prompt(self) -> str:
+        """A prompt like the model's training captions, for the tools to suggest: the README's for
+        shapes world, else the first caption its CLIP was trained on ("" when its manifest has none)."""
+        if self.config.data.source == "shapes":
+            return EXAMPLE_PROMPT
+        if self.directory is None:
+            return ""
+        from unclip.modeldir import read_manifest
+
+        return (read_manifest(self.directory).stats.get("example_captions") or [""])[0]
 
     def prompt_warnings(self, prompt: str) -> list[str]:
         """What a caller should know about `prompt` before trusting the images: words the model never

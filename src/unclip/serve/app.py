@@ -206,6 +206,7 @@ def create_app(pipe, options: ServerOptions | None = None) -> FastAPI:
         cfg = pipe.config
         prior = pipe.prior.config if pipe.prior is not None else None
         return {"model": model_id, "sizes": sizes, "native_sizes": card["sizes"], "priors": pipe.priors,
+                "example_prompt": pipe.example_prompt,
                 "default_size": schemas.size_name(max(pipe.sizes)), "auth": options.api_key is not None,
                 "defaults": {"steps": cfg.decoder.sample_steps, "guidance_scale": cfg.decoder.guidance_scale,
                              "prior_guidance_scale": None if prior is None else prior.guidance_scale},

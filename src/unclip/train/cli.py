@@ -117,17 +117,12 @@ def _report(out: Path, run_dir: Path, name: str, *, sheet: str = "") -> None:
         print(f"{sheet}: {run_dir / 'samples.png'}")
 
 
-def _example_caption(cfg, root: Path) -> str:
-    """A caption to try the new model on: the README's for shapes world, else one of the training pairs'."""
-    if cfg.data.source != "shapes":
-        from unclip.clip.embed import load_embeddings
-        from unclip.errors import UnclipError
+def _example_caption(out: Path) -> str:
+    """A caption to try the new model on: one of its training captions, or the README's for shapes world."""
+    from unclip.modeldir import read_manifest
+    from unclip.pipeline.pipeline import EXAMPLE_PROMPT
 
-        try:
-            return str(load_embeddings(root / "emb")["captions"][0])
-        except (UnclipError, OSError, IndexError, KeyError):
-            pass
-    return "a red circle above a blue square"
+    return (read_manifest(out).stats.get("example_captions") or [EXAMPLE_PROMPT])[0]
 
 
 def _train_all(args: argparse.Namespace) -> int:
@@ -142,7 +137,7 @@ def _train_all(args: argparse.Namespace) -> int:
     print(f"model: {out}")
     if timings:
         print("minutes per stage: " + ", ".join(f"{k} {v / 60:.1f}" for k, v in timings.items()))
-    print(f"try: unclip generate {shlex.quote(_example_caption(cfg, root))} --model {out}")
+    print(f"try: unclip generate {shlex.quote(_example_caption(out))} --model {out}")
     return 0
 
 

@@ -38,6 +38,7 @@ async function loadInfo() {
   state.info = info;
   $("model").textContent = `${info.model} · makes ${info.native_sizes.join(", ")}`;
   $("max-prompt").textContent = info.limits.prompt;
+  if (info.example_prompt) $("prompt").placeholder = info.example_prompt;
   $("n").max = info.limits.n;
   $("steps").max = info.limits.steps;
   $("steps").placeholder = `${info.defaults.steps}`;
