@@ -25,9 +25,6 @@ from unclip.tokenizer import Tokenizer, train_shapes_tokenizer
 log = logging.getLogger(__name__)
 
 
-OWN_DATA_PAIRS = 500  # pairs of a folder or webdataset source the CLIP's retrieval is measured on
-
-
 def run_tokenizer(cfg: UnclipConfig, run_dir: Path) -> Tokenizer:
     """The run's tokenizer: loaded from `run_dir/tokenizer` if an earlier attempt made one."""
     path = run_dir / "tokenizer"
@@ -124,9 +121,9 @@ def train_clip(cfg: UnclipConfig, *, run_dir: str | Path, out: str | Path, resum
         evaluation = evaluate_clip(model, progress=progress)
     elif evaluate:
         from unclip.clip.zeroshot import pair_retrieval
-        from unclip.train.data import evaluation_pairs
+        from unclip.train.data import EVALUATION_PAIRS, evaluation_pairs
 
-        images, captions, label = evaluation_pairs(cfg.data, OWN_DATA_PAIRS, size=cfg.clip.image_size)
+        images, captions, label = evaluation_pairs(cfg.data, EVALUATION_PAIRS, size=cfg.clip.image_size)
         evaluation = {"data": label, **pair_retrieval(model, images, captions)}
         log.info("CLIP retrieval %s", evaluation)
     if cfg.data.source != "shapes":

@@ -101,15 +101,15 @@ def fit_pairs(clip: ClipModel, data, *, n: int, embeddings: dict | None = None) 
     prior's z_i normalisation, the AR prior's PCA basis and dot-product buckets).
 
     data: the config's `data` section. Shapes world: the first `n` of its train split (as before, so
-    the shapes recipes are unchanged). Other sources: the first `n` of `embeddings` (an `unclip embed`
-    folder of the training pairs, as `unclip train all` makes) when given, else the source's first
-    `n` pairs (`unclip.train.data.source_batches`), encoded. A folder of fewer pairs gives all.
+    the shapes recipes are unchanged). Other sources: the first `n` rows of `embeddings` when given
+    (an `unclip embed` folder's training rows, `training_rows`, as `train_prior` passes them), else
+    the source's first `n` training pairs (`unclip.train.data.source_batches`), encoded. A folder of
+    fewer pairs gives all.
     """
     if data.source == "shapes":
         pairs = sample_pairs(clip, split="train", n=n, lang=data.lang, seed=data.seed)
         return {"z_i": pairs["z_i"], "z_t": pairs["z_t"]}
     if embeddings is not None:
-        embeddings = training_rows(embeddings, data.holdout)
         return {"z_i": torch.from_numpy(embeddings["image_embeds"][:n]).float(),
                 "z_t": torch.from_numpy(embeddings["text_embeds"][:n]).float()}
     from unclip.train.data import source_batches

@@ -36,7 +36,6 @@ PRIOR_DIR, PRIOR_SCHEDULER_DIR, PRIOR_COND_DIR = "prior", "prior_scheduler", "pr
 PRIOR_WEIGHTS = "diffusion_pytorch_model.safetensors"
 KINDS = ("diffusion", "ar")
 FIT_SAMPLES = 5000  # train pairs the PCA and the dot-product buckets are fitted on
-OWN_DATA_PAIRS = 500  # pairs of a folder or webdataset source the prior's cosines are measured on
 
 
 def build_ar_prior(cfg: UnclipConfig, clip: ClipModel, *, fit_samples: int = FIT_SAMPLES,
@@ -105,9 +104,9 @@ def train_prior(cfg: UnclipConfig, *, kind: str, clip_dir: str | Path, run_dir: 
     elif evaluate:
         from unclip.prior.data import encode_batch
         from unclip.prior.metrics import cosine_metrics
-        from unclip.train.data import evaluation_pairs
+        from unclip.train.data import EVALUATION_PAIRS, evaluation_pairs
 
-        images, captions, label = evaluation_pairs(cfg.data, OWN_DATA_PAIRS, size=clip.config.image_size)
+        images, captions, label = evaluation_pairs(cfg.data, EVALUATION_PAIRS, size=clip.config.image_size)
         metrics = cosine_metrics(predict, encode_batch(clip, captions, images=images))
         evaluation = {"data": label,
                       **{k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}}

@@ -304,6 +304,9 @@ def source_batches(data: DataConfig, n: int, *, size: int, part: str = "train",
         raise DataError(f"data.source={data.source!r} has no pairs of its own to read; use folder or webdataset")
 
 
+EVALUATION_PAIRS = 500  # pairs of a folder or webdataset source CLIP's retrieval and the priors' cosines use
+
+
 def evaluation_pairs(data: DataConfig, n: int, *, size: int) -> tuple[torch.Tensor, list[str], str]:
     """Images, captions and a label of what a stage trained on folder or webdataset data is measured
     on: the first n of its held-out pairs when `data.holdout` keeps some out, else (the label says
