@@ -6,6 +6,7 @@ import time
 import torch
 
 from unclip.config import TrainConfig
+from unclip.modeldir import save_checkpoint
 from unclip.train.trainer import EMA, fit_steps, lr_factor, to_device, train
 
 
@@ -66,3 +67,50 @@ def test_ema_is_the_running_average():
         net.weight.add_(2.0)
     ema.update(net)
     torch.testing.assert_close(ema.shadow["weight"], start + 1.0)
+
+
+def _prior_feed(start):
+    g = torch.Generator().manual_seed(start)
+    while True:
+        unit = lambda: torch.nn.functional.normalize(torch.randn(8, 8, generator=g), dim=-1)  # noqa: E731
+        yield {"text_states": torch.randn(8, 6, 16, generator=g), "text_mask": torch.ones(8, 6, dtype=torch.long),
+               "z_t": unit(), "z_i": unit()}
+
+
+def test_compile_trains_the_same_prior_under_the_same_names(tmp_path):
+    from unclip.config import PriorConfig
+    from unclip.prior.diffusion import DiffusionPrior
+
+    runs = {}
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        prior = DiffusionPrior.from_config(PriorConfig(width=32, layers=1, heads=2, timesteps=100), clip_dim=8,
+                                           text_width=16, context_length=6)
+        cfg = TrainConfig(steps=3, batch_size=8, lr=1e-3, warmup_steps=1, log_every=1, ckpt_every=1000,
+                          compile=compiled)
+        run_dir = tmp_path / f"compiled{compiled}"
+        train(prior, _prior_feed, cfg=cfg, run_dir=run_dir, run_config={}, progress=False, stage_name="diffusion_prior")
+        losses = [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        runs[compiled] = losses, prior
+    (eager_losses, eager), (compiled_losses, compiled) = runs[False], runs[True]
+    assert compiled.transformer._compiled_call_impl is not None and eager.transformer._compiled_call_impl is None
+    assert len(compiled_losses) == 3 and eager_losses[0] > 0
+    torch.testing.assert_close(compiled_losses, eager_losses, rtol=1e-4, atol=1e-6)
+    saved = compiled.state_dict()
+    assert saved.keys() == eager.state_dict().keys()  # checkpoints and model files read the same either way
+    for name, value in eager.state_dict().items():
+        torch.testing.assert_close(saved[name], value, rtol=1e-4, atol=1e-5)
+
+
+def test_a_run_resumes_with_compile_or_workers_changed_but_not_with_what_it_trains(tmp_path):
+    import pytest
+
+    from unclip.train.trainer import TrainingError, _read_resume_state
+
+    written = {"prior": {"train": {"lr": 1e-3, "compile": False, "num_workers": 0}}}
+    save_checkpoint(tmp_path / "checkpoint.pt", {"step": 5, "run_config": written})
+    resumed = {"prior": {"train": {"lr": 1e-3, "compile": True, "num_workers": 4}}}
+    assert _read_resume_state(tmp_path / "checkpoint.pt", resumed)["step"] == 5
+    with pytest.raises(TrainingError, match="another config"):
+        _read_resume_state(tmp_path / "checkpoint.pt", {"prior": {"train": {"lr": 2e-3, "compile": False,
+                                                                            "num_workers": 0}}})

@@ -27,7 +27,8 @@ PRECISION = "fp32"  # or "bf16": training steps and sampling under CPU bf16 auto
 
 
 def setup() -> tuple[str, int]:
-    """Two threads, seed 0; the stage, number of timed training steps and precision from argv."""
+    """Two threads, seed 0; the stage, number of timed training steps and precision from argv (a worker may
+    read more after them)."""
     global PRECISION
     torch.set_num_threads(2)
     torch.manual_seed(0)
@@ -56,14 +57,15 @@ def prior_batch(n: int, g: torch.Generator) -> dict:
             "z_i": F.normalize(torch.randn(n, CLIP_DIM, generator=g), dim=-1)}
 
 
-def measure_training(loss_fn, params, data: dict, *, batch_size: int, steps: int) -> tuple[float, float]:
+def measure_training(loss_fn, params, data: dict, *, batch_size: int, steps: int, optimizer=None) -> tuple[float, float]:
     """(rows/s over `steps` AdamW steps after two warm-up steps, FLOPs of one step counted by FlopCounterMode).
 
-    FlopCounterMode counts matmuls, convolutions and attention (forward and backward), not
-    normalisation, activations or the optimizer.
+    optimizer(params) builds the implementation's own optimizer (default: torch's AdamW as it comes,
+    what the anchors' training scripts build). FlopCounterMode counts matmuls, convolutions and
+    attention (forward and backward), not normalisation, activations or the optimizer.
     """
     params = list(params)
-    opt = torch.optim.AdamW(params, lr=1e-4)
+    opt = optimizer(params) if optimizer else torch.optim.AdamW(params, lr=1e-4)
 
     def backward():
         with autocast():
@@ -107,7 +109,7 @@ def report(impl: str, stage: str, module_params, *, train_rate: float, train_flo
     }), flush=True)
 
 
-def benchmark(impl: str, stage: str, module, loss_fn, make_sampler, *, steps: int) -> None:
+def benchmark(impl: str, stage: str, module, loss_fn, make_sampler, *, steps: int, optimizer=None) -> None:
     """Measure and report one implementation's stage at the anchor config.
 
     Training rows/s and FLOPs of `loss_fn(batch)` on a seeded batch of the stage's train size;
@@ -118,7 +120,7 @@ def benchmark(impl: str, stage: str, module, loss_fn, make_sampler, *, steps: in
     spec, make_batch = (DECODER, decoder_batch) if stage == "decoder" else (PRIOR, prior_batch)
     g = torch.Generator().manual_seed(0)
     rate, flops = measure_training(loss_fn, module.parameters(), make_batch(spec["train_batch"], g),
-                                   batch_size=spec["train_batch"], steps=steps)
+                                   batch_size=spec["train_batch"], steps=steps, optimizer=optimizer)
     module.eval()
     sample = make_sampler(make_batch(spec["sample_batch"], g))
     latency = measure_latency(sample(spec["sample_steps"]), sample(5))

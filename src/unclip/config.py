@@ -46,6 +46,10 @@ class TrainConfig:
     eval_batches: int = 4
     num_workers: int = 0
     seed: int = 0
+    # torch.compile the stage's networks (inductor; on the CPU it needs a C++ compiler, and the first
+    # steps wait for it, ~20 s): the diffusion prior trains ~15% faster on the CPU in bf16, the decoder
+    # no faster (docs/performance.md)
+    compile: bool = False
 
 
 @dataclass(frozen=True, kw_only=True)

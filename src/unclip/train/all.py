@@ -53,9 +53,10 @@ def _changes(old: object, new: object, prefix: str) -> list[str]:
 def _stale(name: str, target: Path, cfg: UnclipConfig) -> list[str]:
     """What in `cfg` differs from the config the complete stage at `target` was trained with."""
     from unclip.modeldir import read_manifest
+    from unclip.train.trainer import what_trains
 
     def plain(config: UnclipConfig) -> dict:  # JSON's lists for tuples; fields added since, at their defaults
-        return json.loads(json.dumps(config.to_dict()))
+        return what_trains(json.loads(json.dumps(config.to_dict())))
 
     theirs, ours = plain(UnclipConfig.from_dict(read_manifest(target).config)), plain(cfg)
     if name == "upsamplers":  # target is <root>/upsamplerN/model: the data and that stage's section

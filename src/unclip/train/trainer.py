@@ -171,9 +171,20 @@ def _remove_stale_temps(ckpt_path: Path) -> None:
         stale.unlink(missing_ok=True)
 
 
+# Settings of how a run executes, not of what it trains: a run resumes with them changed
+EXECUTION_ONLY = ("compile", "num_workers")
+
+
+def what_trains(config: Any) -> Any:
+    """`config` (a run config dict, nested) without its EXECUTION_ONLY keys."""
+    if isinstance(config, dict):
+        return {k: what_trains(v) for k, v in config.items() if k not in EXECUTION_ONLY}
+    return config
+
+
 def _read_resume_state(ckpt_path: Path, run_config: dict[str, Any]) -> dict[str, Any]:
     state = load_checkpoint(ckpt_path)
-    if state.get("run_config") != run_config:
+    if what_trains(state.get("run_config")) != what_trains(run_config):
         raise TrainingError(
             f"{ckpt_path} was written by a run with another config; resume it with that config, "
             "pass --no-resume to start over, or choose another --run-dir")
@@ -205,6 +216,21 @@ def _model_state(accelerator, model: nn.Module) -> dict[str, torch.Tensor]:
 # model's `_no_split_modules`): the UNets' residual and attention blocks, the CLIP towers' and
 # the priors' transformer layers.
 SHARD_UNITS = ("ResnetBlock2D", "BasicTransformerBlock", "CLIPEncoderLayer", "TransformerEncoderLayer")
+
+
+# The networks `train.compile` compiles, each whole: the stages' UNets, the priors' transformers, the CLIP towers
+COMPILE_UNITS = ("UNet2DConditionModel", "UNet2DModel", "PriorTransformer", "TransformerEncoder",
+                 "CLIPTextModelWithProjection", "CLIPVisionModelWithProjection")
+
+
+def compile_units(module: nn.Module) -> list[str]:
+    """Compile `module`'s networks in place (`nn.Module.compile`: names and state dict unchanged); their names."""
+    compiled = []
+    for name, sub in module.named_modules():
+        if type(sub).__name__ in COMPILE_UNITS and not any(name.startswith(c + ".") for c in compiled):
+            sub.compile()
+            compiled.append(name)
+    return compiled
 
 
 def _shard_units(module: nn.Module) -> list[str]:
@@ -313,8 +339,12 @@ def train(stage: nn.Module, make_batches: Callable[[int], Iterator[dict]], *, cf
     if _is_fsdp(accelerator) and not getattr(trained, "_no_split_modules", None):
         trained._no_split_modules = _shard_units(trained)  # what TRANSFORMER_BASED_WRAP shards one by one
     trained.to(accelerator.device)
+    if cfg.compile:
+        log.info("compiling %s: %s (the first steps wait for it)", stage_name, ", ".join(compile_units(trained)))
+    # one fused kernel for every tensor's update, on GPUs and CPUs alike (FSDP's sharded tensors take the loop)
+    fused = accelerator.device.type in ("cuda", "cpu") and not _is_fsdp(accelerator)
     optimizer = torch.optim.AdamW(_param_groups(trained, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6,
-                                  fused=accelerator.device.type == "cuda")
+                                  fused=fused)
     plan = {"total": cfg.steps}  # shortened by a time budget
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg, plan["total"]))
 
