@@ -9,9 +9,9 @@ with unclip's trainer's AdamW (`fused=True`); with `compile`, their network is c
 
 from __future__ import annotations
 
-import torch
-
 import sys
+
+import torch
 
 from _common import CLIP_DIM, DECODER, PRIOR, TEXT_WIDTH, TOKENS, benchmark, setup
 from unclip.config import DecoderConfig, PriorConfig, TrainConfig
