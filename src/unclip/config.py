@@ -47,7 +47,7 @@ class TrainConfig:
     num_workers: int = 0
     seed: int = 0
     # torch.compile the stage's networks (inductor; on the CPU it needs a C++ compiler, and the first
-    # steps wait for it, ~20 s): on the CPU in bf16 the diffusion prior trains 8-17% faster, the
+    # steps wait for it, ~20 s): on the CPU in bf16 the diffusion prior trains ~10% faster, the
     # decoder 6% (docs/performance.md). Not under FSDP.
     compile: bool = False
 
