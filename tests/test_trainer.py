@@ -114,3 +114,42 @@ def test_a_run_resumes_with_compile_or_workers_changed_but_not_with_what_it_trai
     with pytest.raises(TrainingError, match="another config"):
         _read_resume_state(tmp_path / "checkpoint.pt", {"prior": {"train": {"lr": 2e-3, "compile": False,
                                                                             "num_workers": 0}}})
+
+
+class _TermAt(torch.nn.Module):
+    """A one-parameter stage that sends its own process a SIGTERM during its `at`-th step."""
+
+    def __init__(self, at: int):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(()))
+        self.calls, self.at = 0, at
+
+    def forward(self, batch):
+        import os
+        import signal
+
+        self.calls += 1
+        if self.calls == self.at:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return {"loss": ((self.w - batch["x"]) ** 2).mean()}
+
+
+def test_sigterm_stops_after_the_step_with_a_checkpoint_and_the_run_resumes(tmp_path):
+    import signal
+
+    import pytest
+
+    from unclip.train.trainer import TrainingStopped
+
+    cfg = TrainConfig(steps=10, batch_size=4, lr=0.1, warmup_steps=1, log_every=1, ckpt_every=1000)
+    handler = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(TrainingStopped, match="after step 5 of 10.*run the same command to resume"):
+        train(_TermAt(5), _feed, cfg=cfg, run_dir=tmp_path, run_config={"x": 1}, progress=False)
+    assert signal.getsignal(signal.SIGTERM) is handler  # the process's own handling is back
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["step"] == 5
+    stopped = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert stopped == [1, 2, 3, 4, 5]
+    resumed = train(_TermAt(0), _feed, cfg=cfg, run_dir=tmp_path, run_config={"x": 1}, progress=False)
+    assert (resumed.resumed_from, resumed.step) == (5, 10)
+    uninterrupted = train(_TermAt(0), _feed, cfg=cfg, run_dir=tmp_path / "whole", run_config={"x": 1}, progress=False)
+    torch.testing.assert_close(resumed.metrics["loss"], uninterrupted.metrics["loss"])

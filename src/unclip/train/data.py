@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
+import signal
 from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
@@ -66,6 +67,12 @@ class _IndexStream(torch.utils.data.Sampler):
         return self.it
 
 
+def ignore_sigterm(worker_id: int) -> None:
+    """A loader worker outlives a SIGTERM sent to the whole process group (`timeout`, a cluster's
+    preemption): the trainer stops at the end of the step with a checkpoint and ends its workers then."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def index_feed(dataset, indices: Callable[[int], Iterator[int]], *, batch_size: int, num_workers: int = 0,
                seed: int = 0) -> Callable[[int], Iterator[dict]]:
     """Batches of `dataset[i]` for the global index stream `indices(start)`, this rank's share of each."""
@@ -74,7 +81,8 @@ def index_feed(dataset, indices: Callable[[int], Iterator[int]], *, batch_size: 
         rank, world = rank_world()
         sampler = _IndexStream(rank_share(indices(start), batch_size=batch_size, rank=rank, world=world))
         return iter(DataLoader(dataset, batch_size=local_batch_size(batch_size, world), sampler=sampler,
-                               num_workers=num_workers, generator=torch.Generator().manual_seed(seed)))
+                               num_workers=num_workers, generator=torch.Generator().manual_seed(seed),
+                               worker_init_fn=ignore_sigterm))
 
     return make
 
@@ -228,7 +236,7 @@ def webdataset_feed(pattern: str, *, size: int, batch_size: int, seed: int, num_
             wds.batched(local_batch_size(batch_size, world), partial=False),
         )
         return iter(DataLoader(pipeline, batch_size=None, num_workers=num_workers,
-                               generator=torch.Generator().manual_seed(seed)))
+                               generator=torch.Generator().manual_seed(seed), worker_init_fn=ignore_sigterm))
 
     return make
 

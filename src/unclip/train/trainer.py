@@ -36,6 +36,8 @@ import logging
 import math
 import os
 import random
+import signal
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -59,6 +61,29 @@ CHECKPOINT = "checkpoint.pt"
 
 class TrainingError(UnclipError):
     """Training cannot go on (a non-finite loss, a checkpoint from another config)."""
+
+
+class TrainingStopped(TrainingError):
+    """A SIGTERM stopped the run after a step, with a checkpoint to resume from."""
+
+
+class _StopOnSigterm:
+    """While entered (in the main thread), a SIGTERM sets `received` instead of killing the process."""
+
+    def __init__(self):
+        self.received, self._previous = False, None
+
+    def __enter__(self) -> _StopOnSigterm:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.received = True
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
 
 
 class EMA:
@@ -400,7 +425,7 @@ def train(stage: nn.Module, make_batches: Callable[[int], Iterator[dict]], *, cf
     bar = tqdm(total=cfg.steps, initial=start, desc=f"train {stage_name}", disable=not (progress and main),
                dynamic_ncols=True)
     sums: dict[str, float] = {}
-    with MetricsLog(run_dir, enabled=main) as metrics:
+    with MetricsLog(run_dir, enabled=main) as metrics, _StopOnSigterm() as sigterm:
         for step in range(start, cfg.steps):
             if step >= plan["total"] or (stop_at is not None and step >= stop_at):
                 break
@@ -427,7 +452,9 @@ def train(stage: nn.Module, make_batches: Callable[[int], Iterator[dict]], *, cf
                 ema.update(accelerator.unwrap_model(model))
             window_steps += 1
             done = step + 1
-            if deadline is not None and dist.from_main(int(time.perf_counter() > deadline)):
+            # one decision for every rank, on the main process's clock and signal
+            flags = dist.from_main(int(deadline is not None and time.perf_counter() > deadline) | 2 * sigterm.received)
+            if flags & 1:
                 plan["total"] = done  # out of time before the fitted end: stop here, schedule and all
             if done % cfg.log_every == 0 or done == plan["total"]:
                 now = time.perf_counter()
@@ -450,8 +477,12 @@ def train(stage: nn.Module, make_batches: Callable[[int], Iterator[dict]], *, cf
                 result.validation = row
             bar.update(1)
             result.step = done
-            if done % cfg.ckpt_every == 0 or done >= plan["total"] or done == stop_at:
+            if done % cfg.ckpt_every == 0 or done >= plan["total"] or done == stop_at or flags & 2:
                 checkpoint(done)
+            if flags & 2 and done < plan["total"]:
+                bar.close()
+                raise TrainingStopped(f"{stage_name} stopped by SIGTERM after step {done} of {plan['total']}, "
+                                      f"checkpoint written to {ckpt_path}; run the same command to resume")
     bar.close()
     if _is_fsdp(accelerator):
         stage.load_state_dict(_gathered_weights(accelerator.unwrap_model(model)))
