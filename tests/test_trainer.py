@@ -1,13 +1,17 @@
-"""The one trainer: wall-clock budgets, device placement of batches, EMA."""
+"""The one trainer: wall-clock budgets, device placement of batches, EMA, compile, resume and SIGTERM."""
 
 import json
+import os
+import signal
 import time
 
+import pytest
 import torch
 
 from unclip.config import TrainConfig
 from unclip.modeldir import save_checkpoint
-from unclip.train.trainer import EMA, fit_steps, lr_factor, to_device, train
+from unclip.train.trainer import (EMA, TrainingError, TrainingStopped, _read_resume_state, fit_steps, lr_factor,
+                                  to_device, train)
 
 
 class _Slow(torch.nn.Module):
@@ -103,10 +107,6 @@ def test_compile_trains_the_same_prior_under_the_same_names(tmp_path):
 
 
 def test_a_run_resumes_with_compile_or_workers_changed_but_not_with_what_it_trains(tmp_path):
-    import pytest
-
-    from unclip.train.trainer import TrainingError, _read_resume_state
-
     written = {"prior": {"train": {"lr": 1e-3, "compile": False, "num_workers": 0}}}
     save_checkpoint(tmp_path / "checkpoint.pt", {"step": 5, "run_config": written})
     resumed = {"prior": {"train": {"lr": 1e-3, "compile": True, "num_workers": 4}}}
@@ -125,9 +125,6 @@ class _TermAt(torch.nn.Module):
         self.calls, self.at = 0, at
 
     def forward(self, batch):
-        import os
-        import signal
-
         self.calls += 1
         if self.calls == self.at:
             os.kill(os.getpid(), signal.SIGTERM)
@@ -135,12 +132,6 @@ class _TermAt(torch.nn.Module):
 
 
 def test_sigterm_stops_after_the_step_with_a_checkpoint_and_the_run_resumes(tmp_path):
-    import signal
-
-    import pytest
-
-    from unclip.train.trainer import TrainingStopped
-
     cfg = TrainConfig(steps=10, batch_size=4, lr=0.1, warmup_steps=1, log_every=1, ckpt_every=1000)
     handler = signal.getsignal(signal.SIGTERM)
     with pytest.raises(TrainingStopped, match="after step 5 of 10.*run the same command to resume"):

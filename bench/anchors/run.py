@@ -102,6 +102,7 @@ def main() -> None:
                         help="also unclip with its networks compiled (train.compile), as `unclip-compiled`")
     args = parser.parse_args()
     impls = args.impls.split(",") + (["unclip-compiled"] if args.compile else [])
+    stages = args.stages.split(",")
 
     pythons, failures = {}, {}
     for impl in impls:
@@ -114,7 +115,7 @@ def main() -> None:
             failures[impl] = f"install failed ({err})"
     runs: dict[tuple[str, str], list[dict]] = {}
     for repeat in range(args.repeats):
-        for stage in args.stages.split(","):
+        for stage in stages:
             for impl, python in pythons.items():
                 if impl in failures:
                     continue
@@ -128,7 +129,6 @@ def main() -> None:
                 print(f"repeat {repeat + 1}/{args.repeats} {stage:8} {impl:10} {result['train_rate']:7.1f}/s "
                       f"{result['latency']:.2f} s {result['peak_rss_mib']:.0f} MiB", file=sys.stderr, flush=True)
     rows = {key: median_row(value) for key, value in runs.items()}
-    stages = args.stages.split(",")
     steps = args.train_steps or " / ".join(f"{TRAIN_STEPS[s]} ({s})" for s in stages)
     n = min((r["n"] for r in rows.values()), default=0)
     print(f"torch {next(iter(rows.values()))['torch'] if rows else '?'}, {args.precision}, 2 threads, median of {n} "
