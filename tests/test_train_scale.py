@@ -134,6 +134,15 @@ def _ranks(out: Path) -> list[dict]:
     return [torch.load(out / f"rank{r}.pt") for r in (0, 1)]  # weights_only: plain tensors, no DTensors
 
 
+def test_a_sigterm_to_one_rank_stops_every_rank_after_the_same_step_with_a_checkpoint(ddp_run):
+    """Rank 1 alone is signalled while drawing its fourth batch (ddp_run's OUT/sigterm): both ranks
+    stop after step 4 of 20, and the checkpoint holds step 4."""
+    messages = [(ddp_run / "sigterm" / f"stopped{rank}.txt").read_text() for rank in (0, 1)]
+    for message in messages:
+        assert "stopped by SIGTERM after step 4 of 20" in message and "run the same command to resume" in message
+    assert load_checkpoint(ddp_run / "sigterm" / "checkpoint.pt")["step"] == 4
+
+
 def test_fsdp_trains_as_one_process_and_hands_back_whole_weights(fsdp_run, tmp_path):
     single, _ = run(tmp_path / "one", config(ema_decay=0.0))
     ranks = _ranks(fsdp_run / "full")

@@ -5,7 +5,8 @@ As a script: `python tests/train_scale_helpers.py JOB OUT [--threads N]`, where 
   (OUT/full) and for 3 of the same 6 (OUT/part), each rank saving its final weights, and 6 steps
   validated every 3 (OUT/val); then embed
   the webdataset shards in OUT/wds into OUT/emb with a stand-in CLIP, the shards shared by rank;
-  then one CLIP loss and gradient on each rank's half of `clip_batch()` (OUT/clip/rankR.pt);
+  then a run that rank 1 alone gets a SIGTERM in (OUT/sigterm); then one CLIP loss and gradient
+  on each rank's half of `clip_batch()` (OUT/clip/rankR.pt);
 - `killsave`: train with a checkpoint writer that stalls half-way through its second checkpoint
   and prints WRITING, for the test to SIGKILL it there;
 - `fsdp`: under torchrun with 2 processes, FSDP as configs/accelerate/fsdp.yaml asks for it (see
@@ -21,6 +22,8 @@ from __future__ import annotations
 
 import argparse
 import io
+import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -139,9 +142,32 @@ def _ddp(out: Path) -> None:
     embed_dataset(StandInClip(), out / "emb", source="webdataset", path=str(out / "wds" / "{000000..000003}.tar"),
                   progress=False)
     rank, world = rank_world()
+    _sigterm_to_one_rank(out / "sigterm", rank)
     step = clip_step(clip_batch(), rank=rank, world=world)
     (out / "clip").mkdir(exist_ok=True)
     torch.save(step, out / "clip" / f"rank{rank}.pt")
+
+
+def _sigterm_to_one_rank(run_dir: Path, rank: int) -> None:
+    """Rank 1 alone gets a SIGTERM as it draws its fourth batch (one node of several preempted): each
+    rank writes the message it stopped with to RUN_DIR/stoppedR.txt, or that it was not stopped."""
+    from unclip.train.trainer import TrainingStopped
+
+    feed = shapes_feed(size=SIZE, batch_size=8, lang="en", seed=0)
+
+    def batches(position: int):
+        for i, batch in enumerate(feed(position)):
+            if rank == 1 and i == 3:
+                os.kill(os.getpid(), signal.SIGTERM)
+            yield batch
+
+    cfg = config(steps=20, ckpt_every=100)
+    try:
+        train(TinyStage(), batches, cfg=cfg, run_dir=run_dir, run_config={"tiny": repr(cfg)}, progress=False)
+        message = "not stopped"
+    except TrainingStopped as e:
+        message = str(e)
+    (run_dir / f"stopped{rank}.txt").write_text(message)
 
 
 def _killsave(out: Path) -> None:

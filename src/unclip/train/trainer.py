@@ -452,9 +452,10 @@ def train(stage: nn.Module, make_batches: Callable[[int], Iterator[dict]], *, cf
                 ema.update(accelerator.unwrap_model(model))
             window_steps += 1
             done = step + 1
-            # one decision for every rank, on the main process's clock and signal
-            flags = dist.from_main(int(deadline is not None and time.perf_counter() > deadline) | 2 * sigterm.received)
-            if flags & 1:
+            # one decision for every rank: out of time by the main process's clock; a SIGTERM on any rank
+            out_of_time, stopping = dist.agree(main=deadline is not None and time.perf_counter() > deadline,
+                                               anyone=sigterm.received)
+            if out_of_time:
                 plan["total"] = done  # out of time before the fitted end: stop here, schedule and all
             if done % cfg.log_every == 0 or done == plan["total"]:
                 now = time.perf_counter()
@@ -477,9 +478,9 @@ def train(stage: nn.Module, make_batches: Callable[[int], Iterator[dict]], *, cf
                 result.validation = row
             bar.update(1)
             result.step = done
-            if done % cfg.ckpt_every == 0 or done >= plan["total"] or done == stop_at or flags & 2:
+            if done % cfg.ckpt_every == 0 or done >= plan["total"] or done == stop_at or stopping:
                 checkpoint(done)
-            if flags & 2 and done < plan["total"]:
+            if stopping and done < plan["total"]:
                 bar.close()
                 raise TrainingStopped(f"{stage_name} stopped by SIGTERM after step {done} of {plan['total']}, "
                                       f"checkpoint written to {ckpt_path}; run the same command to resume")
