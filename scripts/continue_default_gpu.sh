@@ -12,7 +12,12 @@
 #
 # Environment: DECODER_MIN (6.3), UPSAMPLER_MIN (5.4; 0 keeps MODEL's upsampler and trains the decoder
 # alone), DECODER_BATCH (1024), UPSAMPLER_BATCH (512),
-# WORKERS (data-loader workers per stage, 6), PYTHON (the interpreter with unclip installed; python3).
+# WORKERS (data-loader workers per stage, 6), PYTHON (the interpreter with unclip installed; python3),
+# STOP_AFTER (seconds after which the training gets a SIGTERM and stops after its step in hand with
+# a checkpoint; the script then exits 2 without assembling, and the same command resumes the
+# schedule, each call fitting its end into that call's DECODER_MIN/UPSAMPLER_MIN: one schedule
+# across calls of limited length). On a machine without unclip's dependencies, see
+# scripts/gpu_wheels.sh.
 set -uo pipefail
 
 run=${1:?usage: scripts/continue_default_gpu.sh RUN_DIR [MODEL]}
@@ -30,10 +35,26 @@ if [ "$upsampler_min" != 0 ]; then
         --set upsamplers.0.train.num_workers="$workers" >"$run/upsampler1.log" 2>&1 &
     pids+=($!) stages+=(upsampler1) upsampler=$run/upsampler1/half
 fi
-failed=0
-for job in "${pids[@]}"; do wait "$job" || failed=1; done
+alive() { local job; for job in "${pids[@]}"; do kill -0 "$job" 2>/dev/null && return 0; done; return 1; }
+if [ -n "${STOP_AFTER:-}" ]; then  # poll, so that no sleeping helper outlives the script
+    while alive; do
+        if [ -z "${signalled:-}" ] && [ $(( $(date +%s) - started )) -ge "$STOP_AFTER" ]; then
+            say "STOP_AFTER=$STOP_AFTER: SIGTERM to the training, which checkpoints after its step in hand"
+            kill -TERM "${pids[@]}" 2>/dev/null; signalled=1
+        fi
+        sleep 2
+    done
+fi
+failed=0 stopped=0
+for job in "${pids[@]}"; do
+    wait "$job"
+    case $? in 0) ;; 2) stopped=1 ;; *) failed=1 ;; esac  # 2: stopped by the SIGTERM, with a checkpoint
+done
 if [ "$failed" != 0 ]; then
     say "a stage failed (logs in $run); the same command resumes it from its checkpoint"; exit 1
+elif [ "$stopped" != 0 ]; then
+    say "stopped with checkpoints (logs in $run): the same command resumes, with the minutes left as DECODER_MIN/UPSAMPLER_MIN"
+    exit 2
 fi
 say "trained"
 # The decoder directory re-saves the CLIP it loaded in float32; halved, its files are byte-identical

@@ -2,6 +2,21 @@
 # the run folder, a timestamped `say`, and the decoder continuation both scripts use.
 # Environment: PYTHON (the interpreter with unclip installed; python3), DECODER_BATCH (1024).
 python=${PYTHON:-python3}
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+# A lent GPU machine has no diffusers or webdataset and no registry: scripts/gpu_wheels.sh fetched
+# them into .whl here, carried with the working tree. Install them, and use src/ as it is.
+if ! "$python" -c "import unclip, diffusers, webdataset" 2>/dev/null; then
+    if [ -d "$root/.whl" ]; then
+        "$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+            --target /tmp/unclip-site "$root"/.whl/*.whl || exit 1
+        export PYTHONPATH=/tmp/unclip-site:$root/src${PYTHONPATH:+:$PYTHONPATH}
+    else
+        export PYTHONPATH=$root/src${PYTHONPATH:+:$PYTHONPATH}
+    fi
+    "$python" -c "import unclip, diffusers, webdataset" || {
+        echo "unclip's dependencies do not import with $python: run scripts/gpu_wheels.sh where pip works" \
+             "and carry .whl, or install unclip"; exit 1; }
+fi
 unclip=("$python" -m unclip)
 export TQDM_MININTERVAL=${TQDM_MININTERVAL:-15}
 mkdir -p "$run"
