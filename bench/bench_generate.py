@@ -5,7 +5,8 @@
 For each precision: load the model, warm up with one short generation, then time
 `generate(PROMPTS, n=4)` (8 images of 128², the model's default sampling settings: prior,
 decoder and upsampler steps and candidates as its config says) and report seconds per image and
-the process's peak RSS. Optional `--steps`/`--sampler`/`--candidates` override the decoder's and
+the process's peak RSS. Optional `--steps`/`--sampler`/`--candidates`/`--upsampled-candidates`
+override the decoder's and
 `--upsampler-steps`/`--upsampler-sampler`/`--upsampler-start` the upsampler's, to see what fewer
 steps buy. The target is ≤ 1 s per image on the 2-core CPU (issue 11).
 """
@@ -31,6 +32,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, help="decoder steps (default: the model's)")
     parser.add_argument("--sampler", choices=["ddpm", "ddim", "dpmsolver++"], help="decoder sampler")
     parser.add_argument("--candidates", type=int, help="decoder candidates per image (default: the model's)")
+    parser.add_argument("--upsampled-candidates", type=int, help="candidates upsampled and compared again at the "
+                        "final size (default: the model's)")
     parser.add_argument("--upsampler-steps", type=int, help="upsampler steps (default: the model's)")
     parser.add_argument("--upsampler-sampler", choices=["ddpm", "ddim", "dpmsolver++"], help="upsampler sampler")
     parser.add_argument("--upsampler-start", type=float, help="upsampler starting noise level (default: the model's)")
@@ -39,8 +42,8 @@ def main() -> None:
 
     import unclip
 
-    options = {k: v for k, v in (("steps", args.steps), ("sampler", args.sampler), ("candidates", args.candidates))
-               if v is not None}
+    options = {k: v for k, v in (("steps", args.steps), ("sampler", args.sampler), ("candidates", args.candidates),
+                                 ("upsampled_candidates", args.upsampled_candidates)) if v is not None}
     print(f"text → image, {len(PROMPTS)} prompts × {args.n}, {args.threads} threads, torch {torch.__version__}; "
           f"decoder {args.sampler or 'default'} {args.steps or ''}, upsampler {args.upsampler_sampler or 'default'} "
           f"{args.upsampler_steps or ''} {f'from {args.upsampler_start}' if args.upsampler_start else ''}")

@@ -17,6 +17,8 @@ from unclip.cli import main
     (["train", "prior", "--clip", "c", "--fit-samples", "0"], "--fit-samples: 0 is too small"),
     (["train", "decoder", "--clip", "c", "--eval-samples", "0"], "--eval-samples: 0 is too small"),
     (["eval", "m", "--guidance-scale", "-1"], "guidance scale -1.0"),
+    (["generate", "a red circle", "--upsampled-candidates", "0"], "--upsampled-candidates: 0 is too small"),
+    (["eval", "m", "--upsampled-candidates", "0"], "--upsampled-candidates: 0 is too small"),
 ])
 def test_bad_numbers_are_refused_with_what_to_give(argv, message, capsys):
     with pytest.raises(SystemExit) as stop:

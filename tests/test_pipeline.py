@@ -442,6 +442,45 @@ def test_candidates_keep_the_image_clip_puts_closest_to_the_caption(pipe):
         pipe.generate("a red circle", candidates=0)
 
 
+def test_upsampled_candidates_are_compared_again_at_the_final_size(pipe):
+    from unclip.pipeline.pipeline import candidate_seeds
+
+    prompts, side, k = ["a red circle", "a blue square"], pipe.config.decoder.resolution, 3
+    rows = [p for p in prompts for _ in range(2) for _ in range(k)]  # each image's k candidates, in order
+    seeds = candidate_seeds(3, 4, k)
+    pixels = lambda images: np.stack([np.asarray(i).astype(int) for i in images])  # noqa: E731
+    small, final = pixels(pipe.generate(rows, seed=seeds, steps=2, size=side)), pipe.generate(rows, seed=seeds, steps=2)
+    embeds = torch.nn.functional.normalize(pipe.encode_text(rows).embeds.float(), dim=-1)
+    cos_small = torch.nn.functional.cosine_similarity(pipe.encode_image(torch.tensor(
+        small).permute(0, 3, 1, 2).float() / 127.5 - 1), embeds).view(4, k)
+    cos_final = torch.nn.functional.cosine_similarity(pipe.encode_image(final), embeds).view(4, k)
+    final = pixels(final)
+
+    def which(kept) -> list[int]:  # the candidate each kept image is (nearest in pixels, and near)
+        picks = []
+        for i, image in enumerate(pixels(kept)):
+            distance = np.abs(final[i * k:(i + 1) * k] - image).reshape(k, -1).max(axis=1)
+            picks.append(int(distance.argmin()))
+            assert distance.min() <= 2
+        return picks
+
+    assert cos_small.argmax(dim=1).tolist() != cos_final.argmax(dim=1).tolist()  # so the picks below differ
+    one = pipe.generate(prompts, n=2, seed=3, steps=2, candidates=k)
+    assert np.array_equal(pixels(one), pixels(pipe.generate(prompts, n=2, seed=3, steps=2, candidates=k,
+                                                              upsampled_candidates=1)))
+    assert which(one) == cos_small.argmax(dim=1).tolist()  # 1: the closest at the decoder's size
+    every = pipe.generate(prompts, n=2, seed=3, steps=2, candidates=k, upsampled_candidates=k)
+    assert which(every) == cos_final.argmax(dim=1).tolist()  # all k: the closest at the final size
+    two = pipe.generate(prompts, n=2, seed=3, steps=2, candidates=k, upsampled_candidates=2)
+    shortlist = cos_small.topk(2, dim=1).indices  # [4, 2]
+    assert which(two) == [int(s[cos_final[i, s].argmax()]) for i, s in enumerate(shortlist)]
+    # at the decoder's own size there is nothing to compare again
+    at_side = pipe.generate(prompts, n=2, seed=3, steps=2, candidates=k, upsampled_candidates=k, size=side)
+    assert np.array_equal(pixels(at_side), pixels(pipe.generate(prompts, n=2, seed=3, steps=2, candidates=k, size=side)))
+    with pytest.raises(ConfigError, match="upsampled_candidates=0"):
+        pipe.generate("a red circle", upsampled_candidates=0)
+
+
 def test_upsampler_sampling_can_be_set_for_every_later_call(model_dir):
     import unclip
 

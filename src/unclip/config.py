@@ -190,6 +190,9 @@ class DecoderConfig:
     # Images drawn per requested image (prior and decoder); the one whose CLIP image embedding is
     # closest to the caption's z_t is kept and upsampled (`UnclipPipeline.generate`, docs/pipeline.md).
     candidates: int = 1
+    # Of those, how many (the closest at the decoder's size) are upsampled and compared again at the
+    # final size, where CLIP reads them better; 1 upsamples only the kept one.
+    upsampled_candidates: int = 1
     train: TrainConfig = field(
         default_factory=lambda: TrainConfig(steps=20_000, batch_size=64, lr=2e-4, ema_decay=0.999)
     )

@@ -52,6 +52,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="prior classifier-free guidance (default: the model's)")
     g.add_argument("--candidates", type=positive_int, help="images drawn per judged image, the one closest to the caption "
                    "in CLIP kept (default: the model's)")
+    g.add_argument("--upsampled-candidates", type=positive_int, help="how many candidates are upsampled and "
+                   "compared again at the final size (default: the model's)")
     g.add_argument("--size", type=int, help="judge images at this side of the cascade, e.g. the decoder's 32 "
                    "for fast sweeps (default: the largest)")
     g.add_argument("--device", help="torch device, e.g. cuda (default: cpu)")
@@ -134,12 +136,14 @@ def _model(args: argparse.Namespace) -> int:
                     "them (e.g. `unclip data export` shards)", model, pipe.config.data.source)
     options = {k: v for k, v in (("prior", args.prior), ("steps", args.steps), ("guidance_scale", args.guidance_scale),
                                  ("sampler", args.sampler), ("prior_guidance_scale", args.prior_guidance_scale),
-                                 ("size", args.size), ("candidates", args.candidates)) if v is not None}
+                                 ("size", args.size), ("candidates", args.candidates),
+                                 ("upsampled_candidates", args.upsampled_candidates)) if v is not None}
     evaluation = evaluate(pipe, judge, prompts, args.images_per_prompt, args.seed or 0, judge_accuracy=accuracy,
                           batch_prompts=args.batch_prompts, progress=not args.quiet, generate_options=options)
     evaluation.result["meta"] = {"model": str(model), "prompts": str(prompts_path), "tasks": args.tasks or "all",
                                  "judge": str(judge_dir), "judge_reading": READING,
-                                 "candidates": pipe.config.decoder.candidates, **options, "precision": pipe.precision,
+                                 "candidates": pipe.config.decoder.candidates,
+                                 "upsampled_candidates": pipe.config.decoder.upsampled_candidates, **options, "precision": pipe.precision,
                                  **{f"upsampler{i}": {"sampler": u.config.sampler, "steps": u.config.sample_steps,
                                                    "start": u.config.sample_start}
                                     for i, u in enumerate(pipe.upsamplers, start=1)}}

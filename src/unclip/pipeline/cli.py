@@ -182,7 +182,8 @@ def _generate(args: argparse.Namespace) -> int:
     rows = [p for p in args.prompts for _ in range(args.n)]
     params = _params(args, "generate", {"prompts": args.prompts, "n": args.n, "prior": args.prior,
                                         "prior_guidance_scale": args.prior_guidance_scale, "sampler": args.sampler,
-                                        "size": args.size, "candidates": args.candidates})
+                                        "size": args.size, "candidates": args.candidates,
+                                        "upsampled_candidates": args.upsampled_candidates})
     shown = []
     for start in range(0, len(rows), BATCH):
         if len(rows) > BATCH and not args.quiet:
@@ -191,7 +192,7 @@ def _generate(args: argparse.Namespace) -> int:
         images = pipe.generate(rows[start:start + BATCH], n=1, prior=args.prior,
                                prior_guidance_scale=args.prior_guidance_scale, guidance_scale=args.guidance_scale,
                                steps=args.steps, sampler=args.sampler, seed=seed, callback=bars, size=args.size,
-                               candidates=args.candidates)
+                               candidates=args.candidates, upsampled_candidates=args.upsampled_candidates)
         write_singles(images, args.out, labels=rows[start:start + BATCH], params=params, start=start)
         shown += images[:GRID_MAX - len(shown)]
     bars.close()
@@ -280,6 +281,9 @@ def register(subparsers) -> None:
     gen.add_argument("--size", type=int, help="image side: the decoder's or an upsampler's (default: the largest)")
     gen.add_argument("--candidates", type=positive_int, help="draw this many images per image and keep the one CLIP finds "
                      "closest to the caption (default: the model's; each candidate costs a prior and a decoder run)")
+    gen.add_argument("--upsampled-candidates", type=positive_int, help="upsample this many of the candidates, the "
+                     "closest at the decoder's size, and compare them again at the final size, where CLIP reads them "
+                     "better (default: the model's; 1 upsamples only the kept one; each costs an upsampling)")
     _common(gen, "generate")
     gen.set_defaults(func=_generate)
 

@@ -378,13 +378,17 @@ class UnclipPipeline:
                  prior_guidance_scale: float | None = None, guidance_scale: float | None = None,
                  steps: int | None = None, sampler: str | None = None, seed: Seed = None,
                  callback: Callback | None = None, upsample: bool = True, size: int | None = None,
-                 candidates: int | None = None) -> list:
+                 candidates: int | None = None, upsampled_candidates: int | None = None) -> list:
         """n images per prompt (paper §2): prior → z_i → decoder (guided by z_i and the caption) → upsamplers.
 
         size: stop the cascade at this side (one of `sizes`; default: the last upsampler's).
         candidates: draw this many z_i and decoder images per requested image and keep the one
-        whose CLIP image embedding is closest to the caption's z_t, before upsampling (default:
-        the decoder config's `candidates`). It costs that many priors and decoders per image.
+        whose CLIP image embedding is closest to the caption's z_t (default: the decoder config's
+        `candidates`). It costs that many priors and decoders per image.
+        upsampled_candidates: how many of them, the closest at the decoder's size, are upsampled
+        and compared again at the final size, where CLIP reads them better (default: the decoder
+        config's; 1 picks at the decoder's size and upsamples only the kept one). Each costs an
+        upsampling.
         """
         prompts = prompt_list(prompt)
         if n < 1:
@@ -392,7 +396,11 @@ class UnclipPipeline:
         k = self.config.decoder.candidates if candidates is None else candidates
         if k < 1:
             raise ConfigError(f"candidates={k}: draw at least one candidate per image")
+        m = self.config.decoder.upsampled_candidates if upsampled_candidates is None else upsampled_candidates
+        if m < 1:
+            raise ConfigError(f"upsampled_candidates={m}: upsample at least the kept candidate")
         stages = self.stages_for(size) if upsample else 0  # an unknown size is an error before any work
+        m = min(m, k) if stages else 1  # nothing to compare again at the decoder's own size
         rows = [p for p in prompts for _ in range(n)]
         seeds = candidate_seeds(seed, len(rows), k)
         text = self.encode_text([p for p in rows for _ in range(k)])
@@ -400,20 +408,26 @@ class UnclipPipeline:
         gens = generators(seeds, len(text.embeds))  # the decoder's, then the kept candidates' upsamplers'
         images = self.decode(z_i, text, guidance_scale=guidance_scale, steps=steps, sampler=sampler,
                              seed=gens, callback=callback, upsample=False)
+        embeds = text.embeds
         if k > 1:
-            kept = self.best_candidates(images, text.embeds, k)
-            images = images[kept]
+            kept = self.best_candidates(images, embeds, k) if m == 1 else self.best_candidates(images, embeds, k, keep=m)
+            images, embeds = images[kept], embeds[kept.to(embeds.device)]
             gens = [gens[i] for i in kept.tolist()] if isinstance(gens, list) else gens
-        return to_pil(self.upsample(images, stages, generator=gens, callback=callback))
+        images = self.upsample(images, stages, generator=gens, callback=callback)
+        if m > 1:
+            images = images[self.best_candidates(images, embeds, m)]
+        return to_pil(images)
 
     @torch.no_grad()
-    def best_candidates(self, images: torch.Tensor, text_embeds: torch.Tensor, k: int) -> torch.Tensor:
-        """Row indices [B / k] of the best of each k consecutive candidate images [B, 3, r, r]: the
-        highest cosine between the image's CLIP embedding and its caption's z_t [B, D]."""
+    def best_candidates(self, images: torch.Tensor, text_embeds: torch.Tensor, k: int, *, keep: int = 1) -> torch.Tensor:
+        """Row indices [B / k · keep] of the best `keep` of each k consecutive candidate images
+        [B, 3, r, r], best first within a group: the highest cosine between the image's CLIP
+        embedding and its caption's z_t [B, D]."""
         z = self.encode_image(images.clamp(-1, 1))
         t = torch.nn.functional.normalize(text_embeds.float().to(z.device), dim=-1)
         scores = (torch.nn.functional.normalize(z.float(), dim=-1) * t).sum(-1).view(-1, k)
-        return scores.argmax(dim=1).cpu() + torch.arange(len(scores)) * k
+        best = scores.argmax(dim=1, keepdim=True) if keep == 1 else scores.topk(keep, dim=1).indices
+        return (best.cpu() + torch.arange(len(scores))[:, None] * k).flatten()
 
     def variations(self, image, n: int = 4, *, eta: float = 0.8, steps: int | None = None,
                    guidance_scale: float | None = None, seed: Seed = None, callback: Callback | None = None,
