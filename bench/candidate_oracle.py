@@ -51,7 +51,7 @@ def main() -> int:
     k, n = args.k, args.images_per_prompt
     scores32: list[torch.Tensor] = []
 
-    def keep_all(images, text_embeds, kk):  # record CLIP's scores at 32², keep every candidate
+    def keep_all(images, text_embeds, kk, keep=1):  # record CLIP's scores at 32², keep every candidate
         z = torch.nn.functional.normalize(pipe.encode_image(images.clamp(-1, 1)).float(), dim=-1)
         t = torch.nn.functional.normalize(text_embeds.float().to(z.device), dim=-1)
         scores32.append((z * t).sum(-1).cpu())

@@ -33,7 +33,7 @@ if ranker_dir != "none":
     pipe.encode_text = recording
 
     @torch.no_grad()
-    def best(images, text_embeds, kk):
+    def best(images, text_embeds, kk, keep=1):  # the model's default: one kept, picked at the decoder's size
         z = ranker.encode_image(pipe.pixels(images.clamp(-1, 1), ranker.config.image_size).cpu())
         t = ranker.encode_captions(seen["rows"])
         z, t = (torch.nn.functional.normalize(x.float(), dim=-1) for x in (z, t))

@@ -143,7 +143,8 @@ def _model(args: argparse.Namespace) -> int:
     evaluation.result["meta"] = {"model": str(model), "prompts": str(prompts_path), "tasks": args.tasks or "all",
                                  "judge": str(judge_dir), "judge_reading": READING,
                                  "candidates": pipe.config.decoder.candidates,
-                                 "upsampled_candidates": pipe.config.decoder.upsampled_candidates, **options, "precision": pipe.precision,
+                                 "upsampled_candidates": pipe.config.decoder.upsampled_candidates, **options,
+                                 "precision": pipe.precision,
                                  **{f"upsampler{i}": {"sampler": u.config.sampler, "steps": u.config.sample_steps,
                                                    "start": u.config.sample_start}
                                     for i, u in enumerate(pipe.upsamplers, start=1)}}

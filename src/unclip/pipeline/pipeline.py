@@ -410,7 +410,7 @@ class UnclipPipeline:
                              seed=gens, callback=callback, upsample=False)
         embeds = text.embeds
         if k > 1:
-            kept = self.best_candidates(images, embeds, k) if m == 1 else self.best_candidates(images, embeds, k, keep=m)
+            kept = self.best_candidates(images, embeds, k, keep=m)
             images, embeds = images[kept], embeds[kept.to(embeds.device)]
             gens = [gens[i] for i in kept.tolist()] if isinstance(gens, list) else gens
         images = self.upsample(images, stages, generator=gens, callback=callback)

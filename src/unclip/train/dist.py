@@ -104,10 +104,9 @@ def agree(*, main: bool, anyone: bool) -> tuple[bool, bool]:
     """(the main process's `main`, whether `anyone` is true on any rank), the same on every rank, in
     one all-reduce: a decision taken on the main process's clock, and one any rank can call for (a
     SIGTERM that reached only some ranks, as when one node of several is preempted)."""
-    world = rank_world()[1]
+    rank, world = rank_world()
     if world == 1:
         return main, anyone
-    rank = rank_world()[0]
     tensor = torch.tensor([int(main and rank == 0), int(anyone)], dtype=torch.int64, device=_device())
     torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)
     return bool(tensor[0].item()), bool(tensor[1].item())
