@@ -61,6 +61,23 @@ def _wait_for_cards(page, count: int) -> None:
         timeout=60_000)
 
 
+def _settled_box(page, selector: str) -> dict:
+    """The element's box once it has stopped moving: the editor scrolls into view smoothly, and a box read
+    mid-scroll puts the brush stroke somewhere else on the canvas."""
+    page.evaluate("""selector => new Promise(resolve => {
+        const element = document.querySelector(selector);
+        let last = null, still = 0;
+        const tick = () => {
+            const top = element.getBoundingClientRect().top;
+            still = top === last ? still + 1 : 0;
+            last = top;
+            if (still >= 10) resolve(); else requestAnimationFrame(tick);
+        };
+        requestAnimationFrame(tick);
+    })""", selector)
+    return page.locator(selector).bounding_box()
+
+
 def test_typing_a_prompt_shows_progress_then_images_with_their_seeds(page):
     from playwright.sync_api import expect
 
@@ -120,7 +137,7 @@ def test_variations_and_brush_inpainting_from_the_gallery(page):
     source = page.locator("#gallery .card img").first.get_attribute("src")
     page.locator("#gallery .card").first.locator(".inpaint").click()
     page.wait_for_selector("#editor:not([hidden])")
-    box = page.locator("#edit-paint").bounding_box()
+    box = _settled_box(page, "#edit-paint")
     page.mouse.move(box["x"] + 40, box["y"] + 40)
     page.mouse.down()
     page.mouse.move(box["x"] + 260, box["y"] + 200, steps=10)
