@@ -60,6 +60,26 @@ def test_init_fine_tunes_a_trained_clip_and_refuses_another_network(clip_dir, tm
     assert "CLIP network differs" in capsys.readouterr().err
 
 
+def test_text_only_fine_tune_keeps_every_image_embedding(clip_dir, tmp_path):
+    """clip.train_towers=text: the text tower learns, the image tower (so every z_i a decoder was trained
+    on) stays bit for bit what it was."""
+    import torch
+
+    from unclip.clip.stage import load_clip
+
+    base = clip_dir / "model"
+    assert main(["train", "clip", *TINY, "--set", "clip.train_towers=\"text\"", "--set", "clip.train.lr=1e-2",
+                 "--init", str(base), "--run-dir", str(tmp_path / "run"), "--out", str(tmp_path / "model"),
+                 "--no-eval"]) == 0
+    before, after = load_clip(base), load_clip(tmp_path / "model")
+    assert after.config.train_towers == "text"
+    pixels = torch.rand(3, 3, 16, 16) * 2 - 1
+    with torch.no_grad():
+        assert torch.equal(after.encode_image(pixels), before.encode_image(pixels))
+        assert not torch.allclose(after.encode_captions(["a red circle"]), before.encode_captions(["a red circle"]))
+    assert all(torch.equal(p, q) for p, q in zip(after.vision.parameters(), before.vision.parameters()))
+
+
 def test_eval_classify_and_embed(clip_dir, tmp_path, capsys):
     model = str(clip_dir / "model")
     assert main(["clip", "eval", model, "-n", "8", "--retrieval-n", "20", "--out", str(tmp_path / "e.json")]) == 0

@@ -95,6 +95,42 @@ def test_assembled_model_holds_every_stage_and_refuses_a_foreign_clip(model_dir,
         assemble(tmp_path / "none", decoder=model_dir)
 
 
+def test_a_text_tuned_clip_replaces_the_decoders_own_and_no_other(model_dir, tmp_path):
+    """assemble --clip: a CLIP whose text tower moved and image tower did not (clip.train_towers=text)
+    is carried with priors trained against it and the decoder as it was; any other CLIP is refused."""
+    import unclip
+    from unclip.clip.stage import load_clip, save_clip
+    from unclip.modeldir import load_weights, read_manifest
+    from unclip.pipeline.assemble import assemble
+
+    cfg = preset("tiny")
+    tuned = load_clip(model_dir)
+    tuned.use_config(replace(cfg.clip, train_towers="text"))
+    with torch.no_grad():
+        for p in tuned.text.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+        tuned.logit_scale.add_(0.5)
+    clip_dir = save_clip(tuned, tmp_path / "tuned", cfg=replace(cfg, clip=tuned.config))
+    stages = save_tiny_stages(tmp_path / "stages", clip_dir)  # priors trained against the tuned CLIP
+    out = assemble(tmp_path / "model", decoder=model_dir, prior=stages["prior"], ar_prior=stages["ar_prior"],
+                   upsamplers=(model_dir,), clip=clip_dir)
+    for part, source in (("text_encoder", clip_dir), ("image_encoder", model_dir), ("decoder", model_dir),
+                         ("prior", stages["prior"])):
+        ours, theirs = (load_weights(next((d / part).glob("*.safetensors"))) for d in (out, source))
+        assert all(torch.equal(ours[k], theirs[k]) for k in theirs), part
+    manifest = read_manifest(out)
+    assert manifest.config["clip"]["train_towers"] == "text"
+    assert manifest.stats["clip_logit_scale"] == pytest.approx(float(tuned.logit_scale))
+    pipe = unclip.load(out, precision="float32")
+    assert len(pipe.generate("a red circle", n=1, steps=2, seed=0)) == 1
+
+    foreign = save_tiny_clip(tmp_path, seed=1)  # another image tower: the decoder's z_i would move
+    with pytest.raises(ModelFormatError, match="image embeddings"):
+        assemble(tmp_path / "x", decoder=model_dir, prior=stages["prior"], clip=foreign)
+    with pytest.raises(ModelFormatError, match="different CLIP"):  # a prior of the decoder's own CLIP
+        assemble(tmp_path / "y", decoder=model_dir, prior=model_dir, clip=clip_dir)
+
+
 def test_clip_fingerprint_reads_weights_and_tokenizer_not_the_writers_version():
     """A CLIP re-saved under another transformers version (its config.json records the version)
     is the same CLIP to `assemble`; different weights are not."""

@@ -276,3 +276,32 @@ def test_priors_fit_their_statistics_on_the_training_data(tmp_path):
     from_embeddings = build_diffusion_prior(cfg, clip, fit_samples=20, embeddings=embeddings)
     torch.testing.assert_close(from_embeddings.transformer.clip_mean[0],
                                torch.from_numpy(embeddings["image_embeds"][:20].mean(axis=0)), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["diffusion", "ar"])
+def test_init_starts_a_prior_from_a_trained_ones_weights_and_statistics(tmp_path, capsys, kind):
+    """--init carries the network and its statistics (z_i normalisation; PCA and dot buckets), records where
+    they came from, and refuses another architecture."""
+    from unclip.cli import main
+    from unclip.modeldir import read_manifest
+    from unclip.prior.stage import load_ar_prior, load_diffusion_prior
+
+    from tiny_models import save_tiny_clip
+
+    clip_dir = save_tiny_clip(tmp_path)
+    common = ["train", "prior", "--kind", kind, "--preset", "tiny", "--clip", str(clip_dir), "--no-eval"]
+    assert main([*common, "--run-dir", str(tmp_path / "a"), "--out", str(tmp_path / "first"),
+                 "--fit-samples", "200"]) == 0
+    section = "prior" if kind == "diffusion" else "ar_prior"
+    # statistics fitted on other pairs and a learning rate that moves nothing: only --init explains equal weights
+    assert main([*common, "--run-dir", str(tmp_path / "b"), "--out", str(tmp_path / "second"), "--fit-samples", "60",
+                 "--set", f"{section}.train.lr=1e-12", "--init", str(tmp_path / "first")]) == 0
+    load = load_diffusion_prior if kind == "diffusion" else load_ar_prior
+    first, second = (load(tmp_path / name).state_dict() for name in ("first", "second"))
+    assert first.keys() == second.keys()
+    assert all(torch.allclose(first[k].float(), second[k].float(), atol=1e-6) for k in first)
+    record = read_manifest(tmp_path / "second").provenance[f"{kind}_prior"]["init"]
+    assert record["from"] == str(tmp_path / "first") and record["provenance"]["steps"] > 0
+    other = "prior.width=48" if kind == "diffusion" else "ar_prior.width=48"
+    assert main([*common, "--run-dir", str(tmp_path / "c"), "--set", other, "--init", str(tmp_path / "first")]) == 2
+    assert "architecture differs" in capsys.readouterr().err

@@ -104,6 +104,10 @@ class ClipConfig:
     # in a two-object scene, what goes with what ("binding"); left-out trailing odds are 0. These
     # defaults are also unclip.data.twins' defaults.
     twin_weights: tuple[float, ...] = (0.7, 0.1, 0.1, 0.1, 0.0)
+    # Which towers learn. "text" freezes the image tower, so every z_i stays what it was: fine-tuning a
+    # trained model's CLIP this way (`--init`) keeps its decoder's inputs, and only the priors, which map
+    # captions to z_i, need retraining (docs/clip.md, "Binding").
+    train_towers: Literal["both", "text"] = "both"
     # This network's schedule in about 10 minutes on 2 CPU cores with bf16 autocast (0.21 s a step); the
     # shapes preset trains a cheaper variant of it for 3,000 steps (docs/clip.md).
     train: TrainConfig = field(default_factory=lambda: TrainConfig(

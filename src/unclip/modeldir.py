@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -295,3 +296,35 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     if not isinstance(state, dict):
         raise ModelFormatError(f"checkpoint {path} does not hold a dict of training state")
     return state
+
+
+def init_record(directory: str | Path, section: str, cfg_section, *, record: str | None = None) -> dict:
+    """Check that the model directory a run starts from (`--init`) holds the architecture being
+    trained (its config's `section`, e.g. "decoder"; training settings may differ) and return what
+    the run records as its `init`: the directory and the provenance of the weights it starts from (the
+    manifest's `record` entry, by default `section`), so a model continued several times keeps its
+    whole training history."""
+    from dataclasses import replace
+
+    from unclip.config import UnclipConfig
+    from unclip.errors import ConfigError
+
+    directory = Path(directory)
+    manifest = read_manifest(directory)
+    verify_files(directory, manifest)
+    theirs = UnclipConfig.from_dict(manifest.config)
+    theirs = theirs.upsamplers[int(section[-1]) - 1] if section.startswith("upsampler") else getattr(theirs, section)
+    if replace(theirs, train=cfg_section.train) != cfg_section:
+        raise ConfigError(f"--init {directory}: its {section} architecture differs from the one being trained; "
+                          f"start from a model trained with the same {section} settings")
+    logging.getLogger(__name__).info("%s initialised from %s", section, directory)
+    return {"from": str(directory), "provenance": manifest.provenance.get(record or section, {})}
+
+
+def init_from(module_parts: dict[str, torch.nn.Module], directory: str | Path, section: str, cfg_section) -> dict:
+    """Load the weights of a trained model directory into freshly built networks (`--init`), after
+    `init_record`'s check; returns its record."""
+    record = init_record(directory, section, cfg_section)
+    for path, module in module_parts.items():
+        load_into(module, Path(directory) / path)
+    return record

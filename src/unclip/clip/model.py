@@ -104,13 +104,19 @@ class ClipModel(nn.Module):
         super().__init__()
         from transformers import CLIPTextModelWithProjection, CLIPVisionModelWithProjection
 
-        self.config = config
         self.tokenizer = tokenizer
         self.text = CLIPTextModelWithProjection(text_config(config, tokenizer))
         self.vision = CLIPVisionModelWithProjection(vision_config(config))
         # shape [1], not a 0-d scalar: FSDP2 shards no 0-d parameter; 0-d ones in older checkpoints load
         self.logit_scale = nn.Parameter(torch.tensor([math.log(1.0 / config.init_temperature)]))
         self._register_load_state_dict_pre_hook(_logit_scale_as_vector)
+        self.use_config(config)
+
+    def use_config(self, config: ClipConfig) -> None:
+        """Train as `config` says (a fine-tune's settings on a loaded CLIP of the same network): with
+        train_towers="text" the image tower is frozen."""
+        self.config = config
+        self.vision.requires_grad_(config.train_towers == "both")
 
     @classmethod
     def from_config(cls, config: ClipConfig, *, tokenizer: Tokenizer) -> ClipModel:
@@ -157,7 +163,8 @@ class ClipModel(nn.Module):
         """
         captions = list(batch["caption"])
         z_t = gather_batch(self.encode_captions(captions))  # [B, D]
-        z_i = gather_batch(self.encode_image(batch["image"]))  # [B, D]
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.config.train_towers == "both"):
+            z_i = gather_batch(self.encode_image(batch["image"]))  # [B, D]
         groups = caption_ids(captions, device=z_i.device)
         if rank_world()[1] > 1:
             parts = [torch.empty_like(groups) for _ in range(rank_world()[1])]

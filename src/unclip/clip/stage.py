@@ -81,7 +81,7 @@ def provenance(*, seconds: float, steps: int, **extra: Any) -> dict[str, Any]:
 
 
 # What a CLIP run may change when it starts from trained weights (`--init`): how it trains, not the network.
-TRAINING_FIELDS = ("train", "hard_negatives", "twin_group", "twin_weights", "init_temperature")
+TRAINING_FIELDS = ("train", "hard_negatives", "twin_group", "twin_weights", "init_temperature", "train_towers")
 
 
 def train_clip(cfg: UnclipConfig, *, run_dir: str | Path, out: str | Path, resume: bool = True,
@@ -156,7 +156,9 @@ def _init_clip(directory: str | Path, cfg: UnclipConfig) -> tuple[ClipModel, dic
         raise ConfigError(f"--init {directory}: its tokenizer settings differ from the config's")
     log.info("CLIP initialised from %s", directory)
     record = manifest.provenance.get("clip", manifest.provenance)
-    return load_clip(directory), {"init": {"from": str(directory), "provenance": record}}
+    model = load_clip(directory)
+    model.use_config(cfg.clip)
+    return model, {"init": {"from": str(directory), "provenance": record}}
 
 
 def save_clip(model: ClipModel, directory: str | Path, *, cfg: UnclipConfig, provenance: dict | None = None,

@@ -29,7 +29,7 @@ from unclip.decoder.upsampler import Upsampler
 from unclip.diffusion import diffusers_beta_args
 from unclip.errors import ConfigError, ModelFormatError
 from unclip.io import write_json_atomic
-from unclip.modeldir import Manifest, load_into, read_manifest, save_model_dir, save_weights, verify_files
+from unclip.modeldir import Manifest, init_from, load_into, read_manifest, save_model_dir, save_weights, verify_files
 
 log = logging.getLogger(__name__)
 
@@ -68,26 +68,6 @@ def with_clip_config(cfg: UnclipConfig, clip_dir: str | Path) -> UnclipConfig:
 
 def build_decoder(cfg: UnclipConfig) -> Decoder:
     return Decoder.from_config(cfg.decoder, clip_dim=cfg.clip.embed_dim, text_width=cfg.clip.text_width)
-
-
-def init_from(module_parts: dict[str, torch.nn.Module], directory: str | Path, section: str, cfg_section) -> dict:
-    """Load the weights of a trained model directory into freshly built networks (`--init`): the
-    architecture in its config must be the one being trained (training settings may differ).
-
-    Returns what the continued run records as its `init`: the directory and the provenance of the
-    weights it starts from, so a model continued several times keeps its whole training history."""
-    directory = Path(directory)
-    manifest = read_manifest(directory)
-    verify_files(directory, manifest)
-    theirs = UnclipConfig.from_dict(manifest.config)
-    theirs = theirs.upsamplers[int(section[-1]) - 1] if section.startswith("upsampler") else getattr(theirs, section)
-    if replace(theirs, train=cfg_section.train) != cfg_section:
-        raise ConfigError(f"--init {directory}: its {section} architecture differs from the one being trained; "
-                          f"start from a model trained with the same {section} settings")
-    for path, module in module_parts.items():
-        load_into(module, directory / path)
-    log.info("%s initialised from %s", section, directory)
-    return {"from": str(directory), "provenance": manifest.provenance.get(section, {})}
 
 
 def train_decoder(cfg: UnclipConfig, *, clip_dir: str | Path, run_dir: str | Path, out: str | Path,

@@ -61,12 +61,56 @@ def _source(name: str, directory: str | Path) -> tuple[str, Path, Manifest, tupl
     return name, directory, manifest, own
 
 
+def _same_image_tower(a: Path, b: Path) -> bool:
+    """Do two CLIP directories hold the same image tower, tensor for tensor? Compared at the lower of
+    the two precisions, so a float16 model and a float32 fine-tune that froze its image tower agree."""
+    import torch
+
+    from unclip.modeldir import load_weights
+
+    ours, theirs = (load_weights(d / "image_encoder" / "model.safetensors") for d in (a, b))
+    if ours.keys() != theirs.keys():
+        return False
+    for name, x in ours.items():
+        y = theirs[name]
+        low = x.dtype if torch.finfo(x.dtype).bits <= torch.finfo(y.dtype).bits else y.dtype
+        if x.shape != y.shape or not torch.equal(x.to(low), y.to(low)):
+            return False
+    return True
+
+
+def _clip_source(clip: str | Path, decoder_dir: Path, decoder_manifest: Manifest) -> tuple[Path, Manifest]:
+    """A CLIP directory that may stand in for the decoder's: same image tower and tokenizer (a
+    `clip.train_towers=text` fine-tune of it), so every z_i the decoder was trained on is unchanged."""
+    from unclip.clip.stage import TRAINING_FIELDS
+
+    clip = Path(clip)
+    manifest = read_manifest(clip)
+    verify_files(clip, manifest)
+    ours, theirs = UnclipConfig.from_dict(decoder_manifest.config), UnclipConfig.from_dict(manifest.config)
+    same_network = replace(theirs.clip, **{k: getattr(ours.clip, k) for k in TRAINING_FIELDS}) == ours.clip
+
+    def tokenizer(m: Manifest) -> dict:
+        return {k: v for k, v in clip_fingerprint(m).items() if k.startswith("tokenizer/")}
+
+    if not (same_network and theirs.tokenizer == ours.tokenizer and tokenizer(manifest) == tokenizer(decoder_manifest)
+            and _same_image_tower(clip, decoder_dir)):
+        raise ModelFormatError(f"--clip {clip}: the decoder draws from the image embeddings of the CLIP it was "
+                               f"trained against ({decoder_dir}), so another CLIP must keep that network, image "
+                               "tower and tokenizer; fine-tune it with --init and --set clip.train_towers=text")
+    return clip, manifest
+
+
 def assemble(out: str | Path, *, decoder: str | Path, prior: str | Path | None = None,
-             ar_prior: str | Path | None = None, upsamplers: tuple[str | Path, ...] = ()) -> Path:
+             ar_prior: str | Path | None = None, upsamplers: tuple[str | Path, ...] = (),
+             clip: str | Path | None = None) -> Path:
     """Write the model directory `out` from stage directories; returns `out`.
 
     decoder: a decoder directory (it also provides the CLIP); prior / ar_prior: diffusion and
-    autoregressive prior directories (at least one); upsamplers: stage 1, then stage 2.
+    autoregressive prior directories (at least one); upsamplers: stage 1, then stage 2. clip: a CLIP
+    to carry instead of the decoder's, one that kept its image tower and tokenizer (a text-tower
+    fine-tune, `clip.train_towers=text`): the priors must have been trained against it, and the
+    decoder reads its caption states from the new text tower.
     """
     if prior is None and ar_prior is None:
         raise ModelFormatError("a model needs a prior: pass a diffusion prior directory, an AR prior directory, or both")
@@ -82,21 +126,34 @@ def assemble(out: str | Path, *, decoder: str | Path, prior: str | Path | None =
     if not set(CLIP_COMPONENTS) <= set(sources[0][3]):
         raise ModelFormatError(f"{decoder_dir} does not list the CLIP components it was trained against")
 
-    clip = clip_fingerprint(decoder_manifest)
-    for name, directory, manifest, _ in sources[1:]:
-        if name.startswith("upsampler"):
+    clip_dir, clip_manifest = (decoder_dir, decoder_manifest) if clip is None else _clip_source(
+        clip, decoder_dir, decoder_manifest)
+    if clip is not None:  # the decoder brings its own stage only; the CLIP (and its records) come from clip_dir
+        sources[0] = ("decoder", decoder_dir, decoder_manifest,
+                      tuple(c for c in sources[0][3] if c not in CLIP_COMPONENTS))
+        sources.insert(0, ("clip", clip_dir, clip_manifest, CLIP_COMPONENTS))
+    fingerprint = clip_fingerprint(clip_manifest)
+    for name, directory, manifest, _ in sources:
+        if name.startswith("upsampler") or name in ("clip", "decoder"):
             continue  # upsamplers see pixels only, never CLIP
-        if clip_fingerprint(manifest) != clip:
-            raise ModelFormatError(f"{directory} ({name}) was trained against a different CLIP than {decoder_dir}; "
+        if clip_fingerprint(manifest) != fingerprint:
+            raise ModelFormatError(f"{directory} ({name}) was trained against a different CLIP than {clip_dir}; "
                                    "train every stage with the same --clip directory")
 
     cfg = UnclipConfig.from_dict(decoder_manifest.config)
+    cfg = replace(cfg, clip=UnclipConfig.from_dict(clip_manifest.config).clip)
     upsampler_cfgs = []
     stats, provenance, evaluation = {}, {}, {}
     for name, _, manifest, _ in sources:
         # a stage's own records come from its own directory, whatever older copies other sources carry
-        own = OWN_RECORDS.get(name, (name,))
-        for merged, records in ((provenance, manifest.provenance), (evaluation, manifest.evaluation)):
+        own = ("decoder",) if name == "decoder" and clip is not None else OWN_RECORDS.get(name, (name,))
+        records_of = manifest.provenance, manifest.evaluation
+        if name == "clip":
+            from unclip.clip.stage import clip_records
+
+            clip_provenance, clip_evaluation = clip_records(manifest)
+            records_of = {"clip": clip_provenance}, clip_evaluation
+        for merged, records in zip((provenance, evaluation), records_of):
             for key, value in records.items():
                 if key in own or key not in merged:
                     merged[key] = value
@@ -108,6 +165,7 @@ def assemble(out: str | Path, *, decoder: str | Path, prior: str | Path | None =
         elif name.startswith("upsampler"):
             upsampler_cfgs.append(stage_cfg.upsamplers[int(name[-1]) - 1])
         stats.update(manifest.stats)
+    stats.update(clip_manifest.stats)  # the carried CLIP's temperature, over the decoder's copy of its own
     cfg = replace(cfg, upsamplers=tuple(upsampler_cfgs))
     check(cfg)
 

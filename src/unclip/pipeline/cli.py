@@ -253,7 +253,8 @@ def _assemble(args: argparse.Namespace) -> int:
     from unclip.modeldir import half_model_dir
     from unclip.pipeline.assemble import assemble
 
-    stages = dict(decoder=args.decoder, prior=args.prior, ar_prior=args.ar_prior, upsamplers=tuple(args.upsampler or ()))
+    stages = dict(decoder=args.decoder, prior=args.prior, ar_prior=args.ar_prior, upsamplers=tuple(args.upsampler or ()),
+                  clip=args.clip)
     if args.half:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=Path(args.out).parent, prefix=".assemble.") as tmp:
@@ -344,6 +345,9 @@ def register(subparsers) -> None:
     asm.add_argument("--prior", help="diffusion prior directory (`unclip train prior --kind diffusion`)")
     asm.add_argument("--ar-prior", help="AR prior directory (`unclip train prior --kind ar`)")
     asm.add_argument("--upsampler", action="append", help="upsampler directory; repeat for stage 1, then stage 2")
+    asm.add_argument("--clip", help="carry this CLIP instead of the decoder's: one fine-tuned from it with its image "
+                                    "tower frozen (`unclip train clip --init ... --set clip.train_towers=text`), so the "
+                                    "decoder's z_i are unchanged; the priors must be trained against it")
     asm.add_argument("--out", required=True, help="model directory to write")
     asm.add_argument("--half", action="store_true",
                      help="store the weights as float16 (half the size; loading casts them back to float32)")

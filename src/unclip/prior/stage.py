@@ -22,9 +22,9 @@ import torch
 from unclip.clip.model import ClipModel
 from unclip.clip.stage import load_clip, provenance, stage_manifest, warn_if_other_data
 from unclip.config import UnclipConfig
-from unclip.errors import ModelFormatError, UnclipError
+from unclip.errors import ConfigError, ModelFormatError, UnclipError
 from unclip.io import write_json_atomic
-from unclip.modeldir import load_into, read_manifest, save_model_dir, save_weights, verify_files
+from unclip.modeldir import init_record, load_into, read_manifest, save_model_dir, save_weights, verify_files
 from unclip.prior.ar import ARPrior
 from unclip.prior.diffusion import DiffusionPrior
 from unclip.prior.pca import PCAQuantizer
@@ -64,8 +64,13 @@ def build_diffusion_prior(cfg: UnclipConfig, clip: ClipModel, *, fit_samples: in
 
 def train_prior(cfg: UnclipConfig, *, kind: str, clip_dir: str | Path, run_dir: str | Path, out: str | Path,
                 embeddings: str | Path | None = None, resume: bool = True, progress: bool = True,
-                evaluate: bool = True, fit_samples: int = FIT_SAMPLES, time_budget: float | None = None) -> Path:
-    """Train the `kind` ("diffusion" or "ar") prior and write a model directory at `out`."""
+                evaluate: bool = True, fit_samples: int = FIT_SAMPLES, time_budget: float | None = None,
+                init: str | Path | None = None) -> Path:
+    """Train the `kind` ("diffusion" or "ar") prior and write a model directory at `out`.
+
+    init: a model directory whose `kind` prior the run starts from, normalisation statistics (diffusion)
+    or PCA and dot buckets (AR) included, e.g. to retrain the shipped priors against a CLIP whose text
+    tower was fine-tuned (a checkpoint in `run_dir` still wins)."""
     from unclip.prior.data import embedding_feed, on_the_fly_feed
     from unclip.train.data import feed_for, validation_feed
     from unclip.train.trainer import train, training_device
@@ -81,7 +86,19 @@ def train_prior(cfg: UnclipConfig, *, kind: str, clip_dir: str | Path, run_dir: 
         embeddings = training_rows(load_embeddings(embeddings), cfg.data.holdout)
     build = build_diffusion_prior if kind == "diffusion" else build_ar_prior
     tc = cfg.prior.train if kind == "diffusion" else cfg.ar_prior.train
-    prior = build(cfg, clip, fit_samples=fit_samples, embeddings=embeddings or None)
+    started_from = {}
+    if init:  # the trained prior as it is, statistics and all (the AR prior's PCA fixes its shape)
+        section = "prior" if kind == "diffusion" else "ar_prior"
+        started_from = {"init": init_record(init, section, getattr(cfg, section), record=f"{kind}_prior")}
+        theirs = UnclipConfig.from_dict(read_manifest(init).config)
+        if (theirs.clip.embed_dim, theirs.clip.text_width, theirs.tokenizer.context_length) != (
+                clip.config.embed_dim, clip.config.text_width, clip.tokenizer.context_length):
+            raise ConfigError(f"--init {init}: its prior reads another CLIP's shapes (embedding, text width, context) "
+                              f"than {clip_dir}'s; start from a prior trained against this CLIP or one it was tuned from")
+        prior = (load_diffusion_prior if kind == "diffusion" else load_ar_prior)(init)
+        prior.config = getattr(cfg, section)  # this run's training and sampling settings, same network
+    else:
+        prior = build(cfg, clip, fit_samples=fit_samples, embeddings=embeddings or None)
     if embeddings:
         feed = embedding_feed(clip, embeddings, batch_size=tc.batch_size, seed=cfg.data.seed)
     else:
@@ -113,7 +130,8 @@ def train_prior(cfg: UnclipConfig, *, kind: str, clip_dir: str | Path, run_dir: 
         log.info("%s prior: %s", kind, evaluation)
     save = save_diffusion_prior if kind == "diffusion" else save_prior
     save(clip, prior, out, cfg=cfg, clip_dir=clip_dir, evaluation=evaluation,
-         provenance=provenance(seconds=result.seconds, steps=result.step, final_metrics=result.metrics))
+         provenance=provenance(seconds=result.seconds, steps=result.step, final_metrics=result.metrics,
+                               **started_from))
     return Path(out)
 
 

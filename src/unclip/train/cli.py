@@ -63,7 +63,7 @@ def _train_prior(args: argparse.Namespace) -> int:
     cfg, run_dir, out = _prepare(args, f"{args.kind}_prior")
     train_prior(cfg, kind=args.kind, clip_dir=args.clip, run_dir=run_dir, out=out, embeddings=args.embeddings,
                 resume=not args.no_resume, evaluate=not args.no_eval, fit_samples=args.fit_samples,
-                time_budget=_budget(args))
+                time_budget=_budget(args), init=args.init)
     if _other_rank():
         return 0
     print(f"{args.kind} prior model: {out}")
@@ -178,6 +178,9 @@ def register(subparsers) -> None:
                             "ar: PCA + quantized autoregressive prior (config key ar_prior) (default: diffusion)")
     prior.add_argument("--clip", required=True, help="model directory holding the CLIP to train against")
     prior.add_argument("--embeddings", help="embedding folder from `unclip embed` (default: encode on the fly)")
+    prior.add_argument("--init", help="start from this kind of prior in a model directory (same architecture, its "
+                                      "statistics kept; fresh optimizer and schedule), e.g. to retrain the shipped "
+                                      "priors against a CLIP whose text tower was fine-tuned")
     prior.add_argument("--fit-samples", type=positive_int, default=5000,
                        help="training pairs the prior's statistics are fitted on: the diffusion prior's z_i "
                             "mean and std, the AR prior's PCA and dot buckets (default: 5000)")
