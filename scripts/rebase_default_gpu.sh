@@ -9,7 +9,8 @@
 # decoder already draws from MODEL's embedding space and only has to follow the fine-tune's move,
 # so it continues (`--init`) rather than starting over. The priors are small and train from the
 # start beside it, or from MODEL's priors when CLIP_DIR kept MODEL's image tower (a text-tower
-# fine-tune, `--set clip.train_towers=text`: every z_i is unchanged; docs/clip.md "Binding"). The result is RUN_DIR/model (float16); evaluate it with `unclip eval
+# fine-tune, `--set clip.train_towers=text`: every z_i is unchanged; docs/clip.md "Binding").
+# The result is RUN_DIR/model (float16); evaluate it with `unclip eval
 # RUN_DIR/model` and ship it with scripts/ship_default.py.
 #
 # Environment: DECODER_MIN (8), PRIOR_MIN (2.5), DECODER_BATCH (1024), WORKERS (data-loader workers
