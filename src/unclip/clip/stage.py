@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from unclip.clip.model import ClipModel
-from unclip.config import UnclipConfig
+from unclip.config import ClipConfig, UnclipConfig
 from unclip.modeldir import CLIP_COMPONENTS, Manifest, read_manifest, save_model_dir, verify_files
 from unclip.tokenizer import Tokenizer, train_shapes_tokenizer
 
@@ -84,6 +84,13 @@ def provenance(*, seconds: float, steps: int, **extra: Any) -> dict[str, Any]:
 TRAINING_FIELDS = ("train", "hard_negatives", "twin_group", "twin_weights", "init_temperature", "train_towers")
 
 
+def same_network(a: ClipConfig, b: ClipConfig) -> bool:
+    """Do two CLIP configs describe the same network (they may differ in how it trains)?"""
+    from dataclasses import replace
+
+    return replace(a, **{k: getattr(b, k) for k in TRAINING_FIELDS}) == b
+
+
 def train_clip(cfg: UnclipConfig, *, run_dir: str | Path, out: str | Path, resume: bool = True,
                progress: bool = True, evaluate: bool = True, time_budget: float | None = None,
                init: str | Path | None = None) -> Path:
@@ -142,14 +149,11 @@ def train_clip(cfg: UnclipConfig, *, run_dir: str | Path, out: str | Path, resum
 def _init_clip(directory: str | Path, cfg: UnclipConfig) -> tuple[ClipModel, dict]:
     """The CLIP of a trained model directory, if its network is the one `cfg` trains, and what the run
     records as its `init` (the directory and the provenance of the weights it starts from)."""
-    from dataclasses import replace
-
     from unclip.errors import ConfigError
 
     directory = Path(directory)
     manifest = read_manifest(directory)
-    theirs = UnclipConfig.from_dict(manifest.config).clip
-    if replace(theirs, **{k: getattr(cfg.clip, k) for k in TRAINING_FIELDS}) != cfg.clip:
+    if not same_network(UnclipConfig.from_dict(manifest.config).clip, cfg.clip):
         raise ConfigError(f"--init {directory}: its CLIP network differs from the one being trained; use the preset "
                           "it was trained with (its unclip.json records it), changing only how it trains")
     if UnclipConfig.from_dict(manifest.config).tokenizer != cfg.tokenizer:

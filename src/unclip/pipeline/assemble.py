@@ -82,18 +82,17 @@ def _same_image_tower(a: Path, b: Path) -> bool:
 def _clip_source(clip: str | Path, decoder_dir: Path, decoder_manifest: Manifest) -> tuple[Path, Manifest]:
     """A CLIP directory that may stand in for the decoder's: same image tower and tokenizer (a
     `clip.train_towers=text` fine-tune of it), so every z_i the decoder was trained on is unchanged."""
-    from unclip.clip.stage import TRAINING_FIELDS
+    from unclip.clip.stage import same_network
 
     clip = Path(clip)
     manifest = read_manifest(clip)
     verify_files(clip, manifest)
     ours, theirs = UnclipConfig.from_dict(decoder_manifest.config), UnclipConfig.from_dict(manifest.config)
-    same_network = replace(theirs.clip, **{k: getattr(ours.clip, k) for k in TRAINING_FIELDS}) == ours.clip
 
     def tokenizer(m: Manifest) -> dict:
         return {k: v for k, v in clip_fingerprint(m).items() if k.startswith("tokenizer/")}
 
-    if not (same_network and theirs.tokenizer == ours.tokenizer and tokenizer(manifest) == tokenizer(decoder_manifest)
+    if not (same_network(theirs.clip, ours.clip) and theirs.tokenizer == ours.tokenizer and tokenizer(manifest) == tokenizer(decoder_manifest)
             and _same_image_tower(clip, decoder_dir)):
         raise ModelFormatError(f"--clip {clip}: the decoder draws from the image embeddings of the CLIP it was "
                                f"trained against ({decoder_dir}), so another CLIP must keep that network, image "
