@@ -12,9 +12,13 @@ judges *every* candidate, and reports per task, for each k ≤ K (the first k ca
 - `clip128@k`: the same with CLIP reading the upsampled 128² image instead of the 32² one;
 - `oracle@k`: the rate at which any of the first k passes (what a perfect picker would score).
 
+- with `--rerank-clip DIR` (a CLIP with the model's own image tower, e.g. a `clip.train_towers=text`
+  fine-tune): `rerank@k` / `rerank128@k`, the candidate that CLIP's text tower puts closest.
+
 The gap between clip@k and oracle@k is what a better picker could gain; between oracle@k and
 oracle@K, what more candidates could. It writes candidates.json (every candidate's scores and
-verdict) into --out. The numbers in docs/model_card.md ("Sampling sweeps") came from this script.
+verdict) and embeddings.pt (every candidate's z_i at 32² and 128², every prompt's z_t) into --out,
+so that another text tower's pick can be scored without drawing again. The numbers in docs/model_card.md ("Sampling sweeps") came from this script.
 """
 
 from __future__ import annotations
@@ -34,6 +38,8 @@ def main() -> int:
     parser.add_argument("--tasks", nargs="+", default=["two_object", "position", "color_attr"])
     parser.add_argument("--images-per-prompt", type=int, default=4)
     parser.add_argument("--prompts-per-task", type=int, default=None, help="the first N prompts of each task")
+    parser.add_argument("--rerank-clip", default=None,
+                        help="a CLIP directory with the model's image tower whose text tower also picks")
     parser.add_argument("--out", default="out/bench/candidate_oracle", help="output folder")
     args = parser.parse_args()
 
@@ -49,34 +55,53 @@ def main() -> int:
     if args.prompts_per_task:
         prompts = [p for task in args.tasks for p in [q for q in prompts if q["tag"] == task][:args.prompts_per_task]]
     k, n = args.k, args.images_per_prompt
+    reranker = None
+    if args.rerank_clip:
+        from unclip.clip.stage import load_clip
+
+        reranker = load_clip(args.rerank_clip).to(pipe.device).eval()
     scores32: list[torch.Tensor] = []
+    z32s: list[torch.Tensor] = []
 
     def keep_all(images, text_embeds, kk, keep=1):  # record CLIP's scores at 32², keep every candidate
         z = torch.nn.functional.normalize(pipe.encode_image(images.clamp(-1, 1)).float(), dim=-1)
         t = torch.nn.functional.normalize(text_embeds.float().to(z.device), dim=-1)
         scores32.append((z * t).sum(-1).cpu())
+        z32s.append(z.cpu())
         return torch.arange(len(images))
+
+    def unit(x):
+        return torch.nn.functional.normalize(x.float(), dim=-1).cpu()
 
     pipe.best_candidates = keep_all
     started = time.time()
     rows = []
+    saved = {"z32": [], "z128": [], "z_t": [], "rerank_z_t": []}
     for p_index, prompt in enumerate(prompts):
         images = pipe.generate([prompt["prompt"]], n=n, seed=p_index * n, candidates=k)  # n·k, image-major
         with torch.no_grad():
             z = torch.nn.functional.normalize(pipe.encode_image(images).float(), dim=-1)
             t = torch.nn.functional.normalize(pipe.encode_text([prompt["prompt"]]).embeds.float(), dim=-1)
             s128 = (z * t.to(z.device)).sum(-1).cpu()
+            t2 = unit(reranker.encode_captions([prompt["prompt"]])) if reranker is not None else None
         readings, _ = judge.read(images)
-        s32 = scores32.pop()
+        s32, z32 = scores32.pop(), z32s.pop()
+        for key, value in (("z32", z32), ("z128", unit(z)), ("z_t", unit(t)), ("rerank_z_t", t2)):
+            if value is not None:
+                saved[key].append(value)
         for j, reading in enumerate(readings):
             ok, kind, _ = verdict(prompt["expect"], reading)
-            rows.append({"prompt": p_index, "tag": prompt["tag"], "image": j // k, "candidate": j % k,
-                         "clip32": float(s32[j]), "clip128": float(s128[j]), "pass": bool(ok), "failure": kind})
+            row = {"prompt": p_index, "tag": prompt["tag"], "image": j // k, "candidate": j % k,
+                   "clip32": float(s32[j]), "clip128": float(s128[j]), "pass": bool(ok), "failure": kind}
+            if t2 is not None:
+                row["rerank32"], row["rerank128"] = float(z32[j] @ t2[0]), float(unit(z[j]) @ t2[0])
+            rows.append(row)
         print(f"{p_index + 1}/{len(prompts)} prompts, {time.time() - started:.0f} s", flush=True)
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     summary = summarise(rows, k, args.tasks)
+    torch.save({key: torch.cat(v) for key, v in saved.items() if v}, out / "embeddings.pt")
     (out / "candidates.json").write_text(json.dumps({"k": k, "tasks": args.tasks, "summary": summary,
                                                      "candidates": rows}, indent=1))
     for task, by_k in summary.items():
@@ -96,10 +121,13 @@ def summarise(rows: list[dict], k: int, tasks: list[str]) -> dict:
         if not images:
             continue
         rates = {"one": sum(r["pass"] for g in images for r in g) / sum(len(g) for g in images)}
+        pickers = {"clip": "clip32", "clip128": "clip128"}
+        if "rerank32" in images[0][0]:
+            pickers.update(rerank="rerank32", rerank128="rerank128")
         for j in range(1, k + 1):
             first = [g[:j] for g in images]
-            rates[f"clip@{j}"] = sum(max(g, key=lambda r: r["clip32"])["pass"] for g in first) / len(first)
-            rates[f"clip128@{j}"] = sum(max(g, key=lambda r: r["clip128"])["pass"] for g in first) / len(first)
+            for name, score in pickers.items():
+                rates[f"{name}@{j}"] = sum(max(g, key=lambda r, s=score: r[s])["pass"] for g in first) / len(first)
             rates[f"oracle@{j}"] = sum(any(r["pass"] for r in g) for g in first) / len(first)
         summary[task] = {key: round(value, 3) for key, value in rates.items()}
     if summary:

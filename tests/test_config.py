@@ -54,6 +54,9 @@ def test_unknown_key_names_the_valid_keys():
     ("decoder.resolution=64", "upsamplers.0.in_resolution"),
     ("clip.train.steps", "key=value"),
     ("clip.train.steps=-3", "negative"),
+    ("data.scenes=[0.5,0.5]", "three non-negative odds"),
+    ("data.scenes=[0,0,0]", "not all zero"),
+    ("data.scenes=[1,-1,1]", "single, pair and count"),
 ])
 def test_bad_overrides_are_errors(assignment, words):
     with pytest.raises(ConfigError, match=None) as err:

@@ -67,3 +67,24 @@ def test_finite_splits_end_and_lengths_are_checked():
         ShapesDataset("validation", size=8)
     with pytest.raises(DataError, match="at least 8"):
         ShapesStream(size=4)
+
+
+@pytest.mark.parametrize("hard_negatives", [0.0, 0.5])
+def test_training_feed_draws_scene_kinds_with_the_configured_odds(hard_negatives):
+    from collections import Counter
+
+    from unclip.config import DataConfig
+    from unclip.train.data import feed_for
+
+    def kinds(scenes, n=240):
+        feed = feed_for(DataConfig(scenes=scenes), size=8, batch_size=n, hard_negatives=hard_negatives)
+        batch = next(feed(0))
+        return [json.loads(s)["kind"] for s in batch["scene"]], batch["caption"]
+
+    default, captions = kinds(DataConfig.scenes)
+    pairs, pair_captions = kinds((0.1, 0.8, 0.1))
+    assert Counter(default)["pair"] / 240 < 0.5 < Counter(pairs)["pair"] / 240
+    assert Counter(kinds((0.0, 1.0, 0.0))[0]) == {"pair": 240}
+    # the kind takes one draw whatever the odds: a sample that is a pair either way is the same pair
+    same = [i for i in range(240) if default[i] == pairs[i] == "pair"]
+    assert same and all(captions[i] == pair_captions[i] for i in same)

@@ -63,6 +63,10 @@ class DataConfig:
     # folder or webdataset: the fraction of pairs kept out of training (chosen by a hash of each
     # pair's key, so the same pairs on any machine) and evaluated on; shapes world has its splits
     holdout: float = 0.0
+    # shapes world: relative odds of single-object, pair and count scenes in the training split (the
+    # world's own mix by default, docs/shapes_world.md). More pairs put a stage's training where the
+    # shipped model fails most; val, test and unseen keep the world's mix.
+    scenes: tuple[float, ...] = (0.4, 0.35, 0.25)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -303,6 +307,9 @@ def check(cfg: UnclipConfig) -> None:
     """
     if not 0.0 <= cfg.data.holdout < 1.0:
         raise ConfigError(f"data.holdout={cfg.data.holdout} must be a fraction in [0, 1), e.g. 0.05")
+    if len(cfg.data.scenes) != 3 or min(cfg.data.scenes) < 0 or sum(cfg.data.scenes) <= 0:
+        raise ConfigError(f"data.scenes={list(cfg.data.scenes)} must be three non-negative odds, not all zero, "
+                          "for single, pair and count scenes, e.g. [0.4, 0.35, 0.25]")
     if cfg.data.holdout and cfg.data.source == "shapes":
         raise ConfigError("data.holdout is for folder and webdataset data; shapes world has its own val and "
                           "test splits")

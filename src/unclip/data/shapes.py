@@ -16,7 +16,7 @@ from PIL import Image
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 from unclip.data.render import render
-from unclip.data.world import SPLIT_LENGTHS, SPLITS, sample
+from unclip.data.world import KIND_WEIGHTS, SPLIT_LENGTHS, SPLITS, sample
 from unclip.errors import DataError
 
 DEFAULT_TRAIN_LENGTH = 100_000  # samples 0..99,999: a map-style view of the endless train split
@@ -34,8 +34,8 @@ def to_pil(tensor: torch.Tensor) -> Image.Image:
     return Image.fromarray(array.permute(1, 2, 0).numpy(), "RGB")
 
 
-def _item(split: str, index: int, *, size: int, lang: str, seed: int) -> dict:
-    s = sample(split, index, seed=seed, lang=lang)
+def _item(split: str, index: int, *, size: int, lang: str, seed: int, scenes: tuple[float, ...] = KIND_WEIGHTS) -> dict:
+    s = sample(split, index, seed=seed, lang=lang, scenes=scenes)
     return {"image": to_tensor(render(s.scene, size)), "caption": s.caption, "lang": s.lang,
             "scene": json.dumps(s.scene.to_dict(), ensure_ascii=False, separators=(",", ":")), "key": s.key}
 
@@ -53,11 +53,14 @@ class ShapesDataset(Dataset):
     """Map-style: item i of `split` is sample i (see the module docstring for the item's fields).
 
     `length` defaults to the split's fixed length (val, test, unseen: 5,000) or, for the endless
-    train split, to DEFAULT_TRAIN_LENGTH; a finite split cannot be made longer than it is.
+    train split, to DEFAULT_TRAIN_LENGTH; a finite split cannot be made longer than it is. `scenes`:
+    the odds of single, pair and count scenes (`world.KIND_WEIGHTS`, the world's own mix, by default).
     """
 
-    def __init__(self, split: str, *, size: int, lang: str = "mix", seed: int = 0, length: int | None = None):
+    def __init__(self, split: str, *, size: int, lang: str = "mix", seed: int = 0, length: int | None = None,
+                 scenes: tuple[float, ...] = KIND_WEIGHTS):
         _check(split, size, lang)
+        self.scenes = tuple(scenes)
         limit = SPLIT_LENGTHS.get(split)
         if length is None:
             length = limit or DEFAULT_TRAIN_LENGTH
@@ -72,7 +75,7 @@ class ShapesDataset(Dataset):
     def __getitem__(self, index: int) -> dict:
         if not 0 <= index < self.length:
             raise IndexError(index)
-        return _item(self.split, index, size=self.size, lang=self.lang, seed=self.seed)
+        return _item(self.split, index, size=self.size, lang=self.lang, seed=self.seed, scenes=self.scenes)
 
 
 class ShapesStream(IterableDataset):

@@ -34,8 +34,8 @@ from torch.utils.data import Dataset
 
 from unclip.config import ClipConfig
 from unclip.data.world import (
-    COLORS, HELD_OUT, INVERSE, POSITIONS, SHAPES, SIZES, SPLITS, Obj, Sample, Scene, _clamp, _rng, caption,
-    cell_of, sample_scene,
+    COLORS, HELD_OUT, INVERSE, KIND_WEIGHTS, POSITIONS, SHAPES, SIZES, SPLITS, Obj, Sample, Scene, _clamp, _rng,
+    caption, cell_of, sample_scene,
 )
 
 # What a twin changes, and how often by default (`clip.twin_weights` sets it): the shape most of the
@@ -148,7 +148,8 @@ def _bindings(scene: Scene, rng: np.random.Generator, n: int) -> list[Scene]:
 
 
 def twin_group(index: int, *, seed: int = 0, lang: str = "mix", group: int = 2,
-               weights: tuple[float, ...] = TWIN_WEIGHTS) -> tuple[list[Sample], str]:
+               weights: tuple[float, ...] = TWIN_WEIGHTS,
+               scenes: tuple[float, ...] = KIND_WEIGHTS) -> tuple[list[Sample], str]:
     """([train sample `index`, then `group` − 1 variants of it], the attribute the variants change).
 
     The attribute is drawn with relative `weights` over TWIN_ATTRIBUTES (shape, colour, size, where).
@@ -160,7 +161,7 @@ def twin_group(index: int, *, seed: int = 0, lang: str = "mix", group: int = 2,
     """
     check_group(group)
     rng = _rng("train", index, seed)
-    scene = sample_scene(rng, "train")
+    scene = sample_scene(rng, "train", scenes=scenes)
     if lang == "mix":
         lang = ("en", "th")[int(rng.integers(2))]
     template_state = copy.deepcopy(rng)
@@ -215,7 +216,8 @@ class TwinsDataset(Dataset):
     """
 
     def __init__(self, *, size: int, lang: str = "mix", seed: int = 0, fraction: float = 0.5, group: int = 2,
-                 weights: tuple[float, ...] = TWIN_WEIGHTS, length: int = 2**62):
+                 weights: tuple[float, ...] = TWIN_WEIGHTS, length: int = 2**62,
+                 scenes: tuple[float, ...] = KIND_WEIGHTS):
         from unclip.data.shapes import _check
 
         _check("train", size, lang)
@@ -223,12 +225,13 @@ class TwinsDataset(Dataset):
             raise ValueError(f"twin fraction {fraction} must be in [0, 1]")
         self.size, self.lang, self.seed, self.fraction = size, lang, seed, fraction
         self.group, self.weights, self.length = check_group(group), check_weights(tuple(weights)), length
+        self.scenes = tuple(scenes)
         self._last: tuple[int, list[Sample]] | None = None  # items come in order: each group is built once
 
     def _group(self, start: int) -> list[Sample]:
         if self._last is None or self._last[0] != start:
             self._last = start, twin_group(start, seed=self.seed, lang=self.lang, group=self.group,
-                                           weights=self.weights)[0]
+                                           weights=self.weights, scenes=self.scenes)[0]
         return self._last[1]
 
     def __len__(self) -> int:
@@ -240,7 +243,7 @@ class TwinsDataset(Dataset):
             return self._group(index - j)[j]
         from unclip.data.world import sample
 
-        return sample("train", index, seed=self.seed, lang=self.lang)
+        return sample("train", index, seed=self.seed, lang=self.lang, scenes=self.scenes)
 
     def __getitem__(self, index: int) -> dict:
         from unclip.data.render import render

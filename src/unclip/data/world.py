@@ -238,9 +238,13 @@ def _clamp(v: float, r: float) -> float:
     return min(max(v, r + 0.02), 1 - r - 0.02)
 
 
-def sample_scene(rng: np.random.Generator, split: str) -> Scene:
-    """A random scene; `unseen` scenes hold a held-out pair in their first object."""
-    kind = KINDS[int(rng.choice(3, p=KIND_WEIGHTS))]
+def sample_scene(rng: np.random.Generator, split: str, *, scenes: tuple[float, ...] = KIND_WEIGHTS) -> Scene:
+    """A random scene; `unseen` scenes hold a held-out pair in their first object.
+
+    scenes: relative odds of KINDS. Changing them changes which kind a sample is and nothing else
+    drawn before it: the kind takes one uniform draw whatever the odds."""
+    odds = np.asarray(scenes, dtype=float)
+    kind = KINDS[int(rng.choice(3, p=odds / odds.sum()))]
     first = _pick(rng, HELD_OUT_PAIRS if split == "unseen" else SEEN_PAIRS)
     if kind == "single":
         size = _pick(rng, tuple(SIZES))
@@ -368,10 +372,12 @@ def canonical_caption(scene: Scene, *, lang: str) -> str:
     return caption(scene, lang=lang)
 
 
-def sample(split: str, index: int, *, seed: int = 0, lang: str = "mix") -> Sample:
-    """Sample `index` of `split`: its scene and a caption in `lang` ("en", "th" or "mix": 50/50)."""
+def sample(split: str, index: int, *, seed: int = 0, lang: str = "mix",
+           scenes: tuple[float, ...] = KIND_WEIGHTS) -> Sample:
+    """Sample `index` of `split`: its scene (of KINDS with odds `scenes`) and a caption in `lang`
+    ("en", "th" or "mix": 50/50)."""
     rng = _rng(split, index, seed)
-    scene = sample_scene(rng, split)
+    scene = sample_scene(rng, split, scenes=scenes)
     if lang == "mix":
         lang = ("en", "th")[int(rng.integers(2))]
     text = caption(scene, lang=lang, rng=rng)

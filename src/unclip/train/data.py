@@ -89,8 +89,10 @@ def index_feed(dataset, indices: Callable[[int], Iterator[int]], *, batch_size: 
 
 def shapes_feed(*, size: int, batch_size: int, lang: str, seed: int, num_workers: int = 0,
                 hard_negatives: float = 0.0, twin_group: int = 2,
-                twin_weights: tuple[float, ...] = ClipConfig.twin_weights) -> Callable[[int], Iterator[dict]]:
-    """Shapes world's endless train split: global sample i is scene i.
+                twin_weights: tuple[float, ...] = ClipConfig.twin_weights,
+                scenes: tuple[float, ...] = DataConfig.scenes) -> Callable[[int], Iterator[dict]]:
+    """Shapes world's endless train split: global sample i is scene i, of a kind drawn with the
+    odds `scenes` (single, pair, count).
 
     hard_negatives > 0: that fraction of the consecutive groups of `twin_group` samples are twin groups,
     scenes one attribute apart, drawn with `twin_weights` (`unclip.data.twins`); a batch whose size is
@@ -103,9 +105,9 @@ def shapes_feed(*, size: int, batch_size: int, lang: str, seed: int, num_workers
 
     if hard_negatives > 0:
         dataset = TwinsDataset(size=size, lang=lang, seed=seed, fraction=hard_negatives, group=twin_group,
-                               weights=twin_weights)
+                               weights=twin_weights, scenes=scenes)
     else:
-        dataset = ShapesDataset("train", size=size, lang=lang, seed=seed, length=2**62)  # endless in practice
+        dataset = ShapesDataset("train", size=size, lang=lang, seed=seed, length=2**62, scenes=scenes)  # endless
     return index_feed(dataset, count, batch_size=batch_size, num_workers=num_workers, seed=seed)
 
 
@@ -381,7 +383,8 @@ def feed_for(data: DataConfig, *, size: int, batch_size: int, num_workers: int =
     """
     if data.source == "shapes":
         return shapes_feed(size=size, batch_size=batch_size, lang=data.lang, seed=data.seed, num_workers=num_workers,
-                           hard_negatives=hard_negatives, twin_group=twin_group, twin_weights=twin_weights)
+                           hard_negatives=hard_negatives, twin_group=twin_group, twin_weights=twin_weights,
+                           scenes=data.scenes)
     if hard_negatives > 0:
         log.warning("hard-negative twins are built from shapes-world scenes; data.source=%s has none, so "
                     "training pairs come without them", data.source)
