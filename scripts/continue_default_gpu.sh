@@ -11,7 +11,7 @@
 # `unclip eval RUN_DIR/model --per-group 2` and ship it with scripts/ship_default.py.
 #
 # Environment: DECODER_MIN (6.3), UPSAMPLER_MIN (5.4; 0 keeps MODEL's upsampler and trains the decoder
-# alone), DECODER_BATCH (1024), UPSAMPLER_BATCH (512),
+# alone), DECODER_BATCH (1024), UPSAMPLER_BATCH (512), SCENES (the decoder's data.scenes, e.g. [0.1,0.8,0.1]),
 # WORKERS (data-loader workers per stage, 6), PYTHON (the interpreter with unclip installed; python3),
 # STOP_AFTER (seconds after which the training gets a SIGTERM and stops after its step in hand with
 # a checkpoint; the script then exits 2 without assembling, and the same command resumes the

@@ -24,10 +24,13 @@ started=$(date +%s)
 say() { echo "[$(( $(date +%s) - started )) s] $*"; }
 
 # continue_decoder CLIP MODEL MINUTES WORKERS: MODEL's decoder (--init) trained on CLIP into $run/decoder, in
-# the background (its pid in $!), at batch DECODER_BATCH, lr 2e-4 after 100 warmup steps (docs/model_card.md).
+# the background (its pid in $!), at batch DECODER_BATCH, lr 2e-4 after 100 warmup steps (docs/model_card.md);
+# SCENES (e.g. [0.1,0.8,0.1]) sets data.scenes, the odds of single, pair and count scenes it trains on.
 continue_decoder() {
+    local scenes=()
+    [ -n "${SCENES:-}" ] && scenes=(--set "data.scenes=$SCENES")
     "${unclip[@]}" train decoder --preset shapes-gpu --clip "$1" --init "$2" --run-dir "$run/decoder" --no-eval \
         --minutes "$3" --set decoder.train.batch_size="${DECODER_BATCH:-1024}" \
         --set decoder.train.lr=2e-4 --set decoder.train.warmup_steps=100 --set decoder.train.num_workers="$4" \
-        >"$run/decoder.log" 2>&1 &
+        ${scenes[@]+"${scenes[@]}"} >"$run/decoder.log" 2>&1 &
 }
