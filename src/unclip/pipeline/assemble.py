@@ -92,8 +92,8 @@ def _clip_source(clip: str | Path, decoder_dir: Path, decoder_manifest: Manifest
     def tokenizer(m: Manifest) -> dict:
         return {k: v for k, v in clip_fingerprint(m).items() if k.startswith("tokenizer/")}
 
-    if not (same_network(theirs.clip, ours.clip) and theirs.tokenizer == ours.tokenizer and tokenizer(manifest) == tokenizer(decoder_manifest)
-            and _same_image_tower(clip, decoder_dir)):
+    same_tokenizer = theirs.tokenizer == ours.tokenizer and tokenizer(manifest) == tokenizer(decoder_manifest)
+    if not (same_network(theirs.clip, ours.clip) and same_tokenizer and _same_image_tower(clip, decoder_dir)):
         raise ModelFormatError(f"--clip {clip}: the decoder draws from the image embeddings of the CLIP it was "
                                f"trained against ({decoder_dir}), so another CLIP must keep that network, image "
                                "tower and tokenizer; fine-tune it with --init and --set clip.train_towers=text")
