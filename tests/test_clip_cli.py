@@ -41,6 +41,16 @@ def test_rerun_resumes_and_more_steps_continue(clip_dir, capsys):
     assert len(rows) == 6  # nothing left to train; the log was not duplicated
 
 
+def test_an_out_that_is_not_a_model_is_refused_before_training(tmp_path, capsys):
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("keep me")
+    assert main(["train", "clip", *TINY, "--run-dir", str(tmp_path / "run"), "--out", str(tmp_path / "notes"),
+                 "--no-eval"]) == 2
+    assert "is a directory without unclip.json" in capsys.readouterr().err
+    assert (tmp_path / "notes" / "todo.txt").read_text() == "keep me"
+    assert not (tmp_path / "run").exists()  # refused before any training
+
+
 def test_init_fine_tunes_a_trained_clip_and_refuses_another_network(clip_dir, tmp_path, capsys):
     """--init starts from a model directory's CLIP and tokenizer (here with twins); another network is refused."""
     from unclip.clip.stage import load_clip

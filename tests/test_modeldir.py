@@ -102,6 +102,32 @@ def test_crash_while_saving_a_model_keeps_the_previous_one(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["model"]  # no temporary left behind
 
 
+@pytest.mark.parametrize("kind", ["folder", "file"])
+def test_saving_over_something_that_is_not_a_model_is_refused_and_loses_nothing(tmp_path, kind):
+    target = tmp_path / "thesis"
+    if kind == "folder":
+        target.mkdir()
+        (target / "chapter1.txt").write_text("years of work")
+    else:
+        target.write_text("years of work")
+    wrote = []
+    with pytest.raises(ModelFormatError, match="is not a model written before.*Choose another output path"):
+        save_model_dir(target, Manifest(config={}), wrote.append)
+    assert wrote == []  # refused before any component was written
+    kept = target / "chapter1.txt" if kind == "folder" else target
+    assert kept.read_text() == "years of work"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["thesis"]
+
+
+def test_an_empty_folder_or_an_earlier_model_is_replaced(tmp_path):
+    (tmp_path / "empty").mkdir()
+    _write_model(tmp_path / "empty", _net())
+    _write_model(tmp_path / "model", _net(), name="first")
+    _write_model(tmp_path / "model", _net(), name="second")
+    assert read_manifest(tmp_path / "empty").config["name"] == "tiny"
+    assert read_manifest(tmp_path / "model").config["name"] == "second"
+
+
 def test_crash_during_atomic_write_leaves_previous_file(tmp_path):
     path = tmp_path / "ckpt.pt"
     save_checkpoint(path, {"step": 1})

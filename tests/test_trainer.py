@@ -106,14 +106,20 @@ def test_compile_trains_the_same_prior_under_the_same_names(tmp_path):
         torch.testing.assert_close(saved[name], value, rtol=1e-4, atol=1e-5)
 
 
-def test_a_run_resumes_with_compile_or_workers_changed_but_not_with_what_it_trains(tmp_path):
-    written = {"prior": {"train": {"lr": 1e-3, "compile": False, "num_workers": 0}}}
-    save_checkpoint(tmp_path / "checkpoint.pt", {"step": 5, "run_config": written})
-    resumed = {"prior": {"train": {"lr": 1e-3, "compile": True, "num_workers": 4}}}
-    assert _read_resume_state(tmp_path / "checkpoint.pt", resumed)["step"] == 5
-    with pytest.raises(TrainingError, match="another config"):
-        _read_resume_state(tmp_path / "checkpoint.pt", {"prior": {"train": {"lr": 2e-3, "compile": False,
-                                                                            "num_workers": 0}}})
+def test_a_run_resumes_with_execution_or_other_stages_changed_but_not_with_what_it_trains(tmp_path):
+    def run_config(lr=1e-3, compile=False, workers=0, log_every=20, decoder_lr=1e-4, lang="mix"):
+        return {"data": {"lang": lang}, "decoder": {"train": {"lr": decoder_lr}},
+                "prior": {"train": {"lr": lr, "compile": compile, "num_workers": workers, "log_every": log_every}}}
+
+    save_checkpoint(tmp_path / "checkpoint.pt", {"step": 5, "run_config": run_config()})
+    for changed in (dict(compile=True, workers=4, log_every=1), dict(decoder_lr=5e-5)):
+        assert _read_resume_state(tmp_path / "checkpoint.pt", run_config(**changed), "diffusion_prior")["step"] == 5
+    with pytest.raises(TrainingError, match=r"another config \(prior.train.lr: 0.001 → 0.002\);.*--no-resume"):
+        _read_resume_state(tmp_path / "checkpoint.pt", run_config(lr=2e-3), "diffusion_prior")
+    with pytest.raises(TrainingError, match=r"\(data.lang: 'mix' → 'th'\)"):
+        _read_resume_state(tmp_path / "checkpoint.pt", run_config(lang="th"), "diffusion_prior")
+    with pytest.raises(TrainingError, match=r"decoder.train.lr: 0.0001 → 5e-05"):  # the decoder's own run
+        _read_resume_state(tmp_path / "checkpoint.pt", run_config(decoder_lr=5e-5), "decoder")
 
 
 class _TermAt(torch.nn.Module):

@@ -91,6 +91,7 @@ def save_model_dir(directory: str | Path, manifest: Manifest, write_components: 
     `directory`. Until the final rename the previous model at `directory` is untouched.
     """
     directory = Path(directory)
+    check_replaceable(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.", suffix=".tmp"))
     try:
@@ -101,7 +102,7 @@ def save_model_dir(directory: str | Path, manifest: Manifest, write_components: 
         }
         full = Manifest(**{**_fields(manifest), "files": files})
         write_json_atomic(tmp / MANIFEST, full.to_dict())
-        _swap_in(tmp, directory)
+        swap_in(tmp, directory)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -112,8 +113,26 @@ def _fields(manifest: Manifest) -> dict[str, Any]:
     return {name: getattr(manifest, name) for name in manifest.__dataclass_fields__}
 
 
-def _swap_in(new: Path, target: Path) -> None:
-    """Replace `target` by `new` with two renames; the old one is removed only afterwards."""
+def check_replaceable(target: str | Path, marker: str = MANIFEST) -> None:
+    """Refuse to write a model over anything but a model: `target` must be missing, an empty
+    directory, or a directory holding `marker` (what an earlier save of this kind wrote)."""
+    target = Path(target)
+    if not target.exists() and not target.is_symlink():
+        return
+    if target.is_dir() and not target.is_symlink() and ((target / marker).is_file() or not any(target.iterdir())):
+        return
+    what = "a directory without " + marker if target.is_dir() and not target.is_symlink() else "not a directory"
+    raise ModelFormatError(
+        f"{target} exists and is {what}, so it is not a model written before; unclip replaces only "
+        f"its own model directories. Choose another output path, or move {target} away first")
+
+
+def swap_in(new: Path, target: Path, marker: str = MANIFEST) -> None:
+    """Replace `target` by `new` with two renames; the old one is removed only afterwards.
+
+    `target` must pass `check_replaceable` (missing, empty, or a directory holding `marker`).
+    """
+    check_replaceable(target, marker)
     old = None
     if target.exists():
         old = target.with_name(f".{target.name}.old-{os.getpid()}")

@@ -19,7 +19,7 @@ import torch
 
 from unclip.clip.model import ClipModel
 from unclip.config import ClipConfig, UnclipConfig
-from unclip.modeldir import CLIP_COMPONENTS, Manifest, read_manifest, save_model_dir, verify_files
+from unclip.modeldir import CLIP_COMPONENTS, Manifest, check_replaceable, read_manifest, save_model_dir, verify_files
 from unclip.tokenizer import Tokenizer, train_shapes_tokenizer
 
 log = logging.getLogger(__name__)
@@ -99,6 +99,7 @@ def train_clip(cfg: UnclipConfig, *, run_dir: str | Path, out: str | Path, resum
     init: a model directory whose CLIP (towers, tokenizer, temperature) the run starts from, e.g.
     to fine-tune the shipped CLIP with hard negatives; its network settings must be `cfg.clip`'s
     (a checkpoint in `run_dir` still wins, so an interrupted run resumes where it was)."""
+    check_replaceable(out)
     from unclip.train.data import feed_for, validation_feed
     from unclip.train.trainer import train
 

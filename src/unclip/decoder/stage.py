@@ -29,7 +29,7 @@ from unclip.decoder.upsampler import Upsampler
 from unclip.diffusion import diffusers_beta_args
 from unclip.errors import ConfigError, ModelFormatError
 from unclip.io import write_json_atomic
-from unclip.modeldir import Manifest, init_from, load_into, read_manifest, save_model_dir, save_weights, verify_files
+from unclip.modeldir import Manifest, check_replaceable, init_from, load_into, read_manifest, save_model_dir, save_weights, verify_files
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +77,7 @@ def train_decoder(cfg: UnclipConfig, *, clip_dir: str | Path, run_dir: str | Pat
 
     init: a model directory whose decoder weights the run starts from (a checkpoint in `run_dir`
     still wins, so an interrupted run resumes where it was)."""
+    check_replaceable(out)
     from unclip.decoder.data import decoder_feed
     from unclip.train.data import evaluation_pairs, feed_for, validation_feed
     from unclip.train.trainer import train, training_device
@@ -166,6 +167,7 @@ def train_upsampler(cfg: UnclipConfig, *, stage: int, run_dir: str | Path, out: 
     """Train ×4 upsampler `stage` (1 or 2) of `cfg.upsamplers` on `cfg.data`; write the model directory `out`.
 
     init: a model directory holding this upsampler stage to start from (see `train_decoder`)."""
+    check_replaceable(out)
     from unclip.decoder.data import upsampler_feed
     from unclip.train.data import evaluation_pairs, feed_for, validation_feed
     from unclip.train.trainer import train, training_device

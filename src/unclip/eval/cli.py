@@ -81,6 +81,9 @@ def _judge(args: argparse.Namespace) -> int:
     from unclip.eval.judge import JudgeConfig, save_judge
     from unclip.eval.judge_train import JudgeTrainConfig, judge_accuracy, minimum, train_judge
 
+    from unclip.modeldir import check_replaceable
+
+    check_replaceable(args.out or "out/judge")
     seed = {} if args.seed is None else {"seed": args.seed}
     cfg = JudgeTrainConfig(steps=args.train_steps, batch_size=args.batch_size, **seed)
     judge, provenance = train_judge(JudgeConfig(), cfg, progress=not args.quiet)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from unclip.config import UnclipConfig, check, resolutions
 from unclip.errors import ModelFormatError
-from unclip.modeldir import CLIP_COMPONENTS, Manifest, read_manifest, save_model_dir, verify_files
+from unclip.modeldir import CLIP_COMPONENTS, Manifest, check_replaceable, read_manifest, save_model_dir, verify_files
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +111,7 @@ def assemble(out: str | Path, *, decoder: str | Path, prior: str | Path | None =
     fine-tune, `clip.train_towers=text`): the priors must have been trained against it, and the
     decoder reads its caption states from the new text tower.
     """
+    check_replaceable(out)
     if prior is None and ar_prior is None:
         raise ModelFormatError("a model needs a prior: pass a diffusion prior directory, an AR prior directory, or both")
     if len(upsamplers) > 2:

@@ -35,7 +35,6 @@ import copy
 import json
 import logging
 import math
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -43,6 +42,7 @@ from pathlib import Path
 import torch
 
 from unclip.errors import ModelFormatError
+from unclip.modeldir import check_replaceable, swap_in
 
 log = logging.getLogger(__name__)
 
@@ -188,12 +188,7 @@ def _write(out: Path, write) -> Path:
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
     try:
         write(tmp)
-        old = out.with_name(f".{out.name}.old-{os.getpid()}") if out.exists() else None
-        if old is not None:
-            os.rename(out, old)
-        os.rename(tmp, out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        swap_in(tmp, out, "model_index.json")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -202,6 +197,7 @@ def _write(out: Path, write) -> Path:
 
 def export_diffusers(model: str | Path, out: str | Path) -> Path:
     """Write the unclip model directory `model` as a diffusers UnCLIPPipeline directory at `out`."""
+    check_replaceable(out, "model_index.json")
     import diffusers
 
     from unclip import __version__

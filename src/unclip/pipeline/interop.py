@@ -31,7 +31,7 @@ import torch
 from unclip.config import (ClipConfig, DecoderConfig, PriorConfig, TokenizerConfig, UnclipConfig, UpsamplerConfig,
                            check, resolutions)
 from unclip.errors import ConfigError, DataError, ModelFormatError
-from unclip.modeldir import MANIFEST, Manifest, load_into, read_manifest, save_model_dir, save_weights, verify_files
+from unclip.modeldir import MANIFEST, Manifest, check_replaceable, load_into, read_manifest, save_model_dir, save_weights, verify_files
 
 log = logging.getLogger(__name__)
 
@@ -339,6 +339,7 @@ def import_diffusers(src: str | Path, out: str | Path, *, image_encoder: str | P
     `image_encoder/` when `src` has none; pca_images: images whose z_i give the PCA basis of
     `pca_probe` (None: no basis, and the probe says how to add one).
     """
+    check_replaceable(out)
     src = Path(src)
     pipe = load_diffusers(src, image_encoder=image_encoder)
     index = _json(src / "model_index.json")

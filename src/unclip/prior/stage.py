@@ -24,7 +24,7 @@ from unclip.clip.stage import load_clip, provenance, stage_manifest, warn_if_oth
 from unclip.config import UnclipConfig
 from unclip.errors import ConfigError, ModelFormatError, UnclipError
 from unclip.io import write_json_atomic
-from unclip.modeldir import init_record, load_into, read_manifest, save_model_dir, save_weights, verify_files
+from unclip.modeldir import check_replaceable, init_record, load_into, read_manifest, save_model_dir, save_weights, verify_files
 from unclip.prior.ar import ARPrior
 from unclip.prior.diffusion import DiffusionPrior
 from unclip.prior.pca import PCAQuantizer
@@ -71,6 +71,7 @@ def train_prior(cfg: UnclipConfig, *, kind: str, clip_dir: str | Path, run_dir: 
     init: a model directory whose `kind` prior the run starts from, normalisation statistics (diffusion)
     or PCA and dot buckets (AR) included, e.g. to retrain the shipped priors against a CLIP whose text
     tower was fine-tuned (a checkpoint in `run_dir` still wins)."""
+    check_replaceable(out)
     from unclip.prior.data import embedding_feed, on_the_fly_feed
     from unclip.train.data import feed_for, validation_feed
     from unclip.train.trainer import train, training_device

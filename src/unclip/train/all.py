@@ -8,7 +8,6 @@ from its last checkpoint, so running the command again after a crash finishes th
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Sequence
@@ -16,6 +15,7 @@ from pathlib import Path
 
 from unclip.config import UnclipConfig
 from unclip.errors import ConfigError, ModelFormatError
+from unclip.modeldir import check_replaceable
 from unclip.train import dist
 
 log = logging.getLogger(__name__)
@@ -35,38 +35,14 @@ def _done(model_dir: Path) -> bool:
     return True
 
 
-SECTIONS = {"clip": ("data", "clip", "tokenizer"), "prior": ("data", "prior"), "ar_prior": ("data", "ar_prior"),
-            "decoder": ("data", "decoder")}  # what each stage's model depends on (an upsampler: its own entry)
-
-
-def _changes(old: object, new: object, prefix: str) -> list[str]:
-    """Dotted keys where two config dicts differ (a removed or added key counts)."""
-    if isinstance(old, dict) and isinstance(new, dict):
-        return [c for k in sorted(set(old) | set(new), key=str)
-                for c in _changes(old.get(k), new.get(k), f"{prefix}.{k}" if prefix else str(k))]
-    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new) and any(
-            isinstance(v, dict) for v in old):
-        return [c for i, (a, b) in enumerate(zip(old, new, strict=True)) for c in _changes(a, b, f"{prefix}.{i}")]
-    return [] if old == new else [f"{prefix}: {old!r} → {new!r}"]
-
-
 def _stale(name: str, target: Path, cfg: UnclipConfig) -> list[str]:
     """What in `cfg` differs from the config the complete stage at `target` was trained with."""
     from unclip.modeldir import read_manifest
-    from unclip.train.trainer import what_trains
+    from unclip.train.runconfig import stage_changes
 
-    def plain(config: UnclipConfig) -> dict:  # JSON's lists for tuples; fields added since, at their defaults
-        return what_trains(json.loads(json.dumps(config.to_dict())))
-
-    theirs, ours = plain(UnclipConfig.from_dict(read_manifest(target).config)), plain(cfg)
-    if name == "upsamplers":  # target is <root>/upsamplerN/model: the data and that stage's section
-        i = int(target.parent.name.removeprefix("upsampler")) - 1
-
-        def own(config: dict) -> dict | None:
-            return config["upsamplers"][i] if i < len(config["upsamplers"]) else None
-
-        return _changes(theirs["data"], ours["data"], "data") + _changes(own(theirs), own(ours), f"upsamplers.{i}")
-    return [c for section in SECTIONS[name] for c in _changes(theirs.get(section), ours.get(section), section)]
+    stage = {"prior": "diffusion_prior", "upsamplers": target.parent.name}.get(name, name)  # upsamplerN
+    # through UnclipConfig: fields added since the stage was trained read as their defaults
+    return stage_changes(stage, UnclipConfig.from_dict(read_manifest(target).config).to_dict(), cfg.to_dict())
 
 
 def train_all(cfg: UnclipConfig, *, root: str | Path, out: str | Path, stages: Sequence[str] = STAGES,
@@ -78,6 +54,7 @@ def train_all(cfg: UnclipConfig, *, root: str | Path, out: str | Path, stages: S
     training pairs embedded for the priors; fit_samples: pairs the priors' PCA and statistics
     are fitted on. Returns the seconds each stage took this time (skipped stages are absent).
     """
+    check_replaceable(out)
     from unclip.clip.stage import train_clip
     from unclip.decoder.stage import train_decoder, train_upsampler
     from unclip.pipeline.assemble import assemble

@@ -48,11 +48,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from unclip.config import TrainConfig
+from unclip.config import TrainConfig, UnclipConfig
 from unclip.errors import ConfigError, UnclipError
 from unclip.modeldir import load_checkpoint, save_checkpoint
 from unclip.train import dist
 from unclip.train.metrics import METRICS, MetricsLog, trim_metrics
+from unclip.train.runconfig import stage_changes
 
 log = logging.getLogger(__name__)
 
@@ -196,23 +197,20 @@ def _remove_stale_temps(ckpt_path: Path) -> None:
         stale.unlink(missing_ok=True)
 
 
-# Settings of how a run executes, not of what it trains: a run resumes with them changed
-EXECUTION_ONLY = ("compile", "num_workers")
+def _read_resume_state(ckpt_path: Path, run_config: dict[str, Any], stage_name: str) -> dict[str, Any]:
+    def completed(config: dict[str, Any]) -> dict[str, Any]:
+        try:  # keys added to UnclipConfig since a checkpoint was written read as their defaults
+            return UnclipConfig.from_dict(config).to_dict()
+        except (UnclipError, TypeError, ValueError):
+            return config  # not an UnclipConfig (a caller's own run config): compared as it is
 
-
-def what_trains(config: Any) -> Any:
-    """`config` (a run config dict, nested) without its EXECUTION_ONLY keys."""
-    if isinstance(config, dict):
-        return {k: what_trains(v) for k, v in config.items() if k not in EXECUTION_ONLY}
-    return config
-
-
-def _read_resume_state(ckpt_path: Path, run_config: dict[str, Any]) -> dict[str, Any]:
     state = load_checkpoint(ckpt_path)
-    if what_trains(state.get("run_config")) != what_trains(run_config):
+    if changed := stage_changes(stage_name, completed(state.get("run_config") or {}), completed(run_config)):
         raise TrainingError(
-            f"{ckpt_path} was written by a run with another config; resume it with that config, "
-            "pass --no-resume to start over, or choose another --run-dir")
+            f"{ckpt_path} was written by a run with another config ({'; '.join(changed[:4])}"
+            f"{f'; {len(changed) - 4} more' if len(changed) > 4 else ''}); resume it with that config, "
+            "pass --no-resume to start over, or choose another --run-dir (to train a finished model "
+            "further, start a new run from it with --init)")
     return state
 
 
@@ -378,7 +376,7 @@ def train(stage: nn.Module, make_batches: Callable[[int], Iterator[dict]], *, cf
 
     start, state, earlier_seconds = 0, None, 0.0
     if resume and ckpt_path.is_file():
-        state = _read_resume_state(ckpt_path, run_config)
+        state = _read_resume_state(ckpt_path, run_config, stage_name)
         trained.load_state_dict(state["model"])  # full weights, before FSDP shards them
         scheduler.load_state_dict(state["scheduler"])
         start = state["step"]
