@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from unclip.config import preset
-from unclip.errors import ConfigError, DataError, ModelFormatError
+from unclip.errors import ConfigError, DataError, ModelFormatError, SamplingError
 from unclip.pipeline.latent import pca_truncate, slerp, slerp_rows, text_direction
 
 from tiny_models import save_tiny_clip, save_tiny_stages
@@ -228,6 +228,18 @@ def test_bad_input_is_a_clear_error(pipe):
         pipe.inpaint(_image(), Image.new("L", (64, 32), 255))
     long = " ".join(["a red circle above a blue square"] * 20)
     assert pipe.encode_text(long).mask.shape[1] == 32  # cut to the context, with a warning
+
+
+def test_a_network_that_returns_nan_is_an_error_not_a_black_image(pipe, monkeypatch):
+    real = pipe.decoder.sample
+    monkeypatch.setattr(pipe.decoder, "sample", lambda *a, **k: real(*a, **k) * float("nan"))
+    with pytest.raises(SamplingError, match=r"the decoder produced non-finite values \(ddim, 3 steps\)"):
+        pipe.generate("a red circle", sampler="ddim", steps=3)
+    monkeypatch.setattr(pipe.decoder, "sample", real)
+    up = pipe.upsamplers[0].sample
+    monkeypatch.setattr(pipe.upsamplers[0], "sample", lambda *a, **k: up(*a, **k) * float("inf"))
+    with pytest.raises(SamplingError, match="the upsampler 1 produced non-finite values"):
+        pipe.generate("a red circle", steps=2)
 
 
 # --- manipulations -------------------------------------------------------------------------------

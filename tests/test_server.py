@@ -397,6 +397,16 @@ def test_an_api_key_guards_the_api_but_not_the_page(pipe):
         assert spec["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"
 
 
+def test_a_model_that_samples_nan_answers_500_not_the_clients_fault(pipe, monkeypatch):
+    real = pipe.decoder.sample
+    monkeypatch.setattr(pipe.decoder, "sample", lambda *a, **k: real(*a, **k) * float("nan"))
+    with live_server(pipe) as url:
+        answer = httpx.post(url + "/v1/images/generations", json={"prompt": "a red circle", "steps": 2})
+    assert answer.status_code == 500, answer.text
+    error = answer.json()["error"]
+    assert error["type"] == "server_error" and "non-finite values" in error["message"]
+
+
 def test_serve_refuses_a_public_address_without_a_key(capsys, monkeypatch):
     from unclip.cli import main
     from unclip.serve.run import is_loopback

@@ -15,3 +15,7 @@ class ModelFormatError(UnclipError):
 
 class DataError(UnclipError):
     """A data set, image or caption cannot be used."""
+
+
+class SamplingError(UnclipError):
+    """A network produced non-finite values while sampling (the model's fault, not the request's)."""

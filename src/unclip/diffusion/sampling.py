@@ -67,14 +67,34 @@ def make_scheduler(sampler: str, diffusion: GaussianDiffusion, *, clip_denoised:
     common = {"num_train_timesteps": diffusion.num_timesteps, "trained_betas": diffusion.betas.tolist(),
               "prediction_type": diffusion.prediction_type}
     if sampler == "ddpm":
-        return DDPMScheduler(**common, variance_type=diffusion.variance, clip_sample=clip_denoised)
-    if sampler == "ddim":
-        return DDIMScheduler(**common, clip_sample=clip_denoised, set_alpha_to_one=True)
-    if sampler == "dpmsolver++":
+        scheduler = DDPMScheduler(**common, variance_type=diffusion.variance, clip_sample=clip_denoised)
+    elif sampler == "ddim":
+        scheduler = DDIMScheduler(**common, clip_sample=clip_denoised, set_alpha_to_one=True)
+    elif sampler == "dpmsolver++":
         # DPM-Solver++ works on x_start predictions: it is given ours (clipped when asked), for any shape
-        return DPMSolverMultistepScheduler(**{**common, "prediction_type": "sample"}, algorithm_type="dpmsolver++",
-                                           solver_order=2, timestep_spacing="trailing")
-    raise ConfigError(f"unknown sampler {sampler!r}; use one of {', '.join(SAMPLERS)}")
+        scheduler = DPMSolverMultistepScheduler(**{**common, "prediction_type": "sample"},
+                                                algorithm_type="dpmsolver++", solver_order=2,
+                                                timestep_spacing="trailing")
+    else:
+        raise ConfigError(f"unknown sampler {sampler!r}; use one of {', '.join(SAMPLERS)}")
+    return _exact_noise_levels(scheduler, diffusion)
+
+
+def _exact_noise_levels(scheduler, diffusion: GaussianDiffusion):
+    """Give `scheduler` the process's ᾱ_t, computed in float64.
+
+    diffusers multiplies float32 copies of the betas, and a chain respaced to few steps has a last
+    β within 1e-8 of 1, which rounds to 1: ᾱ_T becomes 0, an infinite noise level, and
+    DPM-Solver++ (whose log-SNR is then −∞) returns NaN below 10 steps.
+    """
+    alphas_cumprod = diffusion.alphas_cumprod.to(torch.float32)
+    scheduler.alphas_cumprod = alphas_cumprod
+    if hasattr(scheduler, "lambda_t"):  # DPM-Solver's derived tables, as its __init__ builds them
+        scheduler.alpha_t = alphas_cumprod.sqrt()
+        scheduler.sigma_t = (1 - alphas_cumprod).sqrt()
+        scheduler.lambda_t = scheduler.alpha_t.log() - scheduler.sigma_t.log()
+        scheduler.sigmas = ((1 - alphas_cumprod) / alphas_cumprod) ** 0.5
+    return scheduler
 
 
 def _noise(shape: tuple[int, ...], generator: Generators, device, dtype) -> torch.Tensor:

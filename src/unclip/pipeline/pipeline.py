@@ -32,7 +32,7 @@ import torch
 from unclip.clip.model import ClipModel, TextEncoding
 from unclip.config import UnclipConfig
 from unclip.diffusion import SAMPLERS, SampleStep
-from unclip.errors import ConfigError, DataError
+from unclip.errors import ConfigError, DataError, SamplingError
 from unclip.pipeline import PRECISIONS, latent
 
 log = logging.getLogger(__name__)
@@ -326,6 +326,7 @@ class UnclipPipeline:
                 text_embeds=None if text is None else text.embeds,
                 x_T=x_T, guidance_scale=guidance_scale, steps=steps, sampler=sampler, eta=eta, generator=gens,
                 callback=_stage_callback(callback, "decoder"))
+        _check_finite(images, "decoder", sampler or self.config.decoder.sampler, steps or self.config.decoder.sample_steps)
         return self.upsample(images, stages, generator=gens, callback=callback)
 
     def upsample(self, images: torch.Tensor, stages: int, *, generator=None,
@@ -334,6 +335,7 @@ class UnclipPipeline:
         with self.autocast():
             for stage, upsampler in enumerate(self.upsamplers[:stages], start=1):
                 images = upsampler.sample(images, generator=generator, callback=_stage_callback(callback, f"upsampler{stage}"))
+                _check_finite(images, f"upsampler {stage}", upsampler.config.sampler, upsampler.config.sample_steps)
         return images
 
     @property
@@ -602,6 +604,14 @@ def _mask_tensor(mask, side: int) -> torch.Tensor:
     if m.sum() == 0:
         raise DataError("the mask is empty: mark the region to repaint in white (or transparent)")
     return (F.interpolate(m, size=(side, side), mode="area") > 0.5).float()
+
+
+def _check_finite(images: torch.Tensor, stage: str, sampler: str, steps: int) -> None:
+    """Refuse to hand on images with NaN or infinite values (they would save as black)."""
+    if not torch.isfinite(images).all():
+        raise SamplingError(
+            f"the {stage} produced non-finite values ({sampler}, {steps} steps): try another sampler or more "
+            "steps; if every setting fails, the model's training diverged")
 
 
 def to_pil(images: torch.Tensor) -> list:

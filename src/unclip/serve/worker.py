@@ -24,7 +24,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from unclip.errors import UnclipError
+from unclip.errors import SamplingError, UnclipError
 from unclip.serve.schemas import ApiError
 from unclip.serve.uploads import encode_png
 
@@ -235,6 +235,13 @@ class Worker:
             images = self._call(batch, callback)
         except Cancelled:
             self._finish(batch, "cancelled")
+            return
+        except SamplingError as err:  # the model failed, not the request
+            log.error("the pipeline failed on a batch of %d request(s): %s", len(batch), err)
+            for job in batch:
+                job.error = ApiError(500, f"The server had an error while processing your request: {err}",
+                                     type="server_error")
+            self._finish(batch, "failed")
             return
         except UnclipError as err:
             for job in batch:
