@@ -3,7 +3,7 @@ import logging
 import pytest
 from PIL import Image
 
-from unclip.data.folder import FolderDataset
+from unclip.data.folder import FolderDataset, open_square_rgb
 from unclip.errors import DataError
 
 
@@ -114,6 +114,32 @@ def test_photos_are_read_upright_by_their_exif_orientation(tmp_path):
     square.save(tmp_path / "square.jpg", exif=exif, quality=95)
     upright = _open_rgb(tmp_path / "square.jpg")  # what vary, interpolate and inpaint read
     assert upright.getpixel((2, 10))[2] > 150 and upright.getpixel((17, 10))[0] > 150  # blue | red: turned
+
+
+def test_16_bit_and_transparent_images_are_read_as_they_look(tmp_path):
+    """Pillow's own RGB conversion clips 16-bit pixels (a 16-bit gradient read 99.6% white) and drops
+    alpha (a transparent pixel showed the colour it hides)."""
+    import numpy as np
+
+    from unclip.pipeline.pipeline import _open_rgb
+    from unclip.serve.uploads import rgb
+
+    ramp = np.linspace(0, 65535, 32 * 32).reshape(32, 32).astype(np.uint16)
+    Image.fromarray(ramp).save(tmp_path / "deep.png")
+    assert Image.open(tmp_path / "deep.png").mode == "I;16"
+    clear = Image.new("RGBA", (32, 32), (200, 0, 0, 0))  # fully transparent red
+    clear.paste((0, 0, 200, 255), (0, 16, 32, 32))  # an opaque blue lower half
+    clear.save(tmp_path / "clear.png")
+    for name in ("deep", "clear"):
+        (tmp_path / f"{name}.txt").write_text("a picture")
+    deep = np.asarray(open_square_rgb(tmp_path / "deep.png", 32)).astype(int)
+    assert deep.min() == 0 and deep.max() == 255 and len(np.unique(deep)) > 200  # the whole ramp, not clipped
+    assert abs(deep.mean() - 127.5) < 3
+    for read in (lambda p: open_square_rgb(p, 32), _open_rgb, lambda p: rgb(Image.open(p))):
+        pixels = np.asarray(read(tmp_path / "clear.png")).astype(int)
+        assert pixels[2, 2].tolist() == [255, 255, 255] and pixels[30, 2].tolist() == [0, 0, 200]
+    item = FolderDataset(tmp_path, size=32)[0]["image"]  # clear.png sorts first
+    assert item[:, :8].min() > 0.99  # white where it was transparent
 
 
 def test_data_check_reports_what_training_will_do_with_a_folder(folder, capsys):

@@ -69,9 +69,11 @@ def open_square_rgb(path: str | Path, size: int):
     """Decode `path`, centre-crop to a square and resize to size×size RGB (PIL image)."""
     from PIL import Image, ImageOps
 
+    from unclip.data.shapes import to_rgb
+
     with Image.open(path) as image:
         image.load()
-        image = ImageOps.exif_transpose(image).convert("RGB")  # a phone photo's EXIF says which way is up
+        image = to_rgb(ImageOps.exif_transpose(image))  # a phone photo's EXIF says which way is up
     side = min(image.size)
     if side < size:
         _note_upscaled(side, size)

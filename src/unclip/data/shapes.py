@@ -22,9 +22,30 @@ from unclip.errors import DataError
 DEFAULT_TRAIN_LENGTH = 100_000  # samples 0..99,999: a map-style view of the endless train split
 
 
+INTEGER_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # 16- and 32-bit integer pixels
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL image as 8-bit RGB, as it looks.
+
+    16-bit images are scaled to 8 bits (Pillow's own conversion clips them, so a 16-bit PNG turned
+    white), as are 32-bit integer ones with values above 255; transparent pixels are laid over
+    white instead of showing whatever colour they hide.
+    """
+    if image.mode in INTEGER_MODES:
+        array = np.asarray(image, dtype=np.float64)
+        if image.mode != "I" or array.max() > 255:
+            array = array / 257.0
+        image = Image.fromarray(np.clip(array.round(), 0, 255).astype(np.uint8), "L")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+    return image.convert("RGB")
+
+
 def to_tensor(image: Image.Image) -> torch.Tensor:
-    """PIL RGB image → float32 [3, H, W] in [-1, 1]."""
-    array = np.asarray(image.convert("RGB"), dtype=np.float32)
+    """PIL image (any mode, `to_rgb`) → float32 [3, H, W] in [-1, 1]."""
+    array = np.asarray(to_rgb(image), dtype=np.float32)
     return torch.from_numpy(array).permute(2, 0, 1) / 127.5 - 1.0
 
 

@@ -12,10 +12,12 @@ def _square(path: Path):
     """The centre square of an image file, RGB."""
     from PIL import Image
 
+    from unclip.data.shapes import to_rgb
+
     with Image.open(path) as image:
         side = min(image.size)
         left, top = (image.width - side) // 2, (image.height - side) // 2
-        return image.convert("RGB").crop((left, top, left + side, top + side))
+        return to_rgb(image).crop((left, top, left + side, top + side))
 
 
 def _pca_images(args: argparse.Namespace) -> list | None:

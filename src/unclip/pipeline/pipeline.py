@@ -557,6 +557,8 @@ def _open_rgb(item):
     """A square RGB PIL image from a PIL image or a path; other modes are converted, other shapes refused."""
     from PIL import Image, ImageOps
 
+    from unclip.data.shapes import to_rgb
+
     if isinstance(item, Image.Image):
         image = item
     elif not isinstance(item, (str, os.PathLike)):
@@ -571,7 +573,7 @@ def _open_rgb(item):
     if image.width != image.height:
         raise DataError(f"the image is {image.width}×{image.height}; unclip works on square images, so crop it "
                         f"to a square first (e.g. the centre {min(image.size)}×{min(image.size)})")
-    return image.convert("RGB")
+    return to_rgb(image)
 
 
 def _size(item) -> tuple[int, int]:

@@ -83,9 +83,11 @@ def fit(image: Image.Image, side: int, *, resample: int = Image.Resampling.LANCZ
 
 
 def rgb(image: Image.Image) -> Image.Image:
-    """Any PIL mode as RGB (16-bit and palette images included)."""
+    """Any PIL mode as RGB (16-bit and palette images included; `unclip.data.shapes.to_rgb`)."""
+    from unclip.data.shapes import to_rgb
+
     try:
-        return image.convert("RGB")
+        return to_rgb(image)
     except (ValueError, OSError) as err:
         raise ApiError(400, f"Invalid input image - its pixel format cannot be read as RGB ({err})",
                        param="image", code="invalid_image") from None
