@@ -25,3 +25,29 @@ def test_bad_numbers_are_refused_with_what_to_give(argv, message, capsys):
         main(argv)
     assert stop.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_bad_paths_and_config_files_are_one_line_errors_before_any_work(tmp_path, capsys):
+    """Not tracebacks: a run directory that is a file, config files that are missing, folders, not
+    UTF-8 or not JSON, and a config file given beside a preset."""
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "binary.json").write_bytes(b"\xff\xfe\x00")
+    (tmp_path / "c.yaml").write_text("clip: {}\n")
+    (tmp_path / "good.json").write_text("{}")
+    train = ["train", "clip", "--preset", "tiny", "--no-eval"]
+    cases = [
+        (["train", "clip", "--no-eval", "--run-dir", str(tmp_path / "afile")], "File exists: " + str(tmp_path / "afile")),
+        (["train", "clip", "--no-eval", "--run-dir", str(tmp_path / "afile" / "sub")], "Not a directory"),
+        (["config", "--config", str(tmp_path / "missing.json")], "No such file or directory: "),
+        (["config", "--config", str(tmp_path)], "Is a directory: "),
+        (["config", "--config", str(tmp_path / "binary.json")], "is not a UTF-8 text file"),
+        (["config", "--config", str(tmp_path / "c.yaml")], f"--config {tmp_path / 'c.yaml'}: config is not valid JSON"),
+        ([*train, "--config", str(tmp_path / "good.json")], "give --preset or --config, not both"),
+        (["data", "export", "--out", str(tmp_path / "afile"), "-n", "1"], "File exists"),
+    ]
+    for argv, message in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, (argv, err)
+    assert main(["config", "--config", str(tmp_path / "good.json")]) == 0  # {}: every default
+    assert not (tmp_path / "runs").exists()

@@ -57,6 +57,13 @@ def test_unknown_key_names_the_valid_keys():
     ("data.scenes=[0.5,0.5]", "three non-negative odds"),
     ("data.scenes=[0,0,0]", "not all zero"),
     ("data.scenes=[1,-1,1]", "single, pair and count"),
+    ("clip.train.lr=-1", "learning rate above 0"),
+    ("decoder.train.lr=NaN", "finite number"),
+    ("prior.train.batch_size=0", "at least 1"),
+    ("clip.train.ckpt_every=0", "at least 1"),
+    ("upsamplers.0.train.steps=0", "upsamplers.0.train.steps=0 must be at least 1"),
+    ("decoder.train.ema_decay=1", "[0, 1)"),
+    ("ar_prior.train.grad_clip=-0.5", "must not be negative"),
 ])
 def test_bad_overrides_are_errors(assignment, words):
     with pytest.raises(ConfigError, match=None) as err:

@@ -97,6 +97,11 @@ def main(argv: list[str] | None = None) -> int:
     except UnclipError as err:
         print(f"unclip: error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # a path that is a file, a folder, missing or not ours: the message names it
+        logging.getLogger("unclip").debug("the error's traceback", exc_info=True)
+        where = f": {err.filename}" if err.filename else ""
+        print(f"unclip: error: {err.strerror or err}{where} (run with --verbose for the traceback)", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("unclip: interrupted", file=sys.stderr)
         return 130

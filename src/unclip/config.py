@@ -355,6 +355,30 @@ def check(cfg: UnclipConfig) -> None:
     for path, value in _walk(cfg, ""):
         if isinstance(value, int) and not isinstance(value, bool) and value < 0:
             raise ConfigError(f"{path}={value} must not be negative")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{path}={value} must be a finite number")
+    for name, train in _train_configs(cfg):
+        _check_train(name, train)
+
+
+def _train_configs(cfg: UnclipConfig):
+    yield from (("clip.train", cfg.clip.train), ("prior.train", cfg.prior.train),
+                ("ar_prior.train", cfg.ar_prior.train), ("decoder.train", cfg.decoder.train))
+    yield from ((f"upsamplers.{i}.train", up.train) for i, up in enumerate(cfg.upsamplers))
+
+
+def _check_train(name: str, train: TrainConfig) -> None:
+    """What a stage's training needs of its TrainConfig, checked before any work."""
+    for key in ("steps", "batch_size", "grad_accum", "log_every", "ckpt_every", "eval_batches"):
+        if getattr(train, key) < 1:
+            raise ConfigError(f"{name}.{key}={getattr(train, key)} must be at least 1")
+    if not train.lr > 0:
+        raise ConfigError(f"{name}.lr={train.lr} must be a learning rate above 0, e.g. 3e-4")
+    if not 0 <= train.ema_decay < 1:
+        raise ConfigError(f"{name}.ema_decay={train.ema_decay} must be in [0, 1) (0 turns EMA off; 0.999 is usual)")
+    for key in ("weight_decay", "grad_clip"):
+        if getattr(train, key) < 0:
+            raise ConfigError(f"{name}.{key}={getattr(train, key)} must not be negative (0 turns it off)")
 
 
 def resolutions(cfg: UnclipConfig) -> tuple[int, ...]:
