@@ -199,6 +199,8 @@ ERRORS = {
     "steps = 0": (_GEN, {"json": {"prompt": "a", "steps": 0}}, 400, "steps"),
     "steps past the timesteps": (_GEN, {"json": {"prompt": "a", "steps": 10**6}}, 400, "steps"),
     "negative seed": (_GEN, {"json": {"prompt": "a", "seed": -1}}, 400, "seed"),
+    "seed + i past the limit": (_GEN, {"json": {"prompt": "a", "seed": 2**53 - 1, "n": 2}}, 400, "seed"),
+    "no body": (_GEN, {"content": b"", "headers": {"content-type": "application/json"}}, 400, None),
     "guidance NaN": (_GEN, {"content": b'{"prompt": "a", "guidance_scale": NaN}',
                             "headers": {"content-type": "application/json"}}, 400, "guidance_scale"),
     "unknown prior": (_GEN, {"json": {"prompt": "a", "prior": "gan"}}, 400, "prior"),
@@ -248,6 +250,8 @@ def test_bad_requests_get_the_openai_error_json(server, name):
     assert set(error) == {"message", "type", "param", "code"} and error["type"] == "invalid_request_error"
     assert error["param"] == param and error["message"], error
     assert time.perf_counter() - started < 5  # refused up front: no image was inflated, no job queued
+    words = {"seed + i past the limit": "at most 9007199254740990", "no body": "must be a JSON object"}
+    assert words.get(name, "") in error["message"] and "'None'" not in error["message"], error
 
 
 def test_unknown_paths_methods_models_and_images_are_errors_too(server, client):
@@ -393,6 +397,7 @@ def test_an_api_key_guards_the_api_but_not_the_page(pipe):
             prompt="a red circle", extra_body={"steps": 2})
         assert httpx.get(out.data[0].url).status_code == 200  # the URL is the capability
         assert "<textarea" in httpx.get(url + "/").text
+        assert httpx.get(url + "/docs").status_code == 404  # a page of CDN scripts, blank offline
         spec = httpx.get(url + "/openapi.json").json()
         assert spec["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"
 
@@ -416,6 +421,21 @@ def test_serve_refuses_a_public_address_without_a_key(capsys, monkeypatch):
     assert "API key is required" in capsys.readouterr().err
     assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost") and is_loopback("127.8.0.1")
     assert not is_loopback("0.0.0.0") and not is_loopback("192.168.1.4") and not is_loopback("example.org")
+
+
+def test_serve_refuses_a_taken_port_before_loading_the_model(capsys, monkeypatch):
+    import unclip
+    from unclip.cli import main
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the port was checked")
+
+    monkeypatch.setattr(unclip, "load", no_load)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        assert main(["serve", "--port", str(taken.getsockname()[1])]) == 2
+    assert "Address already in use; is another server there? Pick another --port" in capsys.readouterr().err
 
 
 def test_unclip_serve_runs_on_loopback_and_stops_on_interrupt(pipe):

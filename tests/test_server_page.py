@@ -86,6 +86,9 @@ def test_typing_a_prompt_shows_progress_then_images_with_their_seeds(page):
     expect(page.locator("#count")).to_have_text("1001")
     expect(page.locator(".counter")).to_have_class("counter over")
     expect(page.locator("#generate")).to_be_disabled()
+    page.locator("#prompt").fill("😀" * 600)  # 600 characters for the server, 1200 UTF-16 units for JavaScript
+    expect(page.locator("#count")).to_have_text("600")
+    expect(page.locator("#generate")).to_be_enabled()
     page.locator("#prompt").fill("")
     page.locator("#prompt").press_sequentially("a red circle")
     expect(page.locator("#count")).to_have_text("12")

@@ -84,7 +84,9 @@ def create_app(pipe, options: ServerOptions | None = None) -> FastAPI:
         yield
         await run_in_threadpool(worker.stop)
 
-    app = FastAPI(title="unclip", version=__version__, lifespan=lifespan,
+    # FastAPI's /docs and /redoc pages load their scripts from a CDN, so offline they were blank: the
+    # machine-readable /openapi.json stays, the page at / is the human interface
+    app = FastAPI(title="unclip", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="The OpenAI Images API (dall-e-2) over an unclip model; docs/server.md.")
     app.state.worker, app.state.store, app.state.model_id = worker, store, model_id
     _handlers(app)

@@ -17,6 +17,7 @@ def _serve(args: argparse.Namespace) -> int:
     if api_key is None and not is_loopback(args.host):
         raise ConfigError(f"--host {args.host} lets other machines in, so an API key is required: pass --api-key KEY "
                           "or set UNCLIP_API_KEY (clients send it as 'Authorization: Bearer KEY')")
+    _check_free(args.host, args.port)  # before the model loads, not after
     import torch
 
     import unclip
@@ -33,6 +34,24 @@ def _serve(args: argparse.Namespace) -> int:
           + ("; API key required" if api_key else ""), flush=True)
     serve(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0
+
+
+def _check_free(host: str, port: int) -> None:
+    """A ConfigError when `host:port` cannot be bound (taken by another server, or not this machine's)."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as err:
+        raise ConfigError(f"--host {host}: {err.strerror}") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            probe.bind(address)
+        except OSError as err:
+            raise ConfigError(f"cannot listen on {host}:{port}: {err.strerror}; is another server there? "
+                              "Pick another --port") from None
 
 
 def register(subparsers) -> None:

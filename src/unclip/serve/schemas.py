@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, create_model, field_validator
 
 MAX_PROMPT = 1000          # characters, as dall-e-2
 MAX_N = 10                 # images per request, as dall-e-2
@@ -79,6 +79,14 @@ def parse_size(size: str | None, native: Sequence[int]) -> tuple[int, int]:
 class _Request(BaseModel):
     model_config = ConfigDict(strict=True, extra="forbid")
 
+    @field_validator("seed", check_fields=False)
+    @classmethod
+    def _seeds_in_range(cls, seed: int | None, info: ValidationInfo) -> int | None:
+        n = info.data.get("n", 1)
+        if seed is not None and seed + n - 1 > MAX_SEED:  # image i answers seed + i, which must redraw it
+            raise ValueError(f"image i uses seed + i, so with n={n} the seed can be at most {MAX_SEED - n + 1}")
+        return seed
+
 
 class _PromptRequest(_Request):
     @field_validator("prompt", check_fields=False)
@@ -140,7 +148,7 @@ def validation_error(errors: Sequence[dict]) -> ApiError:
     kind, value = err.get("type", ""), err.get("input")
     if kind == "extra_forbidden":
         return ApiError(400, f"Unrecognized request argument supplied: {param}", param=param, code="unknown_parameter")
-    if kind == "missing":
+    if kind == "missing" and param is not None:
         return ApiError(400, f"'{param}' is a required property", param=param, code="missing_required_parameter")
     if kind == "json_invalid":
         return ApiError(400, "We could not parse the JSON body of your request: send a JSON object "

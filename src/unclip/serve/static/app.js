@@ -57,7 +57,7 @@ async function loadInfo() {
 
 function updateCounter() {
   const limit = state.info ? state.info.limits.prompt : 1000;
-  const length = $("prompt").value.length;
+  const length = Array.from($("prompt").value).length;  // characters, as the server counts: an emoji is one
   $("count").textContent = length;
   $("count").parentElement.classList.toggle("over", length > limit);
   $("generate").disabled = state.busy !== null || length === 0 || length > limit;
