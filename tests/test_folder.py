@@ -148,10 +148,12 @@ def test_data_check_reports_what_training_will_do_with_a_folder(folder, capsys):
     from unclip.cli import main
     from unclip.data.check import check_data
 
+    (folder / "nested" / "lonely.txt").write_text("a caption whose image went missing")
     report = check_data(str(folder), size=32, holdout=0.5, progress=False)
     assert report.usable == 5 == len(FolderDataset(folder, size=8))  # as many as training reads
     assert report.skipped == {"corrupt or unreadable images": 2, "images without a .txt caption": 1,
-                              "empty or non-UTF-8 captions": 1}
+                              "empty or non-UTF-8 captions": 1, ".txt captions without a same-name image": 1}
+    assert report.examples[".txt captions without a same-name image"] == ["nested/lonely.txt"]
     assert sorted(report.examples["corrupt or unreadable images"]) == ["cut.jpg", "garbage.jpg"]
     assert (report.smaller, report.smallest, report.not_square) == (5, 30, 5)  # 40×30 and 30×50 images
     assert report.caption_words["max"] == 2 and report.repeated_captions == 0
@@ -163,6 +165,12 @@ def test_data_check_reports_what_training_will_do_with_a_folder(folder, capsys):
     assert "5 usable image-caption pairs" in text and "skipped: 2 corrupt or unreadable images" in text
     assert "smaller than" not in text and "5 images are not square: training keeps their centre square" in text
     assert main(["data", "check", str(folder / "nothing-here")]) == 2  # neither a folder nor shards
+    (folder / "bare").mkdir()
+    assert main(["data", "check", str(folder / "bare")]) == 2
+    assert "pairs: it has no images (.jpg, .png, .webp, ...) with same-name .txt captions" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["data", "check", str(folder), "--holdout", "2"])  # training would refuse it too
+    assert "2 is not a fraction in [0, 1)" in capsys.readouterr().err
     assert main(["data", "check", str(folder), "--sheet", str(folder / "sheet.png")]) == 0
     with Image.open(folder / "sheet.png") as sheet:  # the 5 usable pairs as training reads them, captioned
         assert sheet.width >= 5 * 96 and sheet.height > 96

@@ -46,3 +46,14 @@ def guidance(value: str) -> float:
     except ValueError as err:  # ConfigError is a ValueError too
         message = str(err) if isinstance(err, ConfigError) else f"{value!r} is not a number"
         raise argparse.ArgumentTypeError(message) from None
+
+
+def holdout(value: str) -> float:
+    """A data.holdout fraction in [0, 1), as training accepts it."""
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number") from None
+    if not 0 <= number < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a fraction in [0, 1): give e.g. 0.05")
+    return number

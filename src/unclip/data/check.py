@@ -101,7 +101,8 @@ def _folder_pairs(report: DataReport, path: str, progress: bool) -> Iterator[tup
     pairs, scanned = scan_folder(path, verify=True)
     for why, names in (("corrupt or unreadable images", scanned.corrupt),
                        ("images without a .txt caption", scanned.missing_caption),
-                       ("empty or non-UTF-8 captions", scanned.bad_caption)):
+                       ("empty or non-UTF-8 captions", scanned.bad_caption),
+                       (".txt captions without a same-name image", scanned.orphan_captions)):
         for name in names:
             report.skip(why, name)
     for image_path, caption in tqdm(pairs, desc="check", unit="pair", disable=not progress):
@@ -163,7 +164,10 @@ def check_data(path: str, *, size: int = 128, holdout: float = 0.0, progress: bo
         captions[caption] += 1
         kept_out += held_out(key, holdout)
     if not report.usable:
-        raise DataError(f"{path} holds no usable image-caption pairs: " + "; ".join(report.lines()[1:]))
+        found = "; ".join(report.lines()[1:]) or (
+            "it has no images (.jpg, .png, .webp, ...) with same-name .txt captions" if source == "folder"
+            else "its shards hold no samples")
+        raise DataError(f"{path} holds no usable image-caption pairs: {found}")
     for name, values in (("caption_words", words), ("caption_chars", chars)):
         ordered = sorted(values)
         setattr(report, name, {"median": statistics.median(ordered), "p95": ordered[int(0.95 * (len(ordered) - 1))],

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 
-from unclip.argtypes import positive_int
+from unclip.argtypes import holdout, positive_int
 from unclip.data.world import SPLIT_LENGTHS, SPLITS
 
 _SPLITS_HELP = ", ".join(f"{s} ({SPLIT_LENGTHS[s]:,} samples)" if s in SPLIT_LENGTHS else f"{s} (endless)"
@@ -110,7 +110,7 @@ def register(subparsers) -> None:
     c.add_argument("path", help="a folder of images with same-name .txt captions, or shards 'DIR/{000000..000099}.tar'")
     c.add_argument("--size", type=positive_int, default=128,
                    help="the largest resolution a stage will train at (default: 128, the shapes preset's upsampler)")
-    c.add_argument("--holdout", type=float, default=0.0, help="count the pairs this data.holdout keeps out (e.g. 0.05)")
+    c.add_argument("--holdout", type=holdout, default=0.0, help="count the pairs this data.holdout keeps out (e.g. 0.05)")
     c.add_argument("--json", action="store_true", help="print the report as JSON")
     c.add_argument("--sheet", metavar="PNG", help="also draw the first 16 pairs as training reads them (cropped, "
                                                    "upright, at --size) with their captions into this PNG")

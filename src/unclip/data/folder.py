@@ -29,6 +29,7 @@ class FolderReport:
     corrupt: list[str] = field(default_factory=list)
     missing_caption: list[str] = field(default_factory=list)
     bad_caption: list[str] = field(default_factory=list)
+    orphan_captions: list[str] = field(default_factory=list)  # .txt files with no same-name image
 
     @property
     def skipped(self) -> int:
@@ -38,7 +39,8 @@ class FolderReport:
         parts = [f"{self.usable} usable image-caption pairs"]
         for label, names in (("corrupt or unreadable image", self.corrupt),
                              ("image without a .txt caption", self.missing_caption),
-                             ("empty or non-UTF-8 caption", self.bad_caption)):
+                             ("empty or non-UTF-8 caption", self.bad_caption),
+                             (".txt caption without an image", self.orphan_captions)):
             if names:
                 shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
                 parts.append(f"skipped {len(names)} {label}{'s' if len(names) > 1 else ''} ({shown})")
@@ -106,7 +108,12 @@ def scan_folder(root: str | Path, *, verify: bool = True,
         raise DataError(f"{root} is not a folder; expected a folder of images with same-name .txt captions")
     report = FolderReport()
     pairs = []
-    for path in sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()):
+    images = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if keep is None:
+        stems = {p.with_suffix("") for p in images}
+        report.orphan_captions = [str(t.relative_to(root)) for t in sorted(root.rglob("*.txt"))
+                                  if t.is_file() and t.with_suffix("") not in stems]
+    for path in images:
         name = str(path.relative_to(root))
         if keep is not None and not keep(pair_key(root, path)):
             continue
@@ -141,7 +148,7 @@ class FolderDataset:
         self.root = Path(root)
         self.size = size
         self.pairs, self.report = scan_folder(self.root, verify=verify, keep=keep)
-        if self.report.skipped:
+        if self.report.skipped or self.report.orphan_captions:
             log.warning("%s: %s", self.root, self.report.summary())
         if not self.pairs:
             raise DataError(f"{self.root} holds no usable image-caption pairs: {self.report.summary()}")
