@@ -250,7 +250,8 @@ def test_bad_requests_get_the_openai_error_json(server, name):
     assert set(error) == {"message", "type", "param", "code"} and error["type"] == "invalid_request_error"
     assert error["param"] == param and error["message"], error
     assert time.perf_counter() - started < 5  # refused up front: no image was inflated, no job queued
-    words = {"seed + i past the limit": "at most 9007199254740990", "no body": "must be a JSON object"}
+    words = {"seed + i past the limit": "at most 9007199254740990", "no body": "must be a JSON object",
+             "bomb past PIL's limit": "is 100000×100000; at most 4096×4096"}
     assert words.get(name, "") in error["message"] and "'None'" not in error["message"], error
 
 
@@ -285,12 +286,14 @@ def test_oversized_bodies_are_refused_before_they_are_read(server):
     status, body = raw(b"POST /v1/images/edits HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; "
                        b"boundary=b\r\nContent-Length: 52428800\r\n\r\n")
     assert status == 413 and body["error"]["type"] == "invalid_request_error"
+    assert body["error"]["code"] == "request_too_large" and "uploads must be PNGs under 4 MB" in body["error"]["message"]
     # a chunked body with no length: refused once it passes the limit
     chunk = b"x" * 65536
     chunked = b"".join(b"%x\r\n%s\r\n" % (len(chunk), chunk) for _ in range(6)) + b"0\r\n\r\n"
     status, body = raw(b"POST /v1/images/generations HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                        b"Transfer-Encoding: chunked\r\n\r\n", chunked)
-    assert status == 413 and "larger than" in body["error"]["message"]
+    assert status == 413 and "larger than 256 KiB, the limit for a JSON request" in body["error"]["message"]
+    assert body["error"]["code"] == "request_too_large"
 
 
 # --- load: batching, a bounded queue, cancellation -----------------------------------------------

@@ -309,7 +309,8 @@ def _handlers(app: FastAPI) -> None:
             message = f"Method not allowed ({request.method} {request.url.path})"
         else:
             message = str(err.detail)
-        return _error(ApiError(err.status_code, message, code=None, headers=dict(err.headers or {})))
+        code = {400: "invalid_request_body", 413: "request_too_large"}.get(err.status_code)  # Starlette's own
+        return _error(ApiError(err.status_code, message, code=code, headers=dict(err.headers or {})))
 
     @app.exception_handler(Exception)
     async def crashed(request: Request, err: Exception) -> JSONResponse:
@@ -318,7 +319,8 @@ def _handlers(app: FastAPI) -> None:
 
 class BodyTooLarge(HTTPException):
     def __init__(self, limit: int):
-        super().__init__(413, f"The request body is larger than {limit // 1024} KiB; images must be PNGs under 4 MB.")
+        why = "uploads must be PNGs under 4 MB" if limit == MULTIPART_BODY else "the limit for a JSON request"
+        super().__init__(413, f"The request body is larger than {limit // 1024} KiB, {why}.")
 
 
 class Guard:

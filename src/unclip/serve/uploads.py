@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import json
+import struct
 import warnings
 
 from PIL import Image
@@ -47,6 +48,10 @@ def read_png(data: bytes, *, param: str) -> Image.Image:
             image.load()
     except ApiError:
         raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):  # refused by PIL in `open`
+        width, height = struct.unpack(">II", data[16:24])  # IHDR, the chunk every PNG starts with
+        raise ApiError(400, f"Invalid input image - '{param}' is {width}×{height}; at most {MAX_SIDE}×{MAX_SIDE} "
+                            "is accepted", param=param, code="image_too_large") from None
     except Exception as err:  # noqa: BLE001 - a corrupt file raises many kinds of errors inside PIL
         raise ApiError(400, f"Invalid input image - '{param}' could not be decoded as a PNG ({err})", param=param,
                        code="invalid_image") from None
