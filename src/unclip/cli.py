@@ -87,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(levelname)s %(name)s: %(message)s",
     )
+    if not args.verbose:  # torch's own INFO lines (compile caches, FakeTensor statistics at exit) are noise here
+        logging.getLogger("torch").setLevel(logging.WARNING)
     try:
         code = int(args.func(args) or 0)
         if "torch.distributed" in sys.modules:  # under torchrun / accelerate launch
