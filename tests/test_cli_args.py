@@ -9,7 +9,7 @@ from unclip.cli import main
     (["demo", "-n", "0"], "-n: 0 is too small"),
     (["generate", "a red circle", "--threads", "-2"], "--threads: -2 threads: give 1 or more, or 0"),
     (["generate", "a red circle", "--candidates", "x"], "'x' is not a whole number"),
-    (["generate", "a red circle", "--prior-guidance-scale", "inf"], "give a finite number ≥ 0"),
+    (["generate", "a red circle", "--prior-guidance-scale", "inf"], "give a number from 0 to 50"),
     (["serve", "--port", "99999"], "99999 is not a TCP port"),
     (["serve", "--max-batch", "0"], "--max-batch: 0 is too small"),
     (["explain", "clip", "--model", "m", "-n", "0"], "-n: 0 is too small"),
@@ -19,6 +19,15 @@ from unclip.cli import main
     (["eval", "m", "--guidance-scale", "-1"], "guidance scale -1.0"),
     (["generate", "a red circle", "--upsampled-candidates", "0"], "--upsampled-candidates: 0 is too small"),
     (["eval", "m", "--upsampled-candidates", "0"], "--upsampled-candidates: 0 is too small"),
+    (["generate", "a red circle", "--seed", "-1"], "give a seed from 0 to 9223372036854775807"),
+    (["generate", "a red circle", "--seed", str(2**64)], "give a seed from 0"),
+    (["generate", "a red circle", "-n", "1000000000"], "give 1 to 100000 (for more, run again with another --seed)"),
+    (["vary", "a.png", "--eta", "nan"], "DDIM η nan: give a number from 0"),
+    (["vary", "a.png", "--eta", "-1"], "DDIM η -1.0"),
+    (["generate", "a red circle", "--guidance-scale", "1e308"], "give a number from 0 to 50"),
+    (["data", "preview", "--size", "100000"], "give 8 to 1024"),
+    (["data", "preview", "--seed", "-5"], "give a seed from 0"),
+    (["data", "export", "--out", "x", "--seed", "-1"], "give a seed from 0"),
 ])
 def test_bad_numbers_are_refused_with_what_to_give(argv, message, capsys):
     with pytest.raises(SystemExit) as stop:
@@ -43,11 +52,18 @@ def test_bad_paths_and_config_files_are_one_line_errors_before_any_work(tmp_path
         (["config", "--config", str(tmp_path / "binary.json")], "is not a UTF-8 text file"),
         (["config", "--config", str(tmp_path / "c.yaml")], f"--config {tmp_path / 'c.yaml'}: config is not valid JSON"),
         ([*train, "--config", str(tmp_path / "good.json")], "give --preset or --config, not both"),
-        (["data", "export", "--out", str(tmp_path / "afile"), "-n", "1"], "File exists"),
+        (["data", "export", "--out", str(tmp_path / "afile"), "-n", "1"], "afile is a file, not a folder"),
     ]
     for argv, message in cases:
         assert main(argv) == 2, argv
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err, (argv, err)
+    for argv in (["generate", "a red circle", "--out", str(tmp_path / "afile" / "x.png")],
+                 ["inpaint", "a.png", "m.png", "--out", str(tmp_path / "afile")]):
+        with pytest.raises(SystemExit):  # before the model loads or any image is drawn
+            main(argv)
+        assert f"{tmp_path / 'afile'} is a file, not a folder" in capsys.readouterr().err
+    assert main(["eval", "m", "--out", str(tmp_path / "afile" / "e")]) == 2  # before ten minutes of drawing
+    assert "cannot hold" in capsys.readouterr().err
     assert main(["config", "--config", str(tmp_path / "good.json")]) == 0  # {}: every default
     assert not (tmp_path / "runs").exists()

@@ -57,7 +57,7 @@ def test_unknown_key_names_the_valid_keys():
     ("data.scenes=[0.5,0.5]", "three non-negative odds"),
     ("data.scenes=[0,0,0]", "not all zero"),
     ("data.scenes=[1,-1,1]", "single, pair and count"),
-    ("clip.train.lr=-1", "learning rate above 0"),
+    ("clip.train.lr=-1", "learning rate of 0 or more"),
     ("decoder.train.lr=NaN", "finite number"),
     ("prior.train.batch_size=0", "at least 1"),
     ("clip.train.ckpt_every=0", "at least 1"),

@@ -228,6 +228,23 @@ def test_bad_input_is_a_clear_error(pipe):
         pipe.inpaint(_image(), Image.new("L", (64, 32), 255))
     long = " ".join(["a red circle above a blue square"] * 20)
     assert pipe.encode_text(long).mask.shape[1] == 32  # cut to the context, with a warning
+    for seed in (-1, 2**63, 1.7, "3"):  # refused, not wrapped, overflowed or truncated
+        with pytest.raises(ConfigError, match="seed"):
+            pipe.generate("a red circle", seed=seed)
+    with pytest.raises(ConfigError, match="at most 9223372036854775806"):
+        pipe.generate("a red circle", n=2, seed=2**63 - 1)
+    for eta in (float("nan"), 5.0, -1.0):  # was blamed on the model as non-finite images, or accepted
+        with pytest.raises(ConfigError, match="DDIM η"):
+            pipe.variations(_image(), n=1, eta=eta)
+    for call in (lambda: pipe.variations(_image(), n=0), lambda: pipe.inpaint(_image(), _image(), n=0),
+                 lambda: pipe.text_diff(_image(), "a", "b", thetas=[]), lambda: pipe.pca_probe(_image(), dims=[])):
+        with pytest.raises(ConfigError, match="n=0|give one or more"):
+            call()
+    from unclip.pipeline import check_device
+
+    for device, words in (("foo", "not a torch device"), ("cuda:99", "not available|1 CUDA device|CUDA device")):
+        with pytest.raises(ConfigError, match=words):
+            check_device(device)
 
 
 def test_a_network_that_returns_nan_is_an_error_not_a_black_image(pipe, monkeypatch):
@@ -283,6 +300,14 @@ def test_inpaint_keeps_the_known_pixels(pipe):
     assert len(out) == 1 and out[0].size == (64, 64)
     assert np.array_equal(_array(out[0])[:, :32], _array(image.convert("RGB"))[:, :32])
     assert not np.array_equal(_array(out[0])[:, 32:], _array(image.convert("RGB"))[:, 32:])
+    speck = Image.new("L", (64, 64), 0)
+    speck.paste(255, (40, 40, 42, 42))  # 2×2 pixels: under half of one 16² decoder pixel (4×4 here)
+    out = _array(pipe.inpaint(image, speck, prompt="a red circle", steps=4, resample=2, seed=0)[0])
+    before = _array(image.convert("RGB"))
+    changed = np.argwhere((out != before).any(-1))
+    assert len(changed) and changed.min(0).tolist() == [40, 40] and changed.max(0).tolist() == [41, 41]
+    with pytest.raises(ConfigError, match="resample=0"):
+        pipe.inpaint(image, speck, resample=0)
 
 
 # --- command line --------------------------------------------------------------------------------
@@ -337,7 +362,7 @@ def test_every_cli_verb_runs_on_the_tiny_model(model_dir, tmp_path, capsys):
     for scale in ("nan", "inf", "-1"):  # refused at once, not as a broken image after sampling
         with pytest.raises(SystemExit):
             main(["generate", "a red circle", *common, "--guidance-scale", scale])
-        assert "give a finite number ≥ 0" in capsys.readouterr().err
+        assert "give a number from 0 to 50" in capsys.readouterr().err
 
 
 def test_prompts_with_words_the_model_never_saw_are_warned_about_once(model_dir, caplog):
@@ -350,6 +375,11 @@ def test_prompts_with_words_the_model_never_saw_are_warned_about_once(model_dir,
     with caplog.at_level(logging.WARNING, logger="unclip.pipeline.pipeline"):
         pipe.encode_text(["a dog on a red skateboard"] * 3 + ["a red circle", "ดาวสีเขียว"])
     assert len(caplog.records) == 1 and "never saw 'dog', 'skateboard' in training; those words" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="unclip.pipeline.pipeline"):
+        pipe.encode_text(["a dog on a red skateboard"])  # another call, e.g. the next batch: not again
+        pipe.encode_text(["😀 !!!"])
+    assert len(caplog.records) == 1 and "it has no words, only symbols or emoji" in caplog.text
     long = " ".join(["a red circle above a blue square"] * 8)  # what a server answer carries, beside the images
     reads = pipe.clip.tokenizer.context_length - 2
     assert pipe.prompt_warnings(long) == [f"it is longer than the {reads} tokens this model reads; the rest was left out"]
@@ -397,9 +427,9 @@ def test_every_guided_sampler_refuses_an_unusable_guidance_scale(model_dir):
 
     pipe = unclip.load(model_dir)
     for options in ({"guidance_scale": float("nan")}, {"prior_guidance_scale": -2.0}):
-        with pytest.raises(ConfigError, match="finite number ≥ 0"):
+        with pytest.raises(ConfigError, match="give a number from 0 to 50"):
             pipe.generate(["a red circle"], n=1, steps=2, **options)
-    with pytest.raises(ConfigError, match="finite number ≥ 0"):
+    with pytest.raises(ConfigError, match="give a number from 0 to 50"):
         pipe.generate(["a red circle"], n=1, steps=2, prior="ar", prior_guidance_scale=float("inf"))
 
 

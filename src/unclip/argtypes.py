@@ -20,6 +20,18 @@ def positive_int(value: str) -> int:
     return number
 
 
+def int_range(low: int, high: int, why: str = ""):
+    """An argparse type for a whole number from `low` to `high`; `why` says what the bound protects."""
+
+    def parse(value: str) -> int:
+        number = _whole(value)
+        if not low <= number <= high:
+            raise argparse.ArgumentTypeError(f"{number} is out of range: give {low} to {high}{why}")
+        return number
+
+    return parse
+
+
 def threads(value: str) -> int:
     """torch CPU threads: a whole number ≥ 1, or 0 for torch's own choice."""
     number = _whole(value)
@@ -56,4 +68,23 @@ def holdout(value: str) -> float:
         raise argparse.ArgumentTypeError(f"{value!r} is not a number") from None
     if not 0 <= number < 1:
         raise argparse.ArgumentTypeError(f"{value} is not a fraction in [0, 1): give e.g. 0.05")
+    return number
+
+
+def eta(value: str) -> float:
+    """A DDIM η in [0, 1]."""
+    from unclip.config import check_eta
+
+    try:
+        return check_eta(float(value))
+    except ValueError as err:  # ConfigError is a ValueError too
+        message = str(err) if "η" in str(err) else f"{value!r} is not a number"
+        raise argparse.ArgumentTypeError(message) from None
+
+
+def seed_number(value: str) -> int:
+    """A seed: a whole number from 0 to 2^63 − 1."""
+    number = _whole(value)
+    if not 0 <= number < 2**63:
+        raise argparse.ArgumentTypeError(f"{number}: give a seed from 0 to {2**63 - 1}")
     return number

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from unclip import __version__
-from unclip.argtypes import positive_int
+from unclip.argtypes import positive_int, seed_number
 from unclip.errors import UnclipError
 
 # Modules with a `register(subparsers)` function, in the order their verbs appear in --help.
@@ -73,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
                       "a blue square, in English and Thai)")
     demo.add_argument("--out", default="out/demo", help="output folder (default: out/demo)")
     demo.add_argument("-n", type=positive_int, default=2, help="images per caption (default: 2)")
-    demo.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    demo.add_argument("--seed", type=seed_number, default=0, help="random seed (default: 0)")
     demo.set_defaults(func=_demo)
 
     for name in COMMAND_MODULES:

@@ -289,15 +289,26 @@ class UnclipConfig:
         return cfg
 
 
-def check_guidance_scale(scale: float) -> float:
-    """`scale` if it is a usable classifier-free guidance scale (finite, ≥ 0), else a ConfigError.
+MAX_GUIDANCE = 50.0  # far past any useful scale (3 is strong); larger ones overflow into NaN images
 
-    1 is no guidance, 0 the null branch alone, above 1 pushes towards the condition. A NaN or an
-    infinity would otherwise surface only as a broken image after the whole sampling run.
+
+def check_guidance_scale(scale: float) -> float:
+    """`scale` if it is a usable classifier-free guidance scale (0 to MAX_GUIDANCE), else a ConfigError.
+
+    1 is no guidance, 0 the null branch alone, above 1 pushes towards the condition. A NaN, an
+    infinity or a huge scale would otherwise surface only as a broken image after the whole run.
     """
-    if not math.isfinite(scale) or scale < 0:
-        raise ConfigError(f"guidance scale {scale}: give a finite number ≥ 0 (1 is no guidance, 3 is strong)")
+    if not math.isfinite(scale) or not 0 <= scale <= MAX_GUIDANCE:
+        raise ConfigError(f"guidance scale {scale}: give a number from 0 to {MAX_GUIDANCE:g} (1 is no guidance, "
+                          "3 is strong)")
     return float(scale)
+
+
+def check_eta(eta: float) -> float:
+    """`eta` if it is a DDIM η in [0, 1] (0 deterministic, 1 as random as ancestral sampling), else a ConfigError."""
+    if not math.isfinite(eta) or not 0 <= eta <= 1:
+        raise ConfigError(f"DDIM η {eta}: give a number from 0 (deterministic) to 1 (most varied)")
+    return float(eta)
 
 
 def check(cfg: UnclipConfig) -> None:
@@ -372,8 +383,8 @@ def _check_train(name: str, train: TrainConfig) -> None:
     for key in ("steps", "batch_size", "grad_accum", "log_every", "ckpt_every", "eval_batches"):
         if getattr(train, key) < 1:
             raise ConfigError(f"{name}.{key}={getattr(train, key)} must be at least 1")
-    if not train.lr > 0:
-        raise ConfigError(f"{name}.lr={train.lr} must be a learning rate above 0, e.g. 3e-4")
+    if train.lr < 0:
+        raise ConfigError(f"{name}.lr={train.lr} must be a learning rate of 0 or more, e.g. 3e-4")
     if not 0 <= train.ema_decay < 1:
         raise ConfigError(f"{name}.ema_decay={train.ema_decay} must be in [0, 1) (0 turns EMA off; 0.999 is usual)")
     for key in ("weight_decay", "grad_clip"):

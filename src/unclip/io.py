@@ -40,6 +40,25 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
     _fsync_dir(path.parent)
 
 
+def check_output_dir(directory: str | os.PathLike) -> None:
+    """A ConfigError unless `directory` is a folder, or can become one: no file stands on its path.
+
+    Verbs call it on their output folder before any work, so a mistyped --out is not found only
+    when the first result is written.
+    """
+    from unclip.errors import ConfigError
+
+    path = Path(directory)
+    for ancestor in (path, *path.parents):
+        if ancestor.exists():
+            if not ancestor.is_dir():
+                where = "is a file" if ancestor == path else f"cannot hold {path}: it is a file"
+                raise ConfigError(f"{ancestor} {where}, not a folder; give another output path")
+            if not os.access(ancestor, os.W_OK | os.X_OK):
+                raise ConfigError(f"cannot write into {ancestor}: permission denied; give another output path")
+            return
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from unclip.argtypes import positive_int
+from unclip.argtypes import positive_int, seed_number
 from unclip.errors import DataError
 
 
@@ -105,6 +105,6 @@ def register(subparsers) -> None:
     m.add_argument("--split", default="train", help="shapes-world split (default: train)")
     m.add_argument("-n", type=positive_int, default=10_000, help="shapes-world pairs (default: 10000)")
     m.add_argument("--lang", default="mix", choices=["en", "th", "mix"])
-    m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--seed", type=seed_number, default=0)
     m.add_argument("--shard-size", type=positive_int, default=10_000)
     m.set_defaults(func=_embed)

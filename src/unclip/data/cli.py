@@ -6,8 +6,9 @@ Values are checked by the library functions, which raise `DataError` naming the 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
-from unclip.argtypes import holdout, positive_int
+from unclip.argtypes import holdout, int_range, positive_int, seed_number
 from unclip.data.world import SPLIT_LENGTHS, SPLITS
 
 _SPLITS_HELP = ", ".join(f"{s} ({SPLIT_LENGTHS[s]:,} samples)" if s in SPLIT_LENGTHS else f"{s} (endless)"
@@ -16,7 +17,9 @@ _SPLITS_HELP = ", ".join(f"{s} ({SPLIT_LENGTHS[s]:,} samples)" if s in SPLIT_LEN
 
 def _preview(args: argparse.Namespace) -> int:
     from unclip.data.preview import write_preview
+    from unclip.io import check_output_dir
 
+    check_output_dir(Path(args.out).parent)
     path = write_preview(args.out, split=args.split, n=args.n, size=args.size, seed=args.seed, lang=args.lang)
     print(f"wrote {path}")
     return 0
@@ -24,7 +27,9 @@ def _preview(args: argparse.Namespace) -> int:
 
 def _export(args: argparse.Namespace) -> int:
     from unclip.data.export import export_folder, export_webdataset
+    from unclip.io import check_output_dir
 
+    check_output_dir(args.out)
     if args.format == "webdataset":
         shards = export_webdataset(args.out, split=args.split, n=args.n, size=args.size, seed=args.seed,
                                    lang=args.lang, shard_size=args.shard_size, quality=args.quality)
@@ -78,9 +83,9 @@ def register(subparsers) -> None:
         "preview", help="a PNG grid of scenes with their English and Thai captions",
         description="Render scenes 0..n-1 of a split in a grid, each with an English and a Thai caption.")
     p.add_argument("--split", default="train", help=f"{_SPLITS_HELP} (default: train)")
-    p.add_argument("-n", type=int, default=16, help="number of scenes (default: 16)")
-    p.add_argument("--size", type=int, default=96, help="image side in pixels, at least 8 (default: 96)")
-    p.add_argument("--seed", type=int, default=0, help="data seed (default: 0)")
+    p.add_argument("-n", type=int_range(1, 1024), default=16, help="number of scenes (default: 16)")
+    p.add_argument("--size", type=int_range(8, 1024, " (each scene is drawn at 4× that first)"), default=96, help="image side in pixels, at least 8 (default: 96)")
+    p.add_argument("--seed", type=seed_number, default=0, help="data seed (default: 0)")
     p.add_argument("--lang", default="both", help="caption languages: both, en or th (default: both)")
     p.add_argument("--out", default="out/preview.png", help="PNG to write (default: out/preview.png)")
     p.set_defaults(func=_preview)
@@ -94,12 +99,12 @@ def register(subparsers) -> None:
     e.add_argument("--format", default="webdataset", choices=["webdataset", "folder"],
                    help="webdataset or folder (default: webdataset)")
     e.add_argument("--split", default="train", help=f"{_SPLITS_HELP} (default: train)")
-    e.add_argument("-n", type=int, default=1000, help="number of samples, from index 0 (default: 1000)")
-    e.add_argument("--size", type=int, default=64, help="image side in pixels, at least 8 (default: 64)")
+    e.add_argument("-n", type=positive_int, default=1000, help="number of samples, from index 0 (default: 1000)")
+    e.add_argument("--size", type=int_range(8, 1024, " (each scene is drawn at 4× that first)"), default=64, help="image side in pixels, at least 8 (default: 64)")
     e.add_argument("--lang", default="mix", help="caption language: en, th or mix, 50/50 (default: mix)")
     e.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default: 1000)")
     e.add_argument("--quality", type=int, default=95, help="JPEG quality of webdataset images (default: 95)")
-    e.add_argument("--seed", type=int, default=0, help="data seed (default: 0)")
+    e.add_argument("--seed", type=seed_number, default=0, help="data seed (default: 0)")
     e.set_defaults(func=_export)
 
     c = verbs.add_parser(

@@ -7,7 +7,7 @@ import json
 import logging
 from pathlib import Path
 
-from unclip.argtypes import guidance, positive_int, threads
+from unclip.argtypes import guidance, positive_int, seed_number, threads
 from unclip.pipeline.cli import add_sampling_arguments, configure_sampling
 
 log = logging.getLogger(__name__)
@@ -29,7 +29,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("target", metavar="MODEL", help="model directory, or `judge`, or `prompts`")
     p.add_argument("--out", help="output folder (prompts: a .jsonl file)")
-    p.add_argument("--seed", type=int, help="random seed (default: 0; training the judge: 1)")
+    p.add_argument("--seed", type=seed_number, help="random seed (default: 0; training the judge: 1)")
     p.add_argument("--threads", type=threads, default=0, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     g = p.add_argument_group("evaluating a model")
@@ -115,8 +115,11 @@ def _model(args: argparse.Namespace) -> int:
     from unclip.eval.judge import READING, default_judge_dir, load_judge
     from unclip.eval.prompts import default_prompts_path, limit, read_prompts
     from unclip.eval.report import write_evaluation
+    from unclip.io import check_output_dir
 
     model = Path(args.target)
+    out = Path(args.out or Path("out/eval") / model.resolve().name)
+    check_output_dir(out)  # before ten minutes of drawing, not after
     judge_dir = Path(args.judge) if args.judge else default_judge_dir()
     if not (judge_dir / "unclip.json").is_file():
         raise ModelFormatError(f"no judge at {judge_dir}: train one with `unclip eval judge --out DIR` and pass "
@@ -151,7 +154,6 @@ def _model(args: argparse.Namespace) -> int:
                                  **{f"upsampler{i}": {"sampler": u.config.sampler, "steps": u.config.sample_steps,
                                                    "start": u.config.sample_start}
                                     for i, u in enumerate(pipe.upsamplers, start=1)}}
-    out = Path(args.out or Path("out/eval") / model.resolve().name)
     paths = write_evaluation(evaluation, out, title=f"unclip eval {model}")
     if args.keep_images:
         from unclip.io import save_image_atomic

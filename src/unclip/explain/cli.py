@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from unclip.argtypes import positive_int
+from unclip.argtypes import positive_int, seed_number
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -33,7 +33,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     for name, func, help_text, description in verbs:
         verb = sub.add_parser(name, help=help_text, description=description)
         verb.add_argument("--out", default=f"out/explain/{name}", help=f"output folder (default: out/explain/{name})")
-        verb.add_argument("--seed", type=int, default=0, help="seed of the data split, weights and pairs (default: 0)")
+        verb.add_argument("--seed", type=seed_number, default=0, help="seed of the data split, weights and pairs (default: 0)")
         verb.add_argument("--quick", action="store_true", help="a few seconds: fewer epochs, smaller t-SNE")
         verb.set_defaults(func=func)
     clip = sub.add_parser(
@@ -43,7 +43,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "and Thai), and a t-SNE of image and caption embeddings together (PNG and interactive HTML).")
     clip.add_argument("--model", required=True, help="model directory holding a CLIP (e.g. runs/shapes/clip/model)")
     clip.add_argument("--out", default="out/explain/clip", help="output folder (default: out/explain/clip)")
-    clip.add_argument("--seed", type=int, default=0, help="t-SNE seed (default: 0)")
+    clip.add_argument("--seed", type=seed_number, default=0, help="t-SNE seed (default: 0)")
     clip.add_argument("-n", type=positive_int, default=150, help="scenes in the t-SNE (default: 150)")
     clip.set_defaults(func=_clip)
 

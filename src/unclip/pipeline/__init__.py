@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from unclip.errors import ModelFormatError
+from unclip.errors import ConfigError, ModelFormatError
 
 # What the decoder and upsampler UNets sample in (`UnclipPipeline.set_precision`): "bfloat16" runs
 # them under bf16 autocast, "auto" picks it where the hardware has bf16 units. The default, auto:
@@ -35,9 +35,28 @@ def load(path: str | Path | None = None, *, device: str | None = None, precision
     With no path, the shipped default model (`default_model_dir()`). precision: what the UNets
     sample in: "float32", "bfloat16" or "auto" (default: `DEFAULT_PRECISION`, "auto": bfloat16
     where the CPU or GPU has bf16 units)."""
+    if device is not None:
+        check_device(device)  # before the weights are read
     pipe = _load(path, device=device)
     pipe.set_precision(precision or DEFAULT_PRECISION)
     return pipe
+
+
+def check_device(device: str) -> None:
+    """A ConfigError unless torch can use `device` here ("cpu", "cuda", "cuda:1", "mps", ...)."""
+    import torch
+
+    try:
+        kind = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ConfigError(f"device {device!r} is not a torch device ({err}); use e.g. cpu or cuda") from None
+    usable = {"cpu": lambda: True, "cuda": torch.cuda.is_available,
+              "mps": lambda: torch.backends.mps.is_available()}.get(kind.type, lambda: True)
+    if not usable():
+        raise ConfigError(f"device {device!r} is not available on this machine (this torch {torch.__version__} "
+                          f"sees no {kind.type.upper()} device); use cpu")
+    if kind.type == "cuda" and kind.index is not None and kind.index >= torch.cuda.device_count():
+        raise ConfigError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
 
 
 def _load(path: str | Path | None, *, device: str | None):

@@ -13,7 +13,9 @@ import os
 import sys
 from pathlib import Path
 
-from unclip.argtypes import guidance, positive_int, threads
+from unclip.argtypes import eta, guidance, int_range, positive_int, seed_number, threads
+from unclip.errors import ConfigError
+from unclip.io import check_output_dir
 
 VERB_HELP = {
     "generate": "caption → images (prior → decoder → upsamplers)",
@@ -131,12 +133,16 @@ def grid_path(verb: str):
     def parse(value: str) -> str:
         path = Path(value)
         if value.endswith(("/", os.sep)) or path.is_dir() or not path.suffix:
-            return str(path / f"{verb}.png")
-        if path.suffix.lower() != ".png":
+            path = path / f"{verb}.png"
+        elif path.suffix.lower() != ".png":
             raise argparse.ArgumentTypeError(
                 f"{value!r} is not a .png path: the grid and its images are PNGs that carry their settings; "
                 f"give e.g. out/{verb}.png, or a folder")
-        return value
+        try:
+            check_output_dir(path.parent)  # before the model loads and the images are drawn
+        except ConfigError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+        return str(path)
 
     return parse
 
@@ -147,7 +153,7 @@ def _common(parser: argparse.ArgumentParser, verb: str, *, seed: int | None = 0)
     parser.add_argument("--out", default=f"out/{verb}.png", type=grid_path(verb),
                         help=f"grid PNG, or a folder to put {verb}.png in; each image goes beside the grid as "
                              f"<name>-<i>.png (default: out/{verb}.png)")
-    parser.add_argument("--seed", type=int, default=seed, help=f"random seed (default: {seed})")
+    parser.add_argument("--seed", type=seed_number, default=seed, help=f"random seed (default: {seed})")
     parser.add_argument("--steps", type=positive_int, help="decoder sampling steps (default: the model's config)")
     parser.add_argument("--guidance-scale", type=guidance,
                         help="decoder classifier-free guidance (default: the model's)")
@@ -272,7 +278,8 @@ def register(subparsers) -> None:
         "embedding, the decoder paints it at low resolution guided by the embedding and the caption, and the "
         "upsamplers enlarge it."))
     gen.add_argument("prompts", nargs="+", metavar="PROMPT", help="one or more captions")
-    gen.add_argument("-n", type=positive_int, default=4, help="images per prompt (default: 4)")
+    gen.add_argument("-n", type=int_range(1, 100_000, " (for more, run again with another --seed)"), default=4,
+                     help="images per prompt (default: 4)")
     gen.add_argument("--prior", choices=["diffusion", "ar", "caption", "none"],
                      help="which prior (default: diffusion when present); the ablations: caption (z_t as z_i), "
                           "none (the decoder's null z_i: the caption alone)")
@@ -293,7 +300,7 @@ def register(subparsers) -> None:
         "it with DDIM η > 0: the content CLIP sees stays, the rest varies. η = 0 reconstructs the image."))
     vary.add_argument("image", help="a square image file")
     vary.add_argument("-n", type=positive_int, default=4, help="number of variations (default: 4)")
-    vary.add_argument("--eta", type=float, default=0.8, help="DDIM η: 0 reconstructs, 1 varies most (default: 0.8)")
+    vary.add_argument("--eta", type=eta, default=0.8, help="DDIM η: 0 reconstructs, 1 varies most (default: 0.8)")
     _common(vary, "vary")
     vary.set_defaults(func=_vary)
 

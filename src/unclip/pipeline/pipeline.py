@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from unclip.clip.model import ClipModel, TextEncoding
-from unclip.config import UnclipConfig
+from unclip.config import UnclipConfig, check_eta, check_guidance_scale
 from unclip.diffusion import SAMPLERS, SampleStep
 from unclip.errors import ConfigError, DataError, SamplingError
 from unclip.pipeline import PRECISIONS, latent
@@ -66,7 +66,11 @@ def _image_seeds(seed: int | Sequence, n: int) -> list:
         if len(seed) != n:
             raise ConfigError(f"{len(seed)} seeds for {n} images: give one seed per image, or one int")
         return [s if isinstance(s, torch.Generator) else _whole_seed(s) for s in seed]
-    return [_whole_seed(seed) + i for i in range(n)]
+    first = _whole_seed(seed)
+    if first + n - 1 > MAX_SEED:
+        raise ConfigError(f"seed {first}: image i uses seed + i, so with {n} images the seed can be at most "
+                          f"{MAX_SEED - n + 1}")
+    return [first + i for i in range(n)]
 
 
 def prompt_list(prompts: str | Sequence[str]) -> list[str]:
@@ -84,11 +88,16 @@ def prompt_list(prompts: str | Sequence[str]) -> list[str]:
     return prompts
 
 
+MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed takes up to 2^64 - 1; candidate seeds mix modulo 2^63
+
+
 def _whole_seed(seed) -> int:
-    try:
-        return int(seed)
-    except (TypeError, ValueError):
-        raise ConfigError(f"seed {seed!r}: give a whole number (or None for a random draw)") from None
+    if isinstance(seed, bool) or not isinstance(seed, int) and not (hasattr(seed, "__index__")):
+        raise ConfigError(f"seed {seed!r}: give a whole number (or None for a random draw)")
+    seed = int(seed)
+    if not 0 <= seed <= MAX_SEED:
+        raise ConfigError(f"seed {seed}: give a whole number from 0 to {MAX_SEED}")
+    return seed
 
 
 def generators(seed: Seed, n: int) -> list[torch.Generator] | torch.Generator | None:
@@ -131,6 +140,7 @@ class UnclipPipeline:
         self.ar_prior = None if ar_prior is None else ar_prior.eval()
         self.pca = pca if pca is not None else (None if ar_prior is None else ar_prior.quantizer)
         self.directory = directory
+        self._warned: set[str] = set()  # prompts whose word warnings were logged (once per prompt)
 
     # --- properties ---------------------------------------------------------------------------
 
@@ -193,7 +203,12 @@ class UnclipPipeline:
         Empty prompts are an error; prompts longer than the context are cut (a warning says what).
         """
         prompts = prompt_list(prompts)
-        for p in dict.fromkeys(prompts):  # once per prompt, however many candidates repeat it
+        for p in dict.fromkeys(prompts):  # once per prompt, however many candidates, batches or calls repeat it
+            if p in self._warned:
+                continue
+            if len(self._warned) > 10_000:  # a long-running server: forget, rather than grow
+                self._warned.clear()
+            self._warned.add(p)
             for warning in self._word_warnings(p):  # a prompt cut to the context the tokenizer logs itself
                 log.warning("%r: %s (the words it knows: docs/shapes_world.md)", p, warning)
         return self.clip.encode_text(self.clip.tokenize(prompts))
@@ -220,6 +235,9 @@ class UnclipPipeline:
         return warnings
 
     def _word_warnings(self, prompt: str) -> list[str]:
+        if not any(ch.isalnum() for ch in prompt):
+            return ["it has no words, only symbols or emoji, so it tells the model nothing it learnt: expect "
+                    "whatever the model draws for an empty caption"]
         unknown = self.unknown_words(prompt)
         if not unknown:
             return []
@@ -318,6 +336,10 @@ class UnclipPipeline:
         `sizes`); `upsample=False` stops at the decoder's side.
         """
         stages = self.stages_for(size) if upsample else 0
+        if eta is not None:
+            check_eta(eta)
+        if guidance_scale is not None:
+            check_guidance_scale(guidance_scale)
         n = len(z_i)
         gens = generators(seed, n)
         with self.autocast():
@@ -440,6 +462,9 @@ class UnclipPipeline:
         the cascade at this side (one of `sizes`).
         """
         self.stages_for(size)  # an unknown size is an error before any work
+        if n < 1:
+            raise ConfigError(f"n={n}: give 1 or more variations")
+        check_eta(eta)
         z_i, x_T = self.invert(image, steps=steps, guidance_scale=guidance_scale, callback=callback)
         z_i, x_T = z_i[:1].expand(n, -1), x_T[:1].expand(n, -1, -1, -1)
         images = self.decode(z_i, x_T=x_T, sampler="ddim", eta=eta, steps=steps, guidance_scale=guidance_scale,
@@ -478,8 +503,9 @@ class UnclipPipeline:
 
         caption: what the image shows now (z_t0); target: what it should show (z_t).
         """
-        if any(not 0 <= t <= 1 for t in thetas):
-            raise ConfigError(f"text-diff angles must be in [0, 1] (the paper uses up to 0.25–0.5); got {list(thetas)}")
+        if not len(thetas) or any(not 0 <= t <= 1 for t in thetas):
+            raise ConfigError(f"text-diff angles: give one or more, each in [0, 1] (the paper uses up to 0.25–0.5); "
+                              f"got {list(thetas)}")
         z_i, x_T = self.invert(image, steps=steps, guidance_scale=guidance_scale, callback=callback)
         text = self.encode_text([caption, target])
         # [1, D], as long as z_i: unit for unclip's CLIP, the raw CLIP scale for imported (Karlo) models
@@ -495,9 +521,13 @@ class UnclipPipeline:
         """Fill the white (1) region of `mask` and keep the rest of `image` (RePaint resampling).
 
         The fill follows `prompt` (through the prior) or, without one, the image's own z_i. mask:
-        PIL image or tensor [H, W] in {0, 1}, square, any side (resized to the decoder's). size:
-        stop the cascade at this side (one of `sizes`).
+        PIL image or tensor [H, W] in {0, 1}, square, any side: the decoder repaints every one of
+        its pixels the mask touches, and the output keeps the image outside the mask. size: stop
+        the cascade at this side (one of `sizes`).
         """
+        if n < 1 or resample < 1:
+            raise ConfigError(f"n={n}, resample={resample}: inpainting draws 1 or more images with 1 or more "
+                              "resamplings per step")
         from unclip.diffusion import repaint_loop, run
 
         stages = self.stages_for(size)
@@ -523,7 +553,7 @@ class UnclipPipeline:
         out_side = images.shape[-1]
         if out_side > side and not isinstance(image, torch.Tensor):  # keep the original's known pixels at that size
             full = self.pixels(image, out_side)[:1]
-            big_hole = torch.nn.functional.interpolate(hole, size=(out_side,) * 2, mode="nearest")
+            big_hole = _mask_tensor(mask, out_side).to(images)  # the mask itself, not its decoder-sized cells
             images = big_hole * images + (1 - big_hole) * full
         return to_pil(images)
 
@@ -534,7 +564,11 @@ class UnclipPipeline:
                               "--ar-prior, or, for an imported model, fit one (`unclip import-diffusers ... "
                               "--pca-images DIR`)")
         total = self.pca.basis.shape[0]
-        return list(dims) if dims is not None else sorted({k for k in (1, 2, 4, 8, total // 2, total) if 0 < k <= total})
+        if dims is None:
+            return sorted({k for k in (1, 2, 4, 8, total // 2, total) if 0 < k <= total})
+        if not len(dims) or any(not 1 <= k <= total for k in dims):
+            raise ConfigError(f"PCA probe dimensions: give one or more, each from 1 to {total}; got {list(dims)}")
+        return list(dims)
 
     def pca_probe(self, image, dims: Sequence[int] | None = None, *, steps: int | None = None,
                   guidance_scale: float | None = None, seed: Seed = 0, callback: Callback | None = None) -> list:
@@ -568,7 +602,7 @@ def _open_rgb(item):
             with Image.open(item) as opened:
                 opened.load()
                 image = ImageOps.exif_transpose(opened)  # upright, as the training data was read
-        except (OSError, ValueError) as err:
+        except (OSError, ValueError, Image.DecompressionBombError) as err:
             raise DataError(f"cannot read the image {item}: {err}") from None
     if image.width != image.height:
         raise DataError(f"the image is {image.width}×{image.height}; unclip works on square images, so crop it "
@@ -596,7 +630,7 @@ def _mask_tensor(mask, side: int) -> torch.Tensor:
         try:
             pil = mask if isinstance(mask, Image.Image) else Image.open(mask)
             pil.load()
-        except (OSError, ValueError) as err:
+        except (OSError, ValueError, Image.DecompressionBombError) as err:
             raise DataError(f"cannot read the mask {mask}: {err}") from None
         alpha = pil.mode in ("RGBA", "LA")
         gray = np.asarray(pil.getchannel("A") if alpha else pil.convert("L"), dtype=np.float32) / 255.0
@@ -605,15 +639,16 @@ def _mask_tensor(mask, side: int) -> torch.Tensor:
         raise DataError(f"the mask must be square like the image; got {m.shape[-1]}×{m.shape[-2]}")
     if m.sum() == 0:
         raise DataError("the mask is empty: mark the region to repaint in white (or transparent)")
-    return (F.interpolate(m, size=(side, side), mode="area") > 0.5).float()
+    # any coverage paints the whole pixel: a region smaller than half a decoder pixel would vanish
+    return (F.interpolate(m, size=(side, side), mode="area") > 0).float()
 
 
 def _check_finite(images: torch.Tensor, stage: str, sampler: str, steps: int) -> None:
     """Refuse to hand on images with NaN or infinite values (they would save as black)."""
     if not torch.isfinite(images).all():
         raise SamplingError(
-            f"the {stage} produced non-finite values ({sampler}, {steps} steps): try another sampler or more "
-            "steps; if every setting fails, the model's training diverged")
+            f"the {stage} produced non-finite values ({sampler}, {steps} steps): try another sampler, more steps "
+            "or a guidance scale nearer 1; if every setting fails, the model's training diverged")
 
 
 def to_pil(images: torch.Tensor) -> list:

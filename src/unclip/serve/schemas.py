@@ -18,11 +18,13 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, create_model, field_validator
 
+from unclip import config
+
 MAX_PROMPT = 1000          # characters, as dall-e-2
 MAX_N = 10                 # images per request, as dall-e-2
 MAX_IMAGE_BYTES = 4 * 1024 * 1024   # an uploaded PNG must be smaller ("less than 4 MB")
 MAX_SEED = 2**53 - 1       # seeds stay exact in JavaScript numbers (the page shows and reuses them)
-MAX_GUIDANCE = 50.0
+MAX_GUIDANCE = config.MAX_GUIDANCE  # as every entry point
 MAX_RESAMPLE = 20          # RePaint resamplings per step for edits
 OPENAI_SIZES = (256, 512, 1024)
 RESPONSE_FORMATS = ("url", "b64_json")
