@@ -108,6 +108,10 @@ def test_eval_classify_and_embed(clip_dir, tmp_path, capsys):
     assert set(row["probs"]) == {"a red circle", "วงกลมสีแดง", "a blue star"}
     assert sum(row["probs"].values()) == pytest.approx(1.0, abs=1e-4)
     assert main(["clip", "classify", image, "--model", model, "--labels", "only one"]) == 2
+    assert main(["clip", "classify", image, "--model", model, "--labels", "a red circle", "a red circle "]) == 2
+    assert "'a red circle' given more than once" in capsys.readouterr().err  # one would vanish from the JSON
+    assert main(["clip", "classify", image, "--json", "--labels", "a red circle", "a blue star"]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["label"] in ("a red circle", "a blue star")  # the shipped CLIP
 
     out = tmp_path / "emb"
     assert main(["embed", model, "--out", str(out), "-n", "25", "--shard-size", "10"]) == 0

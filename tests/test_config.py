@@ -64,6 +64,10 @@ def test_unknown_key_names_the_valid_keys():
     ("upsamplers.0.train.steps=0", "upsamplers.0.train.steps=0 must be at least 1"),
     ("decoder.train.ema_decay=1", "[0, 1)"),
     ("ar_prior.train.grad_clip=-0.5", "must not be negative"),
+    ("clip.embed_dim=0", "clip.embed_dim=0 must be at least 1"),  # trained at chance, exit 0
+    ("tokenizer.vocab_size=0", "at least 1"),
+    ("decoder.channel_mult=[]", "one multiplier of 1 or more per level"),
+    ("upsamplers.0.channel_mult=[1,0]", "one multiplier of 1 or more per level"),
 ])
 def test_bad_overrides_are_errors(assignment, words):
     with pytest.raises(ConfigError, match=None) as err:

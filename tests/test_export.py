@@ -63,9 +63,12 @@ def test_cli_preview_and_export(tmp_path, capsys):
     assert main(["data", "export", "--out", str(tmp_path / "x"), "--split", "val", "-n", "999999"]) == 2
     assert "has 5000 samples" in capsys.readouterr().err
     for bad, message in ((["--split", "training"], "valid splits: train, val, test, unseen"),
-                         (["--size", "4"], "at least 8 pixels"), (["-n", "0"], "at least one sample"),
                          (["--lang", "de"], "use en, th or mix")):
         assert main(["data", "export", "--out", str(tmp_path / "bad"), *bad]) == 2
+        assert message in capsys.readouterr().err
+    for bad, message in ((["--size", "4"], "4 is out of range: give 8 to 1024"), (["-n", "0"], "0 is too small")):
+        with pytest.raises(SystemExit):  # refused by the argument's type, before anything runs
+            main(["data", "export", "--out", str(tmp_path / "bad"), *bad])
         assert message in capsys.readouterr().err
     assert main(["data", "preview", "--split", "nope", "--out", str(tmp_path / "bad.png")]) == 2
     assert "valid splits" in capsys.readouterr().err

@@ -348,6 +348,11 @@ def test_every_cli_verb_runs_on_the_tiny_model(model_dir, tmp_path, capsys):
         assert params["verb"] == verb and params["index"] == counts[verb] - 1 and params["steps"] == 3
     with Image.open(tmp_path / "generate-1.png") as image:
         assert json.loads(image.text["unclip"])["label"] == "a red circle"
+    Image.new("RGB", (4, 4)).save(tmp_path / "generate-9.png")  # not unclip's: kept
+    assert main([*runs["generate"][:2], "-n", "1", *common, "--out", str(tmp_path / "generate.png")]) == 0
+    assert "images " + str(tmp_path / "generate-0.png") + "\n" in capsys.readouterr().out  # one image, named
+    # the earlier run's images 1-3 went with it, so the folder holds this run's alone (and the stranger)
+    assert sorted(p.name for p in tmp_path.glob("generate-*.png")) == ["generate-0.png", "generate-9.png"]
 
     assert main(["generate", "", *common]) == 2  # empty prompt: a clear error, status 2
     assert "empty" in capsys.readouterr().err

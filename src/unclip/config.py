@@ -311,6 +311,15 @@ def check_eta(eta: float) -> float:
     return float(eta)
 
 
+# integer fields (by name, in any section) that size a network, a vocabulary or a sampler: 0 builds
+# something that trains at chance or cannot run
+AT_LEAST_ONE = frozenset({
+    "vocab_size", "context_length", "corpus_size", "max_token_bytes", "embed_dim", "image_size", "patch_size",
+    "vision_width", "vision_layers", "vision_heads", "text_width", "text_layers", "text_heads", "width", "layers",
+    "heads", "timesteps", "best_of", "sample_steps", "buckets", "resolution", "base_channels", "layers_per_block",
+    "head_dim", "cross_attention_dim", "candidates", "upsampled_candidates", "in_resolution", "out_resolution"})
+
+
 def check(cfg: UnclipConfig) -> None:
     """Cross-field checks that a type alone cannot express.
 
@@ -366,6 +375,11 @@ def check(cfg: UnclipConfig) -> None:
     for path, value in _walk(cfg, ""):
         if isinstance(value, int) and not isinstance(value, bool) and value < 0:
             raise ConfigError(f"{path}={value} must not be negative")
+        leaf = path.rsplit(".", 1)[-1]
+        if leaf in AT_LEAST_ONE and value < 1:
+            raise ConfigError(f"{path}={value} must be at least 1: a network or a sampler of that size does nothing")
+        if leaf == "channel_mult" and (not value or min(value) < 1):
+            raise ConfigError(f"{path}={list(value)} must list one multiplier of 1 or more per level, e.g. [1, 2, 4]")
         if isinstance(value, float) and not math.isfinite(value):
             raise ConfigError(f"{path}={value} must be a finite number")
     for name, train in _train_configs(cfg):

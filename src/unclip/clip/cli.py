@@ -29,10 +29,14 @@ def _classify(args: argparse.Namespace) -> int:
     from unclip.clip.stage import load_clip
     from unclip.clip.zeroshot import classify
 
+    from unclip.pipeline import default_model_dir
+
     labels = [label.strip() for label in args.labels]
     if len(labels) < 2 or not all(labels):
         raise DataError("give at least two non-empty --labels, e.g. --labels \"a red circle\" \"a blue square\"")
-    model = load_clip(args.model)
+    if repeated := sorted({label for label in labels if labels.count(label) > 1}):
+        raise DataError(f"--labels {', '.join(map(repr, repeated))} given more than once; give each label once")
+    model = load_clip(args.model or default_model_dir())
     probs = classify(model, _load_images(args.images, model.config.image_size), labels)
     results = []
     for path, row in zip(args.images, probs.tolist()):
@@ -83,7 +87,8 @@ def register(subparsers) -> None:
                                      "caption in CLIP's shared embedding space (cosine similarity).")
     c.add_argument("images", nargs="+", metavar="IMAGE", help="image files (centre-cropped to a square)")
     c.add_argument("--labels", nargs="+", required=True, help="candidate captions, e.g. \"a red circle\" \"วงกลมสีแดง\"")
-    c.add_argument("--model", required=True, help="model directory holding a CLIP (e.g. runs/shapes/clip/model)")
+    c.add_argument("--model", help="model directory holding a CLIP (e.g. runs/shapes/clip/model; default: the "
+                                   "shipped model's)")
     c.add_argument("--json", action="store_true", help="print JSON instead of text")
     c.set_defaults(func=_classify)
 

@@ -8,6 +8,7 @@ chunk "unclip", and shows a progress bar per sampling stage.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import sys
@@ -68,6 +69,27 @@ def write_singles(images: list, out: str | Path, *, labels: list[str], params: d
     return paths
 
 
+def remove_stale_singles(out: str | Path, count: int) -> list[Path]:
+    """Delete `<stem>-<count>.png`, `<stem>-<count + 1>.png`, ... left beside `out` by an earlier run
+    that wrote more images: only unclip's own (they carry the "unclip" text chunk), and only while
+    they follow on, so a folder never mixes two runs' images under one grid."""
+    from PIL import Image
+
+    out, removed = Path(out), []
+    for i in itertools.count(count):
+        path = out.with_name(f"{out.stem}-{i}.png")
+        try:
+            with Image.open(path) as old:
+                ours = "unclip" in old.text
+        except (OSError, ValueError):
+            break
+        if not ours:
+            break
+        path.unlink()
+        removed.append(path)
+    return removed
+
+
 def write_grid(images: list, out: str | Path, *, labels: list[str], params: dict, columns: int = 4) -> Path:
     """The captioned grid of the first GRID_MAX images at `out`, atomically, `params` in its text chunk."""
     from PIL.PngImagePlugin import PngInfo
@@ -88,6 +110,7 @@ def write_outputs(images: list, out: str | Path, *, labels: list[str], params: d
     """The grid at `out` and each image beside it (`write_singles`, `write_grid`); the singles' paths."""
     paths = write_singles(images, out, labels=labels, params=params)
     write_grid(images, out, labels=labels, params=params, columns=columns)
+    remove_stale_singles(out, len(paths))
     return paths
 
 
@@ -171,7 +194,9 @@ def _params(args: argparse.Namespace, verb: str, extra: dict) -> dict:
 
 def _said(args: argparse.Namespace, count: int) -> None:
     more = f" (the grid shows the first {GRID_MAX})" if count > GRID_MAX else ""
-    print(f"{count} image(s): grid {args.out}{more}, images {Path(args.out).parent}/{Path(args.out).stem}-*.png")
+    out = Path(args.out)
+    singles = f"{out.parent}/{out.stem}-0.png" + (f" … {out.stem}-{count - 1}.png" if count > 1 else "")
+    print(f"{count} image(s): grid {args.out}{more}, images {singles}")
 
 
 def _finish(args: argparse.Namespace, verb: str, images: list, labels: list[str], extra: dict) -> int:
@@ -203,6 +228,7 @@ def _generate(args: argparse.Namespace) -> int:
         shown += images[:GRID_MAX - len(shown)]
     bars.close()
     write_grid(shown, args.out, labels=rows, params=params)
+    remove_stale_singles(args.out, len(rows))
     _said(args, len(rows))
     return 0
 
