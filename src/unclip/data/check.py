@@ -77,6 +77,9 @@ def _source(path: str) -> str:
         return "folder"
     if ".tar" in path:
         return "webdataset"
+    if not Path(path).exists():
+        raise DataError(f"{path} does not exist; give a folder of images with same-name .txt captions, or a "
+                        "shard pattern like 'DIR/{000000..000099}.tar'")
     raise DataError(f"{path} is neither a folder of images with .txt captions nor a shard pattern like "
                     "'DIR/{000000..000099}.tar'")
 

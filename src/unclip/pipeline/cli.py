@@ -208,6 +208,9 @@ def _finish(args: argparse.Namespace, verb: str, images: list, labels: list[str]
 def _generate(args: argparse.Namespace) -> int:
     """Sample BATCH images at a time, writing each batch before the next: image i has seed `--seed` + i
     whatever the batching (`unclip.pipeline.generators`), so the files match one big call's."""
+    from unclip.pipeline.pipeline import prompt_list
+
+    prompt_list(args.prompts)  # an empty prompt is refused before the model loads
     pipe, bars = _load(args), ProgressBars(not args.quiet)
     pipe.encode_text(args.prompts)  # an empty prompt is an error before any image is drawn
     rows = [p for p in args.prompts for _ in range(args.n)]
@@ -336,7 +339,8 @@ def register(subparsers) -> None:
         "so the ends reconstruct the images)."))
     inter.add_argument("image_a", help="first square image file")
     inter.add_argument("image_b", help="second square image file")
-    inter.add_argument("-n", type=positive_int, default=6, help="number of frames, ends included (default: 6)")
+    inter.add_argument("-n", type=int_range(2, 1000, " (the two images are frames too)"), default=6,
+                       help="number of frames, ends included (default: 6)")
     inter.add_argument("--mode", choices=["fixed", "inverted"], default="fixed", help="x_T handling (default: fixed)")
     _common(inter, "interpolate")
     inter.set_defaults(func=_interpolate)

@@ -141,6 +141,7 @@ class UnclipPipeline:
         self.pca = pca if pca is not None else (None if ar_prior is None else ar_prior.quantizer)
         self.directory = directory
         self._warned: set[str] = set()  # prompts whose word warnings were logged (once per prompt)
+        self._small_warned: set[int] = set()  # sides of input images warned about as upscaled
 
     # --- properties ---------------------------------------------------------------------------
 
@@ -280,6 +281,10 @@ class UnclipPipeline:
                 raise DataError("no image given")
             x = torch.stack([to_tensor(_open_rgb(item)) for item in items]) if len({_size(i) for i in items}) == 1 \
                 else torch.cat([self.pixels(item, size) for item in items])
+        if x.shape[-1] < min(size, self.clip.config.image_size) and x.shape[-1] not in self._small_warned:
+            self._small_warned.add(x.shape[-1])
+            log.warning("an input image is %d×%d, smaller than the %d×%d this model reads: it is upscaled, so "
+                        "expect its blur in the result", x.shape[-1], x.shape[-1], size, size)
         return resize(x.float(), size).to(self.device)
 
     # --- the one decode path ------------------------------------------------------------------
