@@ -120,6 +120,11 @@ def test_a_run_resumes_with_execution_or_other_stages_changed_but_not_with_what_
         _read_resume_state(tmp_path / "checkpoint.pt", run_config(lang="th"), "diffusion_prior")
     with pytest.raises(TrainingError, match=r"decoder.train.lr: 0.0001 → 5e-05"):  # the decoder's own run
         _read_resume_state(tmp_path / "checkpoint.pt", run_config(decoder_lr=5e-5), "decoder")
+    other_clip = {**run_config(), "clip": {"embed_dim": 32}}  # the embeddings a prior or decoder learns from
+    with pytest.raises(TrainingError, match=r"clip.embed_dim: 64 → 32"):
+        _read_resume_state(tmp_path / "checkpoint.pt", other_clip, "decoder")
+    save_checkpoint(tmp_path / "up.pt", {"step": 3, "run_config": run_config()})
+    assert _read_resume_state(tmp_path / "up.pt", other_clip, "upsampler1")["step"] == 3  # no CLIP in it
 
 
 class _TermAt(torch.nn.Module):

@@ -13,8 +13,10 @@ import json
 from typing import Any
 
 EXECUTION_ONLY = ("compile", "num_workers", "log_every", "ckpt_every")
-SECTIONS = {"clip": ("data", "clip", "tokenizer"), "diffusion_prior": ("data", "prior"),
-            "ar_prior": ("data", "ar_prior"), "decoder": ("data", "decoder")}  # upsamplerN: data + upsamplers[N-1]
+# the priors and the decoder learn from the CLIP's embeddings, so its sections count for them too
+SECTIONS = {"clip": ("data", "tokenizer", "clip"), "diffusion_prior": ("data", "tokenizer", "clip", "prior"),
+            "ar_prior": ("data", "tokenizer", "clip", "ar_prior"),
+            "decoder": ("data", "tokenizer", "clip", "decoder")}  # upsamplerN: data + upsamplers[N-1]
 
 
 def what_trains(config: Any) -> Any:
