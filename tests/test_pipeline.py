@@ -347,7 +347,9 @@ def test_every_cli_verb_runs_on_the_tiny_model(model_dir, tmp_path, capsys):
             assert image.size == (64, 64)
         assert params["verb"] == verb and params["index"] == counts[verb] - 1 and params["steps"] == 3
     with Image.open(tmp_path / "generate-1.png") as image:
-        assert json.loads(image.text["unclip"])["label"] == "a red circle"
+        params = json.loads(image.text["unclip"])
+    assert params["label"] == "a red circle" and params["image_seed"] == 6  # --seed 5, image 1
+    assert params["model"] == str(model_dir) and params["sampler"] and params["guidance_scale"] is not None
     Image.new("RGB", (4, 4)).save(tmp_path / "generate-9.png")  # not unclip's: kept
     assert main([*runs["generate"][:2], "-n", "1", *common, "--out", str(tmp_path / "generate.png")]) == 0
     assert "images " + str(tmp_path / "generate-0.png") + "\n" in capsys.readouterr().out  # one image, named
@@ -373,6 +375,8 @@ def test_every_cli_verb_runs_on_the_tiny_model(model_dir, tmp_path, capsys):
 def test_prompts_with_words_the_model_never_saw_are_warned_about_once(model_dir, caplog):
     import logging
 
+    from PIL import Image
+
     import unclip
 
     pipe = unclip.load(model_dir)  # a tiny model of the shapes preset: trained on shapes-world captions
@@ -385,6 +389,12 @@ def test_prompts_with_words_the_model_never_saw_are_warned_about_once(model_dir,
         pipe.encode_text(["a dog on a red skateboard"])  # another call, e.g. the next batch: not again
         pipe.encode_text(["😀 !!!"])
     assert len(caplog.records) == 1 and "it has no words, only symbols or emoji" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="unclip.pipeline.pipeline"):
+        pipe.generate("a red circle", steps=2, candidates=2)  # its own 16² candidates, read by CLIP
+        assert "upscaled" not in caplog.text
+        pipe.encode_image(Image.new("RGB", (4, 4)))  # a caller's tiny image
+    assert "an input image is 4×4" in caplog.text
     long = " ".join(["a red circle above a blue square"] * 8)  # what a server answer carries, beside the images
     reads = pipe.clip.tokenizer.context_length - 2
     assert pipe.prompt_warnings(long) == [f"it is longer than the {reads} tokens this model reads; the rest was left out"]

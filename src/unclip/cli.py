@@ -50,7 +50,7 @@ def _demo(args: argparse.Namespace) -> int:
     seconds = time.perf_counter() - started
     grid = out / "generate.png"
     write_outputs(images, grid, labels=[p for p in prompts for _ in range(args.n)],
-                  params={"verb": "demo", "model": "default", "seed": args.seed})
+                  params={"verb": "demo", "model": str(pipe.directory), "seed": args.seed})
     print(f"{len(images)} images from the shipped model in {seconds:.0f} s: {grid} (each image beside it as "
           f"generate-*.png)")
     print('next: unclip generate "three green triangles" -n 4   (every verb has --help; docs/model_card.md)')

@@ -54,6 +54,9 @@ GRID_MAX = 64  # images the grid shows; every image is written on its own
 BATCH = 16  # images `unclip generate` samples at once, so memory stays flat for any -n
 
 
+PER_IMAGE_SEED = ("generate", "vary", "inpaint", "demo")  # verbs whose image i is drawn with seed + i
+
+
 def write_singles(images: list, out: str | Path, *, labels: list[str], params: dict, start: int = 0) -> list[Path]:
     """Each image at `<stem>-<start + i>.png` beside `out`, written atomically with `params` (plus
     the image's index and label) as JSON in the PNG text chunk "unclip"."""
@@ -63,8 +66,10 @@ def write_singles(images: list, out: str | Path, *, labels: list[str], params: d
 
     out, paths = Path(out), []
     for i, (image, label) in enumerate(zip(images, labels), start=start):
-        info = PngInfo()
-        info.add_text("unclip", json.dumps({**params, "index": i, "label": label}, ensure_ascii=False))
+        info, own = PngInfo(), {"index": i, "label": label}
+        if params.get("verb") in PER_IMAGE_SEED and params.get("seed") is not None:
+            own["image_seed"] = params["seed"] + i  # what redraws this image alone (`--seed` of a one-image run)
+        info.add_text("unclip", json.dumps({**params, **own}, ensure_ascii=False))
         paths.append(save_image_atomic(out.with_name(f"{out.stem}-{i}.png"), image, pnginfo=info))
     return paths
 
@@ -186,10 +191,13 @@ def _common(parser: argparse.ArgumentParser, verb: str, *, seed: int | None = 0)
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
-def _params(args: argparse.Namespace, verb: str, extra: dict) -> dict:
-    """What every PNG of a verb's run carries in its text chunk."""
-    return {"verb": verb, "model": str(args.model), "seed": args.seed, "steps": args.steps,
-            "guidance_scale": args.guidance_scale, **extra}
+def _params(args: argparse.Namespace, verb: str, extra: dict, pipe) -> dict:
+    """What every PNG of a verb's run carries in its text chunk: the settings as used, the model's
+    own defaults filled in where the command line left them out."""
+    decoder = pipe.config.decoder
+    return {"verb": verb, "model": str(pipe.directory or args.model), "seed": args.seed,
+            "steps": args.steps or decoder.sample_steps,
+            "guidance_scale": decoder.guidance_scale if args.guidance_scale is None else args.guidance_scale, **extra}
 
 
 def _said(args: argparse.Namespace, count: int) -> None:
@@ -199,8 +207,8 @@ def _said(args: argparse.Namespace, count: int) -> None:
     print(f"{count} image(s): grid {args.out}{more}, images {singles}")
 
 
-def _finish(args: argparse.Namespace, verb: str, images: list, labels: list[str], extra: dict) -> int:
-    write_outputs(images, args.out, labels=labels, params=_params(args, verb, extra))
+def _finish(args: argparse.Namespace, pipe, verb: str, images: list, labels: list[str], extra: dict) -> int:
+    write_outputs(images, args.out, labels=labels, params=_params(args, verb, extra, pipe))
     _said(args, len(images))
     return 0
 
@@ -214,10 +222,13 @@ def _generate(args: argparse.Namespace) -> int:
     pipe, bars = _load(args), ProgressBars(not args.quiet)
     pipe.encode_text(args.prompts)  # an empty prompt is an error before any image is drawn
     rows = [p for p in args.prompts for _ in range(args.n)]
-    params = _params(args, "generate", {"prompts": args.prompts, "n": args.n, "prior": args.prior,
-                                        "prior_guidance_scale": args.prior_guidance_scale, "sampler": args.sampler,
-                                        "size": args.size, "candidates": args.candidates,
-                                        "upsampled_candidates": args.upsampled_candidates})
+    decoder = pipe.config.decoder
+    params = _params(args, "generate", {
+        "prompts": args.prompts, "n": args.n, "prior": args.prior or pipe.priors[0],
+        "prior_guidance_scale": pipe.config.prior.guidance_scale if args.prior_guidance_scale is None
+        else args.prior_guidance_scale, "sampler": args.sampler or decoder.sampler,
+        "size": args.size or pipe.resolution, "candidates": args.candidates or decoder.candidates,
+        "upsampled_candidates": args.upsampled_candidates or decoder.upsampled_candidates}, pipe)
     shown = []
     for start in range(0, len(rows), BATCH):
         if len(rows) > BATCH and not args.quiet:
@@ -241,7 +252,7 @@ def _vary(args: argparse.Namespace) -> int:
     images = pipe.variations(args.image, n=args.n, eta=args.eta, steps=args.steps,
                              guidance_scale=args.guidance_scale, seed=args.seed, callback=bars)
     bars.close()
-    return _finish(args, "vary", images, [f"variation {i + 1} (η {args.eta})" for i in range(args.n)],
+    return _finish(args, pipe, "vary", images, [f"variation {i + 1} (η {args.eta})" for i in range(args.n)],
                    {"image": args.image, "eta": args.eta})
 
 
@@ -251,7 +262,7 @@ def _interpolate(args: argparse.Namespace) -> int:
                               guidance_scale=args.guidance_scale, seed=args.seed, callback=bars)
     bars.close()
     labels = [f"t = {i / (args.n - 1):.2f}" for i in range(args.n)]
-    return _finish(args, "interpolate", images, labels, {"images": [args.image_a, args.image_b], "mode": args.mode})
+    return _finish(args, pipe, "interpolate", images, labels, {"images": [args.image_a, args.image_b], "mode": args.mode})
 
 
 def _textdiff(args: argparse.Namespace) -> int:
@@ -259,7 +270,7 @@ def _textdiff(args: argparse.Namespace) -> int:
     images = pipe.text_diff(args.image, args.caption, args.target, thetas=args.thetas, steps=args.steps,
                             guidance_scale=args.guidance_scale, seed=args.seed, callback=bars)
     bars.close()
-    return _finish(args, "textdiff", images, [f"θ = {t:g}" for t in args.thetas],
+    return _finish(args, pipe, "textdiff", images, [f"θ = {t:g}" for t in args.thetas],
                    {"image": args.image, "caption": args.caption, "target": args.target, "thetas": args.thetas})
 
 
@@ -269,7 +280,7 @@ def _inpaint(args: argparse.Namespace) -> int:
                           guidance_scale=args.guidance_scale, seed=args.seed, callback=bars)
     bars.close()
     label = args.prompt or "(the image's own z_i)"
-    return _finish(args, "inpaint", images, [label] * args.n,
+    return _finish(args, pipe, "inpaint", images, [label] * args.n,
                    {"image": args.image, "mask": args.mask, "prompt": args.prompt, "resample": args.resample})
 
 
@@ -279,7 +290,7 @@ def _probe(args: argparse.Namespace) -> int:
                             seed=args.seed, callback=bars)
     bars.close()
     dims = pipe.probe_dims(args.dims)
-    return _finish(args, "probe", images, [f"k = {k}" for k in dims], {"image": args.image, "dims": dims})
+    return _finish(args, pipe, "probe", images, [f"k = {k}" for k in dims], {"image": args.image, "dims": dims})
 
 
 def _assemble(args: argparse.Namespace) -> int:

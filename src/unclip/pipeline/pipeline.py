@@ -281,7 +281,8 @@ class UnclipPipeline:
                 raise DataError("no image given")
             x = torch.stack([to_tensor(_open_rgb(item)) for item in items]) if len({_size(i) for i in items}) == 1 \
                 else torch.cat([self.pixels(item, size) for item in items])
-        if x.shape[-1] < min(size, self.clip.config.image_size) and x.shape[-1] not in self._small_warned:
+        given = not isinstance(images, torch.Tensor)  # a caller's image, not the pipeline's own candidates
+        if given and x.shape[-1] < min(size, self.clip.config.image_size) and x.shape[-1] not in self._small_warned:
             self._small_warned.add(x.shape[-1])
             log.warning("an input image is %d×%d, smaller than the %d×%d this model reads: it is upscaled, so "
                         "expect its blur in the result", x.shape[-1], x.shape[-1], size, size)
