@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from unclip.argtypes import positive_int, seed_number
+from unclip.argtypes import int_range, seed_number, threads
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -33,8 +33,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     for name, func, help_text, description in verbs:
         verb = sub.add_parser(name, help=help_text, description=description)
         verb.add_argument("--out", default=f"out/explain/{name}", help=f"output folder (default: out/explain/{name})")
-        verb.add_argument("--seed", type=seed_number, default=0, help="seed of the data split, weights and pairs (default: 0)")
-        verb.add_argument("--quick", action="store_true", help="a few seconds: fewer epochs, smaller t-SNE")
+        verb.add_argument("--seed", type=seed_number, default=0, help="seed of the data split and the weights "
+                          f"{'and pairs ' if name == 'distance' else ''}(default: 0)")
+        verb.add_argument("--quick", action="store_true", help="a few seconds: fewer epochs" +
+                          (", a smaller t-SNE" if name == "distance" else ""))
+        _threads(verb)
         verb.set_defaults(func=func)
     clip = sub.add_parser(
         "clip", help="CLIP's shared space: images and captions compared by cosine, t-SNE of both",
@@ -44,8 +47,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     clip.add_argument("--model", required=True, help="model directory holding a CLIP (e.g. runs/shapes/clip/model)")
     clip.add_argument("--out", default="out/explain/clip", help="output folder (default: out/explain/clip)")
     clip.add_argument("--seed", type=seed_number, default=0, help="t-SNE seed (default: 0)")
-    clip.add_argument("-n", type=positive_int, default=150, help="scenes in the t-SNE (default: 150)")
+    clip.add_argument("-n", type=int_range(10, 5000, " (t-SNE needs more points than its neighbours)"), default=150,
+                      help="scenes in the t-SNE (default: 150)")
+    _threads(clip)
     clip.set_defaults(func=_clip)
+
+
+def _threads(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--threads", type=threads, default=1,
+                        help="torch CPU threads (default: 1: these networks are so small that more threads only "
+                             "wait on each other, and the figures are the same only at one thread count; 0: "
+                             "torch's choice)")
+
+
+def _use_threads(args: argparse.Namespace) -> None:
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
 
 
 def _print_files(paths: dict[str, Path]) -> None:
@@ -55,6 +74,7 @@ def _print_files(paths: dict[str, Path]) -> None:
 
 
 def _distance(args: argparse.Namespace) -> int:
+    _use_threads(args)
     from unclip.explain.digits import require_explain_deps
 
     require_explain_deps()
@@ -83,6 +103,7 @@ def _distance(args: argparse.Namespace) -> int:
 
 
 def _manifold(args: argparse.Namespace) -> int:
+    _use_threads(args)
     from unclip.explain.digits import require_explain_deps
 
     require_explain_deps()
@@ -103,6 +124,7 @@ def _manifold(args: argparse.Namespace) -> int:
 
 
 def _clip(args: argparse.Namespace) -> int:
+    _use_threads(args)
     from unclip.explain.digits import require_explain_deps
 
     require_explain_deps()
