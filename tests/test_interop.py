@@ -419,6 +419,20 @@ def test_v_prediction_exports_through_the_shim_as_epsilon(tmp_path):
                  generator=torch.Generator().manual_seed(0), output_type="np").images
     assert images.shape == (1, 64, 64, 3) and np.isfinite(images).all()
 
+    # imported back, the networks' raw outputs are v of the image and of the residual, as unclip trained
+    # them (read as ε, the round trip drew noise), with the exported model's own sampling settings
+    from unclip.pipeline.interop import import_diffusers
+
+    back = unclip.load(import_diffusers(out, tmp_path / "back"))
+    assert back.decoder.config.prediction_type == "v_prediction"
+    up_back = back.upsamplers[0].config
+    assert (up_back.prediction_type, up_back.target) == ("v_prediction", "residual")
+    assert (up_back.sampler, up_back.sample_start) == (pipe.upsamplers[0].config.sampler,
+                                                       pipe.upsamplers[0].config.sample_start)
+    assert back.decoder.config.guidance_scale == pipe.decoder.config.guidance_scale
+    with torch.no_grad():
+        assert torch.allclose(back.upsamplers[0].unet_fn(x_r, t, low=up), v, atol=1e-4)
+
 
 def test_export_refuses_what_diffusers_cannot_hold(karlo, tmp_path):
     from unclip.pipeline.export import export_diffusers

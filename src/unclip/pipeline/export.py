@@ -262,6 +262,11 @@ def export_diffusers(model: str | Path, out: str | Path) -> Path:
         (tmp / "unclip_export.json").write_text(json.dumps({
             "source": str(Path(model).resolve()), "unclip_version": __version__, "embedding_dim": dim,
             "exported_width": width, "z_t": "layernorm-mirror" if mirror else "raw",
+            "sampling": {"decoder_steps": decoder_cfg.sample_steps, "decoder_guidance": decoder_cfg.guidance_scale,
+                         "prior_steps": pipe.prior.config.sample_steps,
+                         "prior_guidance": pipe.prior.config.guidance_scale, "super_res_steps": up.config.sample_steps,
+                         "decoder_sampler": decoder_cfg.sampler, "prior_sampler": pipe.prior.config.sampler,
+                         "super_res_sampler": up.config.sampler, "super_res_start": up.config.sample_start},
             "load": "UnCLIPPipeline.from_pretrained(path, trust_remote_code=True)" if shim or up_shim
             else "UnCLIPPipeline.from_pretrained(path)"}, indent=2), encoding="utf-8")
 

@@ -89,6 +89,45 @@ def diffusion_process(scheduler_dir: Path) -> dict:
             "clip_range": clip_range}
 
 
+def _defaults(directory: Path) -> dict:
+    """Sampling defaults of an imported model: Karlo's (`DEFAULTS`), or, for an unclip export, the
+    exported model's own, which its `unclip_export.json` records (guidance that suits Karlo, 8, spoils
+    a model trained to sample unguided)."""
+    recorded = directory / "unclip_export.json"
+    own = _json(recorded).get("sampling", {}) if recorded.is_file() else {}
+    samplers = {"decoder_sampler": "ddpm", "prior_sampler": "ddpm", "super_res_sampler": "ddpm", "super_res_start": 1.0}
+    return {**DEFAULTS, **samplers, **{k: v for k, v in own.items() if k in DEFAULTS or k in samplers}}
+
+
+SHIM_SETTINGS = {"prediction_type": "PREDICTION_TYPE", "timesteps": "TIMESTEPS", "target": "TARGET"}
+
+
+def shim_settings(folder: Path) -> dict:
+    """What an unclip export's shim says of the network in `folder`: {} for a plain diffusers network.
+
+    unclip exports its v-predicting and residual networks under a shim class (`export.SHIM_CLASS`)
+    whose module turns their outputs into the ε of the image that diffusers' schedulers expect, and
+    the schedulers then say "epsilon". Loaded back without the shim, the network's raw outputs are
+    what unclip samples, so its process must be the shim's: {"prediction_type", "timesteps", "target"}.
+    """
+    import re
+
+    from unclip.pipeline.export import SHIM_CLASS, SHIM_UPSAMPLER
+
+    if _json(folder / "config.json").get("_class_name") not in (SHIM_CLASS, SHIM_UPSAMPLER):
+        return {}
+    sources = sorted(folder.glob("unclip_unet_*.py"))
+    if not sources:
+        raise ModelFormatError(f"{folder}/config.json names unclip's shim class, but the folder holds no "
+                               "unclip_unet_*.py to say what the network predicts; copy the export again")
+    text = sources[0].read_text(encoding="utf-8")
+    found = {key: re.search(rf'^{name} = "?([\w.]+)"?', text, re.MULTILINE) for key, name in SHIM_SETTINGS.items()}
+    settings = {key: match.group(1) for key, match in found.items() if match}
+    if "timesteps" in settings:
+        settings["timesteps"] = int(settings["timesteps"])
+    return settings
+
+
 def _check_clip_range(process: dict, stage: str) -> None:
     if process["clip_range"] != 1.0:
         log.warning("%s: diffusers clips x_start to %s; unclip's sampler clips images to [-1, 1] "
@@ -161,6 +200,8 @@ def _decoder(directory: Path, clip):
                                f"the text encoder's width {width}; diffusers' text projection needs them equal")
     process = diffusion_process(directory / "decoder_scheduler")
     _check_clip_range(process, "decoder")
+    shim = shim_settings(directory / "decoder")
+    process.update({k: v for k, v in shim.items() if k in ("prediction_type", "timesteps")})
     if (unet.config.out_channels == 2 * unet.config.in_channels) != (process["variance"] == "learned_range"):
         raise ModelFormatError(f"{directory}: the decoder has {unet.config.out_channels} output channels but its "
                                f"scheduler's variance is {process['variance']}; they must agree")
@@ -171,8 +212,9 @@ def _decoder(directory: Path, clip):
         **({"head_dim": unet.config.attention_head_dim} if isinstance(unet.config.attention_head_dim, int) else {}),
         cross_attention_dim=tp.cross_attention_dim, clip_tokens=tp.clip_extra_context_tokens,
         timesteps=process["timesteps"], noise_schedule=process["noise_schedule"], variance=process["variance"],
-        prediction_type=process["prediction_type"], time_text="pooled", text_null="empty_prompt", sampler="ddpm",
-        sample_steps=DEFAULTS["decoder_steps"], guidance_scale=DEFAULTS["decoder_guidance"])
+        prediction_type=process["prediction_type"], time_text="pooled", text_null="empty_prompt",
+        sampler=_defaults(directory)["decoder_sampler"],
+        sample_steps=_defaults(directory)["decoder_steps"], guidance_scale=_defaults(directory)["decoder_guidance"])
     decoder = Decoder(config=cfg, clip_dim=tp.clip_embeddings_dim, text_width=width, unet=unet)
     decoder.text_proj.load_state_dict(tp_model.state_dict(), strict=True)
     return decoder
@@ -189,11 +231,21 @@ def _upsampler(directory: Path, decoder_side: int):
     scheduler_dir = directory / "super_res_scheduler"
     process = diffusion_process(scheduler_dir if scheduler_dir.is_dir() else directory / "decoder_scheduler")
     _check_clip_range(process, "super-res")
+    shim = shim_settings(directory / "super_res_first")
+    process.update({k: v for k, v in shim.items() if k in ("prediction_type", "timesteps")})
     cfg = UpsamplerConfig(in_resolution=decoder_side, out_resolution=first.config.sample_size,
                           **_unet_shape(first.config), timesteps=process["timesteps"],
                           noise_schedule=process["noise_schedule"], variance=process["variance"],
-                          prediction_type=process["prediction_type"], sampler="ddpm",
-                          sample_steps=DEFAULTS["super_res_steps"])
+                          prediction_type=process["prediction_type"], target=shim.get("target", "image"),
+                          sampler=_defaults(directory)["super_res_sampler"],
+                          sample_start=_defaults(directory)["super_res_start"],
+                          sample_steps=_defaults(directory)["super_res_steps"])
+    if shim:  # one of unclip's own upsamplers, exported: sampled as unclip samples it (residual included)
+        from unclip.decoder.upsampler import Upsampler
+
+        upsampler = Upsampler(config=cfg)
+        upsampler.unet = first
+        return upsampler
     return TwoNetUpsampler(config=cfg, first=first, last=last)
 
 
@@ -218,8 +270,9 @@ def _prior(directory: Path, width: int):
     cfg = PriorConfig(width=pc.num_attention_heads * pc.attention_head_dim, layers=pc.num_layers,
                       heads=pc.num_attention_heads, timesteps=process["timesteps"],
                       noise_schedule=process["noise_schedule"], prediction_type=process["prediction_type"],
-                      normalization="per_dim", best_of=1, sampler="ddpm", sample_steps=DEFAULTS["prior_steps"],
-                      guidance_scale=DEFAULTS["prior_guidance"])
+                      normalization="per_dim", best_of=1, sampler=_defaults(directory)["prior_sampler"],
+                      sample_steps=_defaults(directory)["prior_steps"],
+                      guidance_scale=_defaults(directory)["prior_guidance"])
     return DiffusersPrior(transformer=transformer, config=cfg, clip_range=process["clip_range"])
 
 
@@ -350,6 +403,8 @@ def import_diffusers(src: str | Path, out: str | Path, *, image_encoder: str | P
         for name in components:
             shutil.copytree(src / name, tmp / name, copy_function=_link_or_copy)
         shutil.copy2(src / "model_index.json", tmp / "model_index.json")
+        if (src / "unclip_export.json").is_file():  # an unclip export's own sampling settings (`_defaults`)
+            shutil.copy2(src / "unclip_export.json", tmp / "unclip_export.json")
         if image_encoder is not None and not (src / "image_encoder").is_dir():
             pipe.clip.vision.save_pretrained(tmp / "image_encoder")
             pre = Path(image_encoder) / "preprocessor_config.json"
