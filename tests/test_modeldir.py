@@ -119,6 +119,17 @@ def test_saving_over_something_that_is_not_a_model_is_refused_and_loses_nothing(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["thesis"]
 
 
+def test_a_model_directory_has_the_umasks_mode_not_mkdtemps(tmp_path):
+    import os
+
+    old = os.umask(0o022)
+    try:
+        model = _write_model(tmp_path / "model", _net())
+    finally:
+        os.umask(old)
+    assert model.stat().st_mode & 0o777 == 0o755  # mkdtemp's 0700 kept a served model from other accounts
+
+
 def test_an_empty_folder_or_an_earlier_model_is_replaced(tmp_path):
     (tmp_path / "empty").mkdir()
     _write_model(tmp_path / "empty", _net())

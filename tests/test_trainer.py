@@ -123,6 +123,16 @@ def test_a_run_resumes_with_execution_or_other_stages_changed_but_not_with_what_
     other_clip = {**run_config(), "clip": {"embed_dim": 32}}  # the embeddings a prior or decoder learns from
     with pytest.raises(TrainingError, match=r"clip.embed_dim: 64 → 32"):
         _read_resume_state(tmp_path / "checkpoint.pt", other_clip, "decoder")
+    sampled_otherwise = {**run_config(), "decoder": {"train": {"lr": 1e-4}, "guidance_scale": 3.0, "sample_steps": 9}}
+    assert _read_resume_state(tmp_path / "checkpoint.pt", sampled_otherwise, "decoder")["step"] == 5  # no weight changes
+    from unclip.config import preset
+    from unclip.pipeline.assemble import with_sampling
+
+    shapes = preset("shapes")
+    asked = shapes.override(["decoder.guidance_scale=3", "decoder.base_channels=8", "upsamplers.0.sample_steps=7"])
+    carried = with_sampling(shapes, asked)  # what `train all` assembles: the stages' weights, sampling as asked now
+    assert (carried.decoder.guidance_scale, carried.upsamplers[0].sample_steps) == (3.0, 7)
+    assert carried.decoder.base_channels == shapes.decoder.base_channels
     save_checkpoint(tmp_path / "up.pt", {"step": 3, "run_config": run_config()})
     assert _read_resume_state(tmp_path / "up.pt", other_clip, "upsampler1")["step"] == 3  # no CLIP in it
 

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 from unclip import __version__
 from unclip.errors import ModelFormatError
-from unclip.io import atomic_write, write_json_atomic
+from unclip.io import atomic_write, umask, write_json_atomic
 
 if TYPE_CHECKING:
     import torch
@@ -94,6 +94,7 @@ def save_model_dir(directory: str | Path, manifest: Manifest, write_components: 
     check_replaceable(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.", suffix=".tmp"))
+    os.chmod(tmp, 0o777 & ~umask())  # mkdtemp makes 0700; a model is shared like any folder (umask)
     try:
         write_components(tmp)
         files = {

@@ -66,7 +66,7 @@ def _load(path: str | Path | None, *, device: str | None):
     from unclip.modeldir import read_manifest
     from unclip.pipeline.pipeline import UnclipPipeline
 
-    directory = default_model_dir() if path is None else Path(path)
+    directory = default_model_dir() if path is None else Path(path).expanduser()  # "~/models/…" as a shell reads it
     from unclip.pipeline.interop import is_diffusers_dir, load_diffusers
 
     if is_diffusers_dir(directory):  # Karlo or any diffusers unCLIP layout, imported or not

@@ -100,16 +100,31 @@ def _clip_source(clip: str | Path, decoder_dir: Path, decoder_manifest: Manifest
     return clip, manifest
 
 
+def with_sampling(cfg: UnclipConfig, source: UnclipConfig) -> UnclipConfig:
+    """`cfg` with the sampling settings of `source` in every stage both have (weights untouched)."""
+    from unclip.train.runconfig import SAMPLING
+
+    def take(ours, theirs):
+        return replace(ours, **{k: getattr(theirs, k) for k in SAMPLING if hasattr(ours, k) and hasattr(theirs, k)})
+
+    ups = tuple(take(u, v) for u, v in zip(cfg.upsamplers, source.upsamplers)) + cfg.upsamplers[len(source.upsamplers):]
+    return replace(cfg, decoder=take(cfg.decoder, source.decoder), prior=take(cfg.prior, source.prior),
+                   ar_prior=take(cfg.ar_prior, source.ar_prior), upsamplers=ups)
+
+
 def assemble(out: str | Path, *, decoder: str | Path, prior: str | Path | None = None,
              ar_prior: str | Path | None = None, upsamplers: tuple[str | Path, ...] = (),
-             clip: str | Path | None = None) -> Path:
+             clip: str | Path | None = None, sampling: UnclipConfig | None = None) -> Path:
     """Write the model directory `out` from stage directories; returns `out`.
 
     decoder: a decoder directory (it also provides the CLIP); prior / ar_prior: diffusion and
     autoregressive prior directories (at least one); upsamplers: stage 1, then stage 2. clip: a CLIP
     to carry instead of the decoder's, one that kept its image tower and tokenizer (a text-tower
     fine-tune, `clip.train_towers=text`): the priors must have been trained against it, and the
-    decoder reads its caption states from the new text tower.
+    decoder reads its caption states from the new text tower. sampling: a config whose sampling
+    settings (`runconfig.SAMPLING`: sampler, steps, guidance, candidates, ...) the model takes
+    instead of the stages' own (`train all` passes its config, whose sampling may have changed
+    after a stage was trained).
     """
     check_replaceable(out)
     if prior is None and ar_prior is None:
@@ -167,6 +182,8 @@ def assemble(out: str | Path, *, decoder: str | Path, prior: str | Path | None =
         stats.update(manifest.stats)
     stats.update(clip_manifest.stats)  # the carried CLIP's temperature, over the decoder's copy of its own
     cfg = replace(cfg, upsamplers=tuple(upsampler_cfgs))
+    if sampling is not None:
+        cfg = with_sampling(cfg, sampling)
     check(cfg)
 
     def components(tmp: Path) -> None:

@@ -35,6 +35,7 @@ import copy
 import json
 import logging
 import math
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -42,6 +43,7 @@ from pathlib import Path
 import torch
 
 from unclip.errors import ModelFormatError
+from unclip.io import umask
 from unclip.modeldir import check_replaceable, swap_in
 
 log = logging.getLogger(__name__)
@@ -186,6 +188,7 @@ def _write(out: Path, write) -> Path:
     """Run `write(tmp)` in a temporary sibling of `out`, then swap it in (a crash leaves `out` as it was)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+    os.chmod(tmp, 0o777 & ~umask())  # mkdtemp makes 0700
     try:
         write(tmp)
         swap_in(tmp, out, "model_index.json")

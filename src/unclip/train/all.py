@@ -76,9 +76,9 @@ def train_all(cfg: UnclipConfig, *, root: str | Path, out: str | Path, stages: S
             log.info("%s: %s is complete, skipped", name, target)
             if changed := _stale(name, target, cfg):
                 log.warning("%s at %s was trained with another config (%s%s) and is kept as it is; to train it "
-                            "again with this one, delete %s or give another --run-dir", name, target,
-                            "; ".join(changed[:3]), f"; {len(changed) - 3} more" if len(changed) > 3 else "",
-                            target)
+                            "again with this one, delete %s (its model and checkpoint) or give another --run-dir",
+                            name, target, "; ".join(changed[:3]),
+                            f"; {len(changed) - 3} more" if len(changed) > 3 else "", target.parent)
             return
         if name not in stages:
             raise ModelFormatError(f"stage {name} is not complete at {target} and was not asked for; "
@@ -121,7 +121,7 @@ def train_all(cfg: UnclipConfig, *, root: str | Path, out: str | Path, stages: S
     path = Path(out)
     if dist.rank_world()[0] == 0:
         path = assemble(out, decoder=model["decoder"], prior=model["prior"], ar_prior=model["ar_prior"],
-                        upsamplers=tuple(upsampler_dirs))
+                        upsamplers=tuple(upsampler_dirs), sampling=cfg)  # sampling as asked now
     dist.barrier()
     log.info("trained %s; seconds per stage: %s", path, timings)
     return timings

@@ -12,7 +12,11 @@ from __future__ import annotations
 import json
 from typing import Any
 
-EXECUTION_ONLY = ("compile", "num_workers", "log_every", "ckpt_every")
+# how the finished stage samples (`assemble(sampling=)` carries them into a model)
+SAMPLING = ("sampler", "sample_steps", "sample_start", "eta", "guidance_scale", "best_of", "candidates",
+            "upsampled_candidates")
+# how a run executes, logs and checkpoints, and how it samples: none changes a weight
+EXECUTION_ONLY = ("compile", "num_workers", "log_every", "ckpt_every", *SAMPLING)
 # the priors and the decoder learn from the CLIP's embeddings, so its sections count for them too
 SECTIONS = {"clip": ("data", "tokenizer", "clip"), "diffusion_prior": ("data", "tokenizer", "clip", "prior"),
             "ar_prior": ("data", "tokenizer", "clip", "ar_prior"),
