@@ -470,8 +470,9 @@ def _shapes() -> UnclipConfig:
 def _shapes_gpu() -> UnclipConfig:
     """The shapes cascade sized for one GPU: the shipped default model is trained with it.
 
-    Same CLIP, priors and upsampler networks as `shapes`; the decoder is the anchor's width (base
-    64). Batches are 4× larger, data loading runs in worker processes, and the step counts are
+    Same priors and upsampler networks as `shapes` and a CLIP of the same size (with 4 text layers,
+    QuickGELU and no hard negatives, as the shipped model was trained before `shapes` changed them);
+    the decoder is the anchor's width (base 64). Batches are 4× larger, data loading runs in worker processes, and the step counts are
     ceilings: `scripts/train_default_gpu.sh` gives each stage a `--minutes` budget and the trainer
     fits the warmup + cosine schedule into it (docs/model_card.md records what each stage reached).
     """
