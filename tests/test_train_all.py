@@ -42,6 +42,20 @@ def test_train_all_trains_assembles_and_skips_finished_stages(tmp_path, caplog):
     with pytest.raises(ModelFormatError, match="stage decoder is not complete"):
         train_all(cfg, root=root, out=out, stages=["clip"], progress=False, evaluate=False)
 
+    # a CLIP trained again: what learnt from the old one is trained again from the start (it was
+    # skipped, and the model kept the old CLIP); the upsampler reads no CLIP and stays
+    from unclip.pipeline.assemble import clip_fingerprint
+
+    shutil.rmtree(root / "clip")
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="unclip.train.all"):
+        redone = train_all(cfg.override(["clip.init_temperature=0.1"]), root=root, out=out, progress=False,
+                           evaluate=False, embed_pairs=64, fit_samples=64)
+    assert set(redone) == {"clip", "embed", "prior", "ar_prior", "decoder"}
+    assert "prior at" in caplog.text and "learnt from another CLIP" in caplog.text
+    assert "holds embeddings of another CLIP" in caplog.text
+    assert clip_fingerprint(read_manifest(out)) == clip_fingerprint(read_manifest(root / "clip" / "model"))
+
 
 @pytest.mark.parametrize(("source", "holdout"), [("webdataset", 0.0), ("folder", 0.0), ("webdataset", 0.25)])
 def test_train_all_on_your_own_data(tmp_path, source, holdout, capsys):

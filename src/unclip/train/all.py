@@ -8,6 +8,7 @@ from its last checkpoint, so running the command again after a crash finishes th
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Sequence
@@ -32,6 +33,23 @@ def _done(model_dir: Path) -> bool:
         verify_files(model_dir, read_manifest(model_dir))
     except ModelFormatError:
         return False
+    return True
+
+
+def _embedded_by(embeddings: Path, clip_dir: Path) -> bool:
+    """Whether every embedding shard under `embeddings` was made by the CLIP at `clip_dir`."""
+    import numpy as np
+
+    from unclip.clip.embed import clip_fingerprint
+
+    want = clip_fingerprint(clip_dir)
+    for shard in json.loads((embeddings / "meta.json").read_text(encoding="utf-8")).get("shards", []):
+        try:
+            with np.load(embeddings / shard["name"]) as data:
+                if "clip" not in data.files or str(data["clip"]) != want:
+                    return False
+        except (OSError, ValueError):
+            return False
     return True
 
 
@@ -71,8 +89,23 @@ def train_all(cfg: UnclipConfig, *, root: str | Path, out: str | Path, stages: S
     upsampler_dirs = [root / f"upsampler{i}" / "model" for i in range(1, len(cfg.upsamplers) + 1)]
     timings: dict[str, float] = {}
 
+    def learnt_from_another_clip(target: Path) -> bool:
+        """A complete prior or decoder whose frozen CLIP is not the run's (CLIP was trained again since)."""
+        from unclip.modeldir import read_manifest
+        from unclip.pipeline.assemble import clip_fingerprint
+
+        if target == model["clip"] or target in upsampler_dirs or not _done(model["clip"]):
+            return False
+        return clip_fingerprint(read_manifest(target)) != clip_fingerprint(read_manifest(model["clip"]))
+
     def run(name: str, target: Path, fn) -> None:
-        if _done(target):
+        # a CLIP trained in this call is newer than any checkpoint of a stage that learns from it
+        fresh = "clip" in timings and name in ("prior", "ar_prior", "decoder")
+        if _done(target) and learnt_from_another_clip(target):
+            log.warning("%s at %s learnt from another CLIP than %s (trained again since), so it is trained again "
+                        "from the start", name, target, model["clip"])
+            fresh = True
+        elif _done(target):
             log.info("%s: %s is complete, skipped", name, target)
             if changed := _stale(name, target, cfg):
                 log.warning("%s at %s was trained with another config (%s%s) and is kept as it is; to train it "
@@ -85,12 +118,12 @@ def train_all(cfg: UnclipConfig, *, root: str | Path, out: str | Path, stages: S
                                    f"add it to --stages")
         start = time.monotonic()
         log.info("%s: training into %s", name, target)
-        fn()
+        fn(resume and not fresh)  # a checkpoint of another CLIP's stage is not resumed
         dist.barrier()  # under accelerate launch: the main process has written the model the next stage reads
         timings[name] = round(time.monotonic() - start, 1)
 
-    run("clip", model["clip"], lambda: train_clip(cfg, run_dir=root / "clip", out=model["clip"], resume=resume,
-                                                  progress=progress, evaluate=evaluate))
+    run("clip", model["clip"], lambda resume: train_clip(cfg, run_dir=root / "clip", out=model["clip"],
+                                                         resume=resume, progress=progress, evaluate=evaluate))
 
     def embed() -> None:
         from unclip.clip.embed import embed_dataset
@@ -102,21 +135,26 @@ def train_all(cfg: UnclipConfig, *, root: str | Path, out: str | Path, stages: S
         embed_dataset(load_clip(model["clip"]).to(training_device()), embeddings, source=d.source, path=d.path, lang=d.lang, seed=d.seed,
                       n=embed_pairs, shard_size=5000, progress=progress, model_path=str(model["clip"]))
 
-    if (embeddings / "meta.json").is_file():
+    if (embeddings / "meta.json").is_file() and _embedded_by(embeddings, model["clip"]):
         log.info("embed: %s is complete, skipped", embeddings)
+    elif (embeddings / "meta.json").is_file():  # shards of the same CLIP are kept, the others embedded again
+        log.warning("embed: %s holds embeddings of another CLIP than %s; embedding again", embeddings, model["clip"])
+        start = time.monotonic()
+        embed()
+        timings["embed"] = round(time.monotonic() - start, 1)
     elif "embed" in stages or "prior" in stages or "ar_prior" in stages:
         start = time.monotonic()
         embed()
         timings["embed"] = round(time.monotonic() - start, 1)
     for kind, name in (("diffusion", "prior"), ("ar", "ar_prior")):
-        run(name, model[name], lambda kind=kind, name=name: train_prior(
+        run(name, model[name], lambda resume, kind=kind, name=name: train_prior(
             cfg, kind=kind, clip_dir=model["clip"], run_dir=root / name, out=model[name], embeddings=embeddings,
             resume=resume, progress=progress, evaluate=evaluate, fit_samples=fit_samples))
-    run("decoder", model["decoder"], lambda: train_decoder(cfg, clip_dir=model["clip"], run_dir=root / "decoder",
-                                                           out=model["decoder"], resume=resume, progress=progress,
-                                                           evaluate=evaluate))
+    run("decoder", model["decoder"], lambda resume: train_decoder(
+        cfg, clip_dir=model["clip"], run_dir=root / "decoder", out=model["decoder"], resume=resume,
+        progress=progress, evaluate=evaluate))
     for stage, target in enumerate(upsampler_dirs, start=1):
-        run("upsamplers", target, lambda stage=stage, target=target: train_upsampler(
+        run("upsamplers", target, lambda resume, stage=stage, target=target: train_upsampler(
             cfg, stage=stage, run_dir=target.parent, out=target, resume=resume, progress=progress, evaluate=evaluate))
     path = Path(out)
     if dist.rank_world()[0] == 0:
