@@ -66,6 +66,20 @@ def _write_shard(path: Path, keys: list[str], z_i: torch.Tensor, z_t: torch.Tens
         handle.write(buffer.getvalue())
 
 
+def embedded_by(embeddings: str | Path, clip_dir: str | Path) -> bool:
+    """Whether every shard of the embedding folder `embeddings` was made by the CLIP at `clip_dir`."""
+    want = clip_fingerprint(clip_dir)
+    meta = json.loads((Path(embeddings) / "meta.json").read_text(encoding="utf-8"))
+    for shard in meta.get("shards", []):
+        try:
+            with np.load(Path(embeddings) / shard["name"]) as data:
+                if "clip" not in data.files or str(data["clip"]) != want:
+                    return False
+        except (OSError, ValueError):
+            return False
+    return True
+
+
 def clip_fingerprint(model_path: str | Path) -> str:
     """The sha256s of a CLIP model directory's tower weights and tokenizer, joined ("" without a manifest)."""
     from unclip.errors import ModelFormatError

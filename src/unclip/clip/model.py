@@ -187,7 +187,7 @@ class ClipModel(nn.Module):
         self.vision.save_pretrained(directory / "image_encoder")
 
     @classmethod
-    def load_components(cls, directory: Path, config: ClipConfig, *, logit_scale: float) -> ClipModel:
+    def load_components(cls, directory: Path, config: ClipConfig, *, logit_scale: float | None = None) -> ClipModel:
         from unclip.modeldir import load_into
 
         tokenizer = Tokenizer.load(directory / "tokenizer")
@@ -197,8 +197,9 @@ class ClipModel(nn.Module):
             if not weights.is_file():
                 raise ModelFormatError(f"{weights} is missing: the model has no CLIP {name}")
             load_into(module, weights)
-        with torch.no_grad():
-            model.logit_scale.fill_(logit_scale)
+        if logit_scale is not None:  # else the initial temperature's (an imported CLIP records none)
+            with torch.no_grad():
+                model.logit_scale.fill_(logit_scale)
         return model.eval()
 
 

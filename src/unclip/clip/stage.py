@@ -201,4 +201,5 @@ def load_clip(directory: str | Path) -> ClipModel:
     manifest = read_manifest(directory)
     verify_files(directory, manifest)
     cfg = UnclipConfig.from_dict(manifest.config)
-    return ClipModel.load_components(directory, cfg.clip, logit_scale=manifest.stats["clip_logit_scale"])
+    scale = manifest.stats.get("clip_logit_scale")  # an imported model's CLIP (Karlo's) records none
+    return ClipModel.load_components(directory, cfg.clip, **({} if scale is None else {"logit_scale": scale}))

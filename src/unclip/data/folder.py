@@ -37,13 +37,14 @@ class FolderReport:
 
     def summary(self) -> str:
         parts = [f"{self.usable} usable image-caption pairs"]
-        for label, names in (("corrupt or unreadable image", self.corrupt),
-                             ("image without a .txt caption", self.missing_caption),
-                             ("empty or non-UTF-8 caption", self.bad_caption),
-                             (".txt caption without an image", self.orphan_captions)):
+        for one, many, names in (("corrupt or unreadable image", "corrupt or unreadable images", self.corrupt),
+                                 ("image without a .txt caption", "images without a .txt caption", self.missing_caption),
+                                 ("empty or non-UTF-8 caption", "empty or non-UTF-8 captions", self.bad_caption),
+                                 (".txt caption without an image", ".txt captions without an image",
+                                  self.orphan_captions)):
             if names:
                 shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
-                parts.append(f"skipped {len(names)} {label}{'s' if len(names) > 1 else ''} ({shown})")
+                parts.append(f"skipped {len(names)} {one if len(names) == 1 else many} ({shown})")
         return "; ".join(parts)
 
 

@@ -22,7 +22,7 @@ import torch
 from unclip.clip.model import ClipModel
 from unclip.clip.stage import load_clip, provenance, stage_manifest, warn_if_other_data
 from unclip.config import UnclipConfig
-from unclip.errors import ConfigError, ModelFormatError, UnclipError
+from unclip.errors import ConfigError, DataError, ModelFormatError, UnclipError
 from unclip.io import write_json_atomic
 from unclip.modeldir import check_replaceable, init_record, load_into, read_manifest, save_model_dir, save_weights, verify_files
 from unclip.prior.ar import ARPrior
@@ -81,9 +81,12 @@ def train_prior(cfg: UnclipConfig, *, kind: str, clip_dir: str | Path, run_dir: 
     warn_if_other_data(cfg, clip_dir, f"{kind} prior")
     clip = load_clip(clip_dir)
     if embeddings:
-        from unclip.clip.embed import load_embeddings
+        from unclip.clip.embed import embedded_by, load_embeddings
         from unclip.prior.data import training_rows
 
+        if (Path(embeddings) / "meta.json").is_file() and not embedded_by(embeddings, clip_dir):
+            raise DataError(f"the embeddings at {embeddings} were made by another CLIP than --clip {clip_dir}; a "
+                            f"prior learns z_t → z_i of one CLIP: embed again with `unclip embed {clip_dir} --out DIR`")
         embeddings = training_rows(load_embeddings(embeddings), cfg.data.holdout)
     build = build_diffusion_prior if kind == "diffusion" else build_ar_prior
     tc = cfg.prior.train if kind == "diffusion" else cfg.ar_prior.train

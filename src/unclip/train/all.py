@@ -8,7 +8,6 @@ from its last checkpoint, so running the command again after a crash finishes th
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Sequence
@@ -33,23 +32,6 @@ def _done(model_dir: Path) -> bool:
         verify_files(model_dir, read_manifest(model_dir))
     except ModelFormatError:
         return False
-    return True
-
-
-def _embedded_by(embeddings: Path, clip_dir: Path) -> bool:
-    """Whether every embedding shard under `embeddings` was made by the CLIP at `clip_dir`."""
-    import numpy as np
-
-    from unclip.clip.embed import clip_fingerprint
-
-    want = clip_fingerprint(clip_dir)
-    for shard in json.loads((embeddings / "meta.json").read_text(encoding="utf-8")).get("shards", []):
-        try:
-            with np.load(embeddings / shard["name"]) as data:
-                if "clip" not in data.files or str(data["clip"]) != want:
-                    return False
-        except (OSError, ValueError):
-            return False
     return True
 
 
@@ -88,6 +70,11 @@ def train_all(cfg: UnclipConfig, *, root: str | Path, out: str | Path, stages: S
     embeddings = root / "emb"
     upsampler_dirs = [root / f"upsampler{i}" / "model" for i in range(1, len(cfg.upsamplers) + 1)]
     timings: dict[str, float] = {}
+    targets = [*((name, model[name]) for name in ("clip", "prior", "ar_prior", "decoder")),
+               *(("upsamplers", target) for target in upsampler_dirs)]
+    if missing := sorted({name for name, target in targets if name not in stages and not _done(target)}):
+        raise ModelFormatError(f"stage(s) {', '.join(missing)} not complete under {root} and not asked for: the "
+                               "model needs every stage; add them to --stages (checked before any training)")
 
     def learnt_from_another_clip(target: Path) -> bool:
         """A complete prior or decoder whose frozen CLIP is not the run's (CLIP was trained again since)."""
@@ -135,7 +122,9 @@ def train_all(cfg: UnclipConfig, *, root: str | Path, out: str | Path, stages: S
         embed_dataset(load_clip(model["clip"]).to(training_device()), embeddings, source=d.source, path=d.path, lang=d.lang, seed=d.seed,
                       n=embed_pairs, shard_size=5000, progress=progress, model_path=str(model["clip"]))
 
-    if (embeddings / "meta.json").is_file() and _embedded_by(embeddings, model["clip"]):
+    from unclip.clip.embed import embedded_by
+
+    if (embeddings / "meta.json").is_file() and embedded_by(embeddings, model["clip"]):
         log.info("embed: %s is complete, skipped", embeddings)
     elif (embeddings / "meta.json").is_file():  # shards of the same CLIP are kept, the others embedded again
         log.warning("embed: %s holds embeddings of another CLIP than %s; embedding again", embeddings, model["clip"])
