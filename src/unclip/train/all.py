@@ -119,8 +119,14 @@ def train_all(cfg: UnclipConfig, *, root: str | Path, out: str | Path, stages: S
         d = cfg.data
         from unclip.train.trainer import training_device
 
+        if pairs < embed_pairs:
+            log.info("embed: %d pairs, as many as the priors draw or fit on (--embed-pairs %d)", pairs, embed_pairs)
         embed_dataset(load_clip(model["clip"]).to(training_device()), embeddings, source=d.source, path=d.path, lang=d.lang, seed=d.seed,
-                      n=embed_pairs, shard_size=5000, progress=progress, model_path=str(model["clip"]))
+                      n=pairs, shard_size=5000, progress=progress, model_path=str(model["clip"]))
+
+    # no more pairs than the priors will draw (their steps × batch) or fit their statistics on
+    draws = max(c.train.steps * c.train.batch_size * c.train.grad_accum for c in (cfg.prior, cfg.ar_prior))
+    pairs = min(embed_pairs, max(draws, fit_samples))
 
     from unclip.clip.embed import embedded_by
 

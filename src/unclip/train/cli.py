@@ -226,7 +226,8 @@ def register(subparsers) -> None:
                     "`unclip data check DIR`.")
     _common(everything, "", budget=False)
     everything.add_argument("--embed-pairs", type=positive_int, default=20_000,
-                            help="training pairs embedded for the priors (default: 20000)")
+                            help="training pairs embedded for the priors, at most (default: 20000; fewer when the "
+                                 "priors draw fewer in their steps, or need fewer to fit their statistics)")
     everything.add_argument("--stages", nargs="+", choices=["clip", "embed", "prior", "ar_prior", "decoder", "upsamplers"],
                             help="run only these stages (the others must be complete already)")
     everything.set_defaults(func=_train_all)
