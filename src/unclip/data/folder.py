@@ -145,12 +145,14 @@ class FolderDataset:
     without suffix. A torch `Dataset` by duck typing (DataLoader needs only len and getitem).
     """
 
-    def __init__(self, root: str | Path, *, size: int, verify: bool = True, keep: Callable[[str], bool] | None = None):
+    def __init__(self, root: str | Path, *, size: int, verify: bool = True, keep: Callable[[str], bool] | None = None,
+                 part: str = ""):
+        """part: which part of the folder `keep` selects ("training pairs", "held-out pairs"), for the log."""
         self.root = Path(root)
         self.size = size
         self.pairs, self.report = scan_folder(self.root, verify=verify, keep=keep)
         if self.report.skipped or self.report.orphan_captions:
-            log.warning("%s: %s", self.root, self.report.summary())
+            log.warning("%s%s: %s", self.root, f" ({part})" if part else "", self.report.summary())
         if not self.pairs:
             raise DataError(f"{self.root} holds no usable image-caption pairs: {self.report.summary()}")
 

@@ -290,7 +290,8 @@ def source_batches(data: DataConfig, n: int, *, size: int, part: str = "train",
     if data.source == "folder":
         from unclip.data.folder import FolderDataset
 
-        folder = FolderDataset(data.path, size=size, keep=keep)
+        folder = FolderDataset(data.path, size=size, keep=keep,
+                               part={"train": "training pairs", "holdout": "held-out pairs"}[part] if data.holdout else "")
         for start in range(0, min(n, len(folder)), batch_size):
             items = [folder[i] for i in range(start, min(n, len(folder), start + batch_size))]
             yield torch.stack([item["image"] for item in items]), [item["caption"] for item in items]
@@ -392,7 +393,8 @@ def feed_for(data: DataConfig, *, size: int, batch_size: int, num_workers: int =
     if data.source == "folder":
         from unclip.data.folder import FolderDataset
 
-        return epoch_feed(FolderDataset(data.path, size=size, keep=_part(data.holdout, "train")),
+        return epoch_feed(FolderDataset(data.path, size=size, keep=_part(data.holdout, "train"),
+                                        part="training pairs" if data.holdout else ""),
                           batch_size=batch_size, seed=data.seed, num_workers=num_workers)
     if data.source == "webdataset":
         return webdataset_feed(data.path, size=size, batch_size=batch_size, seed=data.seed, num_workers=num_workers,
