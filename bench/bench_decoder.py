@@ -109,6 +109,9 @@ def diffusers_anchor() -> tuple[float, float, float]:
 
 
 def main() -> None:
+    import argparse
+
+    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args()  # --help, and nothing else
     torch.set_num_threads(2)
     torch.manual_seed(0)
     decoder = Decoder.from_config(CFG, clip_dim=CLIP_DIM, text_width=TEXT_WIDTH)

@@ -44,9 +44,13 @@ def main() -> None:
 
     options = {k: v for k, v in (("steps", args.steps), ("sampler", args.sampler), ("candidates", args.candidates),
                                  ("upsampled_candidates", args.upsampled_candidates)) if v is not None}
+    def said(value, what: str) -> str:
+        return f"{what} {value}" if value is not None else f"the model's {what}"
+
     print(f"text → image, {len(PROMPTS)} prompts × {args.n}, {args.threads} threads, torch {torch.__version__}; "
-          f"decoder {args.sampler or 'default'} {args.steps or ''}, upsampler {args.upsampler_sampler or 'default'} "
-          f"{args.upsampler_steps or ''} {f'from {args.upsampler_start}' if args.upsampler_start else ''}")
+          f"decoder: {said(args.sampler, 'sampler')}, {said(args.steps, 'steps')}, "
+          f"{said(args.candidates, 'candidates')}; upsampler: {said(args.upsampler_sampler, 'sampler')}, "
+          f"{said(args.upsampler_steps, 'steps')}, {said(args.upsampler_start, 'start')}")
     print(f"{'precision':<10} {'s / image':>10} {'target':>8} {'peak RSS':>10}")
     for precision in args.precision:
         pipe = unclip.load(args.model, precision=precision)

@@ -33,6 +33,9 @@ def rate(fn, n: int) -> float:
 
 
 def main() -> None:
+    import argparse
+
+    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args()  # --help, and nothing else
     torch.set_num_threads(1)
     scenes = [sample("train", i).scene for i in range(N)]
     print(f"{'size':>6} {'render img/s':>14} {'full sample img/s':>18}   target at 64²: ≥ {TARGET:,} img/s")

@@ -18,6 +18,9 @@ from unclip.eval.prompts import default_prompts_path, read_prompts
 from unclip.eval.report import write_evaluation
 
 torch.set_num_threads(2)
+if len(sys.argv) < 4 or sys.argv[1] in ("-h", "--help"):
+    print(__doc__)
+    raise SystemExit(0 if sys.argv[1:2] in (["-h"], ["--help"]) else 2)
 ranker_dir, k, out = sys.argv[1], int(sys.argv[2]), Path(sys.argv[3])
 tasks = sys.argv[4:]
 pipe = unclip.load()
