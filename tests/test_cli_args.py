@@ -12,7 +12,7 @@ from unclip.cli import main
     (["generate", "a red circle", "--prior-guidance-scale", "inf"], "give a number from 0 to 50"),
     (["serve", "--port", "99999"], "99999 is not a TCP port"),
     (["serve", "--max-batch", "0"], "--max-batch: 0 is too small"),
-    (["explain", "clip", "--model", "m", "-n", "0"], "-n: 0 is too small"),
+    (["explain", "clip", "--model", "m", "-n", "0"], "-n: 0 is out of range: give 10 to 5000"),
     (["clip", "eval", "m", "-n", "-1"], "-n: -1 is too small"),
     (["train", "prior", "--clip", "c", "--fit-samples", "0"], "--fit-samples: 0 is too small"),
     (["train", "decoder", "--clip", "c", "--eval-samples", "0"], "--eval-samples: 0 is too small"),
