@@ -48,16 +48,25 @@ def port(value: str) -> int:
     return number
 
 
-def guidance(value: str) -> float:
-    """A classifier-free guidance scale: a finite number ≥ 0."""
-    from unclip.config import check_guidance_scale
+def _checked(value: str, check) -> float:
+    """float(value) passed through `check`, a config check that raises ConfigError, as an argparse type."""
     from unclip.errors import ConfigError
 
     try:
-        return check_guidance_scale(float(value))
-    except ValueError as err:  # ConfigError is a ValueError too
-        message = str(err) if isinstance(err, ConfigError) else f"{value!r} is not a number"
-        raise argparse.ArgumentTypeError(message) from None
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number") from None
+    try:
+        return check(number)
+    except ConfigError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def guidance(value: str) -> float:
+    """A classifier-free guidance scale: a number from 0 to `config.MAX_GUIDANCE`."""
+    from unclip.config import check_guidance_scale
+
+    return _checked(value, check_guidance_scale)
 
 
 def holdout(value: str) -> float:
@@ -75,11 +84,7 @@ def eta(value: str) -> float:
     """A DDIM η in [0, 1]."""
     from unclip.config import check_eta
 
-    try:
-        return check_eta(float(value))
-    except ValueError as err:  # ConfigError is a ValueError too
-        message = str(err) if "η" in str(err) else f"{value!r} is not a number"
-        raise argparse.ArgumentTypeError(message) from None
+    return _checked(value, check_eta)
 
 
 def seed_number(value: str) -> int:
