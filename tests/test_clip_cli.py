@@ -118,6 +118,14 @@ def test_eval_classify_and_embed(clip_dir, tmp_path, capsys):
     emb = load_embeddings(out)
     assert emb["image_embeds"].shape == (25, 16) and list(emb["keys"][:2]) == ["train-000000000", "train-000000001"]
     assert np.allclose(np.linalg.norm(emb["image_embeds"].astype(np.float32), axis=1), 1, atol=2e-3)
+    assert main(["embed", model, "--out", str(out), "-n", "25", "--shard-size", "10"]) == 0  # its own folder: again
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("keep")
+    for argv, words in ((["--out", str(tmp_path / "notes")], "holds files that are not embeddings (todo.txt)"),
+                        (["--out", str(tmp_path / "e2"), "--source", "folder"], "--source folder needs --path"),
+                        (["--out", str(tmp_path / "e2"), "--split", "bogus"], "shapes world's splits are")):
+        assert main(["embed", model, *argv, "-n", "4"]) == 2  # before the CLIP loads
+        assert words in capsys.readouterr().err
 
 
 def test_binding_accuracy_asks_which_of_two_bindings_the_embedding_holds(clip_dir):

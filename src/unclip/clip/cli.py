@@ -70,6 +70,20 @@ def _embed(args: argparse.Namespace) -> int:
     from unclip.clip.stage import load_clip
     from unclip.train.trainer import training_device
 
+    from unclip.data.world import SPLITS
+    from unclip.errors import ConfigError
+    from unclip.io import check_output_dir
+
+    if args.source != "shapes" and not args.path:
+        raise ConfigError(f"--source {args.source} needs --path: the folder or the shard pattern to embed")
+    if args.source == "shapes" and args.split not in SPLITS:
+        raise ConfigError(f"--split {args.split}: shapes world's splits are {', '.join(SPLITS)}")
+    check_output_dir(args.out)
+    strangers = [p.name for p in Path(args.out).glob("*") if p.suffix != ".npz" and p.name != "meta.json"
+                 and not p.name.startswith(".")] if Path(args.out).is_dir() else []
+    if strangers:  # shards of an interrupted run (no meta.json yet) are this command's own: it resumes them
+        raise ConfigError(f"{args.out} holds files that are not embeddings ({', '.join(sorted(strangers)[:3])}): give "
+                          "an empty or new folder, or one this command wrote before")
     model = load_clip(args.model).to(training_device())
     out = embed_dataset(model, args.out, source=args.source, split=args.split, n=args.n, path=args.path,
                         lang=args.lang, seed=args.seed, shard_size=args.shard_size, model_path=str(args.model))
