@@ -54,7 +54,13 @@ def _classify(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     from unclip.clip.stage import load_clip
     from unclip.clip.zeroshot import evaluate_clip, markdown_table
+    from unclip.errors import ConfigError
+    from unclip.io import check_output_dir
 
+    if args.out:  # a JSON file: checked before the evaluation, not after
+        if Path(args.out).is_dir():
+            raise ConfigError(f"--out {args.out} is a folder; give the JSON file to write, e.g. {args.out}/clip.json")
+        check_output_dir(Path(args.out).parent)
     result = evaluate_clip(load_clip(args.model), n=args.n, retrieval_n=args.retrieval_n)
     print(markdown_table(result))
     if args.out:
