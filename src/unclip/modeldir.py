@@ -344,6 +344,11 @@ def init_record(directory: str | Path, section: str, cfg_section, *, record: str
 def init_from(module_parts: dict[str, torch.nn.Module], directory: str | Path, section: str, cfg_section) -> dict:
     """Load the weights of a trained model directory into freshly built networks (`--init`), after
     `init_record`'s check; returns its record."""
+    from unclip.errors import ConfigError
+
+    if missing := [path for path in module_parts if not (Path(directory) / path).is_file()]:
+        raise ConfigError(f"--init {directory} holds no trained {section} ({missing[0]} is missing); give the model "
+                          f"directory of a trained {section}, or an assembled model that has one")
     record = init_record(directory, section, cfg_section)
     for path, module in module_parts.items():
         load_into(module, Path(directory) / path)
