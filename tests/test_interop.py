@@ -255,6 +255,10 @@ def test_import_errors_say_what_is_missing(karlo, imported, tmp_path):
     shutil.copytree(source, broken, ignore=shutil.ignore_patterns("decoder"))
     with pytest.raises(ModelFormatError, match="decoder/"):
         unclip.load(broken)
+    half_copied = tmp_path / "half_copied"  # every folder there, one file short: transformers' own error, wrapped
+    shutil.copytree(source, half_copied, ignore=shutil.ignore_patterns("tokenizer*.json", "vocab.json", "merges.txt"))
+    with pytest.raises(ModelFormatError, match="half_copied is not a complete diffusers unCLIP directory"):
+        unclip.load(half_copied)
     with pytest.raises(ConfigError, match="PCA basis"):
         imported.pca_probe(_image(32))
     text_only = tmp_path / "text_only"

@@ -292,8 +292,21 @@ def load_diffusers(path: str | Path, *, image_encoder: str | Path | None = None,
     """The `UnclipPipeline` of a diffusers-layout unCLIP directory (or one written by `import_diffusers`).
 
     image_encoder: a CLIPVisionModelWithProjection directory to use when the model has no
-    `image_encoder/` (needed by the image tasks only).
+    `image_encoder/` (needed by the image tasks only). A component transformers or diffusers cannot
+    read (a file missing from a half-copied directory) is a ModelFormatError naming the directory.
     """
+    from unclip.errors import UnclipError
+
+    try:
+        return _load_diffusers(path, image_encoder=image_encoder, device=device)
+    except UnclipError:
+        raise
+    except Exception as err:  # noqa: BLE001 - transformers and diffusers raise many kinds for a file missing
+        raise ModelFormatError(f"{path} is not a complete diffusers unCLIP directory: {type(err).__name__}: {err} "
+                               "(copy it again, with every component folder's files)") from None
+
+
+def _load_diffusers(path: str | Path, *, image_encoder: str | Path | None, device: str | None):
     from transformers import CLIPTextModelWithProjection
 
     from unclip.pipeline.karlo import DiffusersClip
