@@ -156,7 +156,7 @@ def test_data_check_reports_what_training_will_do_with_a_folder(folder, capsys):
     assert report.examples[".txt captions without a same-name image"] == ["nested/lonely.txt"]
     assert sorted(report.examples["corrupt or unreadable images"]) == ["cut.jpg", "garbage.jpg"]
     assert (report.smaller, report.smallest, report.not_square) == (5, 30, 5)  # 40×30 and 30×50 images
-    assert report.caption_words["max"] == 2 and report.repeated_captions == 0
+    assert report.caption_words["max"] == 3 and report.repeated_captions == 0  # "วงกลมสีแดง": วงกลม สี แดง
     assert 0 <= report.held_out <= 5
     assert main(["data", "check", str(folder), "--size", "32", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["usable"] == 5

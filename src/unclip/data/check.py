@@ -153,6 +153,7 @@ def _shard_pairs(report: DataReport, path: str, progress: bool) -> Iterator[tupl
 def check_data(path: str, *, size: int = 128, holdout: float = 0.0, progress: bool = True) -> DataReport:
     """Read every pair of a caption folder or of webdataset shards as training would; see the module
     docstring. size: the largest resolution a stage will train at (the shapes preset's upsampler: 128)."""
+    from unclip.data.world import THAI_RUN, caption_words
     from unclip.train.data import held_out
 
     source = _source(path)
@@ -162,7 +163,7 @@ def check_data(path: str, *, size: int = 128, holdout: float = 0.0, progress: bo
     kept_out = 0
     for key, caption in pairs:
         report.usable += 1
-        words.append(len(caption.split()))
+        words.append(len(caption_words(caption)) if THAI_RUN.search(caption) else len(caption.split()))  # Thai: no spaces
         chars.append(len(caption))
         captions[caption] += 1
         kept_out += held_out(key, holdout)
