@@ -60,6 +60,9 @@ def auto_precision(device: torch.device) -> str:
     return "bfloat16" if device.type == "cpu" and native else "float32"
 
 
+MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed takes up to 2^64 - 1; candidate seeds mix modulo 2^63
+
+
 def _image_seeds(seed: int | Sequence, n: int) -> list:
     """One seed (or generator) per image: the listed ones, or seed, seed+1, …"""
     if isinstance(seed, Sequence) and not isinstance(seed, str):
@@ -88,11 +91,8 @@ def prompt_list(prompts: str | Sequence[str]) -> list[str]:
     return prompts
 
 
-MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed takes up to 2^64 - 1; candidate seeds mix modulo 2^63
-
-
 def _whole_seed(seed) -> int:
-    if isinstance(seed, bool) or not isinstance(seed, int) and not (hasattr(seed, "__index__")):
+    if isinstance(seed, bool) or not hasattr(seed, "__index__"):  # ints, numpy and 0-d torch integers
         raise ConfigError(f"seed {seed!r}: give a whole number (or None for a random draw)")
     seed = int(seed)
     if not 0 <= seed <= MAX_SEED:
