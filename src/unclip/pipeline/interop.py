@@ -30,7 +30,7 @@ import torch
 
 from unclip.config import (ClipConfig, DecoderConfig, PriorConfig, TokenizerConfig, UnclipConfig, UpsamplerConfig,
                            check, resolutions)
-from unclip.errors import ConfigError, DataError, ModelFormatError
+from unclip.errors import ConfigError, DataError, ModelFormatError, UnclipError
 from unclip.modeldir import MANIFEST, Manifest, check_replaceable, load_into, read_manifest, save_model_dir, save_weights, verify_files
 
 log = logging.getLogger(__name__)
@@ -198,7 +198,7 @@ def _decoder(directory: Path, clip):
     if tp.clip_embeddings_dim != width:
         raise ModelFormatError(f"{directory / 'text_proj'}: clip_embeddings_dim {tp.clip_embeddings_dim} differs from "
                                f"the text encoder's width {width}; diffusers' text projection needs them equal")
-    process = diffusion_process(directory / "decoder_scheduler")
+    process, defaults = diffusion_process(directory / "decoder_scheduler"), _defaults(directory)
     _check_clip_range(process, "decoder")
     shim = shim_settings(directory / "decoder")
     process.update({k: v for k, v in shim.items() if k in ("prediction_type", "timesteps")})
@@ -213,8 +213,8 @@ def _decoder(directory: Path, clip):
         cross_attention_dim=tp.cross_attention_dim, clip_tokens=tp.clip_extra_context_tokens,
         timesteps=process["timesteps"], noise_schedule=process["noise_schedule"], variance=process["variance"],
         prediction_type=process["prediction_type"], time_text="pooled", text_null="empty_prompt",
-        sampler=_defaults(directory)["decoder_sampler"],
-        sample_steps=_defaults(directory)["decoder_steps"], guidance_scale=_defaults(directory)["decoder_guidance"])
+        sampler=defaults["decoder_sampler"], sample_steps=defaults["decoder_steps"],
+        guidance_scale=defaults["decoder_guidance"])
     decoder = Decoder(config=cfg, clip_dim=tp.clip_embeddings_dim, text_width=width, unet=unet)
     decoder.text_proj.load_state_dict(tp_model.state_dict(), strict=True)
     return decoder
@@ -231,15 +231,14 @@ def _upsampler(directory: Path, decoder_side: int):
     scheduler_dir = directory / "super_res_scheduler"
     process = diffusion_process(scheduler_dir if scheduler_dir.is_dir() else directory / "decoder_scheduler")
     _check_clip_range(process, "super-res")
-    shim = shim_settings(directory / "super_res_first")
+    shim, defaults = shim_settings(directory / "super_res_first"), _defaults(directory)
     process.update({k: v for k, v in shim.items() if k in ("prediction_type", "timesteps")})
     cfg = UpsamplerConfig(in_resolution=decoder_side, out_resolution=first.config.sample_size,
                           **_unet_shape(first.config), timesteps=process["timesteps"],
                           noise_schedule=process["noise_schedule"], variance=process["variance"],
                           prediction_type=process["prediction_type"], target=shim.get("target", "image"),
-                          sampler=_defaults(directory)["super_res_sampler"],
-                          sample_start=_defaults(directory)["super_res_start"],
-                          sample_steps=_defaults(directory)["super_res_steps"])
+                          sampler=defaults["super_res_sampler"], sample_start=defaults["super_res_start"],
+                          sample_steps=defaults["super_res_steps"])
     if shim:  # one of unclip's own upsamplers, exported: sampled as unclip samples it (residual included)
         from unclip.decoder.upsampler import Upsampler
 
@@ -263,16 +262,15 @@ def _prior(directory: Path, width: int):
     if states_proj is not None and states_proj.in_features != width:
         raise ModelFormatError(f"{directory / 'prior'} reads caption states of width {states_proj.in_features}, "
                                f"the text encoder gives {width}")
-    process = diffusion_process(directory / "prior_scheduler")
+    process, defaults = diffusion_process(directory / "prior_scheduler"), _defaults(directory)
     if process["clip_range"] is not None and process["prediction_type"] != "sample":
         log.warning("prior: x_start clipping of an %s-predicting prior is not reproduced (approximated)",
                     process["prediction_type"])
     cfg = PriorConfig(width=pc.num_attention_heads * pc.attention_head_dim, layers=pc.num_layers,
                       heads=pc.num_attention_heads, timesteps=process["timesteps"],
                       noise_schedule=process["noise_schedule"], prediction_type=process["prediction_type"],
-                      normalization="per_dim", best_of=1, sampler=_defaults(directory)["prior_sampler"],
-                      sample_steps=_defaults(directory)["prior_steps"],
-                      guidance_scale=_defaults(directory)["prior_guidance"])
+                      normalization="per_dim", best_of=1, sampler=defaults["prior_sampler"],
+                      sample_steps=defaults["prior_steps"], guidance_scale=defaults["prior_guidance"])
     return DiffusersPrior(transformer=transformer, config=cfg, clip_range=process["clip_range"])
 
 
@@ -295,8 +293,6 @@ def load_diffusers(path: str | Path, *, image_encoder: str | Path | None = None,
     `image_encoder/` (needed by the image tasks only). A component transformers or diffusers cannot
     read (a file missing from a half-copied directory) is a ModelFormatError naming the directory.
     """
-    from unclip.errors import UnclipError
-
     try:
         return _load_diffusers(path, image_encoder=image_encoder, device=device)
     except UnclipError:
