@@ -65,5 +65,7 @@ def test_bad_paths_and_config_files_are_one_line_errors_before_any_work(tmp_path
         assert f"{tmp_path / 'afile'} is a file, not a folder" in capsys.readouterr().err
     assert main(["eval", "m", "--out", str(tmp_path / "afile" / "e")]) == 2  # before ten minutes of drawing
     assert "cannot hold" in capsys.readouterr().err
+    assert main(["eval", "m", "--train-steps", "5"]) == 2  # the judge's option: was silently ignored
+    assert "options of `unclip eval judge`" in capsys.readouterr().err
     assert main(["config", "--config", str(tmp_path / "good.json")]) == 0  # {}: every default
     assert not (tmp_path / "runs").exists()

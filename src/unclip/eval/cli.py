@@ -8,6 +8,7 @@ import logging
 from pathlib import Path
 
 from unclip.argtypes import guidance, positive_int, seed_number, threads
+from unclip.errors import ConfigError
 from unclip.pipeline.cli import add_sampling_arguments, configure_sampling
 
 log = logging.getLogger(__name__)
@@ -59,10 +60,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--device", help="torch device, e.g. cuda (default: cpu)")
     add_sampling_arguments(g)
     j = p.add_argument_group("training the judge")
-    j.add_argument("--train-steps", type=positive_int, default=4000, help="optimizer steps (default: 4000, ~10 min on 1 CPU thread)")
-    j.add_argument("--batch-size", type=positive_int, default=64, help="renders per step (default: 64)")
-    j.add_argument("--eval-n", type=positive_int, default=1000, help="held-out renders per split for its accuracy (default: 1000)")
+    j.add_argument("--train-steps", type=positive_int, help="optimizer steps (default: 4000, ~10 min on 1 CPU thread)")
+    j.add_argument("--batch-size", type=positive_int, help="renders per step (default: 64)")
+    j.add_argument("--eval-n", type=positive_int, help="held-out renders per split for its accuracy (default: 1000)")
     p.set_defaults(func=run)
+
+
+JUDGE_TRAINING = {"train_steps": 4000, "batch_size": 64, "eval_n": 1000}  # `eval judge`'s own options
 
 
 def run(args: argparse.Namespace) -> int:
@@ -70,6 +74,12 @@ def run(args: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
+    given = [f"--{k.replace('_', '-')}" for k in JUDGE_TRAINING if getattr(args, k) is not None]
+    if args.target != "judge" and given:
+        raise ConfigError(f"{' '.join(given)}: options of `unclip eval judge`, which trains the judge; evaluating "
+                          "a model does not use them")
+    for key, default in JUDGE_TRAINING.items():
+        setattr(args, key, default if getattr(args, key) is None else getattr(args, key))
     if args.target == "judge":
         return _judge(args)
     if args.target == "prompts":
@@ -110,7 +120,7 @@ def _prompts(args: argparse.Namespace) -> int:
 
 def _model(args: argparse.Namespace) -> int:
     import unclip
-    from unclip.errors import ConfigError, ModelFormatError
+    from unclip.errors import ModelFormatError
     from unclip.eval.geneval import evaluate
     from unclip.eval.judge import READING, default_judge_dir, load_judge
     from unclip.eval.prompts import default_prompts_path, limit, read_prompts
