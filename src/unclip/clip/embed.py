@@ -73,11 +73,19 @@ def embedded_by(embeddings: str | Path, clip_dir: str | Path) -> bool:
     for shard in meta.get("shards", []):
         try:
             with np.load(Path(embeddings) / shard["name"]) as data:
-                if "clip" not in data.files or str(data["clip"]) != want:
+                if not _made_by(data, want):
                     return False
-        except (OSError, ValueError):
+        except SHARD_ERRORS:
             return False
     return True
+
+
+SHARD_ERRORS = (OSError, ValueError, KeyError, EOFError)  # what a missing, cut or foreign .npz raises
+
+
+def _made_by(shard, clip: str) -> bool:
+    """Whether an opened embedding shard records `clip` (a `clip_fingerprint`) as the CLIP that wrote it."""
+    return "clip" in shard.files and str(shard["clip"]) == clip
 
 
 def clip_fingerprint(model_path: str | Path) -> str:
@@ -103,11 +111,11 @@ def _kept_shard(path: Path, clip: str, expected: Callable[[], list[str]]) -> dic
         return None
     try:
         with np.load(path) as data:
-            if "clip" not in data.files or str(data["clip"]) != clip:
+            if not _made_by(data, clip):
                 return None
             keys = [str(k) for k in data["keys"]]
             skipped = [str(k) for k in data["skipped"]] if "skipped" in data.files else []
-    except (OSError, ValueError, KeyError, EOFError):
+    except SHARD_ERRORS:
         return None
     left_out = set(skipped)
     if [k for k in expected() if k not in left_out] != keys:

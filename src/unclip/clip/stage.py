@@ -201,5 +201,5 @@ def load_clip(directory: str | Path) -> ClipModel:
     manifest = read_manifest(directory)
     verify_files(directory, manifest)
     cfg = UnclipConfig.from_dict(manifest.config)
-    scale = manifest.stats.get("clip_logit_scale")  # an imported model's CLIP (Karlo's) records none
-    return ClipModel.load_components(directory, cfg.clip, **({} if scale is None else {"logit_scale": scale}))
+    # an imported model's CLIP (Karlo's) records no temperature: it keeps the initial one
+    return ClipModel.load_components(directory, cfg.clip, logit_scale=manifest.stats.get("clip_logit_scale"))

@@ -25,6 +25,11 @@ DEFAULT_TRAIN_LENGTH = 100_000  # samples 0..99,999: a map-style view of the end
 INTEGER_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # 16- and 32-bit integer pixels
 
 
+def has_alpha(image: Image.Image) -> bool:
+    """Whether `image` has transparency: an alpha channel, or a transparent palette or colour key."""
+    return image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info
+
+
 def to_rgb(image: Image.Image) -> Image.Image:
     """Any PIL image as 8-bit RGB, as it looks.
 
@@ -37,7 +42,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
         if image.mode != "I" or array.max() > 255:
             array = array / 257.0
         image = Image.fromarray(np.clip(array.round(), 0, 255).astype(np.uint8), "L")
-    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
+    if has_alpha(image):
         rgba = image.convert("RGBA")
         return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
     return image.convert("RGB")

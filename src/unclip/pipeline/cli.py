@@ -220,7 +220,7 @@ def _generate(args: argparse.Namespace) -> int:
 
     prompt_list(args.prompts)  # an empty prompt is refused before the model loads
     pipe, bars = _load(args), ProgressBars(not args.quiet)
-    pipe.encode_text(args.prompts)  # an empty prompt is an error before any image is drawn
+    pipe.encode_text(args.prompts)  # words the model never saw are warned about before any image is drawn
     rows = [p for p in args.prompts for _ in range(args.n)]
     decoder = pipe.config.decoder
     params = _params(args, "generate", {

@@ -17,6 +17,7 @@ import warnings
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
+from unclip.data.shapes import has_alpha
 from unclip.serve.schemas import MAX_IMAGE_BYTES, ApiError
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -66,7 +67,7 @@ def edit_mask(image: Image.Image, mask: Image.Image | None) -> Image.Image:
         raise ApiError(400, f"Invalid mask - the mask is {mask.width}×{mask.height} and the image "
                             f"{image.width}×{image.height}; they must be the same size", param="mask",
                        code="invalid_mask")
-    if not _has_alpha(source):
+    if not has_alpha(source):
         what = "the mask" if mask is not None else "the image (sent without a mask)"
         raise ApiError(400, f"Invalid {param} - {what} has no alpha channel; its fully transparent pixels mark "
                             "the region to edit, so send an RGBA PNG", param=param, code="invalid_mask")
@@ -76,10 +77,6 @@ def edit_mask(image: Image.Image, mask: Image.Image | None) -> Image.Image:
         raise ApiError(400, f"Invalid {param} - it has no fully transparent pixels, so there is nothing to edit",
                        param=param, code="invalid_mask")
     return hole
-
-
-def _has_alpha(image: Image.Image) -> bool:
-    return image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info
 
 
 def fit(image: Image.Image, side: int, *, resample: int = Image.Resampling.LANCZOS) -> Image.Image:
