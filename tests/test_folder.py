@@ -175,3 +175,23 @@ def test_data_check_reports_what_training_will_do_with_a_folder(folder, capsys):
     with Image.open(folder / "sheet.png") as sheet:  # the 5 usable pairs as training reads them, captioned
         assert sheet.width >= 5 * 96 and sheet.height > 96
     assert "the first 5 pairs as training reads them" in capsys.readouterr().out
+
+
+def test_a_png_whose_pixels_end_early_is_corrupt(tmp_path):
+    import numpy as np
+
+    from png_helpers import short_png
+
+    from unclip.data.folder import scan_folder
+
+    _image(tmp_path / "whole.png")
+    (tmp_path / "short.png").write_bytes(short_png(np.zeros((30, 40, 3), dtype=np.uint8), rows=10))
+    for name in ("whole", "short"):
+        (tmp_path / f"{name}.txt").write_text(name)
+    pairs, report = scan_folder(tmp_path)
+    assert [p.name for p, _ in pairs] == ["whole.png"] and report.corrupt == ["short.png"]
+    late = FolderDataset(tmp_path, size=16, verify=False)  # found when decoded, as training reads it
+    assert len(late) == 2 and {late[i]["key"] for i in range(2)} == {"whole"}  # the damaged one is passed over
+    assert late.report.corrupt == ["short.png"]
+    with pytest.raises(ValueError, match="damaged PNG"):
+        open_square_rgb(tmp_path / "short.png", 16)

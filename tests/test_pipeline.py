@@ -209,9 +209,17 @@ def test_generate_is_seeded_and_a_batch_of_one_equals_the_batch(pipe):
         pipe.generate("a red circle", size=48)
 
 
-def test_bad_input_is_a_clear_error(pipe):
+def test_bad_input_is_a_clear_error(pipe, tmp_path):
     from PIL import Image
 
+    from png_helpers import short_png
+
+    damaged = tmp_path / "damaged.png"
+    damaged.write_bytes(short_png(np.full((64, 64, 3), 90, dtype=np.uint8), rows=40))  # Pillow reads it, black below
+    with pytest.raises(DataError, match="damaged.png: a damaged PNG, its pixel data ends before the last row"):
+        pipe.variations(damaged)
+    with pytest.raises(DataError, match="mask .*damaged.png: a damaged PNG"):
+        pipe.inpaint(_image(), damaged)
     with pytest.raises(DataError, match="empty"):
         pipe.generate("  ")
     with pytest.raises(ConfigError, match="unknown prior"):

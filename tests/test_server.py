@@ -20,6 +20,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from png_helpers import short_png
+
 _MODEL = {}
 
 
@@ -211,6 +213,8 @@ ERRORS = {
     "non-square PNG": (_VARY, {"files": {"image": ("a.png", png(scene().crop((0, 0, 64, 48))), "image/png")}},
                        400, "image"),
     "truncated PNG": (_VARY, {"files": {"image": ("a.png", png(scene())[:300], "image/png")}}, 400, "image"),
+    "PNG whose pixels end early": (_VARY, {"files": {"image": ("a.png", short_png(np.asarray(scene()), rows=40),
+                                                               "image/png")}}, 400, "image"),
     "PNG of 4 MB": (_VARY, {"files": {"image": ("a.png", png(scene()) + bytes(4 * 2**20), "image/png")}},
                     400, "image"),
     "bomb past PIL's limit": (_VARY, {"files": {"image": ("a.png", _header_only_png(100_000), "image/png")}},

@@ -326,11 +326,14 @@ def test_webdataset_feed_streams_endlessly_and_reproducibly(tmp_path):
 
 def _damaged_shard(path: Path, source: Path) -> None:
     """`source` with sample 1's image cut to a third, sample 2's image replaced by garbage, sample 3's
-    caption in Latin-1 and sample 4's image made non-square (wide), each a common flaw of scraped shards."""
+    caption in Latin-1, sample 4's image made non-square (wide) and sample 5's a PNG whose pixels end
+    early, each a common flaw of scraped shards."""
     import io
     import tarfile
 
     from PIL import Image
+
+    from png_helpers import short_png
 
     with tarfile.open(source) as src, tarfile.open(path, "w") as out:
         for member in src.getmembers():
@@ -348,6 +351,8 @@ def _damaged_shard(path: Path, source: Path) -> None:
                 image.paste((30, 30, 200), (32, 0, 48, 16))
                 image.save(wide, format="PNG")
                 data = wide.getvalue()
+            elif (key, ext) == ("000000005", "jpg"):
+                data = short_png(np.full((SIZE, SIZE, 3), 200, dtype=np.uint8), rows=SIZE // 2)
             info = tarfile.TarInfo(member.name)
             info.size = len(data)
             out.addfile(info, io.BytesIO(data))
@@ -367,13 +372,13 @@ def test_damaged_shard_samples_are_skipped_in_training_and_embedding(tmp_path, c
     with caplog.at_level("WARNING", logger="unclip.train.data"):
         feed = webdataset_feed(pattern, size=SIZE, batch_size=4, seed=0, shuffle_buffer=4)(0)
         keys = {k for _ in range(10) for k in next(feed)["key"]}
-    bad = {"000000002", "000000003"}  # garbage image, Latin-1 caption (a JPEG cut short may still decode)
-    assert not keys & bad and len(keys) >= 5
+    bad = {"000000002", "000000003", "000000005"}  # garbage, Latin-1 caption, PNG cut short (a cut JPEG may decode)
+    assert not keys & bad and len(keys) >= 4
     assert "unreadable image" in caplog.text and "non-UTF-8 caption" in caplog.text
 
     embed_dataset(StandInClip(), tmp_path / "emb", source="webdataset", path=pattern, progress=False)
     embeddings = load_embeddings(tmp_path / "emb", images=pattern)  # lines up with the shard, less the skipped
-    assert not set(embeddings["keys"]) & bad and len(embeddings["keys"]) >= 5
+    assert not set(embeddings["keys"]) & bad and len(embeddings["keys"]) >= 4
     from unclip.data.check import check_data
 
     report = check_data(pattern, size=SIZE, progress=False)  # `unclip data check` reads them as training does

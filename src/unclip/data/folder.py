@@ -9,10 +9,13 @@ of the next one and counted too. `FolderDataset.report` holds the counts and nam
 
 from __future__ import annotations
 
+import io
 import logging
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 from unclip.errors import DataError
 
@@ -68,15 +71,20 @@ def _note_upscaled(side: int, size: int) -> None:
                     "resolution", side, size)
 
 
-def open_square_rgb(path: str | Path, size: int):
-    """Decode `path`, centre-crop to a square and resize to size×size RGB (PIL image)."""
+def open_square_rgb(path: str | Path | IO[bytes], size: int):
+    """Decode `path` (or a binary file object), centre-crop to a square and resize to size×size RGB
+    (PIL image). A damaged image raises one of `unreadable_errors()`."""
     from PIL import Image, ImageOps
 
+    from unclip.data.png import pixels_complete
     from unclip.data.shapes import to_rgb
 
-    with Image.open(path) as image:
+    data = Path(path).read_bytes() if isinstance(path, (str, os.PathLike)) else path.read()
+    with Image.open(io.BytesIO(data)) as image:
         image.load()
         image = to_rgb(ImageOps.exif_transpose(image))  # a phone photo's EXIF says which way is up
+    if not pixels_complete(data):
+        raise ValueError("a damaged PNG: its pixel data ends before the last row")
     side = min(image.size)
     if side < size:
         _note_upscaled(side, size)
@@ -104,6 +112,8 @@ def scan_folder(root: str | Path, *, verify: bool = True,
     whose key (the path under `root` without suffix) it accepts."""
     from PIL import Image
 
+    from unclip.data.png import file_pixels_complete
+
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"{root} is not a folder; expected a folder of images with same-name .txt captions")
@@ -130,7 +140,10 @@ def scan_folder(root: str | Path, *, verify: bool = True,
             try:
                 with Image.open(path) as image:
                     image.verify()
+                complete = file_pixels_complete(path)  # verify() checks chunks, not that every row is there
             except unreadable_errors():
+                complete = False
+            if not complete:
                 report.corrupt.append(name)
                 continue
         pairs.append((path, caption))

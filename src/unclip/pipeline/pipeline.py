@@ -597,6 +597,7 @@ def _open_rgb(item):
     """A square RGB PIL image from a PIL image or a path; other modes are converted, other shapes refused."""
     from PIL import Image, ImageOps
 
+    from unclip.data.png import file_pixels_complete
     from unclip.data.shapes import to_rgb
 
     if isinstance(item, Image.Image):
@@ -608,8 +609,11 @@ def _open_rgb(item):
             with Image.open(item) as opened:
                 opened.load()
                 image = ImageOps.exif_transpose(opened)  # upright, as the training data was read
+            complete = file_pixels_complete(item)
         except (OSError, ValueError, Image.DecompressionBombError) as err:
             raise DataError(f"cannot read the image {item}: {err}") from None
+        if not complete:
+            raise DataError(f"cannot read the image {item}: a damaged PNG, its pixel data ends before the last row")
     if image.width != image.height:
         raise DataError(f"the image is {image.width}×{image.height}; unclip works on square images, so crop it "
                         f"to a square first (e.g. the centre {min(image.size)}×{min(image.size)})")
@@ -633,11 +637,16 @@ def _mask_tensor(mask, side: int) -> torch.Tensor:
         import numpy as np
         from PIL import Image
 
+        from unclip.data.png import file_pixels_complete
+
         try:
             pil = mask if isinstance(mask, Image.Image) else Image.open(mask)
             pil.load()
+            complete = isinstance(mask, Image.Image) or file_pixels_complete(mask)
         except (OSError, ValueError, Image.DecompressionBombError) as err:
             raise DataError(f"cannot read the mask {mask}: {err}") from None
+        if not complete:
+            raise DataError(f"cannot read the mask {mask}: a damaged PNG, its pixel data ends before the last row")
         alpha = pil.mode in ("RGBA", "LA")
         gray = np.asarray(pil.getchannel("A") if alpha else pil.convert("L"), dtype=np.float32) / 255.0
         m = torch.from_numpy(1.0 - gray if alpha else gray)[None, None]  # transparent = paint (the OpenAI convention)

@@ -17,6 +17,7 @@ import warnings
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
+from unclip.data.png import pixels_complete
 from unclip.data.shapes import has_alpha
 from unclip.serve.schemas import MAX_IMAGE_BYTES, ApiError
 
@@ -56,6 +57,9 @@ def read_png(data: bytes, *, param: str) -> Image.Image:
     except Exception as err:  # noqa: BLE001 - a corrupt file raises many kinds of errors inside PIL
         raise ApiError(400, f"Invalid input image - '{param}' could not be decoded as a PNG ({err})", param=param,
                        code="invalid_image") from None
+    if not pixels_complete(data):
+        raise ApiError(400, f"Invalid input image - '{param}' is a damaged PNG: its pixel data ends before the "
+                            "last row", param=param, code="invalid_image")
     return image
 
 

@@ -1,0 +1,70 @@
+"""Whether a PNG holds all of its pixels.
+
+Pillow decodes a PNG whose compressed pixel stream ends cleanly but early without a word and
+fills the missing rows with black (a file cut at a chunk boundary and given a new end, or written
+by a broken encoder). `pixels_complete` counts the bytes the stream inflates to against what the
+header promises, so such a file is refused like any other corrupt image instead of being read as
+an image with a black band.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import zlib
+
+SIGNATURE = b"\x89PNG\r\n\x1a\n"
+CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}  # by colour type: grey, RGB, palette, grey + alpha, RGBA
+ADAM7 = ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2), (0, 1, 1, 2))
+
+
+def is_png(data: bytes) -> bool:
+    return data.startswith(SIGNATURE)
+
+
+def pixels_complete(data: bytes) -> bool:
+    """Whether the PNG `data` inflates to every row its header declares (False for a PNG whose
+    chunks or stream are broken, too; True for anything that is not a PNG, which this cannot judge)."""
+    if not is_png(data):
+        return True
+    header, stream, offset = None, [], len(SIGNATURE)
+    while offset + 8 <= len(data):
+        length, kind = struct.unpack(">I4s", data[offset:offset + 8])
+        body = data[offset + 8:offset + 8 + length]
+        if len(body) < length:
+            return False
+        if kind == b"IHDR" and length >= 13:
+            header = struct.unpack(">IIBBBBB", body[:13])
+        elif kind == b"IDAT":
+            stream.append(body)
+        elif kind == b"IEND":
+            break
+        offset += 12 + length
+    if header is None or header[3] not in CHANNELS:
+        return False
+    width, height, depth, colour, _, _, interlace = header
+    expected = _raw_size(width, height, CHANNELS[colour] * depth, interlace == 1)
+    try:
+        inflated = zlib.decompressobj().decompress(b"".join(stream), expected)
+    except zlib.error:
+        return False
+    return len(inflated) == expected
+
+
+def file_pixels_complete(path: str | os.PathLike) -> bool:
+    """`pixels_complete` for a file (read only when it starts with the PNG signature)."""
+    with open(path, "rb") as handle:
+        if not is_png(handle.read(len(SIGNATURE))):
+            return True
+        handle.seek(0)
+        return pixels_complete(handle.read())
+
+
+def _raw_size(width: int, height: int, bits_per_pixel: int, interlaced: bool) -> int:
+    """Bytes of filtered scanlines (one filter byte per row) a width × height image inflates to."""
+    def rows(w: int, h: int) -> int:
+        return 0 if w == 0 or h == 0 else h * (1 + (w * bits_per_pixel + 7) // 8)
+
+    if not interlaced:
+        return rows(width, height)
+    return sum(rows(max(0, -(-(width - x0) // dx)), max(0, -(-(height - y0) // dy))) for x0, y0, dx, dy in ADAM7)

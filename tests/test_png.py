@@ -1,0 +1,52 @@
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from unclip.data.png import file_pixels_complete, pixels_complete
+
+from png_helpers import adam7_png, short_png
+
+
+def _saved(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("mode", ["RGB", "RGBA", "L", "LA", "P", "1", "I;16"])
+@pytest.mark.parametrize("size", [(1, 1), (7, 5), (13, 29), (64, 64)])
+def test_every_whole_png_pillow_writes_is_complete(mode, size):
+    rgba = np.random.default_rng(0).integers(0, 256, (size[1], size[0], 4), dtype=np.uint8)
+    image = Image.fromarray(rgba, "RGBA")
+    image = image.convert("I").convert("I;16") if mode == "I;16" else image.convert(mode)
+    assert pixels_complete(_saved(image))
+
+
+@pytest.mark.parametrize("size", [(1, 1), (3, 2), (13, 29), (64, 64)])
+def test_interlaced_pngs_are_counted_pass_by_pass(size):
+    array = np.random.default_rng(1).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    data = adam7_png(array)
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(data)).convert("RGB")), array)  # a real Adam7 file
+    assert pixels_complete(data)
+    assert size[1] == 1 or not pixels_complete(adam7_png(array, passes=6))  # the last pass (odd rows) missing
+
+
+def test_a_stream_that_ends_early_is_incomplete_though_pillow_reads_it(tmp_path):
+    array = np.full((64, 64, 3), 200, dtype=np.uint8)
+    data = short_png(array, rows=32)
+    decoded = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+    assert decoded[:32].min() == 200 and decoded[32:].max() == 0  # Pillow: the missing half black, no error
+    assert not pixels_complete(data)
+    assert pixels_complete(short_png(array, rows=64))
+    (tmp_path / "short.png").write_bytes(data)
+    assert not file_pixels_complete(tmp_path / "short.png")
+    Image.fromarray(array).save(tmp_path / "whole.jpg")
+    assert file_pixels_complete(tmp_path / "whole.jpg")  # not a PNG: nothing to count
+
+
+def test_broken_chunks_are_incomplete():
+    data = _saved(Image.new("RGB", (16, 16), (1, 2, 3)))
+    assert not pixels_complete(data[:40])  # a chunk cut short
+    assert not pixels_complete(data[:8])  # no header
