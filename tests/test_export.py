@@ -75,3 +75,24 @@ def test_cli_preview_and_export(tmp_path, capsys):
     assert not (tmp_path / "bad").exists() and not (tmp_path / "bad.png").exists()
     assert main(["demo", "--out", str(tmp_path / "demo"), "-n", "2"]) == 0
     assert (tmp_path / "demo" / "shapes_world.png").is_file()
+
+
+def test_a_smaller_export_into_a_larger_ones_folder_is_refused_before_writing(tmp_path):
+    from unclip.errors import DataError
+
+    export_webdataset(tmp_path / "wds", split="val", n=25, size=8, shard_size=10, progress=False)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "wds").iterdir()}
+    with pytest.raises(DataError, match=r"holds 2 files of an earlier, larger export \(000002.tar, "
+                                        r"000002_stats.json\).*-n 15.*remove them"):
+        export_webdataset(tmp_path / "wds", split="val", n=15, size=8, shard_size=10, lang="th", progress=False)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "wds").iterdir()} == before  # nothing rewritten
+    export_webdataset(tmp_path / "wds", split="val", n=30, size=8, shard_size=10, progress=False)  # as large: fine
+    (tmp_path / "wds" / "notes.tar").write_text("the user's own")  # not an export's name: not counted
+    with pytest.raises(DataError, match=r"holds 2 files .*\(000002.tar, 000002_stats.json\)"):
+        export_webdataset(tmp_path / "wds", split="val", n=30, size=8, shard_size=15, progress=False)  # 2 shards
+
+    export_folder(tmp_path / "folder", split="test", n=4, size=8, progress=False)
+    with pytest.raises(DataError, match=r"holds 6 files .*\(000000002.json, 000000002.png, 000000002.txt, …\)"):
+        export_folder(tmp_path / "folder", split="test", n=2, size=8, progress=False)
+    assert main(["data", "export", "--format", "folder", "--out", str(tmp_path / "folder"), "-n", "3",
+                 "--size", "8"]) == 2  # the usage-error code, with the message

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import tarfile
 import time
 from pathlib import Path
@@ -33,6 +34,22 @@ def _check(split: str, n: int, size: int, lang: str) -> None:
         raise DataError(f"--size {size} is too small; use at least 8 pixels")
     if split in SPLIT_LENGTHS and n > SPLIT_LENGTHS[split]:
         raise DataError(f"split {split!r} has {SPLIT_LENGTHS[split]} samples; -n {n} asks for more")
+
+
+SHARD_FILE = re.compile(r"(\d{6})(?:\.tar|_stats\.json)")
+FOLDER_FILE = re.compile(r"(\d{9})\.(?:png|txt|json)")
+
+
+def _check_leftovers(out_dir: Path, pattern: re.Pattern, count: int, n: int) -> None:
+    """Refuse an export whose folder holds numbered files of an earlier, larger export (number ≥
+    `count`): left beside the new ones, they would be read as part of it."""
+    if not out_dir.is_dir():
+        return
+    extra = sorted(p.name for p in out_dir.iterdir() if (m := pattern.fullmatch(p.name)) and int(m[1]) >= count)
+    if extra:
+        raise DataError(f"{out_dir} already holds {len(extra)} files of an earlier, larger export ({', '.join(extra[:3])}"
+                        f"{', …' if len(extra) > 3 else ''}) that an export of -n {n} would leave beside its own; "
+                        "remove them or export to another folder")
 
 
 def _record(split: str, index: int, *, size: int, seed: int, lang: str):
@@ -62,6 +79,7 @@ def export_webdataset(out_dir: str | Path, *, split: str, n: int, size: int, see
     if not 1 <= quality <= 100:
         raise DataError(f"--quality {quality} is not a JPEG quality; use 1..100 (95 keeps colours exact enough)")
     out_dir = Path(out_dir)
+    _check_leftovers(out_dir, SHARD_FILE, -(-n // shard_size), n)
     shards = []
     bar = tqdm(total=n, desc="export", unit="img", disable=None if progress else True)
     for shard, start in enumerate(range(0, n, shard_size)):
@@ -90,6 +108,7 @@ def export_folder(out_dir: str | Path, *, split: str, n: int, size: int, seed: i
     """Write samples 0..n-1 of `split` as KEY.png + KEY.txt + KEY.json in `out_dir`; returns it."""
     _check(split, n, size, lang)
     out_dir = Path(out_dir)
+    _check_leftovers(out_dir, FOLDER_FILE, n, n)
     for index in tqdm(range(n), desc="export", unit="img", disable=None if progress else True):
         key, image, text, meta = _record(split, index, size=size, seed=seed, lang=lang)
         save_image_atomic(out_dir / f"{key}.png", image)
