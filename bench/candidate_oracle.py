@@ -40,6 +40,7 @@ def main() -> int:
     parser.add_argument("--prompts-per-task", type=int, default=None, help="the first N prompts of each task")
     parser.add_argument("--rerank-clip", default=None,
                         help="a CLIP directory with the model's image tower whose text tower also picks")
+    parser.add_argument("--steps", type=int, default=None, help="decoder steps (default: the model's)")
     parser.add_argument("--out", default="out/bench/candidate_oracle", help="output folder")
     args = parser.parse_args()
 
@@ -78,7 +79,8 @@ def main() -> int:
     rows = []
     saved = {"z32": [], "z128": [], "z_t": [], "rerank_z_t": []}
     for p_index, prompt in enumerate(prompts):
-        images = pipe.generate([prompt["prompt"]], n=n, seed=p_index * n, candidates=k)  # n·k, image-major
+        images = pipe.generate([prompt["prompt"]], n=n, seed=p_index * n, candidates=k,
+                               steps=args.steps)  # n·k, image-major
         with torch.no_grad():
             z = torch.nn.functional.normalize(pipe.encode_image(images).float(), dim=-1)
             t = torch.nn.functional.normalize(pipe.encode_text([prompt["prompt"]]).embeds.float(), dim=-1)
