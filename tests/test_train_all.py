@@ -47,6 +47,10 @@ def test_train_all_trains_assembles_and_skips_finished_stages(tmp_path, caplog):
     from unclip.pipeline.assemble import clip_fingerprint
 
     shutil.rmtree(root / "clip")
+    with pytest.raises(ModelFormatError, match=r"stage\(s\) prior, ar_prior learnt from another CLIP than the "
+                                               r"one this call trains.*add them to --stages \(checked before any"):
+        train_all(cfg, root=root, out=out, stages=["clip", "embed", "decoder"], progress=False, evaluate=False)
+    assert not (root / "clip").exists()
     caplog.clear()
     with caplog.at_level("WARNING", logger="unclip.train.all"):
         redone = train_all(cfg.override(["clip.init_temperature=0.1"]), root=root, out=out, progress=False,

@@ -85,6 +85,13 @@ def train_all(cfg: UnclipConfig, *, root: str | Path, out: str | Path, stages: S
             return False
         return clip_fingerprint(read_manifest(target)) != clip_fingerprint(read_manifest(model["clip"]))
 
+    new_clip = not _done(model["clip"])  # trained in this call ("clip" is in stages, or the check above failed)
+    if stale := [name for name in ("prior", "ar_prior", "decoder") if name not in stages and _done(model[name])
+                 and (new_clip or learnt_from_another_clip(model[name]))]:
+        which = "the one this call trains" if new_clip else f"the one at {model['clip']}"
+        raise ModelFormatError(f"stage(s) {', '.join(stale)} learnt from another CLIP than {which}, so they must "
+                               "train again: add them to --stages (checked before any training)")
+
     def run(name: str, target: Path, fn) -> None:
         # a CLIP trained in this call is newer than any checkpoint of a stage that learns from it
         fresh = "clip" in timings and name in ("prior", "ar_prior", "decoder")
