@@ -466,3 +466,34 @@ def test_cli_import_and_export(karlo, unclip_model, tmp_path, capsys):
     assert main(["export-diffusers", str(unclip_model), "--out", str(tmp_path / "exported")]) == 0
     assert (tmp_path / "exported" / "model_index.json").is_file()
     assert "trust_remote_code=True" in capsys.readouterr().out
+
+
+def test_an_unclip_export_imports_with_its_own_best_of_candidates_and_unit_z_i(unclip_model, exported, tmp_path):
+    """Imported back, an unclip export samples its prior as unclip does (best of the recorded k, unit
+    length, which its decoder learnt from) and keeps its candidates; a Karlo import keeps diffusers' one
+    raw sample (test_imported_cascade_computes_what_diffusers_computes)."""
+    from dataclasses import replace
+
+    import unclip
+    from unclip.pipeline.interop import import_diffusers
+    from unclip.prior.diffusion import pick_best
+
+    out, _ = exported
+    pipe, back = unclip.load(unclip_model), unclip.load(import_diffusers(out, tmp_path / "back"))
+    record = json.loads((out / "unclip_export.json").read_text())["sampling"]
+    assert record["prior_best_of"] == pipe.prior.config.best_of == back.prior.config.best_of == 2
+    assert (back.decoder.config.candidates, back.decoder.config.upsampled_candidates) == \
+        (pipe.decoder.config.candidates, pipe.decoder.config.upsampled_candidates)
+    text = back.encode_text(["a red circle", "a blue square"])
+    states, mask, z_t = text.token_states.float(), text.mask, text.embeds.float()
+    k, seeds = 3, (5, 6)
+    back.prior.config = replace(back.prior.config, best_of=k)
+    gens = [torch.Generator().manual_seed(s) for s in seeds]  # one per caption, as the pipeline passes them
+    best = back.prior.sample(states, mask, z_t, steps=2, generator=[g for _ in range(k) for g in gens])
+    assert torch.allclose(best.norm(dim=-1), torch.ones(2), atol=1e-5) and best.shape == z_t.shape
+    back.prior.config = replace(back.prior.config, best_of=1)  # the same k·B rows drawn one by one
+    gens = [torch.Generator().manual_seed(s) for s in seeds]
+    rows = back.prior.sample(torch.cat([states] * k), torch.cat([mask] * k), torch.cat([z_t] * k), steps=2,
+                             generator=[g for _ in range(k) for g in gens])
+    assert torch.allclose(best, pick_best(rows.reshape(k, *z_t.shape), z_t), atol=1e-6)
+    assert not torch.allclose(rows[:2], rows[2:4])  # the candidates differ, so picking means something

@@ -269,7 +269,9 @@ def export_diffusers(model: str | Path, out: str | Path) -> Path:
                          "prior_steps": pipe.prior.config.sample_steps,
                          "prior_guidance": pipe.prior.config.guidance_scale, "super_res_steps": up.config.sample_steps,
                          "decoder_sampler": decoder_cfg.sampler, "prior_sampler": pipe.prior.config.sampler,
-                         "super_res_sampler": up.config.sampler, "super_res_start": up.config.sample_start},
+                         "super_res_sampler": up.config.sampler, "super_res_start": up.config.sample_start,
+                         "prior_best_of": pipe.prior.config.best_of, "candidates": decoder_cfg.candidates,
+                         "upsampled_candidates": decoder_cfg.upsampled_candidates},
             "load": "UnCLIPPipeline.from_pretrained(path, trust_remote_code=True)" if shim or up_shim
             else "UnCLIPPipeline.from_pretrained(path)"}, indent=2), encoding="utf-8")
 

@@ -95,8 +95,10 @@ def _defaults(directory: Path) -> dict:
     a model trained to sample unguided)."""
     recorded = directory / "unclip_export.json"
     own = _json(recorded).get("sampling", {}) if recorded.is_file() else {}
-    samplers = {"decoder_sampler": "ddpm", "prior_sampler": "ddpm", "super_res_sampler": "ddpm", "super_res_start": 1.0}
-    return {**DEFAULTS, **samplers, **{k: v for k, v in own.items() if k in DEFAULTS or k in samplers}}
+    samplers = {"decoder_sampler": "ddpm", "prior_sampler": "ddpm", "super_res_sampler": "ddpm", "super_res_start": 1.0,
+                "prior_best_of": 1, "candidates": 1, "upsampled_candidates": 1}  # diffusers draws one of each
+    return {**DEFAULTS, **samplers, **{k: v for k, v in own.items() if k in DEFAULTS or k in samplers},
+            "unclip_export": recorded.is_file()}
 
 
 SHIM_SETTINGS = {"prediction_type": "PREDICTION_TYPE", "timesteps": "TIMESTEPS", "target": "TARGET"}
@@ -214,7 +216,8 @@ def _decoder(directory: Path, clip):
         timesteps=process["timesteps"], noise_schedule=process["noise_schedule"], variance=process["variance"],
         prediction_type=process["prediction_type"], time_text="pooled", text_null="empty_prompt",
         sampler=defaults["decoder_sampler"], sample_steps=defaults["decoder_steps"],
-        guidance_scale=defaults["decoder_guidance"])
+        guidance_scale=defaults["decoder_guidance"], candidates=defaults["candidates"],
+        upsampled_candidates=defaults["upsampled_candidates"])
     decoder = Decoder(config=cfg, clip_dim=tp.clip_embeddings_dim, text_width=width, unet=unet)
     decoder.text_proj.load_state_dict(tp_model.state_dict(), strict=True)
     return decoder
@@ -269,9 +272,11 @@ def _prior(directory: Path, width: int):
     cfg = PriorConfig(width=pc.num_attention_heads * pc.attention_head_dim, layers=pc.num_layers,
                       heads=pc.num_attention_heads, timesteps=process["timesteps"],
                       noise_schedule=process["noise_schedule"], prediction_type=process["prediction_type"],
-                      normalization="per_dim", best_of=1, sampler=defaults["prior_sampler"],
+                      normalization="per_dim", best_of=defaults["prior_best_of"], sampler=defaults["prior_sampler"],
                       sample_steps=defaults["prior_steps"], guidance_scale=defaults["prior_guidance"])
-    return DiffusersPrior(transformer=transformer, config=cfg, clip_range=process["clip_range"])
+    # an unclip export's decoder learnt from unit-length z_i, as its own prior hands them on
+    return DiffusersPrior(transformer=transformer, config=cfg, clip_range=process["clip_range"],
+                          unit=defaults["unclip_export"])
 
 
 def _vision_tower(path: Path):

@@ -9,7 +9,8 @@ An imported model keeps its own networks and computes what diffusers' UnCLIPPipe
   Karlo never normalise them); the text tower runs without an attention mask, as in diffusers;
 - `DiffusersPrior`: PriorTransformer with the `sample(text_states, text_mask, z_t, ...)` surface
   of `DiffusionPrior`; guidance against the empty prompt; x_start clipped to the scheduler's
-  `clip_sample_range` (5 for Karlo); no best-of and no renormalisation (diffusers has neither);
+  `clip_sample_range` (5 for Karlo); no best-of and no renormalisation (diffusers has neither),
+  except for an unclip export, whose prior samples as unclip's does (best of its recorded k, unit length);
 - `TwoNetUpsampler`: `super_res_first` for every step but the last (t = 0), `super_res_last` for
   that one; conditioning bicubic-upsampled as diffusers does it (antialiased kernel, no clamp).
 
@@ -130,13 +131,17 @@ class DiffusersPrior(nn.Module):
 
     transformer: PriorTransformer (its clip_mean / clip_std undo the latent normalisation);
     config: PriorConfig (timesteps, schedule, prediction type, sampler, steps, guidance);
-    clip_range: clamp of the predicted x_start (the scheduler's clip_sample_range), or None.
+    clip_range: clamp of the predicted x_start (the scheduler's clip_sample_range), or None;
+    unit: return unit-length z_i (an unclip export, whose decoder learnt from them) instead of the raw
+    sample. `config.best_of` > 1 keeps, of that many samples per caption, the one with the highest
+    dot product with z_t, as `DiffusionPrior` does (diffusers draws one).
     Call `set_empty_prompt` before sampling with guidance: the null branch is the empty prompt.
     """
 
-    def __init__(self, *, transformer: nn.Module, config: PriorConfig, clip_range: float | None = None):
+    def __init__(self, *, transformer: nn.Module, config: PriorConfig, clip_range: float | None = None,
+                 unit: bool = False):
         super().__init__()
-        self.transformer, self.config, self.clip_range = transformer, config, clip_range
+        self.transformer, self.config, self.clip_range, self.unit = transformer, config, clip_range, unit
         self.diffusion = GaussianDiffusion.from_schedule(config.noise_schedule, config.timesteps,
                                                          prediction_type=config.prediction_type)
         self.register_buffer("empty_states", torch.zeros(0), persistent=False)
@@ -187,19 +192,29 @@ class DiffusersPrior(nn.Module):
                     guidance_scale: float | None = None, steps: int | None = None, sampler: str | None = None,
                     eta: float | None = None, generator: torch.Generator | None = None,
                     x_T: torch.Tensor | None = None) -> Generator[SampleStep, None, torch.Tensor]:
-        """z_i [B, D] (raw CLIP scale) for captions: text states [B, L, W], mask [B, L], z_t [B, D].
+        """z_i [B, D] (raw CLIP scale, or unit length with `unit`) for captions: text states [B, L, W],
+        mask [B, L], z_t [B, D].
 
-        x_T [B, E]: the starting latent (diffusers' `prior_latents`); unset options take the config's.
+        x_T [B, E]: the starting latent (diffusers' `prior_latents`; one sample per caption); unset
+        options take the config's. With best-of k the k·B rows run as one batch, candidate j of
+        caption b in row j·B + b, as `DiffusionPrior.sample_loop` lays them out.
         """
+        from unclip.prior.diffusion import pick_best
+
         cfg, device = self.config, self.device
+        k = 1 if x_T is not None else cfg.best_of
         z_t = z_t.to(device, torch.float32)
-        model_fn = self.guided_fn(z_t, text_states.to(device, torch.float32), text_mask.to(device),
+        repeat = lambda x: torch.cat([x.to(device)] * k)  # noqa: E731  [k·B, ...]
+        model_fn = self.guided_fn(repeat(z_t), repeat(text_states.float()), repeat(text_mask),
                                   cfg.guidance_scale if guidance_scale is None else guidance_scale)
         x = yield from sample_loop(
-            model_fn, self.diffusion, shape=(z_t.shape[0], self.transformer.proj_in.in_features), x_T=x_T,
+            model_fn, self.diffusion, shape=(k * z_t.shape[0], self.transformer.proj_in.in_features), x_T=x_T,
             sampler=sampler or cfg.sampler, steps=cfg.sample_steps if steps is None else steps,
             eta=cfg.eta if eta is None else eta, generator=generator, clip_denoised=False, device=device)
-        return self.transformer.post_process_latents(x)
+        z_i = self.transformer.post_process_latents(x)
+        if self.unit:
+            z_i = F.normalize(z_i, dim=-1)
+        return pick_best(z_i.reshape(k, *z_t.shape), z_t) if k > 1 else z_i
 
     def sample(self, text_states: torch.Tensor, text_mask: torch.Tensor, z_t: torch.Tensor, *,
                callback: Callable[[SampleStep], None] | None = None, **kwargs) -> torch.Tensor:
