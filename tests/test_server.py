@@ -495,3 +495,33 @@ def test_sizes_map_onto_the_cascade():
     assert parse_size("256x256", [32, 128]) == (256, 128)     # larger than the model: last stage, resized
     assert parse_size("256x256", [64, 256, 1024]) == (256, 256)  # Karlo-like: 256² is native
     assert parse_size("512x512", [64, 256, 1024]) == (512, 1024)  # the next stage up, then shrunk
+
+
+def test_retry_after_is_the_running_calls_remaining_time_weighted_by_steps():
+    """A full queue's Retry-After said 2 s while a 120-step job had 29 s to run: the rate is now per
+    image of default steps, a call's images weigh by their steps (an edit's by its resamplings too),
+    and the wait is what the running call has left."""
+    from unclip.serve.worker import Busy, Job, Task, Worker
+
+    worker = Worker(pipe=None, model_id="m", max_queue=1, default_steps=25)
+    worker.seconds_per_image = 2.0
+    long = Task(kind="generate", n=2, side=64, cascade_side=64, prompt="a", options={"steps": 100})
+    edit = Task(kind="edit", n=1, side=64, cascade_side=64, prompt="a", options={"steps": 50})
+    assert worker._cost(long) == 8 and worker._cost(edit) == 10  # 2 images × 4; 2 × the default 5 resamplings
+
+    async def refused() -> Busy:
+        worker._queue.clear()
+        worker.submit(Task(kind="generate", n=1, side=64, cascade_side=64, prompt="b"))
+        with pytest.raises(Busy) as busy:
+            worker.submit(Task(kind="generate", n=1, side=64, cascade_side=64, prompt="c"))
+        return busy.value
+
+    import asyncio
+
+    assert asyncio.run(refused()).retry_after == 2  # nothing runs: the queue's head, 1 image × 2 s
+    loop = asyncio.new_event_loop()
+    worker._running, worker._started = [Job(long, "j", loop)], time.perf_counter() - 6
+    assert asyncio.run(refused()).retry_after == 10  # 8 × 2 s − the 6 s it has run
+    worker._started -= 100
+    assert asyncio.run(refused()).retry_after == 1  # overdue: come back at once
+    loop.close()

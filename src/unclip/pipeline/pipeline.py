@@ -60,6 +60,7 @@ def auto_precision(device: torch.device) -> str:
     return "bfloat16" if device.type == "cpu" and native else "float32"
 
 
+INPAINT_RESAMPLE = 5  # RePaint resamplings per inpainting step unless asked otherwise
 MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed takes up to 2^64 - 1; candidate seeds mix modulo 2^63
 
 
@@ -521,7 +522,7 @@ class UnclipPipeline:
                              guidance_scale=guidance_scale, seed=seed, callback=callback)
         return to_pil(images)
 
-    def inpaint(self, image, mask, prompt: str | None = None, n: int = 1, *, resample: int = 5,
+    def inpaint(self, image, mask, prompt: str | None = None, n: int = 1, *, resample: int = INPAINT_RESAMPLE,
                 steps: int | None = None, guidance_scale: float | None = None, seed: Seed = None,
                 callback: Callback | None = None, size: int | None = None) -> list:
         """Fill the white (1) region of `mask` and keep the rest of `image` (RePaint resampling).

@@ -73,7 +73,8 @@ def create_app(pipe, options: ServerOptions | None = None) -> FastAPI:
     sizes = schemas.size_choices(pipe.sizes)
     models = schemas.request_models(sizes=sizes, priors=pipe.priors, max_steps=max_steps)
     Generation = models["generation"]  # noqa: N806 - a class
-    worker = Worker(pipe, model_id=model_id, max_queue=options.max_queue, max_batch=options.max_batch)
+    worker = Worker(pipe, model_id=model_id, max_queue=options.max_queue, max_batch=options.max_batch,
+                    default_steps=pipe.decoder.config.sample_steps)
     store = ImageStore(ttl_s=options.url_ttl_s)
     work_side = max(pipe.resolution, pipe.clip.config.image_size)
     created = int(time.time())

@@ -8,7 +8,9 @@ exactly as if it ran alone. Edits and variations run one request at a time, its 
 call.
 
 The queue holds at most `max_queue` waiting jobs; past that `submit` raises `Busy` with an
-estimate of the seconds until the queue drains (the 429 answer's Retry-After). `cancel` drops
+estimate of the seconds until a place frees up, that is until the running call ends (the 429
+answer's Retry-After): its images weighted by their sampling steps (and an edit's resamplings),
+at the measured seconds per image of default steps, less the time it has run. `cancel` drops
 a waiting job, or marks a running one: the batch stops at the next sampling step once every
 job in it is cancelled. Progress (stage and step) is kept on each job for the page.
 """
@@ -25,6 +27,7 @@ import time
 from dataclasses import dataclass, field
 
 from unclip.errors import SamplingError, UnclipError
+from unclip.pipeline.pipeline import INPAINT_RESAMPLE
 from unclip.serve.schemas import ApiError
 from unclip.serve.uploads import encode_png
 
@@ -109,8 +112,9 @@ def _resolve(future: asyncio.Future) -> None:
 class Worker:
     """The queue and the thread that runs `pipe` for it; `start()` it, `stop()` it."""
 
-    def __init__(self, pipe, *, model_id: str, max_queue: int = 64, max_batch: int = 8):
-        self.pipe, self.model_id = pipe, model_id
+    def __init__(self, pipe, *, model_id: str, max_queue: int = 64, max_batch: int = 8, default_steps: int = 25):
+        """default_steps: the decoder's steps when a request names none (the unit of `seconds_per_image`)."""
+        self.pipe, self.model_id, self.default_steps = pipe, model_id, default_steps
         self.max_queue, self.max_batch = max_queue, max_batch
         self._queue: collections.deque[Job] = collections.deque()
         self._running: list[Job] = []
@@ -119,7 +123,8 @@ class Worker:
         self._wake = threading.Condition(self._lock)
         self._stopping = False
         self._thread: threading.Thread | None = None
-        self.seconds_per_image = 1.0  # running estimate, for Retry-After
+        self.seconds_per_image = 1.0  # running estimate at default steps (`_cost`), for Retry-After
+        self._started = 0.0  # when the running call began
         self.stats = collections.Counter()
 
     # --- the request side (event loop) ---------------------------------------------------------
@@ -167,9 +172,21 @@ class Worker:
                     "max_batch": self.max_batch, "seconds_per_image": round(self.seconds_per_image, 3),
                     **self.stats}
 
+    def _cost(self, task: Task) -> float:
+        """`task`'s work in images of default steps: sampling time grows with the steps asked for, and
+        an edit samples each step `resample` times."""
+        steps = task.options.get("steps") or self.default_steps
+        resample = task.options.get("resample", INPAINT_RESAMPLE) if task.kind == "edit" else 1
+        return task.n * steps / self.default_steps * resample
+
     def _retry_after(self) -> int:
-        waiting = sum(job.task.n for job in (*self._queue, *self._running))
-        return max(1, min(600, math.ceil(waiting * self.seconds_per_image)))
+        """Seconds until a queue place frees up: until the running call ends (lock held)."""
+        if self._running:
+            cost = sum(self._cost(job.task) for job in self._running)
+            wait = cost * self.seconds_per_image - (time.perf_counter() - self._started)
+        else:  # the worker is about to take the head of the queue
+            wait = self._cost(self._queue[0].task) * self.seconds_per_image if self._queue else 0.0
+        return max(1, min(600, math.ceil(wait)))
 
     def _forget_finished(self) -> None:
         now = time.monotonic()
@@ -201,7 +218,7 @@ class Worker:
                 if self._stopping:
                     return
                 batch = self._take_batch()
-                self._running = batch
+                self._running, self._started = batch, time.perf_counter()
             self._execute(batch)
             with self._lock:
                 self._running = []
@@ -256,13 +273,14 @@ class Worker:
             self._finish(batch, "failed")
             return
         count = sum(job.task.n for job in batch)
+        cost = sum(self._cost(job.task) for job in batch)
         offset = 0
         for job in batch:
             job.pngs = [encode_png(image, job.task.side, self._params(job, i))
                         for i, image in enumerate(images[offset:offset + job.task.n])]
             offset += job.task.n
         seconds = time.perf_counter() - started
-        self.seconds_per_image = 0.7 * self.seconds_per_image + 0.3 * seconds / count
+        self.seconds_per_image = 0.7 * self.seconds_per_image + 0.3 * seconds / cost
         self.stats["batches"] += 1
         self.stats["images"] += count
         self.stats["largest_batch"] = max(self.stats["largest_batch"], count)
