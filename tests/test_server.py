@@ -102,6 +102,7 @@ def test_generations_with_the_openai_client_are_seeded_sized_and_fetchable(clien
     first = client.images.generate(model="dall-e-2", prompt="a red circle", n=2, size="64x64", extra_body={"seed": 7})
     assert first.size == "64x64" and [d.seed for d in first.data] == [7, 8]
     assert first.warnings == []
+    assert len(client.images.generate(prompt="a red circle", n=None, size="16x16").data) == 1  # null n: OpenAI's 1
     odd = httpx.post(f"{server}/v1/images/generations", json={"prompt": "a red dog", "size": "16x16", "steps": 2})
     assert odd.status_code == 200 and odd.json()["warnings"] == [
         "this model never saw 'dog' in training; that word means nothing to it"]
@@ -209,6 +210,8 @@ ERRORS = {
     "broken JSON": (_GEN, {"content": b'{"prompt": ', "headers": {"content-type": "application/json"}}, 400, None),
     "JSON array": (_GEN, {"json": [1, 2]}, 400, None),
     "form body for JSON": (_GEN, {"data": {"prompt": "a"}}, 400, None),
+    "JSON sent as text/plain": (_GEN, {"content": b'{"prompt": "a"}', "headers": {"content-type": "text/plain"}},
+                                400, None),
     "JPEG upload": (_VARY, {"files": {"image": ("a.jpg", _jpeg(), "image/jpeg")}}, 400, "image"),
     "non-square PNG": (_VARY, {"files": {"image": ("a.png", png(scene().crop((0, 0, 64, 48))), "image/png")}},
                        400, "image"),
@@ -224,6 +227,10 @@ ERRORS = {
     "no image": (_VARY, {"files": {"mask": ("m.png", png(_HOLE), "image/png")}}, 400, "mask"),
     "image missing": (_VARY, {"data": {"n": "1"}, "files": {}}, 400, None),
     "image as text": (_VARY, {"data": {"image": "abc"}, "files": {"x": ("x", b"", "text/plain")}}, 400, "image"),
+    "n as a file": (_VARY, {"files": {"image": ("a.png", png(scene()), "image/png"), "n": ("n", b"1", "text/plain")}},
+                    400, "n"),
+    "PNG signature, then garbage": (_VARY, {"files": {"image": ("a.png", png(scene())[:8] + bytes(64), "image/png")}},
+                                    400, "image"),
     "prompt for variations": (_VARY, {"data": {"prompt": "a"}, "files": {"image": ("a.png", png(scene()),
                                                                                    "image/png")}}, 400, "prompt"),
     "n = 11 in a form": (_VARY, {"data": {"n": "11"}, "files": {"image": ("a.png", png(scene()), "image/png")}},
@@ -255,8 +262,13 @@ def test_bad_requests_get_the_openai_error_json(server, name):
     assert error["param"] == param and error["message"], error
     assert time.perf_counter() - started < 5  # refused up front: no image was inflated, no job queued
     words = {"seed + i past the limit": "at most 9007199254740990", "no body": "must be a JSON object",
-             "bomb past PIL's limit": "is 100000×100000; at most 4096×4096"}
+             "bomb past PIL's limit": "is 100000×100000; at most 4096×4096",
+             "JSON sent as text/plain": "Content-Type: application/json; the request said text/plain",
+             "form body for JSON": "said application/x-www-form-urlencoded",
+             "n as a file": "'n' must be sent as a text field",
+             "PNG signature, then garbage": "could not be decoded as a PNG (its header is damaged)"}
     assert words.get(name, "") in error["message"] and "'None'" not in error["message"], error
+    assert " object at 0x" not in error["message"], error  # no Python reprs
 
 
 def test_unknown_paths_methods_models_and_images_are_errors_too(server, client):

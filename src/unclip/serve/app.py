@@ -246,7 +246,8 @@ async def _read_form(request: Request, model: type[BaseModel], files: tuple[str,
         raise ApiError(400, "This endpoint takes multipart/form-data, with the image as a file part.",
                        code="invalid_content_type")
     fields, blobs = {}, {}
-    async with request.form(max_files=len(files), max_fields=32, max_part_size=64 * 1024) as form:
+    # room for a few stray files, so that one sent for a text field is named below, not "too many files"
+    async with request.form(max_files=len(files) + 4, max_fields=32, max_part_size=64 * 1024) as form:
         for key, value in form.multi_items():
             if key in fields or key in blobs:
                 raise ApiError(400, f"'{key}' is given more than once", param=key, code="invalid_value")
@@ -300,6 +301,11 @@ def _handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, err: RequestValidationError) -> JSONResponse:
+        content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if content_type != "application/json":  # FastAPI reads no JSON from it, so every field "is missing"
+            return _error(ApiError(400, f"This endpoint takes a JSON object sent with Content-Type: "
+                                        f"application/json; the request said {content_type or 'no Content-Type'}.",
+                                   code="invalid_content_type"))
         return _error(schemas.validation_error(err.errors()))
 
     @app.exception_handler(HTTPException)

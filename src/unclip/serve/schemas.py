@@ -81,6 +81,11 @@ def parse_size(size: str | None, native: Sequence[int]) -> tuple[int, int]:
 class _Request(BaseModel):
     model_config = ConfigDict(strict=True, extra="forbid")
 
+    @field_validator("n", check_fields=False)
+    @classmethod
+    def _one_when_null(cls, n: int | None) -> int:
+        return 1 if n is None else n  # OpenAI's n is nullable, default 1; its client sends null for None
+
     @field_validator("seed", check_fields=False)
     @classmethod
     def _seeds_in_range(cls, seed: int | None, info: ValidationInfo) -> int | None:
@@ -108,7 +113,7 @@ def request_models(*, sizes: Sequence[str], priors: Sequence[str], max_steps: in
     """
     common: dict[str, Any] = dict(
         model=(str | None, Field(None, max_length=256, description="dall-e-2 or the served model's id")),
-        n=(int, Field(1, ge=1, le=MAX_N, description="number of images")),
+        n=(int | None, Field(1, ge=1, le=MAX_N, description="number of images (null: 1)")),
         size=(Literal[tuple(sizes)] | None, Field(None, description="image side; default: the model's largest; "
                                                                      "docs/server.md says how sizes map")),
         response_format=(Literal[RESPONSE_FORMATS] | None, Field("url", description="url (kept 60 minutes) or "

@@ -54,6 +54,9 @@ def read_png(data: bytes, *, param: str) -> Image.Image:
         width, height = struct.unpack(">II", data[16:24])  # IHDR, the chunk every PNG starts with
         raise ApiError(400, f"Invalid input image - '{param}' is {width}×{height}; at most {MAX_SIDE}×{MAX_SIDE} "
                             "is accepted", param=param, code="image_too_large") from None
+    except Image.UnidentifiedImageError:  # its message names a BytesIO object, nothing the client sent
+        raise ApiError(400, f"Invalid input image - '{param}' could not be decoded as a PNG (its header is "
+                            "damaged)", param=param, code="invalid_image") from None
     except Exception as err:  # noqa: BLE001 - a corrupt file raises many kinds of errors inside PIL
         raise ApiError(400, f"Invalid input image - '{param}' could not be decoded as a PNG ({err})", param=param,
                        code="invalid_image") from None
