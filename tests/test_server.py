@@ -537,3 +537,35 @@ def test_retry_after_is_the_running_calls_remaining_time_weighted_by_steps():
     worker._started -= 100
     assert asyncio.run(refused()).retry_after == 1  # overdue: come back at once
     loop.close()
+
+
+def test_uploads_decode_two_at_a_time(pipe, monkeypatch):
+    """A burst of small PNGs that decode to hundreds of MB each took the server's memory through
+    Starlette's ~40 threads before any queue bound it: decoding now takes turns, two at a time."""
+    from unclip.serve import uploads
+
+    active, most, lock = [0], [0], threading.Lock()
+    real = uploads.read_png
+
+    def slow_read(data, *, param):
+        with lock:
+            active[0] += 1
+            most[0] = max(most[0], active[0])
+        time.sleep(0.3)
+        with lock:
+            active[0] -= 1
+        return real(data, param=param)
+
+    monkeypatch.setattr(uploads, "read_png", slow_read)
+    with live_server(pipe) as url:
+        def vary() -> int:
+            return httpx.post(url + _VARY, timeout=60, data={"size": "16x16", "steps": "1"},
+                              files={"image": ("a.png", png(scene()), "image/png")}).status_code
+
+        threads = [threading.Thread(target=lambda: codes.append(vary())) for _ in range(5)]
+        codes: list[int] = []
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+    assert codes == [200] * 5 and most[0] == 2

@@ -38,7 +38,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
     white instead of showing whatever colour they hide.
     """
     if image.mode in INTEGER_MODES:
-        array = np.asarray(image, dtype=np.float64)
+        array = np.asarray(image, dtype=np.float32)  # exact for 16-bit values; half float64's memory
         if image.mode != "I" or array.max() > 255:
             array = array / 257.0
         image = Image.fromarray(np.clip(array.round(), 0, 255).astype(np.uint8), "L")

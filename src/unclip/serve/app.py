@@ -77,6 +77,9 @@ def create_app(pipe, options: ServerOptions | None = None) -> FastAPI:
                     default_steps=pipe.decoder.config.sample_steps)
     store = ImageStore(ttl_s=options.url_ttl_s)
     work_side = max(pipe.resolution, pipe.clip.config.image_size)
+    # uploads decode at full size (a 4096² 16-bit PNG of 41 KB takes ~400 MB for a moment): two at a
+    # time, so that a burst of them cannot take the memory that --max-queue bounds for the pipeline
+    decoding = asyncio.Semaphore(2)
     created = int(time.time())
 
     @asynccontextmanager
@@ -157,7 +160,8 @@ def create_app(pipe, options: ServerOptions | None = None) -> FastAPI:
             return (uploads.fit(uploads.rgb(image), work_side),
                     uploads.fit(hole, work_side, resample=Image.Resampling.BOX))
 
-        image, hole = await run_in_threadpool(prepare)
+        async with decoding:
+            image, hole = await run_in_threadpool(prepare)
         side, cascade = schemas.parse_size(params.size, pipe.sizes)
         task = Task(kind="edit", n=params.n, side=side, cascade_side=cascade, prompt=params.prompt,
                     seed=params.seed, image=image, mask=hole,
@@ -174,7 +178,8 @@ def create_app(pipe, options: ServerOptions | None = None) -> FastAPI:
         def prepare():
             return uploads.fit(uploads.rgb(uploads.read_png(files["image"], param="image")), work_side)
 
-        image = await run_in_threadpool(prepare)
+        async with decoding:
+            image = await run_in_threadpool(prepare)
         side, cascade = schemas.parse_size(params.size, pipe.sizes)
         task = Task(kind="vary", n=params.n, side=side, cascade_side=cascade, seed=params.seed, image=image,
                     options=options_of(params, ("steps", "guidance_scale", "eta")))
