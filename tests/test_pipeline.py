@@ -10,6 +10,7 @@ import torch
 from unclip.config import preset
 from unclip.errors import ConfigError, DataError, ModelFormatError, SamplingError
 from unclip.pipeline.latent import pca_truncate, slerp, slerp_rows, text_direction
+from unclip.pipeline.pipeline import to_pil
 
 from tiny_models import save_tiny_clip, save_tiny_stages
 
@@ -282,6 +283,34 @@ def test_inversion_then_eta_zero_decoding_reconstructs_the_image(pipe):
     varied = pipe.variations(image, n=2, eta=1.0, steps=10, seed=0, upsample=False)
     assert not np.array_equal(_array(varied[0]), _array(varied[1]))
     assert pipe.variations(image, n=1, steps=4, seed=0)[0].size == (64, 64)
+
+
+def test_what_is_decoded_from_an_inverted_x_T_is_not_clipped_on_the_way(pipe):
+    """The inversion does not clip its predicted images, so decoding its x_T must not either: clipped,
+    the shipped model gave a black background back grey (variations at η = 0, the inverted ends of an
+    interpolation, text diff at θ = 0 all ~12× further from the image than the inversion allows)."""
+    image = _image(seed=2)
+    z_i, x_T = pipe.invert(image, steps=10)
+    args = (z_i, None, None)
+    exact = pipe.decoder.sample(*args, x_T=x_T, sampler="ddim", eta=0.0, steps=10, clip_denoised=False).clamp(-1, 1)
+    clipped = pipe.decoder.sample(*args, x_T=x_T, sampler="ddim", eta=0.0, steps=10)
+    assert (exact - clipped).abs().max() > 0.01  # this image's predictions leave [-1, 1] on the way
+    expected = _array(to_pil(exact)[0])
+    assert np.array_equal(_array(pipe.variations(image, n=1, eta=0.0, steps=10, upsample=False)[0]), expected)
+    seen, real = [], pipe.decoder.sample
+
+    def spy(*a, **k):
+        seen.append(k["clip_denoised"])
+        return real(*a, **k)
+
+    pipe.decoder.sample = spy
+    try:
+        pipe.text_diff(image, "a red circle", "a blue circle", thetas=(0.0,), steps=2)
+        pipe.interpolate(image, _image(seed=3), n=2, mode="inverted", steps=2)
+        pipe.interpolate(image, _image(seed=3), n=2, mode="fixed", steps=2)  # fresh noise: clipped as usual
+    finally:
+        del pipe.decoder.sample
+    assert seen == [False, False, True]
 
 
 def test_interpolation_text_diff_and_pca_probe_shapes(pipe):

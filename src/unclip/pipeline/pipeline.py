@@ -335,12 +335,14 @@ class UnclipPipeline:
     def decode(self, z_i: torch.Tensor, text: TextEncoding | None = None, *, x_T: torch.Tensor | None = None,
                guidance_scale: float | None = None, steps: int | None = None, sampler: str | None = None,
                eta: float | None = None, seed: Seed = None, upsample: bool = True, size: int | None = None,
-               callback: Callback | None = None) -> torch.Tensor:
+               callback: Callback | None = None, inverted: bool = False) -> torch.Tensor:
         """Images [B, 3, R, R] in [-1, 1] from z_i [B, D] (and captions): decoder, then the upsamplers.
 
         x_T [B, 3, r, r] fixes the decoder's starting noise (inversions, interpolations); unset
         options take the decoder config's values. `size` stops the cascade at that side (one of
-        `sizes`); `upsample=False` stops at the decoder's side.
+        `sizes`); `upsample=False` stops at the decoder's side. inverted: x_T comes from `invert`, so
+        the predicted images are not clipped on the way (the inversion did not clip them either;
+        clipped, a black background came back grey), only the result.
         """
         stages = self.stages_for(size) if upsample else 0
         if eta is not None:
@@ -354,9 +356,9 @@ class UnclipPipeline:
                 z_i.to(self.device), None if text is None else text.token_states, None if text is None else text.mask,
                 text_embeds=None if text is None else text.embeds,
                 x_T=x_T, guidance_scale=guidance_scale, steps=steps, sampler=sampler, eta=eta, generator=gens,
-                callback=_stage_callback(callback, "decoder"))
+                callback=_stage_callback(callback, "decoder"), clip_denoised=not inverted)
         _check_finite(images, "decoder", sampler or self.config.decoder.sampler, steps or self.config.decoder.sample_steps)
-        return self.upsample(images, stages, generator=gens, callback=callback)
+        return self.upsample(images.clamp(-1, 1), stages, generator=gens, callback=callback)
 
     def upsample(self, images: torch.Tensor, stages: int, *, generator=None,
                  callback: Callback | None = None) -> torch.Tensor:
@@ -475,7 +477,7 @@ class UnclipPipeline:
         z_i, x_T = self.invert(image, steps=steps, guidance_scale=guidance_scale, callback=callback)
         z_i, x_T = z_i[:1].expand(n, -1), x_T[:1].expand(n, -1, -1, -1)
         images = self.decode(z_i, x_T=x_T, sampler="ddim", eta=eta, steps=steps, guidance_scale=guidance_scale,
-                             seed=seed, callback=callback, upsample=upsample, size=size)
+                             seed=seed, callback=callback, upsample=upsample, size=size, inverted=True)
         return to_pil(images)
 
     def interpolate(self, image_a, image_b, n: int = 5, *, mode: str = "fixed", steps: int | None = None,
@@ -500,7 +502,7 @@ class UnclipPipeline:
             x_Ts = self.fixed_noise(seed, n)
         z_i = latent.slerp(z[:1], z[1:2], thetas[:, None].to(z))  # [n, D]
         images = self.decode(z_i, x_T=x_Ts, sampler="ddim", eta=0.0, steps=steps, guidance_scale=guidance_scale,
-                             seed=seed, callback=callback)
+                             seed=seed, callback=callback, inverted=mode == "inverted")
         return to_pil(images)
 
     def text_diff(self, image, caption: str, target: str, thetas: Sequence[float] = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5),
@@ -519,7 +521,7 @@ class UnclipPipeline:
         direction = latent.text_direction(text.embeds[1:2], text.embeds[:1]) * z_i[:1].norm(dim=-1, keepdim=True)
         z = latent.slerp(z_i[:1], direction, torch.tensor(list(thetas))[:, None].to(z_i))
         images = self.decode(z, x_T=x_T[:1].expand(len(thetas), -1, -1, -1), sampler="ddim", eta=0.0, steps=steps,
-                             guidance_scale=guidance_scale, seed=seed, callback=callback)
+                             guidance_scale=guidance_scale, seed=seed, callback=callback, inverted=True)
         return to_pil(images)
 
     def inpaint(self, image, mask, prompt: str | None = None, n: int = 1, *, resample: int = INPAINT_RESAMPLE,
