@@ -3,7 +3,7 @@
 #
 #   scripts/continue_default_gpu.sh RUN_DIR [MODEL]
 #
-# MODEL (default: the shipped src/unclip/assets/model) gives the starting weights (`--init`), the
+# MODEL (default: the repository's shipped src/unclip/assets/model) gives the starting weights (`--init`), the
 # CLIP and the priors, which are kept. This is how version 2 of the shipped model was made
 # (docs/model_card.md): decoder at batch 1,024 (the GPU is busy 95–100% at that size, against a
 # host-bound ~2,200 images/s at 256), upsampler at batch 512, each with its own minute budget that
@@ -21,8 +21,11 @@
 set -uo pipefail
 
 run=${1:?usage: scripts/continue_default_gpu.sh RUN_DIR [MODEL]}
-model=${2:-src/unclip/assets/model}
+model=${2:-$(cd "$(dirname "$0")/.." && pwd)/src/unclip/assets/model}
 workers=${WORKERS:-6}
+case ${STOP_AFTER:-0} in
+    ''|*[!0-9]*) echo "STOP_AFTER=$STOP_AFTER: give whole seconds, e.g. STOP_AFTER=450"; exit 1 ;;
+esac
 source "$(dirname "$0")/gpu_common.sh"
 
 upsampler_min=${UPSAMPLER_MIN:-5.4}
@@ -45,13 +48,20 @@ if [ -n "${STOP_AFTER:-}" ]; then  # poll, so that no sleeping helper outlives t
         sleep 2
     done
 fi
-failed=0 stopped=0
+failed=0 stopped=0 early=0
 for job in "${pids[@]}"; do
     wait "$job"
-    case $? in 0) ;; 2) stopped=1 ;; *) failed=1 ;; esac  # 2: stopped by the SIGTERM, with a checkpoint
+    case $? in
+        0) ;;
+        75) stopped=1 ;;  # unclip's status for a run stopped by the SIGTERM, with a checkpoint
+        143) if [ -n "${signalled:-}" ]; then early=1; else failed=1; fi ;;  # killed before its handler was set
+        *) failed=1 ;;
+    esac
 done
 if [ "$failed" != 0 ]; then
-    say "a stage failed (logs in $run); the same command resumes it from its checkpoint"; exit 1
+    say "a stage failed: see the end of its log in $run (decoder.log, upsampler1.log)"; exit 1
+elif [ "$early" != 0 ]; then
+    say "STOP_AFTER=$STOP_AFTER came before the training started (no checkpoint); give it more seconds"; exit 1
 elif [ "$stopped" != 0 ]; then
     say "stopped with checkpoints (logs in $run): the same command resumes, with the minutes left as DECODER_MIN/UPSAMPLER_MIN"
     exit 2

@@ -69,3 +69,25 @@ def test_bad_paths_and_config_files_are_one_line_errors_before_any_work(tmp_path
     assert "options of `unclip eval judge`" in capsys.readouterr().err
     assert main(["config", "--config", str(tmp_path / "good.json")]) == 0  # {}: every default
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_run_stopped_with_a_checkpoint_exits_75_and_an_error_2(monkeypatch, capsys, tmp_path):
+    """Scripts that resume a run stopped by SIGTERM (scripts/continue_default_gpu.sh) read the exit
+    status: it was 2 for a stop and for any error alike, so a wrong path looked like a stop to resume."""
+    import unclip.clip.stage
+    from unclip.errors import STOPPED, DataError, TrainingStopped
+
+    def stopped(*args, **kwargs):
+        raise TrainingStopped("clip stopped by SIGTERM after step 3 of 10, checkpoint written: run the same command "
+                              "to resume")
+
+    monkeypatch.setattr(unclip.clip.stage, "train_clip", stopped)
+    argv = ["train", "clip", "--preset", "tiny", "--run-dir", str(tmp_path / "run")]
+    assert main(argv) == STOPPED == 75
+    assert "unclip: clip stopped by SIGTERM after step 3" in capsys.readouterr().err
+
+    def broken(*args, **kwargs):
+        raise DataError("/nonexistent is not a directory")
+
+    monkeypatch.setattr(unclip.clip.stage, "train_clip", broken)
+    assert main(argv) == 2 and "unclip: error: /nonexistent" in capsys.readouterr().err

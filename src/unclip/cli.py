@@ -14,7 +14,7 @@ from pathlib import Path
 
 from unclip import __version__
 from unclip.argtypes import positive_int, seed_number
-from unclip.errors import UnclipError
+from unclip.errors import STOPPED, TrainingStopped, UnclipError
 
 # Modules with a `register(subparsers)` function, in the order their verbs appear in --help.
 COMMAND_MODULES = (
@@ -96,6 +96,9 @@ def main(argv: list[str] | None = None) -> int:
 
             finish()
         return code
+    except TrainingStopped as err:  # not an error: the run checkpointed and resumes
+        print(f"unclip: {err}", file=sys.stderr)
+        return STOPPED
     except UnclipError as err:
         print(f"unclip: error: {err}", file=sys.stderr)
         return 2

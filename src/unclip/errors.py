@@ -1,4 +1,7 @@
-"""Errors a user can act on. The CLI prints their message and exits with status 2."""
+"""Errors a user can act on. The CLI prints their message and exits with status 2 (`TrainingStopped`,
+which is no failure: `STOPPED`)."""
+
+STOPPED = 75  # the CLI's exit status for a run stopped with a checkpoint (EX_TEMPFAIL: run it again)
 
 
 class UnclipError(Exception):
@@ -19,3 +22,11 @@ class DataError(UnclipError):
 
 class SamplingError(UnclipError):
     """A network produced non-finite values while sampling (the model's fault, not the request's)."""
+
+
+class TrainingError(UnclipError):
+    """Training cannot go on (a non-finite loss, a checkpoint from another config)."""
+
+
+class TrainingStopped(TrainingError):
+    """A SIGTERM stopped the run after a step, with a checkpoint to resume from."""

@@ -49,7 +49,7 @@ import torch
 from torch import nn
 
 from unclip.config import TrainConfig, UnclipConfig
-from unclip.errors import ConfigError, UnclipError
+from unclip.errors import ConfigError, TrainingError, TrainingStopped, UnclipError
 from unclip.modeldir import load_checkpoint, save_checkpoint
 from unclip.train import dist
 from unclip.train.metrics import METRICS, MetricsLog, trim_metrics
@@ -58,14 +58,6 @@ from unclip.train.runconfig import stage_changes
 log = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint.pt"
-
-
-class TrainingError(UnclipError):
-    """Training cannot go on (a non-finite loss, a checkpoint from another config)."""
-
-
-class TrainingStopped(TrainingError):
-    """A SIGTERM stopped the run after a step, with a checkpoint to resume from."""
 
 
 class _StopOnSigterm:
