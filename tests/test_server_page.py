@@ -115,8 +115,13 @@ def test_a_shown_seed_redraws_its_image_and_downloads(page, tmp_path):
     second = page.locator("#gallery .card").nth(1)
     seed = int(second.locator(".seed").inner_text().split()[1])
     source = second.locator("img").get_attribute("src")
+    page.fill("#steps", "7")  # the form moved on since: Reuse seed puts back what drew the image
+    page.select_option("#size", "16x16")
+    page.fill("#prompt", "a blue square")
     second.locator(".reuse").click()
     assert page.input_value("#seed") == str(seed) and page.input_value("#n") == "1"
+    assert (page.input_value("#steps"), page.input_value("#size"), page.input_value("#prompt")) == \
+        ("100", "64x64", "a red circle")
     page.click("#generate")
     _wait_for_cards(page, 7)
     newest = page.locator("#gallery .card").first
@@ -136,6 +141,7 @@ def test_variations_and_brush_inpainting_from_the_gallery(page):
     page.locator("#gallery .card").first.locator(".vary").click()
     _wait_for_cards(page, 9)
     assert page.locator("#gallery .card .label").first.inner_text().startswith("variation of seed")
+    assert page.locator("#gallery .card").first.locator(".reuse").is_hidden()  # not redrawn from a prompt
 
     source = page.locator("#gallery .card img").first.get_attribute("src")
     page.locator("#gallery .card").first.locator(".inpaint").click()
@@ -170,3 +176,21 @@ def test_a_prompt_with_a_word_the_model_never_saw_is_drawn_with_a_note(page):
     page.click("#generate")
     _wait_for_cards(page, 13)
     expect(page.locator("#notice")).to_be_hidden()
+
+
+def test_an_image_the_server_forgot_says_so_when_varied_or_edited(page):
+    """Images live in the server's memory for a while; after that (or a restart) Variations threw an
+    uncaught error and Inpaint did nothing, with no word on the page."""
+    from playwright.sync_api import expect
+
+    page.route("**/images/*.png", lambda route: route.fulfill(status=404))
+    try:
+        card = page.locator("#gallery .card").nth(2)
+        card.locator(".vary").click()
+        expect(page.locator("#error")).to_contain_text("no longer on the server")
+        page.evaluate("showError('')")
+        card.locator(".inpaint").click()
+        expect(page.locator("#error")).to_contain_text("no longer on the server")
+    finally:
+        page.unroute("**/images/*.png")
+    assert not page.errors, page.errors

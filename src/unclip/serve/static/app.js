@@ -32,8 +32,10 @@ async function loadInfo() {
   if (response.status === 401) {
     $("key-row").hidden = false;
     $("model").textContent = "this server needs an API key";
+    showError(state.key ? "the server refused this API key" : "");
     return;
   }
+  showError("");
   const info = await response.json();
   state.info = info;
   $("model").textContent = `${info.model} · makes ${info.native_sizes.join(", ")}`;
@@ -71,6 +73,12 @@ function numberField(id) {
 function extras() {
   const fields = { seed: numberField("seed"), steps: numberField("steps"), guidance_scale: numberField("guidance") };
   return Object.fromEntries(Object.entries(fields).filter(([, v]) => v !== undefined));
+}
+
+// what Reuse seed puts back so that Generate draws the same image: the form as it was sent
+function settings() {
+  return { size: $("size").value, steps: $("steps").value, guidance: $("guidance").value,
+           prior: $("prior-guidance").value };
 }
 
 // --- one request, with live progress --------------------------------------------------------------
@@ -139,8 +147,10 @@ function addCard(item, meta, size) {
   const download = card.querySelector(".download");
   download.href = item.url;
   download.download = `unclip-${item.seed}.png`;
-  const entry = { url: item.url, seed: item.seed, size, label, prompt: meta.prompt };
-  card.querySelector(".reuse").addEventListener("click", () => reuse(entry));
+  const entry = { url: item.url, seed: item.seed, size, label, prompt: meta.prompt, settings: meta.settings };
+  const reuseButton = card.querySelector(".reuse");
+  reuseButton.hidden = !meta.settings;  // a generation's; a variation or an edit is not redrawn from a prompt
+  reuseButton.addEventListener("click", () => reuse(entry));
   card.querySelector(".vary").addEventListener("click", () => vary(entry));
   card.querySelector(".inpaint").addEventListener("click", () => openEditor(entry));
   $("gallery").prepend(card);
@@ -149,22 +159,31 @@ function addCard(item, meta, size) {
 
 function reuse(entry) {
   $("seed").value = entry.seed;
-  if (entry.prompt !== null) $("prompt").value = entry.prompt;
+  $("prompt").value = entry.prompt;
+  $("size").value = entry.settings.size;
+  $("steps").value = entry.settings.steps;
+  $("guidance").value = entry.settings.guidance;
+  $("prior-guidance").value = entry.settings.prior;
   $("n").value = 1;
   updateCounter();
   $("prompt").focus();
 }
 
+const EXPIRED = "this image is no longer on the server (it keeps images for a while, and forgets them when it "
+  + "restarts): generate it again to vary or edit it";
+
 async function imageBlob(url) {
-  const response = await fetch(url);
-  if (!response.ok) throw new Error("the image has expired");
+  const response = await fetch(url).catch(() => null);
+  if (!response || !response.ok) throw new Error(EXPIRED);
   return response.blob();
 }
 
 async function vary(entry) {
   if (state.busy) return;
+  let image;
+  try { image = await imageBlob(entry.url); } catch (err) { return showError(err.message); }
   const form = new FormData();
-  form.append("image", await imageBlob(entry.url), "image.png");
+  form.append("image", image, "image.png");
   form.append("n", $("n").value || "1");
   form.append("size", entry.size);
   for (const [key, value] of Object.entries(extras())) form.append(key, String(value));
@@ -191,6 +210,7 @@ function openEditor(entry) {
     $("editor").hidden = false;
     $("editor").scrollIntoView({ behavior: "smooth" });
   };
+  img.onerror = () => showError(EXPIRED);
   img.src = entry.url;
 }
 
@@ -238,8 +258,10 @@ async function fill() {
   if (!editing.painted) return showError("paint over the region to repaint first");
   const prompt = $("edit-prompt").value;
   const maskBlob = await new Promise((resolve) => editing.mask.toBlob(resolve, "image/png"));
+  let image;
+  try { image = await imageBlob(editing.entry.url); } catch (err) { return showError(err.message); }
   const form = new FormData();
-  form.append("image", await imageBlob(editing.entry.url), "image.png");
+  form.append("image", image, "image.png");
   form.append("mask", maskBlob, "mask.png");
   form.append("prompt", prompt);
   form.append("n", $("n").value || "1");
@@ -257,7 +279,7 @@ function generate(event) {
   const body = { prompt, n: Number($("n").value || 1), size: $("size").value, response_format: "url", ...extras() };
   const prior = numberField("prior-guidance");
   if (prior !== undefined) body.prior_guidance_scale = prior;
-  run("/v1/images/generations", body, { label: prompt, prompt });
+  run("/v1/images/generations", body, { label: prompt, prompt, settings: settings() });
 }
 
 window.addEventListener("DOMContentLoaded", () => {
