@@ -105,7 +105,8 @@ def _free_port() -> int:
 
 def launch(args: argparse.Namespace, procs: int) -> dict:
     """Run `procs` worker processes (torchrun when more than one) and read back the main one's result."""
-    result = Path(tempfile.mkdtemp()) / "result.json"
+    folder = tempfile.TemporaryDirectory()
+    result = Path(folder.name) / "result.json"
     threads = args.threads or max(1, (os.cpu_count() or 1) // procs)
     options = ["--worker", "--config", args.config, "--steps", str(args.steps), "--batch", str(args.batch),
                "--warmup", str(args.warmup), "--threads", str(threads), "--result", str(result),
@@ -116,8 +117,10 @@ def launch(args: argparse.Namespace, procs: int) -> dict:
         command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(procs),
                    "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), __file__, *options]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    subprocess.run(command, env=env, check=True)
-    return json.loads(result.read_text())
+    with folder:
+        if subprocess.run(command, env=env).returncode != 0:
+            raise SystemExit(f"the {procs}-process run failed (its messages are above)")
+        return json.loads(result.read_text())
 
 
 def main() -> None:
@@ -135,6 +138,8 @@ def main() -> None:
     if args.worker:
         worker(args)
         return
+    if args.steps <= args.warmup:
+        parser.error(f"--steps {args.steps} leaves nothing to time after --warmup {args.warmup}")
     rows = [launch(args, procs) for procs in args.procs]
     base = rows[0]["images_per_s"]
     print(f"\ndecoder training throughput, config {args.config}, global batch {args.batch}, "

@@ -79,6 +79,11 @@ def run(pipe, args: argparse.Namespace, max_batch: int) -> int:
         after = httpx.get(url + "/api/status").json()
     lat = result["latencies"]
     answered = len(lat)
+    if not lat:  # every request failed: say why, not StatisticsError
+        print(f"max_batch {max_batch:>2}: 0/{args.requests} answered (ALL LOST)")
+        for failure in result["failures"][:5]:
+            print("  failed:", failure)
+        return args.requests
     p50, p99 = statistics.median(lat), lat[min(len(lat) - 1, round(0.99 * (len(lat) - 1)))]
     batches = after.get("batches", 0) - before.get("batches", 0)
     mean_batch = (after.get("images", 0) - before.get("images", 0)) / max(1, batches)

@@ -16,9 +16,10 @@ judges *every* candidate, and reports per task, for each k ≤ K (the first k ca
   fine-tune): `rerank@k` / `rerank128@k`, the candidate that CLIP's text tower puts closest.
 
 The gap between clip@k and oracle@k is what a better picker could gain; between oracle@k and
-oracle@K, what more candidates could. It writes candidates.json (every candidate's scores and
-verdict) and embeddings.pt (every candidate's z_i at 32² and 128², every prompt's z_t) into --out,
-so that another text tower's pick can be scored without drawing again. The numbers in docs/model_card.md ("Sampling sweeps") came from this script.
+oracle@K, what more candidates could. It writes candidates.json (the prompts in the order drawn,
+every candidate's scores and verdict) and embeddings.pt (every candidate's z_i at 32² and 128²,
+every prompt's z_t) into --out, so that another text tower's pick can be scored without drawing
+again (bench/twin_pick.py). The numbers in docs/model_card.md ("Sampling sweeps") came from this script.
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="model directory (default: the shipped model)")
     parser.add_argument("--k", type=int, default=6, help="candidates drawn per image")
-    parser.add_argument("--tasks", nargs="+", default=["two_object", "position", "color_attr"])
+    parser.add_argument("--tasks", nargs="+", default=["two_object", "position", "color_attr"],
+                        help="GenEval-style tasks of the shipped prompts (default: the three two-object ones)")
     parser.add_argument("--images-per-prompt", type=int, default=4)
     parser.add_argument("--prompts-per-task", type=int, default=None, help="the first N prompts of each task")
     parser.add_argument("--rerank-clip", default=None,
@@ -43,6 +45,10 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=None, help="decoder steps (default: the model's)")
     parser.add_argument("--out", default="out/bench/candidate_oracle", help="output folder")
     args = parser.parse_args()
+    from unclip.eval.prompts import TASKS
+
+    if unknown := [t for t in args.tasks if t not in TASKS]:
+        parser.error(f"unknown task(s) {', '.join(unknown)}; tasks are {', '.join(TASKS)}")
 
     import unclip
     from unclip.eval.geneval import verdict
@@ -105,7 +111,7 @@ def main() -> int:
     summary = summarise(rows, k, args.tasks)
     torch.save({key: torch.cat(v) for key, v in saved.items() if v}, out / "embeddings.pt")
     (out / "candidates.json").write_text(json.dumps({"k": k, "tasks": args.tasks, "summary": summary,
-                                                     "candidates": rows}, indent=1))
+                                                     "prompts": prompts, "candidates": rows}, indent=1))
     for task, by_k in summary.items():
         print(task, json.dumps(by_k))
     print(f"{out / 'candidates.json'}  ({time.time() - started:.0f} s)")

@@ -3,7 +3,7 @@
     .venv/bin/python bench/judge_reading.py [MODEL] [--images DIR] [--sheet PNG] [--threads 2]
 
 Generates the images of the shipped prompt set as `unclip eval MODEL` does (same seeds; default
-sampling) into --images (default out/judge_reading/<model name>; an existing folder of
+sampling) into --images (default out/judge_reading/<model name>-<hash of its path>; an existing folder of
 NNN.png images is read instead of regenerated), then reads each one with the shipped judge twice:
 by place (`unclip.eval.judge.read_objects`, what `unclip eval` uses) and class by class (each class
 map's mass rounded on its own, the reading until session 8). For each task it prints both scores,
@@ -15,6 +15,7 @@ with both readings. The numbers in docs/eval.md ("The judge").
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 from pathlib import Path
 
@@ -91,7 +92,7 @@ def sheet(rows: list[dict], folder: Path, path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model", nargs="?", help="model directory (default: the shipped model)")
-    parser.add_argument("--images", help="folder of generated images (default: out/judge_reading/<model name>)")
+    parser.add_argument("--images", help="folder of generated images (default: out/judge_reading/<model name>-<hash of its path>)")
     parser.add_argument("--sheet", help="draw the images whose verdict changed into this PNG")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
@@ -105,7 +106,9 @@ def main() -> None:
     from unclip.pipeline import default_model_dir
 
     model = Path(args.model) if args.model else default_model_dir()
-    folder = Path(args.images or Path("out/judge_reading") / model.resolve().name)
+    # one folder per model path: every assembled model is a folder called "model"
+    where = hashlib.sha1(str(model.resolve()).encode()).hexdigest()[:8]
+    folder = Path(args.images or Path("out/judge_reading") / f"{model.resolve().name}-{where}")
     prompts = read_prompts()
     if not (folder / f"{len(prompts) * 4 - 1:03d}.png").is_file():
         generate(model, prompts, folder)

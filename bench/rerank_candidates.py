@@ -23,6 +23,10 @@ if len(sys.argv) < 4 or sys.argv[1] in ("-h", "--help"):
     raise SystemExit(0 if sys.argv[1:2] in (["-h"], ["--help"]) else 2)
 ranker_dir, k, out = sys.argv[1], int(sys.argv[2]), Path(sys.argv[3])
 tasks = sys.argv[4:]
+from unclip.eval.prompts import TASKS  # noqa: E402 - after the usage check, which needs no torch
+
+if unknown := [t for t in tasks if t not in TASKS]:
+    sys.exit(f"unknown task(s) {', '.join(unknown)}; tasks are {', '.join(TASKS)}")
 pipe = unclip.load()
 if ranker_dir != "none":
     ranker = load_clip(ranker_dir).eval()

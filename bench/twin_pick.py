@@ -80,7 +80,8 @@ def main() -> int:
         found = json.loads((folder / "candidates.json").read_text())
         saved = torch.load(folder / "embeddings.pt")
         tasks, k_max = found["tasks"], found["k"]
-        prompts = [p for p in read_prompts(default_prompts_path()) if p["tag"] in tasks]
+        # the prompts as drawn (files from before they were saved: all of the tasks' prompts, in file order)
+        prompts = found.get("prompts") or [p for p in read_prompts(default_prompts_path()) if p["tag"] in tasks]
         passed = torch.tensor([c["pass"] for c in found["candidates"]]).view(len(prompts), -1, k_max)  # [P, n, K]
         z_t = F.normalize(saved["z_t"].float(), dim=-1)  # [P, D]
         with torch.no_grad():

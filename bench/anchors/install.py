@@ -30,6 +30,8 @@ def python(name: str) -> Path:
 
 def install(name: str) -> Path:
     """The venv's python, installing the anchor first when its marker is missing."""
+    if name not in ANCHORS:
+        raise ValueError(f"unknown anchor {name!r}; anchors are {', '.join(ANCHORS)}")
     env = VENVS / name
     marker = env / ".installed"
     if marker.exists():

@@ -103,6 +103,10 @@ def main() -> None:
     args = parser.parse_args()
     impls = args.impls.split(",") + (["unclip-compiled"] if args.compile else [])
     stages = args.stages.split(",")
+    if unknown := [i for i in impls if i not in (*UNCLIP, *install.ANCHORS)]:  # before any venv is made
+        parser.error(f"--impls: unknown {', '.join(unknown)}; use {', '.join(('unclip', *install.ANCHORS))}")
+    if unknown := [s for s in stages if s not in TRAIN_STEPS]:
+        parser.error(f"--stages: unknown {', '.join(unknown)}; use {', '.join(TRAIN_STEPS)}")
 
     pythons, failures = {}, {}
     for impl in impls:
