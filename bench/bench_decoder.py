@@ -1,4 +1,4 @@
-"""Decoder throughput at the anchor config (/work/shared/anchor_config.md), beside the anchors.
+"""Decoder throughput at the anchor config (bench/anchors/_common.py), beside the anchors.
 
     .venv/bin/python bench/bench_decoder.py
 

@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import tempfile
 from dataclasses import replace
 from pathlib import Path
 
 from unclip.config import UnclipConfig, preset
 from unclip.io import write_json_atomic
-from unclip.modeldir import MANIFEST, half_model_dir, read_manifest
+from unclip.modeldir import MANIFEST, half_model_dir, read_manifest, swap_in
 
 SAMPLING = ("sampler", "sample_steps", "sample_start", "eta", "guidance_scale", "candidates")
 SUMMARY = ("tasks", "overall", "by_split", "by_lang", "failures", "judge_support_overall", "frechet_judge_features",
@@ -47,6 +46,9 @@ def main() -> None:
     parser.add_argument("--eval", help="eval.json written by `unclip eval MODEL`: its summary goes into the manifest")
     parser.add_argument("--stage-metrics", help="stage_metrics.json written by bench/stage_metrics.py")
     args = parser.parse_args()
+    for name, path in (("--eval", args.eval), ("--stage-metrics", args.stage_metrics)):
+        if path and not Path(path).is_file():
+            parser.error(f"{name} {path}: no such file (nothing was shipped)")
     TARGET.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=TARGET.parent, prefix=".ship.") as tmp:
         half = half_model_dir(args.model, Path(tmp) / "model")
@@ -62,9 +64,7 @@ def main() -> None:
             stages = json.loads(Path(args.stage_metrics).read_text(encoding="utf-8"))
             manifest["evaluation"].update({k: stages[k] for k in ("decoder", "upsampler") if k in stages})
         write_json_atomic(half / MANIFEST, manifest)
-        if TARGET.exists():
-            shutil.rmtree(TARGET)
-        half.rename(TARGET)
+        swap_in(half, TARGET)  # two renames: an interruption never leaves the repository without a model
     print(f"shipped {TARGET}")
 
 

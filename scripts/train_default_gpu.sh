@@ -10,20 +10,18 @@
 # Evaluation is left to `unclip eval` and the stage metrics, run afterwards on any machine.
 #
 # Environment: PRESET (shapes-gpu), UPSAMPLER_MIN (7.4), CLIP_MIN (2.0), DECODER_MIN (5.0),
-# PRIOR_MIN (2.5), THREADS (torch CPU threads per stage; default: torch's choice), UNCLIP (the
-# command that runs unclip; default: python3 -m unclip), CLIP_SET (config overrides for CLIP alone,
+# PRIOR_MIN (2.5), THREADS (torch CPU threads per stage; default: torch's choice), PYTHON (the
+# interpreter with unclip installed; python3; on a machine without unclip's dependencies see
+# scripts/gpu_wheels.sh), UNCLIP (the command that runs unclip, overriding PYTHON's), CLIP_SET (config overrides for CLIP alone,
 # e.g. "clip.hard_negatives=0.75 clip.twin_group=4 clip.twin_weights=[0.5,0,0,0,0.5]": binding
 # twins, docs/clip.md "Binding").
 set -uo pipefail
 
 run=${1:?usage: scripts/train_default_gpu.sh RUN_DIR}
 preset=${PRESET:-shapes-gpu}
-read -r -a unclip <<<"${UNCLIP:-python3 -m unclip}"
-export TQDM_MININTERVAL=${TQDM_MININTERVAL:-15}
-mkdir -p "$run"
+source "$(dirname "$0")/gpu_common.sh"  # PYTHON, the .whl bootstrap, `say`, the run folder
+[ -n "${UNCLIP:-}" ] && read -r -a unclip <<<"$UNCLIP"
 common=(--preset "$preset" --no-eval ${THREADS:+--threads "$THREADS"})
-started=$(date +%s)
-say() { echo "[$(( $(date +%s) - started )) s] $*"; }
 
 stage() {  # stage NAME ARGS...: run `unclip train ARGS` into RUN_DIR/NAME.log
     local name=$1; shift

@@ -6,8 +6,8 @@
 Installs each anchor into its own venv under .bench-venvs/ (once; see install.py), then runs
 every (stage, implementation) in a fresh subprocess with two threads: the decoder (32², base 64,
 mults (1, 2, 2), train batch 16, 50-step DDIM for a batch of 4) and the diffusion prior (width
-128, depth 4, train batch 64, 64 steps for a batch of 4); shapes from
-/work/shared/anchor_config.md. Repeats are interleaved (every implementation once, then again)
+128, depth 4, train batch 64, 64 steps for a batch of 4); shapes in
+bench/anchors/_common.py (the project's anchor config). Repeats are interleaved (every implementation once, then again)
 so that drift in the machine's load spreads over all of them; each number is the median over
 repeats. Prints a markdown table with the ratio of unclip to the faster anchor, and the
 training step's achieved FLOP/s (FlopCounterMode: matmuls, convolutions, attention) against

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 # The torchvision wheels reachable here are CUDA builds; with CPU torch its import fails with
-# "operator torchvision::nms does not exist" unless the two op schemas exist first (anchor_config.md).
+# "operator torchvision::nms does not exist" unless the two op schemas exist first.
 _lib = torch.library.Library("torchvision", "DEF")
 for _op in ("nms", "qnms"):
     _lib.define(f"{_op}(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
