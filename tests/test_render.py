@@ -92,3 +92,12 @@ def test_preview_grid(tmp_path):
     with pytest.raises(DataError, match="at least 8"):
         write_preview(tmp_path / "q.png", size=4)
     assert not (tmp_path / "q.png").exists()
+
+
+def test_grid_labels_draw_greek_and_accented_letters():
+    """textdiff labels its images "θ = 0.25", and captions of your own data may be French or Polish: the
+    Latin font held ASCII only, so "θ = 0.25" was drawn "= 0.25" and "café" as "caf"."""
+    face = font("en", 13)
+    for text in ("θ", "é", "ñ", "Ł", "ü", "–", "“"):
+        assert face.getmask(text).getbbox() is not None, text
+    assert face.getlength("θ = 0.25") > face.getlength(" = 0.25") + 4

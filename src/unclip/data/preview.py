@@ -15,7 +15,8 @@ from unclip.data.world import SPLITS, caption, sample, thai_words
 from unclip.errors import DataError
 from unclip.io import save_image_atomic
 
-FONTS = {"en": "NotoSans-Latin.ttf", "th": "NotoSansThai-Regular.ttf"}  # Latin font: ASCII only
+# the Latin font holds ASCII, Latin-1, Latin Extended-A, Greek and punctuation (assets/fonts/OFL.txt)
+FONTS = {"en": "NotoSans-Latin.ttf", "th": "NotoSansThai-Regular.ttf"}
 INK = {"en": (30, 30, 30), "th": (20, 60, 140)}
 # Thai words kept on one line with the word after them: สีแดง, ขนาดเล็ก, มุมบนซ้าย, บนพื้นหลังสีเทา
 _GLUED = frozenset({"สี", "ขนาด", "ด้าน", "มุม", "ทาง", "ตรง", "บน", "พื้นหลัง"})
