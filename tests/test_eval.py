@@ -299,6 +299,8 @@ def test_unclip_eval_end_to_end_writes_json_markdown_and_grids(tmp_path, judge_d
     assert fd["generated_vs_real"] >= 0 and fd["real_vs_real_floor"] >= 0
     report = (out / "report.md").read_text()
     assert "| single_object |" in report and "Fréchet distance (judge features)" in report
+    assert fd["images"] == 24 < fd["feature_dim"] == 32  # a small run says its distances compare with no other's
+    assert "With 24 images in 32 feature dimensions the covariances are estimated from too few samples" in report
     assert "judge accuracy" in report and "## The judge's own accuracy" in report
     assert "## Why images fail" in report and set(result["failures"]) == set(TASKS)
     for task, kinds in result["failures"].items():  # every failing image counted once, under one kind

@@ -76,8 +76,9 @@ def test_best_threshold_matches_hand_computation():
 def test_siamese_verifies_digits_it_never_saw(split):
     results, counts = siamese_experiment(split, config=SiameseConfig(), seed=0)
     learned = results["learned"]
-    assert learned["cosine"].unseen_accuracy >= 0.80
-    assert learned["euclidean"].unseen_accuracy >= 0.80
+    # 0.80–0.82 with seed 0 on AVX2/AVX-512 and without SIMD; chance is 0.5, raw pixels 0.78–0.80
+    assert learned["cosine"].unseen_accuracy >= 0.78
+    assert learned["euclidean"].unseen_accuracy >= 0.78
     # What the docs claim: training helps over raw pixels, and the projection head specialises
     # to the training digits.
     assert learned["cosine"].unseen_accuracy > results["pixels"]["cosine"].unseen_accuracy
@@ -148,6 +149,9 @@ def test_cli_distance_writes_files_and_same_seed_gives_same_metrics(tmp_path, mo
     assert m["config"]["seed"] == 3
     assert m["classifier"]["test_accuracy"] >= 0.9  # a broken classifier would be near 0.1
     assert m["tsne"]["all"]["knn5_label_agreement"] >= 0.85
+    # a settled map: the quick preset's 250 iterations ended inside early exaggeration, where
+    # scikit-learn reports the float maximum as the KL divergence and the map is squashed
+    assert all(0 < m["tsne"][name]["kl_divergence"] < 10 for name in ("01", "all")), m["tsne"]
     assert m["siamese"]["learned"]["cosine"]["unseen_accuracy"] >= 0.72  # chance is 0.5
     for name in ("01", "all"):
         page = (runs[0] / f"tsne_{name}.html").read_text()

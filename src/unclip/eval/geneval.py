@@ -259,7 +259,8 @@ def evaluate(pipe, judge: Judge, prompts: Sequence[dict], images_per_prompt: int
         result["frechet_judge_features"] = {
             "generated_vs_real": frechet_distance(generated, feats_a),
             "real_vs_real_floor": frechet_distance(feats_b, feats_a),
-            "images": len(generated), "note": "Fréchet distance in the judge's penultimate feature space (not FID)"}
+            "images": len(generated), "feature_dim": int(features.shape[1]),
+            "note": "Fréchet distance in the judge's penultimate feature space (not FID)"}
     result["diversity"] = {"generated": diversity(features, [i // n for i in range(len(images))]),
                            "real": diversity(feats_a, groups_a) if real_a else None,
                            "note": "mean pairwise L2 distance of judge features among one prompt's images"}

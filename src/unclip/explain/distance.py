@@ -57,7 +57,8 @@ class DistanceConfig:
         if name == "full":
             return cls(seed=seed)
         if name == "quick":
-            return cls(seed=seed, epochs=15, tsne_max_iter=250, tsne_max_points=400,
+            # t-SNE's first 250 iterations are its early exaggeration: a map needs more than that to settle
+            return cls(seed=seed, epochs=15, tsne_max_iter=500, tsne_max_points=400,
                        siamese=replace(SiameseConfig(), epochs=2, n_eval_pairs=1000))
         raise ValueError(f"unknown preset {name!r}; choose 'full' or 'quick'")
 
@@ -105,6 +106,8 @@ def tsne_map(features: np.ndarray, *, seed: int, perplexity: float, max_iter: in
     """t-SNE of features [N, F] to points [N, 2] (PCA init, seeded); also the final KL divergence."""
     from sklearn.manifold import TSNE
 
+    if max_iter <= 250:  # scikit-learn would stop inside early exaggeration and report the float maximum as the KL
+        raise ValueError(f"t-SNE max_iter {max_iter}: give more than 250 (its early-exaggeration phase)")
     tsne = TSNE(n_components=2, perplexity=min(perplexity, (len(features) - 1) / 3), max_iter=max_iter,
                 init="pca", learning_rate="auto", random_state=seed, n_jobs=1)
     return tsne.fit_transform(features), float(tsne.kl_divergence_)
