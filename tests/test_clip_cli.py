@@ -249,3 +249,20 @@ def test_shapes_clip_reaches_its_targets(tmp_path):
     for split in ("test", "unseen"):
         for attribute in ("colour", "shape"):
             assert zs[split]["th"][attribute] >= zs[split]["en"][attribute] - 0.02
+
+
+def test_eval_of_a_clip_trained_on_other_data_says_its_tests_are_shapes_worlds(tmp_path, caplog):
+    """A CLIP trained on your own folder scored shapes-world zero-shot numbers without a word."""
+    import shutil
+
+    from tiny_models import save_tiny_clip
+
+    model = tmp_path / "own"
+    shutil.copytree(save_tiny_clip(tmp_path), model)
+    manifest = json.loads((model / "unclip.json").read_text())
+    manifest["config"]["data"].update(source="folder", path="/my/pairs")
+    (model / "unclip.json").write_text(json.dumps(manifest))
+    with caplog.at_level("WARNING"):
+        assert main(["clip", "eval", str(model), "-n", "2", "--retrieval-n", "4", "--out", str(tmp_path / "e.json")]) == 0
+    assert "trained on data.source=folder; these zero-shot and retrieval tests are shapes world's" in caplog.text
+    assert json.loads((tmp_path / "e.json").read_text())["trained_on"] == "folder"

@@ -68,6 +68,7 @@ def test_unknown_key_names_the_valid_keys():
     ("tokenizer.vocab_size=0", "at least 1"),
     ("decoder.channel_mult=[]", "one multiplier of 1 or more per level"),
     ("upsamplers.0.channel_mult=[1,0]", "one multiplier of 1 or more per level"),
+    ("data.path=/my/pairs", "add data.source=folder"),  # trained on shapes world, exit 0, without a word
 ])
 def test_bad_overrides_are_errors(assignment, words):
     with pytest.raises(ConfigError, match=None) as err:

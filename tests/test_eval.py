@@ -301,6 +301,11 @@ def test_unclip_eval_end_to_end_writes_json_markdown_and_grids(tmp_path, judge_d
     assert "| single_object |" in report and "Fréchet distance (judge features)" in report
     assert fd["images"] == 24 < fd["feature_dim"] == 32  # a small run says its distances compare with no other's
     assert "With 24 images in 32 feature dimensions the covariances are estimated from too few samples" in report
+    assert result["meta"]["trained_on"] == "shapes" and "was trained on data.source" not in report
+    from unclip.eval.report import markdown_report
+
+    result["meta"]["trained_on"] = "folder"  # your own data: the shapes-world scores get a caveat on top
+    assert "**The model was trained on data.source=folder.**" in markdown_report(result)
     assert "judge accuracy" in report and "## The judge's own accuracy" in report
     assert "## Why images fail" in report and set(result["failures"]) == set(TASKS)
     for task, kinds in result["failures"].items():  # every failing image counted once, under one kind

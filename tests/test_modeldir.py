@@ -197,3 +197,20 @@ def test_half_copy_halves_the_weights_and_loads_back_as_float32(tmp_path):
     torch.testing.assert_close(other(x), net(x), rtol=2e-3, atol=2e-3)
     with pytest.raises(ModelFormatError, match="copy"):
         half_model_dir(model, model)
+
+
+def test_a_save_removes_what_a_killed_save_left_beside_the_model(tmp_path):
+    """kill -9 during a save left `.model.XXXX.tmp` beside the model for good (hidden, as big as a model)."""
+    import os
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    pid = int(dead.stdout)  # a process that has ended
+    left = tmp_path / f".model.{pid}.abcd1234.tmp"
+    running = tmp_path / f".model.{os.getpid()}.efgh5678.tmp"  # a live writer's (this process's): kept
+    other = tmp_path / f".other.{pid}.abcd1234.tmp"  # another model's: not ours to judge here
+    for folder in (left, running, other):
+        folder.mkdir()
+        (folder / "model.safetensors").write_bytes(b"half")
+    _write_model(tmp_path / "model", _net())
+    assert not left.exists() and running.exists() and other.exists()
+    assert [p.name for p in tmp_path.glob(".model.*.tmp")] == [running.name]  # and the save left none itself

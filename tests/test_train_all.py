@@ -60,6 +60,21 @@ def test_train_all_trains_assembles_and_skips_finished_stages(tmp_path, caplog):
     assert "holds embeddings of another CLIP" in caplog.text
     assert clip_fingerprint(read_manifest(out)) == clip_fingerprint(read_manifest(root / "clip" / "model"))
 
+    # embeddings of other data (a shapes run continued on your folder) are made again, not reused
+    import json
+
+    from unclip.data.export import export_folder
+
+    export_folder(tmp_path / "pairs", split="val", n=12, size=16, progress=False)
+    own = cfg.override(["data.source=folder", f"data.path={tmp_path / 'pairs'}"])
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="unclip.train.all"):
+        train_all(own, root=root, out=out, stages=["embed"], progress=False, evaluate=False, embed_pairs=64,
+                  fit_samples=64)
+    assert "holds embeddings of other data than data.source=folder" in caplog.text
+    meta = json.loads((root / "emb" / "meta.json").read_text())
+    assert (meta["source"], meta["total"]) == ("folder", 12)
+
 
 @pytest.mark.parametrize(("source", "holdout"), [("webdataset", 0.0), ("folder", 0.0), ("webdataset", 0.25)])
 def test_train_all_on_your_own_data(tmp_path, source, holdout, capsys):

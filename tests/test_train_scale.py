@@ -491,3 +491,26 @@ def test_holdout_keeps_the_same_pairs_out_of_every_training_feed(tmp_path):
         check(replace(UnclipConfig(), data=DataConfig(source="folder", path="x", holdout=1.0)))
     with pytest.raises(ConfigError, match="shapes world has its own"):
         check(replace(UnclipConfig(), data=DataConfig(holdout=0.1)))
+
+
+def test_shards_without_one_usable_sample_are_an_error_not_an_endless_wait(tmp_path):
+    """A shard of undecodable images kept the resampled stream looking for a sample forever, at full CPU,
+    deaf to SIGTERM (no step ever ended): the feed now reads the shards once up front."""
+    import io
+    import tarfile
+
+    path = tmp_path / "000000.tar"
+    with tarfile.open(path, "w") as tar:
+        for i in range(4):
+            for ext, data in (("jpg", b"not an image at all"), ("txt", b"a caption")):
+                info = tarfile.TarInfo(f"{i:09d}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    started = time.monotonic()
+    with pytest.raises(DataError, match=r"000000.tar holds no usable image-caption pair.*unclip data check"):
+        webdataset_feed(str(path), size=SIZE, batch_size=2, seed=0)
+    assert time.monotonic() - started < 10
+    export_webdataset(tmp_path / "good", split="val", n=4, size=SIZE, shard_size=4, progress=False)
+    with pytest.raises(DataError, match="outside the held-out part"):  # every key held out
+        webdataset_feed(str(tmp_path / "good" / "000000.tar"), size=SIZE, batch_size=2, seed=0, holdout=1.0)
+    assert next(webdataset_feed(str(tmp_path / "good" / "000000.tar"), size=SIZE, batch_size=2, seed=0)(0))

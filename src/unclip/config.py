@@ -330,6 +330,9 @@ def check(cfg: UnclipConfig) -> None:
     if len(cfg.data.scenes) != 3 or min(cfg.data.scenes) < 0 or sum(cfg.data.scenes) <= 0:
         raise ConfigError(f"data.scenes={list(cfg.data.scenes)} must be three non-negative odds, not all zero, "
                           "for single, pair and count scenes, e.g. [0.4, 0.35, 0.25]")
+    if cfg.data.path and cfg.data.source == "shapes":  # else your data is silently not what trains
+        raise ConfigError(f"data.path={cfg.data.path} is set but data.source is shapes (the bundled world); add "
+                          "data.source=folder (a folder of images with .txt captions) or data.source=webdataset")
     if cfg.data.holdout and cfg.data.source == "shapes":
         raise ConfigError("data.holdout is for folder and webdataset data; shapes world has its own val and "
                           "test splits")

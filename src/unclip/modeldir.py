@@ -24,6 +24,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -83,6 +84,25 @@ def file_record(path: Path) -> dict[str, Any]:
     return {"bytes": path.stat().st_size, "sha256": digest.hexdigest()}
 
 
+def remove_abandoned(directory: Path) -> None:
+    """Delete the half-written `save_model_dir` folders beside `directory` whose writer has died (a
+    process killed mid-save leaves `.NAME.PID.XXXX.tmp`, which nothing else would ever remove)."""
+    pattern = re.compile(rf"\.{re.escape(directory.name)}\.(\d+)\.\w+\.tmp")
+    for path in directory.parent.glob(f".{directory.name}.*.tmp"):
+        if (match := pattern.fullmatch(path.name)) and path.is_dir() and not _alive(int(match[1])):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
 def save_model_dir(directory: str | Path, manifest: Manifest, write_components: Callable[[Path], None]) -> Path:
     """Write a model directory atomically.
 
@@ -93,7 +113,8 @@ def save_model_dir(directory: str | Path, manifest: Manifest, write_components: 
     directory = Path(directory)
     check_replaceable(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.", suffix=".tmp"))
+    remove_abandoned(directory)
+    tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.{os.getpid()}.", suffix=".tmp"))
     os.chmod(tmp, 0o777 & ~umask())  # mkdtemp makes 0700; a model is shared like any folder (umask)
     try:
         write_components(tmp)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 from pathlib import Path
 
 from unclip.argtypes import positive_int, seed_number
@@ -56,12 +57,20 @@ def _eval(args: argparse.Namespace) -> int:
     from unclip.clip.zeroshot import evaluate_clip, markdown_table
     from unclip.errors import ConfigError
     from unclip.io import check_output_dir
+    from unclip.modeldir import read_manifest
 
     if args.out:  # a JSON file: checked before the evaluation, not after
         if Path(args.out).is_dir():
             raise ConfigError(f"--out {args.out} is a folder; give the JSON file to write, e.g. {args.out}/clip.json")
         check_output_dir(Path(args.out).parent)
+    trained_on = read_manifest(args.model).config.get("data", {}).get("source", "shapes")
+    if trained_on != "shapes":
+        logging.getLogger(__name__).warning(
+            "%s was trained on data.source=%s; these zero-shot and retrieval tests are shapes world's, so they say "
+            "how it reads shapes-world renders, which means something only if its data held them", args.model,
+            trained_on)
     result = evaluate_clip(load_clip(args.model), n=args.n, retrieval_n=args.retrieval_n)
+    result["trained_on"] = trained_on
     print(markdown_table(result))
     if args.out:
         from unclip.io import write_json_atomic

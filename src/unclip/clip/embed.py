@@ -80,6 +80,13 @@ def embedded_by(embeddings: str | Path, clip_dir: str | Path) -> bool:
     return True
 
 
+def embeds_data(embeddings: str | Path, data) -> bool:
+    """Whether the embedding folder `embeddings` holds pairs of the data `data` (a DataConfig) names:
+    the same source, path, caption language and seed."""
+    meta = json.loads((Path(embeddings) / "meta.json").read_text(encoding="utf-8"))
+    return [meta.get(k) for k in ("source", "path", "lang", "seed")] == [data.source, data.path, data.lang, data.seed]
+
+
 SHARD_ERRORS = (OSError, ValueError, KeyError, EOFError)  # what a missing, cut or foreign .npz raises
 
 

@@ -160,7 +160,7 @@ def _model(args: argparse.Namespace) -> int:
                                  "judge": str(judge_dir), "judge_reading": READING,
                                  "candidates": pipe.config.decoder.candidates,
                                  "upsampled_candidates": pipe.config.decoder.upsampled_candidates, **options,
-                                 "precision": pipe.precision,
+                                 "precision": pipe.precision, "trained_on": pipe.config.data.source,
                                  **{f"upsampler{i}": {"sampler": u.config.sampler, "steps": u.config.sample_steps,
                                                    "start": u.config.sample_start}
                                     for i, u in enumerate(pipe.upsamplers, start=1)}}

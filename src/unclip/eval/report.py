@@ -25,6 +25,10 @@ def markdown_report(result: dict, *, title: str = "unclip eval") -> str:
     meta = result.get("meta", {})
     if meta:
         lines += [" · ".join(f"{k}: `{v}`" for k, v in meta.items()), ""]
+    if meta.get("trained_on", "shapes") != "shapes":
+        lines += [f"**The model was trained on data.source={meta['trained_on']}.** These prompts and the judge are "
+                  "shapes world's: the scores say how it draws shapes-world scenes, which means something only if "
+                  "its data held them.", ""]
     lines += [f"{result['prompts']} prompts × {result['images_per_prompt']} images, seed {result['seed']}. "
               "A task's score is the fraction of its images that pass; overall is the unweighted mean of tasks.", "",
               "## GenEval-style scores", "", "| " + " | ".join(head) + " |", "|---" * len(head) + "|"]

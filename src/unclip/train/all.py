@@ -9,6 +9,7 @@ from its last checkpoint, so running the command again after a crash finishes th
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -127,7 +128,8 @@ def train_all(cfg: UnclipConfig, *, root: str | Path, out: str | Path, stages: S
         from unclip.train.trainer import training_device
 
         if pairs < embed_pairs:
-            log.info("embed: %d pairs, as many as the priors draw or fit on (--embed-pairs %d)", pairs, embed_pairs)
+            log.info("embed: up to %d pairs (fewer if the data holds fewer), as many as the priors draw or fit on "
+                     "(--embed-pairs %d)", pairs, embed_pairs)
         embed_dataset(load_clip(model["clip"]).to(training_device()), embeddings, source=d.source, path=d.path, lang=d.lang, seed=d.seed,
                       n=pairs, shard_size=5000, progress=progress, model_path=str(model["clip"]))
 
@@ -135,8 +137,13 @@ def train_all(cfg: UnclipConfig, *, root: str | Path, out: str | Path, stages: S
     draws = max(c.train.steps * c.train.batch_size * c.train.grad_accum for c in (cfg.prior, cfg.ar_prior))
     pairs = min(embed_pairs, max(draws, fit_samples))
 
-    from unclip.clip.embed import embedded_by
+    from unclip.clip.embed import embedded_by, embeds_data
 
+    if (embeddings / "meta.json").is_file() and not embeds_data(embeddings, cfg.data):
+        # not resumable shard by shard: the same CLIP's shards of other data would be kept
+        log.warning("embed: %s holds embeddings of other data than data.source=%s%s; embedding again", embeddings,
+                    cfg.data.source, f" ({cfg.data.path})" if cfg.data.path else "")
+        shutil.rmtree(embeddings)
     if (embeddings / "meta.json").is_file() and embedded_by(embeddings, model["clip"]):
         log.info("embed: %s is complete, skipped", embeddings)
     elif (embeddings / "meta.json").is_file():  # shards of the same CLIP are kept, the others embedded again

@@ -219,6 +219,7 @@ def webdataset_feed(pattern: str, *, size: int, batch_size: int, seed: int, num_
     import webdataset as wds
 
     urls = shard_urls(pattern)
+    _check_usable(urls, pattern, size=size, holdout=holdout)
 
     def make(start: int) -> Iterator[dict]:
         rank, world = rank_world()
@@ -241,6 +242,20 @@ def webdataset_feed(pattern: str, *, size: int, batch_size: int, seed: int, num_
                                generator=torch.Generator().manual_seed(seed), worker_init_fn=ignore_sigterm))
 
     return make
+
+
+def _check_usable(urls: list[str], pattern: str, *, size: int, holdout: float) -> None:
+    """Read the shards in order up to the first sample training can use; none in a whole pass is a
+    `DataError` (the endless resampled stream would wait for one forever)."""
+    import webdataset as wds
+
+    samples = wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples())
+    for sample in samples:
+        if _has_pair(sample) and _kept(holdout, sample) and shard_item(sample, size=size) is not None:
+            return
+    part = " outside the held-out part" if holdout else ""
+    raise DataError(f"{pattern} holds no usable image-caption pair{part}: every sample lacks a .jpg/.jpeg/.png/.webp "
+                    "image or a .txt caption, or fails to decode; `unclip data check` lists what is wrong")
 
 
 def _check_path(data: DataConfig) -> None:
