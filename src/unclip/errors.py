@@ -1,5 +1,5 @@
-"""Errors a user can act on. The CLI prints their message and exits with status 2 (`TrainingStopped`,
-which is no failure: `STOPPED`)."""
+"""Errors a user can act on. The CLI prints their message and exits with status 2; a run stopped
+with a checkpoint (`TrainingStopped`, no failure) exits with `STOPPED`."""
 
 STOPPED = 75  # the CLI's exit status for a run stopped with a checkpoint (EX_TEMPFAIL: run it again)
 

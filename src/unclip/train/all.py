@@ -143,7 +143,9 @@ def train_all(cfg: UnclipConfig, *, root: str | Path, out: str | Path, stages: S
         # not resumable shard by shard: the same CLIP's shards of other data would be kept
         log.warning("embed: %s holds embeddings of other data than data.source=%s%s; embedding again", embeddings,
                     cfg.data.source, f" ({cfg.data.path})" if cfg.data.path else "")
-        shutil.rmtree(embeddings)
+        if dist.rank_world()[0] == 0:
+            shutil.rmtree(embeddings, ignore_errors=True)
+        dist.barrier()  # every rank sees the folder gone before it asks what to embed
     if (embeddings / "meta.json").is_file() and embedded_by(embeddings, model["clip"]):
         log.info("embed: %s is complete, skipped", embeddings)
     elif (embeddings / "meta.json").is_file():  # shards of the same CLIP are kept, the others embedded again
