@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from unclip.data.png import file_pixels_complete, pixels_complete
+from unclip.data.png import pixels_complete, read_checked
 
 from png_helpers import adam7_png, short_png
 
@@ -41,9 +41,10 @@ def test_a_stream_that_ends_early_is_incomplete_though_pillow_reads_it(tmp_path)
     assert not pixels_complete(data)
     assert pixels_complete(short_png(array, rows=64))
     (tmp_path / "short.png").write_bytes(data)
-    assert not file_pixels_complete(tmp_path / "short.png")
+    with pytest.raises(ValueError, match="a damaged PNG, its pixel data ends before the last row"):
+        read_checked(tmp_path / "short.png")
     Image.fromarray(array).save(tmp_path / "whole.jpg")
-    assert file_pixels_complete(tmp_path / "whole.jpg")  # not a PNG: nothing to count
+    assert read_checked(tmp_path / "whole.jpg") == (tmp_path / "whole.jpg").read_bytes()  # not a PNG: nothing to count
 
 
 def test_broken_chunks_are_incomplete():

@@ -124,7 +124,7 @@ def _shard_pairs(report: DataReport, path: str, progress: bool) -> Iterator[tupl
     from PIL import Image
 
     from unclip.data.folder import unreadable_errors
-    from unclip.data.png import pixels_complete
+    from unclip.data.png import check_complete
     from unclip.train.data import IMAGE_EXTENSIONS, shard_urls
 
     samples = wds.DataPipeline(wds.SimpleShardList(shard_urls(path)), wds.tarfile_to_samples())
@@ -145,8 +145,7 @@ def _shard_pairs(report: DataReport, path: str, progress: bool) -> Iterator[tupl
             with Image.open(io.BytesIO(data)) as image:
                 _look(report, image)
                 image.load()  # a cut or garbage file fails here, as it would in training
-            if not pixels_complete(data):
-                raise ValueError("the PNG's pixel data ends before the last row")
+            check_complete(data)
         except unreadable_errors():
             report.skip("corrupt or unreadable images", name)
             continue

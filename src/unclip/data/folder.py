@@ -76,15 +76,17 @@ def open_square_rgb(path: str | Path | IO[bytes], size: int):
     (PIL image). A damaged image raises one of `unreadable_errors()`."""
     from PIL import Image, ImageOps
 
-    from unclip.data.png import pixels_complete
+    from unclip.data.png import check_complete, read_checked
     from unclip.data.shapes import to_rgb
 
-    data = Path(path).read_bytes() if isinstance(path, (str, os.PathLike)) else path.read()
+    if isinstance(path, (str, os.PathLike)):
+        data = read_checked(path)
+    else:
+        data = path.read()
+        check_complete(data)
     with Image.open(io.BytesIO(data)) as image:
         image.load()
         image = to_rgb(ImageOps.exif_transpose(image))  # a phone photo's EXIF says which way is up
-    if not pixels_complete(data):
-        raise ValueError("a damaged PNG: its pixel data ends before the last row")
     side = min(image.size)
     if side < size:
         _note_upscaled(side, size)
@@ -112,7 +114,7 @@ def scan_folder(root: str | Path, *, verify: bool = True,
     whose key (the path under `root` without suffix) it accepts."""
     from PIL import Image
 
-    from unclip.data.png import file_pixels_complete
+    from unclip.data.png import read_checked
 
     root = Path(root)
     if not root.is_dir():
@@ -137,13 +139,10 @@ def scan_folder(root: str | Path, *, verify: bool = True,
             report.bad_caption.append(name)
             continue
         if verify:
-            try:
-                with Image.open(path) as image:
+            try:  # verify() checks the chunks, read_checked that every row is there
+                with Image.open(io.BytesIO(read_checked(path))) as image:
                     image.verify()
-                complete = file_pixels_complete(path)  # verify() checks chunks, not that every row is there
             except unreadable_errors():
-                complete = False
-            if not complete:
                 report.corrupt.append(name)
                 continue
         pairs.append((path, caption))

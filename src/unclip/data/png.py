@@ -14,6 +14,7 @@ import struct
 import zlib
 
 SIGNATURE = b"\x89PNG\r\n\x1a\n"
+DAMAGED = "a damaged PNG, its pixel data ends before the last row"
 CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}  # by colour type: grey, RGB, palette, grey + alpha, RGBA
 ADAM7 = ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2), (0, 1, 1, 2))
 
@@ -51,13 +52,19 @@ def pixels_complete(data: bytes) -> bool:
     return len(inflated) == expected
 
 
-def file_pixels_complete(path: str | os.PathLike) -> bool:
-    """`pixels_complete` for a file (read only when it starts with the PNG signature)."""
+def check_complete(data: bytes) -> None:
+    """Raise ValueError (what Pillow raises for other damage, so callers' handlers catch it) when the
+    PNG `data` lacks rows (`pixels_complete`)."""
+    if not pixels_complete(data):
+        raise ValueError(DAMAGED)
+
+
+def read_checked(path: str | os.PathLike) -> bytes:
+    """A file's bytes, read once, after `check_complete`: open them with `io.BytesIO`."""
     with open(path, "rb") as handle:
-        if not is_png(handle.read(len(SIGNATURE))):
-            return True
-        handle.seek(0)
-        return pixels_complete(handle.read())
+        data = handle.read()
+    check_complete(data)
+    return data
 
 
 def _raw_size(width: int, height: int, bits_per_pixel: int, interlaced: bool) -> int:

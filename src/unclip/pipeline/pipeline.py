@@ -22,6 +22,7 @@ optional `callback(stage, step)` that sees every sampling step ("prior", "decode
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import os
 from collections.abc import Callable, Sequence
@@ -600,7 +601,7 @@ def _open_rgb(item):
     """A square RGB PIL image from a PIL image or a path; other modes are converted, other shapes refused."""
     from PIL import Image, ImageOps
 
-    from unclip.data.png import file_pixels_complete
+    from unclip.data.png import read_checked
     from unclip.data.shapes import to_rgb
 
     if isinstance(item, Image.Image):
@@ -609,14 +610,11 @@ def _open_rgb(item):
         raise DataError(f"an image is a PIL image, a path or a tensor, not {type(item).__name__}")
     else:
         try:
-            with Image.open(item) as opened:
+            with Image.open(io.BytesIO(read_checked(item))) as opened:
                 opened.load()
                 image = ImageOps.exif_transpose(opened)  # upright, as the training data was read
-            complete = file_pixels_complete(item)
         except (OSError, ValueError, Image.DecompressionBombError) as err:
             raise DataError(f"cannot read the image {item}: {err}") from None
-        if not complete:
-            raise DataError(f"cannot read the image {item}: a damaged PNG, its pixel data ends before the last row")
     if image.width != image.height:
         raise DataError(f"the image is {image.width}×{image.height}; unclip works on square images, so crop it "
                         f"to a square first (e.g. the centre {min(image.size)}×{min(image.size)})")
@@ -640,16 +638,13 @@ def _mask_tensor(mask, side: int) -> torch.Tensor:
         import numpy as np
         from PIL import Image
 
-        from unclip.data.png import file_pixels_complete
+        from unclip.data.png import read_checked
 
         try:
-            pil = mask if isinstance(mask, Image.Image) else Image.open(mask)
+            pil = mask if isinstance(mask, Image.Image) else Image.open(io.BytesIO(read_checked(mask)))
             pil.load()
-            complete = isinstance(mask, Image.Image) or file_pixels_complete(mask)
         except (OSError, ValueError, Image.DecompressionBombError) as err:
             raise DataError(f"cannot read the mask {mask}: {err}") from None
-        if not complete:
-            raise DataError(f"cannot read the mask {mask}: a damaged PNG, its pixel data ends before the last row")
         alpha = pil.mode in ("RGBA", "LA")
         gray = np.asarray(pil.getchannel("A") if alpha else pil.convert("L"), dtype=np.float32) / 255.0
         m = torch.from_numpy(1.0 - gray if alpha else gray)[None, None]  # transparent = paint (the OpenAI convention)
