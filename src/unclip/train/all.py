@@ -146,14 +146,13 @@ def train_all(cfg: UnclipConfig, *, root: str | Path, out: str | Path, stages: S
         if dist.rank_world()[0] == 0:
             shutil.rmtree(embeddings, ignore_errors=True)
         dist.barrier()  # every rank sees the folder gone before it asks what to embed
-    if (embeddings / "meta.json").is_file() and embedded_by(embeddings, model["clip"]):
+    made = (embeddings / "meta.json").is_file()
+    if made and embedded_by(embeddings, model["clip"]):
         log.info("embed: %s is complete, skipped", embeddings)
-    elif (embeddings / "meta.json").is_file():  # shards of the same CLIP are kept, the others embedded again
-        log.warning("embed: %s holds embeddings of another CLIP than %s; embedding again", embeddings, model["clip"])
-        start = time.monotonic()
-        embed()
-        timings["embed"] = round(time.monotonic() - start, 1)
-    elif "embed" in stages or "prior" in stages or "ar_prior" in stages:
+    elif made or {"embed", "prior", "ar_prior"} & set(stages):
+        if made:  # shards of the same CLIP are kept, the others embedded again
+            log.warning("embed: %s holds embeddings of another CLIP than %s; embedding again", embeddings,
+                        model["clip"])
         start = time.monotonic()
         embed()
         timings["embed"] = round(time.monotonic() - start, 1)
