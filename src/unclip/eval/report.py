@@ -64,17 +64,15 @@ def markdown_report(result: dict, *, title: str = "unclip eval") -> str:
                   f"{fd['generated_vs_real']:.4g} |",
                   f"| Fréchet distance (judge features), real vs real (floor) | {fd['real_vs_real_floor']:.4g} |",
                   f"| images in each set | {fd.get('images', '')} |"]
-        if fd.get("images", 0) < fd.get("feature_dim", 0):
-            small = (f"With {fd['images']} images in {fd['feature_dim']} feature dimensions the covariances are "
-                     "estimated from too few samples: both distances are inflated and the floor can even exceed the "
-                     "generated one. Compare Fréchet distances only between runs of one size, ideally of "
-                     f"{fd['feature_dim']} images or more (the whole shipped prompt set makes 384).")
     lines += [f"| diversity (mean pairwise judge-feature distance per prompt), generated | {_f(div.get('generated'))} |",
               f"| diversity, real renders | {_f(div.get('real'))} |", "",
               "The Fréchet distance uses the judge's penultimate features, not Inception's: it is not FID, and "
               "only numbers from the same judge compare."]
     if fd and fd.get("images", 0) < fd.get("feature_dim", 0):
-        lines += ["", small]
+        lines += ["", f"With {fd['images']} images in {fd['feature_dim']} feature dimensions the covariances are "
+                      "estimated from too few samples: both distances are inflated and the floor can even exceed "
+                      "the generated one. Compare Fréchet distances only between runs of one size, ideally of "
+                      f"{fd['feature_dim']} images or more (the whole shipped prompt set makes 384)."]
     failures = [r for r in result["records"] if not r["pass"]]
     if failures:
         lines += ["", f"## Failures ({len(failures)} images; the first 30)", "", "| task | split | lang | prompt | judge says |",
