@@ -17,11 +17,10 @@ import warnings
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from unclip.data.png import pixels_complete
+from unclip.data.png import is_png, pixels_complete
 from unclip.data.shapes import has_alpha
 from unclip.serve.schemas import MAX_IMAGE_BYTES, ApiError
 
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 MAX_SIDE = 4096  # 4096² RGBA decodes to 64 MiB
 
 
@@ -33,7 +32,7 @@ def read_png(data: bytes, *, param: str) -> Image.Image:
     if len(data) >= MAX_IMAGE_BYTES:
         raise ApiError(400, f"Invalid input image - '{param}' must be a PNG less than 4 MB; got "
                             f"{len(data) / 2**20:.1f} MB", param=param, code="image_too_large")
-    if not data.startswith(PNG_SIGNATURE):
+    if not is_png(data):
         raise ApiError(400, f"Invalid input image - '{param}' must be a PNG file", param=param,
                        code="invalid_image_format")
     try:
