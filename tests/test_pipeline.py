@@ -285,6 +285,20 @@ def test_inversion_then_eta_zero_decoding_reconstructs_the_image(pipe):
     assert pipe.variations(image, n=1, steps=4, seed=0)[0].size == (64, 64)
 
 
+def test_images_of_different_sizes_are_read_once_each_and_resized_alike(pipe, tmp_path, monkeypatch):
+    import unclip.data.png as png
+
+    paths = [tmp_path / "a.png", tmp_path / "b.png"]
+    _image(side=16).save(paths[0])
+    _image(side=48, seed=1).save(paths[1])
+    reads, read = [], png.read_checked
+    monkeypatch.setattr(png, "read_checked", lambda path: reads.append(path) or read(path))
+    both = pipe.pixels([str(p) for p in paths], 32)
+    assert sorted(reads) == sorted(str(p) for p in paths)  # each caller's file opened once
+    alone = torch.cat([pipe.pixels(str(p), 32) for p in paths])
+    assert both.shape == (2, 3, 32, 32) and torch.equal(both, alone)
+
+
 def test_what_is_decoded_from_an_inverted_x_T_is_not_clipped_on_the_way(pipe):
     """The inversion does not clip its predicted images, so decoding its x_T must not either: clipped,
     the shipped model gave a black background back grey (variations at η = 0, the inverted ends of an

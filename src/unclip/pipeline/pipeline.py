@@ -281,8 +281,9 @@ class UnclipPipeline:
             items = images if isinstance(images, (list, tuple)) else [images]
             if not items:
                 raise DataError("no image given")
-            x = torch.stack([to_tensor(_open_rgb(item)) for item in items]) if len({_size(i) for i in items}) == 1 \
-                else torch.cat([self.pixels(item, size) for item in items])
+            opened = [_open_rgb(item) for item in items]  # each file read once
+            x = torch.stack([to_tensor(image) for image in opened]) if len({i.size for i in opened}) == 1 \
+                else torch.cat([self.pixels(image, size) for image in opened])
         given = not isinstance(images, torch.Tensor)  # a caller's image, not the pipeline's own candidates
         if given and x.shape[-1] < min(size, self.clip.config.image_size) and x.shape[-1] not in self._small_warned:
             self._small_warned.add(x.shape[-1])
@@ -619,10 +620,6 @@ def _open_rgb(item):
         raise DataError(f"the image is {image.width}×{image.height}; unclip works on square images, so crop it "
                         f"to a square first (e.g. the centre {min(image.size)}×{min(image.size)})")
     return to_rgb(image)
-
-
-def _size(item) -> tuple[int, int]:
-    return _open_rgb(item).size
 
 
 def _mask_tensor(mask, side: int) -> torch.Tensor:
