@@ -645,3 +645,108 @@ def test_upsampler_sampling_can_be_set_for_every_later_call(model_dir):
         pipe.set_upsampler_sampling(sampler="euler")
     with pytest.raises(ConfigError, match="upsampler start"):
         pipe.set_upsampler_sampling(start=0)
+
+
+# --- what callers pass ---------------------------------------------------------------------------
+
+
+def _bad_calls(pipe, image):
+    z = pipe.encode_image(image)
+    side = pipe.config.decoder.resolution
+    return {
+        "z_i of one dimension": (lambda: pipe.decode(z[0], upsample=False), DataError, r"z_i must be a tensor \[B, "),
+        "x_T of another side": (lambda: pipe.decode(z, x_T=torch.randn(1, 3, side // 2, side // 2)), DataError,
+                                "x_T must be a tensor"),
+        "x_T of another batch": (lambda: pipe.decode(z, x_T=torch.randn(2, 3, side, side)), DataError, "x_T must"),
+        "NaN z_i": (lambda: pipe.decode(torch.full_like(z, float("nan"))), DataError, "NaN"),
+        "z_i as a list": (lambda: pipe.decode(z.tolist()), DataError, "got list"),
+        "NaN mask": (lambda: pipe.inpaint(image, torch.full((64, 64), float("nan"))), DataError, r"\[0, 1\]"),
+        "negative mask": (lambda: pipe.inpaint(image, -torch.ones(64, 64)), DataError, r"\[0, 1\]"),
+        "no mask": (lambda: pipe.inpaint(image, None), DataError, "got NoneType"),
+        "two masks": (lambda: pipe.inpaint(image, torch.ones(2, 64, 64)), DataError, r"\[H, W\]"),
+        "float n": (lambda: pipe.generate("a red circle", n=2.0), ConfigError, "n=2.0: give a whole number"),
+        "bool n": (lambda: pipe.generate("a red circle", n=True), ConfigError, "whole number"),
+        "float steps": (lambda: pipe.generate("a red circle", steps=2.5), ConfigError, "steps=2.5"),
+        "float upsampler steps": (lambda: pipe.set_upsampler_sampling(steps=2.5), ConfigError, "whole number"),
+        "text guidance": (lambda: pipe.generate("a red circle", guidance_scale="3"), ConfigError, "guidance scale"),
+        "array seed": (lambda: pipe.generate("a red circle", seed=np.array([1])), ConfigError, "seed"),
+        "text size": (lambda: pipe.generate("a red circle", size="32"), ConfigError, "whole number"),
+        "bytes prompt": (lambda: pipe.generate(b"a red circle"), DataError, "not bytes"),
+        "blank prior": (lambda: pipe.generate("a red circle", prior=""), ConfigError, "unknown prior ''"),
+        "size beyond upsample=False": (lambda: pipe.generate("a red circle", upsample=False, size=pipe.sizes[-1]),
+                                       ConfigError, "upsample=False"),
+        "one angle": (lambda: pipe.text_diff(image, "a", "b", thetas=0.5), ConfigError, "list of numbers"),
+        "one PCA dimension": (lambda: pipe.pca_probe(image, 4), ConfigError, "list of whole numbers"),
+        "bool image tensor": (lambda: pipe.pixels(torch.zeros(1, 3, 8, 8, dtype=torch.bool), 32), DataError, "bool"),
+        "empty image tensor": (lambda: pipe.pixels(torch.zeros(0, 3, 8, 8), 32), DataError, "must be"),
+        "two images to vary": (lambda: pipe.variations([image, image]), DataError, "one image; got 2"),
+        "a batch to interpolate": (lambda: pipe.interpolate(torch.zeros(2, 3, 8, 8), image), DataError, "one image"),
+        "two seeds for one x_T": (lambda: pipe.interpolate(image, image, seed=[1, 2]), ConfigError, "one seed"),
+        "unknown device": (lambda: pipe.to("bogus"), ConfigError, "not a torch device"),
+        "a number for a model": (lambda: __import__("unclip").load(5), ConfigError, "not int"),
+    }
+
+
+def test_bad_arguments_are_clear_errors_before_any_work(pipe):
+    image = _image()
+    for name, (call, error, message) in _bad_calls(pipe, image).items():
+        with pytest.raises(error, match=message):
+            call()
+
+
+def test_inpainting_a_tensor_keeps_its_pixels_outside_the_mask(pipe):
+    image = pipe.pixels(_image(side=64), 64)[0]  # [3, 64, 64], what a caller holding tensors passes
+    mask = torch.zeros(64, 64)
+    mask[32:] = 1
+    out = _array(pipe.inpaint(image, mask, steps=3, resample=1, seed=3)[0])
+    side = out.shape[0]
+    original = _array(to_pil(pipe.pixels(image, side))[0])
+    assert np.abs(out[: side // 2] - original[: side // 2]).max() <= 1
+
+
+def test_each_stage_draws_its_own_noise(pipe, monkeypatch):
+    """The prior's starting noise was the decoder's first x_T values (both seeded afresh from one seed)."""
+    import unclip.diffusion.sampling as sampling
+
+    drawn, noise = [], sampling._noise
+    monkeypatch.setattr(sampling, "_noise", lambda *a, **k: drawn.append(noise(*a, **k)) or drawn[-1])
+    pipe.generate("a red circle", seed=7, candidates=1, size=pipe.sizes[0], steps=2)
+    prior = next(x for x in drawn if x.ndim == 2)[0]  # the first row of each stage's first draw
+    decoder = next(x for x in drawn if x.ndim == 4)[0].flatten()
+    assert not torch.equal(prior, decoder[: prior.numel()])
+
+
+def test_a_large_n_runs_in_pieces_that_draw_the_same_images(pipe, monkeypatch):
+    import unclip.pipeline.pipeline as module
+
+    whole = pipe.generate(["a red circle", "a blue square"], n=2, seed=5, steps=2, size=pipe.sizes[0])
+    monkeypatch.setattr(module, "GENERATE_BATCH", 3)
+    pieces = pipe.generate(["a red circle", "a blue square"], n=2, seed=5, steps=2, size=pipe.sizes[0])
+    assert len(pieces) == 4
+    assert all(np.abs(_array(a) - _array(b)).max() <= 1 for a, b in zip(whole, pieces))
+
+
+def test_loading_leaves_the_callers_random_numbers_alone(model_dir):
+    import unclip
+
+    torch.manual_seed(0)
+    expected = torch.randn(3)
+    torch.manual_seed(0)
+    unclip.load(model_dir)
+    assert torch.equal(torch.randn(3), expected)
+
+
+def test_tasks_with_one_shared_x_T_take_a_list_of_one_seed(pipe):
+    image = _image()
+    one = pipe.interpolate(image, _image(seed=1), n=2, steps=2, seed=4)
+    listed = pipe.interpolate(image, _image(seed=1), n=2, steps=2, seed=[4])
+    assert all(np.array_equal(_array(a), _array(b)) for a, b in zip(one, listed))
+    assert len(pipe.pca_probe(image, [1], steps=2, seed=[4])) == 1
+
+
+def test_prompts_are_read_as_the_world_writes_captions(pipe):
+    assert pipe.read_form("A  Red\u200bCircle ") == "a redcircle"
+    assert torch.equal(pipe.encode_text("ดาว สี เขียว").embeds, pipe.encode_text("ดาวสีเขียว").embeds)
+    assert torch.equal(pipe.encode_text("A Red Circle").embeds, pipe.encode_text("a red circle").embeds)
+    with pytest.raises(DataError, match="empty"):
+        pipe.generate("\u200b")

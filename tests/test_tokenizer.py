@@ -117,3 +117,31 @@ def test_thai_words_are_not_merged_into_phrases(tok):
     # Byte cap per token: a held-out pair (green star) is made of pieces seen in training.
     pieces = [tok.backend.decode([i]) for i in tok.tokenize("ดาวสีเขียว")]
     assert len(pieces) >= 3 and all(len(p.encode("utf-8")) <= 15 for p in pieces)
+
+
+def test_text_that_looks_the_same_reads_the_same(tok):
+    """Invisible characters, whitespace runs and Thai typing variants are read as the captions were
+    written: typed otherwise, the shipped model lost its colours (double spaces) or its shapes (ZWSP)."""
+    from unclip.tokenizer import clean_text
+
+    same = {"a red circle": ["  a  red\tcircle \n", "a\u00a0red circle", "a red\u200b circle", "\ufeffa red circle"],
+            "วงกลมสีแดง": ["วงกลม\u200bสี\u200bแดง", "วงกลมสีเเดง"],  # ZWSP; two sara e typed for sara ae
+            "สีน้ำเงิน": ["สีน้\u0e4d\u0e32เงิน", "สีน\u0e33\u0e49เงิน"]}  # sara am decomposed; tone mark after it
+    for standard, variants in same.items():
+        for text in variants:
+            assert clean_text(text) == standard
+            assert tok.tokenize(text) == tok.tokenize(standard)
+            assert tok.encode(text).input_ids.tolist() == tok.encode(standard).input_ids.tolist()
+    assert clean_text("\u200b \u2060") == "" and clean_text("ก\u200dข") == "ก\u200dข"  # ZWJ spells some scripts
+    captions = shapes_corpus(2000)
+    assert [clean_text(c) for c in captions] == captions  # what the world writes is already in that form
+
+
+def test_a_cut_caption_keeps_whole_characters(tok, caplog):
+    text = "ยีราฟ" * 20  # no merges: bytes of three-byte Thai characters
+    with caplog.at_level(logging.WARNING, logger="unclip.tokenizer"):
+        for length in range(8, 16):
+            ids = tok.encode(text, context_length=length).input_ids[0]
+            kept = tok.decode(ids)
+            assert kept and "\ufffd" not in kept and text.startswith(kept)
+    assert "\ufffd" not in caplog.text

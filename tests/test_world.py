@@ -178,3 +178,18 @@ def test_bad_split_or_index_is_a_clear_error():
         sample("training", 0)
     with pytest.raises(DataError, match="outside split 'val'"):
         sample("val", 10_000_000)
+
+
+def test_prompts_are_read_in_the_form_of_the_captions():
+    """Spaces between Thai words, capitals and invisible characters are not how the world writes
+    its captions; typed so, "two green stars" drew three on the shipped model."""
+    assert world.caption_form("ดาว สี เขียว สอง ดวง") == "ดาวสีเขียวสองดวง"
+    assert world.caption_form(" ดาว\u200bสี\u200bเขียว ") == "ดาวสีเขียว"
+    assert world.caption_form("A  Red Circle") == "a red circle"
+    assert world.caption_form("ดาวสีเขียวบนพื้นหลัง สีขาว") == "ดาวสีเขียว บนพื้นหลังสีขาว"
+    assert world.caption_form("วงกลมสีแดง red circle") == "วงกลมสีแดง red circle"
+    for split in ("train", "unseen"):
+        for i in range(1500):
+            for lang in ("en", "th"):
+                text = world.sample(split, i, lang=lang).caption
+                assert world.caption_form(text) == text

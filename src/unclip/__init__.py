@@ -6,7 +6,7 @@ the functions that need them.
 
 __version__ = "0.1.0"
 
-from unclip.errors import ConfigError, DataError, ModelFormatError, UnclipError  # noqa: E402
+from unclip.errors import ConfigError, DataError, ModelFormatError, SamplingError, UnclipError  # noqa: E402
 
 
 def load(path=None, *, device=None, precision=None):
@@ -16,4 +16,13 @@ def load(path=None, *, device=None, precision=None):
     return _load(path, device=device, precision=precision)
 
 
-__all__ = ["__version__", "load", "UnclipError", "ConfigError", "DataError", "ModelFormatError"]
+def __getattr__(name):
+    if name == "UnclipPipeline":  # imported on first use: it brings torch
+        from unclip.pipeline.pipeline import UnclipPipeline
+
+        return UnclipPipeline
+    raise AttributeError(f"module 'unclip' has no attribute {name!r}")
+
+
+__all__ = ["__version__", "load", "UnclipPipeline", "UnclipError", "ConfigError", "DataError", "ModelFormatError",
+           "SamplingError"]

@@ -30,7 +30,7 @@ COMMAND_MODULES = (
 )
 
 
-DEMO_PROMPTS = ("a red circle above a blue square", "วงกลมสีแดงอยู่เหนือสี่เหลี่ยมสีน้ำเงิน")
+DEMO_PROMPTS = ("a red circle above a blue square", "วงกลมสีแดงอยู่เหนือสี่เหลี่ยมจัตุรัสสีน้ำเงิน")
 
 
 def _demo(args: argparse.Namespace) -> int:

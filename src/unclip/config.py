@@ -292,22 +292,35 @@ class UnclipConfig:
 MAX_GUIDANCE = 50.0  # far past any useful scale (3 is strong); larger ones overflow into NaN images
 
 
+def is_real(value) -> bool:
+    """A real number (int, float, numpy or 0-d tensor scalar), not a string or a bool."""
+    import numbers
+
+    if isinstance(value, bool) or isinstance(value, (str, bytes)):
+        return False
+    try:
+        float(value)
+    except (TypeError, ValueError):
+        return False
+    return isinstance(value, numbers.Real) or getattr(value, "ndim", None) == 0
+
+
 def check_guidance_scale(scale: float) -> float:
     """`scale` if it is a usable classifier-free guidance scale (0 to MAX_GUIDANCE), else a ConfigError.
 
     1 is no guidance, 0 the null branch alone, above 1 pushes towards the condition. A NaN, an
     infinity or a huge scale would otherwise surface only as a broken image after the whole run.
     """
-    if not math.isfinite(scale) or not 0 <= scale <= MAX_GUIDANCE:
-        raise ConfigError(f"guidance scale {scale}: give a number from 0 to {MAX_GUIDANCE:g} (1 is no guidance, "
+    if not is_real(scale) or not math.isfinite(scale) or not 0 <= scale <= MAX_GUIDANCE:
+        raise ConfigError(f"guidance scale {scale!r}: give a number from 0 to {MAX_GUIDANCE:g} (1 is no guidance, "
                           "3 is strong)")
     return float(scale)
 
 
 def check_eta(eta: float) -> float:
     """`eta` if it is a DDIM η in [0, 1] (0 deterministic, 1 as random as ancestral sampling), else a ConfigError."""
-    if not math.isfinite(eta) or not 0 <= eta <= 1:
-        raise ConfigError(f"DDIM η {eta}: give a number from 0 (deterministic) to 1 (most varied)")
+    if not is_real(eta) or not math.isfinite(eta) or not 0 <= eta <= 1:
+        raise ConfigError(f"DDIM η {eta!r}: give a number from 0 (deterministic) to 1 (most varied)")
     return float(eta)
 
 

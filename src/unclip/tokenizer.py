@@ -1,7 +1,8 @@
 """Byte-level BPE tokenizer trained on the caption corpus, saved with every model.
 
 Byte-level means there is no unknown word: any text, Thai included, encodes and decodes back to
-itself exactly (after Unicode NFC normalisation). Every encoded caption is
+itself exactly (after `clean_text`: Unicode NFC, invisible characters dropped, whitespace runs as
+one space, Thai typing variants in their standard spelling). Every encoded caption is
 `[<|startoftext|>, tokens..., <|endoftext|>, <|pad|>...]`; a caption longer than the context is
 cut before the end token (CLIP pools at the end token, so it is always present), and the cut is
 reported: `TokenBatch.truncated` says which captions were cut and a warning logs what was lost.
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import unicodedata
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -33,6 +35,13 @@ PAD, BOS, EOS = "<|pad|>", "<|startoftext|>", "<|endoftext|>"
 # treats eos_token_id == 2 as a legacy config and pools at argmax(input_ids) instead of at the
 # end token, which silently pools the wrong position for any BPE whose merges have higher ids.
 SPECIAL_ORDER = (BOS, EOS, PAD)
+# invisible characters that web pages and word processors leave in text: zero-width space, word
+# joiner, byte-order mark, soft hyphen (not ZWJ / ZWNJ, which some scripts spell with)
+INVISIBLE = re.compile("[\u200b\u2060\ufeff\u00ad]")
+# Thai as it is often typed or copied: two sara e for sara ae, sara am as nikhahit + sara aa (PDFs),
+# a tone mark typed after sara am instead of before it
+THAI_VARIANTS = ((re.compile("\u0e40\u0e40"), "\u0e41"), (re.compile("\u0e4d\u0e32"), "\u0e33"),
+                 (re.compile("\u0e33([\u0e48-\u0e4b])"), "\\1\u0e33"))
 TOKENIZER_FILE = "tokenizer.json"
 CONFIG_FILE = "tokenizer_config.json"
 
@@ -55,6 +64,18 @@ class TokenBatch:
         length = max(int(self.attention_mask.sum(dim=1).max()), 1)
         return TokenBatch(input_ids=self.input_ids[:, :length], attention_mask=self.attention_mask[:, :length],
                           truncated=self.truncated)
+
+
+def clean_text(text: str) -> str:
+    """A caption as every tokenizer reads it, in training and sampling alike: Unicode NFC,
+    `INVISIBLE` characters dropped, each run of whitespace (tabs, newlines, no-break spaces) one
+    space, none at the ends, and Thai typing variants in their standard spelling. Text that looks
+    the same then reads the same: "ดาว\u200bสี" or "a  red circle " would otherwise be other tokens
+    than the model learnt (a double space cost the shipped model its colours)."""
+    text = " ".join(INVISIBLE.sub("", unicodedata.normalize("NFC", text)).split())
+    for pattern, standard in THAI_VARIANTS:
+        text = pattern.sub(standard, text)
+    return text
 
 
 class Tokenizer:
@@ -103,35 +124,45 @@ class Tokenizer:
             show_progress=False,
             max_token_length=max_token_bytes,
         )
-        backend.train_from_iterator(texts, trainer=trainer)
+        backend.train_from_iterator((clean_text(t) for t in texts), trainer=trainer)
         return cls(backend=backend, context_length=context_length)
 
     def tokenize(self, text: str) -> list[int]:
-        """Token ids of `text` without start, end or padding."""
-        return self.backend.encode(text, add_special_tokens=False).ids
+        """Token ids of `text` (as `clean_text` reads it) without start, end or padding."""
+        return self.backend.encode(clean_text(text), add_special_tokens=False).ids
 
     def encode(self, texts: str | Sequence[str], *, context_length: int | None = None) -> TokenBatch:
         """Encode captions into a padded batch of `context_length` (default: the tokenizer's) tokens."""
         import torch
 
-        if isinstance(texts, str):
-            texts = [texts]
+        texts = [clean_text(t) for t in ([texts] if isinstance(texts, str) else texts)]
         length = context_length or self.context_length
         room = length - 2
         ids = torch.full((len(texts), length), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(texts), length), dtype=torch.long)
         truncated = []
-        for row, encoding in enumerate(self.backend.encode_batch(list(texts), add_special_tokens=False)):
+        for row, encoding in enumerate(self.backend.encode_batch(texts, add_special_tokens=False)):
             tokens = encoding.ids
             cut = len(tokens) > room
-            if cut and texts[row] not in self.cut_captions:  # once per caption, however often it comes
-                self._log_cut(texts[row], self.backend.decode(tokens[room:]), length)
-            tokens = tokens[:room]
+            if cut:
+                keep = self._whole_characters(tokens, room)
+                if texts[row] not in self.cut_captions:  # once per caption, however often it comes
+                    self._log_cut(texts[row], self.backend.decode(tokens[keep:]), length)
+                tokens = tokens[:keep]
             seq = [self.bos_id, *tokens, self.eos_id]
             ids[row, : len(seq)] = torch.tensor(seq)
             mask[row, : len(seq)] = 1
             truncated.append(cut)
         return TokenBatch(input_ids=ids, attention_mask=mask, truncated=tuple(truncated))
+
+    def _whole_characters(self, tokens: list[int], room: int) -> int:
+        """How many of `tokens` (at most `room`) to keep so that no character is cut in two: a
+        byte-level token can end inside a Thai character's three UTF-8 bytes."""
+        keep = room
+        while keep > 1 and (self.backend.decode(tokens[:keep]).endswith("\ufffd")
+                            or self.backend.decode(tokens[keep:]).startswith("\ufffd")):
+            keep -= 1
+        return keep
 
     def _log_cut(self, caption: str, lost: str, length: int) -> None:
         """Log the first CUT_LOGS captions cut to the context, then once that more are (training on
@@ -150,8 +181,8 @@ class Tokenizer:
         return self.backend.decode([int(i) for i in ids if int(i) not in special])
 
     def normalize(self, text: str) -> str:
-        """The form a caption round-trips to (Unicode NFC)."""
-        return unicodedata.normalize("NFC", text)
+        """The form a caption round-trips to (`clean_text`)."""
+        return clean_text(text)
 
     def save(self, directory: str | Path) -> Path:
         """Write `tokenizer.json` and a `tokenizer_config.json` that `transformers.AutoTokenizer` reads."""

@@ -81,7 +81,8 @@ def register(subparsers) -> None:
 
     p = verbs.add_parser(
         "preview", help="a PNG grid of scenes with their English and Thai captions",
-        description="Render scenes 0..n-1 of a split in a grid, each with an English and a Thai caption.")
+        description="Render scenes 0..n-1 of a split in a grid, each with its English and Thai captions "
+                    "(--lang en or th: one of them).")
     p.add_argument("--split", default="train", help=f"{_SPLITS_HELP} (default: train)")
     p.add_argument("-n", type=int_range(1, 1024), default=16, help="number of scenes (default: 16)")
     p.add_argument("--size", type=int_range(8, 1024, " (each scene is drawn at 4× that first)"), default=96, help="image side in pixels, at least 8 (default: 96)")

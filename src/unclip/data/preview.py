@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import unicodedata
 from functools import lru_cache
 from importlib import resources
@@ -18,16 +19,40 @@ from unclip.io import save_image_atomic
 # the Latin font holds ASCII, Latin-1, Latin Extended-A, Greek and punctuation (assets/fonts/OFL.txt)
 FONTS = {"en": "NotoSans-Latin.ttf", "th": "NotoSansThai-Regular.ttf"}
 INK = {"en": (30, 30, 30), "th": (20, 60, 140)}
-# Thai words kept on one line with the word after them: สีแดง, ขนาดเล็ก, มุมบนซ้าย, บนพื้นหลังสีเทา
-_GLUED = frozenset({"สี", "ขนาด", "ด้าน", "มุม", "ทาง", "ตรง", "บน", "พื้นหลัง"})
+# Thai words kept on one line with the word after them: สีแดง, ขนาดเล็ก, มุมบนซ้าย, มุมล่างขวา, บนพื้นหลังสีเทา
+_GLUED = frozenset({"สี", "ขนาด", "ด้าน", "มุม", "ทาง", "ตรง", "บน", "ล่าง", "พื้นหลัง"})
+_THAI = re.compile("([\u0e00-\u0e7f]+)")
 
 
 @lru_cache(maxsize=8)
 def font(lang: str, size: int) -> ImageFont.FreeTypeFont:
-    """The bundled font for `lang` (English captions never contain Thai and vice versa)."""
+    """The bundled font for `lang` (a line mixing scripts draws each run in its own: `ScriptFaces`)."""
     path = resources.files("unclip") / "assets" / "fonts" / FONTS[lang]
     engine = ImageFont.Layout.RAQM if ImageFont.core.HAVE_RAQM else ImageFont.Layout.BASIC
     return ImageFont.truetype(str(path), size, layout_engine=engine)
+
+
+class ScriptFaces:
+    """The bundled fonts at one size, each run of a line drawn in the font of its script: the Thai
+    font has no Latin letters or Arabic digits, the Latin one no Thai, and a caption may mix them
+    ("วงกลมสีแดง 3 วง", a prompt typed half in English)."""
+
+    def __init__(self, size: int):
+        self.faces = {lang: font(lang, size) for lang in FONTS}
+
+    def runs(self, text: str) -> list[tuple[str, str]]:
+        """(lang, piece) for each run of Thai and of other script in `text`."""
+        return [("th" if _THAI.fullmatch(piece) else "en", piece) for piece in _THAI.split(text) if piece]
+
+    def getlength(self, text: str) -> float:
+        return sum(self.faces[lang].getlength(piece) for lang, piece in self.runs(text))
+
+    def draw(self, draw: ImageDraw.ImageDraw, centre: float, top: float, text: str, fill, lang: str) -> None:
+        """`text` centred on x = `centre`, its `lang` font's ascender at y = `top`."""
+        x, baseline = centre - self.getlength(text) / 2, top + self.faces[lang].getmetrics()[0]
+        for run_lang, piece in self.runs(text):
+            draw.text((x, baseline), piece, fill=fill, font=self.faces[run_lang], anchor="ls")
+            x += self.faces[run_lang].getlength(piece)
 
 
 def _units(text: str, lang: str) -> list[tuple[str, bool]]:
@@ -51,7 +76,7 @@ def _units(text: str, lang: str) -> list[tuple[str, bool]]:
     return units
 
 
-def wrap(text: str, face: ImageFont.FreeTypeFont, width: int, lang: str = "en") -> list[str]:
+def wrap(text: str, face: ImageFont.FreeTypeFont | ScriptFaces, width: int, lang: str = "en") -> list[str]:
     """Break `text` into lines no wider than `width` pixels, at word boundaries where possible.
 
     A single word wider than the line is cut between characters, never before a combining mark
@@ -91,9 +116,9 @@ def captioned_grid(images: list[Image.Image], captions: list[list[tuple[str, str
     cell = images[0].width
     pad = 10
     width = max(cell, 150)
-    faces = {lang: font(lang, font_size) for lang in FONTS}
+    faces = ScriptFaces(font_size)
     line_h = {"en": int(font_size * 1.45), "th": int(font_size * 1.7)}
-    laid = [[(lang, line) for lang, text in caps for line in wrap(text, faces[lang], width, lang)]
+    laid = [[(lang, line) for lang, text in caps for line in wrap(text, faces, width, lang)]
             for caps in captions]
     heights = [sum(line_h[lang] for lang, _ in lines) for lines in laid]
     rows = [range(r, min(r + columns, len(images))) for r in range(0, len(images), columns)]
@@ -107,7 +132,7 @@ def captioned_grid(images: list[Image.Image], captions: list[list[tuple[str, str
             sheet.paste(images[i], (x + (width - cell) // 2, top))
             y = top + cell + 6
             for lang, line in laid[i]:
-                draw.text((x + width / 2, y), line, fill=INK[lang], font=faces[lang], anchor="ma")
+                faces.draw(draw, x + width / 2, y, line, INK[lang], lang)
                 y += line_h[lang]
         top += h
     return sheet

@@ -183,6 +183,21 @@ def thai_words(text: str) -> list[str]:
 THAI_RUN = re.compile(r"([\u0e00-\u0e7f]+)")  # a run of Thai script (captured, so `split` keeps it)
 
 
+THAI_BACKGROUND = "บนพื้นหลัง"  # "on a … background": the one Thai word a world caption has a space before
+_THAI_SPACE = re.compile(f"(?<=[\u0e00-\u0e7f]) (?=[\u0e00-\u0e7f])(?!{THAI_BACKGROUND})")
+_THAI_BACKGROUND = re.compile(f"(?<=[\u0e00-\u0e7f])(?={THAI_BACKGROUND})")
+
+
+def caption_form(text: str) -> str:
+    """`text` written the way the world's captions are: as `clean_text` reads it, lower case, and
+    Thai words without spaces between them but one before "บนพื้นหลัง", as every Thai caption.
+    Typed as "A Red Circle" or "ดาว สี เขียว สอง ดวง" a prompt would reach the model as pieces
+    it never saw together (the shipped model drew three stars for the spaced "two green stars")."""
+    from unclip.tokenizer import clean_text
+
+    return _THAI_BACKGROUND.sub(" ", _THAI_SPACE.sub("", clean_text(text).lower()))
+
+
 def caption_words(text: str) -> list[str]:
     """The words of a caption in either language: lower-case English words without punctuation,
     Thai runs split by `thai_words`."""

@@ -35,9 +35,16 @@ def load(path: str | Path | None = None, *, device: str | None = None, precision
     With no path, the shipped default model (`default_model_dir()`). precision: what the UNets
     sample in: "float32", "bfloat16" or "auto" (default: `DEFAULT_PRECISION`, "auto": bfloat16
     where the CPU or GPU has bf16 units)."""
+    import os
+
+    import torch
+
+    if path is not None and not isinstance(path, (str, os.PathLike)):
+        raise ConfigError(f"a model is a directory (a str or a Path), not {type(path).__name__}")
     if device is not None:
         check_device(device)  # before the weights are read
-    pipe = _load(path, device=device)
+    with torch.random.fork_rng(devices=[]):  # building the modules draws initial weights: not the caller's draws
+        pipe = _load(path, device=device)
     pipe.set_precision(precision or DEFAULT_PRECISION)
     return pipe
 

@@ -24,16 +24,19 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import math
+import operator
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import torch
 
 from unclip.clip.model import ClipModel, TextEncoding
-from unclip.config import UnclipConfig, check_eta, check_guidance_scale
+from unclip.config import UnclipConfig, check_eta, check_guidance_scale, is_real
 from unclip.diffusion import SAMPLERS, SampleStep
 from unclip.errors import ConfigError, DataError, SamplingError
+from unclip.tokenizer import clean_text
 from unclip.pipeline import PRECISIONS, latent
 
 log = logging.getLogger(__name__)
@@ -62,6 +65,7 @@ def auto_precision(device: torch.device) -> str:
 
 
 INPAINT_RESAMPLE = 5  # RePaint resamplings per inpainting step unless asked otherwise
+GENERATE_BATCH = 64  # images `generate` draws at once: a larger n runs in pieces, drawing the same images
 MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed takes up to 2^64 - 1; candidate seeds mix modulo 2^63
 
 
@@ -80,6 +84,8 @@ def _image_seeds(seed: int | Sequence, n: int) -> list:
 
 def prompt_list(prompts: str | Sequence[str]) -> list[str]:
     """One prompt or a list of them as a list, each a non-blank string, else a DataError saying why."""
+    if isinstance(prompts, (bytes, bytearray)):
+        raise DataError("prompts are text (str), not bytes: decode them first, e.g. prompt.decode('utf-8')")
     if not isinstance(prompts, (str, Sequence)):
         raise DataError(f"prompts are a string or a list of strings, not {type(prompts).__name__}")
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
@@ -88,18 +94,47 @@ def prompt_list(prompts: str | Sequence[str]) -> list[str]:
     for p in prompts:
         if not isinstance(p, str):
             raise DataError(f"prompt {p!r} is a {type(p).__name__}, not a string")
-        if not p.strip():
+        if not clean_text(p):
             raise DataError(f"prompt {p!r} is empty; describe the image, e.g. \"a red circle above a blue square\"")
     return prompts
 
 
 def _whole_seed(seed) -> int:
-    if isinstance(seed, bool) or not hasattr(seed, "__index__"):  # ints, numpy and 0-d torch integers
-        raise ConfigError(f"seed {seed!r}: give a whole number (or None for a random draw)")
-    seed = int(seed)
+    try:
+        seed = _whole("seed", seed)
+    except ConfigError:
+        raise ConfigError(f"seed {seed!r}: give a whole number (or None for a random draw)") from None
     if not 0 <= seed <= MAX_SEED:
         raise ConfigError(f"seed {seed}: give a whole number from 0 to {MAX_SEED}")
     return seed
+
+
+def _whole(name: str, value) -> int:
+    """`value` as an int (ints, numpy and 0-d torch integers), else a ConfigError: 2.5, "2" or True
+    would otherwise fail deep inside torch, or pass as 1."""
+    if not isinstance(value, bool):
+        with contextlib.suppress(TypeError):
+            return operator.index(value)
+    raise ConfigError(f"{name}={value!r}: give a whole number")
+
+
+def _shared_seed(seed: Seed, task: str) -> Seed:
+    """The one seed of a task whose images share one starting noise x_T: an int, a generator, None
+    or a list of one (so a caller that passes a list everywhere is understood)."""
+    if isinstance(seed, Sequence) and not isinstance(seed, str):
+        if len(seed) != 1:
+            raise ConfigError(f"{task}: its images share one starting noise, so give one seed, not {len(seed)}")
+        return seed[0]
+    return seed
+
+
+def _one_image(image, task: str):
+    """`image` if it is one image (a PIL image, a path, a list of one, or a tensor [3, S, S] / [1, 3, S, S])."""
+    count = len(image) if isinstance(image, (list, tuple)) else \
+        len(image) if isinstance(image, torch.Tensor) and image.ndim == 4 else 1
+    if count != 1:
+        raise DataError(f"{task} takes one image; got {count}: call it once per image")
+    return image
 
 
 def generators(seed: Seed, n: int) -> list[torch.Generator] | torch.Generator | None:
@@ -161,6 +196,9 @@ class UnclipPipeline:
         return [name for name, p in (("diffusion", self.prior), ("ar", self.ar_prior)) if p is not None]
 
     def to(self, device: torch.device | str) -> UnclipPipeline:
+        from unclip.pipeline import check_device
+
+        check_device(str(device))
         for module in (self.clip, self.decoder, *self.upsamplers, self.prior, self.ar_prior, self.pca):
             if isinstance(module, torch.nn.Module):
                 module.to(device)
@@ -179,7 +217,7 @@ class UnclipPipeline:
         Upsampling is most of a CPU generation's time (docs/performance.md)."""
         from dataclasses import replace
 
-        if steps is not None and steps < 1:
+        if steps is not None and _whole("upsampler steps", steps) < 1:
             raise ConfigError(f"upsampler steps={steps}; use at least 1")
         if sampler is not None and sampler not in SAMPLERS:
             raise ConfigError(f"upsampler sampler={sampler!r}; use one of {', '.join(SAMPLERS)}")
@@ -203,7 +241,8 @@ class UnclipPipeline:
     def encode_text(self, prompts: str | Sequence[str]) -> TextEncoding:
         """CLIP text encoding of prompts: z_t [B, D], token states [B, L, W], mask [B, L].
 
-        Empty prompts are an error; prompts longer than the context are cut (a warning says what).
+        Each prompt is read in `read_form`. Empty prompts are an error; prompts longer than the
+        context are cut (a warning says what).
         """
         prompts = prompt_list(prompts)
         for p in dict.fromkeys(prompts):  # once per prompt, however many candidates, batches or calls repeat it
@@ -214,7 +253,17 @@ class UnclipPipeline:
             self._warned.add(p)
             for warning in self._word_warnings(p):  # a prompt cut to the context the tokenizer logs itself
                 log.warning("%r: %s (the words it knows: docs/shapes_world.md)", p, warning)
-        return self.clip.encode_text(self.clip.tokenize(prompts))
+        return self.clip.encode_text(self.clip.tokenize([self.read_form(p) for p in prompts]))
+
+    def read_form(self, prompt: str) -> str:
+        """`prompt` as this model reads it: `clean_text` (invisible characters, whitespace runs, Thai
+        typing variants), and for a shapes-world model the form of the world's captions
+        (`world.caption_form`: lower case, Thai words without spaces between them)."""
+        if self.config.data.source != "shapes" or self.config.name.startswith(IMPORTED):
+            return clean_text(prompt)
+        from unclip.data.world import caption_form
+
+        return caption_form(prompt)
 
     @property
     def example_prompt(self) -> str:
@@ -232,12 +281,13 @@ class UnclipPipeline:
         """What a caller should know about `prompt` before trusting the images: words the model never
         saw, and whether it is longer than the model reads."""
         warnings = self._word_warnings(prompt)
-        if self.clip.tokenize([prompt]).truncated[0]:
+        if self.clip.tokenize([self.read_form(prompt)]).truncated[0]:
             warnings.append(f"it is longer than the {self.clip.tokenizer.context_length - 2} tokens this model "
                             "reads; the rest was left out")
         return warnings
 
     def _word_warnings(self, prompt: str) -> list[str]:
+        prompt = self.read_form(prompt)
         if not any(ch.isalnum() for ch in prompt):
             return ["it has no words, only symbols or emoji, so it tells the model nothing it learnt: expect "
                     "whatever the model draws for an empty caption"]
@@ -254,7 +304,7 @@ class UnclipPipeline:
             return []
         from unclip.data.world import unknown_words
 
-        return unknown_words(prompt)
+        return unknown_words(self.read_form(prompt))
 
     @torch.no_grad()
     def encode_image(self, images) -> torch.Tensor:
@@ -271,8 +321,11 @@ class UnclipPipeline:
 
         if isinstance(images, torch.Tensor):
             x = images[None] if images.ndim == 3 else images
-            if x.ndim != 4 or x.shape[1] != 3 or x.shape[-1] != x.shape[-2]:
+            if x.ndim != 4 or x.shape[1] != 3 or x.shape[-1] != x.shape[-2] or not x.numel():
                 raise DataError(f"an image tensor must be [B, 3, S, S] or [3, S, S]; got {tuple(images.shape)}")
+            if not x.is_floating_point():
+                raise DataError(f"an image tensor holds floats in [-1, 1]; got {x.dtype} (bytes in 0 … 255: "
+                                "x / 127.5 - 1)")
             if not torch.isfinite(x).all() or x.abs().max() > 1.0 + 1e-3:
                 raise DataError("image tensor values must be finite and in [-1, 1]")
         else:
@@ -306,7 +359,7 @@ class UnclipPipeline:
         if not self.priors:
             raise ConfigError("this model has no prior, so it cannot turn captions into images; it can still make "
                               "variations, interpolations and text diffs of images (an image-variation model)")
-        prior = prior or self.priors[0]
+        prior = self.priors[0] if prior is None else prior
         if prior not in PRIORS:
             raise ConfigError(f"unknown prior {prior!r}; use one of {', '.join(PRIORS + ABLATIONS)}")
         if prior not in self.priors:
@@ -346,11 +399,13 @@ class UnclipPipeline:
         the predicted images are not clipped on the way (the inversion did not clip them either;
         clipped, a black background came back grey), only the result.
         """
-        stages = self.stages_for(size) if upsample else 0
+        stages = self._stages(size, upsample)
         if eta is not None:
             check_eta(eta)
         if guidance_scale is not None:
             check_guidance_scale(guidance_scale)
+        steps = None if steps is None else _whole("steps", steps)
+        self.check_latents(z_i, x_T)
         n = len(z_i)
         gens = generators(seed, n)
         with self.autocast():
@@ -361,6 +416,25 @@ class UnclipPipeline:
                 callback=_stage_callback(callback, "decoder"), clip_denoised=not inverted)
         _check_finite(images, "decoder", sampler or self.config.decoder.sampler, steps or self.config.decoder.sample_steps)
         return self.upsample(images.clamp(-1, 1), stages, generator=gens, callback=callback)
+
+    def check_latents(self, z_i, x_T=None) -> None:
+        """A DataError unless z_i is [B, D] for this decoder's D and x_T (if given) [B, 3, r, r] at
+        its side r, both finite: a [D] z_i would decode D images, a 64² x_T a 64² image."""
+        null = self.decoder.text_proj.learned_classifier_free_guidance_embeddings
+        width, side = null.shape[-1], self.config.decoder.resolution
+        if not isinstance(z_i, torch.Tensor) or z_i.ndim != 2 or z_i.shape[-1] != width or not len(z_i):
+            got = tuple(z_i.shape) if isinstance(z_i, torch.Tensor) else type(z_i).__name__
+            raise DataError(f"z_i must be a tensor [B, {width}] (one CLIP image embedding per row); got {got}")
+        if not torch.isfinite(z_i).all():
+            raise DataError("z_i holds NaN or infinite values")
+        if x_T is None:
+            return
+        if not isinstance(x_T, torch.Tensor) or tuple(x_T.shape) != (len(z_i), 3, side, side):
+            got = tuple(x_T.shape) if isinstance(x_T, torch.Tensor) else type(x_T).__name__
+            raise DataError(f"x_T must be a tensor [{len(z_i)}, 3, {side}, {side}] (one starting noise per z_i at "
+                            f"the decoder's side); got {got}")
+        if not torch.isfinite(x_T).all():
+            raise DataError("x_T holds NaN or infinite values")
 
     def upsample(self, images: torch.Tensor, stages: int, *, generator=None,
                  callback: Callback | None = None) -> torch.Tensor:
@@ -380,10 +454,21 @@ class UnclipPipeline:
         """How many upsamplers run to reach `size` (None: all)."""
         if size is None:
             return len(self.upsamplers)
+        if isinstance(size, bool) or not isinstance(size, int) and not hasattr(size, "__index__"):
+            raise ConfigError(f"size={size!r}: give the side as a whole number, one of "
+                              f"{', '.join(map(str, self.sizes))}")
         if size not in self.sizes:
             raise ConfigError(f"this model makes images of {', '.join(f'{s}×{s}' for s in self.sizes)}; "
                               f"size {size} is not one of them")
         return self.sizes.index(size)
+
+    def _stages(self, size: int | None, upsample: bool) -> int:
+        """`stages_for(size)`, or 0 with upsample=False (an error if `size` asks for more)."""
+        stages = self.stages_for(size)
+        if not upsample and size is not None and stages:
+            raise ConfigError(f"size={size} with upsample=False: upsample=False stops at the decoder's "
+                              f"{self.sizes[0]}×{self.sizes[0]}; give one or the other")
+        return stages if upsample else 0
 
     @torch.no_grad()
     def invert(self, images, z_i: torch.Tensor | None = None, text: TextEncoding | None = None, *,
@@ -392,6 +477,7 @@ class UnclipPipeline:
         """The bipartite latent (z_i [B, D], x_T [B, 3, r, r]) of images by DDIM inversion (paper §3)."""
         x = self.pixels(images, self.config.decoder.resolution)
         z_i = self.encode_image(images) if z_i is None else z_i
+        steps = None if steps is None else _whole("steps", steps)
         scale = self.decoder.config.guidance_scale if guidance_scale is None else guidance_scale
         with self.autocast():
             x_T = self.decoder.invert(x, z_i, None if text is None else text.token_states,
@@ -426,21 +512,38 @@ class UnclipPipeline:
         upsampling.
         """
         prompts = prompt_list(prompt)
-        if n < 1:
+        if _whole("n", n) < 1:
             raise ConfigError(f"n={n}: ask for at least one image")
-        k = self.config.decoder.candidates if candidates is None else candidates
+        k = self.config.decoder.candidates if candidates is None else _whole("candidates", candidates)
         if k < 1:
             raise ConfigError(f"candidates={k}: draw at least one candidate per image")
-        m = self.config.decoder.upsampled_candidates if upsampled_candidates is None else upsampled_candidates
+        m = self.config.decoder.upsampled_candidates if upsampled_candidates is None else \
+            _whole("upsampled_candidates", upsampled_candidates)
         if m < 1:
             raise ConfigError(f"upsampled_candidates={m}: upsample at least the kept candidate")
-        stages = self.stages_for(size) if upsample else 0  # an unknown size is an error before any work
-        m = min(m, k) if stages else 1  # nothing to compare again at the decoder's own size
+        stages = self._stages(size, upsample)  # an unknown size is an error before any work
+        if steps is not None:
+            _whole("steps", steps)
         rows = [p for p in prompts for _ in range(n)]
+        seeds = seed if seed is None or isinstance(seed, torch.Generator) else _image_seeds(seed, len(rows))
+        images = []
+        for start in range(0, len(rows), GENERATE_BATCH):  # a huge n in pieces: image i draws from its own seed
+            piece = slice(start, start + GENERATE_BATCH)
+            images += self._generate(rows[piece], seeds[piece] if isinstance(seeds, list) else seeds, k=k,
+                                     m=min(m, k) if stages else 1,  # nothing to compare again at the decoder's side
+                                     stages=stages, prior=prior, prior_guidance_scale=prior_guidance_scale,
+                                     guidance_scale=guidance_scale, steps=steps, sampler=sampler, callback=callback)
+        return images
+
+    def _generate(self, rows: list[str], seed: Seed, *, k: int, m: int, stages: int, prior, prior_guidance_scale,
+                  guidance_scale, steps, sampler, callback) -> list:
+        """`generate` for one image per row: k candidates each, the best m upsampled, one kept."""
         seeds = candidate_seeds(seed, len(rows), k)
         text = self.encode_text([p for p in rows for _ in range(k)])
-        z_i = self.prior_sample(text, prior=prior, guidance_scale=prior_guidance_scale, seed=seeds, callback=callback)
-        gens = generators(seeds, len(text.embeds))  # the decoder's, then the kept candidates' upsamplers'
+        # one stream per candidate, drawn in turn by its prior, its decoder and (if kept) its upsamplers:
+        # seeded afresh for each stage, the prior's starting noise was the decoder's first x_T values
+        gens = generators(seeds, len(text.embeds))
+        z_i = self.prior_sample(text, prior=prior, guidance_scale=prior_guidance_scale, seed=gens, callback=callback)
         images = self.decode(z_i, text, guidance_scale=guidance_scale, steps=steps, sampler=sampler,
                              seed=gens, callback=callback, upsample=False)
         embeds = text.embeds
@@ -472,11 +575,11 @@ class UnclipPipeline:
         η = 0 reconstructs the image; larger η keeps z_i's content and varies the rest. size: stop
         the cascade at this side (one of `sizes`).
         """
-        self.stages_for(size)  # an unknown size is an error before any work
-        if n < 1:
+        self._stages(size, upsample)  # an unknown size is an error before any work
+        if _whole("n", n) < 1:
             raise ConfigError(f"n={n}: give 1 or more variations")
         check_eta(eta)
-        z_i, x_T = self.invert(image, steps=steps, guidance_scale=guidance_scale, callback=callback)
+        z_i, x_T = self.invert(_one_image(image, "variations"), steps=steps, guidance_scale=guidance_scale, callback=callback)
         z_i, x_T = z_i[:1].expand(n, -1), x_T[:1].expand(n, -1, -1, -1)
         images = self.decode(z_i, x_T=x_T, sampler="ddim", eta=eta, steps=steps, guidance_scale=guidance_scale,
                              seed=seed, callback=callback, upsample=upsample, size=size, inverted=True)
@@ -489,13 +592,15 @@ class UnclipPipeline:
         mode "fixed": one x_T (from `seed`) for every frame; "inverted": each image's DDIM-inverted
         x_T, slerped alongside z_i, so the endpoints reconstruct the two images.
         """
-        if n < 2:
+        if _whole("n", n) < 2:
             raise ConfigError(f"n={n}: an interpolation needs at least its two endpoints")
+        seed = _shared_seed(seed, "interpolate")
         if mode not in ("fixed", "inverted"):
             raise ConfigError(f"unknown interpolation mode {mode!r}; use fixed or inverted")
         thetas = torch.linspace(0, 1, n)
         side = max(self.clip.config.image_size, self.config.decoder.resolution)
-        pair = torch.cat([self.pixels(image_a, side)[:1], self.pixels(image_b, side)[:1]])  # [2, 3, S, S]
+        pair = torch.cat([self.pixels(_one_image(image_a, "interpolate"), side),
+                          self.pixels(_one_image(image_b, "interpolate"), side)])  # [2, 3, S, S]
         if mode == "inverted":
             z, x_T = self.invert(pair, steps=steps, guidance_scale=guidance_scale, callback=callback)
             x_Ts = torch.cat([latent.slerp_rows(x_T[:1], x_T[1:2], float(t)) for t in thetas])
@@ -514,10 +619,15 @@ class UnclipPipeline:
 
         caption: what the image shows now (z_t0); target: what it should show (z_t).
         """
-        if not len(thetas) or any(not 0 <= t <= 1 for t in thetas):
+        if isinstance(thetas, (str, bytes)) or not isinstance(thetas, Iterable):
+            raise ConfigError(f"text-diff angles: give a list of numbers in [0, 1], e.g. [0, 0.25, 0.5]; got {thetas!r}")
+        thetas = list(thetas)
+        seed = _shared_seed(seed, "text_diff")
+        if not thetas or any(not is_real(t) or not 0 <= t <= 1 for t in thetas):
             raise ConfigError(f"text-diff angles: give one or more, each in [0, 1] (the paper uses up to 0.25–0.5); "
                               f"got {list(thetas)}")
-        z_i, x_T = self.invert(image, steps=steps, guidance_scale=guidance_scale, callback=callback)
+        z_i, x_T = self.invert(_one_image(image, "text_diff"), steps=steps, guidance_scale=guidance_scale,
+                               callback=callback)
         text = self.encode_text([caption, target])
         # [1, D], as long as z_i: unit for unclip's CLIP, the raw CLIP scale for imported (Karlo) models
         direction = latent.text_direction(text.embeds[1:2], text.embeds[:1]) * z_i[:1].norm(dim=-1, keepdim=True)
@@ -536,19 +646,22 @@ class UnclipPipeline:
         its pixels the mask touches, and the output keeps the image outside the mask. size: stop
         the cascade at this side (one of `sizes`).
         """
-        if n < 1 or resample < 1:
+        if _whole("n", n) < 1 or _whole("resample", resample) < 1:
             raise ConfigError(f"n={n}, resample={resample}: inpainting draws 1 or more images with 1 or more "
                               "resamplings per step")
         from unclip.diffusion import repaint_loop, run
 
         stages = self.stages_for(size)
+        steps = None if steps is None else _whole("steps", steps)
 
         side = self.config.decoder.resolution
-        known = self.pixels(image, side)[:1].expand(n, -1, -1, -1)
+        image = _one_image(image, "inpaint")
+        known = self.pixels(image, side).expand(n, -1, -1, -1)
         hole = _mask_tensor(mask, side).to(self.device)  # [1, 1, r, r], 1 = paint
+        gens = generators(seed, n)  # one stream per image: its prior, its RePaint loop, its upsamplers in turn
         if prompt is not None:
             text = self.encode_text([prompt] * n)
-            z_i = self.prior_sample(text, seed=seed, callback=callback)
+            z_i = self.prior_sample(text, seed=gens, callback=callback)
         else:
             text, z_i = None, self.encode_image(image)[:1].expand(n, -1)
         scale = self.decoder.config.guidance_scale if guidance_scale is None else guidance_scale
@@ -557,13 +670,13 @@ class UnclipPipeline:
                                           text_embeds=None if text is None else text.embeds)
         steps = self.decoder.config.sample_steps if steps is None else steps
         loop = repaint_loop(model_fn, self.decoder.diffusion, known, 1 - hole, steps=steps, resample=resample,
-                            generator=generators(seed, n))
+                            generator=gens)
         with self.autocast():
             images = run(loop, _stage_callback(callback, "decoder"))
-        images = self.upsample(images, stages, generator=generators(seed, n), callback=callback)
+        images = self.upsample(images, stages, generator=gens, callback=callback)
         out_side = images.shape[-1]
-        if out_side > side and not isinstance(image, torch.Tensor):  # keep the original's known pixels at that size
-            full = self.pixels(image, out_side)[:1]
+        if out_side > side:  # keep the original's known pixels at that size
+            full = self.pixels(image, out_side)
             big_hole = _mask_tensor(mask, out_side).to(images)  # the mask itself, not its decoder-sized cells
             images = big_hole * images + (1 - big_hole) * full
         return to_pil(images)
@@ -577,9 +690,12 @@ class UnclipPipeline:
         total = self.pca.basis.shape[0]
         if dims is None:
             return sorted({k for k in (1, 2, 4, 8, total // 2, total) if 0 < k <= total})
-        if not len(dims) or any(not 1 <= k <= total for k in dims):
-            raise ConfigError(f"PCA probe dimensions: give one or more, each from 1 to {total}; got {list(dims)}")
-        return list(dims)
+        if isinstance(dims, (str, bytes)) or not isinstance(dims, Iterable):
+            raise ConfigError(f"PCA probe dimensions: give a list of whole numbers from 1 to {total}; got {dims!r}")
+        dims = [_whole(f"dims[{i}]", k) for i, k in enumerate(dims)]
+        if not dims or any(not 1 <= k <= total for k in dims):
+            raise ConfigError(f"PCA probe dimensions: give one or more, each from 1 to {total}; got {dims}")
+        return dims
 
     def pca_probe(self, image, dims: Sequence[int] | None = None, *, steps: int | None = None,
                   guidance_scale: float | None = None, seed: Seed = 0, callback: Callback | None = None) -> list:
@@ -589,8 +705,9 @@ class UnclipPipeline:
         varies. Each truncation keeps z_i's length (unit for unclip's CLIP, raw for imported models).
         """
         dims = self.probe_dims(dims)
+        seed = _shared_seed(seed, "pca_probe")
         pca = self.pca
-        z_i = self.encode_image(image)[:1]
+        z_i = self.encode_image(_one_image(image, "pca_probe"))
         length = z_i.norm(dim=-1, keepdim=True)  # [1, 1]
         z = torch.cat([latent.pca_truncate(z_i, mean=pca.mean, basis=pca.basis, k=k) * length for k in dims])
         images = self.decode(z, x_T=self.fixed_noise(seed, len(dims)), sampler="ddim", eta=0.0,
@@ -623,18 +740,23 @@ def _open_rgb(item):
 
 
 def _mask_tensor(mask, side: int) -> torch.Tensor:
-    """A mask (PIL image, path or tensor [H, W] / [1, 1, H, W]) as [1, 1, side, side] in {0, 1}."""
+    """A mask (PIL image, path, or tensor or array [H, W] / [1, 1, H, W] in [0, 1]) as [1, 1, side, side] in {0, 1}."""
+    import numpy as np
     import torch.nn.functional as F
+    from PIL import Image
 
+    if isinstance(mask, np.ndarray):
+        mask = torch.from_numpy(mask)
     if isinstance(mask, torch.Tensor):
-        m = mask.float()
-        m = m.view(1, 1, *m.shape[-2:]) if m.ndim in (2, 3, 4) else None
-        if m is None:
-            raise DataError(f"a mask tensor must be [H, W]; got {tuple(mask.shape)}")
+        if mask.ndim not in (2, 3, 4) or math.prod(mask.shape[:-2]) != 1 or not mask.numel():
+            raise DataError(f"a mask tensor must be [H, W] (or [1, H, W], [1, 1, H, W]); got {tuple(mask.shape)}")
+        m = mask.float().view(1, 1, *mask.shape[-2:])
+        if not torch.isfinite(m).all() or m.min() < 0 or m.max() > 1:
+            raise DataError("a mask tensor holds values in [0, 1] (1 = repaint); this one has values outside it")
+    elif not isinstance(mask, (Image.Image, str, os.PathLike)):
+        raise DataError(f"a mask is a PIL image, a path, or a tensor or array [H, W] in [0, 1] (1 = repaint); "
+                        f"got {type(mask).__name__}")
     else:
-        import numpy as np
-        from PIL import Image
-
         from unclip.data.png import read_checked
 
         try:
