@@ -214,3 +214,41 @@ def test_a_save_removes_what_a_killed_save_left_beside_the_model(tmp_path):
     _write_model(tmp_path / "model", _net())
     assert not left.exists() and running.exists() and other.exists()
     assert [p.name for p in tmp_path.glob(".model.*.tmp")] == [running.name]  # and the save left none itself
+
+
+def _dead_pid() -> int:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def test_a_save_killed_between_its_renames_leaves_the_previous_model_loadable(tmp_path):
+    """Killed after moving the old model aside and before moving the new one in, nothing stood at
+    the model's path and the old copy stayed for good."""
+    target = tmp_path / "model"
+    _write_model(target, _net())
+    aside = tmp_path / f".model.old-{_dead_pid()}"
+    target.rename(aside)  # where swap_in had got to
+    assert read_manifest(target).config["name"] == "tiny"  # put back on first read
+    assert target.is_dir() and not aside.exists()
+    aside.mkdir()  # killed after both renames, before the old copy was deleted
+    _write_model(target, _net(), name="again")
+    assert not aside.exists() and read_manifest(target).config["name"] == "again"
+
+
+def test_temporary_files_of_dead_writers_are_removed_and_live_ones_kept(tmp_path):
+    import os
+
+    from unclip import io
+
+    dead = tmp_path / f".x-4.png.{_dead_pid()}.abcd1234.tmp"
+    live = tmp_path / f".x-5.png.{os.getpid()}.abcd1234.tmp"
+    other = tmp_path / ".notes.tmp"
+    for path in (dead, live, other):
+        path.write_bytes(b"partial")
+    io._swept.discard(tmp_path.resolve())
+    with atomic_write(tmp_path / "x.png") as handle:
+        handle.write(b"whole")
+    assert not dead.exists() and live.exists() and other.exists()
+    assert (tmp_path / "x.png").read_bytes() == b"whole"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, other.name, "x.png"])

@@ -750,3 +750,25 @@ def test_prompts_are_read_as_the_world_writes_captions(pipe):
     assert torch.equal(pipe.encode_text("A Red Circle").embeds, pipe.encode_text("a red circle").embeds)
     with pytest.raises(DataError, match="empty"):
         pipe.generate("\u200b")
+
+
+def test_a_run_killed_while_writing_its_images_leaves_no_grid_over_two_runs(tmp_path, monkeypatch):
+    from PIL import Image
+
+    import unclip.pipeline.cli as cli
+
+    out = tmp_path / "x.png"
+    first = [Image.new("RGB", (8, 8), "red")] * 3
+    cli.write_outputs(first, out, labels=["a"] * 3, params={"seed": 1000})
+    assert out.is_file()
+
+    real = cli.write_singles
+
+    def killed(images, out, **kwargs):
+        real(images[:1], out, **kwargs)  # one new image written, then the kill
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "write_singles", killed)
+    with pytest.raises(KeyboardInterrupt):
+        cli.write_outputs([Image.new("RGB", (8, 8), "blue")] * 3, out, labels=["b"] * 3, params={"seed": 0})
+    assert not out.exists()  # the old grid went first

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from unclip.config import TrainConfig
+from unclip.errors import ModelFormatError
 from unclip.modeldir import save_checkpoint
 from unclip.train.trainer import (EMA, TrainingError, TrainingStopped, _read_resume_state, fit_steps, lr_factor,
                                   to_device, train)
@@ -165,3 +166,65 @@ def test_sigterm_stops_after_the_step_with_a_checkpoint_and_the_run_resumes(tmp_
     assert (resumed.resumed_from, resumed.step) == (5, 10)
     uninterrupted = train(_TermAt(0), _feed, cfg=cfg, run_dir=tmp_path / "whole", run_config={"x": 1}, progress=False)
     torch.testing.assert_close(resumed.metrics["loss"], uninterrupted.metrics["loss"])
+
+
+def _quick(tmp_path, **options):
+    cfg = TrainConfig(steps=6, batch_size=4, lr=0.1, warmup_steps=1, log_every=1, ckpt_every=2)
+    return train(_Slow(0.0), _feed, cfg=cfg, run_dir=tmp_path, run_config={"x": 1}, progress=False,
+                 stage_name="decoder", **options)
+
+
+def test_a_half_written_metrics_line_does_not_stop_the_resume(tmp_path, caplog):
+    """A full disk cut the log mid-line; every later resume failed on it with a JSON traceback."""
+    _quick(tmp_path, stop_at=4)
+    with open(tmp_path / "metrics.jsonl", "a") as log_file:
+        log_file.write('[1, 2]\n{"step": 4, "loss"')
+    assert _quick(tmp_path).step == 6
+    assert "left out 2 line(s)" in caplog.text
+    steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]
+
+
+def test_what_is_not_this_runs_checkpoint_is_refused_and_the_log_kept(tmp_path):
+    _quick(tmp_path, stop_at=2)
+    log_before = (tmp_path / "metrics.jsonl").read_text()
+    (tmp_path / "checkpoint.pt").rename(tmp_path / "saved.pt")
+    (tmp_path / "checkpoint.pt").mkdir()  # was: a silent fresh start that deleted the log, then a crash
+    with pytest.raises(TrainingError, match="checkpoint.pt is not a file"):
+        _quick(tmp_path)
+    assert (tmp_path / "metrics.jsonl").read_text() == log_before
+    (tmp_path / "checkpoint.pt").rmdir()
+    (tmp_path / "saved.pt").rename(tmp_path / "checkpoint.pt")
+    cfg = TrainConfig(steps=6, batch_size=4, lr=0.1, warmup_steps=1, log_every=1, ckpt_every=2)
+    with pytest.raises(TrainingError, match="checkpoint of the decoder stage, not of clip"):
+        train(_Slow(0.0), _feed, cfg=cfg, run_dir=tmp_path, run_config={"x": 1}, progress=False, stage_name="clip")
+    (tmp_path / "checkpoint.pt").write_bytes(b"\0" * 64)  # zeros: a tar error inside torch.load
+    with pytest.raises(ModelFormatError, match="truncated or corrupt"):
+        _quick(tmp_path)
+
+
+def test_a_second_run_in_the_same_folder_is_refused(tmp_path):
+    import fcntl
+
+    with open(tmp_path / ".lock", "a+") as held:  # what a running training holds
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held.write("pid 12345")
+        held.flush()
+        with pytest.raises(TrainingError, match=r"another unclip process \(pid 12345\) is training in"):
+            _quick(tmp_path)
+    assert not (tmp_path / "checkpoint.pt").exists()
+    assert _quick(tmp_path).step == 6  # the lock goes with the process that held it
+
+
+def test_a_checkpoint_that_cannot_be_written_is_a_clear_error_and_the_last_one_stays(tmp_path, monkeypatch):
+    _quick(tmp_path, stop_at=2)
+    kept = (tmp_path / "checkpoint.pt").read_bytes()
+
+    def full_disk(*args, **kwargs):
+        raise RuntimeError("[enforce fail at inline_container.cc] PytorchStreamWriter failed writing file")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(TrainingError, match=r"could not write the checkpoint .*checkpoint.pt.*MiB free.*intact"):
+        _quick(tmp_path)
+    assert (tmp_path / "checkpoint.pt").read_bytes() == kept
+    assert not list(tmp_path.glob(".checkpoint.pt.*.tmp"))

@@ -2,7 +2,9 @@
 
 Every file unclip writes (checkpoints, model files, shards, images, reports) goes through
 `atomic_write`: the bytes land in a temporary file beside the target, are flushed to disk,
-and replace the target in one `os.replace`, which POSIX makes atomic.
+and replace the target in one `os.replace`, which POSIX makes atomic. The temporary file is
+named `.NAME.PID.XXXXXXXX.tmp`; one whose writer has died (killed mid-write) is removed the first
+time this process writes into that folder.
 """
 
 from __future__ import annotations
@@ -10,10 +12,79 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
+
+
+_TEMP = re.compile(r"\..+\.(\d+)\.\w{8}\.tmp")  # .NAME.PID.XXXXXXXX.tmp, as `_temp_file` names them
+_swept: set[Path] = set()  # folders whose dead writers' temporary files this process has removed
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` runs (on this machine)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def remove_dead_temps(directory: Path) -> None:
+    """Delete the temporary files in `directory` whose writer has died (once per folder and process:
+    a folder of 10,000 images is listed once, not per image)."""
+    key = directory.resolve()
+    if key in _swept:
+        return
+    _swept.add(key)
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(directory):
+            match = _TEMP.fullmatch(entry.name)
+            if match and entry.is_file(follow_symlinks=False) and not pid_alive(int(match[1])):
+                with contextlib.suppress(OSError):
+                    os.unlink(entry.path)
+
+
+def _temp_file(path: Path) -> str:
+    """A new empty temporary file beside `path`, named for this process (`_TEMP`)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    remove_dead_temps(path.parent)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp")
+    os.close(fd)
+    return tmp
+
+
+@contextlib.contextmanager
+def _replacing(path: Path) -> Iterator[str]:
+    """A temporary file beside `path` that replaces it if the block ends cleanly, and is removed if not."""
+    tmp = _temp_file(path)
+    try:
+        yield tmp
+        os.chmod(tmp, 0o666 & ~umask())  # mkstemp makes 0600; give the file the usual mode
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """A temporary path beside `path` for a writer that opens the file itself; on a clean exit the
+    file is flushed to disk and replaces `path` atomically, on an exception it is removed.
+
+    `torch.save` to a path writes from C++, so a Ctrl-C lands after it returns instead of inside
+    one of its Python write calls (which torch turned into a RuntimeError, or an abort).
+    """
+    with _replacing(Path(path)) as tmp:
+        yield Path(tmp)
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
 
 
 @contextlib.contextmanager
@@ -22,22 +93,10 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
 
     On an exception the temporary file is removed and `path` is untouched.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        encoding = None if "b" in mode else "utf-8"
-        with os.fdopen(fd, mode, encoding=encoding) as handle:
-            yield handle
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, 0o666 & ~umask())  # mkstemp makes 0600; give the file the usual mode
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
+    with _replacing(Path(path)) as tmp, open(tmp, mode, encoding=None if "b" in mode else "utf-8") as handle:
+        yield handle
+        handle.flush()
+        os.fsync(handle.fileno())
 
 
 def check_output_dir(directory: str | os.PathLike) -> None:

@@ -34,7 +34,9 @@ from typing import TYPE_CHECKING, Any
 
 from unclip import __version__
 from unclip.errors import ModelFormatError
-from unclip.io import atomic_write, umask, write_json_atomic
+from unclip.io import atomic_path, atomic_write, pid_alive, umask, write_json_atomic
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     import torch
@@ -85,22 +87,28 @@ def file_record(path: Path) -> dict[str, Any]:
 
 
 def remove_abandoned(directory: Path) -> None:
-    """Delete the half-written `save_model_dir` folders beside `directory` whose writer has died (a
-    process killed mid-save leaves `.NAME.PID.XXXX.tmp`, which nothing else would ever remove)."""
+    """Clean up after `save_model_dir` writers of `directory` that died: delete their half-written
+    `.NAME.PID.XXXX.tmp` folders, and settle an interrupted `swap_in` (`restore_interrupted_swap`)."""
     pattern = re.compile(rf"\.{re.escape(directory.name)}\.(\d+)\.\w+\.tmp")
     for path in directory.parent.glob(f".{directory.name}.*.tmp"):
-        if (match := pattern.fullmatch(path.name)) and path.is_dir() and not _alive(int(match[1])):
+        if (match := pattern.fullmatch(path.name)) and path.is_dir() and not pid_alive(int(match[1])):
             shutil.rmtree(path, ignore_errors=True)
+    restore_interrupted_swap(directory)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process
-        return True
-    return True
+def restore_interrupted_swap(directory: Path) -> None:
+    """Finish what a `swap_in` killed between or after its renames left: the previous model, moved
+    aside as `.NAME.old-PID`, goes back to `directory` if nothing took its place, and is deleted if
+    the new model did."""
+    for old in sorted(directory.parent.glob(f".{directory.name}.old-*")):
+        pid = old.name.rpartition("-")[2]
+        if not pid.isdigit() or pid_alive(int(pid)) or not old.is_dir():
+            continue
+        if directory.exists():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(old, directory)
+            log.warning("%s: a save of this model was interrupted; the previous model is back in place", directory)
 
 
 def save_model_dir(directory: str | Path, manifest: Manifest, write_components: Callable[[Path], None]) -> Path:
@@ -168,6 +176,8 @@ def read_manifest(directory: str | Path) -> Manifest:
     """Read and check `unclip.json`, migrating older format versions."""
     directory = Path(directory)
     path = directory / MANIFEST
+    if not directory.exists():
+        restore_interrupted_swap(directory)
     if not directory.is_dir():
         raise ModelFormatError(f"{directory} is not a directory; a model is a directory holding {MANIFEST}")
     if not path.is_file():
@@ -310,17 +320,28 @@ def half_model_dir(source: str | Path, target: str | Path) -> Path:
 
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
-    """Write a training checkpoint (any torch-serialisable dict) atomically."""
+    """Write a training checkpoint (any torch-serialisable dict) atomically; a write that fails (a
+    full disk, say) is a TrainingError naming `path`, and the previous checkpoint stays."""
     import torch
 
-    with atomic_write(path, "wb") as handle:
-        torch.save(state, handle)
-    return Path(path)
+    from unclip.errors import TrainingError
+
+    path = Path(path)
+    try:
+        with atomic_path(path) as tmp:
+            torch.save(state, str(tmp))  # by name: torch writes it from C++ (`atomic_path`)
+    except (RuntimeError, OSError) as err:
+        free = shutil.disk_usage(path.parent).free
+        raise TrainingError(f"could not write the checkpoint {path} ({err}); {free / 2**20:.0f} MiB free there. "
+                            "The previous checkpoint is intact: free some space and run the same command "
+                            "to resume") from err
+    return path
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Read a checkpoint; a truncated or corrupt file is a ModelFormatError naming it."""
     import pickle
+    import tarfile
     import zipfile
 
     import torch
@@ -330,7 +351,8 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise ModelFormatError(f"checkpoint {path} is missing")
     try:
         state = torch.load(path, map_location="cpu", weights_only=False)
-    except (RuntimeError, EOFError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile, OSError) as err:
+    except (RuntimeError, EOFError, ValueError, KeyError, pickle.UnpicklingError, zipfile.BadZipFile, OSError,
+            tarfile.TarError) as err:
         # ValueError: a file that is not a torch checkpoint at all fails on the pickle's magic number
         raise ModelFormatError(f"checkpoint {path} is truncated or corrupt ({err}); delete it to start the run "
                                "over, or put back a good copy to resume from it") from None
@@ -358,7 +380,7 @@ def init_record(directory: str | Path, section: str, cfg_section, *, record: str
     if replace(theirs, train=cfg_section.train) != cfg_section:
         raise ConfigError(f"--init {directory}: its {section} architecture differs from the one being trained; "
                           f"start from a model trained with the same {section} settings")
-    logging.getLogger(__name__).info("%s initialised from %s", section, directory)
+    log.info("%s initialised from %s", section, directory)
     return {"from": str(directory), "provenance": manifest.provenance.get(record or section, {})}
 
 

@@ -206,7 +206,9 @@ class Tokenizer:
         paths = [directory / TOKENIZER_FILE, directory / CONFIG_FILE]
         for path in paths:
             if not path.is_file():
-                raise ModelFormatError(f"{path} is missing: a tokenizer directory holds {TOKENIZER_FILE} and {CONFIG_FILE}")
+                raise ModelFormatError(f"{path} is missing: a tokenizer directory holds {TOKENIZER_FILE} and "
+                                       f"{CONFIG_FILE}; put back a copy from the model it came with, or train "
+                                       "its CLIP again (a model's other stages read text through this tokenizer)")
         try:
             backend = Backend.from_file(str(paths[0]))
         except Exception as err:  # tokenizers raises a bare Exception on bad JSON

@@ -112,7 +112,11 @@ def write_grid(images: list, out: str | Path, *, labels: list[str], params: dict
 
 
 def write_outputs(images: list, out: str | Path, *, labels: list[str], params: dict, columns: int = 4) -> list[Path]:
-    """The grid at `out` and each image beside it (`write_singles`, `write_grid`); the singles' paths."""
+    """The grid at `out` and each image beside it (`write_singles`, `write_grid`); the singles' paths.
+
+    An earlier grid at `out` goes first: a run killed while writing its singles leaves no grid over
+    two runs' images."""
+    Path(out).unlink(missing_ok=True)
     paths = write_singles(images, out, labels=labels, params=params)
     write_grid(images, out, labels=labels, params=params, columns=columns)
     remove_stale_singles(out, len(paths))
@@ -230,6 +234,7 @@ def _generate(args: argparse.Namespace) -> int:
         "size": args.size or pipe.resolution, "candidates": args.candidates or decoder.candidates,
         "upsampled_candidates": args.upsampled_candidates or decoder.upsampled_candidates}, pipe)
     shown = []
+    Path(args.out).unlink(missing_ok=True)  # no grid over two runs' images while the singles are written
     for start in range(0, len(rows), BATCH):
         if len(rows) > BATCH and not args.quiet:
             print(f"images {start + 1}–{min(start + BATCH, len(rows))} of {len(rows)}", file=sys.stderr)

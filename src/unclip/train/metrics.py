@@ -67,13 +67,32 @@ def trim_metrics(path: Path, step: int) -> None:
     """Drop metric lines past `step` (logged after the checkpoint a resumed run starts from)."""
     if not path.is_file():
         return
-    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    kept = [line for line in lines if json.loads(line).get("step", 0) <= step]
+    rows = _rows(path)
+    kept = [line for line, row in rows if row.get("step", 0) <= step]
     with atomic_write(path, "w") as handle:
         handle.writelines(line + "\n" for line in kept)
 
 
+def _rows(path: Path) -> list[tuple[str, dict[str, Any]]]:
+    """(line, row) of each whole row of a metrics file; lines that are not a JSON object (the half
+    line a full disk or a crash mid-write leaves) are left out with a warning."""
+    rows, bad = [], 0
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            row = None
+        if isinstance(row, dict):
+            rows.append((line, row))
+        else:
+            bad += 1
+    if bad:
+        log.warning("%s: left out %d line(s) that are not a whole metrics row (a write cut short)", path, bad)
+    return rows
+
+
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    """The rows of a metrics file, in order."""
-    text = Path(path).read_text(encoding="utf-8")
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
+    """The rows of a metrics file, in order (half-written lines left out with a warning)."""
+    return [row for _, row in _rows(Path(path))]

@@ -31,6 +31,7 @@ budget, re-measuring as it goes. The schedule then ends at the fitted step count
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
@@ -58,6 +59,7 @@ from unclip.train.runconfig import stage_changes
 log = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint.pt"
+LOCK = ".lock"  # held by the process training in a run folder (`_run_lock`)
 
 
 class _StopOnSigterm:
@@ -189,6 +191,38 @@ def _remove_stale_temps(ckpt_path: Path) -> None:
         stale.unlink(missing_ok=True)
 
 
+@contextlib.contextmanager
+def _run_lock(run_dir: Path) -> Iterator[None]:
+    """Hold `run_dir/.lock` while training: a second run in the same folder deleted the first's
+    checkpoint write and interleaved its metrics. The operating system drops the lock when the
+    process ends, however it ends; the ranks of one multi-process run share the folder (rank 0
+    holds it)."""
+    try:
+        import fcntl
+    except ImportError:  # not a POSIX system: no lock
+        yield
+        return
+    if int(os.environ.get("RANK", "0") or 0) != 0:
+        yield
+        return
+    handle = open(run_dir / LOCK, "a+", encoding="utf-8")
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip()
+            raise TrainingError(f"another unclip process{f' ({holder})' if holder else ''} is training in "
+                                f"{run_dir}; wait for it, stop it, or choose another --run-dir") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()}\n")
+        handle.flush()
+        yield
+    finally:
+        handle.close()
+
+
 def _read_resume_state(ckpt_path: Path, run_config: dict[str, Any], stage_name: str) -> dict[str, Any]:
     def completed(config: dict[str, Any]) -> dict[str, Any]:
         try:  # keys added to UnclipConfig since a checkpoint was written read as their defaults
@@ -197,6 +231,9 @@ def _read_resume_state(ckpt_path: Path, run_config: dict[str, Any], stage_name: 
             return config  # not an UnclipConfig (a caller's own run config): compared as it is
 
     state = load_checkpoint(ckpt_path)
+    if state.get("stage") not in (None, stage_name):
+        raise TrainingError(f"{ckpt_path} is a checkpoint of the {state['stage']} stage, not of {stage_name}: "
+                            "choose another --run-dir for this stage (or move that checkpoint away)")
     if changed := stage_changes(stage_name, completed(state.get("run_config") or {}), completed(run_config)):
         raise TrainingError(
             f"{ckpt_path} was written by a run with another config ({'; '.join(changed[:4])}"
@@ -333,12 +370,30 @@ def train(stage: nn.Module, make_batches: Callable[[int], Iterator[dict]], *, cf
     `val_batches` (a finite feed, e.g. `unclip.train.data.validation_feed`) is evaluated every
     `cfg.eval_every` steps and at the end; its mean losses go to the metrics as `val_<name>`.
     """
+    from unclip.io import check_output_dir
+
+    run_dir = Path(run_dir)
+    try:
+        check_output_dir(run_dir)  # a file on the path, or no permission: said before any work
+    except ConfigError as err:
+        raise TrainingError(f"--run-dir: {err}") from None
+    run_dir.mkdir(parents=True, exist_ok=True)
+    for path in (run_dir / CHECKPOINT, run_dir / METRICS):
+        if path.exists() and not path.is_file():  # resuming would not see it, starting over would delete the log
+            raise TrainingError(f"{path} is not a file; move it away, then run again")
+    with _run_lock(run_dir):
+        return _train(stage, make_batches, cfg=cfg, run_dir=run_dir, run_config=run_config, resume=resume,
+                      progress=progress, stage_name=stage_name, time_budget=time_budget, stop_at=stop_at,
+                      val_batches=val_batches)
+
+
+def _train(stage: nn.Module, make_batches: Callable[[int], Iterator[dict]], *, cfg: TrainConfig, run_dir: Path,
+           run_config: dict[str, Any], resume: bool, progress: bool, stage_name: str, time_budget: float | None,
+           stop_at: int | None, val_batches: Callable[[int], Iterator[dict]] | None) -> TrainResult:
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
     from tqdm.auto import tqdm
 
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path, metrics_path = run_dir / CHECKPOINT, run_dir / METRICS
     # accelerate keeps one mixed precision per process and refuses another; stages of one process
     # (`unclip train all`, the Python API) may each have their own. The process group stays.
