@@ -1,4 +1,5 @@
 import json
+import shutil
 import subprocess
 import sys
 
@@ -227,13 +228,19 @@ def test_a_save_killed_between_its_renames_leaves_the_previous_model_loadable(tm
     the model's path and the old copy stayed for good."""
     target = tmp_path / "model"
     _write_model(target, _net())
-    aside = tmp_path / f".model.old-{_dead_pid()}"
-    target.rename(aside)  # where swap_in had got to
+    pid = _dead_pid()
+    aside, new = tmp_path / f".model.old-{pid}", tmp_path / f".model.{pid}.abcd1234.tmp"
+    target.rename(aside)  # where swap_in had got to: the old model aside, the new one not yet moved in
+    new.mkdir()
     assert read_manifest(target).config["name"] == "tiny"  # put back on first read
     assert target.is_dir() and not aside.exists()
     aside.mkdir()  # killed after both renames, before the old copy was deleted
     _write_model(target, _net(), name="again")
-    assert not aside.exists() and read_manifest(target).config["name"] == "again"
+    assert not aside.exists() and not new.exists() and read_manifest(target).config["name"] == "again"
+    aside.mkdir()  # an aside copy left when the user deleted the model on purpose: it stays deleted
+    shutil.rmtree(target)
+    with pytest.raises(ModelFormatError, match="is not a directory"):
+        read_manifest(target)
 
 
 def test_temporary_files_of_dead_writers_are_removed_and_live_ones_kept(tmp_path):
@@ -241,14 +248,15 @@ def test_temporary_files_of_dead_writers_are_removed_and_live_ones_kept(tmp_path
 
     from unclip import io
 
-    dead = tmp_path / f".x-4.png.{_dead_pid()}.abcd1234.tmp"
-    live = tmp_path / f".x-5.png.{os.getpid()}.abcd1234.tmp"
-    other = tmp_path / ".notes.tmp"
-    for path in (dead, live, other):
+    dead = tmp_path / f".x-4.png.unclip-{io._HOST}-{_dead_pid()}.abcd1234.tmp"
+    live = tmp_path / f".x-5.png.unclip-{io._HOST}-{os.getpid()}.abcd1234.tmp"
+    elsewhere = tmp_path / f".x-6.png.unclip-{io._HOST}x-{_dead_pid()}.abcd1234.tmp"  # another machine's writer
+    other = tmp_path / f".backup.{_dead_pid()}.20261127.tmp"  # not unclip's
+    for path in (dead, live, elsewhere, other):
         path.write_bytes(b"partial")
     io._swept.discard(tmp_path.resolve())
     with atomic_write(tmp_path / "x.png") as handle:
         handle.write(b"whole")
-    assert not dead.exists() and live.exists() and other.exists()
+    assert not dead.exists() and live.exists() and elsewhere.exists() and other.exists()
     assert (tmp_path / "x.png").read_bytes() == b"whole"
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, other.name, "x.png"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, elsewhere.name, other.name, "x.png"])

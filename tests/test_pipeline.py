@@ -772,3 +772,15 @@ def test_a_run_killed_while_writing_its_images_leaves_no_grid_over_two_runs(tmp_
     with pytest.raises(KeyboardInterrupt):
         cli.write_outputs([Image.new("RGB", (8, 8), "blue")] * 3, out, labels=["b"] * 3, params={"seed": 0})
     assert not out.exists()  # the old grid went first
+
+
+def test_masks_as_bytes_and_listed_generators_are_understood(pipe):
+    image = _image()
+    ones = torch.zeros(64, 64)
+    ones[32:] = 1
+    as_ones = _array(pipe.inpaint(image, ones, steps=2, resample=1, seed=1)[0])
+    as_bytes = _array(pipe.inpaint(image, (ones * 255).to(torch.uint8).numpy(), steps=2, resample=1, seed=1)[0])
+    assert np.array_equal(as_ones, as_bytes)
+    listed = pipe.generate(["a red circle"], seed=[torch.Generator().manual_seed(3)], candidates=2, steps=2)
+    again = pipe.generate(["a red circle"], seed=[torch.Generator().manual_seed(3)], candidates=2, steps=2)
+    assert np.array_equal(_array(listed[0]), _array(again[0]))

@@ -138,10 +138,22 @@ def test_text_that_looks_the_same_reads_the_same(tok):
 
 
 def test_a_cut_caption_keeps_whole_characters(tok, caplog):
-    text = "ยีราฟ" * 20  # no merges: bytes of three-byte Thai characters
+    import unicodedata
+
+    text = "ยีราฟ" * 20  # few merges: bytes of three-byte Thai characters, vowels above consonants
     with caplog.at_level(logging.WARNING, logger="unclip.tokenizer"):
         for length in range(8, 16):
             ids = tok.encode(text, context_length=length).input_ids[0]
             kept = tok.decode(ids)
             assert kept and "\ufffd" not in kept and text.startswith(kept)
+            assert unicodedata.category(text[len(kept)]) not in ("Mn", "Mc")  # no mark cut from its consonant
     assert "\ufffd" not in caplog.text
+
+
+def test_a_saved_tokenizer_reads_text_in_transformers_as_unclip_does(tok, tmp_path):
+    from transformers import PreTrainedTokenizerFast
+
+    tok.save(tmp_path)
+    exported = PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / "tokenizer.json"))
+    for text in ["a  red circle ", "a red\u00adcircle\n", "ดาว\u200bสี เเดง", "สีน\u0e33\u0e49เงิน", *THAI]:
+        assert exported(text, add_special_tokens=False)["input_ids"] == tok.tokenize(text)

@@ -208,11 +208,16 @@ def test_a_second_run_in_the_same_folder_is_refused(tmp_path):
 
     with open(tmp_path / ".lock", "a+") as held:  # what a running training holds
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        held.write("pid 12345")
+        held.write(f"pid {os.getpid()}")
         held.flush()
-        with pytest.raises(TrainingError, match=r"another unclip process \(pid 12345\) is training in"):
+        with pytest.raises(TrainingError, match=rf"another unclip process \(pid {os.getpid()}\) is training in"):
             _quick(tmp_path)
-    assert not (tmp_path / "checkpoint.pt").exists()
+        assert not (tmp_path / "checkpoint.pt").exists()
+        held.seek(0)
+        held.truncate()
+        held.write("pid 999999999")  # a killed run whose data-loader workers still hold the lock
+        held.flush()
+        assert _quick(tmp_path, stop_at=2).step == 2
     assert _quick(tmp_path).step == 6  # the lock goes with the process that held it
 
 

@@ -180,10 +180,11 @@ def _killsave(out: Path) -> None:
         buffer = io.BytesIO()
         real_save(obj, buffer)
         data = buffer.getvalue()
-        f.write(data[: len(data) // 2])
-        f.flush()
-        print("WRITING", flush=True)
-        time.sleep(120)  # the test kills the process here
+        with open(f, "wb") as handle:  # save_checkpoint passes the temporary file's path
+            handle.write(data[: len(data) // 2])
+            handle.flush()
+            print("WRITING", flush=True)
+            time.sleep(120)  # the test kills the process here
         raise SystemExit("not killed")
 
     torch.save = stalling_save

@@ -3,8 +3,9 @@
 Every file unclip writes (checkpoints, model files, shards, images, reports) goes through
 `atomic_write`: the bytes land in a temporary file beside the target, are flushed to disk,
 and replace the target in one `os.replace`, which POSIX makes atomic. The temporary file is
-named `.NAME.PID.XXXXXXXX.tmp`; one whose writer has died (killed mid-write) is removed the first
-time this process writes into that folder.
+named `.NAME.unclip-HOST-PID.XXXXXXXX.tmp`; one that this machine's unclip wrote and whose writer
+has died (killed mid-write) is removed the first time a process writes into that folder (only
+this host's: a folder shared by several machines holds other hosts' live writes).
 """
 
 from __future__ import annotations
@@ -13,13 +14,15 @@ import contextlib
 import json
 import os
 import re
+import socket
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
 
-_TEMP = re.compile(r"\..+\.(\d+)\.\w{8}\.tmp")  # .NAME.PID.XXXXXXXX.tmp, as `_temp_file` names them
+_HOST = re.sub(r"[^A-Za-z0-9]+", "-", socket.gethostname())[:40] or "host"
+_TEMP = re.compile(rf"\..+\.unclip-{re.escape(_HOST)}-(\d+)\.\w{{8}}\.tmp")  # as `_temp_file` names them
 _swept: set[Path] = set()  # folders whose dead writers' temporary files this process has removed
 
 
@@ -53,7 +56,7 @@ def _temp_file(path: Path) -> str:
     """A new empty temporary file beside `path`, named for this process (`_TEMP`)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_dead_temps(path.parent)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.unclip-{_HOST}-{os.getpid()}.", suffix=".tmp")
     os.close(fd)
     return tmp
 

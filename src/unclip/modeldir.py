@@ -87,28 +87,40 @@ def file_record(path: Path) -> dict[str, Any]:
 
 
 def remove_abandoned(directory: Path) -> None:
-    """Clean up after `save_model_dir` writers of `directory` that died: delete their half-written
-    `.NAME.PID.XXXX.tmp` folders, and settle an interrupted `swap_in` (`restore_interrupted_swap`)."""
+    """Clean up after `save_model_dir` writers of `directory` that died: settle a `swap_in` killed
+    between its renames (`restore_interrupted_swap`), then delete their half-written
+    `.NAME.PID.XXXX.tmp` folders and the previous models they had moved aside."""
+    restore_interrupted_swap(directory)
     pattern = re.compile(rf"\.{re.escape(directory.name)}\.(\d+)\.\w+\.tmp")
     for path in directory.parent.glob(f".{directory.name}.*.tmp"):
         if (match := pattern.fullmatch(path.name)) and path.is_dir() and not pid_alive(int(match[1])):
             shutil.rmtree(path, ignore_errors=True)
-    restore_interrupted_swap(directory)
+    for old in directory.parent.glob(f".{directory.name}.old-*"):
+        pid = old.name.rpartition("-")[2]
+        if pid.isdigit() and not pid_alive(int(pid)) and old.is_dir():
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def restore_interrupted_swap(directory: Path) -> None:
-    """Finish what a `swap_in` killed between or after its renames left: the previous model, moved
-    aside as `.NAME.old-PID`, goes back to `directory` if nothing took its place, and is deleted if
-    the new model did."""
+    """Put back the previous model that a `swap_in` killed between its two renames had moved aside:
+    nothing stands at `directory`, `.NAME.old-PID` holds the old model and the dead writer's
+    `.NAME.PID.XXXX.tmp` the new one. Without that folder the aside copy is not a swap's to undo (a
+    model the user deleted stays deleted)."""
+    if directory.exists():
+        return
     for old in sorted(directory.parent.glob(f".{directory.name}.old-*")):
         pid = old.name.rpartition("-")[2]
-        if not pid.isdigit() or pid_alive(int(pid)) or not old.is_dir():
+        if not pid.isdigit() or pid_alive(int(pid)) or not old.is_dir() \
+                or not any(directory.parent.glob(f".{directory.name}.{pid}.*.tmp")):
             continue
-        if directory.exists():
-            shutil.rmtree(old, ignore_errors=True)
-        else:
+        try:
             os.rename(old, directory)
-            log.warning("%s: a save of this model was interrupted; the previous model is back in place", directory)
+        except OSError as err:
+            log.warning("%s: a save was interrupted and the previous model is at %s, but it cannot be moved "
+                        "back (%s)", directory, old, err)
+            return
+        log.warning("%s: a save of this model was interrupted; the previous model is back in place", directory)
+        return
 
 
 def save_model_dir(directory: str | Path, manifest: Manifest, write_components: Callable[[Path], None]) -> Path:

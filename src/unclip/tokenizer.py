@@ -78,6 +78,18 @@ def clean_text(text: str) -> str:
     return text
 
 
+def _backend_normalizer():
+    """`clean_text` as a `tokenizers` normalizer, saved in tokenizer.json: a tokenizer exported
+    for transformers (`export-diffusers`, AutoTokenizer) then reads text as unclip does."""
+    from tokenizers import Regex, normalizers
+
+    steps = [normalizers.NFC(), normalizers.Replace(Regex(INVISIBLE.pattern), ""),
+             normalizers.Replace(Regex(r"\s+"), " "), normalizers.Strip()]
+    steps += [normalizers.Replace("\u0e40\u0e40", "\u0e41"), normalizers.Replace("\u0e4d\u0e32", "\u0e33")]
+    steps += [normalizers.Replace("\u0e33" + mark, mark + "\u0e33") for mark in "\u0e48\u0e49\u0e4a\u0e4b"]
+    return normalizers.Sequence(steps)
+
+
 class Tokenizer:
     """A trained byte-level BPE with a fixed context length."""
 
@@ -106,10 +118,10 @@ class Tokenizer:
         colour–shape pair) would tokenize unlike anything seen in training.
         """
         from tokenizers import Tokenizer as Backend
-        from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, trainers
+        from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
 
         backend = Backend(models.BPE())
-        backend.normalizer = normalizers.NFC()
+        backend.normalizer = _backend_normalizer()
         # Words with their leading space, then bytes. Not GPT-2's regex: it splits Thai at every
         # vowel and tone mark (they are not \p{L}), so BPE could never merge a Thai word.
         backend.pre_tokenizer = pre_tokenizers.Sequence([
@@ -157,10 +169,15 @@ class Tokenizer:
 
     def _whole_characters(self, tokens: list[int], room: int) -> int:
         """How many of `tokens` (at most `room`) to keep so that no character is cut in two: a
-        byte-level token can end inside a Thai character's three UTF-8 bytes."""
+        byte-level token can end inside a Thai character's three UTF-8 bytes, or between a
+        consonant and its vowel and tone marks."""
+        def splits(keep: int) -> bool:
+            kept, dropped = self.backend.decode(tokens[:keep]), self.backend.decode(tokens[keep:])
+            return kept.endswith("\ufffd") or dropped.startswith("\ufffd") or \
+                bool(dropped) and unicodedata.category(dropped[0]) in ("Mn", "Mc")  # a vowel or tone mark
+
         keep = room
-        while keep > 1 and (self.backend.decode(tokens[:keep]).endswith("\ufffd")
-                            or self.backend.decode(tokens[keep:]).startswith("\ufffd")):
+        while keep > max(1, room - 12) and splits(keep):  # a character with its marks: 12 bytes at most
             keep -= 1
         return keep
 
@@ -213,6 +230,7 @@ class Tokenizer:
             backend = Backend.from_file(str(paths[0]))
         except Exception as err:  # tokenizers raises a bare Exception on bad JSON
             raise ModelFormatError(f"{paths[0]} is truncated or corrupt: {err}") from None
+        backend.normalizer = _backend_normalizer()  # tokenizers saved before it had NFC alone
         try:
             config = json.loads(paths[1].read_text(encoding="utf-8"))
             context_length = int(config["model_max_length"])

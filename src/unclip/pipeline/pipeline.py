@@ -149,13 +149,18 @@ def generators(seed: Seed, n: int) -> list[torch.Generator] | torch.Generator | 
 def candidate_seeds(seed: Seed, n: int, k: int) -> Seed:
     """Seeds of k candidates for each of n images, candidate-major within an image: candidate 0 of
     image i has image i's own seed (so k = 1 draws what a plain call draws), candidate j > 0 a seed
-    mixed from (image seed, j). A shared generator or None is shared by all candidates."""
+    mixed from (image seed, j), or for a listed generator a generator seeded from its next draw. A
+    shared generator or None is shared by all candidates."""
     if seed is None or isinstance(seed, torch.Generator):
         return seed
     import numpy as np
 
-    return [s if j == 0 else int(np.random.SeedSequence([s % 2**63, j]).generate_state(1, np.uint64)[0] % 2**63)
-            for s in map(int, _image_seeds(seed, n)) for j in range(k)]
+    def mixed(s, j: int):
+        if isinstance(s, torch.Generator):  # a caller's generator: its candidates' seeds drawn from it
+            return torch.Generator().manual_seed(int(torch.randint(0, MAX_SEED, (), generator=s)))
+        return int(np.random.SeedSequence([s % 2**63, j]).generate_state(1, np.uint64)[0] % 2**63)
+
+    return [s if j == 0 else mixed(s, j) for s in _image_seeds(seed, n) for j in range(k)]
 
 
 def _stage_callback(callback: Callback | None, stage: str) -> Callable[[SampleStep], None] | None:
@@ -400,10 +405,8 @@ class UnclipPipeline:
         clipped, a black background came back grey), only the result.
         """
         stages = self._stages(size, upsample)
-        if eta is not None:
-            check_eta(eta)
-        if guidance_scale is not None:
-            check_guidance_scale(guidance_scale)
+        eta = None if eta is None else check_eta(eta)
+        guidance_scale = None if guidance_scale is None else check_guidance_scale(guidance_scale)
         steps = None if steps is None else _whole("steps", steps)
         self.check_latents(z_i, x_T)
         n = len(z_i)
@@ -740,7 +743,8 @@ def _open_rgb(item):
 
 
 def _mask_tensor(mask, side: int) -> torch.Tensor:
-    """A mask (PIL image, path, or tensor or array [H, W] / [1, 1, H, W] in [0, 1]) as [1, 1, side, side] in {0, 1}."""
+    """A mask (PIL image, path, or tensor or array [H, W] / [1, 1, H, W] in [0, 1] or 0 … 255) as
+    [1, 1, side, side] in {0, 1}."""
     import numpy as np
     import torch.nn.functional as F
     from PIL import Image
@@ -751,8 +755,10 @@ def _mask_tensor(mask, side: int) -> torch.Tensor:
         if mask.ndim not in (2, 3, 4) or math.prod(mask.shape[:-2]) != 1 or not mask.numel():
             raise DataError(f"a mask tensor must be [H, W] (or [1, H, W], [1, 1, H, W]); got {tuple(mask.shape)}")
         m = mask.float().view(1, 1, *mask.shape[-2:])
-        if not torch.isfinite(m).all() or m.min() < 0 or m.max() > 1:
-            raise DataError("a mask tensor holds values in [0, 1] (1 = repaint); this one has values outside it")
+        if not torch.isfinite(m).all() or m.min() < 0 or m.max() > 255:
+            raise DataError("a mask tensor holds values in [0, 1] (1 = repaint), or bytes in 0 … 255; this one has "
+                            "values outside them")
+        m = m / 255 if m.max() > 1 else m  # bytes, as read from an image
     elif not isinstance(mask, (Image.Image, str, os.PathLike)):
         raise DataError(f"a mask is a PIL image, a path, or a tensor or array [H, W] in [0, 1] (1 = repaint); "
                         f"got {type(mask).__name__}")

@@ -51,6 +51,7 @@ from torch import nn
 
 from unclip.config import TrainConfig, UnclipConfig
 from unclip.errors import ConfigError, TrainingError, TrainingStopped, UnclipError
+from unclip.io import pid_alive
 from unclip.modeldir import load_checkpoint, save_checkpoint
 from unclip.train import dist
 from unclip.train.metrics import METRICS, MetricsLog, trim_metrics
@@ -191,18 +192,23 @@ def _remove_stale_temps(ckpt_path: Path) -> None:
         stale.unlink(missing_ok=True)
 
 
+RANK_VARIABLES = ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK")  # torchrun / accelerate, Open MPI, MPICH
+
+
 @contextlib.contextmanager
 def _run_lock(run_dir: Path) -> Iterator[None]:
     """Hold `run_dir/.lock` while training: a second run in the same folder deleted the first's
     checkpoint write and interleaved its metrics. The operating system drops the lock when the
-    process ends, however it ends; the ranks of one multi-process run share the folder (rank 0
-    holds it)."""
+    process ends; data-loader workers forked from a killed run hold it a few seconds more, so a
+    lock whose recorded process has died is taken over. The ranks of one multi-process run share
+    the folder (rank 0 holds it); where the file system cannot lock, the run goes on without."""
     try:
         import fcntl
     except ImportError:  # not a POSIX system: no lock
         yield
         return
-    if int(os.environ.get("RANK", "0") or 0) != 0:
+    rank = next((os.environ[name] for name in RANK_VARIABLES if os.environ.get(name)), "0")
+    if rank != "0":
         yield
         return
     handle = open(run_dir / LOCK, "a+", encoding="utf-8")
@@ -212,8 +218,13 @@ def _run_lock(run_dir: Path) -> Iterator[None]:
         except BlockingIOError:
             handle.seek(0)
             holder = handle.read().strip()
-            raise TrainingError(f"another unclip process{f' ({holder})' if holder else ''} is training in "
-                                f"{run_dir}; wait for it, stop it, or choose another --run-dir") from None
+            pid = holder.removeprefix("pid ")
+            if not (pid.isdigit() and not pid_alive(int(pid))):
+                raise TrainingError(f"another unclip process{f' ({holder})' if holder else ''} is training in "
+                                    f"{run_dir}; wait for it, stop it, or choose another --run-dir") from None
+            log.info("%s: the run that held it (%s) has died; its workers still hold the lock", run_dir / LOCK, holder)
+        except OSError as err:  # a file system without locks (some network mounts)
+            log.warning("cannot lock %s (%s); nothing stops a second run in this folder", run_dir / LOCK, err)
         handle.seek(0)
         handle.truncate()
         handle.write(f"pid {os.getpid()}\n")
