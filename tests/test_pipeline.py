@@ -704,8 +704,10 @@ def test_inpainting_a_tensor_keeps_its_pixels_outside_the_mask(pipe):
     assert np.abs(out[: side // 2] - original[: side // 2]).max() <= 1
 
 
-def test_each_stage_draws_its_own_noise(pipe, monkeypatch):
-    """The prior's starting noise was the decoder's first x_T values (both seeded afresh from one seed)."""
+def test_how_each_task_seeds_its_stages(pipe, monkeypatch):
+    """generate seeds the prior and the decoder afresh from one seed (the prior's starting noise is
+    the decoder's first x_T values: decoupled, the shipped model judged lower, docs/pipeline.md);
+    inpainting draws one stream per image, so its upsampler's noise is not RePaint's."""
     import unclip.diffusion.sampling as sampling
 
     drawn, noise = [], sampling._noise
@@ -713,7 +715,16 @@ def test_each_stage_draws_its_own_noise(pipe, monkeypatch):
     pipe.generate("a red circle", seed=7, candidates=1, size=pipe.sizes[0], steps=2)
     prior = next(x for x in drawn if x.ndim == 2)[0]  # the first row of each stage's first draw
     decoder = next(x for x in drawn if x.ndim == 4)[0].flatten()
-    assert not torch.equal(prior, decoder[: prior.numel()])
+    assert torch.equal(prior, decoder[: prior.numel()])
+    drawn.clear()
+    mask = torch.zeros(64, 64)
+    mask[32:] = 1
+    pipe.inpaint(_image(), mask, prompt="a red circle", steps=2, resample=1, seed=7)
+    prior = next(x for x in drawn if x.ndim == 2)[0]
+    repaint, upsampler = (next(x for x in drawn if x.ndim == 4 and x.shape[-1] == side)[0].flatten()
+                          for side in pipe.sizes[:2])
+    assert not torch.equal(prior, repaint[: prior.numel()])
+    assert not torch.equal(upsampler[:100], repaint[:100])
 
 
 def test_a_large_n_runs_in_pieces_that_draw_the_same_images(pipe, monkeypatch):

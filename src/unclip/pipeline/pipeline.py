@@ -543,10 +543,12 @@ class UnclipPipeline:
         """`generate` for one image per row: k candidates each, the best m upsampled, one kept."""
         seeds = candidate_seeds(seed, len(rows), k)
         text = self.encode_text([p for p in rows for _ in range(k)])
-        # one stream per candidate, drawn in turn by its prior, its decoder and (if kept) its upsamplers:
-        # seeded afresh for each stage, the prior's starting noise was the decoder's first x_T values
+        # The prior seeds its generators from the candidates' seeds, and the decoder (then the kept
+        # candidates' upsamplers) seeds them afresh: the prior's starting noise is the first values of
+        # the decoder's x_T. Drawn as one stream instead, the shipped model judged 0.07 lower on
+        # two_object over six seeds (docs/pipeline.md, "Seeds"), with no cause found; kept until one is.
+        z_i = self.prior_sample(text, prior=prior, guidance_scale=prior_guidance_scale, seed=seeds, callback=callback)
         gens = generators(seeds, len(text.embeds))
-        z_i = self.prior_sample(text, prior=prior, guidance_scale=prior_guidance_scale, seed=gens, callback=callback)
         images = self.decode(z_i, text, guidance_scale=guidance_scale, steps=steps, sampler=sampler,
                              seed=gens, callback=callback, upsample=False)
         embeds = text.embeds
