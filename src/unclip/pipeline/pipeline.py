@@ -545,8 +545,8 @@ class UnclipPipeline:
         text = self.encode_text([p for p in rows for _ in range(k)])
         # The prior seeds its generators from the candidates' seeds, and the decoder (then the kept
         # candidates' upsamplers) seeds them afresh: the prior's starting noise is the first values of
-        # the decoder's x_T. Drawn as one stream instead, the shipped model judged 0.07 lower on
-        # two_object over six seeds (docs/pipeline.md, "Seeds"), with no cause found; kept until one is.
+        # the decoder's x_T. Drawn as one stream instead, the shipped model judged 0.06 lower on
+        # two_object over seven seeds (docs/pipeline.md, "Seeds"), with no cause found; kept until one is.
         z_i = self.prior_sample(text, prior=prior, guidance_scale=prior_guidance_scale, seed=seeds, callback=callback)
         gens = generators(seeds, len(text.embeds))
         images = self.decode(z_i, text, guidance_scale=guidance_scale, steps=steps, sampler=sampler,
