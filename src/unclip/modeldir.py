@@ -95,10 +95,18 @@ def remove_abandoned(directory: Path) -> None:
     for path in directory.parent.glob(f".{directory.name}.*.tmp"):
         if (match := pattern.fullmatch(path.name)) and path.is_dir() and not pid_alive(int(match[1])):
             shutil.rmtree(path, ignore_errors=True)
-    for old in directory.parent.glob(f".{directory.name}.old-*"):
+    for old, _ in _abandoned_asides(directory):
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _abandoned_asides(directory: Path) -> list[tuple[Path, str]]:
+    """(folder, writer's PID) of each previous model a `swap_in` whose writer has died moved aside."""
+    asides = []
+    for old in sorted(directory.parent.glob(f".{directory.name}.old-*")):
         pid = old.name.rpartition("-")[2]
         if pid.isdigit() and not pid_alive(int(pid)) and old.is_dir():
-            shutil.rmtree(old, ignore_errors=True)
+            asides.append((old, pid))
+    return asides
 
 
 def restore_interrupted_swap(directory: Path) -> None:
@@ -108,10 +116,8 @@ def restore_interrupted_swap(directory: Path) -> None:
     model the user deleted stays deleted)."""
     if directory.exists():
         return
-    for old in sorted(directory.parent.glob(f".{directory.name}.old-*")):
-        pid = old.name.rpartition("-")[2]
-        if not pid.isdigit() or pid_alive(int(pid)) or not old.is_dir() \
-                or not any(directory.parent.glob(f".{directory.name}.{pid}.*.tmp")):
+    for old, pid in _abandoned_asides(directory):
+        if not any(directory.parent.glob(f".{directory.name}.{pid}.*.tmp")):
             continue
         try:
             os.rename(old, directory)

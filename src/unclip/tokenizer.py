@@ -40,8 +40,8 @@ SPECIAL_ORDER = (BOS, EOS, PAD)
 INVISIBLE = re.compile("[\u200b\u2060\ufeff\u00ad]")
 # Thai as it is often typed or copied: two sara e for sara ae, sara am as nikhahit + sara aa (PDFs),
 # a tone mark typed after sara am instead of before it
-THAI_VARIANTS = ((re.compile("\u0e40\u0e40"), "\u0e41"), (re.compile("\u0e4d\u0e32"), "\u0e33"),
-                 (re.compile("\u0e33([\u0e48-\u0e4b])"), "\\1\u0e33"))
+THAI_VARIANTS = (("\u0e40\u0e40", "\u0e41"), ("\u0e4d\u0e32", "\u0e33"),
+                 *(("\u0e33" + mark, mark + "\u0e33") for mark in "\u0e48\u0e49\u0e4a\u0e4b"))
 TOKENIZER_FILE = "tokenizer.json"
 CONFIG_FILE = "tokenizer_config.json"
 
@@ -73,8 +73,8 @@ def clean_text(text: str) -> str:
     the same then reads the same: "ดาว\u200bสี" or "a  red circle " would otherwise be other tokens
     than the model learnt (a double space cost the shipped model its colours)."""
     text = " ".join(INVISIBLE.sub("", unicodedata.normalize("NFC", text)).split())
-    for pattern, standard in THAI_VARIANTS:
-        text = pattern.sub(standard, text)
+    for variant, standard in THAI_VARIANTS:
+        text = text.replace(variant, standard)
     return text
 
 
@@ -85,8 +85,7 @@ def _backend_normalizer():
 
     steps = [normalizers.NFC(), normalizers.Replace(Regex(INVISIBLE.pattern), ""),
              normalizers.Replace(Regex(r"\s+"), " "), normalizers.Strip()]
-    steps += [normalizers.Replace("\u0e40\u0e40", "\u0e41"), normalizers.Replace("\u0e4d\u0e32", "\u0e33")]
-    steps += [normalizers.Replace("\u0e33" + mark, mark + "\u0e33") for mark in "\u0e48\u0e49\u0e4a\u0e4b"]
+    steps += [normalizers.Replace(variant, standard) for variant, standard in THAI_VARIANTS]
     return normalizers.Sequence(steps)
 
 

@@ -109,13 +109,13 @@ def _whole_seed(seed) -> int:
     return seed
 
 
-def _whole(name: str, value) -> int:
-    """`value` as an int (ints, numpy and 0-d torch integers), else a ConfigError: 2.5, "2" or True
-    would otherwise fail deep inside torch, or pass as 1."""
+def _whole(name: str, value, hint: str = "") -> int:
+    """`value` as an int (ints, numpy and 0-d torch integers), else a ConfigError (ending in `hint`):
+    2.5, "2" or True would otherwise fail deep inside torch, or pass as 1."""
     if not isinstance(value, bool):
         with contextlib.suppress(TypeError):
             return operator.index(value)
-    raise ConfigError(f"{name}={value!r}: give a whole number")
+    raise ConfigError(f"{name}={value!r}: give a whole number{hint}")
 
 
 def _shared_seed(seed: Seed, task: str) -> Seed:
@@ -130,8 +130,8 @@ def _shared_seed(seed: Seed, task: str) -> Seed:
 
 def _one_image(image, task: str):
     """`image` if it is one image (a PIL image, a path, a list of one, or a tensor [3, S, S] / [1, 3, S, S])."""
-    count = len(image) if isinstance(image, (list, tuple)) else \
-        len(image) if isinstance(image, torch.Tensor) and image.ndim == 4 else 1
+    batch = isinstance(image, (list, tuple)) or isinstance(image, torch.Tensor) and image.ndim == 4
+    count = len(image) if batch else 1
     if count != 1:
         raise DataError(f"{task} takes one image; got {count}: call it once per image")
     return image
@@ -292,7 +292,6 @@ class UnclipPipeline:
         return warnings
 
     def _word_warnings(self, prompt: str) -> list[str]:
-        prompt = self.read_form(prompt)
         if not any(ch.isalnum() for ch in prompt):
             return ["it has no words, only symbols or emoji, so it tells the model nothing it learnt: expect "
                     "whatever the model draws for an empty caption"]
@@ -457,9 +456,7 @@ class UnclipPipeline:
         """How many upsamplers run to reach `size` (None: all)."""
         if size is None:
             return len(self.upsamplers)
-        if isinstance(size, bool) or not isinstance(size, int) and not hasattr(size, "__index__"):
-            raise ConfigError(f"size={size!r}: give the side as a whole number, one of "
-                              f"{', '.join(map(str, self.sizes))}")
+        _whole("size", size, f" (the side: one of {', '.join(map(str, self.sizes))})")
         if size not in self.sizes:
             raise ConfigError(f"this model makes images of {', '.join(f'{s}×{s}' for s in self.sizes)}; "
                               f"size {size} is not one of them")
@@ -630,13 +627,13 @@ class UnclipPipeline:
         seed = _shared_seed(seed, "text_diff")
         if not thetas or any(not is_real(t) or not 0 <= t <= 1 for t in thetas):
             raise ConfigError(f"text-diff angles: give one or more, each in [0, 1] (the paper uses up to 0.25–0.5); "
-                              f"got {list(thetas)}")
+                              f"got {thetas}")
         z_i, x_T = self.invert(_one_image(image, "text_diff"), steps=steps, guidance_scale=guidance_scale,
                                callback=callback)
         text = self.encode_text([caption, target])
         # [1, D], as long as z_i: unit for unclip's CLIP, the raw CLIP scale for imported (Karlo) models
         direction = latent.text_direction(text.embeds[1:2], text.embeds[:1]) * z_i[:1].norm(dim=-1, keepdim=True)
-        z = latent.slerp(z_i[:1], direction, torch.tensor(list(thetas))[:, None].to(z_i))
+        z = latent.slerp(z_i[:1], direction, torch.tensor(thetas)[:, None].to(z_i))
         images = self.decode(z, x_T=x_T[:1].expand(len(thetas), -1, -1, -1), sampler="ddim", eta=0.0, steps=steps,
                              guidance_scale=guidance_scale, seed=seed, callback=callback, inverted=True)
         return to_pil(images)
