@@ -245,6 +245,9 @@ ERRORS = {
         "image": ("a.png", png(_RGBA), "image/png"), "mask": ("m.png", png(_RGBA), "image/png")}}, 400, "mask"),
     "no mask, opaque image": (_EDIT, {"data": {"prompt": "a"}, "files": {"image": ("a.png", png(scene()),
                                                                                   "image/png")}}, 400, "image"),
+    "prompt in TIS-620, charset not named": (_EDIT, {"files": {"image": ("a.png", png(_HOLE), "image/png"),
+                                                              "prompt": (None, "วงกลมสีแดง".encode("tis-620"))}},
+                                             400, "prompt"),
     "edit without prompt": (_EDIT, {"files": {"image": ("a.png", png(_HOLE), "image/png")}}, 400, "prompt"),
     "resample = 0": (_EDIT, {"data": {"prompt": "a", "resample": "0"}, "files": {
         "image": ("a.png", png(_HOLE), "image/png")}}, 400, "resample"),
@@ -266,9 +269,26 @@ def test_bad_requests_get_the_openai_error_json(server, name):
              "JSON sent as text/plain": "Content-Type: application/json; the request said text/plain",
              "form body for JSON": "said application/x-www-form-urlencoded",
              "n as a file": "'n' must be sent as a text field",
+             "prompt in TIS-620, charset not named": "'prompt' is not utf-8 text",
              "PNG signature, then garbage": "could not be decoded as a PNG (its header is damaged)"}
     assert words.get(name, "") in error["message"] and "'None'" not in error["message"], error
     assert " object at 0x" not in error["message"], error  # no Python reprs
+
+
+def test_form_text_is_read_in_its_declared_charset_and_never_as_a_silent_fallback():
+    from unclip.serve.app import _text_field
+    from unclip.serve.schemas import ApiError
+
+    thai, form = "วงกลมสีแดง", "multipart/form-data; boundary=b"
+    assert _text_field("prompt", "café " + thai, b"--b\r\n..." + ("café " + thai).encode() + b"\r\n", form) == "café " + thai
+    # named in the Content-Type, TIS-620 is read as Thai (starlette decodes it so)
+    tis = thai.encode("tis-620")
+    assert _text_field("prompt", thai, b"..." + tis + b"\r\n", form + "; charset=TIS-620") == thai
+    # not named: starlette's latin-1 fallback gives mojibake, which is refused rather than drawn
+    with pytest.raises(ApiError, match="'prompt' is not utf-8 text"):
+        _text_field("prompt", tis.decode("latin-1"), b"..." + tis + b"\r\n", form)
+    with pytest.raises(ApiError, match="charset 'x-klingon', which is unknown"):
+        _text_field("prompt", "a", b"a", form + "; charset=x-klingon")
 
 
 def test_unknown_paths_methods_models_and_images_are_errors_too(server, client):

@@ -172,10 +172,13 @@ def test_a_prompt_with_a_word_the_model_never_saw_is_drawn_with_a_note(page):
     _wait_for_cards(page, 12)
     expect(page.locator("#notice")).to_contain_text("never saw 'dog'")
     assert page.locator("#error").is_hidden() and not page.errors
-    page.locator("#prompt").fill("a red circle")  # the next answer without warnings clears the note
+    page.locator("#prompt").fill("วงกลมสีแดง")  # the next answer without warnings clears the note
+    expect(page.locator("#prompt")).to_have_attribute("lang", "th")  # Thai is marked as Thai
     page.click("#generate")
     _wait_for_cards(page, 13)
     expect(page.locator("#notice")).to_be_hidden()
+    assert page.locator("#gallery .card .label").first.get_attribute("lang") == "th"
+    assert page.locator("#gallery .card .label").nth(1).get_attribute("lang") == "en"
 
 
 def test_an_image_the_server_forgot_says_so_when_varied_or_edited(page):

@@ -251,6 +251,7 @@ async def _read_form(request: Request, model: type[BaseModel], files: tuple[str,
         raise ApiError(400, "This endpoint takes multipart/form-data, with the image as a file part.",
                        code="invalid_content_type")
     fields, blobs = {}, {}
+    body = await request.body()  # kept, to tell a text field's own bytes from starlette's latin-1 fallback
     # room for a few stray files, so that one sent for a text field is named below, not "too many files"
     async with request.form(max_files=len(files) + 4, max_fields=32, max_part_size=64 * 1024) as form:
         for key, value in form.multi_items():
@@ -265,7 +266,7 @@ async def _read_form(request: Request, model: type[BaseModel], files: tuple[str,
             if key in files:
                 blobs[key] = await value.read()
             else:
-                fields[key] = value
+                fields[key] = _text_field(key, value, body, request.headers["content-type"])
     if files[0] not in blobs:
         raise ApiError(400, f"'{files[0]}' is a required property: upload a square PNG", param=files[0],
                        code="missing_required_parameter")
@@ -273,6 +274,30 @@ async def _read_form(request: Request, model: type[BaseModel], files: tuple[str,
         return model.model_validate(fields, strict=False), blobs
     except ValidationError as err:
         raise schemas.validation_error(err.errors()) from None
+
+
+def _text_field(key: str, value: str, body: bytes, content_type: str) -> str:
+    """A multipart text field as sent, or a 400 when its bytes were not text in the form's charset.
+
+    starlette decodes a field in the charset the Content-Type declares (UTF-8 by default) and, when
+    the bytes are not valid there, silently as latin-1: a prompt typed in TIS-620 would be drawn as
+    mojibake. A field read in its charset re-encodes to bytes that are in the body; one read by the
+    fallback does not (its latin-1 characters re-encode to other bytes).
+    """
+    declared = re.search(r";\s*charset=\"?([\w.:-]+)", content_type, re.IGNORECASE)
+    charset = declared.group(1) if declared else "utf-8"
+    try:
+        sent = value.encode(charset)
+    except LookupError:
+        raise ApiError(400, f"The Content-Type names the charset {charset!r}, which is unknown: send the form's "
+                            "text fields in UTF-8", param=key, code="invalid_value") from None
+    except UnicodeEncodeError:
+        sent = None
+    if sent is not None and sent in body:
+        return value
+    raise ApiError(400, f"'{key}' is not {charset} text: send the form's text fields in UTF-8 (or name their "
+                        "charset in the Content-Type, e.g. multipart/form-data; charset=tis-620)",
+                   param=key, code="invalid_value")
 
 
 def _multipart(model: type[BaseModel], files: dict[str, bool]) -> dict:

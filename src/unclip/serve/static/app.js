@@ -57,7 +57,13 @@ async function loadInfo() {
   updateCounter();
 }
 
+// Thai text is marked lang="th" (the page is "en"), so that screen readers and fonts read it as Thai
+function langOf(text) {
+  return /[\u0E00-\u0E7F]/.test(text || "") ? "th" : "en";
+}
+
 function updateCounter() {
+  $("prompt").lang = langOf($("prompt").value);
   const limit = state.info ? state.info.limits.prompt : 1000;
   const length = Array.from($("prompt").value).length;  // characters, as the server counts: an emoji is one
   $("count").textContent = length;
@@ -143,6 +149,7 @@ function addCard(item, meta, size) {
   img.src = item.url;
   img.alt = label;
   card.querySelector(".label").textContent = label;
+  card.querySelector(".label").lang = img.lang = langOf(label);
   card.querySelector(".seed").textContent = `seed ${item.seed} · ${size}`;
   const download = card.querySelector(".download");
   download.href = item.url;
@@ -207,6 +214,7 @@ function openEditor(entry) {
     view.drawImage(img, 0, 0, 320, 320);
     clearPaint();
     $("edit-prompt").value = entry.prompt || "";
+    $("edit-prompt").lang = langOf(entry.prompt);
     $("editor").hidden = false;
     $("editor").scrollIntoView({ behavior: "smooth" });
   };
@@ -284,6 +292,7 @@ function generate(event) {
 
 window.addEventListener("DOMContentLoaded", () => {
   $("prompt").addEventListener("input", updateCounter);
+  $("edit-prompt").addEventListener("input", (e) => { e.target.lang = langOf(e.target.value); });
   $("generate-form").addEventListener("submit", generate);
   $("cancel").addEventListener("click", () => state.busy && state.busy.abort());
   $("random-seed").addEventListener("click", () => { $("seed").value = ""; });
