@@ -38,6 +38,15 @@ def test_train_all_trains_assembles_and_skips_finished_stages(tmp_path, caplog):
         assert train_all(changed, root=root, out=out, progress=False, evaluate=False) == {}
     assert "upsamplers at" in caplog.text and "(upsamplers.0.train.steps: 4 → 8)" in caplog.text  # kept, said
     assert "decoder at" not in caplog.text and "prior at" not in caplog.text
+    # a second run in the same root (its embed and assemble steps included) is refused while one runs
+    import fcntl
+
+    from unclip.errors import TrainingError
+
+    with open(root / ".lock", "a+") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(TrainingError, match="another unclip process .*is training in .*choose another --run-dir"):
+            train_all(cfg, root=root, out=out, stages=["embed"], progress=False, evaluate=False)
     shutil.rmtree(root / "decoder" / "model")
     with pytest.raises(ModelFormatError, match=r"stage\(s\) decoder not complete .*\(checked before any training\)"):
         train_all(cfg, root=root, out=out, stages=["clip"], progress=False, evaluate=False)

@@ -15,7 +15,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from unclip.config import UnclipConfig
-from unclip.errors import ConfigError, ModelFormatError
+from unclip.errors import ConfigError, ModelFormatError, TrainingError
+from unclip.io import check_output_dir
 from unclip.modeldir import check_replaceable
 from unclip.train import dist
 
@@ -55,18 +56,31 @@ def train_all(cfg: UnclipConfig, *, root: str | Path, out: str | Path, stages: S
     training pairs embedded for the priors; fit_samples: pairs the priors' PCA and statistics
     are fitted on. Returns the seconds each stage took this time (skipped stages are absent).
     """
+    from unclip.train.trainer import run_lock
+
     check_replaceable(out)
+    if unknown := set(stages) - set(STAGES):
+        raise ConfigError(f"unknown stage(s) {', '.join(sorted(unknown))}; stages are {', '.join(STAGES)}")
+    root = Path(root)
+    try:
+        check_output_dir(root)
+    except ConfigError as err:
+        raise TrainingError(f"--run-dir: {err}") from None
+    root.mkdir(parents=True, exist_ok=True)
+    with run_lock(root):  # two runs in one root would embed into, and assemble from, each other's stages
+        return _train_all(cfg, root=root, out=out, stages=stages, resume=resume, progress=progress,
+                          evaluate=evaluate, embed_pairs=embed_pairs, fit_samples=fit_samples)
+
+
+def _train_all(cfg: UnclipConfig, *, root: Path, out: str | Path, stages: Sequence[str], resume: bool,
+               progress: bool, evaluate: bool, embed_pairs: int, fit_samples: int) -> dict[str, float]:
     from unclip.clip.stage import train_clip
     from unclip.decoder.stage import train_decoder, train_upsampler
     from unclip.pipeline.assemble import assemble
     from unclip.prior.stage import train_prior
 
-    unknown = set(stages) - set(STAGES)
-    if unknown:
-        raise ConfigError(f"unknown stage(s) {', '.join(sorted(unknown))}; stages are {', '.join(STAGES)}")
     if dist.launched_world_size() > 1:
         dist.start()  # every rank joins now: stages already complete are skipped by all of them alike
-    root = Path(root)
     model = {name: root / name / "model" for name in ("clip", "prior", "ar_prior", "decoder")}
     embeddings = root / "emb"
     upsampler_dirs = [root / f"upsampler{i}" / "model" for i in range(1, len(cfg.upsamplers) + 1)]

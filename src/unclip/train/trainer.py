@@ -60,7 +60,7 @@ from unclip.train.runconfig import stage_changes
 log = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint.pt"
-LOCK = ".lock"  # held by the process training in a run folder (`_run_lock`)
+LOCK = ".lock"  # held by the process training in a run folder (`run_lock`)
 
 
 class _StopOnSigterm:
@@ -196,9 +196,10 @@ RANK_VARIABLES = ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK")  # torchrun / acce
 
 
 @contextlib.contextmanager
-def _run_lock(run_dir: Path) -> Iterator[None]:
+def run_lock(run_dir: Path) -> Iterator[None]:
     """Hold `run_dir/.lock` while training: a second run in the same folder deleted the first's
-    checkpoint write and interleaved its metrics. The operating system drops the lock when the
+    checkpoint write and interleaved its metrics (`unclip train all` holds its root's the same way).
+    The operating system drops the lock when the
     process ends; data-loader workers forked from a killed run hold it a few seconds more, so a
     lock whose recorded process has died is taken over. The ranks of one multi-process run share
     the folder (rank 0 holds it); where the file system cannot lock, the run goes on without."""
@@ -392,7 +393,7 @@ def train(stage: nn.Module, make_batches: Callable[[int], Iterator[dict]], *, cf
     for path in (run_dir / CHECKPOINT, run_dir / METRICS):
         if path.exists() and not path.is_file():  # resuming would not see it, starting over would delete the log
             raise TrainingError(f"{path} is not a file; move it away, then run again")
-    with _run_lock(run_dir):
+    with run_lock(run_dir):
         return _train(stage, make_batches, cfg=cfg, run_dir=run_dir, run_config=run_config, resume=resume,
                       progress=progress, stage_name=stage_name, time_budget=time_budget, stop_at=stop_at,
                       val_batches=val_batches)
