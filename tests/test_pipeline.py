@@ -497,6 +497,13 @@ def test_every_guided_sampler_refuses_an_unusable_guidance_scale(model_dir):
             pipe.generate(["a red circle"], n=1, steps=2, **options)
     with pytest.raises(ConfigError, match="give a number from 0 to 50"):
         pipe.generate(["a red circle"], n=1, steps=2, prior="ar", prior_guidance_scale=float("inf"))
+    # any real number is a scale: a Fraction or a numpy scalar draws what the equal float draws
+    from fractions import Fraction
+
+    for prior in ("diffusion", "ar"):
+        drawn = [np.asarray(pipe.generate(["a red circle"], n=1, steps=2, seed=1, prior=prior, guidance_scale=g,
+                                          prior_guidance_scale=g)[0]) for g in (Fraction(3, 2), np.float32(1.5), 1.5)]
+        assert np.array_equal(drawn[0], drawn[2]) and np.array_equal(drawn[1], drawn[2]), prior
 
 
 def test_generate_samples_in_batches_that_change_no_image(model_dir, tmp_path, monkeypatch):

@@ -126,7 +126,8 @@ class Decoder(nn.Module):
         """
         n = z_i.shape[0]
         ones = torch.ones(n, dtype=torch.bool, device=z_i.device)
-        if check_guidance_scale(guidance_scale) == 1.0:
+        guidance_scale = check_guidance_scale(guidance_scale)  # a float: Fraction or numpy scales mix too
+        if guidance_scale == 1.0:
             cond = self.text_proj(z_i, text_states, text_mask, keep_z=ones, keep_text=ones, text_embeds=text_embeds)
             return lambda x_t, t: self.unet_fn(x_t, t, **cond)
         both = lambda x: None if x is None else torch.cat([x, x])  # noqa: E731  [2B, ...]

@@ -109,7 +109,8 @@ class ARPrior(nn.Module):
         batch = len(z_t)
         device = z_t.device
         dot = top_half_dot_buckets(batch, generator=generator).to(device)
-        guided = check_guidance_scale(guidance_scale) != 1.0
+        guidance_scale = check_guidance_scale(guidance_scale)  # a float: Fraction or numpy scales mix too
+        guided = guidance_scale != 1.0
         if guided:
             text_states, text_mask = torch.cat([text_states] * 2), torch.cat([text_mask] * 2)
             z_t, dot = torch.cat([z_t] * 2), torch.cat([dot] * 2)

@@ -191,7 +191,8 @@ class DiffusionPrior(nn.Module):
         """model_fn(x_t, t) with CFG: the same x_t in conditional and null rows of one batch, then `cfg_mix`."""
         n = z_t.shape[0]
         ones = torch.ones(n, dtype=torch.bool, device=z_t.device)
-        if check_guidance_scale(guidance_scale) == 1.0:
+        guidance_scale = check_guidance_scale(guidance_scale)  # a float: Fraction or numpy scales mix too
+        if guidance_scale == 1.0:
             cond = self.cond(z_t, text_states, text_mask, ones)
             return lambda x_t, t: self.model_fn(x_t, t, **cond)
         both = lambda x: torch.cat([x, x])  # noqa: E731  [2B, ...]
