@@ -69,11 +69,32 @@ def test_unknown_key_names_the_valid_keys():
     ("decoder.channel_mult=[]", "one multiplier of 1 or more per level"),
     ("upsamplers.0.channel_mult=[1,0]", "one multiplier of 1 or more per level"),
     ("data.path=/my/pairs", "add data.source=folder"),  # trained on shapes world, exit 0, without a word
+    # an upsampler's settings that failed only mid-training, or after it (the model then went unwritten)
+    ("upsamplers.0.bsr_blur_sigma=[1.5]", "must be a range [low, high] (low ≤ high) of blur σ above 0"),
+    ("upsamplers.0.bsr_noise=[0.5,0.1]", "(low ≤ high) of noise std"),
+    ("upsamplers.0.bsr_jpeg_quality=[0,120]", "JPEG qualities from 1 to 100"),
+    ("upsamplers.0.sample_start=0", "a noise level in (0, 1]"),
+    ("upsamplers.0.sample_steps=500", "from noise level 0.1 of 1000 timesteps it can take at most 101 steps"),
+    ("upsamplers.0.crop_fraction=0.3", "its training crops (38²) must be divisible by 8"),
+    ("upsamplers.0.crop_fraction=0", "crop_fraction=0.0 must be in (0, 1]"),
+    ("upsamplers.0.blur_kernel=4", "blur_kernel=4 must be odd"),
 ])
 def test_bad_overrides_are_errors(assignment, words):
     with pytest.raises(ConfigError, match=None) as err:
         preset("shapes").override([assignment])
     assert words in str(err.value)
+
+
+def test_a_second_upsampler_is_added_after_the_first_with_the_papers_bsr():
+    cfg = preset("shapes").override(["upsamplers.1.sample_steps=5"])
+    first, second = cfg.upsamplers
+    assert (second.in_resolution, second.out_resolution, second.degradation) == (128, 512, "bsr")
+    assert first.degradation == "blur" and first == preset("shapes").upsamplers[0]  # the first keeps the preset's
+    assert (second.target, second.sample_start, second.sample_steps) == (first.target, first.sample_start, 5)
+    with pytest.raises(ConfigError, match="a model holds at most 2"):
+        cfg.override(["upsamplers.2.sample_steps=5"])
+    with pytest.raises(ConfigError, match="index must be 0..0, or 1 to add a stage after the last"):
+        preset("shapes").override(["upsamplers.2.sample_steps=5"])
 
 
 def test_related_fields_change_together():

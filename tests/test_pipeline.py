@@ -10,7 +10,7 @@ import torch
 from unclip.config import preset
 from unclip.errors import ConfigError, DataError, ModelFormatError, SamplingError
 from unclip.pipeline.latent import pca_truncate, slerp, slerp_rows, text_direction
-from unclip.pipeline.pipeline import to_pil
+from unclip.pipeline.pipeline import generators, to_pil
 
 from tiny_models import save_tiny_clip, save_tiny_stages
 
@@ -397,6 +397,14 @@ def test_every_cli_verb_runs_on_the_tiny_model(model_dir, tmp_path, capsys):
             params = json.loads(image.text["unclip"])
             assert image.size == (64, 64)
         assert params["verb"] == verb and params["index"] == counts[verb] - 1 and params["steps"] == 3
+    # every verb that decodes stops at --size; upscale runs the upsamplers alone
+    assert main([*runs["vary"], *common, "--size", "16", "--out", str(tmp_path / "small.png")]) == 0
+    assert main(["upscale", str(tmp_path / "small-0.png"), "-n", "2", "--model", str(model_dir), "--quiet",
+                 "--upsampler-steps", "2", "--out", str(tmp_path / "up.png")]) == 0
+    for name, side in (("small-1.png", 16), ("up-1.png", 64)):
+        with Image.open(tmp_path / name) as image:
+            assert image.size == (side, side) and json.loads(image.text["unclip"])["size"] == side, name
+    capsys.readouterr()
     with Image.open(tmp_path / "generate-1.png") as image:
         params = json.loads(image.text["unclip"])
     assert params["label"] == "a red circle" and params["image_seed"] == 6  # --seed 5, image 1
@@ -558,6 +566,33 @@ def test_variations_and_inpainting_stop_the_cascade_at_a_size(pipe):
     assert np.abs(kept).max() == 0  # the known half is the original's, pixel for pixel
     with pytest.raises(ConfigError, match="size 48"):
         pipe.inpaint(image, mask, size=48)
+    assert pipe.inpaint(image, mask, "a blue square", seed=0, upsample=False)[0].size == (16, 16)
+    # every verb that decodes stops where it is asked to
+    other = pipe.generate("a blue square", seed=2)[0]
+    assert {i.size for i in pipe.interpolate(image, other, n=2, steps=2, size=16)} == {(16, 16)}
+    assert {i.size for i in pipe.text_diff(image, "a red circle", "a blue circle", [0, 0.5], steps=2,
+                                           upsample=False)} == {(16, 16)}
+    assert {i.size for i in pipe.pca_probe(image, [1, 2], steps=2, size=16)} == {(16, 16)}
+    assert pipe.pca_probe(image, [1], steps=2)[0].size == (64, 64)
+    with pytest.raises(ConfigError, match="size 48"):
+        pipe.interpolate(image, other, size=48)
+
+
+def test_upscale_enlarges_an_image_with_the_upsamplers_alone(pipe):
+    image = pipe.generate("a red circle", seed=1, size=16)[0]
+    big = pipe.upscale(image, n=2, seed=0)
+    assert [b.size for b in big] == [(64, 64)] * 2 and np.asarray(big[0]).tolist() != np.asarray(big[1]).tolist()
+    assert np.asarray(pipe.upscale(image, n=2, seed=0)[1]).tolist() == np.asarray(big[1]).tolist()  # seeded
+    assert pipe.upscale(image.resize((64, 64)), seed=0)[0].size == (64, 64)  # a 64² image enters at 16²
+    with pytest.raises(ConfigError, match="enters the cascade at 16² and leaves at 64² or more"):
+        pipe.upscale(image, size=16)
+    # `upsample` takes decoder images only, and no more stages than there are
+    x = pipe.pixels(image, 16)
+    assert pipe.upsample(x, 1, generator=generators(0, 1)).shape == (1, 3, 64, 64)
+    with pytest.raises(DataError, match=r"a tensor \[B, 3, 16, 16\]"):
+        pipe.upsample(pipe.pixels(image, 64), 1)
+    with pytest.raises(ConfigError, match="stages=2: this model has 1 upsampler"):
+        pipe.upsample(x, 2)
 
 
 def test_candidate_seeds_keep_each_images_own_seed_first():
@@ -652,6 +687,9 @@ def test_upsampler_sampling_can_be_set_for_every_later_call(model_dir):
         pipe.set_upsampler_sampling(sampler="euler")
     with pytest.raises(ConfigError, match="upsampler start"):
         pipe.set_upsampler_sampling(start=0)
+    with pytest.raises(ConfigError, match=r"upsampler 1: 500 steps from noise level 0.2 .* too many; at most"):
+        pipe.set_upsampler_sampling(steps=500)  # said before any image is drawn, naming the stage
+    assert pipe.upsamplers[0].config.sample_steps == 3  # and nothing changed
 
 
 # --- what callers pass ---------------------------------------------------------------------------

@@ -77,6 +77,29 @@ def test_bsr_degradation_is_deterministic_for_a_seed_and_differs_across_seeds():
     assert (heavy - images).abs().mean() > 2 * (light - images).abs().mean()
 
 
+def test_bsr_area_resize_keeps_the_content_where_it_was():
+    """torch's mode="area" pools whole-pixel windows: at a factor 77/128 it moved a square by a third
+    of a pixel, so the conditioning no longer lay over its target."""
+    from unclip.decoder.degrade import area_weights
+
+    x = torch.zeros(1, 1, 128, 128)
+    x[..., 40:60, 50:70] = 1
+
+    def centre(image):
+        grid = (torch.arange(image.shape[-1]) + 0.5) / image.shape[-1]
+        mass = image[0, 0]
+        return float((mass.sum(1) * grid).sum() / mass.sum()), float((mass.sum(0) * grid).sum() / mass.sum())
+
+    w = area_weights(128, 77)
+    small = w @ x @ w.t()
+    assert max(abs(a - b) for a, b in zip(centre(small), centre(x))) < 1e-4
+    assert float(small.sum()) == pytest.approx(float(x.sum()) * (77 / 128) ** 2, rel=1e-5)  # an average: mass kept
+    pooled = torch.nn.functional.interpolate(x, size=(77, 77), mode="area")
+    assert max(abs(a - b) for a, b in zip(centre(pooled), centre(x))) > 1e-3  # what it replaces
+    y = torch.rand(1, 3, 8, 8)  # at a whole factor it is the plain average
+    assert torch.allclose(area_weights(8, 4) @ y @ area_weights(8, 4).t(), torch.nn.functional.avg_pool2d(y, 2))
+
+
 def test_training_pairs_are_quarter_crops_of_matching_regions():
     cfg = preset("tiny").upsamplers[0]  # 16² → 64², crops of 16²
     images = _images(n=3, side=64)

@@ -289,6 +289,7 @@ class UnclipConfig:
         return cfg
 
 
+MAX_UPSAMPLERS = 2  # the paper's cascade: 64² → 256² → 1024² (the model format's super_res_first/_second)
 MAX_GUIDANCE = 50.0  # far past any useful scale (3 is strong); larger ones overflow into NaN images
 
 
@@ -379,6 +380,9 @@ def check(cfg: UnclipConfig) -> None:
             valid(value)
         except ValueError as err:
             raise ConfigError(f"{name}: {err}") from None
+    if len(cfg.upsamplers) > MAX_UPSAMPLERS:
+        raise ConfigError(f"{len(cfg.upsamplers)} upsamplers: a model holds at most {MAX_UPSAMPLERS} (the paper's "
+                          "64² → 256² → 1024²; the model format's super_res_first and super_res_second)")
     previous = cfg.decoder.resolution
     for i, up in enumerate(cfg.upsamplers):
         if up.in_resolution != previous:
@@ -388,6 +392,7 @@ def check(cfg: UnclipConfig) -> None:
         if up.out_resolution != 4 * up.in_resolution:
             raise ConfigError(f"upsamplers.{i} must upsample ×4: out_resolution should be {4 * up.in_resolution}")
         previous = up.out_resolution
+        _check_upsampler(f"upsamplers.{i}", up)
     for path, value in _walk(cfg, ""):
         if isinstance(value, int) and not isinstance(value, bool) and value < 0:
             raise ConfigError(f"{path}={value} must not be negative")
@@ -400,6 +405,50 @@ def check(cfg: UnclipConfig) -> None:
             raise ConfigError(f"{path}={value} must be a finite number")
     for name, train in _train_configs(cfg):
         _check_train(name, train)
+
+
+def next_upsampler(previous: UpsamplerConfig) -> UpsamplerConfig:
+    """The stage after `previous`: its settings, ×4 from its output, with the paper's second-stage
+    degradation of the conditioning (BSR) instead of the first stage's blur."""
+    return replace(previous, in_resolution=previous.out_resolution, out_resolution=4 * previous.out_resolution,
+                   degradation="bsr")
+
+
+def upsampler_steps_limit(up: UpsamplerConfig, start: float | None = None) -> int:
+    """The most sampling steps `up` can take from its starting noise level (`start`, default its own):
+    one per training timestep from 0 up to that level."""
+    return round((up.sample_start if start is None else start) * (up.timesteps - 1)) + 1
+
+
+def _check_upsampler(name: str, up: UpsamplerConfig) -> None:
+    """What an upsampler's training and sampling need, checked before any work (its crops must pass
+    through every level of its UNet; its ranges must be ranges)."""
+    if not 0 < up.crop_fraction <= 1:
+        raise ConfigError(f"{name}.crop_fraction={up.crop_fraction} must be in (0, 1]: the side of the training "
+                          "crops as a fraction of out_resolution (the paper's 0.25)")
+    halvings = 2 ** (len(up.channel_mult) - 1)
+    crop = round(up.out_resolution * up.crop_fraction)
+    for what, side in (("out_resolution", up.out_resolution), ("its training crops", crop)):
+        if side % halvings:
+            raise ConfigError(f"{name}: {what} ({side}²) must be divisible by {halvings}, since its UNet halves "
+                              f"the side {len(up.channel_mult) - 1} times (channel_mult={list(up.channel_mult)}); "
+                              "change crop_fraction, the resolutions or channel_mult")
+    if up.blur_kernel % 2 == 0 or up.blur_sigma <= 0:
+        raise ConfigError(f"{name}: blur_kernel={up.blur_kernel} must be odd and blur_sigma={up.blur_sigma} above 0 "
+                          "(the paper's stage-1 blur: kernel 3, σ 0.6)")
+    ranges = {"bsr_blur_sigma": (lambda v: v > 0, "blur σ above 0"),
+              "bsr_scale": (lambda v: 0 < v <= 1, "down-scale factors in (0, 1]"),
+              "bsr_noise": (lambda v: 0 <= v <= 1, "noise std in [0, 1]"),
+              "bsr_jpeg_quality": (lambda v: 1 <= v <= 100, "JPEG qualities from 1 to 100")}
+    for key, (valid, what) in ranges.items():
+        value = getattr(up, key)
+        if len(value) != 2 or value[0] > value[1] or not all(map(valid, value)):
+            raise ConfigError(f"{name}.{key}={list(value)} must be a range [low, high] (low ≤ high) of {what}")
+    if not 0 < up.sample_start <= 1:
+        raise ConfigError(f"{name}.sample_start={up.sample_start} must be a noise level in (0, 1] (1 = pure noise)")
+    if up.sample_steps > (most := upsampler_steps_limit(up)):
+        raise ConfigError(f"{name}.sample_steps={up.sample_steps}: starting from noise level {up.sample_start:g} "
+                          f"of {up.timesteps} timesteps it can take at most {most} steps")
 
 
 def _train_configs(cfg: UnclipConfig):
@@ -606,8 +655,13 @@ def _set(obj: Any, keys: list[str], value: Any, full_key: str) -> Any:
     head, rest = keys[0], keys[1:]
     prefix = full_key[: len(full_key) - len(".".join(rest))].rstrip(".")
     if isinstance(obj, tuple):
+        if head.isdigit() and int(head) == len(obj) and obj and isinstance(obj[-1], UpsamplerConfig):
+            obj = (*obj, next_upsampler(obj[-1]))  # `--set upsamplers.1.…` adds the stage after the last
         if not head.isdigit() or int(head) >= len(obj):
-            raise ConfigError(f"{prefix!r}: index must be 0..{len(obj) - 1}")
+            grows = bool(obj) and isinstance(obj[-1], UpsamplerConfig)
+            raise ConfigError(f"{prefix!r}: index must be 0..{len(obj) - 1}"
+                              + (f", or {len(obj)} to add a stage after the last" if grows else "") if obj else f"{prefix!r}: the list is "
+                              "empty; give it whole, e.g. --set 'upsamplers=[{\"in_resolution\": 32}]'")
         i = int(head)
         if not rest:
             raise ConfigError(f"{prefix} is a section, not a value; set one of its keys")

@@ -61,6 +61,17 @@ def _jpeg(image: torch.Tensor, quality: int) -> torch.Tensor:
 RESIZE_MODES = ("area", "bilinear", "bicubic")
 
 
+def area_weights(side: int, small: int) -> torch.Tensor:
+    """[small, side]: how much of each of `side` pixels falls in each of `small` (the area resize,
+    separable: `W @ x @ W.T`). torch's mode="area" is an adaptive pool whose windows are whole
+    pixels, so at a factor like 0.6 it moved the content by up to a third of a pixel, and the
+    conditioning no longer lay over its target."""
+    edges = torch.arange(small + 1, dtype=torch.float64) * side / small
+    pixels = torch.arange(side, dtype=torch.float64)
+    overlap = (torch.minimum(edges[1:, None], pixels + 1) - torch.maximum(edges[:-1, None], pixels)).clamp(min=0)
+    return (overlap * small / side).float()
+
+
 def bsr_degrade(images: torch.Tensor, *, generator: torch.Generator | None, blur_sigma: tuple[float, ...],
                 scale: tuple[float, ...], noise: tuple[float, ...], jpeg_quality: tuple[int, ...]) -> torch.Tensor:
     """BSR-style chain per image [B, 3, H, W] → [B, 3, H, W]: blur, resize down and back, noise, JPEG.
@@ -79,7 +90,11 @@ def bsr_degrade(images: torch.Tensor, *, generator: torch.Generator | None, blur
         mode = RESIZE_MODES[int(torch.randint(len(RESIZE_MODES), (), generator=generator))]
         small = max(4, round(side * factor))
         if small < side:
-            x = F.interpolate(x, size=(small, small), mode=mode, **({} if mode == "area" else {"align_corners": False, "antialias": True}))
+            if mode == "area":
+                area = area_weights(side, small).to(x)
+                x = area @ x @ area.t()
+            else:
+                x = F.interpolate(x, size=(small, small), mode=mode, align_corners=False, antialias=True)
             x = F.interpolate(x, size=(side, side), mode="bicubic", align_corners=False)
         std = _uniform(generator, *noise)
         x = x + std * torch.randn(x.shape, generator=generator).to(x)

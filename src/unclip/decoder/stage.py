@@ -48,9 +48,10 @@ def diffusers_scheduler(*, schedule: str, timesteps: int, variance: str, predict
 
 
 def _stage_index(cfg: UnclipConfig, stage: int) -> int:
-    if stage not in UPSAMPLER_DIRS or stage > len(cfg.upsamplers):
+    if stage not in range(1, len(cfg.upsamplers) + 1):
         raise ConfigError(f"upsampler stage {stage} is not configured; this config has "
-                          f"{len(cfg.upsamplers)} upsampler stage(s) (config key upsamplers)")
+                          f"{len(cfg.upsamplers)} upsampler stage(s) (config key upsamplers; "
+                          "--set upsamplers.1.… adds a second)")
     return stage - 1
 
 
@@ -173,6 +174,9 @@ def train_upsampler(cfg: UnclipConfig, *, stage: int, run_dir: str | Path, out: 
     from unclip.train.trainer import train, training_device
 
     uc = cfg.upsamplers[_stage_index(cfg, stage)]
+    if stage > 1 and uc.degradation == "blur":
+        log.warning("upsampler stage %d degrades its conditioning by blur; the paper's later stages use BSR "
+                    "(--set upsamplers.%d.degradation=bsr)", stage, stage - 1)
     tc = uc.train
     torch.manual_seed(tc.seed)
     upsampler = Upsampler.from_config(uc)

@@ -25,6 +25,7 @@ VERB_HELP = {
     "textdiff": "edit an image toward a new caption (paper §3.3)",
     "inpaint": "repaint the white (or transparent) region of a mask",
     "probe": "decode an image's z_i from its first k PCA dimensions (paper §4)",
+    "upscale": "enlarge an image with the model's ×4 upsamplers alone",
 }
 
 
@@ -187,6 +188,8 @@ def _common(parser: argparse.ArgumentParser, verb: str, *, seed: int | None = 0)
                              f"<name>-<i>.png (default: out/{verb}.png)")
     parser.add_argument("--seed", type=seed_number, default=seed, help=f"random seed (default: {seed})")
     parser.add_argument("--steps", type=positive_int, help="decoder sampling steps (default: the model's config)")
+    parser.add_argument("--size", type=int, help="image side: the decoder's or an upsampler's output, where the "
+                                                 "cascade stops (default: the largest)")
     parser.add_argument("--guidance-scale", type=guidance,
                         help="decoder classifier-free guidance (default: the model's)")
     parser.add_argument("--device", help="torch device, e.g. cuda (default: cpu)")
@@ -201,7 +204,8 @@ def _params(args: argparse.Namespace, verb: str, extra: dict, pipe) -> dict:
     decoder = pipe.config.decoder
     return {"verb": verb, "model": str(pipe.directory or args.model), "seed": args.seed,
             "steps": args.steps or decoder.sample_steps,
-            "guidance_scale": decoder.guidance_scale if args.guidance_scale is None else args.guidance_scale, **extra}
+            "guidance_scale": decoder.guidance_scale if args.guidance_scale is None else args.guidance_scale,
+            "size": args.size or pipe.resolution, **extra}
 
 
 def _said(args: argparse.Namespace, count: int) -> None:
@@ -231,7 +235,7 @@ def _generate(args: argparse.Namespace) -> int:
         "prompts": args.prompts, "n": args.n, "prior": args.prior or pipe.priors[0],
         "prior_guidance_scale": pipe.config.prior.guidance_scale if args.prior_guidance_scale is None
         else args.prior_guidance_scale, "sampler": args.sampler or decoder.sampler,
-        "size": args.size or pipe.resolution, "candidates": args.candidates or decoder.candidates,
+        "candidates": args.candidates or decoder.candidates,
         "upsampled_candidates": args.upsampled_candidates or decoder.upsampled_candidates}, pipe)
     shown = []
     Path(args.out).unlink(missing_ok=True)  # no grid over two runs' images while the singles are written
@@ -255,7 +259,7 @@ def _generate(args: argparse.Namespace) -> int:
 def _vary(args: argparse.Namespace) -> int:
     pipe, bars = _load(args), ProgressBars(not args.quiet)
     images = pipe.variations(args.image, n=args.n, eta=args.eta, steps=args.steps,
-                             guidance_scale=args.guidance_scale, seed=args.seed, callback=bars)
+                             guidance_scale=args.guidance_scale, seed=args.seed, callback=bars, size=args.size)
     bars.close()
     return _finish(args, pipe, "vary", images, [f"variation {i + 1} (η {args.eta})" for i in range(args.n)],
                    {"image": args.image, "eta": args.eta})
@@ -264,7 +268,7 @@ def _vary(args: argparse.Namespace) -> int:
 def _interpolate(args: argparse.Namespace) -> int:
     pipe, bars = _load(args), ProgressBars(not args.quiet)
     images = pipe.interpolate(args.image_a, args.image_b, n=args.n, mode=args.mode, steps=args.steps,
-                              guidance_scale=args.guidance_scale, seed=args.seed, callback=bars)
+                              guidance_scale=args.guidance_scale, seed=args.seed, callback=bars, size=args.size)
     bars.close()
     labels = [f"t = {i / (args.n - 1):.2f}" for i in range(args.n)]
     return _finish(args, pipe, "interpolate", images, labels, {"images": [args.image_a, args.image_b], "mode": args.mode})
@@ -273,7 +277,7 @@ def _interpolate(args: argparse.Namespace) -> int:
 def _textdiff(args: argparse.Namespace) -> int:
     pipe, bars = _load(args), ProgressBars(not args.quiet)
     images = pipe.text_diff(args.image, args.caption, args.target, thetas=args.thetas, steps=args.steps,
-                            guidance_scale=args.guidance_scale, seed=args.seed, callback=bars)
+                            guidance_scale=args.guidance_scale, seed=args.seed, callback=bars, size=args.size)
     bars.close()
     return _finish(args, pipe, "textdiff", images, [f"θ = {t:g}" for t in args.thetas],
                    {"image": args.image, "caption": args.caption, "target": args.target, "thetas": args.thetas})
@@ -282,7 +286,7 @@ def _textdiff(args: argparse.Namespace) -> int:
 def _inpaint(args: argparse.Namespace) -> int:
     pipe, bars = _load(args), ProgressBars(not args.quiet)
     images = pipe.inpaint(args.image, args.mask, args.prompt, n=args.n, resample=args.resample, steps=args.steps,
-                          guidance_scale=args.guidance_scale, seed=args.seed, callback=bars)
+                          guidance_scale=args.guidance_scale, seed=args.seed, callback=bars, size=args.size)
     bars.close()
     label = args.prompt or "(the image's own z_i)"
     return _finish(args, pipe, "inpaint", images, [label] * args.n,
@@ -292,10 +296,22 @@ def _inpaint(args: argparse.Namespace) -> int:
 def _probe(args: argparse.Namespace) -> int:
     pipe, bars = _load(args), ProgressBars(not args.quiet)
     images = pipe.pca_probe(args.image, dims=args.dims, steps=args.steps, guidance_scale=args.guidance_scale,
-                            seed=args.seed, callback=bars)
+                            seed=args.seed, callback=bars, size=args.size)
     bars.close()
     dims = pipe.probe_dims(args.dims)
     return _finish(args, pipe, "probe", images, [f"k = {k}" for k in dims], {"image": args.image, "dims": dims})
+
+
+def _upscale(args: argparse.Namespace) -> int:
+    pipe, bars = _load(args), ProgressBars(not args.quiet)
+    images = pipe.upscale(args.image, size=args.size, n=args.n, seed=args.seed, callback=bars)
+    bars.close()
+    side = images[0].width
+    write_outputs(images, args.out, labels=[f"{side}×{side}, draw {i + 1}" for i in range(args.n)],
+                  params={"verb": "upscale", "model": str(pipe.directory or args.model), "seed": args.seed,
+                          "size": side, "image": args.image, "n": args.n})
+    _said(args, len(images))
+    return 0
 
 
 def _assemble(args: argparse.Namespace) -> int:
@@ -331,7 +347,6 @@ def register(subparsers) -> None:
     gen.add_argument("--prior-guidance-scale", type=guidance,
                      help="prior classifier-free guidance (default: the model's)")
     gen.add_argument("--sampler", choices=["ddim", "ddpm", "dpmsolver++"], help="decoder sampler (default: the model's)")
-    gen.add_argument("--size", type=int, help="image side: the decoder's or an upsampler's (default: the largest)")
     gen.add_argument("--candidates", type=positive_int, help="draw this many images per image and keep the one CLIP finds "
                      "closest to the caption (default: the model's; each candidate costs a prior and a decoder run)")
     gen.add_argument("--upsampled-candidates", type=positive_int, help="upsample this many of the candidates, the "
@@ -390,6 +405,24 @@ def register(subparsers) -> None:
     probe.add_argument("--dims", type=int, nargs="+", help="values of k (default: 1 2 4 8, half, all)")
     _common(probe, "probe")
     probe.set_defaults(func=_probe)
+
+    up = subparsers.add_parser("upscale", help=VERB_HELP["upscale"], description=(
+        "Enlarge a square image with the model's ×4 upsamplers alone (no caption, no CLIP embedding): it enters "
+        "the cascade at the largest upsampler input side not above its own, and goes through each stage up to "
+        "--size. The upsamplers learnt from the model's training images, so they sharpen images like those."))
+    up.add_argument("image", help="a square image file")
+    up.add_argument("-n", type=positive_int, default=1, help="number of draws (default: 1)")
+    up.add_argument("--model", help="model directory (default: the shipped shapes-world model)")
+    up.add_argument("--out", default="out/upscale.png", type=grid_path("upscale"),
+                    help="grid PNG, or a folder to put upscale.png in; each image goes beside the grid as "
+                         "<name>-<i>.png (default: out/upscale.png)")
+    up.add_argument("--size", type=int, help="output side: one of the upsamplers' (default: the largest)")
+    up.add_argument("--seed", type=seed_number, default=0, help="random seed (default: 0)")
+    up.add_argument("--device", help="torch device, e.g. cuda (default: cpu)")
+    add_sampling_arguments(up)
+    up.add_argument("--threads", type=threads, default=0, help="torch CPU threads (default: torch's choice)")
+    up.add_argument("--quiet", action="store_true", help="no progress bars")
+    up.set_defaults(func=_upscale)
 
     asm = subparsers.add_parser("assemble", help="put trained stages together into one model directory",
                                 description="Check that the stages were trained against the same CLIP and write "

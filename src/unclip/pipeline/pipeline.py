@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from unclip.clip.model import ClipModel, TextEncoding
-from unclip.config import UnclipConfig, check_eta, check_guidance_scale, is_real
+from unclip.config import UnclipConfig, check_eta, check_guidance_scale, is_real, upsampler_steps_limit
 from unclip.diffusion import SAMPLERS, SampleStep
 from unclip.errors import ConfigError, DataError, SamplingError
 from unclip.tokenizer import clean_text
@@ -228,11 +228,17 @@ class UnclipPipeline:
             raise ConfigError(f"upsampler sampler={sampler!r}; use one of {', '.join(SAMPLERS)}")
         if start is not None and not 0 < start <= 1:
             raise ConfigError(f"upsampler start={start}; use a noise level in (0, 1] (1 = pure noise)")
-        for upsampler in self.upsamplers:
-            cfg = upsampler.config
-            upsampler.config = replace(cfg, sampler=sampler or cfg.sampler,
-                                       sample_steps=cfg.sample_steps if steps is None else steps,
-                                       sample_start=cfg.sample_start if start is None else start)
+        configs = [replace(cfg, sampler=sampler or cfg.sampler,
+                           sample_steps=cfg.sample_steps if steps is None else steps,
+                           sample_start=cfg.sample_start if start is None else start)
+                   for cfg in (upsampler.config for upsampler in self.upsamplers)]
+        for stage, cfg in enumerate(configs, start=1):  # all checked before any is changed
+            if cfg.sample_steps > (most := upsampler_steps_limit(cfg)):
+                raise ConfigError(f"upsampler {stage}: {cfg.sample_steps} steps from noise level {cfg.sample_start:g} "
+                                  f"(of its {cfg.timesteps} timesteps) are too many; at most {most} from there, or "
+                                  "start from a higher level (upsampler start)")
+        for upsampler, cfg in zip(self.upsamplers, configs):
+            upsampler.config = cfg
 
     def autocast(self):
         """The context the UNets sample in: bf16 autocast with precision="bfloat16", else nothing."""
@@ -440,12 +446,48 @@ class UnclipPipeline:
 
     def upsample(self, images: torch.Tensor, stages: int, *, generator=None,
                  callback: Callback | None = None) -> torch.Tensor:
-        """Run the first `stages` upsamplers on decoder images [B, 3, r, r]; generator: from `generators`."""
+        """Run the first `stages` upsamplers on decoder images [B, 3, r, r] in [-1, 1]; generator: from
+        `generators`. (`upscale` takes an image of any side.)"""
+        if not 0 <= _whole("stages", stages) <= len(self.upsamplers):
+            raise ConfigError(f"stages={stages}: this model has {len(self.upsamplers)} upsampler(s)")
+        side = self.sizes[0]
+        if not (isinstance(images, torch.Tensor) and images.ndim == 4 and images.shape[1:] == (3, side, side)):
+            got = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+            raise DataError(f"upsample takes decoder images, a tensor [B, 3, {side}, {side}] in [-1, 1]; got {got} "
+                            "(`upscale` takes an image of any side)")
         with self.autocast():
             for stage, upsampler in enumerate(self.upsamplers[:stages], start=1):
                 images = upsampler.sample(images, generator=generator, callback=_stage_callback(callback, f"upsampler{stage}"))
                 _check_finite(images, f"upsampler {stage}", upsampler.config.sampler, upsampler.config.sample_steps)
         return images
+
+    def upscale(self, image, size: int | None = None, *, n: int = 1, seed: Seed = 0,
+                callback: Callback | None = None) -> list:
+        """An image enlarged by the upsamplers alone (no caption, no z_i): read at the input side of the
+        stage it enters (the largest input side not above the image's own; a smaller image is enlarged
+        to the decoder's side first), then through each stage up to `size` (one of `sizes`; default:
+        the last). n: how many draws (the upsamplers sample, so each differs a little)."""
+        if not self.upsamplers:
+            raise ConfigError("this model has no upsamplers: it makes images at the decoder's side only")
+        image = _one_image(image, "upscale")
+        if _whole("n", n) < 1:
+            raise ConfigError(f"n={n}: upscale draws 1 or more images")
+        own = image.shape[-1] if isinstance(image, torch.Tensor) else _open_rgb(image).width
+        sides = [u.config.in_resolution for u in self.upsamplers]
+        first = max((i for i, side in enumerate(sides) if side <= own), default=0)
+        last = self.stages_for(size)
+        if last <= first:
+            raise ConfigError(f"size={size}: a {own}×{own} image enters the cascade at {sides[first]}² and leaves "
+                              f"at {self.sizes[first + 1]}² or more; give a larger size (one of "
+                              f"{', '.join(map(str, self.sizes[first + 1:]))})")
+        images = self.pixels(image, sides[first]).repeat(n, 1, 1, 1)
+        gens = generators(seed, n)
+        with self.autocast():
+            for stage in range(first + 1, last + 1):
+                upsampler = self.upsamplers[stage - 1]
+                images = upsampler.sample(images, generator=gens, callback=_stage_callback(callback, f"upsampler{stage}"))
+                _check_finite(images, f"upsampler {stage}", upsampler.config.sampler, upsampler.config.sample_steps)
+        return to_pil(images)
 
     @property
     def sizes(self) -> list[int]:
@@ -588,14 +630,17 @@ class UnclipPipeline:
         return to_pil(images)
 
     def interpolate(self, image_a, image_b, n: int = 5, *, mode: str = "fixed", steps: int | None = None,
-                    guidance_scale: float | None = None, seed: Seed = 0, callback: Callback | None = None) -> list:
+                    guidance_scale: float | None = None, seed: Seed = 0, callback: Callback | None = None,
+                    upsample: bool = True, size: int | None = None) -> list:
         """n images from image_a to image_b (paper §3.2) by slerp of z_i.
 
         mode "fixed": one x_T (from `seed`) for every frame; "inverted": each image's DDIM-inverted
-        x_T, slerped alongside z_i, so the endpoints reconstruct the two images.
+        x_T, slerped alongside z_i, so the endpoints reconstruct the two images. size: stop the
+        cascade at this side (one of `sizes`); upsample=False stops at the decoder's.
         """
         if _whole("n", n) < 2:
             raise ConfigError(f"n={n}: an interpolation needs at least its two endpoints")
+        self._stages(size, upsample)  # an unknown size is an error before any work
         seed = _shared_seed(seed, "interpolate")
         if mode not in ("fixed", "inverted"):
             raise ConfigError(f"unknown interpolation mode {mode!r}; use fixed or inverted")
@@ -611,16 +656,18 @@ class UnclipPipeline:
             x_Ts = self.fixed_noise(seed, n)
         z_i = latent.slerp(z[:1], z[1:2], thetas[:, None].to(z))  # [n, D]
         images = self.decode(z_i, x_T=x_Ts, sampler="ddim", eta=0.0, steps=steps, guidance_scale=guidance_scale,
-                             seed=seed, callback=callback, inverted=mode == "inverted")
+                             seed=seed, callback=callback, inverted=mode == "inverted", upsample=upsample, size=size)
         return to_pil(images)
 
     def text_diff(self, image, caption: str, target: str, thetas: Sequence[float] = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5),
                   *, steps: int | None = None, guidance_scale: float | None = None, seed: Seed = 0,
-                  callback: Callback | None = None) -> list:
+                  callback: Callback | None = None, upsample: bool = True, size: int | None = None) -> list:
         """Edit an image toward a new caption (paper §3.3): z_θ = slerp(z_i, norm(z_t − z_t0), θ), x_T fixed.
 
-        caption: what the image shows now (z_t0); target: what it should show (z_t).
+        caption: what the image shows now (z_t0); target: what it should show (z_t). size: stop the
+        cascade at this side (one of `sizes`); upsample=False stops at the decoder's.
         """
+        self._stages(size, upsample)  # an unknown size is an error before any work
         if isinstance(thetas, (str, bytes)) or not isinstance(thetas, Iterable):
             raise ConfigError(f"text-diff angles: give a list of numbers in [0, 1], e.g. [0, 0.25, 0.5]; got {thetas!r}")
         thetas = list(thetas)
@@ -635,25 +682,26 @@ class UnclipPipeline:
         direction = latent.text_direction(text.embeds[1:2], text.embeds[:1]) * z_i[:1].norm(dim=-1, keepdim=True)
         z = latent.slerp(z_i[:1], direction, torch.tensor(thetas)[:, None].to(z_i))
         images = self.decode(z, x_T=x_T[:1].expand(len(thetas), -1, -1, -1), sampler="ddim", eta=0.0, steps=steps,
-                             guidance_scale=guidance_scale, seed=seed, callback=callback, inverted=True)
+                             guidance_scale=guidance_scale, seed=seed, callback=callback, inverted=True,
+                             upsample=upsample, size=size)
         return to_pil(images)
 
     def inpaint(self, image, mask, prompt: str | None = None, n: int = 1, *, resample: int = INPAINT_RESAMPLE,
                 steps: int | None = None, guidance_scale: float | None = None, seed: Seed = None,
-                callback: Callback | None = None, size: int | None = None) -> list:
+                callback: Callback | None = None, size: int | None = None, upsample: bool = True) -> list:
         """Fill the white (1) region of `mask` and keep the rest of `image` (RePaint resampling).
 
         The fill follows `prompt` (through the prior) or, without one, the image's own z_i. mask:
         PIL image or tensor [H, W] in {0, 1}, square, any side: the decoder repaints every one of
         its pixels the mask touches, and the output keeps the image outside the mask. size: stop
-        the cascade at this side (one of `sizes`).
+        the cascade at this side (one of `sizes`); upsample=False stops at the decoder's.
         """
         if _whole("n", n) < 1 or _whole("resample", resample) < 1:
             raise ConfigError(f"n={n}, resample={resample}: inpainting draws 1 or more images with 1 or more "
                               "resamplings per step")
         from unclip.diffusion import repaint_loop, run
 
-        stages = self.stages_for(size)
+        stages = self._stages(size, upsample)
         steps = None if steps is None else _whole("steps", steps)
 
         side = self.config.decoder.resolution
@@ -700,20 +748,23 @@ class UnclipPipeline:
         return dims
 
     def pca_probe(self, image, dims: Sequence[int] | None = None, *, steps: int | None = None,
-                  guidance_scale: float | None = None, seed: Seed = 0, callback: Callback | None = None) -> list:
+                  guidance_scale: float | None = None, seed: Seed = 0, callback: Callback | None = None,
+                  upsample: bool = True, size: int | None = None) -> list:
         """Decode an image's z_i reduced to its first k principal components, for each k (paper §4).
 
         Uses `self.pca` (by default the AR prior's basis); x_T is fixed by `seed` so only z_i
         varies. Each truncation keeps z_i's length (unit for unclip's CLIP, raw for imported models).
+        size: stop the cascade at this side (one of `sizes`); upsample=False stops at the decoder's.
         """
         dims = self.probe_dims(dims)
+        self._stages(size, upsample)  # an unknown size is an error before any work
         seed = _shared_seed(seed, "pca_probe")
         pca = self.pca
         z_i = self.encode_image(_one_image(image, "pca_probe"))
         length = z_i.norm(dim=-1, keepdim=True)  # [1, 1]
         z = torch.cat([latent.pca_truncate(z_i, mean=pca.mean, basis=pca.basis, k=k) * length for k in dims])
-        images = self.decode(z, x_T=self.fixed_noise(seed, len(dims)), sampler="ddim", eta=0.0,
-                             steps=steps, guidance_scale=guidance_scale, seed=seed, callback=callback)
+        images = self.decode(z, x_T=self.fixed_noise(seed, len(dims)), sampler="ddim", eta=0.0, steps=steps,
+                             guidance_scale=guidance_scale, seed=seed, callback=callback, upsample=upsample, size=size)
         return to_pil(images)
 
 
