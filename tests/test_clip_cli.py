@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from unclip.cli import main
 from unclip.clip.embed import load_embeddings
@@ -109,7 +110,14 @@ def test_eval_classify_and_embed(clip_dir, tmp_path, capsys):
     assert sum(row["probs"].values()) == pytest.approx(1.0, abs=1e-4)
     assert main(["clip", "classify", image, "--model", model, "--labels", "only one"]) == 2
     assert main(["clip", "classify", image, "--model", model, "--labels", "a red circle", "a red circle "]) == 2
-    assert "'a red circle' given more than once" in capsys.readouterr().err  # one would vanish from the JSON
+    assert "'a red circle' read as the same words" in capsys.readouterr().err  # one would vanish from the JSON
+    # labels are read as prompts are: "A  Red Circle" is "a red circle" (raw, the shipped CLIP read it as
+    # another caption), so the two are one label twice
+    assert main(["clip", "classify", image, "--model", model, "--labels", "A  Red Circle", "a red circle"]) == 2
+    assert "'A  Red Circle', 'a red circle' read as the same words" in capsys.readouterr().err
+    assert main(["clip", "classify", image, "--model", model, "--json", "--labels", "A Red Circle", "a blue star"]) == 0
+    (row,) = json.loads(capsys.readouterr().out)
+    assert set(row["probs"]) == {"A Red Circle", "a blue star"}  # shown as given
     assert main(["clip", "classify", image, "--json", "--labels", "a red circle", "a blue star"]) == 0
     assert json.loads(capsys.readouterr().out)[0]["label"] in ("a red circle", "a blue star")  # the shipped CLIP
 
@@ -123,8 +131,9 @@ def test_eval_classify_and_embed(clip_dir, tmp_path, capsys):
     (tmp_path / "notes" / "todo.txt").write_text("keep")
     for argv, words in ((["--out", str(tmp_path / "notes")], "holds files that are not embeddings (todo.txt)"),
                         (["--out", str(tmp_path / "e2"), "--source", "folder"], "--source folder needs --path"),
-                        (["--out", str(tmp_path / "e2"), "--split", "bogus"], "shapes world's splits are")):
-        assert main(["embed", model, *argv, "-n", "4"]) == 2  # before the CLIP loads
+                        (["--out", str(tmp_path / "e2"), "--split", "bogus"], "shapes world's splits are"),
+                        (["--out", str(tmp_path / "e2"), "--split", "val", "-n", "5001"], "val split holds 5000")):
+        assert main(["embed", model, "-n", "4", *argv]) == 2  # before the CLIP loads
         assert words in capsys.readouterr().err
 
 
@@ -152,6 +161,12 @@ def test_binding_accuracy_asks_which_of_two_bindings_the_embedding_holds(clip_di
         assert attribute_accuracy(model, split="test", lang="th", attribute=attribute, n=20, embed=caption_of(0)) == 1.0
         assert attribute_accuracy(model, split="unseen", lang="en", attribute=attribute, n=20,
                                   embed=caption_of(1)) == 0.0
+    # an embedding that tells nothing (constant: every caption ties) or is broken (NaN) wins nothing;
+    # argmax read both as the true caption, so a prior sampling NaN scored 1.000 everywhere
+    for broken in (0.0, float("nan")):
+        embed = lambda scenes, lang, broken=broken: torch.full((len(scenes), 16), broken)  # noqa: E731
+        for attribute in ("shape", "relation"):
+            assert attribute_accuracy(model, split="test", lang="en", attribute=attribute, n=10, embed=embed) == 0.0
 
 
 def test_image_binding_asks_whether_a_prior_lands_nearer_the_right_render(clip_dir):
@@ -224,6 +239,15 @@ def test_an_interrupted_embed_keeps_the_shards_it_finished(clip_dir, tmp_path, c
     again = load_embeddings(tmp_path / "emb")
     assert list(again["keys"]) == list(first["keys"])
     np.testing.assert_array_equal(again["image_embeds"], first["image_embeds"])
+    if source == "shapes":  # the same keys in Thai, or of another seed, are other pairs: nothing is kept
+        caplog.clear()
+        with caplog.at_level("INFO", logger="unclip.clip.embed"):
+            assert main([*embed, "--lang", "th"]) == 0
+        thai = load_embeddings(tmp_path / "emb")
+        assert "kept" not in caplog.text and list(thai["keys"]) == list(first["keys"])
+        assert all(any("\u0e00" <= ch <= "\u0e7f" for ch in c) for c in thai["captions"])
+        assert main(embed) == 0  # back to the first run's data: embedded again, as it was
+        np.testing.assert_array_equal(load_embeddings(tmp_path / "emb")["text_embeds"], first["text_embeds"])
 
     other = tmp_path / "other"  # another CLIP (retrained): nothing of the first is kept
     shutil.copytree(clip_dir / "model", other)

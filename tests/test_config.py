@@ -78,6 +78,9 @@ def test_unknown_key_names_the_valid_keys():
     ("upsamplers.0.crop_fraction=0.3", "its training crops (38²) must be divisible by 8"),
     ("upsamplers.0.crop_fraction=0", "crop_fraction=0.0 must be in (0, 1]"),
     ("upsamplers.0.blur_kernel=4", "blur_kernel=4 must be odd"),
+    ("prior.eta=2", "prior.eta: DDIM η 2.0: give a number from 0"),  # sampled NaN z_i, evaluated as perfect
+    ("ar_prior.pca_variance=1.5", "must be a fraction in (0, 1]"),
+    ("ar_prior.buckets=1", "must be at least 2"),
 ])
 def test_bad_overrides_are_errors(assignment, words):
     with pytest.raises(ConfigError, match=None) as err:

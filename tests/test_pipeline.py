@@ -696,9 +696,22 @@ def test_upsampler_sampling_can_be_set_for_every_later_call(model_dir):
 
 
 def _bad_calls(pipe, image):
+    from dataclasses import replace
+
     z = pipe.encode_image(image)
     side = pipe.config.decoder.resolution
+    text = pipe.encode_text(["a red circle", "a blue star"])
     return {
+        "NaN z_t": (lambda: pipe.prior_sample(replace(text, embeds=text.embeds * float("nan"))), DataError, "NaN"),
+        "NaN token states (AR)": (lambda: pipe.prior_sample(replace(text, token_states=text.token_states * float("nan")),
+                                                            prior="ar"), DataError, "NaN"),
+        "z_t of another width": (lambda: pipe.prior_sample(replace(text, embeds=text.embeds[:, :4])), DataError,
+                                 "z_t \\[B, 16\\]"),
+        "z_t of one caption, states of two (AR)": (lambda: pipe.prior_sample(replace(text, embeds=text.embeds[:1]),
+                                                                             prior="ar"), DataError, "for one B"),
+        "a caption string for an encoding": (lambda: pipe.prior_sample("a red circle"), DataError, "TextEncoding"),
+        "AR temperature 0": (lambda: pipe.ar_prior.sample(text.token_states.float(), text.mask, text.embeds,
+                                                          temperature=0), ConfigError, "temperature=0"),
         "z_i of one dimension": (lambda: pipe.decode(z[0], upsample=False), DataError, r"z_i must be a tensor \[B, "),
         "x_T of another side": (lambda: pipe.decode(z, x_T=torch.randn(1, 3, side // 2, side // 2)), DataError,
                                 "x_T must be a tensor"),

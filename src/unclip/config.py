@@ -372,6 +372,18 @@ def check(cfg: UnclipConfig) -> None:
             check_guidance_scale(scale)
         except ConfigError as err:
             raise ConfigError(f"{name}: {err}") from None
+    for name, eta in (("prior.eta", cfg.prior.eta), ("decoder.eta", cfg.decoder.eta),
+                      *((f"upsamplers.{i}.eta", up.eta) for i, up in enumerate(cfg.upsamplers))):
+        try:
+            check_eta(eta)  # η = 2 sampled NaN z_i, which the prior's evaluation then scored perfect
+        except ConfigError as err:
+            raise ConfigError(f"{name}: {err}") from None
+    if not 0 < cfg.ar_prior.pca_variance <= 1:
+        raise ConfigError(f"ar_prior.pca_variance={cfg.ar_prior.pca_variance} must be a fraction in (0, 1]: the "
+                          "share of z_i's variance the kept components explain (the paper's 0.99)")
+    if cfg.ar_prior.buckets < 2:
+        raise ConfigError(f"ar_prior.buckets={cfg.ar_prior.buckets} must be at least 2: the values each PCA "
+                          "dimension is quantized into (the paper's 1024)")
     from unclip.data.twins import check_group, check_weights
 
     for name, value, valid in (("clip.twin_group", cfg.clip.twin_group, check_group),

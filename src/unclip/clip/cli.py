@@ -26,6 +26,29 @@ def _load_images(paths: list[str], size: int):
     return torch.stack(tensors)
 
 
+def _label_reader(model_dir):
+    """Labels as `generate` reads prompts (`UnclipPipeline.read_form`): a CLIP trained on shapes world
+    reads them in its captions' form ("An Orange Triangle" as "an orange triangle", which it had read
+    as a red circle); words its captions never use are warned about."""
+    from unclip.modeldir import read_manifest
+    from unclip.pipeline.pipeline import IMPORTED
+    from unclip.tokenizer import clean_text
+
+    config = read_manifest(model_dir).config
+    if config.get("data", {}).get("source", "shapes") != "shapes" or str(config.get("name", "")).startswith(IMPORTED):
+        return clean_text
+    from unclip.data.world import caption_form, unknown_words
+
+    def read(label: str) -> str:
+        form = caption_form(label)
+        if unknown := unknown_words(form):
+            logging.getLogger(__name__).warning("label %r: this CLIP never saw %s in training", label,
+                                                ", ".join(map(repr, unknown)))
+        return form
+
+    return read
+
+
 def _classify(args: argparse.Namespace) -> int:
     from unclip.clip.stage import load_clip
     from unclip.clip.zeroshot import classify
@@ -35,10 +58,13 @@ def _classify(args: argparse.Namespace) -> int:
     labels = [label.strip() for label in args.labels]
     if len(labels) < 2 or not all(labels):
         raise DataError("give at least two non-empty --labels, e.g. --labels \"a red circle\" \"a blue square\"")
-    if repeated := sorted({label for label in labels if labels.count(label) > 1}):
-        raise DataError(f"--labels {', '.join(map(repr, repeated))} given more than once; give each label once")
-    model = load_clip(args.model or default_model_dir())
-    probs = classify(model, _load_images(args.images, model.config.image_size), labels)
+    model_dir = args.model or default_model_dir()
+    read = _label_reader(model_dir)
+    forms = [read(label) for label in labels]
+    if repeated := sorted({label for label, form in zip(labels, forms) if forms.count(form) > 1}):
+        raise DataError(f"--labels {', '.join(map(repr, repeated))} read as the same words; give each label once")
+    model = load_clip(model_dir)
+    probs = classify(model, _load_images(args.images, model.config.image_size), forms)
     results = []
     for path, row in zip(args.images, probs.tolist()):
         ranked = sorted(zip(labels, row), key=lambda x: -x[1])
@@ -85,7 +111,7 @@ def _embed(args: argparse.Namespace) -> int:
     from unclip.clip.stage import load_clip
     from unclip.train.trainer import training_device
 
-    from unclip.data.world import SPLITS
+    from unclip.data.world import SPLIT_LENGTHS, SPLITS
     from unclip.errors import ConfigError
     from unclip.io import check_output_dir
 
@@ -93,6 +119,8 @@ def _embed(args: argparse.Namespace) -> int:
         raise ConfigError(f"--source {args.source} needs --path: the folder or the shard pattern to embed")
     if args.source == "shapes" and args.split not in SPLITS:
         raise ConfigError(f"--split {args.split}: shapes world's splits are {', '.join(SPLITS)}")
+    if args.source == "shapes" and args.n > SPLIT_LENGTHS.get(args.split, args.n):
+        raise ConfigError(f"-n {args.n}: shapes world's {args.split} split holds {SPLIT_LENGTHS[args.split]} pairs")
     check_output_dir(args.out)
     strangers = [p.name for p in Path(args.out).glob("*") if p.suffix != ".npz" and p.name != "meta.json"
                  and not p.name.startswith(".")] if Path(args.out).is_dir() else []
@@ -102,6 +130,10 @@ def _embed(args: argparse.Namespace) -> int:
     model = load_clip(args.model).to(training_device())
     out = embed_dataset(model, args.out, source=args.source, split=args.split, n=args.n, path=args.path,
                         lang=args.lang, seed=args.seed, shard_size=args.shard_size, model_path=str(args.model))
+    from unclip.train import dist
+
+    if dist.rank_world()[0] > 0:  # under torchrun / accelerate launch the main process says it once
+        return 0
     meta = json.loads((Path(out) / "meta.json").read_text())
     print(f"embedded {meta['total']} pairs into {len(meta['shards'])} shard(s) in {out}")
     return 0

@@ -56,12 +56,14 @@ def _folder_item(dataset, i: int) -> tuple[str, object, str]:
 
 
 def _write_shard(path: Path, keys: list[str], z_i: torch.Tensor, z_t: torch.Tensor, captions: list[str], *,
-                 skipped: list[str] = (), clip: str = "") -> None:
+                 skipped: list[str] = (), clip: str = "", data: str = "") -> None:
     """skipped: keys of the image shard whose image could not be decoded (not embedded); clip: the
-    fingerprint of the CLIP that embedded it (`clip_fingerprint`), so a rerun can keep the shard."""
+    fingerprint of the CLIP that embedded it (`clip_fingerprint`) and data: the data it embedded
+    (JSON of `DATA_KEYS`), so a rerun can keep the shard."""
     buffer = io.BytesIO()
     np.savez(buffer, keys=np.array(keys), image_embeds=z_i.half().numpy(), text_embeds=z_t.half().numpy(),
-             captions=np.array(captions), skipped=np.array(list(skipped), dtype=str), clip=np.array(clip))
+             captions=np.array(captions), skipped=np.array(list(skipped), dtype=str), clip=np.array(clip),
+             data=np.array(data))
     with atomic_write(path, "wb") as handle:
         handle.write(buffer.getvalue())
 
@@ -87,6 +89,7 @@ def embeds_data(embeddings: str | Path, data) -> bool:
     return [meta.get(k) for k in ("source", "path", "lang", "seed")] == [data.source, data.path, data.lang, data.seed]
 
 
+DATA_KEYS = ("source", "split", "path", "lang", "seed")  # what a shard records of the data it embeds
 SHARD_ERRORS = (OSError, ValueError, KeyError, EOFError)  # what a missing, cut or foreign .npz raises
 
 
@@ -111,14 +114,16 @@ def clip_fingerprint(model_path: str | Path) -> str:
     return ";".join(f"{name}={sha}" for name, sha in parts)
 
 
-def _kept_shard(path: Path, clip: str, expected: Callable[[], list[str]]) -> dict | None:
+def _kept_shard(path: Path, clip: str, expected: Callable[[], list[str]], described: str) -> dict | None:
     """The entry of an embedding shard an earlier (perhaps interrupted) run wrote, if the same CLIP
-    wrote it and it holds exactly the keys it should; None to embed it again."""
+    wrote it from the same data (`described`: source, split, path, language, seed; shapes-world keys
+    do not change with the language or seed) and it holds exactly the keys it should; None to embed
+    it again."""
     if not clip or not path.is_file():
         return None
     try:
         with np.load(path) as data:
-            if not _made_by(data, clip):
+            if not _made_by(data, clip) or "data" not in data.files or str(data["data"]) != described:
                 return None
             keys = [str(k) for k in data["keys"]]
             skipped = [str(k) for k in data["skipped"]] if "skipped" in data.files else []
@@ -140,7 +145,7 @@ def _embed_chunk(model: ClipModel, images: list, captions: list[str]) -> tuple[t
 
 
 def _embed_group(model: ClipModel, out: Path, name: str, items: Iterator, batch_size: int, bar,
-                 clip: str = "") -> dict | None:
+                 clip: str = "", described: str = "") -> dict | None:
     """Embed one shard's items in chunks of `batch_size` and write it; None when it held no items."""
     keys, captions, z_is, z_ts, images, chunk_caps, skipped = [], [], [], [], [], [], []
 
@@ -164,7 +169,8 @@ def _embed_group(model: ClipModel, out: Path, name: str, items: Iterator, batch_
         flush()
     if not keys:
         return None
-    _write_shard(out / name, keys, torch.cat(z_is), torch.cat(z_ts), captions, skipped=skipped, clip=clip)
+    _write_shard(out / name, keys, torch.cat(z_is), torch.cat(z_ts), captions, skipped=skipped, clip=clip,
+                 data=described)
     return {"name": name, "count": len(keys), **({"skipped": len(skipped)} if skipped else {})}
 
 
@@ -183,6 +189,7 @@ def embed_items(model: ClipModel, groups: Iterator[tuple[str, Iterator]], out: s
 
     out = Path(out)
     rank, world = dist.rank_world()
+    described = json.dumps({k: meta.get(k) for k in DATA_KEYS}, sort_keys=True)
     model.eval()
     shards, failure, error = [], None, None
     bar = tqdm(total=total if world == 1 else None, desc="embed", unit="img", disable=not progress or rank > 0)
@@ -190,13 +197,13 @@ def embed_items(model: ClipModel, groups: Iterator[tuple[str, Iterator]], out: s
         for index, (name, items) in enumerate(groups):
             if index % world != rank:
                 continue
-            kept = _kept_shard(out / name, clip, partial(expected, name)) if expected else None
+            kept = _kept_shard(out / name, clip, partial(expected, name), described) if expected else None
             if kept is not None:
                 shards.append(kept)
                 bar.update(kept["count"])
                 continue
             try:
-                shard = _embed_group(model, out, name, items, batch_size, bar, clip=clip)
+                shard = _embed_group(model, out, name, items, batch_size, bar, clip=clip, described=described)
             except Exception as err:
                 failure, error = f"shard {name} failed on rank {rank}: {err}", err
                 break

@@ -126,7 +126,9 @@ def attribute_accuracy(model: ClipModel, *, split: str, lang: str, attribute: st
     for start in range(0, len(scenes), batch_size):
         chunk = scenes[start:start + batch_size]
         for captions, z in zip(options[start:start + batch_size], embed(chunk, lang)):
-            correct += int((z_t[[row[c] for c in captions]] @ z).argmax()) == 0
+            scores = z_t[[row[c] for c in captions]] @ z  # the true caption first
+            # strictly first: argmax reads a tie (a constant embedding) or NaN as the true caption
+            correct += bool(torch.isfinite(scores).all() and scores[0] > scores[1:].max())
     return correct / len(scenes)
 
 

@@ -9,7 +9,6 @@ upright, how long the captions are, and how many pairs a `data.holdout` would ke
 
 from __future__ import annotations
 
-import io
 import statistics
 from collections import Counter
 from collections.abc import Iterator
@@ -121,10 +120,9 @@ def _folder_pairs(report: DataReport, path: str, progress: bool) -> Iterator[tup
 
 def _shard_pairs(report: DataReport, path: str, progress: bool) -> Iterator[tuple[str, str]]:
     import webdataset as wds
-    from PIL import Image
 
     from unclip.data.folder import unreadable_errors
-    from unclip.data.png import check_complete
+    from unclip.data.png import check_complete, open_bytes
     from unclip.train.data import IMAGE_EXTENSIONS, shard_urls
 
     samples = wds.DataPipeline(wds.SimpleShardList(shard_urls(path)), wds.tarfile_to_samples())
@@ -142,7 +140,7 @@ def _shard_pairs(report: DataReport, path: str, progress: bool) -> Iterator[tupl
             report.skip("empty or non-UTF-8 captions", name)
             continue
         try:
-            with Image.open(io.BytesIO(data)) as image:
+            with open_bytes(data) as image:
                 _look(report, image)
                 image.load()  # a cut or garbage file fails here, as it would in training
             check_complete(data)

@@ -9,7 +9,6 @@ of the next one and counted too. `FolderDataset.report` holds the counts and nam
 
 from __future__ import annotations
 
-import io
 import logging
 import os
 from collections.abc import Callable
@@ -66,9 +65,9 @@ def _note_upscaled(side: int, size: int) -> None:
     """Warn once per process and size that images smaller than the stage's resolution are upscaled."""
     if size not in _UPSCALED:
         _UPSCALED.add(size)
-        log.warning("an image of %d² (the short side) is upscaled to the %d² this stage trains at; images "
-                    "smaller than that teach it blur. Give larger images, or train this stage at a lower "
-                    "resolution", side, size)
+        log.warning("an image of %d² (the short side) is upscaled to the %d² the model reads; it sees a "
+                    "blurred image (in training, images smaller than that teach it blur: give larger images, "
+                    "or train this stage at a lower resolution)", side, size)
 
 
 def open_square_rgb(path: str | Path | IO[bytes], size: int):
@@ -76,7 +75,7 @@ def open_square_rgb(path: str | Path | IO[bytes], size: int):
     (PIL image). A damaged image raises one of `unreadable_errors()`."""
     from PIL import Image, ImageOps
 
-    from unclip.data.png import check_complete, read_checked
+    from unclip.data.png import check_complete, open_bytes, read_checked
     from unclip.data.shapes import to_rgb
 
     if isinstance(path, (str, os.PathLike)):
@@ -84,7 +83,7 @@ def open_square_rgb(path: str | Path | IO[bytes], size: int):
     else:
         data = path.read()
         check_complete(data)
-    with Image.open(io.BytesIO(data)) as image:
+    with open_bytes(data) as image:
         image.load()
         image = to_rgb(ImageOps.exif_transpose(image))  # a phone photo's EXIF says which way is up
     side = min(image.size)
@@ -112,9 +111,7 @@ def scan_folder(root: str | Path, *, verify: bool = True,
                 keep: Callable[[str], bool] | None = None) -> tuple[list[tuple[Path, str]], FolderReport]:
     """Find usable (image, caption) pairs under `root`, sorted by path; with `keep`, only those
     whose key (the path under `root` without suffix) it accepts."""
-    from PIL import Image
-
-    from unclip.data.png import read_checked
+    from unclip.data.png import open_bytes, read_checked
 
     root = Path(root)
     if not root.is_dir():
@@ -140,7 +137,7 @@ def scan_folder(root: str | Path, *, verify: bool = True,
             continue
         if verify:
             try:  # verify() checks the chunks, read_checked that every row is there
-                with Image.open(io.BytesIO(read_checked(path))) as image:
+                with open_bytes(read_checked(path)) as image:
                     image.verify()
             except unreadable_errors():
                 report.corrupt.append(name)

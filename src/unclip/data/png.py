@@ -67,6 +67,19 @@ def read_checked(path: str | os.PathLike) -> bytes:
     return data
 
 
+def open_bytes(data: bytes):
+    """`PIL.Image.open` of an image file's bytes; what PIL cannot identify says so without naming its
+    in-memory buffer ("cannot identify image file <_io.BytesIO object at 0x…>")."""
+    import io
+
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        return Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        raise UnidentifiedImageError("not an image file PIL can read (PNG, JPEG, WebP, GIF, BMP, TIFF, …)") from None
+
+
 def _raw_size(width: int, height: int, bits_per_pixel: int, interlaced: bool) -> int:
     """Bytes of filtered scanlines (one filter byte per row) a width × height image inflates to."""
     def rows(w: int, h: int) -> int:

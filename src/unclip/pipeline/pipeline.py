@@ -22,7 +22,6 @@ optional `callback(stage, step)` that sees every sampling step ("prior", "decode
 from __future__ import annotations
 
 import contextlib
-import io
 import logging
 import math
 import operator
@@ -361,6 +360,7 @@ class UnclipPipeline:
                      seed: Seed = None, callback: Callback | None = None) -> torch.Tensor:
         """z_i [B, D] for encoded captions from the diffusion prior (default) or the AR prior, or
         one of the ablations in `ABLATIONS`."""
+        self.check_text(text)
         if prior == "caption":
             return text.embeds.float().to(self.device)
         if prior == "none":
@@ -424,6 +424,23 @@ class UnclipPipeline:
                 callback=_stage_callback(callback, "decoder"), clip_denoised=not inverted)
         _check_finite(images, "decoder", sampler or self.config.decoder.sampler, steps or self.config.decoder.sample_steps)
         return self.upsample(images.clamp(-1, 1), stages, generator=gens, callback=callback)
+
+    def check_text(self, text: TextEncoding) -> None:
+        """A DataError unless `text` is an encoding of B captions by this model's CLIP: z_t [B, D],
+        token states [B, L, W] and mask [B, L], all finite (NaN z_t sampled NaN z_i in silence; a
+        z_t of one row beside states of two sampled one z_i from the AR prior)."""
+        cfg = self.clip.config
+        embeds, states, mask = (getattr(text, name, None) for name in ("embeds", "token_states", "mask"))
+        if not all(isinstance(t, torch.Tensor) for t in (embeds, states, mask)):
+            raise DataError(f"the captions must be a TextEncoding (from `encode_text`), not {type(text).__name__}")
+        b = len(embeds)
+        if (embeds.shape != (b, cfg.embed_dim) or states.ndim != 3 or states.shape[0] != b
+                or states.shape[2] != cfg.text_width or mask.shape != states.shape[:2]):
+            raise DataError(f"the caption encoding must hold z_t [B, {cfg.embed_dim}], token states "
+                            f"[B, L, {cfg.text_width}] and a mask [B, L] for one B (this CLIP's widths); got "
+                            f"{tuple(embeds.shape)}, {tuple(states.shape)}, {tuple(mask.shape)}")
+        if not (torch.isfinite(embeds).all() and torch.isfinite(states).all()):
+            raise DataError("the caption encoding holds NaN or infinite values")
 
     def check_latents(self, z_i, x_T=None) -> None:
         """A DataError unless z_i is [B, D] for this decoder's D and x_T (if given) [B, 3, r, r] at
@@ -772,7 +789,7 @@ def _open_rgb(item):
     """A square RGB PIL image from a PIL image or a path; other modes are converted, other shapes refused."""
     from PIL import Image, ImageOps
 
-    from unclip.data.png import read_checked
+    from unclip.data.png import open_bytes, read_checked
     from unclip.data.shapes import to_rgb
 
     if isinstance(item, Image.Image):
@@ -781,7 +798,7 @@ def _open_rgb(item):
         raise DataError(f"an image is a PIL image, a path or a tensor, not {type(item).__name__}")
     else:
         try:
-            with Image.open(io.BytesIO(read_checked(item))) as opened:
+            with open_bytes(read_checked(item)) as opened:
                 opened.load()
                 image = ImageOps.exif_transpose(opened)  # upright, as the training data was read
         except (OSError, ValueError, Image.DecompressionBombError) as err:
@@ -813,10 +830,10 @@ def _mask_tensor(mask, side: int) -> torch.Tensor:
         raise DataError(f"a mask is a PIL image, a path, or a tensor or array [H, W] in [0, 1] (1 = repaint); "
                         f"got {type(mask).__name__}")
     else:
-        from unclip.data.png import read_checked
+        from unclip.data.png import open_bytes, read_checked
 
         try:
-            pil = mask if isinstance(mask, Image.Image) else Image.open(io.BytesIO(read_checked(mask)))
+            pil = mask if isinstance(mask, Image.Image) else open_bytes(read_checked(mask))
             pil.load()
         except (OSError, ValueError, Image.DecompressionBombError) as err:
             raise DataError(f"cannot read the mask {mask}: {err}") from None

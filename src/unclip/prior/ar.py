@@ -16,11 +16,14 @@ computed in one batch.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from unclip.config import ARPriorConfig, check_guidance_scale
+from unclip.config import ARPriorConfig, check_guidance_scale, is_real
+from unclip.errors import ConfigError
 from unclip.prior.pca import PCAQuantizer
 
 DOT_BUCKETS = 32
@@ -106,6 +109,9 @@ class ARPrior(nn.Module):
                guidance_scale: float = 1.0, generator: torch.Generator | None = None,
                temperature: float = 1.0) -> torch.Tensor:
         """Normalised z_i [B, D] for captions given as CLIP text states [B, L, W], mask, z_t [B, D]."""
+        if not (is_real(temperature) and 0 < temperature < math.inf):
+            raise ConfigError(f"temperature={temperature!r}: give a number above 0 (1 samples the model's own "
+                              "distribution; lower is greedier)")
         batch = len(z_t)
         device = z_t.device
         dot = top_half_dot_buckets(batch, generator=generator).to(device)

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from unclip.attention import plain_attention_on_cpu
-from unclip.config import PriorConfig, check_guidance_scale
+from unclip.config import PriorConfig, check_eta, check_guidance_scale
 from unclip.diffusion import GaussianDiffusion, SampleStep, cfg_mix, run, sample_loop
 from unclip.errors import ConfigError
 
@@ -227,7 +227,7 @@ class DiffusionPrior(nn.Module):
                                   cfg.guidance_scale if guidance_scale is None else guidance_scale)
         x = yield from sample_loop(
             model_fn, self.diffusion, shape=(k * z_t.shape[0], z_t.shape[1]), sampler=sampler or cfg.sampler,
-            steps=cfg.sample_steps if steps is None else steps, eta=cfg.eta if eta is None else eta,
+            steps=cfg.sample_steps if steps is None else steps, eta=check_eta(cfg.eta if eta is None else eta),
             generator=generator, clip_denoised=False, device=device)
         candidates = F.normalize(self.denormalise(x), dim=-1).reshape(k, *z_t.shape)  # [k, B, D]
         return pick_best(candidates, z_t)

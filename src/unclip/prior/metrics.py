@@ -41,6 +41,11 @@ def cosine_metrics(predict: Predict, pairs: dict[str, torch.Tensor], *, seed: in
 
     z_i = pairs["z_i"]
     pred = run(torch.arange(n))
+    if not torch.isfinite(pred).all():  # else every mean below is NaN, and NaN ranks first in argmax
+        from unclip.errors import SamplingError
+
+        raise SamplingError("the prior's predicted z_i hold NaN or infinite values: its weights or its sampling "
+                            "settings (eta, steps, guidance) are broken")
     unrelated = run(shuffled)
     return {
         "cosine": float((pred * z_i).sum(1).mean()),

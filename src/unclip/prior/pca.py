@@ -1,7 +1,8 @@
 """PCA and uniform quantization of CLIP image embeddings for the autoregressive prior.
 
 Paper §2.2: the AR prior reduces z_i with PCA, keeping the components that explain (here) at
-least 99% of the variance, and quantizes each component into 1,024 buckets, so that z_i becomes
+least 99% of the variance, and quantizes each component into 1,024 buckets (here
+`ar_prior.buckets`, 128 by default: docs/priors.md says why), so that z_i becomes
 a short sequence of discrete codes. Buckets are uniform between the 0.1% and 99.9% quantiles of
 each component on the fitting data; values outside are clamped to the end buckets. Decoding maps
 a code to its bucket centre, so the round-trip error of a component inside its range is at most
