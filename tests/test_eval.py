@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -239,6 +240,34 @@ def test_bad_prompt_files_are_clear_errors(tmp_path):
         read_prompts(tmp_path / "bad.jsonl")
     with pytest.raises(DataError, match="unknown task"):
         make_prompts(per_group=1, tasks=("painting",))
+    # a hand-written line that would have failed after every image was drawn (a KeyError, an
+    # IndexError, a partial output) or scored a misspelt shape 0 in silence is refused on reading
+    good = next(p for p in make_prompts(per_group=4, tasks=("position",), splits=("seen",), langs=("en",))
+                if "relation" in p["expect"]["include"][0])  # a two-object position prompt
+    include = good["expect"]["include"]
+    for change, words in (
+            ({"expect": {**good["expect"], "include": [{"count": 1}]}}, "needs a 'shape'"),
+            ({"expect": {**good["expect"], "include": [{**include[0], "shape": "circel"}, include[1]]}},
+             "needs a 'shape' (one of circle"),
+            ({"expect": {**good["expect"], "include": [{**include[0], "relation": ["left of", 5]}, include[1]]}},
+             "relation must be [name, j]"),
+            ({"expect": {**good["expect"], "include": [{**include[0], "colour": "mauve"}, include[1]]}},
+             "unknown colour 'mauve'"),
+            ({"expect": 5}, "expect needs a whole number 'objects'"),
+            ({"lang": "fr"}, "lang must be one of en, th"),
+            ({"scene": {"kind": "single"}}, "its scene cannot be read (KeyError"),
+    ):
+        (tmp_path / "line.jsonl").write_text(json.dumps({**good, **change}) + "\n")
+        with pytest.raises(DataError, match=re.escape(words)):
+            read_prompts(tmp_path / "line.jsonl")
+    (tmp_path / "five.jsonl").write_text("5\n")
+    with pytest.raises(DataError, match="each line must be a JSON object, not int"):
+        read_prompts(tmp_path / "five.jsonl")
+    (tmp_path / "latin.jsonl").write_bytes('{"prompt": "caf\u00e9"}\n'.encode("latin-1"))
+    with pytest.raises(DataError, match="is not UTF-8 text"):
+        read_prompts(tmp_path / "latin.jsonl")
+    with pytest.raises(DataError, match="is a folder"):
+        read_prompts(tmp_path)
 
 
 # --- Fréchet distance and diversity ------------------------------------------------------------
@@ -322,6 +351,21 @@ def test_unclip_eval_end_to_end_writes_json_markdown_and_grids(tmp_path, judge_d
     assert kept == ["000.png", "001.png", "002.png", "003.png"]
     assert result["meta"]["tasks"] == ["two_object", "position"] and "0.15 mass" in result["meta"]["judge_reading"]
     assert main([*some, "--tasks", "relations"]) == 2  # not in the file: a clear error naming what is
+    meta = result["meta"]  # what ran, defaults filled in, and which model exactly
+    assert (meta["prior"], meta["steps"], meta["candidates"], meta["size"]) == ("diffusion", 4, 1, 64)  # the tiny config's
+    assert len(meta["model_manifest_sha256"]) == 64 and meta["sampler"] and meta["upsampler1"]["steps"]
+    assert result["diversity"]["generated"] is None  # one image per prompt: none, and valid JSON (no NaN)
+    json.loads((tmp_path / "some" / "eval.json").read_text(), parse_constant=lambda c: pytest.fail(c))
+    # a reused --out: another run's grids and images are not left beside this run's numbers
+    assert main([*some, "--tasks", "colors", "--size", "16"]) == 0
+    assert sorted(p.name for p in (tmp_path / "some").glob("grid_*.png")) == ["grid_colors.png"]
+    assert not list((tmp_path / "some" / "images").glob("*.png"))
+    meta = json.loads((tmp_path / "some" / "eval.json").read_text())["meta"]
+    assert meta["size"] == 16 and "upsampler1" not in meta  # no upsampler ran
+    # a judge is no model, and no judge goes where a model is
+    assert main(["eval", str(judge_dir), "--quiet"]) == 2
+    assert main(["eval", "judge", "--train-steps", "1", "--batch-size", "2", "--eval-n", "1", "--out", str(model)]) == 2
+    assert (model / "decoder").is_dir()  # the model is all there
 
     manifest = json.loads((model / "unclip.json").read_text())  # as if trained on a caption folder
     manifest["config"]["data"]["source"] = "folder"
@@ -343,6 +387,25 @@ def test_unclip_eval_prompts_writes_a_prompt_file(tmp_path):
 
     assert main(["eval", "prompts", "--per-group", "1", "--out", str(tmp_path / "p.jsonl")]) == 0
     assert len(read_prompts(tmp_path / "p.jsonl")) == len(TASKS) * 2 * 2
+    assert main(["eval", "prompts", "--per-group", "1", "--tasks", "colors", "--out", str(tmp_path / "c.jsonl")]) == 0
+    assert {p["tag"] for p in read_prompts(tmp_path / "c.jsonl")} == {"colors"}
+    # options another sub-verb reads are refused, not ignored
+    for argv in (["prompts", "--prior", "ar"], ["judge", "--keep-images"], ["prompts", "--train-steps", "3"]):
+        assert main(["eval", *argv, "--out", str(tmp_path / "x.jsonl")]) == 2
+    assert main(["eval", "prompts", "--out", str(tmp_path)]) == 2  # a folder, said as such
+
+
+def test_a_judge_measured_on_few_renders_claims_nothing_for_those_attributes():
+    from unclip.eval.geneval import judge_support
+    from unclip.eval.judge_train import thin
+
+    measured = {"test": {"n": 2, "shape": 1.0, "relation": 1.0, "support": {"shape": 2, "relation": 1}},
+                "unseen": {"n": 2, "shape": 1.0, "count": 1.0, "support": {"shape": 2, "count": 1}}}
+    assert {"shape", "relation", "count", "cell"} <= set(thin(measured))
+    full = {"test": {"n": 1000, "shape": 0.999, "support": {"shape": 1000}}}
+    assert "shape" not in thin(full) and "cell" in thin(full)
+    assert judge_support(measured, ["shape", "cell"]) is None  # cell never measured: unknown, not 1.0
+    assert judge_support(measured, ["shape", "relation"]) == 1.0
 
 
 def test_shipped_judge_passes_real_renders_of_the_shipped_prompts():

@@ -137,7 +137,8 @@ def save_model_dir(directory: str | Path, manifest: Manifest, write_components: 
     `directory`. Until the final rename the previous model at `directory` is untouched.
     """
     directory = Path(directory)
-    check_replaceable(directory)
+    judge = manifest.extra.get("kind") == "judge"
+    check_replaceable(directory, judge=judge)
     directory.parent.mkdir(parents=True, exist_ok=True)
     remove_abandoned(directory)
     tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.{os.getpid()}.", suffix=".tmp"))
@@ -150,7 +151,7 @@ def save_model_dir(directory: str | Path, manifest: Manifest, write_components: 
         }
         full = Manifest(**{**_fields(manifest), "files": files})
         write_json_atomic(tmp / MANIFEST, full.to_dict())
-        swap_in(tmp, directory)
+        swap_in(tmp, directory, judge=judge)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -161,26 +162,43 @@ def _fields(manifest: Manifest) -> dict[str, Any]:
     return {name: getattr(manifest, name) for name in manifest.__dataclass_fields__}
 
 
-def check_replaceable(target: str | Path, marker: str = MANIFEST) -> None:
+def check_replaceable(target: str | Path, marker: str = MANIFEST, *, judge: bool = False) -> None:
     """Refuse to write a model over anything but a model: `target` must be missing, an empty
-    directory, or a directory holding `marker` (what an earlier save of this kind wrote)."""
+    directory, or a directory holding `marker` (what an earlier save of this kind wrote). A judge
+    (`judge=True`) replaces only a judge, and a model never replaces one: both write unclip.json,
+    and `unclip eval judge --out MODEL` put a 2-step judge where a trained model had been."""
     target = Path(target)
     if not target.exists() and not target.is_symlink():
         return
-    if target.is_dir() and not target.is_symlink() and ((target / marker).is_file() or not any(target.iterdir())):
+    if target.is_dir() and not target.is_symlink() and not any(target.iterdir()):
         return
+    if target.is_dir() and not target.is_symlink() and (target / marker).is_file():
+        if marker != MANIFEST or _holds_judge(target) == judge:
+            return
+        held, writing = ("a judge", "a model") if not judge else ("a model, not a judge", "the judge")
+        raise ModelFormatError(f"{target} holds {held}; writing {writing} there would delete it. Choose another "
+                               f"output path, or move {target} away first")
     what = "a directory without " + marker if target.is_dir() and not target.is_symlink() else "not a directory"
     raise ModelFormatError(
         f"{target} exists and is {what}, so it is not a model written before; unclip replaces only "
         f"its own model directories. Choose another output path, or move {target} away first")
 
 
-def swap_in(new: Path, target: Path, marker: str = MANIFEST) -> None:
+def _holds_judge(directory: Path) -> bool:
+    """Whether the unclip.json in `directory` is a judge's (`unclip.eval.judge.save_judge`)."""
+    try:
+        extra = json.loads((directory / MANIFEST).read_text(encoding="utf-8")).get("extra") or {}
+    except (OSError, ValueError, AttributeError):
+        return False
+    return isinstance(extra, dict) and extra.get("kind") == "judge"
+
+
+def swap_in(new: Path, target: Path, marker: str = MANIFEST, *, judge: bool = False) -> None:
     """Replace `target` by `new` with two renames; the old one is removed only afterwards.
 
     `target` must pass `check_replaceable` (missing, empty, or a directory holding `marker`).
     """
-    check_replaceable(target, marker)
+    check_replaceable(target, marker, judge=judge)
     old = None
     if target.exists():
         old = target.with_name(f".{target.name}.old-{os.getpid()}")

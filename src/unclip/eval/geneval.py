@@ -126,6 +126,8 @@ def summarise(records: Sequence[dict]) -> dict:
 
 def judge_support(accuracy: dict[str, dict[str, float]], attributes: Sequence[str]) -> float | None:
     """The judge's worst accuracy, over held-out splits, on the attributes a score rests on."""
+    if any(all(a not in split for split in accuracy.values()) for a in attributes):
+        return None  # an attribute the judge was never measured on: unknown, not the others' minimum
     values = [split[a] for split in accuracy.values() for a in attributes if a in split]
     return min(values) if values else None
 
@@ -153,7 +155,7 @@ def frechet_distance(a, b) -> float:
     return max(0.0, frechet_from_stats(*feature_stats(a), *feature_stats(b)))
 
 
-def diversity(features, groups: Sequence[int]) -> float:
+def diversity(features, groups: Sequence[int]) -> float | None:
     """Mean pairwise L2 distance of the features [N, F] within each group, averaged over groups."""
     x = torch.as_tensor(np.asarray(features), dtype=torch.float64)
     groups = list(groups)
@@ -163,7 +165,7 @@ def diversity(features, groups: Sequence[int]) -> float:
         if len(rows) > 1:
             d = torch.cdist(rows, rows)
             means.append(float(d.sum() / (len(rows) * (len(rows) - 1))))
-    return float(np.mean(means)) if means else float("nan")
+    return float(np.mean(means)) if means else None  # one image per group: no distance to average (JSON has no NaN)
 
 
 # --- real renders of a prompt ------------------------------------------------------------------
@@ -252,7 +254,7 @@ def evaluate(pipe, judge: Judge, prompts: Sequence[dict], images_per_prompt: int
     real_a, groups_a = real_renders(prompts, n, side, seed=seed + 1)
     real_b, _ = real_renders(prompts, n, side, seed=seed + 2)
     with_scene = set(groups_a)
-    if real_a:
+    if len(real_a) > 1:  # a covariance needs two images
         feats_a = judge.read(real_a)[1]
         feats_b = judge.read(real_b)[1]
         generated = features[[i for i in range(len(images)) if i // n in with_scene]]
@@ -261,8 +263,12 @@ def evaluate(pipe, judge: Judge, prompts: Sequence[dict], images_per_prompt: int
             "real_vs_real_floor": frechet_distance(feats_b, feats_a),
             "images": len(generated), "feature_dim": int(features.shape[1]),
             "note": "Fréchet distance in the judge's penultimate feature space (not FID)"}
-    result["diversity"] = {"generated": diversity(features, [i // n for i in range(len(images))]),
+    # over the prompts with real renders when there are any, so that the two numbers compare
+    judged = [i for i in range(len(images)) if not real_a or i // n in with_scene]
+    result["diversity"] = {"generated": diversity(features[judged], [i // n for i in judged]),
                            "real": diversity(feats_a, groups_a) if real_a else None,
+                           "prompts": len({i // n for i in judged}),
                            "note": "mean pairwise L2 distance of judge features among one prompt's images"}
+    result["prompts_without_scene"] = len(prompts) - len(with_scene)
     result.update({"images_per_prompt": n, "prompts": len(prompts), "seed": seed, "records": records})
     return Evaluation(result=result, images=images)

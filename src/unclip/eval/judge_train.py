@@ -155,6 +155,7 @@ def judge_accuracy(judge: Judge, *, splits: tuple[str, ...] = ("test", "unseen")
                     hits[attribute].append(ok)
         result[split] = {a: round(sum(h) / len(h), 4) for a, h in hits.items() if h}
         result[split]["n"] = n
+        result[split]["support"] = {a: len(h) for a, h in hits.items()}  # renders each accuracy rests on
     return result
 
 
@@ -189,6 +190,18 @@ def _check(scene: Scene, out: dict[str, torch.Tensor]) -> dict[str, bool]:
         ok["count"] = int(counts.sum()) == scene.count
     ok["scene"] = all(ok.values())
     return ok
+
+
+MIN_SUPPORT = 100  # renders (all held-out splits together) below which an attribute's 0.99 is not claimed
+
+
+def thin(accuracy: dict[str, dict]) -> list[str]:
+    """Attributes measured on fewer than MIN_SUPPORT renders (none at all included), in ATTRIBUTES order;
+    a judge recorded before supports were kept counts its `n` per split."""
+    def support(split: dict, attribute: str) -> int:
+        return split.get("support", {}).get(attribute, split.get("n", 0) if attribute in split else 0)
+
+    return [a for a in ATTRIBUTES if sum(support(s, a) for s in accuracy.values()) < MIN_SUPPORT]
 
 
 def minimum(accuracy: dict[str, dict[str, float]]) -> dict[str, float]:

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from unclip.data.world import (COLORS, INVERSE, POSITION_EN, POSITION_TH, SHAPES, SIZE_TH, Scene, caption,
+from unclip.data.world import (COLORS, INVERSE, POSITION_EN, POSITION_TH, POSITIONS, SHAPES, SIZE_TH, Scene, caption,
                                sample_scene)
 from unclip.errors import DataError
 
@@ -150,26 +150,72 @@ def write_prompts(path: str | Path, prompts: list[dict]) -> Path:
     return Path(path)
 
 
+def _whole(value, least: int = 1) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= least
+
+
+def _problem(p) -> str:
+    """What keeps one prompt-file line from being scored ("" when nothing does): every field scoring,
+    the grids and the real renders read, with names the world and the judge know."""
+    if not isinstance(p, dict):
+        return f"each line must be a JSON object, not {type(p).__name__}"
+    if missing := [k for k in ("tag", "split", "lang", "prompt", "expect") if k not in p]:
+        return f"lacks {', '.join(missing)}"
+    if p["tag"] not in TASKS:
+        return f"has unknown tag {p['tag']!r}; valid: {', '.join(TASKS)}"
+    if p["lang"] not in LANGS or not isinstance(p["split"], str) or not isinstance(p["prompt"], str):
+        return f"lang must be one of {', '.join(LANGS)} (got {p['lang']!r}), split and prompt strings"
+    expect = p["expect"]
+    if not isinstance(expect, dict) or not _whole(expect.get("objects")) or not isinstance(expect.get("include"), list):
+        return "expect needs a whole number 'objects' (1 or more) and an 'include' list"
+    include = expect["include"]
+    for i, entry in enumerate(include):
+        where = f"expect.include[{i}]"
+        if not isinstance(entry, dict) or entry.get("shape") not in SHAPES or not _whole(entry.get("count")):
+            return f"{where} needs a 'shape' (one of {', '.join(SHAPES)}) and a whole 'count' (1 or more)"
+        if "colour" in entry and entry["colour"] not in COLORS:
+            return f"{where}: unknown colour {entry['colour']!r}; the world's: {', '.join(COLORS)}"
+        if "cell" in entry and entry["cell"] not in POSITIONS:
+            return f"{where}: unknown cell {entry['cell']!r}; cells: {', '.join(POSITIONS)}"
+        if "relation" in entry:
+            relation = entry["relation"]
+            if (not isinstance(relation, list) or len(relation) != 2 or relation[0] not in INVERSE
+                    or not _whole(relation[1], 0) or relation[1] >= len(include) or relation[1] == i):
+                return (f"{where}: relation must be [name, j]: a name of {', '.join(INVERSE)} and the index j of "
+                        "another include entry")
+    if "scene" in p:
+        try:
+            scene = Scene.from_dict(p["scene"])
+        except (KeyError, TypeError, ValueError, AttributeError) as err:
+            return f"its scene cannot be read ({type(err).__name__}: {err}); leave 'scene' out to skip real renders"
+        if strange := [o for o in scene.objects if o.shape not in SHAPES or o.colour not in COLORS]:
+            return (f"its scene has an object the world cannot draw ({strange[0].colour} {strange[0].shape}); leave "
+                    "'scene' out to skip real renders")
+    return ""
+
+
 def read_prompts(path: str | Path | None = None) -> list[dict]:
     """Prompts of a JSONL file (default: the shipped set); each line is checked for the fields scoring needs."""
     path = Path(path) if path is not None else default_prompts_path()
+    if path.is_dir():
+        raise DataError(f"prompt file {path} is a folder; give the .jsonl file itself")
     if not path.is_file():
         raise DataError(f"prompt file {path} does not exist (write one with `unclip eval prompts --out FILE`)")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise DataError(f"prompt file {path} is not UTF-8 text ({err.reason} at byte {err.start})") from None
     prompts = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:
             p = json.loads(line)
         except json.JSONDecodeError as err:
             raise DataError(f"{path}:{number} is not valid JSON: {err}") from None
-        missing = [k for k in ("tag", "split", "lang", "prompt", "expect") if k not in p]
-        if missing:
-            raise DataError(f"{path}:{number} lacks {', '.join(missing)}")
-        if p["tag"] not in TASKS:
-            raise DataError(f"{path}:{number} has unknown tag {p['tag']!r}; valid: {', '.join(TASKS)}")
-        if not isinstance(p["expect"].get("include"), list) or not isinstance(p["expect"].get("objects"), int):
-            raise DataError(f"{path}:{number}: expect needs an integer 'objects' and an 'include' list")
+        problem = _problem(p)
+        if problem:  # said before any image is drawn, not as a KeyError after all of them
+            raise DataError(f"{path}:{number}: {problem}")
         p.setdefault("id", f"{p['tag']}-{number:03d}")
         prompts.append(p)
     if not prompts:

@@ -68,6 +68,14 @@ def markdown_report(result: dict, *, title: str = "unclip eval") -> str:
               f"| diversity, real renders | {_f(div.get('real'))} |", "",
               "The Fréchet distance uses the judge's penultimate features, not Inception's: it is not FID, and "
               "only numbers from the same judge compare."]
+    if not fd and result.get("prompts_without_scene", 0) < result.get("prompts", 0):
+        lines += ["", "One image has no covariance: a Fréchet distance needs two images or more."]
+    if missing := result.get("prompts_without_scene"):
+        lines += ["", f"{missing} of {result.get('prompts', '?')} prompts have no `scene`, so no real renders: "
+                      + ("no Fréchet distance or real diversity can be measured." if not fd else
+                         "they are left out of the Fréchet distance and of both diversities.")]
+    if div.get("generated") is None:
+        lines += ["", "With one image per prompt there is no diversity to measure (--images-per-prompt 2 or more)."]
     if fd and fd.get("images", 0) < fd.get("feature_dim", 0):
         lines += ["", f"With {fd['images']} images in {fd['feature_dim']} feature dimensions the covariances are "
                       "estimated from too few samples: both distances are inflated and the floor can even exceed "
@@ -105,4 +113,7 @@ def write_evaluation(evaluation: Evaluation, out: str | Path, *, title: str = "u
                   for i in rows]
         paths[f"grid_{task}"] = save_image_atomic(out / f"grid_{task}.png",
                                                   captioned_grid(images, captions, columns=max(n, 4)))
+    for task in TASKS:  # an earlier run's grid of a task this run did not score
+        if f"grid_{task}" not in paths:
+            (out / f"grid_{task}.png").unlink(missing_ok=True)
     return paths
