@@ -74,6 +74,24 @@ def test_upscale_of_a_small_render_comes_closer_to_the_real_large_one_than_bicub
     assert np.mean(ours) > np.mean(bicubic) + 1, (ours, bicubic)
 
 
+def test_a_decoder_continued_from_the_shipped_model_assembles_with_its_priors(tmp_path):
+    """What scripts/continue_default_gpu.sh does after training, in one step: the continued decoder
+    re-saves the shipped CLIP, and halved it must be the same CLIP (by sha256) as the shipped priors'."""
+    from unclip.cli import main
+    from unclip.modeldir import half_model_dir
+
+    model = default_model_dir()
+    assert main(["train", "decoder", "--preset", "shapes-gpu", "--clip", str(model), "--init", str(model),
+                 "--run-dir", str(tmp_path / "decoder"), "--no-eval", "--threads", "2",
+                 "--set", "decoder.train.steps=1", "--set", "decoder.train.batch_size=2",
+                 "--set", "decoder.train.num_workers=0", "--set", "decoder.train.warmup_steps=0"]) == 0
+    half = half_model_dir(tmp_path / "decoder" / "model", tmp_path / "half")
+    assert main(["assemble", "--decoder", str(half), "--prior", str(model), "--ar-prior", str(model),
+                 "--upsampler", str(model), "--out", str(tmp_path / "model"), "--half"]) == 0
+    assert read_manifest(tmp_path / "model").files["tokenizer/tokenizer.json"] == \
+        read_manifest(model).files["tokenizer/tokenizer.json"]
+
+
 def test_unclip_generate_needs_no_model_argument(tmp_path):
     out = tmp_path / "g.png"
     done = subprocess.run([sys.executable, "-m", "unclip", "generate", "a blue square", "-n", "1", "--size", "32",

@@ -209,10 +209,24 @@ def test_a_truncated_start_samples_the_data_near_its_init(sampler):
             sample(exact, d, start=bad, **kw)
 
 
+def _predicting(kind: str, d: GaussianDiffusion, eps_model):
+    """The same exact denoiser as a network predicting `kind` (epsilon, v_prediction or sample)."""
+    def model(x_t, t):
+        eps = eps_model(x_t, t)
+        a = d.alphas_cumprod[t].sqrt().float().view(-1, *([1] * (x_t.ndim - 1)))
+        b = (1 - d.alphas_cumprod[t]).sqrt().float().view(-1, *([1] * (x_t.ndim - 1)))
+        x0 = (x_t - b * eps) / a
+        return {"epsilon": eps, "v_prediction": a * eps - b * x0, "sample": x0}[kind]
+    return model
+
+
+@pytest.mark.parametrize("kind", ["epsilon", "v_prediction", "sample"])
 @pytest.mark.parametrize("shape", [(4, 64), (2, 3, 8, 8)])
-def test_ddim_inversion_then_sampling_reconstructs_and_converges(shape):
-    d = GaussianDiffusion.from_schedule("cosine", 1000)
-    model = _gaussian_denoiser(d, 0.3, 0.5)
+def test_ddim_inversion_then_sampling_reconstructs_and_converges(shape, kind):
+    """Every prediction type inverts as well as ε does: the inversion read a v or x0 prediction at the
+    lower level of each step, the network's at the upper (v: twice ε's error at 10 steps; x0: NaN)."""
+    d = GaussianDiffusion.from_schedule("cosine", 1000, prediction_type=kind)
+    model = _predicting(kind, d, _gaussian_denoiser(d, 0.3, 0.5))
     x_start = 0.3 + 0.5 * torch.randn(shape, generator=torch.Generator().manual_seed(5))
     errors = []
     for steps in (10, 50, 200):
@@ -220,6 +234,7 @@ def test_ddim_inversion_then_sampling_reconstructs_and_converges(shape):
         again = sample(model, d, x_T=x_T, sampler="ddim", eta=0.0, steps=steps, clip_denoised=False)
         errors.append((again - x_start).pow(2).mean().item())
     assert errors[0] > errors[1] > errors[2] and errors[1] < 1e-3 and errors[2] < 1e-4
+    assert errors[0] < 1e-2  # v read at the wrong level: 1.6e-2
     # x_T is noise-like: near unit variance, far from the image
     assert 0.7 < x_T.var().item() < 1.3
     assert len(list(invert_loop(model, d, x_start, steps=7))) == 7

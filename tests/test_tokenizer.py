@@ -88,6 +88,23 @@ def test_save_load_same_ids(tok, tmp_path):
     assert again.context_length == tok.context_length
 
 
+def test_a_loaded_tokenizer_is_saved_as_the_file_it_came_from(tok, tmp_path):
+    """Stages compare their CLIP by file sha256: a tokenizer.json written before the normalizer went
+    into it (the shipped model's: NFC alone) re-saved with the new one made every continued stage a
+    stranger to the shipped priors (`unclip assemble` refused them)."""
+    import json
+
+    tok.save(tmp_path / "old")
+    data = json.loads((tmp_path / "old" / "tokenizer.json").read_text())
+    data["normalizer"] = {"type": "NFC"}  # as tokenizers were saved before
+    (tmp_path / "old" / "tokenizer.json").write_text(json.dumps(data))
+    loaded = Tokenizer.load(tmp_path / "old")
+    loaded.save(tmp_path / "again")
+    assert (tmp_path / "again" / "tokenizer.json").read_bytes() == (tmp_path / "old" / "tokenizer.json").read_bytes()
+    text = "ดาว\u200bสี  เขียว"  # and it still reads text through clean_text's normalizer
+    assert Tokenizer.load(tmp_path / "again").backend.encode(text).ids == tok.backend.encode(text).ids
+
+
 def test_corrupt_tokenizer_file_names_the_file(tok, tmp_path):
     d = tok.save(tmp_path / "tokenizer")
     path = d / "tokenizer.json"

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from unclip.errors import ModelFormatError, UnclipError
-from unclip.io import write_json_atomic
+from unclip.io import atomic_write, write_json_atomic
 
 if TYPE_CHECKING:
     import tokenizers
@@ -98,6 +98,7 @@ class Tokenizer:
         self.backend = backend
         self.context_length = context_length
         self.cut_captions: set[str] = set()  # captions this tokenizer has cut to its context, each logged once
+        self.loaded_from: bytes | None = None  # the tokenizer.json it was read from, written back by `save`
         self.pad_id, self.bos_id, self.eos_id = (backend.token_to_id(t) for t in (PAD, BOS, EOS))
         if None in (self.pad_id, self.bos_id, self.eos_id):
             raise ModelFormatError(f"tokenizer lacks one of the special tokens {PAD}, {BOS}, {EOS}")
@@ -203,7 +204,16 @@ class Tokenizer:
     def save(self, directory: str | Path) -> Path:
         """Write `tokenizer.json` and a `tokenizer_config.json` that `transformers.AutoTokenizer` reads."""
         directory = Path(directory)
-        write_json_atomic(directory / TOKENIZER_FILE, json.loads(self.backend.to_str()))
+        if self.loaded_from is not None:
+            # A tokenizer read from a file is saved as that file, byte for byte: stages compare their CLIP
+            # by the files' sha256, and one saved before the normalizer went into tokenizer.json (the
+            # shipped model's) would otherwise differ from every copy of itself saved since, so `unclip
+            # assemble` refused the shipped priors beside a decoder continued from the same CLIP. The
+            # normalizer is set on every load, so the text is read the same either way.
+            with atomic_write(directory / TOKENIZER_FILE, "wb") as handle:
+                handle.write(self.loaded_from)
+        else:
+            write_json_atomic(directory / TOKENIZER_FILE, json.loads(self.backend.to_str()))
         write_json_atomic(directory / CONFIG_FILE, {
             "tokenizer_class": "PreTrainedTokenizerFast",
             "model_max_length": self.context_length,
@@ -235,7 +245,9 @@ class Tokenizer:
             context_length = int(config["model_max_length"])
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
             raise ModelFormatError(f"{paths[1]} is corrupt or lacks model_max_length: {err}") from None
-        return cls(backend=backend, context_length=context_length)
+        tokenizer = cls(backend=backend, context_length=context_length)
+        tokenizer.loaded_from = paths[0].read_bytes()
+        return tokenizer
 
 
 def shapes_corpus(n: int, *, seed: int = 0) -> list[str]:

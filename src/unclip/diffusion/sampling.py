@@ -176,14 +176,19 @@ def invert_loop(model_fn: ModelFn, diffusion: GaussianDiffusion, x_start: torch.
     from diffusers.schedulers.scheduling_ddim_inverse import DDIMInverseScheduler
 
     spaced = diffusion.respace(steps, SPACING["ddim"])
+    # The scheduler reads a prediction at the level x is at, the lower one; the network was asked at
+    # the upper, t. ε is the same at both (DDIM inversion's approximation), v and x0 are not: read at
+    # the lower level a v model's ε came out wrong (reconstruction MSE 2× an ε model's at 10 steps) and
+    # an x0 model's NaN. So the prediction becomes ε at t first, and the scheduler inverts ε.
     scheduler = DDIMInverseScheduler(num_train_timesteps=spaced.num_timesteps, trained_betas=spaced.betas.tolist(),
-                                     prediction_type=spaced.prediction_type, clip_sample=False, set_alpha_to_one=True)
+                                     prediction_type="epsilon", clip_sample=False, set_alpha_to_one=True)
     scheduler.set_timesteps(spaced.num_timesteps)
     x = x_start
     timesteps = scheduler.timesteps.tolist()
     for index, t in enumerate(timesteps):
-        _, _, prediction = _predict(model_fn, spaced, x, t, cond)
-        step = scheduler.step(prediction, t, x)
+        t_batch, _, prediction = _predict(model_fn, spaced, x, t, cond)
+        eps = spaced.eps_from_x0(x, t_batch, spaced.pred_x0(x, t_batch, prediction))
+        step = scheduler.step(eps, t, x)
         x = step.prev_sample
         yield SampleStep(index=index, total=len(timesteps), t=int(spaced.timestep_map[t]), x_t=x,
                          pred_x0=step.pred_original_sample)

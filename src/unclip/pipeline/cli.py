@@ -382,8 +382,9 @@ def register(subparsers) -> None:
     diff.add_argument("image", help="a square image file")
     diff.add_argument("caption", help="what the image shows now, e.g. \"a red circle\"")
     diff.add_argument("target", help="what it should show, e.g. \"a blue circle\"")
-    diff.add_argument("--thetas", type=float, nargs="+", default=[0.0, 0.1, 0.2, 0.3, 0.4, 0.5],
-                      help="rotation fractions in [0, 1] (default: 0 0.1 … 0.5; the paper uses up to 0.25–0.5)")
+    diff.add_argument("--thetas", type=float, nargs="+", default=[0.0, 0.15, 0.3, 0.45, 0.6, 0.75],
+                      help="rotation fractions in [0, 1] (default: 0 0.15 … 0.75; the paper shows up to 0.5, the "
+                           "shipped model changes a colour between 0.5 and 0.75)")
     _common(diff, "textdiff")
     diff.set_defaults(func=_textdiff)
 

@@ -676,7 +676,7 @@ class UnclipPipeline:
                              seed=seed, callback=callback, inverted=mode == "inverted", upsample=upsample, size=size)
         return to_pil(images)
 
-    def text_diff(self, image, caption: str, target: str, thetas: Sequence[float] = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5),
+    def text_diff(self, image, caption: str, target: str, thetas: Sequence[float] = (0.0, 0.15, 0.3, 0.45, 0.6, 0.75),
                   *, steps: int | None = None, guidance_scale: float | None = None, seed: Seed = 0,
                   callback: Callback | None = None, upsample: bool = True, size: int | None = None) -> list:
         """Edit an image toward a new caption (paper §3.3): z_θ = slerp(z_i, norm(z_t − z_t0), θ), x_T fixed.
