@@ -1,5 +1,6 @@
 """The decoder stage: conditioning, classifier-free guidance, training, sampling, inversion, save/load, CLI."""
 
+import json
 from dataclasses import replace
 
 import pytest
@@ -188,7 +189,7 @@ def test_cli_trains_a_decoder(tmp_path, capsys):
     assert load_decoder(tmp_path / "model").config.train.steps == 2
 
 
-def test_init_continues_from_a_model_and_records_its_history(tmp_path, capsys):
+def test_init_continues_from_a_model_and_records_its_history(tmp_path, capsys, monkeypatch):
     """`--init`: the run starts from the model's weights (lr 0 keeps them exactly), the new
     provenance holds the old one under "init", and another architecture is refused."""
     from unclip.cli import main
@@ -207,6 +208,31 @@ def test_init_continues_from_a_model_and_records_its_history(tmp_path, capsys):
     record = read_manifest(tmp_path / "second").provenance["decoder"]
     assert record["init"]["from"] == str(tmp_path / "first")
     assert record["init"]["provenance"] == read_manifest(tmp_path / "first").provenance["decoder"]
+    # a continuation draws other samples and noise than the run it continues (it replayed them
+    # exactly), and the same ones on every resume: the offset comes from the weights it starts from
+    from unclip.modeldir import continuation_seed
+
+    offset = continuation_seed(tmp_path / "first", ["decoder/diffusion_pytorch_model.safetensors",
+                                                    "text_proj/model.safetensors"])
+    assert record["init"]["seed_offset"] == offset > 0
+    import unclip.train.data as feeds
+
+    captions, feed_for = [], feeds.feed_for
+
+    def watched(data, **kwargs):
+        feed = feed_for(data, **kwargs)
+        captions.append(next(feed(0))["caption"][:4])
+        return feed
+
+    monkeypatch.setattr(feeds, "feed_for", watched)
+    for run, init in (("e", []), ("f", ["--init", str(tmp_path / "first")]), ("g", ["--init", str(tmp_path / "first")])):
+        assert main([*common, "--run-dir", str(tmp_path / run), "--out", str(tmp_path / f"m{run}"), *init]) == 0
+    assert captions[1] != captions[0] and captions[2] == captions[1]
     assert main([*common, "--run-dir", str(tmp_path / "c"), "--out", str(tmp_path / "third"),
                  "--init", str(tmp_path / "first"), "--set", "decoder.base_channels=8"]) == 2
     assert "architecture differs" in capsys.readouterr().err and not (tmp_path / "third").exists()
+    other_clip = save_tiny_clip(tmp_path, seed=1)  # continued against another CLIP: z_i of another space
+    other = [a if a != str(clip_dir) else str(other_clip) for a in common]
+    assert main([*other, "--run-dir", str(tmp_path / "h"), "--out", str(tmp_path / "fifth"),
+                 "--init", str(tmp_path / "first")]) == 2
+    assert "its decoder learnt from another CLIP than --clip gives" in capsys.readouterr().err

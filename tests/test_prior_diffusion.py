@@ -270,6 +270,16 @@ def test_priors_fit_their_statistics_on_the_training_data(tmp_path):
     torch.testing.assert_close(ar.quantizer.mean, mean, atol=1e-5, rtol=0)
     shapes_mean = build_diffusion_prior(shapes_cfg, clip, fit_samples=200).transformer.clip_mean[0]
     assert (shapes_mean - mean).norm() > 0.1  # what the folder-trained priors were fitted on before
+    # on shapes world, the scene mix the prior trains on (data.scenes) is the one its statistics see
+    from unclip.prior.data import fit_pairs
+
+    pairs_only = replace(shapes_cfg, data=replace(shapes_cfg.data, scenes=(0.0, 1.0, 0.0)))
+    two = fit_pairs(clip, pairs_only.data, n=40)["z_t"]
+    assert not torch.allclose(two, fit_pairs(clip, shapes_cfg.data, n=40)["z_t"])
+    from unclip.prior.data import sample_pairs
+
+    assert torch.equal(two, sample_pairs(clip, split="train", n=40, lang=shapes_cfg.data.lang,
+                                         seed=shapes_cfg.data.seed, scenes=(0.0, 1.0, 0.0))["z_t"])
 
     embeddings = {"image_embeds": rng.normal(size=(30, mean.shape[0])).astype(np.float32),
                   "text_embeds": rng.normal(size=(30, mean.shape[0])).astype(np.float32), "captions": ["x"] * 30}

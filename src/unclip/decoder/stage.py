@@ -29,7 +29,7 @@ from unclip.decoder.upsampler import Upsampler
 from unclip.diffusion import diffusers_beta_args
 from unclip.errors import ConfigError, ModelFormatError
 from unclip.io import write_json_atomic
-from unclip.modeldir import Manifest, check_replaceable, init_from, load_into, read_manifest, save_model_dir, save_weights, verify_files
+from unclip.modeldir import Manifest, check_replaceable, continuation_seed, init_from, load_into, read_manifest, save_model_dir, save_weights, verify_files
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +53,44 @@ def _stage_index(cfg: UnclipConfig, stage: int) -> int:
                           f"{len(cfg.upsamplers)} upsampler stage(s) (config key upsamplers; "
                           "--set upsamplers.1.… adds a second)")
     return stage - 1
+
+
+def _check_same_clip(init, clip: ClipModel) -> None:
+    """A ConfigError unless the decoder at `init` learnt from `clip` (the same embeddings of a few
+    renders and captions; its files may differ in precision): continued against another CLIP, its
+    weights would read z_i and caption states of another space, silently."""
+    from unclip.data.render import render
+    from unclip.data.shapes import to_tensor
+    from unclip.data.world import sample
+
+    try:
+        theirs = load_clip(init).to(clip.device)
+    except ModelFormatError:
+        return  # no CLIP beside its decoder (an imported model's layout): nothing to compare
+    samples = [sample("val", i) for i in range(4)]
+    images = torch.stack([to_tensor(render(s.scene, clip.config.image_size)) for s in samples])
+    captions = [s.caption for s in samples]
+    same = theirs.config.embed_dim == clip.config.embed_dim and theirs.config.image_size == clip.config.image_size
+    if same:
+        with torch.no_grad():
+            ours, other = clip.encode_image(images), theirs.encode_image(images)
+            ours_t, other_t = clip.encode_captions(captions), theirs.encode_captions(captions)
+        same = min(float((ours * other).sum(1).min()), float((ours_t * other_t).sum(1).min())) > 0.99
+    if not same:
+        raise ConfigError(f"--init {init}: its decoder learnt from another CLIP than --clip gives; continue it with the "
+                          f"CLIP it learnt from (--clip {init})")
+
+
+def _continued(record: dict, init, parts, data, tc):
+    """The data and training settings of a run continued from `init`: the training data (not the
+    validation pairs) and the noise drawn with `continuation_seed`'s offset, recorded in `record`."""
+    from dataclasses import replace
+
+    offset = continuation_seed(init, parts)
+    record["seed_offset"] = offset
+    log.info("continuing from %s: data and noise drawn with seed offset %d, so this run sees other samples "
+             "than the one that made those weights", init, offset)
+    return replace(data, seed=data.seed + offset), replace(tc, seed=tc.seed + offset)
 
 
 # --- decoder ---------------------------------------------------------------------------------
@@ -89,13 +127,14 @@ def train_decoder(cfg: UnclipConfig, *, clip_dir: str | Path, run_dir: str | Pat
     tc = cfg.decoder.train
     torch.manual_seed(tc.seed)
     decoder = build_decoder(cfg)
-    started_from = {}
+    started_from, data = {}, cfg.data
     if init:
-        started_from = {"init": init_from({f"{DECODER_DIR}/{UNET_WEIGHTS}": decoder.unet,
-                                           f"{TEXT_PROJ_DIR}/model.safetensors": decoder.text_proj},
-                                          init, "decoder", cfg.decoder)}
+        _check_same_clip(init, clip)
+        parts = {f"{DECODER_DIR}/{UNET_WEIGHTS}": decoder.unet, f"{TEXT_PROJ_DIR}/model.safetensors": decoder.text_proj}
+        started_from = {"init": init_from(parts, init, "decoder", cfg.decoder)}
+        data, tc = _continued(started_from["init"], init, parts, data, tc)
     side = max(cfg.clip.image_size, cfg.decoder.resolution)
-    images = feed_for(cfg.data, size=side, batch_size=tc.batch_size, num_workers=tc.num_workers)
+    images = feed_for(data, size=side, batch_size=tc.batch_size, num_workers=tc.num_workers)
     val = validation_feed(cfg.data, tc, size=side)
     result = train(decoder, decoder_feed(clip, images, resolution=cfg.decoder.resolution), cfg=tc, run_dir=run_dir,
                    run_config=cfg.to_dict(), resume=resume, progress=progress, stage_name="decoder",
@@ -180,12 +219,13 @@ def train_upsampler(cfg: UnclipConfig, *, stage: int, run_dir: str | Path, out: 
     tc = uc.train
     torch.manual_seed(tc.seed)
     upsampler = Upsampler.from_config(uc)
-    started_from = {}
+    started_from, data = {}, cfg.data
     if init:
-        started_from = {"init": init_from({f"{UPSAMPLER_DIRS[stage][0]}/{UNET_WEIGHTS}": upsampler.unet}, init,
-                                          f"upsampler{stage}", uc)}
-    images = feed_for(cfg.data, size=uc.out_resolution, batch_size=tc.batch_size, num_workers=tc.num_workers)
-    feed = upsampler_feed(images, uc, batch_size=tc.batch_size, seed=cfg.data.seed + 1000 * stage,
+        parts = {f"{UPSAMPLER_DIRS[stage][0]}/{UNET_WEIGHTS}": upsampler.unet}
+        started_from = {"init": init_from(parts, init, f"upsampler{stage}", uc)}
+        data, tc = _continued(started_from["init"], init, parts, data, tc)
+    images = feed_for(data, size=uc.out_resolution, batch_size=tc.batch_size, num_workers=tc.num_workers)
+    feed = upsampler_feed(images, uc, batch_size=tc.batch_size, seed=data.seed + 1000 * stage,
                           device=training_device())
     val = validation_feed(cfg.data, tc, size=uc.out_resolution)
     result = train(upsampler, feed, cfg=tc, run_dir=run_dir, run_config=cfg.to_dict(), resume=resume,

@@ -81,15 +81,18 @@ def embedding_feed(clip: ClipModel, embeddings: dict, *, batch_size: int, seed: 
 
 
 @torch.no_grad()
-def sample_pairs(clip: ClipModel, *, split: str, n: int, lang: str, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Encoded pairs from a fixed shapes-world split, for fitting PCA and for evaluation."""
+def sample_pairs(clip: ClipModel, *, split: str, n: int, lang: str, seed: int = 0,
+                 scenes: tuple[float, ...] | None = None) -> dict[str, torch.Tensor]:
+    """Encoded pairs from a fixed shapes-world split, for fitting PCA and for evaluation; scenes:
+    the odds of single, pair and count scenes (default: the world's)."""
     from unclip.data.render import render
     from unclip.data.shapes import to_tensor
-    from unclip.data.world import sample
+    from unclip.data.world import KIND_WEIGHTS, sample
 
     parts = []
     for start in range(0, n, 250):
-        items = [sample(split, i, seed=seed, lang=lang) for i in range(start, min(n, start + 250))]
+        items = [sample(split, i, seed=seed, lang=lang, scenes=scenes or KIND_WEIGHTS)
+                 for i in range(start, min(n, start + 250))]
         images = torch.stack([to_tensor(render(s.scene, clip.config.image_size)) for s in items])
         parts.append(encode_batch(clip, [s.caption for s in items], images=images))
     return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
@@ -107,7 +110,8 @@ def fit_pairs(clip: ClipModel, data, *, n: int, embeddings: dict | None = None) 
     fewer pairs gives all.
     """
     if data.source == "shapes":
-        pairs = sample_pairs(clip, split="train", n=n, lang=data.lang, seed=data.seed)
+        # the scene mix the prior trains on (`data.scenes`), so its statistics are that mix's
+        pairs = sample_pairs(clip, split="train", n=n, lang=data.lang, seed=data.seed, scenes=data.scenes)
         return {"z_i": pairs["z_i"], "z_t": pairs["z_t"]}
     if embeddings is not None:
         return {"z_i": torch.from_numpy(embeddings["image_embeds"][:n]).float(),
