@@ -13,6 +13,7 @@
 # Environment: DECODER_MIN (6.3), UPSAMPLER_MIN (5.4; 0 keeps MODEL's upsampler and trains the decoder
 # alone), DECODER_BATCH (1024), UPSAMPLER_BATCH (512), SCENES (the decoder's data.scenes, e.g. [0.1,0.8,0.1]),
 # WORKERS (data-loader workers per stage, 6), PYTHON (the interpreter with unclip installed; python3),
+# RAW (1: also RUN_DIR/model_raw, the decoder's raw weights instead of its EMA; scripts/raw_decoder.py),
 # STOP_AFTER (seconds after which the training gets a SIGTERM and stops after its step in hand with
 # a checkpoint; the script then exits 2 without assembling, and the same command resumes the
 # schedule, each call fitting its end into that call's DECODER_MIN/UPSAMPLER_MIN: one schedule
@@ -75,3 +76,11 @@ for stage in '${stages[*]}'.split():
 "${unclip[@]}" assemble --decoder "$run/decoder/half" --prior "$model" --ar-prior "$model" \
     --upsampler "$upsampler" --out "$run/model" --half || exit 1
 say "model (float16): $run/model"
+if [ "${RAW:-0}" = 1 ]; then  # the decoder's raw weights too, to judge against the EMA ones
+    "$python" "$root/scripts/raw_decoder.py" "$run/decoder" "$run/decoder_raw" || exit 1
+    "$python" -c "from unclip.modeldir import half_model_dir; half_model_dir('$run/decoder_raw', '$run/decoder_raw_half')" \
+        || exit 1
+    "${unclip[@]}" assemble --decoder "$run/decoder_raw_half" --prior "$model" --ar-prior "$model" \
+        --upsampler "$upsampler" --out "$run/model_raw" --half || exit 1
+    say "model with the decoder's raw weights (float16): $run/model_raw"
+fi

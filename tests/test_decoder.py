@@ -236,3 +236,26 @@ def test_init_continues_from_a_model_and_records_its_history(tmp_path, capsys, m
     assert main([*other, "--run-dir", str(tmp_path / "h"), "--out", str(tmp_path / "fifth"),
                  "--init", str(tmp_path / "first")]) == 2
     assert "its decoder learnt from another CLIP than --clip gives" in capsys.readouterr().err
+
+
+def test_raw_decoder_script_writes_the_checkpoints_raw_weights(tmp_path):
+    """scripts/raw_decoder.py: the same run's raw weights in a model directory beside the EMA one,
+    to judge one against the other."""
+    import runpy
+    from pathlib import Path
+
+    from unclip.cli import main
+    from unclip.decoder.stage import load_decoder
+    from unclip.modeldir import read_manifest
+    from unclip.train.trainer import load_checkpoint
+
+    clip_dir = save_tiny_clip(tmp_path)
+    assert main(["train", "decoder", "--preset", "tiny", "--clip", str(clip_dir), "--no-eval", "--run-dir",
+                 str(tmp_path / "run"), "--set", "decoder.train.steps=3", "--set", "decoder.train.ema_decay=0.9"]) == 0
+    script = Path(__file__).resolve().parents[1] / "scripts" / "raw_decoder.py"
+    assert runpy.run_path(str(script))["main"]([str(tmp_path / "run"), str(tmp_path / "raw")]) == 0
+    raw, ema = load_decoder(tmp_path / "raw"), load_decoder(tmp_path / "run" / "model")
+    state = load_checkpoint(tmp_path / "run" / "checkpoint.pt")["model"]
+    assert all(torch.equal(raw.state_dict()[k], v.float()) for k, v in state.items())
+    assert any(not torch.equal(a, b) for a, b in zip(raw.state_dict().values(), ema.state_dict().values()))
+    assert read_manifest(tmp_path / "raw").provenance["decoder"]["weights"] == "raw (no EMA), checkpoint step 3"
