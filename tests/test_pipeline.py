@@ -690,6 +690,10 @@ def test_upsampler_sampling_can_be_set_for_every_later_call(model_dir):
     with pytest.raises(ConfigError, match=r"upsampler 1: 500 steps from noise level 0.2 .* too many; at most"):
         pipe.set_upsampler_sampling(steps=500)  # said before any image is drawn, naming the stage
     assert pipe.upsamplers[0].config.sample_steps == 3  # and nothing changed
+    pipe.set_upsampler_sampling(steps=[4], sampler=["ddim"])  # one per stage (this model has one)
+    assert (pipe.upsamplers[0].config.sample_steps, pipe.upsamplers[0].config.sampler) == (4, "ddim")
+    with pytest.raises(ConfigError, match=r"upsampler steps=\[4, 5\]: give one value for every stage or one per"):
+        pipe.set_upsampler_sampling(steps=[4, 5])
 
 
 # --- what callers pass ---------------------------------------------------------------------------

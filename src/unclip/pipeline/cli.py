@@ -133,13 +133,16 @@ def add_sampling_arguments(parser) -> None:
                         help="what the decoder and upsampler compute in while sampling; auto picks bfloat16 "
                              "where the CPU (AVX-512-BF16, AMX) or GPU has bf16 units, else float32 "
                              f"(default: {DEFAULT_PRECISION}; docs/performance.md)")
-    parser.add_argument("--upsampler-steps", type=positive_int, help="upsampler sampling steps (default: the model's config)")
-    parser.add_argument("--upsampler-sampler", choices=["ddpm", "ddim", "dpmsolver++"],
-                        help="upsampler sampler (default: the model's config)")
-    parser.add_argument("--upsampler-start", type=float,
-                        help="noise level the upsampler starts from, a fraction of its schedule: 1 is pure noise, "
-                             "lower starts from the noised bicubic upsampling and needs fewer steps "
+    parser.add_argument("--upsampler-steps", type=positive_int, nargs="+", metavar="STEPS",
+                        help="upsampler sampling steps: one for every stage, or one per stage "
                              "(default: the model's config)")
+    parser.add_argument("--upsampler-sampler", choices=["ddpm", "ddim", "dpmsolver++"], nargs="+",
+                        metavar="SAMPLER", help="upsampler sampler (ddpm, ddim or dpmsolver++): one for every stage, "
+                                                "or one per stage (default: the model's config)")
+    parser.add_argument("--upsampler-start", type=float, nargs="+", metavar="LEVEL",
+                        help="noise level the upsampler starts from, a fraction of its schedule: 1 is pure noise, "
+                             "lower starts from the noised bicubic upsampling and needs fewer steps; one for every "
+                             "stage, or one per stage (default: the model's config)")
 
 
 def configure_sampling(pipe, args: argparse.Namespace):

@@ -108,6 +108,18 @@ def _whole_seed(seed) -> int:
     return seed
 
 
+def _per_stage(name: str, value, stages: int) -> list:
+    """An upsampler setting as one value per stage: a value for all, or a list of one per stage."""
+    if not isinstance(value, (list, tuple)):
+        return [value] * stages
+    if len(value) == 1:
+        return list(value) * stages
+    if len(value) != stages:
+        raise ConfigError(f"upsampler {name}={list(value)}: give one value for every stage or one per stage "
+                          f"(this model has {stages})")
+    return list(value)
+
+
 def _whole(name: str, value, hint: str = "") -> int:
     """`value` as an int (ints, numpy and 0-d torch integers), else a ConfigError (ending in `hint`):
     2.5, "2" or True would otherwise fail deep inside torch, or pass as 1."""
@@ -216,21 +228,27 @@ class UnclipPipeline:
 
     def set_upsampler_sampling(self, *, sampler: str | None = None, steps: int | None = None,
                                start: float | None = None) -> None:
-        """Sample every upsampler with this sampler, number of steps and/or starting noise level
-        (a fraction of the schedule, 1 = pure noise) from now on (unset: keep the model's).
-        Upsampling is most of a CPU generation's time (docs/performance.md)."""
+        """Sample the upsamplers with this sampler, number of steps and/or starting noise level
+        (a fraction of the schedule, 1 = pure noise) from now on (unset: keep the model's). Each
+        is one value for every stage or a list of one per stage (e.g. steps=[5, 25]: the first
+        stage from the noised bicubic, the second longer). Upsampling is most of a CPU
+        generation's time (docs/performance.md)."""
         from dataclasses import replace
 
-        if steps is not None and _whole("upsampler steps", steps) < 1:
-            raise ConfigError(f"upsampler steps={steps}; use at least 1")
-        if sampler is not None and sampler not in SAMPLERS:
-            raise ConfigError(f"upsampler sampler={sampler!r}; use one of {', '.join(SAMPLERS)}")
-        if start is not None and not 0 < start <= 1:
-            raise ConfigError(f"upsampler start={start}; use a noise level in (0, 1] (1 = pure noise)")
-        configs = [replace(cfg, sampler=sampler or cfg.sampler,
-                           sample_steps=cfg.sample_steps if steps is None else steps,
-                           sample_start=cfg.sample_start if start is None else start)
-                   for cfg in (upsampler.config for upsampler in self.upsamplers)]
+        stages = len(self.upsamplers)
+        steps, sampler, start = (_per_stage(name, value, stages) for name, value in
+                                 (("steps", steps), ("sampler", sampler), ("start", start)))
+        for i in range(stages):
+            if steps[i] is not None and _whole("upsampler steps", steps[i]) < 1:
+                raise ConfigError(f"upsampler steps={steps[i]}; use at least 1")
+            if sampler[i] is not None and sampler[i] not in SAMPLERS:
+                raise ConfigError(f"upsampler sampler={sampler[i]!r}; use one of {', '.join(SAMPLERS)}")
+            if start[i] is not None and not (is_real(start[i]) and 0 < start[i] <= 1):
+                raise ConfigError(f"upsampler start={start[i]}; use a noise level in (0, 1] (1 = pure noise)")
+        configs = [replace(cfg, sampler=sampler[i] or cfg.sampler,
+                           sample_steps=cfg.sample_steps if steps[i] is None else steps[i],
+                           sample_start=cfg.sample_start if start[i] is None else start[i])
+                   for i, cfg in enumerate(upsampler.config for upsampler in self.upsamplers)]
         for stage, cfg in enumerate(configs, start=1):  # all checked before any is changed
             if cfg.sample_steps > (most := upsampler_steps_limit(cfg)):
                 raise ConfigError(f"upsampler {stage}: {cfg.sample_steps} steps from noise level {cfg.sample_start:g} "
