@@ -61,6 +61,7 @@ def test_init_fine_tunes_a_trained_clip_and_refuses_another_network(clip_dir, tm
                  "--run-dir", str(tmp_path / "run"), "--out", str(tmp_path / "model"), "--no-eval"]) == 0
     manifest = read_manifest(tmp_path / "model")
     assert manifest.provenance["init"]["from"] == str(base) and manifest.provenance["init"]["provenance"]["steps"] == 6
+    assert manifest.provenance["init"]["seed_offset"] > 0  # it draws other samples than the run it continues
     before, after = load_clip(base), load_clip(tmp_path / "model")
     captions = ["a red circle", "ดาวสีเขียว"]
     assert after.tokenize(captions).input_ids.tolist() == before.tokenize(captions).input_ids.tolist()

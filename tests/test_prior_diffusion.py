@@ -312,6 +312,7 @@ def test_init_starts_a_prior_from_a_trained_ones_weights_and_statistics(tmp_path
     assert all(torch.allclose(first[k].float(), second[k].float(), atol=1e-6) for k in first)
     record = read_manifest(tmp_path / "second").provenance[f"{kind}_prior"]["init"]
     assert record["from"] == str(tmp_path / "first") and record["provenance"]["steps"] > 0
+    assert record["seed_offset"] > 0  # a continuation draws other samples than the run it continues
     other = "prior.width=48" if kind == "diffusion" else "ar_prior.width=48"
     assert main([*common, "--run-dir", str(tmp_path / "c"), "--set", other, "--init", str(tmp_path / "first")]) == 2
     assert "architecture differs" in capsys.readouterr().err

@@ -28,7 +28,7 @@ import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -420,15 +420,27 @@ def init_record(directory: str | Path, section: str, cfg_section, *, record: str
     return {"from": str(directory), "provenance": manifest.provenance.get(record or section, {})}
 
 
-def continuation_seed(directory: str | Path, parts: Iterable[str]) -> int:
-    """A seed offset for a run that starts from the weights `parts` of the model at `directory`
-    (`--init`): taken from their sha256, so that a continuation draws other data and noise than the
-    run that made them, and the same on every resume. Without it each continuation replayed its
-    parent's first samples, timesteps, noise and condition drops exactly (version 3 of the shipped
-    decoder spent 1.23 M of its 1.76 M samples on version 2's)."""
+def continuation_seed(directory: str | Path, components: Iterable[str]) -> int:
+    """A seed offset for a run that starts from the weights in `components` (folders) of the model
+    at `directory` (`--init`): taken from their files' sha256, so that a continuation draws other
+    data and noise than the run that made them, and the same on every resume. Without it each
+    continuation replayed its parent's first samples, timesteps, noise and condition drops exactly
+    (version 3 of the shipped decoder spent 1.23 M of its 1.76 M samples on version 2's)."""
     files = read_manifest(directory).files
-    digest = hashlib.sha256("".join(files.get(part, {}).get("sha256", part) for part in parts).encode()).hexdigest()
-    return int(digest[:7], 16)
+    wanted = set(components)
+    hashes = [record.get("sha256", name) for name, record in sorted(files.items()) if name.split("/")[0] in wanted]
+    return int(hashlib.sha256("".join(hashes).encode()).hexdigest()[:7], 16)
+
+
+def continued(directory: str | Path, components: Iterable[str], data, train, record: dict):
+    """(data, train) sections of a run continued from `directory` (`--init`): its training data and
+    noise drawn with `continuation_seed`'s offset, which goes into `record` (the manifest's `init`).
+    Validation pairs come from the config's own `data`."""
+    offset = continuation_seed(directory, components)
+    record["seed_offset"] = offset
+    log.info("continuing from %s: data and noise drawn with seed offset %d, so this run sees other samples "
+             "than the one that made those weights", directory, offset)
+    return replace(data, seed=data.seed + offset), replace(train, seed=train.seed + offset)
 
 
 def init_from(module_parts: dict[str, torch.nn.Module], directory: str | Path, section: str, cfg_section) -> dict:

@@ -19,7 +19,7 @@ import torch
 
 from unclip.clip.model import ClipModel
 from unclip.config import ClipConfig, UnclipConfig
-from unclip.modeldir import CLIP_COMPONENTS, Manifest, check_replaceable, read_manifest, save_model_dir, verify_files
+from unclip.modeldir import CLIP_COMPONENTS, Manifest, check_replaceable, continued, read_manifest, save_model_dir, verify_files
 from unclip.tokenizer import Tokenizer, train_shapes_tokenizer
 
 log = logging.getLogger(__name__)
@@ -113,8 +113,10 @@ def train_clip(cfg: UnclipConfig, *, run_dir: str | Path, out: str | Path, resum
             model.tokenizer.save(run_dir / "tokenizer")
     else:
         model = ClipModel.from_config(cfg.clip, tokenizer=run_tokenizer(cfg, run_dir))
-    tc = cfg.clip.train
-    feed = feed_for(cfg.data, size=cfg.clip.image_size, batch_size=tc.batch_size, num_workers=tc.num_workers,
+    tc, data = cfg.clip.train, cfg.data
+    if init:
+        data, tc = continued(init, ("text_encoder", "image_encoder"), data, tc, started_from["init"])
+    feed = feed_for(data, size=cfg.clip.image_size, batch_size=tc.batch_size, num_workers=tc.num_workers,
                     hard_negatives=cfg.clip.hard_negatives, twin_group=cfg.clip.twin_group,
                     twin_weights=cfg.clip.twin_weights)
     result = train(model, feed, cfg=tc, run_dir=run_dir, run_config=cfg.to_dict(), resume=resume,

@@ -29,7 +29,7 @@ from unclip.decoder.upsampler import Upsampler
 from unclip.diffusion import diffusers_beta_args
 from unclip.errors import ConfigError, ModelFormatError
 from unclip.io import write_json_atomic
-from unclip.modeldir import Manifest, check_replaceable, continuation_seed, init_from, load_into, read_manifest, save_model_dir, save_weights, verify_files
+from unclip.modeldir import Manifest, check_replaceable, continued, init_from, load_into, read_manifest, save_model_dir, save_weights, verify_files
 
 log = logging.getLogger(__name__)
 
@@ -81,18 +81,6 @@ def _check_same_clip(init, clip: ClipModel) -> None:
                           f"CLIP it learnt from (--clip {init})")
 
 
-def _continued(record: dict, init, parts, data, tc):
-    """The data and training settings of a run continued from `init`: the training data (not the
-    validation pairs) and the noise drawn with `continuation_seed`'s offset, recorded in `record`."""
-    from dataclasses import replace
-
-    offset = continuation_seed(init, parts)
-    record["seed_offset"] = offset
-    log.info("continuing from %s: data and noise drawn with seed offset %d, so this run sees other samples "
-             "than the one that made those weights", init, offset)
-    return replace(data, seed=data.seed + offset), replace(tc, seed=tc.seed + offset)
-
-
 # --- decoder ---------------------------------------------------------------------------------
 
 
@@ -132,7 +120,7 @@ def train_decoder(cfg: UnclipConfig, *, clip_dir: str | Path, run_dir: str | Pat
         _check_same_clip(init, clip)
         parts = {f"{DECODER_DIR}/{UNET_WEIGHTS}": decoder.unet, f"{TEXT_PROJ_DIR}/model.safetensors": decoder.text_proj}
         started_from = {"init": init_from(parts, init, "decoder", cfg.decoder)}
-        data, tc = _continued(started_from["init"], init, parts, data, tc)
+        data, tc = continued(init, (DECODER_DIR, TEXT_PROJ_DIR), data, tc, started_from["init"])
     side = max(cfg.clip.image_size, cfg.decoder.resolution)
     images = feed_for(data, size=side, batch_size=tc.batch_size, num_workers=tc.num_workers)
     val = validation_feed(cfg.data, tc, size=side)
@@ -223,7 +211,7 @@ def train_upsampler(cfg: UnclipConfig, *, stage: int, run_dir: str | Path, out: 
     if init:
         parts = {f"{UPSAMPLER_DIRS[stage][0]}/{UNET_WEIGHTS}": upsampler.unet}
         started_from = {"init": init_from(parts, init, f"upsampler{stage}", uc)}
-        data, tc = _continued(started_from["init"], init, parts, data, tc)
+        data, tc = continued(init, (UPSAMPLER_DIRS[stage][0],), data, tc, started_from["init"])
     images = feed_for(data, size=uc.out_resolution, batch_size=tc.batch_size, num_workers=tc.num_workers)
     feed = upsampler_feed(images, uc, batch_size=tc.batch_size, seed=data.seed + 1000 * stage,
                           device=training_device())

@@ -24,7 +24,7 @@ from unclip.clip.stage import load_clip, provenance, stage_manifest, warn_if_oth
 from unclip.config import UnclipConfig
 from unclip.errors import ConfigError, DataError, ModelFormatError, UnclipError
 from unclip.io import write_json_atomic
-from unclip.modeldir import check_replaceable, init_record, load_into, read_manifest, save_model_dir, save_weights, verify_files
+from unclip.modeldir import check_replaceable, continued, init_record, load_into, read_manifest, save_model_dir, save_weights, verify_files
 from unclip.prior.ar import ARPrior
 from unclip.prior.diffusion import DiffusionPrior
 from unclip.prior.pca import PCAQuantizer
@@ -103,10 +103,13 @@ def train_prior(cfg: UnclipConfig, *, kind: str, clip_dir: str | Path, run_dir: 
         prior.config = getattr(cfg, section)  # this run's training and sampling settings, same network
     else:
         prior = build(cfg, clip, fit_samples=fit_samples, embeddings=embeddings or None)
+    data = cfg.data
+    if init:
+        data, tc = continued(init, (section,), data, tc, started_from["init"])
     if embeddings:
-        feed = embedding_feed(clip, embeddings, batch_size=tc.batch_size, seed=cfg.data.seed)
+        feed = embedding_feed(clip, embeddings, batch_size=tc.batch_size, seed=data.seed)
     else:
-        feed = on_the_fly_feed(clip, feed_for(cfg.data, size=cfg.clip.image_size, batch_size=tc.batch_size,
+        feed = on_the_fly_feed(clip, feed_for(data, size=cfg.clip.image_size, batch_size=tc.batch_size,
                                               num_workers=tc.num_workers))
     clip.to(training_device())  # encodes each batch's captions where the prior trains
     val = validation_feed(cfg.data, tc, size=cfg.clip.image_size)
