@@ -258,3 +258,24 @@ def test_raw_decoder_script_writes_the_checkpoints_raw_weights(tmp_path):
     assert all(torch.equal(raw.state_dict()[k], v.float()) for k, v in state.items())
     assert any(not torch.equal(a, b) for a, b in zip(raw.state_dict().values(), ema.state_dict().values()))
     assert read_manifest(tmp_path / "raw").provenance["decoder"]["weights"] == "raw (no EMA), checkpoint step 3"
+
+
+def test_a_decoder_continues_on_its_clip_or_one_tuned_from_it_and_on_no_other(tmp_path, capsys):
+    """scripts/rebase_default_gpu.sh continues the shipped decoder on a CLIP fine-tuned from its own
+    (`unclip train clip --init`): that lineage is accepted; a CLIP trained apart is refused."""
+    from unclip.cli import main
+
+    clip = ["train", "clip", "--preset", "tiny", "--no-eval", "--set", "clip.train.steps=2",
+            "--set", "clip.train.batch_size=8"]
+    assert main([*clip, "--run-dir", str(tmp_path / "ca"), "--out", str(tmp_path / "a")]) == 0
+    assert main([*clip, "--run-dir", str(tmp_path / "cb"), "--out", str(tmp_path / "tuned"),
+                 "--init", str(tmp_path / "a")]) == 0
+    assert main([*clip, "--run-dir", str(tmp_path / "cc"), "--out", str(tmp_path / "apart"),
+                 "--set", "clip.train.seed=7"]) == 0
+    decoder = ["train", "decoder", "--preset", "tiny", "--no-eval", "--set", "decoder.train.steps=1"]
+    assert main([*decoder, "--clip", str(tmp_path / "a"), "--run-dir", str(tmp_path / "d"),
+                 "--out", str(tmp_path / "dec")]) == 0
+    for clip_dir, code in (("a", 0), ("tuned", 0), ("apart", 2)):
+        assert main([*decoder, "--clip", str(tmp_path / clip_dir), "--init", str(tmp_path / "dec"),
+                     "--run-dir", str(tmp_path / f"d-{clip_dir}"), "--out", str(tmp_path / f"dec-{clip_dir}")]) == code
+    assert "and --clip was not fine-tuned from it" in capsys.readouterr().err

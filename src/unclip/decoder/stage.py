@@ -55,30 +55,47 @@ def _stage_index(cfg: UnclipConfig, stage: int) -> int:
     return stage - 1
 
 
-def _check_same_clip(init, clip: ClipModel) -> None:
-    """A ConfigError unless the decoder at `init` learnt from `clip` (the same embeddings of a few
-    renders and captions; its files may differ in precision): continued against another CLIP, its
-    weights would read z_i and caption states of another space, silently."""
-    from unclip.data.render import render
-    from unclip.data.shapes import to_tensor
-    from unclip.data.world import sample
+def _check_same_clip(init, clip_dir, clip: ClipModel) -> None:
+    """A ConfigError unless the decoder at `init` learnt from the CLIP at `clip_dir` or from one it was
+    fine-tuned from (`unclip train clip --init`, as scripts/rebase_default_gpu.sh continues the shipped
+    decoder on a relation-aware CLIP): continued against an unrelated CLIP, its weights would read
+    z_i and caption states of another space, silently. With a recorded history the CLIP's lineage
+    decides; without one (CLIPs saved with no provenance), the same embeddings of a few renders and
+    captions (its files may differ in precision)."""
+    from unclip.clip.stage import clip_records
 
     try:
         theirs = load_clip(init).to(clip.device)
     except ModelFormatError:
         return  # no CLIP beside its decoder (an imported model's layout): nothing to compare
-    samples = [sample("val", i) for i in range(4)]
-    images = torch.stack([to_tensor(render(s.scene, clip.config.image_size)) for s in samples])
-    captions = [s.caption for s in samples]
-    same = theirs.config.embed_dim == clip.config.embed_dim and theirs.config.image_size == clip.config.image_size
-    if same:
-        with torch.no_grad():
-            ours, other = clip.encode_image(images), theirs.encode_image(images)
-            ours_t, other_t = clip.encode_captions(captions), theirs.encode_captions(captions)
-        same = min(float((ours * other).sum(1).min()), float((ours_t * other_t).sum(1).min())) > 0.99
+    learnt_from = clip_records(read_manifest(init))[0]
+    if learnt_from:
+        step = clip_records(read_manifest(clip_dir))[0]
+        while step and step != learnt_from:  # back through the CLIP's own --init history
+            step = (step.get("init") or {}).get("provenance") or {}
+        same = bool(step)
+    else:
+        same = _same_embeddings(clip, theirs)
     if not same:
-        raise ConfigError(f"--init {init}: its decoder learnt from another CLIP than --clip gives; continue it with the "
-                          f"CLIP it learnt from (--clip {init})")
+        raise ConfigError(f"--init {init}: its decoder learnt from another CLIP than --clip gives, and --clip was "
+                          f"not fine-tuned from it; continue it with the CLIP it learnt from (--clip {init})")
+
+
+def _same_embeddings(ours: ClipModel, theirs: ClipModel) -> bool:
+    """Whether two CLIPs embed a few val renders and their captions alike (cosine > 0.99)."""
+    from unclip.data.render import render
+    from unclip.data.shapes import to_tensor
+    from unclip.data.world import sample
+
+    if (theirs.config.embed_dim, theirs.config.image_size) != (ours.config.embed_dim, ours.config.image_size):
+        return False
+    samples = [sample("val", i) for i in range(4)]
+    images = torch.stack([to_tensor(render(s.scene, ours.config.image_size)) for s in samples])
+    captions = [s.caption for s in samples]
+    with torch.no_grad():
+        pairs = ((ours.encode_image(images), theirs.encode_image(images)),
+                 (ours.encode_captions(captions), theirs.encode_captions(captions)))
+    return all(float((a * b).sum(1).min()) > 0.99 for a, b in pairs)
 
 
 # --- decoder ---------------------------------------------------------------------------------
@@ -117,7 +134,7 @@ def train_decoder(cfg: UnclipConfig, *, clip_dir: str | Path, run_dir: str | Pat
     decoder = build_decoder(cfg)
     started_from, data = {}, cfg.data
     if init:
-        _check_same_clip(init, clip)
+        _check_same_clip(init, clip_dir, clip)
         parts = {f"{DECODER_DIR}/{UNET_WEIGHTS}": decoder.unet, f"{TEXT_PROJ_DIR}/model.safetensors": decoder.text_proj}
         started_from = {"init": init_from(parts, init, "decoder", cfg.decoder)}
         data, tc = continued(init, (DECODER_DIR, TEXT_PROJ_DIR), data, tc, started_from["init"])
