@@ -667,13 +667,15 @@ def _set(obj: Any, keys: list[str], value: Any, full_key: str) -> Any:
     head, rest = keys[0], keys[1:]
     prefix = full_key[: len(full_key) - len(".".join(rest))].rstrip(".")
     if isinstance(obj, tuple):
-        if head.isdigit() and int(head) == len(obj) and obj and isinstance(obj[-1], UpsamplerConfig):
-            obj = (*obj, next_upsampler(obj[-1]))  # `--set upsamplers.1.…` adds the stage after the last
-        if not head.isdigit() or int(head) >= len(obj):
-            grows = bool(obj) and isinstance(obj[-1], UpsamplerConfig)
+        grows = bool(obj) and isinstance(obj[-1], UpsamplerConfig)  # `--set upsamplers.N.…` adds stage N
+        if grows and head.isdigit() and int(head) == len(obj):
+            obj = (*obj, next_upsampler(obj[-1]))
+        elif not head.isdigit() or int(head) >= len(obj):
+            if not obj:
+                raise ConfigError(f"{prefix!r}: the list is empty; give it whole, e.g. "
+                                  "--set 'upsamplers=[{\"in_resolution\": 32}]'")
             raise ConfigError(f"{prefix!r}: index must be 0..{len(obj) - 1}"
-                              + (f", or {len(obj)} to add a stage after the last" if grows else "") if obj else f"{prefix!r}: the list is "
-                              "empty; give it whole, e.g. --set 'upsamplers=[{\"in_resolution\": 32}]'")
+                              + (f", or {len(obj)} to add a stage after the last" if grows else ""))
         i = int(head)
         if not rest:
             raise ConfigError(f"{prefix} is a section, not a value; set one of its keys")

@@ -30,12 +30,12 @@ def _label_reader(model_dir):
     """Labels as `generate` reads prompts (`UnclipPipeline.read_form`): a CLIP trained on shapes world
     reads them in its captions' form ("An Orange Triangle" as "an orange triangle", which it had read
     as a red circle); words its captions never use are warned about."""
+    from unclip.config import UnclipConfig
     from unclip.modeldir import read_manifest
-    from unclip.pipeline.pipeline import IMPORTED
+    from unclip.pipeline.pipeline import reads_world_captions
     from unclip.tokenizer import clean_text
 
-    config = read_manifest(model_dir).config
-    if config.get("data", {}).get("source", "shapes") != "shapes" or str(config.get("name", "")).startswith(IMPORTED):
+    if not reads_world_captions(UnclipConfig.from_dict(read_manifest(model_dir).config)):
         return clean_text
     from unclip.data.world import caption_form, unknown_words
 

@@ -183,18 +183,22 @@ def grid_path(verb: str):
     return parse
 
 
-def _common(parser: argparse.ArgumentParser, verb: str, *, seed: int | None = 0) -> None:
+def _common(parser: argparse.ArgumentParser, verb: str, *, seed: int | None = 0, decodes: bool = True) -> None:
+    """The options every sampling verb shares; `decodes=False` (upscale) leaves out the decoder's."""
     parser.add_argument("--model", help="model directory (from `unclip assemble` or `unclip train all`; "
                                         "default: the shipped shapes-world model, docs/model_card.md)")
     parser.add_argument("--out", default=f"out/{verb}.png", type=grid_path(verb),
                         help=f"grid PNG, or a folder to put {verb}.png in; each image goes beside the grid as "
                              f"<name>-<i>.png (default: out/{verb}.png)")
     parser.add_argument("--seed", type=seed_number, default=seed, help=f"random seed (default: {seed})")
-    parser.add_argument("--steps", type=positive_int, help="decoder sampling steps (default: the model's config)")
-    parser.add_argument("--size", type=int, help="image side: the decoder's or an upsampler's output, where the "
-                                                 "cascade stops (default: the largest)")
-    parser.add_argument("--guidance-scale", type=guidance,
-                        help="decoder classifier-free guidance (default: the model's)")
+    if decodes:
+        parser.add_argument("--steps", type=positive_int, help="decoder sampling steps (default: the model's config)")
+    parser.add_argument("--size", type=int, help=("image side: the decoder's or an upsampler's output, where the "
+                                                  "cascade stops" if decodes else "output side: one of the "
+                                                  "upsamplers'") + " (default: the largest)")
+    if decodes:
+        parser.add_argument("--guidance-scale", type=guidance,
+                            help="decoder classifier-free guidance (default: the model's)")
     parser.add_argument("--device", help="torch device, e.g. cuda (default: cpu)")
     add_sampling_arguments(parser)
     parser.add_argument("--threads", type=threads, default=0, help="torch CPU threads (default: torch's choice)")
@@ -416,16 +420,7 @@ def register(subparsers) -> None:
         "--size. The upsamplers learnt from the model's training images, so they sharpen images like those."))
     up.add_argument("image", help="a square image file")
     up.add_argument("-n", type=positive_int, default=1, help="number of draws (default: 1)")
-    up.add_argument("--model", help="model directory (default: the shipped shapes-world model)")
-    up.add_argument("--out", default="out/upscale.png", type=grid_path("upscale"),
-                    help="grid PNG, or a folder to put upscale.png in; each image goes beside the grid as "
-                         "<name>-<i>.png (default: out/upscale.png)")
-    up.add_argument("--size", type=int, help="output side: one of the upsamplers' (default: the largest)")
-    up.add_argument("--seed", type=seed_number, default=0, help="random seed (default: 0)")
-    up.add_argument("--device", help="torch device, e.g. cuda (default: cpu)")
-    add_sampling_arguments(up)
-    up.add_argument("--threads", type=threads, default=0, help="torch CPU threads (default: torch's choice)")
-    up.add_argument("--quiet", action="store_true", help="no progress bars")
+    _common(up, "upscale", decodes=False)
     up.set_defaults(func=_upscale)
 
     asm = subparsers.add_parser("assemble", help="put trained stages together into one model directory",

@@ -108,6 +108,12 @@ def _whole_seed(seed) -> int:
     return seed
 
 
+def reads_world_captions(config: UnclipConfig) -> bool:
+    """Whether a model reads prompts in the form of shapes world's captions (`world.caption_form`):
+    one trained on shapes world, not one imported from diffusers' layout."""
+    return config.data.source == "shapes" and not config.name.startswith(IMPORTED)
+
+
 def _per_stage(name: str, value, stages: int) -> list:
     """An upsampler setting as one value per stage: a value for all, or a list of one per stage."""
     if not isinstance(value, (list, tuple)):
@@ -287,7 +293,7 @@ class UnclipPipeline:
         """`prompt` as this model reads it: `clean_text` (invisible characters, whitespace runs, Thai
         typing variants), and for a shapes-world model the form of the world's captions
         (`world.caption_form`: lower case, Thai words without spaces between them)."""
-        if self.config.data.source != "shapes" or self.config.name.startswith(IMPORTED):
+        if not reads_world_captions(self.config):
             return clean_text(prompt)
         from unclip.data.world import caption_form
 
@@ -327,7 +333,7 @@ class UnclipPipeline:
     def unknown_words(self, prompt: str) -> list[str]:
         """Words of `prompt` that no caption of a shapes-world model's training data uses (each once,
         in order); [] for models trained on other data, whose vocabulary unclip does not keep."""
-        if self.config.data.source != "shapes" or self.config.name.startswith(IMPORTED):
+        if not reads_world_captions(self.config):
             return []
         from unclip.data.world import unknown_words
 

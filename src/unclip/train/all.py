@@ -15,8 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from unclip.config import UnclipConfig
-from unclip.errors import ConfigError, ModelFormatError, TrainingError
-from unclip.io import check_output_dir
+from unclip.errors import ConfigError, ModelFormatError
 from unclip.modeldir import check_replaceable
 from unclip.train import dist
 
@@ -62,11 +61,6 @@ def train_all(cfg: UnclipConfig, *, root: str | Path, out: str | Path, stages: S
     if unknown := set(stages) - set(STAGES):
         raise ConfigError(f"unknown stage(s) {', '.join(sorted(unknown))}; stages are {', '.join(STAGES)}")
     root = Path(root)
-    try:
-        check_output_dir(root)
-    except ConfigError as err:
-        raise TrainingError(f"--run-dir: {err}") from None
-    root.mkdir(parents=True, exist_ok=True)
     with run_lock(root):  # two runs in one root would embed into, and assemble from, each other's stages
         return _train_all(cfg, root=root, out=out, stages=stages, resume=resume, progress=progress,
                           evaluate=evaluate, embed_pairs=embed_pairs, fit_samples=fit_samples)

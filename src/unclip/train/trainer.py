@@ -197,12 +197,20 @@ RANK_VARIABLES = ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK")  # torchrun / acce
 
 @contextlib.contextmanager
 def run_lock(run_dir: Path) -> Iterator[None]:
-    """Hold `run_dir/.lock` while training: a second run in the same folder deleted the first's
-    checkpoint write and interleaved its metrics (`unclip train all` holds its root's the same way).
-    The operating system drops the lock when the
-    process ends; data-loader workers forked from a killed run hold it a few seconds more, so a
-    lock whose recorded process has died is taken over. The ranks of one multi-process run share
-    the folder (rank 0 holds it); where the file system cannot lock, the run goes on without."""
+    """Make `run_dir` (a TrainingError, before any work, when it cannot be written) and hold
+    `run_dir/.lock` while training: a second run in the same folder deleted the first's checkpoint
+    write and interleaved its metrics (`unclip train all` holds its root's the same way). The
+    operating system drops the lock when the process ends; data-loader workers forked from a killed
+    run hold it a few seconds more, so a lock whose recorded process has died is taken over. The
+    ranks of one multi-process run share the folder (rank 0 holds it); where the file system cannot
+    lock, the run goes on without."""
+    from unclip.io import check_output_dir
+
+    try:
+        check_output_dir(run_dir)  # a file on the path, or no permission: said before any work
+    except ConfigError as err:
+        raise TrainingError(f"--run-dir: {err}") from None
+    run_dir.mkdir(parents=True, exist_ok=True)
     try:
         import fcntl
     except ImportError:  # not a POSIX system: no lock
@@ -382,18 +390,11 @@ def train(stage: nn.Module, make_batches: Callable[[int], Iterator[dict]], *, cf
     `val_batches` (a finite feed, e.g. `unclip.train.data.validation_feed`) is evaluated every
     `cfg.eval_every` steps and at the end; its mean losses go to the metrics as `val_<name>`.
     """
-    from unclip.io import check_output_dir
-
     run_dir = Path(run_dir)
-    try:
-        check_output_dir(run_dir)  # a file on the path, or no permission: said before any work
-    except ConfigError as err:
-        raise TrainingError(f"--run-dir: {err}") from None
-    run_dir.mkdir(parents=True, exist_ok=True)
-    for path in (run_dir / CHECKPOINT, run_dir / METRICS):
-        if path.exists() and not path.is_file():  # resuming would not see it, starting over would delete the log
-            raise TrainingError(f"{path} is not a file; move it away, then run again")
     with run_lock(run_dir):
+        for path in (run_dir / CHECKPOINT, run_dir / METRICS):
+            if path.exists() and not path.is_file():  # resuming would not see it, starting over would delete the log
+                raise TrainingError(f"{path} is not a file; move it away, then run again")
         return _train(stage, make_batches, cfg=cfg, run_dir=run_dir, run_config=run_config, resume=resume,
                       progress=progress, stage_name=stage_name, time_budget=time_budget, stop_at=stop_at,
                       val_batches=val_batches)
