@@ -497,3 +497,49 @@ def test_an_unclip_export_imports_with_its_own_best_of_candidates_and_unit_z_i(u
                              generator=[g for _ in range(k) for g in gens])
     assert torch.allclose(best, pick_best(rows.reshape(k, *z_t.shape), z_t), atol=1e-6)
     assert not torch.allclose(rows[:2], rows[2:4])  # the candidates differ, so picking means something
+
+
+def test_an_unclip_export_read_back_encodes_images_as_the_original(unclip_model, exported):
+    """The image tasks (variations, interpolate, probe) of an export read back handed its decoder the
+    raw projection (norm 3.2 on the tiny model) where the original, and its decoder's training, have
+    unit-length z_i; a Karlo import keeps raw embeddings (test_imported_image_encoder_...)."""
+    import unclip
+
+    out, _ = exported
+    pipe, back = unclip.load(unclip_model, precision="float32"), unclip.load(out, precision="float32")
+    with torch.no_grad():
+        ours, theirs = pipe.encode_image(_image(32)), back.encode_image(_image(32))
+    assert torch.allclose(theirs, F.pad(ours, (0, theirs.shape[1] - ours.shape[1])), atol=1e-5)
+
+
+def test_an_unclip_export_keeps_its_samplers_eta(unclip_model, tmp_path):
+    """The export recorded each stage's sampler but not its DDIM η, so a model set to sample with η > 0
+    read back sampled deterministically (η = 0)."""
+    import unclip
+    from unclip.pipeline.export import export_diffusers
+
+    model = tmp_path / "model"
+    shutil.copytree(unclip_model, model)
+    manifest = json.loads((model / "unclip.json").read_text())
+    cfg = manifest["config"]
+    cfg["decoder"]["eta"], cfg["prior"]["eta"], cfg["upsamplers"][0]["eta"] = 0.3, 0.2, 0.1
+    (model / "unclip.json").write_text(json.dumps(manifest))
+    back = unclip.load(export_diffusers(model, tmp_path / "diffusers"))
+    assert (back.decoder.config.eta, back.prior.config.eta, back.upsamplers[0].config.eta) == (0.3, 0.2, 0.1)
+
+
+def test_an_export_cleans_up_what_a_killed_export_left(unclip_model, tmp_path):
+    """A killed export left its `.NAME.XXXX.tmp` folder (as big as the model) for good: it carried no
+    writer's PID, so nothing could tell it from a live export's."""
+    import subprocess
+    import sys
+
+    from unclip.pipeline.export import export_diffusers
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    left = tmp_path / f".diffusers.{child.pid}.abcd1234.tmp"
+    left.mkdir()
+    (left / "model_index.json").write_text("{}")
+    out = export_diffusers(unclip_model, tmp_path / "diffusers")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [out.name]

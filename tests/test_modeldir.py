@@ -103,6 +103,31 @@ def test_crash_while_saving_a_model_keeps_the_previous_one(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["model"]  # no temporary left behind
 
 
+@pytest.mark.parametrize("error", [KeyboardInterrupt, OSError])
+def test_a_save_interrupted_between_its_renames_puts_the_previous_model_back(tmp_path, monkeypatch, error):
+    """Ctrl-C (or a failed rename) after the old model was moved aside left nothing at the model's
+    path, and the cleanup deleted the new one, so nothing ever moved the old one back."""
+    import os
+
+    _write_model(tmp_path / "model", _net(), name="first")
+    rename, calls = os.rename, []
+
+    def interrupted(src, dst):
+        calls.append(src)
+        if len(calls) == 2:  # the new model moving in
+            raise error("interrupted")
+        rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", interrupted)
+    with pytest.raises(error):
+        _write_model(tmp_path / "model", _net(), name="second")
+    monkeypatch.setattr(os, "rename", rename)
+    manifest = read_manifest(tmp_path / "model")
+    assert manifest.config["name"] == "first"
+    verify_files(tmp_path / "model", manifest, checksums=True)
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]
+
+
 @pytest.mark.parametrize("kind", ["folder", "file"])
 def test_saving_over_something_that_is_not_a_model_is_refused_and_loses_nothing(tmp_path, kind):
     target = tmp_path / "thesis"

@@ -196,14 +196,21 @@ def _holds_judge(directory: Path) -> bool:
 def swap_in(new: Path, target: Path, marker: str = MANIFEST, *, judge: bool = False) -> None:
     """Replace `target` by `new` with two renames; the old one is removed only afterwards.
 
-    `target` must pass `check_replaceable` (missing, empty, or a directory holding `marker`).
+    `target` must pass `check_replaceable` (missing, empty, or a directory holding `marker`). If
+    the second rename fails (or Ctrl-C lands between the two), the old one is moved back: the
+    caller then deletes `new`, and `restore_interrupted_swap` only undoes a swap whose `new` is left.
     """
     check_replaceable(target, marker, judge=judge)
     old = None
     if target.exists():
         old = target.with_name(f".{target.name}.old-{os.getpid()}")
         os.rename(target, old)
-    os.rename(new, target)
+    try:
+        os.rename(new, target)
+    except BaseException:
+        if old is not None:
+            os.rename(old, target)
+        raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 

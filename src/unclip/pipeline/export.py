@@ -44,7 +44,7 @@ import torch
 
 from unclip.errors import ModelFormatError
 from unclip.io import umask
-from unclip.modeldir import check_replaceable, swap_in
+from unclip.modeldir import check_replaceable, remove_abandoned, swap_in
 
 log = logging.getLogger(__name__)
 
@@ -185,9 +185,11 @@ def _feature_extractor(size: int) -> dict:
 
 
 def _write(out: Path, write) -> Path:
-    """Run `write(tmp)` in a temporary sibling of `out`, then swap it in (a crash leaves `out` as it was)."""
+    """Run `write(tmp)` in a temporary sibling of `out`, then swap it in (a crash leaves `out` as it was).
+    The sibling is named like `save_model_dir`'s, so what a killed export left is cleaned up the same way."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+    remove_abandoned(out)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.{os.getpid()}.", suffix=".tmp"))
     os.chmod(tmp, 0o777 & ~umask())  # mkdtemp makes 0700
     try:
         write(tmp)
@@ -270,6 +272,8 @@ def export_diffusers(model: str | Path, out: str | Path) -> Path:
                          "prior_guidance": pipe.prior.config.guidance_scale, "super_res_steps": up.config.sample_steps,
                          "decoder_sampler": decoder_cfg.sampler, "prior_sampler": pipe.prior.config.sampler,
                          "super_res_sampler": up.config.sampler, "super_res_start": up.config.sample_start,
+                         "decoder_eta": decoder_cfg.eta, "prior_eta": pipe.prior.config.eta,
+                         "super_res_eta": up.config.eta,
                          "prior_best_of": pipe.prior.config.best_of, "candidates": decoder_cfg.candidates,
                          "upsampled_candidates": decoder_cfg.upsampled_candidates},
             "load": "UnCLIPPipeline.from_pretrained(path, trust_remote_code=True)" if shim or up_shim

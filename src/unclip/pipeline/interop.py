@@ -96,6 +96,7 @@ def _defaults(directory: Path) -> dict:
     recorded = directory / "unclip_export.json"
     own = _json(recorded).get("sampling", {}) if recorded.is_file() else {}
     samplers = {"decoder_sampler": "ddpm", "prior_sampler": "ddpm", "super_res_sampler": "ddpm", "super_res_start": 1.0,
+                "decoder_eta": 0.0, "prior_eta": 0.0, "super_res_eta": 0.0,
                 "prior_best_of": 1, "candidates": 1, "upsampled_candidates": 1}  # diffusers draws one of each
     return {**DEFAULTS, **samplers, **{k: v for k, v in own.items() if k in DEFAULTS or k in samplers},
             "unclip_export": recorded.is_file()}
@@ -215,7 +216,7 @@ def _decoder(directory: Path, clip):
         cross_attention_dim=tp.cross_attention_dim, clip_tokens=tp.clip_extra_context_tokens,
         timesteps=process["timesteps"], noise_schedule=process["noise_schedule"], variance=process["variance"],
         prediction_type=process["prediction_type"], time_text="pooled", text_null="empty_prompt",
-        sampler=defaults["decoder_sampler"], sample_steps=defaults["decoder_steps"],
+        sampler=defaults["decoder_sampler"], sample_steps=defaults["decoder_steps"], eta=defaults["decoder_eta"],
         guidance_scale=defaults["decoder_guidance"], candidates=defaults["candidates"],
         upsampled_candidates=defaults["upsampled_candidates"])
     decoder = Decoder(config=cfg, clip_dim=tp.clip_embeddings_dim, text_width=width, unet=unet)
@@ -241,7 +242,7 @@ def _upsampler(directory: Path, decoder_side: int):
                           noise_schedule=process["noise_schedule"], variance=process["variance"],
                           prediction_type=process["prediction_type"], target=shim.get("target", "image"),
                           sampler=defaults["super_res_sampler"], sample_start=defaults["super_res_start"],
-                          sample_steps=defaults["super_res_steps"])
+                          sample_steps=defaults["super_res_steps"], eta=defaults["super_res_eta"])
     if shim:  # one of unclip's own upsamplers, exported: sampled as unclip samples it (residual included)
         from unclip.decoder.upsampler import Upsampler
 
@@ -273,7 +274,8 @@ def _prior(directory: Path, width: int):
                       heads=pc.num_attention_heads, timesteps=process["timesteps"],
                       noise_schedule=process["noise_schedule"], prediction_type=process["prediction_type"],
                       normalization="per_dim", best_of=defaults["prior_best_of"], sampler=defaults["prior_sampler"],
-                      sample_steps=defaults["prior_steps"], guidance_scale=defaults["prior_guidance"])
+                      sample_steps=defaults["prior_steps"], guidance_scale=defaults["prior_guidance"],
+                      eta=defaults["prior_eta"])
     # an unclip export's decoder learnt from unit-length z_i, as its own prior hands them on
     return DiffusersPrior(transformer=transformer, config=cfg, clip_range=process["clip_range"],
                           unit=defaults["unclip_export"])
@@ -328,7 +330,8 @@ def _load_diffusers(path: str | Path, *, image_encoder: str | Path | None, devic
     tokenizer = _tokenizer(directory / "tokenizer", index.get("tokenizer"))
     clip_cfg = _clip_config(text.config, None if vision is None else vision.config)
     clip = DiffusersClip(text=text, vision=vision, tokenizer=tokenizer, config=clip_cfg,
-                         preprocess=None if vision is None else _preprocess(directory, vision.config)).eval()
+                         preprocess=None if vision is None else _preprocess(directory, vision.config),
+                         unit=_defaults(directory)["unclip_export"]).eval()
     with torch.no_grad():
         empty = clip.encode_text(clip.tokenize([""]))
     decoder = _decoder(directory, clip)

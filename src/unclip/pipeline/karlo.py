@@ -6,7 +6,8 @@ An imported model keeps its own networks and computes what diffusers' UnCLIPPipe
   (`encode` → `TokenBatch`, cut captions reported);
 - `DiffusersClip`: CLIPTextModelWithProjection (+ CLIPVisionModelWithProjection when the model
   has one) with the surface of `ClipModel`. Embeddings stay at the raw CLIP scale (diffusers and
-  Karlo never normalise them); the text tower runs without an attention mask, as in diffusers;
+  Karlo never normalise them; an unclip export's image embeddings are unit length, as its own CLIP
+  gives them); the text tower runs without an attention mask, as in diffusers;
 - `DiffusersPrior`: PriorTransformer with the `sample(text_states, text_mask, z_t, ...)` surface
   of `DiffusionPrior`; guidance against the empty prompt; x_start clipped to the scheduler's
   `clip_sample_range` (5 for Karlo); no best-of and no renormalisation (diffusers has neither),
@@ -75,13 +76,14 @@ class DiffusersClip(nn.Module):
 
     text: CLIPTextModelWithProjection; vision: CLIPVisionModelWithProjection or None (a
     text-to-image Karlo directory has none); preprocess: the feature extractor's settings
-    (`size`, `crop`, `mean`, `std`), applied to tensors in [-1, 1].
+    (`size`, `crop`, `mean`, `std`), applied to tensors in [-1, 1]; unit: image embeddings scaled to
+    unit length (an unclip export, whose decoder learnt from unit-length z_i, as its prior's are).
     """
 
     def __init__(self, *, text: nn.Module, tokenizer: HFTokenizer, config: ClipConfig, vision: nn.Module | None = None,
-                 preprocess: dict | None = None):
+                 preprocess: dict | None = None, unit: bool = False):
         super().__init__()
-        self.text, self.vision, self.tokenizer, self.config = text, vision, tokenizer, config
+        self.text, self.vision, self.tokenizer, self.config, self.unit = text, vision, tokenizer, config, unit
         pre = preprocess or {}
         self.resize_to = int(pre.get("size", config.image_size))
         self.crop_to = int(pre.get("crop", config.image_size))
@@ -107,8 +109,9 @@ class DiffusersClip(nn.Module):
         return self.encode_text(self.tokenize(captions)).embeds
 
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Raw z_i [B, D] of square images [B, 3, S, S] in [-1, 1]: resize, centre crop, normalise like
-        the feature extractor (bicubic on tensors instead of PIL's bicubic on 8-bit images)."""
+        """z_i [B, D] (raw, or unit length with `unit`) of square images [B, 3, S, S] in [-1, 1]: resize,
+        centre crop, normalise like the feature extractor (bicubic on tensors instead of PIL's bicubic
+        on 8-bit images)."""
         if self.vision is None:
             raise ModelFormatError(
                 "this imported model has no image encoder, so image tasks (variations, interpolate, textdiff, "
@@ -123,7 +126,8 @@ class DiffusersClip(nn.Module):
         top = (self.resize_to - self.crop_to) // 2
         x = x[..., top:top + self.crop_to, top:top + self.crop_to]  # [B, 3, crop, crop]
         x = ((x + 1) / 2 - self.pixel_mean) / self.pixel_std
-        return self.vision(pixel_values=x).image_embeds.float()
+        z_i = self.vision(pixel_values=x).image_embeds.float()
+        return F.normalize(z_i, dim=-1) if self.unit else z_i
 
 
 class DiffusersPrior(nn.Module):
