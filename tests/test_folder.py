@@ -195,3 +195,12 @@ def test_a_png_whose_pixels_end_early_is_corrupt(tmp_path):
     assert late.report.corrupt == ["short.png"]
     with pytest.raises(ValueError, match="damaged PNG"):
         open_square_rgb(tmp_path / "short.png", 16)
+
+
+def test_an_index_past_the_end_is_an_index_error_so_iteration_stops(folder):
+    ds = FolderDataset(folder, size=8)
+    with pytest.raises(IndexError):
+        ds[len(ds)]
+    with pytest.raises(IndexError):
+        ds[-1]
+    assert [item["key"] for item in ds] == [ds[i]["key"] for i in range(len(ds))]  # wrapped round forever before

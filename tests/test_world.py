@@ -180,6 +180,15 @@ def test_bad_split_or_index_is_a_clear_error():
         sample("val", 10_000_000)
 
 
+def test_bad_language_or_scene_odds_are_clear_errors():
+    with pytest.raises(DataError, match="use en, th or mix"):  # said "use en or th", leaving out mix
+        sample("train", 0, lang="fr")
+    for odds in ((0, 0, 0), (1, 1), (-1, 1, 1), (float("nan"), 1, 1)):  # were numpy's "Probabilities contain NaN"…
+        with pytest.raises(DataError, match="non-negative numbers, not all zero, for single, pair, count"):
+            sample("train", 0, scenes=odds)
+    assert sample("train", 0, scenes=(0, 1, 0)).scene.kind == "pair"
+
+
 def test_prompts_are_read_in_the_form_of_the_captions():
     """Spaces between Thai words, capitals and invisible characters are not how the world writes
     its captions; typed so, "two green stars" drew three on the shipped model."""

@@ -171,6 +171,8 @@ class FolderDataset:
     def __getitem__(self, index: int) -> dict:
         from unclip.data.shapes import to_tensor
 
+        if not 0 <= index < len(self.pairs):  # else `for item in dataset` would wrap round forever
+            raise IndexError(index)
         for offset in range(len(self.pairs)):
             path, caption = self.pairs[(index + offset) % len(self.pairs)]
             try:

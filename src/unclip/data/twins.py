@@ -152,7 +152,7 @@ def twin_group(index: int, *, seed: int = 0, lang: str = "mix", group: int = 2,
                scenes: tuple[float, ...] = KIND_WEIGHTS) -> tuple[list[Sample], str]:
     """([train sample `index`, then `group` − 1 variants of it], the attribute the variants change).
 
-    The attribute is drawn with relative `weights` over TWIN_ATTRIBUTES (shape, colour, size, where).
+    The attribute is drawn with relative `weights` over TWIN_ATTRIBUTES (shape, colour, size, where, binding).
     Every caption is drawn with the same random template choices as the original's. Where the drawn
     attribute has fewer than `group` − 1 values to take, or a caption does not mention it (size and
     position are optional words), the group changes the shape instead, which every caption names and

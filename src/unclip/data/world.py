@@ -259,6 +259,9 @@ def sample_scene(rng: np.random.Generator, split: str, *, scenes: tuple[float, .
     scenes: relative odds of KINDS. Changing them changes which kind a sample is and nothing else
     drawn before it: the kind takes one uniform draw whatever the odds."""
     odds = np.asarray(scenes, dtype=float)
+    if odds.shape != (len(KINDS),) or not np.isfinite(odds).all() or odds.min() < 0 or odds.sum() <= 0:
+        raise DataError(f"scene odds {list(scenes)} must be {len(KINDS)} non-negative numbers, not all zero, for "
+                        f"{', '.join(KINDS)} scenes, e.g. {list(KIND_WEIGHTS)}")
     kind = KINDS[int(rng.choice(3, p=odds / odds.sum()))]
     first = _pick(rng, HELD_OUT_PAIRS if split == "unseen" else SEEN_PAIRS)
     if kind == "single":
@@ -317,7 +320,8 @@ def _article(word: str) -> str:
     return "an" if word[0] in "aeiou" else "a"
 
 
-def _plural(shape: str) -> str:
+def plural(shape: str) -> str:
+    """A shape's English plural (crosses, circles)."""
     return shape + ("es" if shape.endswith("s") else "s")
 
 
@@ -378,12 +382,13 @@ def caption(scene: Scene, *, lang: str, rng: np.random.Generator | None = None) 
     size = coin(0.5)
     if lang == "en":
         words = f"{obj.size} {obj.colour}" if size else obj.colour
-        return f"{COUNT_EN[count]} {words} {_plural(obj.shape)}{bg}"
+        return f"{COUNT_EN[count]} {words} {plural(obj.shape)}{bg}"
     return f"{_th_object(obj, size)}{COUNT_TH[count]}{SHAPES[obj.shape][1]}{bg}"
 
 
 def canonical_caption(scene: Scene, *, lang: str) -> str:
-    """The one deterministic caption naming every attribute; evaluation prompts use it."""
+    """The one deterministic caption naming every attribute; zero-shot classification and the prior's
+    metrics use it (GenEval prompts use the random templates: `unclip.eval.prompts`)."""
     return caption(scene, lang=lang)
 
 
@@ -391,6 +396,8 @@ def sample(split: str, index: int, *, seed: int = 0, lang: str = "mix",
            scenes: tuple[float, ...] = KIND_WEIGHTS) -> Sample:
     """Sample `index` of `split`: its scene (of KINDS with odds `scenes`) and a caption in `lang`
     ("en", "th" or "mix": 50/50)."""
+    if lang not in ("en", "th", "mix"):
+        raise DataError(f"unknown caption language {lang!r}; use en, th or mix")
     rng = _rng(split, index, seed)
     scene = sample_scene(rng, split, scenes=scenes)
     if lang == "mix":
