@@ -136,7 +136,7 @@ def test_the_judge_reads_objects_by_place_then_by_class():
 def test_check_passes_and_fails_exactly_when_it_should():
     colors = {"objects": 1, "include": [{"shape": "circle", "colour": "red", "count": 1}]}
     assert check(colors, {"objects": [_obj("red", "circle")]}) == (True, "pass")
-    assert not check(colors, {"objects": [_obj("blue", "circle")]})[0]
+    assert check(colors, {"objects": [_obj("blue", "circle")]}) == (False, "0 red circles, expected 1")
     assert not check(colors, {"objects": [_obj("red", "circle"), _obj("red", "star")]})[0]
     assert not check(colors, {"objects": []})[0]
     single = {"objects": 1, "include": [{"shape": "circle", "count": 1}]}
@@ -148,7 +148,7 @@ def test_check_passes_and_fails_exactly_when_it_should():
     assert check(counting, {"objects": hearts})[0]
     assert not check(counting, {"objects": hearts[:2]})[0]
     assert not check(counting, {"objects": hearts + [_obj("red", "star")]})[0]
-    assert not check(counting, {"objects": hearts[:2] + [_obj("red", "star")]})[0]
+    assert check(counting, {"objects": hearts[:2] + [_obj("red", "star")]}) == (False, "2 hearts, expected 3")
 
     cell = {"objects": 1, "include": [{"shape": "star", "count": 1, "cell": "top-left"}]}
     assert check(cell, {"objects": [_obj("green", "star", 0.15, 0.2)]})[0]

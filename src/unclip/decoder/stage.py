@@ -29,7 +29,8 @@ from unclip.decoder.upsampler import Upsampler
 from unclip.diffusion import diffusers_beta_args
 from unclip.errors import ConfigError, ModelFormatError
 from unclip.io import write_json_atomic
-from unclip.modeldir import Manifest, check_replaceable, continued, init_from, load_into, read_manifest, save_model_dir, save_weights, verify_files
+from unclip.modeldir import (CLIP_COMPONENTS, Manifest, check_replaceable, continued, init_from, load_into,
+                             read_manifest, save_model_dir, save_weights, verify_files)
 
 log = logging.getLogger(__name__)
 
@@ -64,9 +65,7 @@ def _check_same_clip(init, clip_dir, clip: ClipModel) -> None:
     captions (its files may differ in precision)."""
     from unclip.clip.stage import clip_records
 
-    try:
-        theirs = load_clip(init).to(clip.device)
-    except ModelFormatError:
+    if not all((Path(init) / part).is_dir() for part in CLIP_COMPONENTS):
         return  # no CLIP beside its decoder (an imported model's layout): nothing to compare
     learnt_from = clip_records(read_manifest(init))[0]
     if learnt_from:
@@ -75,7 +74,7 @@ def _check_same_clip(init, clip_dir, clip: ClipModel) -> None:
             step = (step.get("init") or {}).get("provenance") or {}
         same = bool(step)
     else:
-        same = _same_embeddings(clip, theirs)
+        same = _same_embeddings(clip, load_clip(init).to(clip.device))
     if not same:
         raise ConfigError(f"--init {init}: its decoder learnt from another CLIP than --clip gives, and --clip was "
                           f"not fine-tuned from it; continue it with the CLIP it learnt from (--clip {init})")

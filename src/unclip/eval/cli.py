@@ -33,7 +33,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=seed_number, help="random seed (default: 0; training the judge: 1)")
     p.add_argument("--threads", type=threads, default=0, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    g = p.add_argument_group("evaluating a model")
+    g = _Recorded(p.add_argument_group("evaluating a model"))
     g.add_argument("--prompts", help="prompt file (JSONL; default: the shipped set, src/unclip/eval/prompts.jsonl)")
     g.add_argument("--images-per-prompt", type=positive_int, default=4, help="images per prompt (default: 4)")
     g.add_argument("--per-group", type=positive_int, help="use only the first N prompts of each (task, split, lang); "
@@ -63,7 +63,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     j.add_argument("--train-steps", type=positive_int, help="optimizer steps (default: 4000, ~10 min on 1 CPU thread)")
     j.add_argument("--batch-size", type=positive_int, help="renders per step (default: 64)")
     j.add_argument("--eval-n", type=positive_int, help="held-out renders per split for its accuracy (default: 1000)")
-    p.set_defaults(func=run, eval_parser=p)
+    p.set_defaults(func=run, eval_parser=p, model_options=g.actions)
+
+
+class _Recorded:
+    """An argument group that keeps the actions added to it: `eval judge` and `eval prompts` refuse
+    the ones of "evaluating a model" they would ignore."""
+
+    def __init__(self, group: argparse._ArgumentGroup):
+        self.group, self.actions = group, []
+
+    def add_argument(self, *names, **options) -> argparse.Action:
+        self.actions.append(self.group.add_argument(*names, **options))
+        return self.actions[-1]
 
 
 JUDGE_TRAINING = {"train_steps": 4000, "batch_size": 64, "eval_n": 1000}  # `eval judge`'s own options
@@ -82,8 +94,7 @@ def run(args: argparse.Namespace) -> int:
                           "does not use them")
     if args.target in ("judge", "prompts"):  # an option that would change nothing is said, not ignored
         parser = args.eval_parser
-        group = next(g for g in parser._action_groups if g.title == "evaluating a model")
-        unused = [a.option_strings[0] for a in group._group_actions
+        unused = [a.option_strings[0] for a in args.model_options
                   if getattr(args, a.dest) != parser.get_default(a.dest)
                   and (args.target == "judge" or a.dest not in PROMPT_WRITING)]
         if unused:

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from unclip.data.world import Scene, sample_scene
+from unclip.data.world import Scene, plural, sample_scene
 from unclip.eval.judge import Judge, relation_of
 from unclip.eval.prompts import TASKS
 
@@ -41,8 +41,9 @@ TASK_ATTRIBUTES = {"single_object": ("objects", "shape"), "two_object": ("object
 # --- pass / fail -------------------------------------------------------------------------------
 
 
-def _describe(entry: dict) -> str:
-    return " ".join(filter(None, (entry.get("colour"), entry["shape"])))
+def _describe(entry: dict, count: int = 1) -> str:
+    """"red circle", or with a count other than one "red circles"."""
+    return " ".join(filter(None, (entry.get("colour"), entry["shape"] if count == 1 else plural(entry["shape"]))))
 
 
 # Why an image fails, by the first unmet part of its prompt: the number of objects, the objects'
@@ -64,7 +65,7 @@ def verdict(expect: dict, reading: dict) -> tuple[bool, str | None, str]:
         found = [o for o in objects if o["shape"] == entry["shape"]
                  and ("colour" not in entry or o["colour"] == entry["colour"])]
         if len(found) != entry["count"]:
-            return False, "content", f"{len(found)} {_describe(entry)}, expected {entry['count']}"
+            return False, "content", f"{len(found)} {_describe(entry, len(found))}, expected {entry['count']}"
         matched.append(found)
     for entry, found in zip(expect["include"], matched):
         if "cell" in entry and found[0].get("cell") != entry["cell"]:
