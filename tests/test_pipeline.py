@@ -268,6 +268,30 @@ def test_a_network_that_returns_nan_is_an_error_not_a_black_image(pipe, monkeypa
         pipe.generate("a red circle", steps=2)
 
 
+def test_inpainting_with_a_network_that_returns_nan_names_the_decoder(pipe, monkeypatch):
+    """RePaint's images went on unchecked: black images at the decoder's side, and with upsampling
+    the error blamed the upsampler."""
+    real = pipe.decoder.guided_fn
+    monkeypatch.setattr(pipe.decoder, "guided_fn", lambda *a, **k: (lambda x, t: real(*a, **k)(x, t) * float("nan")))
+    mask = torch.zeros(64, 64)
+    mask[32:] = 1
+    for options in ({"upsample": False}, {}):
+        with pytest.raises(SamplingError, match=r"the decoder produced non-finite values \(RePaint, 2 steps\)"):
+            pipe.inpaint(_image(), mask, steps=2, resample=1, seed=0, **options)
+
+
+def test_inpainting_hands_the_upsamplers_images_in_range(pipe, monkeypatch):
+    import unclip.diffusion
+
+    monkeypatch.setattr(unclip.diffusion, "run", lambda loop, callback=None: torch.full((1, 3, 16, 16), 1.5))
+    seen, real = [], pipe.upsamplers[0].sample
+    monkeypatch.setattr(pipe.upsamplers[0], "sample", lambda low, **k: seen.append(low.abs().max()) or real(low, **k))
+    mask = torch.zeros(64, 64)
+    mask[32:] = 1
+    pipe.inpaint(_image(), mask, steps=2, resample=1, seed=0)
+    assert seen == [1.0]  # clamped like `decode`'s images
+
+
 # --- manipulations -------------------------------------------------------------------------------
 
 
@@ -845,6 +869,47 @@ def test_a_run_killed_while_writing_its_images_leaves_no_grid_over_two_runs(tmp_
     with pytest.raises(KeyboardInterrupt):
         cli.write_outputs([Image.new("RGB", (8, 8), "blue")] * 3, out, labels=["b"] * 3, params={"seed": 0})
     assert not out.exists()  # the old grid went first
+
+
+def test_transparent_masks_are_read_like_the_server_reads_them(tmp_path):
+    """Transparent = repaint means fully transparent (alpha 0, the OpenAI convention and the
+    server's), whatever carries the transparency: a palette PNG's transparent index was read as its
+    colour, and a mask a little transparent everywhere repainted the whole image."""
+    from PIL import Image
+
+    from unclip.pipeline.pipeline import _mask_tensor
+
+    right = torch.zeros(1, 1, 16, 16)
+    right[..., 8:] = 1
+    palette = Image.new("P", (64, 64), 1)
+    palette.putpalette([0, 0, 0] * 256)  # both indices black: only the transparency tells them apart
+    palette.paste(0, (32, 0, 64, 64))
+    palette.save(tmp_path / "p.png", transparency=0)
+    faint = Image.new("RGBA", (64, 64), (0, 0, 0, 250))
+    faint.paste((0, 0, 0, 0), (32, 0, 64, 64))
+    for mask in (str(tmp_path / "p.png"), faint, faint.convert("LA"), faint.convert("PA")):
+        assert torch.equal(_mask_tensor(mask, 16), right)
+    opaque = Image.new("RGBA", (64, 64), (0, 0, 0, 255))
+    opaque.paste((255, 255, 255, 255), (32, 0, 64, 64))  # white on an opaque layer
+    with pytest.raises(DataError, match="alpha channel, so its fully transparent pixels mark the region to repaint, and it has none"):
+        _mask_tensor(opaque, 16)
+
+
+def test_a_mask_file_is_read_upright_like_the_image(tmp_path):
+    """`_open_rgb` turns an image by its EXIF orientation; the mask beside it was read as stored, so
+    a photo's mask painted a quarter turn away from what its viewer showed."""
+    from PIL import Image
+
+    from unclip.pipeline.pipeline import _mask_tensor
+
+    stored = Image.new("L", (64, 64), 0)
+    stored.paste(255, (0, 32, 64, 64))  # stored: the bottom half white
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: turn 90° clockwise to view, so the white half shows on the left
+    stored.save(tmp_path / "mask.png", exif=exif)
+    left = torch.zeros(1, 1, 16, 16)
+    left[..., :8] = 1
+    assert torch.equal(_mask_tensor(str(tmp_path / "mask.png"), 16), left)
 
 
 def test_masks_as_bytes_and_listed_generators_are_understood(pipe):

@@ -399,7 +399,8 @@ def register(subparsers) -> None:
         "Keep the image where the mask is black (or opaque) and paint the white (or transparent) region, "
         "following the prompt if given, by RePaint resampling in the decoder."))
     paint.add_argument("image", help="a square image file")
-    paint.add_argument("mask", help="a square mask image: white or transparent = repaint")
+    paint.add_argument("mask", help="a square mask image: white = repaint (in one with transparency: fully "
+                                    "transparent = repaint)")
     paint.add_argument("--prompt", help="what to paint (default: follow the image's own CLIP embedding)")
     paint.add_argument("-n", type=positive_int, default=4, help="number of results (default: 4)")
     paint.add_argument("--resample", type=positive_int, default=5, help="RePaint resamplings per step (default: 5)")

@@ -764,7 +764,8 @@ class UnclipPipeline:
                             generator=gens)
         with self.autocast():
             images = run(loop, _stage_callback(callback, "decoder"))
-        images = self.upsample(images, stages, generator=gens, callback=callback)
+        _check_finite(images, "decoder", "RePaint", steps)
+        images = self.upsample(images.clamp(-1, 1), stages, generator=gens, callback=callback)
         out_side = images.shape[-1]
         if out_side > side:  # keep the original's known pixels at that size
             full = self.pixels(image, out_side)
@@ -838,8 +839,9 @@ def _mask_tensor(mask, side: int) -> torch.Tensor:
     [1, 1, side, side] in {0, 1}."""
     import numpy as np
     import torch.nn.functional as F
-    from PIL import Image
+    from PIL import Image, ImageOps
 
+    transparent = False  # whether the mask's transparency marks the region
     if isinstance(mask, np.ndarray):
         mask = torch.from_numpy(mask)
     if isinstance(mask, torch.Tensor):
@@ -855,17 +857,26 @@ def _mask_tensor(mask, side: int) -> torch.Tensor:
                         f"got {type(mask).__name__}")
     else:
         from unclip.data.png import open_bytes, read_checked
+        from unclip.data.shapes import has_alpha
 
         try:
             pil = mask if isinstance(mask, Image.Image) else open_bytes(read_checked(mask))
             pil.load()
+            if not isinstance(mask, Image.Image):
+                pil = ImageOps.exif_transpose(pil)  # upright, as `_open_rgb` reads the image
         except (OSError, ValueError, Image.DecompressionBombError) as err:
             raise DataError(f"cannot read the mask {mask}: {err}") from None
-        alpha = pil.mode in ("RGBA", "LA")
-        gray = np.asarray(pil.getchannel("A") if alpha else pil.convert("L"), dtype=np.float32) / 255.0
-        m = torch.from_numpy(1.0 - gray if alpha else gray)[None, None]  # transparent = paint (the OpenAI convention)
+        transparent = has_alpha(pil)  # an alpha channel, a transparent palette entry or a colour key
+        if transparent:  # fully transparent = paint (the OpenAI convention, as the server reads edits)
+            alpha = np.asarray(pil.convert("RGBA").getchannel("A"))
+            m = torch.from_numpy((alpha == 0).astype(np.float32))[None, None]
+        else:
+            m = torch.from_numpy(np.asarray(pil.convert("L"), dtype=np.float32) / 255.0)[None, None]
     if m.shape[-1] != m.shape[-2]:
         raise DataError(f"the mask must be square like the image; got {m.shape[-1]}×{m.shape[-2]}")
+    if m.sum() == 0 and transparent:
+        raise DataError("the mask has an alpha channel, so its fully transparent pixels mark the region to repaint, "
+                        "and it has none: erase the region, or save the mask without transparency, region white")
     if m.sum() == 0:
         raise DataError("the mask is empty: mark the region to repaint in white (or transparent)")
     # any coverage paints the whole pixel: a region smaller than half a decoder pixel would vanish
