@@ -365,6 +365,14 @@ def test_interpolation_text_diff_and_pca_probe_shapes(pipe):
         pipe.interpolate(a, b, n=1)
 
 
+def test_text_diff_refuses_captions_without_a_direction_before_inverting(pipe, monkeypatch):
+    """Two captions with one embedding give no direction: said before the image's DDIM inversion,
+    the slow part, not after it."""
+    monkeypatch.setattr(pipe, "invert", lambda *a, **k: pytest.fail("inverted before the captions were checked"))
+    with pytest.raises(DataError, match="same CLIP embedding"):
+        pipe.text_diff(_image(), "a red circle", "a red circle", thetas=[0.5])
+
+
 def test_inpaint_keeps_the_known_pixels(pipe):
     from PIL import Image
 

@@ -79,8 +79,12 @@ def clean_text(text: str) -> str:
 
 
 def _backend_normalizer():
-    """`clean_text` as a `tokenizers` normalizer, saved in tokenizer.json: a tokenizer exported
-    for transformers (`export-diffusers`, AutoTokenizer) then reads text as unclip does."""
+    """`clean_text` as a `tokenizers` normalizer: set on every tokenizer trained or loaded, and
+    written into the tokenizer.json of `export-diffusers`, whose AutoTokenizer then reads text as
+    unclip does. A model directory's own tokenizer.json keeps the bytes it was first saved with
+    (`Tokenizer.save`); the shipped model's predates this normalizer (NFC alone), so
+    AutoTokenizer pointed at that folder, not at an export, reads doubled spaces and Thai spelling
+    variants as typed."""
     from tokenizers import Regex, normalizers
 
     steps = [normalizers.NFC(), normalizers.Replace(Regex(INVISIBLE.pattern), ""),

@@ -716,11 +716,12 @@ class UnclipPipeline:
         if not thetas or any(not is_real(t) or not 0 <= t <= 1 for t in thetas):
             raise ConfigError(f"text-diff angles: give one or more, each in [0, 1] (the paper uses up to 0.25–0.5); "
                               f"got {thetas}")
+        text = self.encode_text([caption, target])  # captions that cannot give a direction fail before the inversion
+        direction = latent.text_direction(text.embeds[1:2], text.embeds[:1])
         z_i, x_T = self.invert(_one_image(image, "text_diff"), steps=steps, guidance_scale=guidance_scale,
                                callback=callback)
-        text = self.encode_text([caption, target])
         # [1, D], as long as z_i: unit for unclip's CLIP, the raw CLIP scale for imported (Karlo) models
-        direction = latent.text_direction(text.embeds[1:2], text.embeds[:1]) * z_i[:1].norm(dim=-1, keepdim=True)
+        direction = direction * z_i[:1].norm(dim=-1, keepdim=True)
         z = latent.slerp(z_i[:1], direction, torch.tensor(thetas)[:, None].to(z_i))
         images = self.decode(z, x_T=x_T[:1].expand(len(thetas), -1, -1, -1), sampler="ddim", eta=0.0, steps=steps,
                              guidance_scale=guidance_scale, seed=seed, callback=callback, inverted=True,
