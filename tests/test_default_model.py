@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,6 +20,45 @@ def test_the_shipped_model_is_complete_float16_and_under_60_mb():
     assert manifest.extra["weights_dtype"] == "float16"
     assert sum(r["bytes"] for r in manifest.files.values()) < 60e6
     assert {"prior", "ar_prior", "decoder", "super_res_first", "text_encoder"} <= {p.name for p in directory.iterdir()}
+
+
+def test_the_shipped_manifest_holds_every_stage_s_evaluation():
+    """DESIGN §4: the manifest holds the model's evaluation summary, one entry per stage and the
+    GenEval-style scores, each with the numbers docs/model_card.md quotes."""
+    evaluation = read_manifest(default_model_dir()).evaluation
+    assert evaluation["clip"]["retrieval"]["en"]["r1"] > 0.95
+    for name in ("diffusion_prior", "ar_prior"):
+        assert evaluation[name]["val"]["en"]["cosine"] > evaluation[name]["val"]["en"]["unrelated_floor"] + 0.5
+    assert evaluation["geneval"]["overall"] > 0.5 and evaluation["decoder"] and evaluation["upsampler"]
+
+
+def test_ship_default_evaluation_only_rewrites_the_manifest_and_nothing_else(tmp_path, monkeypatch):
+    """scripts/ship_default.py --evaluation-only: the given result files land under the manifest's
+    stage names; the weights and every other entry stay as they were."""
+    import importlib.util
+    import shutil
+
+    spec = importlib.util.spec_from_file_location("ship_default", Path(__file__).parents[1] / "scripts/ship_default.py")
+    ship = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ship)
+    target = tmp_path / "model"
+    shutil.copytree(default_model_dir(), target)
+    monkeypatch.setattr(ship, "TARGET", target)
+    before = read_manifest(target)
+    metrics = tmp_path / "stage_metrics.json"
+    metrics.write_text(json.dumps({"prior": {"diffusion": {"val": {"en": {"cosine": 0.5}}}}}), encoding="utf-8")
+    clip_eval = tmp_path / "clip_eval.json"
+    clip_eval.write_text(json.dumps({"retrieval": {"en": {"r1": 0.25}}}), encoding="utf-8")
+    ship.main(["--evaluation-only", "--stage-metrics", str(metrics), "--clip-eval", str(clip_eval)])
+    after = read_manifest(target)
+    assert after.evaluation["diffusion_prior"] == {"val": {"en": {"cosine": 0.5}}}
+    assert after.evaluation["clip"] == {"retrieval": {"en": {"r1": 0.25}}}
+    assert after.evaluation["ar_prior"] == before.evaluation["ar_prior"]
+    assert after.evaluation["geneval"] == before.evaluation["geneval"]
+    assert (after.files, after.config, after.provenance) == (before.files, before.config, before.provenance)
+    verify_files(target, after, checksums=True)
+    with pytest.raises(SystemExit):  # a model to ship and --evaluation-only exclude each other
+        ship.main([str(target), "--evaluation-only"])
 
 
 @pytest.fixture(scope="module")
