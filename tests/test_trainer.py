@@ -4,12 +4,13 @@ import json
 import os
 import signal
 import time
+from dataclasses import replace
 
 import pytest
 import torch
 
 from unclip.config import TrainConfig
-from unclip.errors import ModelFormatError
+from unclip.errors import ConfigError, ModelFormatError
 from unclip.modeldir import save_checkpoint
 from unclip.train.trainer import (EMA, TrainingError, TrainingStopped, _read_resume_state, fit_steps, lr_factor,
                                   to_device, train)
@@ -108,12 +109,14 @@ def test_compile_trains_the_same_prior_under_the_same_names(tmp_path):
 
 
 def test_a_run_resumes_with_execution_or_other_stages_changed_but_not_with_what_it_trains(tmp_path):
-    def run_config(lr=1e-3, compile=False, workers=0, log_every=20, decoder_lr=1e-4, lang="mix"):
+    def run_config(lr=1e-3, compile=False, workers=0, log_every=20, decoder_lr=1e-4, lang="mix", eval_every=0):
         return {"data": {"lang": lang}, "decoder": {"train": {"lr": decoder_lr}},
-                "prior": {"train": {"lr": lr, "compile": compile, "num_workers": workers, "log_every": log_every}}}
+                "prior": {"train": {"lr": lr, "compile": compile, "num_workers": workers, "log_every": log_every,
+                                    "eval_every": eval_every, "eval_batches": 4 + eval_every}}}
 
     save_checkpoint(tmp_path / "checkpoint.pt", {"step": 5, "run_config": run_config()})
-    for changed in (dict(compile=True, workers=4, log_every=1), dict(decoder_lr=5e-5)):
+    # validation draws nothing from the training random state (tests/test_train_scale.py): adding it was refused
+    for changed in (dict(compile=True, workers=4, log_every=1), dict(decoder_lr=5e-5), dict(eval_every=100)):
         assert _read_resume_state(tmp_path / "checkpoint.pt", run_config(**changed), "diffusion_prior")["step"] == 5
     with pytest.raises(TrainingError, match=r"another config \(prior.train.lr: 0.001 → 0.002\);.*--no-resume"):
         _read_resume_state(tmp_path / "checkpoint.pt", run_config(lr=2e-3), "diffusion_prior")
@@ -233,3 +236,42 @@ def test_a_checkpoint_that_cannot_be_written_is_a_clear_error_and_the_last_one_s
         _quick(tmp_path)
     assert (tmp_path / "checkpoint.pt").read_bytes() == kept
     assert not list(tmp_path.glob(".checkpoint.pt.*.tmp"))
+
+
+def test_a_checkpoint_between_two_metrics_rows_resumes_to_the_rows_of_an_uninterrupted_run(tmp_path):
+    """Stopped at step 3 with rows every 4 steps: the resumed run's row 4 averaged step 4 alone (step 3's
+    loss was lost), so metrics.jsonl differed from an uninterrupted run's (ckpt_every=250 with log_every=20
+    in the shapes presets does the same)."""
+    cfg = TrainConfig(steps=8, batch_size=4, lr=0.1, warmup_steps=1, log_every=4, ckpt_every=1000)
+    for stop_at in (3, None):
+        train(_Slow(0.0), _feed, cfg=cfg, run_dir=tmp_path / "split", run_config={"x": 1}, progress=False,
+              stop_at=stop_at)
+    train(_Slow(0.0), _feed, cfg=cfg, run_dir=tmp_path / "whole", run_config={"x": 1}, progress=False)
+    split, whole = ([(row["step"], row["loss"], row["lr"]) for row in map(json.loads, lines)]
+                    for lines in ((tmp_path / name / "metrics.jsonl").read_text().splitlines()
+                                  for name in ("split", "whole")))
+    assert [step for step, _, _ in split] == [4, 8]
+    assert split == whole
+
+
+def test_a_run_started_with_another_seed_offset_is_not_resumed(tmp_path):
+    """`--init` offsets the seed the trainer gets (`modeldir.continued`) but not the run config: a run
+    started with --init and rerun without it (or with another --init) resumed silently and went on
+    drawing the data and noise of another seed, replaying the samples its parent had seen."""
+    cfg = TrainConfig(steps=6, batch_size=4, lr=0.1, warmup_steps=1, log_every=1, ckpt_every=2, seed=123)
+    train(_Slow(0.0), _feed, cfg=cfg, run_dir=tmp_path, run_config={"x": 1}, progress=False, stop_at=2)
+    with pytest.raises(TrainingError, match=r"seed 123, and this one draws with 0: a run started with --init resumes "
+                                            r"only with the same --init.*--no-resume"):
+        train(_Slow(0.0), _feed, cfg=replace(cfg, seed=0), run_dir=tmp_path,
+              run_config={"x": 1}, progress=False)
+    assert train(_Slow(0.0), _feed, cfg=cfg, run_dir=tmp_path, run_config={"x": 1}, progress=False).resumed_from == 2
+
+
+@pytest.mark.parametrize("budget", [float("inf"), float("nan"), 0.0, -60.0])
+def test_a_time_budget_that_is_not_a_positive_number_is_refused(tmp_path, budget):
+    """inf and nan crashed with an OverflowError or ValueError when the schedule was first fitted; 0
+    and negative budgets trained one step and ended the run's schedule there, for good."""
+    cfg = TrainConfig(steps=50, batch_size=4, lr=0.1, warmup_steps=1, log_every=2, ckpt_every=100)
+    with pytest.raises(ConfigError, match=r"time budget .* s: give a positive number of seconds"):
+        train(_Slow(0.0), _feed, cfg=cfg, run_dir=tmp_path, run_config={"x": 1}, progress=False, time_budget=budget)
+    assert not (tmp_path / "checkpoint.pt").exists()

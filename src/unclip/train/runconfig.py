@@ -15,8 +15,9 @@ from typing import Any
 # how the finished stage samples (`assemble(sampling=)` carries them into a model)
 SAMPLING = ("sampler", "sample_steps", "sample_start", "eta", "guidance_scale", "best_of", "candidates",
             "upsampled_candidates")
-# how a run executes, logs and checkpoints, and how it samples: none changes a weight
-EXECUTION_ONLY = ("compile", "num_workers", "log_every", "ckpt_every", *SAMPLING)
+# how a run executes, logs, validates (drawing nothing from the training random state) and checkpoints,
+# and how it samples: none changes a weight
+EXECUTION_ONLY = ("compile", "num_workers", "log_every", "ckpt_every", "eval_every", "eval_batches", *SAMPLING)
 # the priors and the decoder learn from the CLIP's embeddings, so its sections count for them too
 SECTIONS = {"clip": ("data", "tokenizer", "clip"), "diffusion_prior": ("data", "tokenizer", "clip", "prior"),
             "ar_prior": ("data", "tokenizer", "clip", "ar_prior"),

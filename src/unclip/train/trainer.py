@@ -6,9 +6,10 @@ warmup + cosine, `accelerate` (bf16 autocast on CPU or GPU; DDP or FSDP under
 `accelerate launch`), gradient accumulation and clipping, EMA, a progress bar, a JSONL metrics
 file (and TensorBoard when installed), atomic checkpoints every `ckpt_every` steps and at the
 end, and exact resume from the last checkpoint (model, optimizer, scheduler, EMA, step, every
-rank's RNG states and the data position). A loss that turns NaN or Inf on any rank stops every
-rank with the last good checkpoint untouched. With `cfg.eval_every`, validation losses on fixed
-held-out batches are logged as `val_*` rows without touching the training random state.
+rank's RNG states, the data position and the losses summed since the last metrics row). A loss
+that turns NaN or Inf on any rank stops every rank with the last good checkpoint untouched. With
+`cfg.eval_every`, validation losses on fixed held-out batches are logged as `val_*` rows without
+touching the training random state.
 
 Data comes from `make_batches(start)`, which returns an endless iterator of this process's
 batches beginning at global sample number `start`; resuming at step k asks for
@@ -243,7 +244,8 @@ def run_lock(run_dir: Path) -> Iterator[None]:
         handle.close()
 
 
-def _read_resume_state(ckpt_path: Path, run_config: dict[str, Any], stage_name: str) -> dict[str, Any]:
+def _read_resume_state(ckpt_path: Path, run_config: dict[str, Any], stage_name: str,
+                       seed: int | None = None) -> dict[str, Any]:
     def completed(config: dict[str, Any]) -> dict[str, Any]:
         try:  # keys added to UnclipConfig since a checkpoint was written read as their defaults
             return UnclipConfig.from_dict(config).to_dict()
@@ -260,6 +262,14 @@ def _read_resume_state(ckpt_path: Path, run_config: dict[str, Any], stage_name: 
             f"{f'; {len(changed) - 4} more' if len(changed) > 4 else ''}); resume it with that config, "
             "pass --no-resume to start over, or choose another --run-dir (to train a finished model "
             "further, start a new run from it with --init)")
+    # the seed the trainer is handed: a run started with --init adds an offset taken from the weights it
+    # starts from (`modeldir.continued`), which the run config does not show
+    if seed is not None and state.get("seed", seed) != seed:
+        raise TrainingError(
+            f"{ckpt_path} was written by a run that drew its data and noise with seed {state['seed']}, and this one "
+            f"draws with {seed}: a run started with --init resumes only with the same --init, and one started "
+            "without it only without; run the command that started it, pass --no-resume to start over, or "
+            "choose another --run-dir")
     return state
 
 
@@ -390,6 +400,10 @@ def train(stage: nn.Module, make_batches: Callable[[int], Iterator[dict]], *, cf
     `val_batches` (a finite feed, e.g. `unclip.train.data.validation_feed`) is evaluated every
     `cfg.eval_every` steps and at the end; its mean losses go to the metrics as `val_<name>`.
     """
+    if time_budget is not None and not (math.isfinite(time_budget) and time_budget > 0):
+        # fitting the schedule to it crashed (inf, nan) or ended the run, schedule and all, after one step
+        raise ConfigError(f"time budget {time_budget} s: give a positive number of seconds (--minutes: of minutes), "
+                          "or none to train the configured steps")
     run_dir = Path(run_dir)
     with run_lock(run_dir):
         for path in (run_dir / CHECKPOINT, run_dir / METRICS):
@@ -436,7 +450,7 @@ def _train(stage: nn.Module, make_batches: Callable[[int], Iterator[dict]], *, c
 
     start, state, earlier_seconds = 0, None, 0.0
     if resume and ckpt_path.is_file():
-        state = _read_resume_state(ckpt_path, run_config, stage_name)
+        state = _read_resume_state(ckpt_path, run_config, stage_name, seed=cfg.seed)
         trained.load_state_dict(state["model"])  # full weights, before FSDP shards them
         scheduler.load_state_dict(state["scheduler"])
         start = state["step"]
@@ -458,17 +472,21 @@ def _train(stage: nn.Module, make_batches: Callable[[int], Iterator[dict]], *, c
         if ema is not None:
             ema.load_state_dict(state["ema"])
         _restore_rng(state["rng"], rank=rank, world=world, seed=cfg.seed, step=start)
+    # the losses summed since the last metrics row: a checkpoint between two rows carries them over
+    window = (state or {}).get("log_window") or {"sums": {}, "steps": 0}
+    sums, summed = dict(window["sums"]), window["steps"]
     state = None  # free the loaded copy
     samples_per_step = cfg.batch_size * cfg.grad_accum  # global
     batches = make_batches(start * samples_per_step)
 
     def checkpoint(step: int) -> None:
         payload = {
-            "stage": stage_name, "step": step, "run_config": run_config, "world_size": world,
+            "stage": stage_name, "step": step, "run_config": run_config, "seed": cfg.seed, "world_size": world,
             "model": _model_state(accelerator, model), "optimizer": _optimizer_state(accelerator, model, optimizer),
             "scheduler": scheduler.state_dict(), "ema": ema.state_dict() if ema else None,
             "rng": dist.gather(_rng_state()), "data_position": step * samples_per_step, "planned_steps": plan["total"],
             "seconds": earlier_seconds + time.perf_counter() - began,
+            "log_window": {"sums": dict(zip(sums, dist.mean(list(sums.values())), strict=True)), "steps": summed},
         }
         if main:
             save_checkpoint(ckpt_path, payload)
@@ -482,7 +500,6 @@ def _train(stage: nn.Module, make_batches: Callable[[int], Iterator[dict]], *, c
     model.train()
     bar = tqdm(total=cfg.steps, initial=start, desc=f"train {stage_name}", disable=not (progress and main),
                dynamic_ncols=True)
-    sums: dict[str, float] = {}
     with MetricsLog(run_dir, enabled=main) as metrics, _StopOnSigterm() as sigterm:
         for step in range(start, cfg.steps):
             if step >= plan["total"] or (stop_at is not None and step >= stop_at):
@@ -508,7 +525,7 @@ def _train(stage: nn.Module, make_batches: Callable[[int], Iterator[dict]], *, c
             scheduler.step()
             if ema is not None:
                 ema.update(accelerator.unwrap_model(model))
-            window_steps += 1
+            window_steps, summed = window_steps + 1, summed + 1
             done = step + 1
             # one decision for every rank: out of time by the main process's clock; a SIGTERM on any rank
             out_of_time, stopping = dist.agree(main=deadline is not None and time.perf_counter() > deadline,
@@ -522,14 +539,14 @@ def _train(stage: nn.Module, make_batches: Callable[[int], Iterator[dict]], *, c
                     plan["total"] = dist.from_main(fit_steps(
                         done=done, limit=cfg.steps, seconds_per_step=elapsed / window_steps, seconds_left=deadline - now))
                     bar.total = plan["total"]
-                averaged = dist.mean([v / window_steps for v in sums.values()])  # over the window and the ranks
+                averaged = dist.mean([v / summed for v in sums.values()])  # over the window and the ranks
                 row = {"step": done, **dict(zip(sums, averaged, strict=True)),
                        "lr": scheduler.get_last_lr()[0], "samples_per_s": window_steps * samples_per_step / elapsed,
                        **({"planned_steps": plan["total"]} if deadline is not None else {})}
                 metrics.write(row)
                 bar.set_postfix(loss=f"{row['loss']:.4f}", refresh=False)
                 result.metrics = row
-                sums, window_start, window_steps = {}, time.perf_counter(), 0
+                sums, summed, window_start, window_steps = {}, 0, time.perf_counter(), 0
             if val_batches is not None and cfg.eval_every and (done % cfg.eval_every == 0 or done == plan["total"]):
                 row = {"step": done, **_validate(model, val_batches, device, cfg.seed + VALIDATION_SEED)}
                 metrics.write(row)
