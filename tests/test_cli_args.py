@@ -16,6 +16,9 @@ from unclip.cli import main
     (["clip", "eval", "m", "-n", "-1"], "-n: -1 is too small"),
     (["train", "prior", "--clip", "c", "--fit-samples", "0"], "--fit-samples: 0 is too small"),
     (["train", "decoder", "--clip", "c", "--eval-samples", "0"], "--eval-samples: 0 is too small"),
+    (["train", "clip", "--minutes", "inf"], "--minutes: inf minutes: give a positive number"),
+    (["train", "decoder", "--clip", "c", "--minutes", "-2"], "--minutes: -2 minutes: give a positive number"),
+    (["train", "prior", "--clip", "c", "--minutes", "nan"], "--minutes: nan minutes"),
     (["eval", "m", "--guidance-scale", "-1"], "guidance scale -1.0"),
     (["generate", "a red circle", "--upsampled-candidates", "0"], "--upsampled-candidates: 0 is too small"),
     (["eval", "m", "--upsampled-candidates", "0"], "--upsampled-candidates: 0 is too small"),
@@ -28,6 +31,12 @@ from unclip.cli import main
     (["data", "preview", "--size", "100000"], "give 8 to 1024"),
     (["data", "preview", "--seed", "-5"], "give a seed from 0"),
     (["data", "export", "--out", "x", "--seed", "-1"], "give a seed from 0"),
+    # these two were refused only after the model had loaded
+    (["textdiff", "a.png", "a red circle", "a blue circle", "--thetas", "0", "nan"], "nan is not in [0, 1]"),
+    (["textdiff", "a.png", "a red circle", "a blue circle", "--thetas", "2"], "2 is not in [0, 1]"),
+    (["generate", "a red circle", "--upsampler-start", "nan"], "nan is not a noise level in (0, 1]"),
+    (["serve", "--upsampler-start", "0"], "0 is not a noise level in (0, 1]"),
+    (["eval", "m", "--upsampler-start", "1.5"], "1.5 is not a noise level in (0, 1]"),
 ])
 def test_bad_numbers_are_refused_with_what_to_give(argv, message, capsys):
     with pytest.raises(SystemExit) as stop:
@@ -91,3 +100,39 @@ def test_a_run_stopped_with_a_checkpoint_exits_75_and_an_error_2(monkeypatch, ca
 
     monkeypatch.setattr(unclip.clip.stage, "train_clip", broken)
     assert main(argv) == 2 and "unclip: error: /nonexistent" in capsys.readouterr().err
+
+
+def test_every_option_of_every_verb_says_what_it_does_and_its_default():
+    """`--help` is the manual: `unclip embed --help` listed --source, --lang, --seed and --shard-size
+    with no word about them or their defaults."""
+    import argparse
+
+    from unclip.cli import build_parser
+
+    def options(parser, verb):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    yield from options(sub, f"{verb} {name}")
+            elif not isinstance(action, (argparse._HelpAction, argparse._VersionAction)):
+                yield verb, action
+
+    silent = []
+    for verb, action in options(build_parser(), "unclip"):
+        said = action.help or ""
+        has_default = action.option_strings and not any(action.default is nothing for nothing in
+                                                           (None, False, argparse.SUPPRESS)) and action.default != []
+        if not said or (has_default and "default" not in said):
+            silent.append(f"{verb} {'/'.join(action.option_strings) or action.dest}")
+    assert not silent, silent
+
+
+def test_demo_refuses_a_file_for_its_folder_and_an_empty_prompt_before_any_work(tmp_path, capsys):
+    """`demo --out FILE` was "File exists" from mkdir; `demo ""` drew the preview and loaded the model first."""
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(SystemExit) as stop:
+        main(["demo", "--out", str(tmp_path / "afile")])
+    assert stop.value.code == 2 and "afile is a file, not a folder" in capsys.readouterr().err
+    assert main(["demo", "", "--out", str(tmp_path / "demo")]) == 2
+    assert "prompt '' is empty" in capsys.readouterr().err
+    assert not (tmp_path / "demo").exists()

@@ -170,6 +170,16 @@ def test_cli_manifold_writes_files(tmp_path, monkeypatch):
     assert m["grid"]["distinct_classes"] >= 6
 
 
+@pytest.mark.parametrize("verb", [["distance", "--quick"], ["manifold", "--quick"], ["clip", "--model", "m"]])
+def test_cli_out_through_a_file_is_refused_before_training(verb, tmp_path, capsys):
+    """Was "File exists: …/afile" from mkdir, after the explainer had trained."""
+    (tmp_path / "afile").write_text("x")
+    for out in (tmp_path / "afile", tmp_path / "afile" / "sub"):
+        with pytest.raises(SystemExit) as stop:
+            _run_cli(["explain", *verb, "--out", str(out)], None)
+        assert stop.value.code == 2 and "afile" in (err := capsys.readouterr().err) and "not a folder" in err
+
+
 def test_cli_modules_import_light():
     code = "import sys, unclip.explain.cli; print(sorted({'torch', 'sklearn', 'matplotlib'} & set(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout

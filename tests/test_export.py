@@ -77,6 +77,20 @@ def test_cli_preview_and_export(tmp_path, capsys):
     assert (tmp_path / "demo" / "shapes_world.png").is_file()
 
 
+def test_preview_out_takes_a_folder_and_refuses_what_is_no_picture(tmp_path, capsys):
+    """`--out out/` or `--out existing_folder` was a ValueError traceback ("unknown file extension: .tmp")."""
+    (tmp_path / "afile").write_text("x")
+    assert main(["data", "preview", "-n", "1", "--size", "8", "--out", str(tmp_path)]) == 0
+    assert (tmp_path / "preview.png").is_file()
+    assert main(["data", "preview", "-n", "1", "--size", "8", "--out", str(tmp_path / "new") + "/"]) == 0
+    assert (tmp_path / "new" / "preview.png").is_file()
+    for out, message in ((tmp_path / "p.gif", "give a .png (or .jpg, .webp) path, or a folder"),
+                         (tmp_path / "afile" / "p.png", "afile is a file, not a folder")):
+        with pytest.raises(SystemExit) as stop:
+            main(["data", "preview", "-n", "1", "--size", "8", "--out", str(out)])
+        assert stop.value.code == 2 and message in capsys.readouterr().err
+
+
 def test_a_smaller_export_into_a_larger_ones_folder_is_refused_before_writing(tmp_path):
     from unclip.errors import DataError
 

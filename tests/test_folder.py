@@ -175,6 +175,12 @@ def test_data_check_reports_what_training_will_do_with_a_folder(folder, capsys):
     with Image.open(folder / "sheet.png") as sheet:  # the 5 usable pairs as training reads them, captioned
         assert sheet.width >= 5 * 96 and sheet.height > 96
     assert "the first 5 pairs as training reads them" in capsys.readouterr().out
+    (folder / "afile").write_text("x")  # refused before every pair is read, not as "File exists" after
+    with pytest.raises(SystemExit):
+        main(["data", "check", str(folder), "--sheet", str(folder / "afile" / "s.png")])
+    assert "afile is a file, not a folder" in capsys.readouterr().err
+    assert main(["data", "check", str(folder), "--sheet", str(folder / "sheets") + "/"]) == 0  # was a traceback
+    assert (folder / "sheets" / "sheet.png").is_file()
 
 
 def test_a_png_whose_pixels_end_early_is_corrupt(tmp_path):

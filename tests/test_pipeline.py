@@ -227,6 +227,9 @@ def test_bad_input_is_a_clear_error(pipe, tmp_path):
         pipe.generate("a red circle", prior="gan")
     with pytest.raises(DataError, match="square"):
         pipe.variations(Image.new("RGB", (40, 30)))
+    Image.new("RGB", (40, 30)).save(tmp_path / "wide.png")  # of two images, the one to crop is named
+    with pytest.raises(DataError, match=r"the image \S*wide.png is 40×30; unclip works on square images"):
+        pipe.interpolate(_image(), tmp_path / "wide.png")
     with pytest.raises(DataError, match="cannot read"):
         pipe.encode_image("/nonexistent/image.png")
     with pytest.raises(DataError, match=r"\[B, 3, S, S\]"):

@@ -80,6 +80,29 @@ def holdout(value: str) -> float:
     return number
 
 
+def _number(value: str) -> float:
+    try:
+        return float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number") from None
+
+
+def angle(value: str) -> float:
+    """A text-diff rotation fraction θ in [0, 1]."""
+    number = _number(value)
+    if not 0 <= number <= 1:  # NaN too
+        raise argparse.ArgumentTypeError(f"{value} is not in [0, 1]: give e.g. 0 0.25 0.5")
+    return number
+
+
+def noise_level(value: str) -> float:
+    """A sampler's starting noise level, a fraction of its schedule in (0, 1] (1 = pure noise)."""
+    number = _number(value)
+    if not 0 < number <= 1:  # NaN too
+        raise argparse.ArgumentTypeError(f"{value} is not a noise level in (0, 1] (1 = pure noise): give e.g. 0.5")
+    return number
+
+
 def eta(value: str) -> float:
     """A DDIM η in [0, 1]."""
     from unclip.config import check_eta
@@ -93,3 +116,16 @@ def seed_number(value: str) -> int:
     if not 0 <= number < 2**63:
         raise argparse.ArgumentTypeError(f"{number}: give a seed from 0 to {2**63 - 1}")
     return number
+
+
+def output_folder(value: str) -> str:
+    """An output folder, or a path that can become one: a file on its way is refused before any work
+    (it was "File exists" from mkdir once the work was done)."""
+    from unclip.errors import ConfigError
+    from unclip.io import check_output_dir
+
+    try:
+        check_output_dir(value)
+    except ConfigError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return value

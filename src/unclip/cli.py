@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from unclip import __version__
-from unclip.argtypes import positive_int, seed_number
+from unclip.argtypes import output_folder, positive_int, seed_number
 from unclip.errors import STOPPED, TrainingStopped, UnclipError
 
 # Modules with a `register(subparsers)` function, in the order their verbs appear in --help.
@@ -39,13 +39,15 @@ def _demo(args: argparse.Namespace) -> int:
     import unclip
     from unclip.data.preview import write_preview
     from unclip.pipeline.cli import write_outputs
+    from unclip.pipeline.pipeline import prompt_list
 
+    prompts = list(args.prompts or DEMO_PROMPTS)
+    prompt_list(prompts)  # an empty prompt is refused before the preview is drawn and the model loads
     out = Path(args.out)
     path = write_preview(out / "shapes_world.png", split="train", n=8, size=96, seed=args.seed)
     print(f"shapes world, the data the default model learned from: {path}")
     started = time.perf_counter()
     pipe = unclip.load()
-    prompts = list(args.prompts or DEMO_PROMPTS)
     images = pipe.generate(prompts, n=args.n, seed=args.seed)
     seconds = time.perf_counter() - started
     grid = out / "generate.png"
@@ -71,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
         "caption with the shipped default model, and print where both pictures are."))
     demo.add_argument("prompts", nargs="*", metavar="PROMPT", help="captions to draw (default: a red circle above "
                       "a blue square, in English and Thai)")
-    demo.add_argument("--out", default="out/demo", help="output folder (default: out/demo)")
+    demo.add_argument("--out", default="out/demo", type=output_folder, help="output folder (default: out/demo)")
     demo.add_argument("-n", type=positive_int, default=2, help="images per caption (default: 2)")
     demo.add_argument("--seed", type=seed_number, default=0, help="random seed (default: 0)")
     demo.set_defaults(func=_demo)

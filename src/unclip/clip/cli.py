@@ -166,11 +166,16 @@ def register(subparsers) -> None:
                                           "becomes 000123.npz with the same keys in the same order.")
     m.add_argument("model", help="model directory holding a CLIP")
     m.add_argument("--out", required=True, help="output folder")
-    m.add_argument("--source", choices=["shapes", "folder", "webdataset"], default="shapes")
-    m.add_argument("--path", default="", help="folder, or shard pattern like 'data/{000000..000009}.tar'")
+    m.add_argument("--source", choices=["shapes", "folder", "webdataset"], default="shapes",
+                   help="shapes (the shapes world, rendered), folder (images with same-name .txt captions) or "
+                        "webdataset (shards); folder and webdataset need --path (default: shapes)")
+    m.add_argument("--path", default="", help="folder, or shard pattern like 'data/{000000..000009}.tar' "
+                                              "(default: none; needed for folder and webdataset)")
     m.add_argument("--split", default="train", help="shapes-world split (default: train)")
     m.add_argument("-n", type=positive_int, default=10_000, help="shapes-world pairs (default: 10000)")
-    m.add_argument("--lang", default="mix", choices=["en", "th", "mix"])
-    m.add_argument("--seed", type=seed_number, default=0)
-    m.add_argument("--shard-size", type=positive_int, default=10_000)
+    m.add_argument("--lang", default="mix", choices=["en", "th", "mix"],
+                   help="shapes-world caption language: en, th or mix, 50/50 (default: mix)")
+    m.add_argument("--seed", type=seed_number, default=0, help="shapes-world data seed (default: 0)")
+    m.add_argument("--shard-size", type=positive_int, default=10_000,
+                   help="pairs per .npz shard for shapes and folder; webdataset keeps its tars' (default: 10000)")
     m.set_defaults(func=_embed)

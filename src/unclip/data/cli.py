@@ -6,6 +6,7 @@ Values are checked by the library functions, which raise `DataError` naming the 
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 from unclip.argtypes import holdout, int_range, positive_int, seed_number
@@ -15,11 +16,35 @@ _SPLITS_HELP = ", ".join(f"{s} ({SPLIT_LENGTHS[s]:,} samples)" if s in SPLIT_LEN
                          for s in SPLITS)
 
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")  # what `unclip.io.save_image_atomic` writes
+
+
+def picture_path(name: str):
+    """An argparse type for a picture to write: a folder (existing, ending in "/", or with no suffix)
+    gets `name` inside; a suffix that is no image format is refused, and so is a path through a
+    file, before any work (they were a ValueError traceback after it)."""
+
+    def parse(value: str) -> str:
+        from unclip.errors import ConfigError
+        from unclip.io import check_output_dir
+
+        path = Path(value)
+        if value.endswith(("/", os.sep)) or path.is_dir() or not path.suffix:
+            path = path / name
+        elif path.suffix.lower() not in IMAGE_SUFFIXES:
+            raise argparse.ArgumentTypeError(f"{value!r}: give a .png (or .jpg, .webp) path, or a folder")
+        try:
+            check_output_dir(path.parent)
+        except ConfigError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+        return str(path)
+
+    return parse
+
+
 def _preview(args: argparse.Namespace) -> int:
     from unclip.data.preview import write_preview
-    from unclip.io import check_output_dir
 
-    check_output_dir(Path(args.out).parent)
     path = write_preview(args.out, split=args.split, n=args.n, size=args.size, seed=args.seed, lang=args.lang)
     print(f"wrote {path}")
     return 0
@@ -88,7 +113,8 @@ def register(subparsers) -> None:
     p.add_argument("--size", type=int_range(8, 1024, " (each scene is drawn at 4× that first)"), default=96, help="image side in pixels, at least 8 (default: 96)")
     p.add_argument("--seed", type=seed_number, default=0, help="data seed (default: 0)")
     p.add_argument("--lang", default="both", help="caption languages: both, en or th (default: both)")
-    p.add_argument("--out", default="out/preview.png", help="PNG to write (default: out/preview.png)")
+    p.add_argument("--out", default="out/preview.png", type=picture_path("preview.png"),
+                   help="PNG to write, or a folder to put preview.png in (default: out/preview.png)")
     p.set_defaults(func=_preview)
 
     e = verbs.add_parser(
@@ -112,12 +138,13 @@ def register(subparsers) -> None:
         "check", help="what your caption folder or webdataset shards hold, before training on them",
         description="Read every pair as training would: how many are usable, which are skipped and why, how "
                     "many images training will upscale, crop or turn upright, how long the captions are, and "
-                    "how many pairs a data.holdout keeps out. Nothing is written.")
+                    "how many pairs a data.holdout keeps out. Nothing is written but the --sheet picture.")
     c.add_argument("path", help="a folder of images with same-name .txt captions, or shards 'DIR/{000000..000099}.tar'")
     c.add_argument("--size", type=positive_int, default=128,
                    help="the largest resolution a stage will train at (default: 128, the shapes preset's upsampler)")
-    c.add_argument("--holdout", type=holdout, default=0.0, help="count the pairs this data.holdout keeps out (e.g. 0.05)")
+    c.add_argument("--holdout", type=holdout, default=0.0, help="count the pairs this data.holdout keeps out (e.g. 0.05; default: 0, none)")
     c.add_argument("--json", action="store_true", help="print the report as JSON")
-    c.add_argument("--sheet", metavar="PNG", help="also draw the first 16 pairs as training reads them (cropped, "
-                                                   "upright, at --size) with their captions into this PNG")
+    c.add_argument("--sheet", metavar="PNG", type=picture_path("sheet.png"),
+                   help="also draw the first 16 pairs as training reads them (cropped, upright, at --size) with "
+                        "their captions into this PNG (a folder gets sheet.png; default: no sheet)")
     c.set_defaults(func=_check)

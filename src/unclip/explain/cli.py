@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from unclip.argtypes import int_range, seed_number, threads
+from unclip.argtypes import int_range, output_folder, seed_number, threads
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -32,7 +32,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     for name, func, help_text, description in verbs:
         verb = sub.add_parser(name, help=help_text, description=description)
-        verb.add_argument("--out", default=f"out/explain/{name}", help=f"output folder (default: out/explain/{name})")
+        verb.add_argument("--out", default=f"out/explain/{name}", type=output_folder,
+                          help=f"output folder (default: out/explain/{name})")
         verb.add_argument("--seed", type=seed_number, default=0, help="seed of the data split and the weights "
                           f"{'and pairs ' if name == 'distance' else ''}(default: 0)")
         verb.add_argument("--quick", action="store_true", help="a few seconds: fewer epochs" +
@@ -45,7 +46,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "colour and shape classification as the nearest caption (seen and held-out pairs, English "
                     "and Thai), and a t-SNE of image and caption embeddings together (PNG and interactive HTML).")
     clip.add_argument("--model", required=True, help="model directory holding a CLIP (e.g. runs/shapes/clip/model)")
-    clip.add_argument("--out", default="out/explain/clip", help="output folder (default: out/explain/clip)")
+    clip.add_argument("--out", default="out/explain/clip", type=output_folder,
+                      help="output folder (default: out/explain/clip)")
     clip.add_argument("--seed", type=seed_number, default=0, help="t-SNE seed (default: 0)")
     clip.add_argument("-n", type=int_range(10, 5000, " (t-SNE needs more points than its neighbours)"), default=150,
                       help="scenes in the t-SNE (default: 150)")

@@ -14,7 +14,7 @@ import os
 import sys
 from pathlib import Path
 
-from unclip.argtypes import eta, guidance, int_range, positive_int, seed_number, threads
+from unclip.argtypes import angle, eta, guidance, int_range, noise_level, positive_int, seed_number, threads
 from unclip.errors import ConfigError
 from unclip.io import check_output_dir
 
@@ -139,7 +139,7 @@ def add_sampling_arguments(parser) -> None:
     parser.add_argument("--upsampler-sampler", choices=["ddpm", "ddim", "dpmsolver++"], nargs="+",
                         metavar="SAMPLER", help="upsampler sampler (ddpm, ddim or dpmsolver++): one for every stage, "
                                                 "or one per stage (default: the model's config)")
-    parser.add_argument("--upsampler-start", type=float, nargs="+", metavar="LEVEL",
+    parser.add_argument("--upsampler-start", type=noise_level, nargs="+", metavar="LEVEL",
                         help="noise level the upsampler starts from, a fraction of its schedule: 1 is pure noise, "
                              "lower starts from the noised bicubic upsampling and needs fewer steps; one for every "
                              "stage, or one per stage (default: the model's config)")
@@ -389,7 +389,7 @@ def register(subparsers) -> None:
     diff.add_argument("image", help="a square image file")
     diff.add_argument("caption", help="what the image shows now, e.g. \"a red circle\"")
     diff.add_argument("target", help="what it should show, e.g. \"a blue circle\"")
-    diff.add_argument("--thetas", type=float, nargs="+", default=[0.0, 0.15, 0.3, 0.45, 0.6, 0.75],
+    diff.add_argument("--thetas", type=angle, nargs="+", default=[0.0, 0.15, 0.3, 0.45, 0.6, 0.75],
                       help="rotation fractions in [0, 1] (default: 0 0.15 … 0.75; the paper shows up to 0.5, the "
                            "shipped model changes a colour between 0.5 and 0.75)")
     _common(diff, "textdiff")

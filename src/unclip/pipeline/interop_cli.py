@@ -72,7 +72,8 @@ def register(subparsers) -> None:
                                              "source has no image_encoder/ (Karlo: openai/clip-vit-large-patch14)")
     pca = imp.add_mutually_exclusive_group()
     pca.add_argument("--pca-images", help="folder of images whose CLIP embeddings give `unclip probe` its PCA basis")
-    pca.add_argument("--pca-shapes", type=int, default=0, help="fit the PCA basis on N shapes-world renders instead")
+    pca.add_argument("--pca-shapes", type=int, default=0, help="fit the PCA basis on N shapes-world renders instead "
+                                                                "(default: 0; with neither, no basis for `unclip probe`)")
     imp.add_argument("--pca-variance", type=float, default=0.99,
                      help="keep the components explaining this share of variance (default: 0.99)")
     imp.set_defaults(func=_import)

@@ -830,7 +830,8 @@ def _open_rgb(item):
         except (OSError, ValueError, Image.DecompressionBombError) as err:
             raise DataError(f"cannot read the image {item}: {err}") from None
     if image.width != image.height:
-        raise DataError(f"the image is {image.width}×{image.height}; unclip works on square images, so crop it "
+        named = "the image" if isinstance(item, Image.Image) else f"the image {item}"  # which of two (interpolate)
+        raise DataError(f"{named} is {image.width}×{image.height}; unclip works on square images, so crop it "
                         f"to a square first (e.g. the centre {min(image.size)}×{min(image.size)})")
     return to_rgb(image)
 
