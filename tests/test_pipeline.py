@@ -439,6 +439,9 @@ def test_every_cli_verb_runs_on_the_tiny_model(model_dir, tmp_path, capsys):
     for name, side in (("small-1.png", 16), ("up-1.png", 64)):
         with Image.open(tmp_path / name) as image:
             assert image.size == (side, side) and json.loads(image.text["unclip"])["size"] == side, name
+    with Image.open(tmp_path / "up-1.png") as image:  # the cascade's options as applied, so the image can be redrawn
+        params = json.loads(image.text["unclip"])
+    assert params["upsamplers"][0]["steps"] == 2 and params["precision"] in ("float32", "bfloat16")
     capsys.readouterr()
     with Image.open(tmp_path / "generate-1.png") as image:
         params = json.loads(image.text["unclip"])
@@ -452,6 +455,9 @@ def test_every_cli_verb_runs_on_the_tiny_model(model_dir, tmp_path, capsys):
 
     assert main(["generate", "", *common]) == 2  # empty prompt: a clear error, status 2
     assert "empty" in capsys.readouterr().err
+    # textdiff names which of its captions is empty (it said "prompt '' is empty"), before the model loads
+    assert main(["textdiff", str(a), "a red circle", " ", "--model", str(tmp_path / "none"), "--quiet"]) == 2
+    assert "the text diff's target ' ' is empty" in capsys.readouterr().err
     with pytest.raises(SystemExit) as stop:  # not a PNG: refused before anything is generated
         main(["generate", "a red circle", *common, "--out", str(tmp_path / "grid.jpg")])
     assert stop.value.code == 2 and "is not a .png path" in capsys.readouterr().err
@@ -613,12 +619,14 @@ def test_variations_and_inpainting_stop_the_cascade_at_a_size(pipe):
         pipe.interpolate(image, other, size=48)
 
 
-def test_upscale_enlarges_an_image_with_the_upsamplers_alone(pipe):
+def test_upscale_enlarges_an_image_with_the_upsamplers_alone(pipe, caplog):
     image = pipe.generate("a red circle", seed=1, size=16)[0]
     big = pipe.upscale(image, n=2, seed=0)
     assert [b.size for b in big] == [(64, 64)] * 2 and np.asarray(big[0]).tolist() != np.asarray(big[1]).tolist()
     assert np.asarray(pipe.upscale(image, n=2, seed=0)[1]).tolist() == np.asarray(big[1]).tolist()  # seeded
+    assert "already no smaller" not in caplog.text
     assert pipe.upscale(image.resize((64, 64)), seed=0)[0].size == (64, 64)  # a 64² image enters at 16²
+    assert "the image is 64×64, already no smaller than the 64×64 upscale makes" in caplog.text  # not silently
     with pytest.raises(ConfigError, match="enters the cascade at 16² and leaves at 64² or more"):
         pipe.upscale(image, size=16)
     # `upsample` takes decoder images only, and no more stages than there are

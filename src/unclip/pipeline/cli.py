@@ -212,7 +212,15 @@ def _params(args: argparse.Namespace, verb: str, extra: dict, pipe) -> dict:
     return {"verb": verb, "model": str(pipe.directory or args.model), "seed": args.seed,
             "steps": args.steps or decoder.sample_steps,
             "guidance_scale": decoder.guidance_scale if args.guidance_scale is None else args.guidance_scale,
-            "size": args.size or pipe.resolution, **extra}
+            "size": args.size or pipe.resolution, **_cascade_params(pipe), **extra}
+
+
+def _cascade_params(pipe) -> dict:
+    """What the PNGs of every sampling verb record of `add_sampling_arguments`' options, as applied:
+    the precision and each upsampler's sampler, steps and starting noise level."""
+    return {"precision": pipe.precision,
+            "upsamplers": [{"sampler": u.config.sampler, "steps": u.config.sample_steps, "start": u.config.sample_start}
+                           for u in pipe.upsamplers]}
 
 
 def _said(args: argparse.Namespace, count: int) -> None:
@@ -282,6 +290,9 @@ def _interpolate(args: argparse.Namespace) -> int:
 
 
 def _textdiff(args: argparse.Namespace) -> int:
+    from unclip.pipeline.pipeline import text_diff_captions
+
+    text_diff_captions(args.caption, args.target)  # before the model loads
     pipe, bars = _load(args), ProgressBars(not args.quiet)
     images = pipe.text_diff(args.image, args.caption, args.target, thetas=args.thetas, steps=args.steps,
                             guidance_scale=args.guidance_scale, seed=args.seed, callback=bars, size=args.size)
@@ -316,7 +327,7 @@ def _upscale(args: argparse.Namespace) -> int:
     side = images[0].width
     write_outputs(images, args.out, labels=[f"{side}×{side}, draw {i + 1}" for i in range(args.n)],
                   params={"verb": "upscale", "model": str(pipe.directory or args.model), "seed": args.seed,
-                          "size": side, "image": args.image, "n": args.n})
+                          "size": side, "image": args.image, "n": args.n, **_cascade_params(pipe)})
     _said(args, len(images))
     return 0
 

@@ -81,6 +81,14 @@ def _image_seeds(seed: int | Sequence, n: int) -> list:
     return [first + i for i in range(n)]
 
 
+def text_diff_captions(caption: str, target: str) -> None:
+    """A DataError naming the empty one, unless the text diff's two captions both say something."""
+    for name, text in (("caption", caption), ("target", target)):
+        if isinstance(text, str) and not clean_text(text):
+            raise DataError(f"the text diff's {name} {text!r} is empty: give what the image shows now (caption) "
+                            "and what it should show (target), e.g. \"a red circle\" \"a blue circle\"")
+
+
 def prompt_list(prompts: str | Sequence[str]) -> list[str]:
     """One prompt or a list of them as a list, each a non-blank string, else a DataError saying why."""
     if isinstance(prompts, (bytes, bytearray)):
@@ -521,6 +529,10 @@ class UnclipPipeline:
             raise ConfigError(f"size={size}: a {own}×{own} image enters the cascade at {sides[first]}² and leaves "
                               f"at {self.sizes[first + 1]}² or more; give a larger size (one of "
                               f"{', '.join(map(str, self.sizes[first + 1:]))})")
+        if own >= self.sizes[last]:
+            log.warning("the image is %d×%d, already no smaller than the %d×%d upscale makes: it is read at %d×%d "
+                        "and redrawn at %d×%d", own, own, self.sizes[last], self.sizes[last], sides[first],
+                        sides[first], self.sizes[last], self.sizes[last])
         images = self.pixels(image, sides[first]).repeat(n, 1, 1, 1)
         gens = generators(seed, n)
         with self.autocast():
@@ -716,6 +728,7 @@ class UnclipPipeline:
         if not thetas or any(not is_real(t) or not 0 <= t <= 1 for t in thetas):
             raise ConfigError(f"text-diff angles: give one or more, each in [0, 1] (the paper uses up to 0.25–0.5); "
                               f"got {thetas}")
+        text_diff_captions(caption, target)
         text = self.encode_text([caption, target])  # captions that cannot give a direction fail before the inversion
         direction = latent.text_direction(text.embeds[1:2], text.embeds[:1])
         z_i, x_T = self.invert(_one_image(image, "text_diff"), steps=steps, guidance_scale=guidance_scale,
