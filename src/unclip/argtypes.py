@@ -3,13 +3,23 @@
 from __future__ import annotations
 
 import argparse
+import math
+
+
+def _parsed(value: str, kind: type = int) -> int | float:
+    """`value` as a whole number (kind int) or a number (float); argparse's error otherwise."""
+    try:
+        return kind(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a {'whole ' if kind is int else ''}number") from None
 
 
 def _whole(value: str) -> int:
-    try:
-        return int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number") from None
+    return _parsed(value, int)
+
+
+def _number(value: str) -> float:
+    return _parsed(value, float)
 
 
 def positive_int(value: str) -> int:
@@ -52,10 +62,7 @@ def _checked(value: str, check) -> float:
     """float(value) passed through `check`, a config check that raises ConfigError, as an argparse type."""
     from unclip.errors import ConfigError
 
-    try:
-        number = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{value!r} is not a number") from None
+    number = _number(value)
     try:
         return check(number)
     except ConfigError as err:
@@ -80,18 +87,20 @@ def holdout(value: str) -> float:
     return number
 
 
-def _number(value: str) -> float:
-    try:
-        return float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{value!r} is not a number") from None
-
-
 def angle(value: str) -> float:
     """A text-diff rotation fraction θ in [0, 1]."""
     number = _number(value)
     if not 0 <= number <= 1:  # NaN too
         raise argparse.ArgumentTypeError(f"{value} is not in [0, 1]: give e.g. 0 0.25 0.5")
+    return number
+
+
+def minutes(value: str) -> float:
+    """A --minutes budget: a positive, finite number of minutes."""
+    number = _number(value)
+    if not (math.isfinite(number) and number > 0):
+        raise argparse.ArgumentTypeError(f"{value} minutes: give a positive number, e.g. 10, or leave --minutes out "
+                                         "to train the configured steps")
     return number
 
 

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import math
 import shlex
 from pathlib import Path
 
-from unclip.argtypes import positive_int, threads
+from unclip.argtypes import minutes, positive_int, threads
 from unclip.config_cli import add_config_arguments, config_from_args
 
 
@@ -23,18 +22,6 @@ def _other_rank() -> bool:
     from unclip.train.dist import rank_world
 
     return rank_world()[0] > 0
-
-
-def _minutes(value: str) -> float:
-    """A --minutes budget: a positive, finite number of minutes."""
-    try:
-        number = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{value!r} is not a number of minutes") from None
-    if not (math.isfinite(number) and number > 0):
-        raise argparse.ArgumentTypeError(f"{value} minutes: give a positive number, e.g. 10, or leave --minutes out "
-                                         "to train the configured steps")
-    return number
 
 
 def _budget(args: argparse.Namespace) -> float | None:
@@ -161,7 +148,7 @@ def _common(parser: argparse.ArgumentParser, stage: str, *, budget: bool = True)
     parser.add_argument("--no-resume", action="store_true", help="start over even if the run dir has a checkpoint")
     parser.add_argument("--threads", type=threads, default=0, help="torch CPU threads (default: torch's choice)")
     if budget:
-        parser.add_argument("--minutes", type=_minutes,
+        parser.add_argument("--minutes", type=minutes,
                             help="wall-clock budget for the training steps: the run measures its speed and ends "
                                  "its warmup + cosine schedule in time (at most the configured steps)")
 
