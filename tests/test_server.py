@@ -298,6 +298,13 @@ def test_unknown_paths_methods_models_and_images_are_errors_too(server, client):
                                  ("GET", "/v1/models/dall-e-5", 404), ("GET", "/images/expired.png", 404)):
         response = httpx.request(method, server + path)
         assert response.status_code == status and set(response.json()["error"]) == {"message", "type", "param", "code"}
+    # HEAD is GET without the body (it answered 405 on an image's URL and on the page)
+    url = client.images.generate(prompt="a red circle", size="16x16", extra_body={"steps": 1}).data[0].url
+    head, get = httpx.head(url), httpx.get(url)
+    assert head.status_code == 200 and head.headers["content-type"] == "image/png" and head.content == b""
+    assert int(head.headers["content-length"]) == len(get.content)
+    assert httpx.head(server + "/images/expired.png").status_code == 404
+    assert httpx.head(server + "/").status_code == 200
     with pytest.raises(openai.BadRequestError) as raised:  # the client reads the error JSON as OpenAI's
         client.images.generate(prompt="a red circle", n=11)
     assert raised.value.body["param"] == "n" and raised.value.status_code == 400
@@ -330,6 +337,32 @@ def test_oversized_bodies_are_refused_before_they_are_read(server):
                        b"Transfer-Encoding: chunked\r\n\r\n", chunked)
     assert status == 413 and "larger than 256 KiB, the limit for a JSON request" in body["error"]["message"]
     assert body["error"]["code"] == "request_too_large"
+
+
+def test_a_client_that_leaves_mid_upload_is_no_server_error(pipe):
+    """An upload cut off by its client raised ClientDisconnect out of the app: a 500 and an "Exception
+    in ASGI application" traceback in the log, as for a bug, for a request nobody is there to read."""
+    import asyncio
+
+    from unclip.serve.app import create_app
+
+    app = create_app(pipe)
+    part = b'--b\r\nContent-Disposition: form-data; name="image"; filename="a.png"\r\n\r\n\x89PNG'
+    messages = [{"type": "http.request", "body": part, "more_body": True}, {"type": "http.disconnect"}]
+    sent = []
+
+    async def receive():
+        return messages.pop(0)
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": _VARY, "raw_path": _VARY.encode(), "root_path": "", "query_string": b"",
+             "headers": [(b"host", b"x"), (b"content-type", b"multipart/form-data; boundary=b"),
+                         (b"content-length", b"100000")], "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80)}
+    asyncio.run(app(scope, receive, send))  # raised ClientDisconnect
+    assert sent[0]["type"] == "http.response.start" and sent[0]["status"] == 499
 
 
 # --- load: batching, a bounded queue, cancellation -----------------------------------------------

@@ -33,6 +33,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 from unclip import __version__
 from unclip.serve import schemas, uploads
@@ -209,6 +210,10 @@ def create_app(pipe, options: ServerOptions | None = None) -> FastAPI:
         png, left = found
         return Response(png, media_type="image/png", headers={"Cache-Control": f"private, max-age={int(left)}"})
 
+    # HEAD, which every server must answer as GET without the body (RFC 9110 §9.3.2): link checkers and
+    # downloaders ask it first; kept out of the document, whose GET describes both
+    app.head("/images/{name}", include_in_schema=False)(stored_image)
+
     @app.get("/api/info", include_in_schema=False)
     async def info() -> dict:
         cfg = pipe.config
@@ -232,7 +237,7 @@ def create_app(pipe, options: ServerOptions | None = None) -> FastAPI:
     async def status() -> dict:
         return {**worker.status(), "stored_images": len(store)}
 
-    @app.get("/", include_in_schema=False)
+    @app.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)
     async def page() -> FileResponse:
         return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
 
@@ -348,6 +353,11 @@ def _handlers(app: FastAPI) -> None:
             message = str(err.detail)
         code = {400: "invalid_request_body", 413: "request_too_large"}.get(err.status_code)  # Starlette's own
         return _error(ApiError(err.status_code, message, code=code, headers=dict(err.headers or {})))
+
+    @app.exception_handler(ClientDisconnect)
+    async def gone(request: Request, err: ClientDisconnect) -> Response:
+        # the client left while its upload was read: no bug to log, and nobody reads the answer
+        return Response(status_code=499)
 
     @app.exception_handler(Exception)
     async def crashed(request: Request, err: Exception) -> JSONResponse:
