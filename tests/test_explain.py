@@ -184,3 +184,30 @@ def test_cli_modules_import_light():
     code = "import sys, unclip.explain.cli; print(sorted({'torch', 'sklearn', 'matplotlib'} & set(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_cli_seed_beyond_scikit_learn_is_refused_before_training(tmp_path, capsys):
+    """Was a scikit-learn traceback from the split (random_state must be below 2^32), after mkdir."""
+    for verb in (["distance", "--quick"], ["manifold", "--quick"], ["clip", "--model", "m"]):
+        with pytest.raises(SystemExit) as stop:
+            _run_cli(["explain", *verb, "--seed", str(2**32), "--out", str(tmp_path / "out")], None)
+        assert stop.value.code == 2 and "--seed" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_manifold_ticks_sit_at_the_centre_of_their_tiles():
+    """Were half an image pixel right of (and below) each tile's centre in manifold.png."""
+    from unclip.explain.digits import new_figure, tile_images
+    from unclip.explain.manifold import _grid_ticks
+
+    n = 20
+    q = latent_grid(n=n, quantile_low=0.05)[0, :, 0].numpy()
+    mosaic = tile_images(np.zeros((n * n, 8, 8), dtype=np.float32), rows=n, cols=n)
+    filled = np.flatnonzero(~np.isnan(mosaic[0]))  # the pixel columns that hold tiles
+    tiles = np.split(filled, np.flatnonzero(np.diff(filled) > 1) + 1)  # [n] runs of 8 columns
+    ax = new_figure(width=4, height=4).add_subplot()
+    ax.imshow(mosaic)
+    _grid_ticks(ax, q, tile=8, gap=1)
+    expected = [tiles[k].mean() for k in range(0, n, 4)]
+    assert ax.get_xticks() == pytest.approx(expected) and ax.get_yticks() == pytest.approx(expected)
+    assert [t.get_text() for t in ax.get_xticklabels()] == [f"{q[k]:.2f}" for k in range(0, n, 4)]

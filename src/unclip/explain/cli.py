@@ -9,7 +9,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from unclip.argtypes import int_range, output_folder, seed_number, threads
+from unclip.argtypes import int_range, output_folder, threads
+
+# scikit-learn (the split, t-SNE) takes seeds below 2^32; a larger one crashed after the work began.
+_seed = int_range(0, 2**32 - 1, " (scikit-learn takes 32-bit seeds)")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -34,7 +37,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         verb = sub.add_parser(name, help=help_text, description=description)
         verb.add_argument("--out", default=f"out/explain/{name}", type=output_folder,
                           help=f"output folder (default: out/explain/{name})")
-        verb.add_argument("--seed", type=seed_number, default=0, help="seed of the data split and the weights "
+        verb.add_argument("--seed", type=_seed, default=0, help="seed of the data split and the weights "
                           f"{'and pairs ' if name == 'distance' else ''}(default: 0)")
         verb.add_argument("--quick", action="store_true", help="a few seconds: fewer epochs" +
                           (", a smaller t-SNE" if name == "distance" else ""))
@@ -48,7 +51,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     clip.add_argument("--model", required=True, help="model directory holding a CLIP (e.g. runs/shapes/clip/model)")
     clip.add_argument("--out", default="out/explain/clip", type=output_folder,
                       help="output folder (default: out/explain/clip)")
-    clip.add_argument("--seed", type=seed_number, default=0, help="t-SNE seed (default: 0)")
+    clip.add_argument("--seed", type=_seed, default=0, help="t-SNE seed (default: 0)")
     clip.add_argument("-n", type=int_range(10, 5000, " (t-SNE needs more points than its neighbours)"), default=150,
                       help="scenes in the t-SNE (default: 150)")
     _threads(clip)

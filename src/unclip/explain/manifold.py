@@ -144,12 +144,14 @@ def judge_grid(images: torch.Tensor, classifier: nn.Module) -> dict:
             "mean_confidence": round(float(conf.mean()), 4)}
 
 
-def _grid_ticks(ax, q: np.ndarray, *, cell: int) -> None:
-    """Label a mosaic's axes with z1 (x) and z2 (y) at every fourth grid column/row."""
+def _grid_ticks(ax, q: np.ndarray, *, tile: int, gap: int = 0) -> None:
+    """Label a mosaic's axes with z1 (x) and z2 (y) at every fourth grid column/row, each tick at the
+    centre of its tile (`tile` pixels wide, `gap` pixels between tiles, as `tile_images` lays them)."""
     n = len(q)
     idx = np.arange(0, n, 4 if n > 10 else 1)
-    ax.set_xticks(idx * cell + (cell - 1) / 2, [f"{q[k]:.2f}" for k in idx], fontsize=7)
-    ax.set_yticks(idx * cell + (cell - 1) / 2, [f"{q[n - 1 - k]:.2f}" for k in idx], fontsize=7)
+    centres = idx * (tile + gap) + (tile - 1) / 2
+    ax.set_xticks(centres, [f"{q[k]:.2f}" for k in idx], fontsize=7)
+    ax.set_yticks(centres, [f"{q[n - 1 - k]:.2f}" for k in idx], fontsize=7)
     ax.set_xlabel("latent z1 (standard-normal quantiles)")
     ax.set_ylabel("latent z2")
 
@@ -167,7 +169,7 @@ def plot_manifold(images: np.ndarray, q: np.ndarray, path: Path, *, title: str) 
     fig = new_figure(width=7.0, height=7.3)
     ax = fig.add_subplot()
     ax.imshow(tile_images(images, rows=n, cols=n), cmap=_gray_with_gaps(), vmin=0, vmax=1, interpolation="nearest")
-    _grid_ticks(ax, q, cell=9)
+    _grid_ticks(ax, q, tile=8, gap=1)
     ax.set_title(title, fontsize=10)
     return save_figure(fig, path, dpi=110)
 
@@ -186,7 +188,7 @@ def plot_grid_classes(judged: dict, q: np.ndarray, path: Path) -> Path:
         for c in range(n):
             ax.text(c, r, str(pred[r, c]), ha="center", va="center", fontsize=7,
                     color="white" if conf[r, c] >= 0.9 else "black", weight="bold" if conf[r, c] >= 0.9 else None)
-    _grid_ticks(ax, q, cell=1)
+    _grid_ticks(ax, q, tile=1)
     ax.set_title(f"What the digit classifier sees in each cell of the manifold: "
                  f"{judged['distinct_classes']} distinct digits\n(white: probability ≥ 0.9, "
                  f"{judged['distinct_confident']} digits; black: less sure)", fontsize=10)
