@@ -484,6 +484,21 @@ def test_a_model_that_samples_nan_answers_500_not_the_clients_fault(pipe, monkey
     assert error["type"] == "server_error" and "non-finite values" in error["message"]
 
 
+def test_a_batch_that_fails_after_sampling_fails_alone_and_the_worker_goes_on(pipe, monkeypatch):
+    """The PNG encoding ran outside the worker's guard: an error there ended the worker thread and
+    every request after it waited for ever."""
+    from unclip.serve import worker
+
+    real = worker.encode_png
+    with live_server(pipe) as url:
+        monkeypatch.setattr(worker, "encode_png", lambda *a, **k: 1 / 0)
+        answer = httpx.post(url + "/v1/images/generations", json={"prompt": "a red circle", "steps": 2}, timeout=60)
+        assert answer.status_code == 500 and answer.json()["error"]["type"] == "server_error", answer.text
+        monkeypatch.setattr(worker, "encode_png", real)
+        again = httpx.post(url + "/v1/images/generations", json={"prompt": "a red circle", "steps": 2}, timeout=60)
+        assert again.status_code == 200, again.text
+
+
 def test_serve_refuses_a_public_address_without_a_key(capsys, monkeypatch):
     from unclip.cli import main
     from unclip.serve.run import is_loopback

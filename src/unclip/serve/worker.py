@@ -248,8 +248,14 @@ class Worker:
             for job in batch:
                 job.stage, job.step, job.total = stage, step.index + 1, step.total
 
+        count = sum(job.task.n for job in batch)
         try:
             images = self._call(batch, callback)
+            offset = 0
+            for job in batch:  # inside the guard too: a failed encoding must not end the worker thread
+                job.pngs = [encode_png(image, job.task.side, self._params(job, i))
+                            for i, image in enumerate(images[offset:offset + job.task.n])]
+                offset += job.task.n
         except Cancelled:
             self._finish(batch, "cancelled")
             return
@@ -272,13 +278,7 @@ class Worker:
                                      type="server_error")
             self._finish(batch, "failed")
             return
-        count = sum(job.task.n for job in batch)
         cost = sum(self._cost(job.task) for job in batch)
-        offset = 0
-        for job in batch:
-            job.pngs = [encode_png(image, job.task.side, self._params(job, i))
-                        for i, image in enumerate(images[offset:offset + job.task.n])]
-            offset += job.task.n
         seconds = time.perf_counter() - started
         self.seconds_per_image = 0.7 * self.seconds_per_image + 0.3 * seconds / cost
         self.stats["batches"] += 1
