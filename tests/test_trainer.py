@@ -201,7 +201,7 @@ def test_what_is_not_this_runs_checkpoint_is_refused_and_the_log_kept(tmp_path):
     cfg = TrainConfig(steps=6, batch_size=4, lr=0.1, warmup_steps=1, log_every=1, ckpt_every=2)
     with pytest.raises(TrainingError, match="checkpoint of the decoder stage, not of clip"):
         train(_Slow(0.0), _feed, cfg=cfg, run_dir=tmp_path, run_config={"x": 1}, progress=False, stage_name="clip")
-    torch.save({"weights": {}}, tmp_path / "checkpoint.pt")  # someone else's dict: a KeyError traceback before
+    torch.save({"weights": {}, "run_config": {"x": 1}}, tmp_path / "checkpoint.pt")  # a KeyError traceback before
     with pytest.raises(TrainingError, match="holds no training state to resume .model, optimizer, scheduler, step, "
                                             "rng missing."):
         _quick(tmp_path)

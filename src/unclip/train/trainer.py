@@ -253,10 +253,6 @@ def _read_resume_state(ckpt_path: Path, run_config: dict[str, Any], stage_name: 
             return config  # not an UnclipConfig (a caller's own run config): compared as it is
 
     state = load_checkpoint(ckpt_path)
-    if missing := [key for key in ("model", "optimizer", "scheduler", "step", "rng") if key not in state]:
-        raise TrainingError(f"{ckpt_path} holds no training state to resume ({', '.join(missing)} missing): it was "
-                            "not written by unclip's trainer; move it away, pass --no-resume to start over, or "
-                            "choose another --run-dir")
     if state.get("stage") not in (None, stage_name):
         raise TrainingError(f"{ckpt_path} is a checkpoint of the {state['stage']} stage, not of {stage_name}: "
                             "choose another --run-dir for this stage (or move that checkpoint away)")
@@ -455,6 +451,10 @@ def _train(stage: nn.Module, make_batches: Callable[[int], Iterator[dict]], *, c
     start, state, earlier_seconds = 0, None, 0.0
     if resume and ckpt_path.is_file():
         state = _read_resume_state(ckpt_path, run_config, stage_name, seed=cfg.seed)
+        if missing := [key for key in ("model", "optimizer", "scheduler", "step", "rng") if key not in state]:
+            raise TrainingError(f"{ckpt_path} holds no training state to resume ({', '.join(missing)} missing): it "
+                                "was not written by unclip's trainer; move it away, pass --no-resume to start over, "
+                                "or choose another --run-dir")
         trained.load_state_dict(state["model"])  # full weights, before FSDP shards them
         scheduler.load_state_dict(state["scheduler"])
         start = state["step"]
