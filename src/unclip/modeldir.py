@@ -1,8 +1,8 @@
 """The on-disk model format (DESIGN §4) and training checkpoints.
 
-A model is a directory in the diffusers unCLIP layout (`model_index.json`, `tokenizer/`,
-`text_encoder/`, `prior/`, `decoder/`, `super_res_first/`, ...) plus `unclip.json`, unclip's own
-manifest:
+A model is a directory in the diffusers unCLIP layout (`tokenizer/`, `text_encoder/`, `prior/`,
+`decoder/`, `super_res_first/`, ...; `model_index.json` only in exports and imports, docs/decisions.md)
+plus `unclip.json`, unclip's own manifest:
 
     {"format_version": 1, "unclip_version": "0.1.0", "config": {...UnclipConfig...},
      "resolutions": [32, 128], "files": {"decoder/diffusion_pytorch_model.safetensors":

@@ -172,7 +172,7 @@ def register(subparsers) -> None:
         description="Train a prior against a frozen CLIP model directory (--clip), on the fly from cfg.data or "
                     "from an embedding folder made by `unclip embed` (--embeddings), then evaluate it and write "
                     "a model directory holding the CLIP components and the prior.")
-    _common(prior, "prior")
+    _common(prior, "diffusion_prior or ar_prior, by --kind")
     prior.add_argument("--kind", choices=["diffusion", "ar"], default="diffusion",
                        help="diffusion: PriorTransformer predicting the clean z_i, CFG, best-of-2 (config key prior); "
                             "ar: PCA + quantized autoregressive prior (config key ar_prior) (default: diffusion)")
@@ -207,7 +207,7 @@ def register(subparsers) -> None:
         description="Train one ×4 upsampler of the cascade (--stage 1: blur-degraded conditioning, --stage 2: "
                     "BSR-degraded, when configured) on random crops of 1/4 of the output side, then measure "
                     "PSNR and SSIM against bicubic upscaling and write a model directory.")
-    _common(upsampler, "upsampler")
+    _common(upsampler, "upsamplerN, N its --stage")
     upsampler.add_argument("--stage", type=int, choices=[1, 2], default=1, help="which ×4 stage (default: 1)")
     upsampler.add_argument("--init", help="start from this stage's upsampler in a model directory (same architecture)")
     upsampler.add_argument("--no-eval", action="store_true", help="skip the evaluation after training")
