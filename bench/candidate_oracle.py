@@ -85,8 +85,8 @@ def main() -> int:
     rows = []
     saved = {"z32": [], "z128": [], "z_t": [], "rerank_z_t": []}
     for p_index, prompt in enumerate(prompts):
-        images = pipe.generate([prompt["prompt"]], n=n, seed=p_index * n, candidates=k,
-                               steps=args.steps)  # n·k, image-major
+        images = pipe.generate([prompt["prompt"]], n=n, seed=p_index * n, candidates=k, upsampled_candidates=1,
+                               steps=args.steps)  # n·k, image-major; one pick (keep_all), at 32²
         with torch.no_grad():
             z = torch.nn.functional.normalize(pipe.encode_image(images).float(), dim=-1)
             t = torch.nn.functional.normalize(pipe.encode_text([prompt["prompt"]]).embeds.float(), dim=-1)

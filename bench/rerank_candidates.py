@@ -54,7 +54,7 @@ if tasks:
     prompts = [p for p in prompts if p["tag"] in tasks]
 t0 = time.time()
 ev = evaluate(pipe, judge, prompts, 4, 0, judge_accuracy=accuracy, batch_prompts=4, progress=False,
-              generate_options={"candidates": k})
+              generate_options={"candidates": k, **({"upsampled_candidates": 1} if ranker_dir != "none" else {})})
 ev.result["meta"] = {"ranker": ranker_dir, "candidates": k, "tasks": tasks or "all"}
 write_evaluation(ev, out, title=f"rerank {ranker_dir} k={k}")
 r = ev.result

@@ -27,8 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     from unclip.clip.stage import load_clip
     from unclip.config import UnclipConfig
     from unclip.decoder.stage import load_decoder, save_decoder
-    from unclip.modeldir import read_manifest
-    from unclip.train.trainer import load_checkpoint
+    from unclip.modeldir import load_checkpoint, read_manifest
 
     model_dir, run = Path(args.run_dir) / "model", Path(args.run_dir)
     manifest = read_manifest(model_dir)
