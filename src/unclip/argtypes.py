@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
+from pathlib import Path
 
 
 def _parsed(value: str, kind: type = int) -> int | float:
@@ -58,13 +60,12 @@ def port(value: str) -> int:
     return number
 
 
-def _checked(value: str, check) -> float:
-    """float(value) passed through `check`, a config check that raises ConfigError, as an argparse type."""
+def _checked(value, check):
+    """`check(value)`, a check that raises ConfigError, with its message as argparse's error."""
     from unclip.errors import ConfigError
 
-    number = _number(value)
     try:
-        return check(number)
+        return check(value)
     except ConfigError as err:
         raise argparse.ArgumentTypeError(str(err)) from None
 
@@ -73,15 +74,12 @@ def guidance(value: str) -> float:
     """A classifier-free guidance scale: a number from 0 to `config.MAX_GUIDANCE`."""
     from unclip.config import check_guidance_scale
 
-    return _checked(value, check_guidance_scale)
+    return _checked(_number(value), check_guidance_scale)
 
 
 def holdout(value: str) -> float:
     """A data.holdout fraction in [0, 1), as training accepts it."""
-    try:
-        number = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{value!r} is not a number") from None
+    number = _number(value)
     if not 0 <= number < 1:
         raise argparse.ArgumentTypeError(f"{value} is not a fraction in [0, 1): give e.g. 0.05")
     return number
@@ -106,17 +104,16 @@ def minutes(value: str) -> float:
 
 def noise_level(value: str) -> float:
     """A sampler's starting noise level, a fraction of its schedule in (0, 1] (1 = pure noise)."""
-    number = _number(value)
-    if not 0 < number <= 1:  # NaN too
-        raise argparse.ArgumentTypeError(f"{value} is not a noise level in (0, 1] (1 = pure noise): give e.g. 0.5")
-    return number
+    from unclip.config import check_noise_level
+
+    return _checked(_number(value), check_noise_level)
 
 
 def eta(value: str) -> float:
     """A DDIM η in [0, 1]."""
     from unclip.config import check_eta
 
-    return _checked(value, check_eta)
+    return _checked(_number(value), check_eta)
 
 
 def seed_number(value: str) -> int:
@@ -130,11 +127,25 @@ def seed_number(value: str) -> int:
 def output_folder(value: str) -> str:
     """An output folder, or a path that can become one: a file on its way is refused before any work
     (it was "File exists" from mkdir once the work was done)."""
-    from unclip.errors import ConfigError
     from unclip.io import check_output_dir
 
-    try:
-        check_output_dir(value)
-    except ConfigError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
+    _checked(value, check_output_dir)
     return value
+
+
+def picture_path(name: str):
+    """An argparse type for a picture to write: a folder (existing, ending in "/", or with no suffix)
+    gets `name` inside; a suffix that is no image format is refused, and so is a path through a
+    file, before any work (they were a ValueError traceback after it)."""
+    def parse(value: str) -> str:
+        from unclip.io import IMAGE_FORMATS, check_output_dir
+
+        path = Path(value)
+        if value.endswith(("/", os.sep)) or path.is_dir() or not path.suffix:
+            path = path / name
+        elif path.suffix.lower() not in IMAGE_FORMATS:
+            raise argparse.ArgumentTypeError(f"{value!r}: give a .png (or .jpg, .webp) path, or a folder")
+        _checked(path.parent, check_output_dir)
+        return str(path)
+
+    return parse

@@ -325,6 +325,16 @@ def check_eta(eta: float) -> float:
     return float(eta)
 
 
+def check_noise_level(start: float, name: str = "") -> float:
+    """`start` if it is a sampler's starting noise level, a fraction of its schedule in (0, 1] (1 =
+    pure noise), else a ConfigError whose message begins with `name` (e.g. "upsampler start=")."""
+    if not is_real(start) or not 0 < start <= 1:  # NaN too
+        shown = f"{float(start):g}" if is_real(start) else repr(start)
+        raise ConfigError(f"{name}{shown} is not a noise level in (0, 1] (1 = pure noise): give e.g. 0.1 to start "
+                          "from the noised bicubic upsampling")
+    return float(start)
+
+
 # integer fields (by name, in any section) that size a network, a vocabulary or a sampler: 0 builds
 # something that trains at chance or cannot run
 AT_LEAST_ONE = frozenset({
@@ -456,8 +466,7 @@ def _check_upsampler(name: str, up: UpsamplerConfig) -> None:
         value = getattr(up, key)
         if len(value) != 2 or value[0] > value[1] or not all(map(valid, value)):
             raise ConfigError(f"{name}.{key}={list(value)} must be a range [low, high] (low ≤ high) of {what}")
-    if not 0 < up.sample_start <= 1:
-        raise ConfigError(f"{name}.sample_start={up.sample_start} must be a noise level in (0, 1] (1 = pure noise)")
+    check_noise_level(up.sample_start, f"{name}.sample_start=")
     if up.sample_steps > (most := upsampler_steps_limit(up)):
         raise ConfigError(f"{name}.sample_steps={up.sample_steps}: starting from noise level {up.sample_start:g} "
                           f"of {up.timesteps} timesteps it can take at most {most} steps")

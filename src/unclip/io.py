@@ -150,10 +150,14 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> Path:
     return Path(path)
 
 
+# the file suffixes `save_image_atomic` writes, and the PIL format of each
+IMAGE_FORMATS = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".webp": "WEBP"}
+
+
 def save_image_atomic(path: str | os.PathLike, image, **save_kwargs) -> Path:
     """Save a PIL image; the format comes from the file suffix."""
     path = Path(path)
-    fmt = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".webp": "WEBP"}.get(path.suffix.lower())
+    fmt = IMAGE_FORMATS.get(path.suffix.lower())
     with atomic_write(path, "wb") as handle:
         image.save(handle, format=fmt, **save_kwargs)
     return path

@@ -6,40 +6,12 @@ Values are checked by the library functions, which raise `DataError` naming the 
 from __future__ import annotations
 
 import argparse
-import os
-from pathlib import Path
 
-from unclip.argtypes import holdout, int_range, positive_int, seed_number
+from unclip.argtypes import holdout, int_range, picture_path, positive_int, seed_number
 from unclip.data.world import SPLIT_LENGTHS, SPLITS
 
 _SPLITS_HELP = ", ".join(f"{s} ({SPLIT_LENGTHS[s]:,} samples)" if s in SPLIT_LENGTHS else f"{s} (endless)"
                          for s in SPLITS)
-
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")  # what `unclip.io.save_image_atomic` writes
-
-
-def picture_path(name: str):
-    """An argparse type for a picture to write: a folder (existing, ending in "/", or with no suffix)
-    gets `name` inside; a suffix that is no image format is refused, and so is a path through a
-    file, before any work (they were a ValueError traceback after it)."""
-
-    def parse(value: str) -> str:
-        from unclip.errors import ConfigError
-        from unclip.io import check_output_dir
-
-        path = Path(value)
-        if value.endswith(("/", os.sep)) or path.is_dir() or not path.suffix:
-            path = path / name
-        elif path.suffix.lower() not in IMAGE_SUFFIXES:
-            raise argparse.ArgumentTypeError(f"{value!r}: give a .png (or .jpg, .webp) path, or a folder")
-        try:
-            check_output_dir(path.parent)
-        except ConfigError as err:
-            raise argparse.ArgumentTypeError(str(err)) from None
-        return str(path)
-
-    return parse
 
 
 def _preview(args: argparse.Namespace) -> int:

@@ -32,7 +32,8 @@ from pathlib import Path
 import torch
 
 from unclip.clip.model import ClipModel, TextEncoding
-from unclip.config import UnclipConfig, check_eta, check_guidance_scale, is_real, upsampler_steps_limit
+from unclip.config import (UnclipConfig, check_eta, check_guidance_scale, check_noise_level, is_real,
+                           upsampler_steps_limit)
 from unclip.diffusion import SAMPLERS, SampleStep
 from unclip.errors import ConfigError, DataError, SamplingError
 from unclip.tokenizer import clean_text
@@ -257,8 +258,8 @@ class UnclipPipeline:
                 raise ConfigError(f"upsampler steps={steps[i]}; use at least 1")
             if sampler[i] is not None and sampler[i] not in SAMPLERS:
                 raise ConfigError(f"upsampler sampler={sampler[i]!r}; use one of {', '.join(SAMPLERS)}")
-            if start[i] is not None and not (is_real(start[i]) and 0 < start[i] <= 1):
-                raise ConfigError(f"upsampler start={start[i]}; use a noise level in (0, 1] (1 = pure noise)")
+            if start[i] is not None:
+                check_noise_level(start[i], "upsampler start=")
         configs = [replace(cfg, sampler=sampler[i] or cfg.sampler,
                            sample_steps=cfg.sample_steps if steps[i] is None else steps[i],
                            sample_start=cfg.sample_start if start[i] is None else start[i])
