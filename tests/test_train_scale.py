@@ -457,10 +457,20 @@ def test_metrics_go_to_jsonl_and_to_tensorboard_when_installed(tmp_path, monkeyp
         def close(self):
             scalars.append("closed")
 
-    monkeypatch.setattr(metrics, "_tensorboard_writer", lambda directory: Writer())
+    purges = []
+
+    def writer(directory, purge_step):
+        purges.append(purge_step)
+        return Writer()
+
+    monkeypatch.setattr(metrics, "_tensorboard_writer", writer)
     run(tmp_path, config(steps=2))
     assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [1, 2]
     assert ("loss", 1) in scalars and ("lr", 2) in scalars and scalars[-1] == "closed"
+    # a resumed run hides what TensorBoard holds past its checkpoint, as metrics.jsonl drops it
+    run(tmp_path / "resumed", config(steps=4, ckpt_every=2), stop_at=3)
+    run(tmp_path / "resumed", config(steps=4, ckpt_every=2))
+    assert purges == [1, 1, 4]  # the checkpoint at step 3 (stop_at writes one)
 
 
 def test_holdout_keeps_the_same_pairs_out_of_every_training_feed(tmp_path):

@@ -12,7 +12,7 @@ import torch
 from unclip.config import TrainConfig
 from unclip.errors import ConfigError, ModelFormatError
 from unclip.modeldir import save_checkpoint
-from unclip.train.trainer import (EMA, TrainingError, TrainingStopped, _read_resume_state, fit_steps, lr_factor,
+from unclip.train.trainer import (EMA, Schedule, TrainingError, TrainingStopped, _read_resume_state, fit_steps,
                                   to_device, train)
 
 
@@ -54,10 +54,65 @@ def test_time_budget_ends_the_cosine_schedule_in_time(tmp_path):
     assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["step"] == result.step
 
 
-def test_lr_factor_follows_a_shortened_total():
+def test_the_schedule_follows_a_shortened_total():
     cfg = TrainConfig(steps=1000, warmup_steps=10)
-    assert lr_factor(500, cfg) > 0.4
-    assert lr_factor(500, cfg, total=500) == 0.0
+    assert Schedule(cfg, cfg.steps)(500) > 0.4
+    assert Schedule(cfg, 500)(500) == 0.0
+
+
+def test_a_lengthened_plan_bends_the_cosine_instead_of_raising_the_lr():
+    """A budget run refits its plan as it measures its speed; recomputing the cosine over a longer
+    plan raised the learning rate mid-run. The decay now bends from where it is: it never rises
+    after warmup, and still reaches 0 at the new end."""
+    cfg = TrainConfig(steps=10_000, warmup_steps=10)
+    schedule = Schedule(cfg, 1000)
+    factors = [schedule(step) for step in range(500)]
+    schedule.refit(500, 2000)
+    assert schedule(500) == pytest.approx(Schedule(cfg, 1000)(500))  # continuous
+    factors += [schedule(step) for step in range(500, 1200)]
+    schedule.refit(1200, 1500)  # and shortened again
+    factors += [schedule(step) for step in range(1200, 1501)]
+    after_warmup = factors[10:]
+    assert all(b <= a + 1e-12 for a, b in zip(after_warmup, after_warmup[1:], strict=False))
+    assert factors[1500] == 0.0 and factors[1499] > 0.0
+    assert Schedule(cfg, 2000)(1000) > schedule(1000)  # the old cosine over 2000 steps would have risen
+
+
+def test_a_plan_shorter_than_the_warmup_still_warms_up_and_decays():
+    cfg = TrainConfig(steps=10_000, warmup_steps=500)
+    schedule = Schedule(cfg, 10_000)
+    schedule.refit(20, 100)  # a budget of ~100 steps, measured after 20
+    factors = [schedule(step) for step in range(101)]
+    assert schedule.warmup == 50 and factors[49] == 1.0  # half the plan warms up
+    assert factors[100] == 0.0 and factors[75] == pytest.approx(0.5, abs=0.03)
+    assert all(b >= a for a, b in zip(factors[:50], factors[1:50], strict=False))
+    schedule = Schedule(cfg, 10_000)
+    schedule.refit(300, 400)  # past half the plan already: the warmup ends now, not in the past
+    assert schedule.warmup == 300 and schedule(300) == 1.0 and schedule(350) == pytest.approx(0.5)
+
+
+def test_a_budget_run_resumes_on_the_same_curve(tmp_path):
+    """The bent schedule is in the checkpoint: a run stopped mid-way and resumed logs the learning
+    rates the checkpoint's curve gives, not a fresh cosine over the planned steps."""
+    cfg = TrainConfig(steps=100_000, batch_size=4, lr=0.1, warmup_steps=2, log_every=5, ckpt_every=1000)
+    train(_Slow(0.01), _feed, cfg=cfg, run_dir=tmp_path, run_config={"x": 1}, progress=False, time_budget=2.0,
+          stop_at=40)
+    saved = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    schedule = Schedule(cfg, saved["planned_steps"], saved["schedule"])
+    assert saved["step"] == 40 and saved["schedule"]["bend"][0] > cfg.warmup_steps  # it was refitted
+    first = len((tmp_path / "metrics.jsonl").read_text().splitlines())
+    train(_Slow(0.01), _feed, cfg=replace(cfg, log_every=1), run_dir=tmp_path, run_config={"x": 1}, progress=False,
+          stop_at=42)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()][first:]
+    assert [row["step"] for row in rows] == [41, 42]
+    assert [row["lr"] for row in rows] == pytest.approx([cfg.lr * schedule(40), cfg.lr * schedule(41)])
+
+
+def test_the_logged_lr_is_the_one_the_step_trained_with(tmp_path):
+    cfg = TrainConfig(steps=4, batch_size=4, lr=0.1, warmup_steps=4, log_every=1, ckpt_every=1000)
+    train(_Slow(0.0), _feed, cfg=cfg, run_dir=tmp_path, run_config={"x": 1}, progress=False)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [row["lr"] for row in rows] == pytest.approx([0.025, 0.05, 0.075, 0.1])  # step 1 is warmup's first
 
 
 def test_to_device_moves_tensors_and_keeps_the_rest():

@@ -21,23 +21,27 @@ METRICS = "metrics.jsonl"
 TENSORBOARD = "tensorboard"
 
 
-def _tensorboard_writer(directory: Path):
-    """A SummaryWriter, or None when tensorboard is not installed."""
+def _tensorboard_writer(directory: Path, purge_step: int):
+    """A SummaryWriter that hides earlier events from `purge_step` on, or None when tensorboard
+    is not installed."""
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:  # torch.utils.tensorboard imports the tensorboard package
         return None
-    return SummaryWriter(log_dir=str(directory))
+    return SummaryWriter(log_dir=str(directory), purge_step=purge_step)
 
 
 class MetricsLog:
-    """Append metric rows of one run; `enabled=False` (non-main ranks) makes every call a no-op."""
+    """Append metric rows of one run; `enabled=False` (non-main ranks) makes every call a no-op.
+    `start` is the step the run resumes from: TensorBoard hides what an earlier call logged after
+    it, as `trim_metrics` drops it from the JSONL (0, a fresh run, hides every earlier event)."""
 
-    def __init__(self, run_dir: str | Path, *, enabled: bool = True, tensorboard: bool = True):
+    def __init__(self, run_dir: str | Path, *, enabled: bool = True, tensorboard: bool = True, start: int = 0):
         self.path = Path(run_dir) / METRICS
         self.enabled = enabled
         self._file = open(self.path, "a", encoding="utf-8") if enabled else None  # noqa: SIM115
-        self._tb = _tensorboard_writer(Path(run_dir) / TENSORBOARD) if enabled and tensorboard else None
+        self._tb = (_tensorboard_writer(Path(run_dir) / TENSORBOARD, purge_step=start + 1)
+                    if enabled and tensorboard else None)
 
     def write(self, row: dict[str, Any]) -> None:
         if not self.enabled:

@@ -109,15 +109,46 @@ class EMA:
                        for k, v in state.items()}
 
 
-def lr_factor(step: int, cfg: TrainConfig, total: int | None = None) -> float:
-    """Linear warmup to 1, then constant or cosine decay to 0 at `total` (default `cfg.steps`)."""
-    total = cfg.steps if total is None else total
-    if step < cfg.warmup_steps:
-        return (step + 1) / cfg.warmup_steps
-    if cfg.lr_schedule == "constant":
-        return 1.0
-    progress = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+class Schedule:
+    """The learning-rate factor of each step: linear warmup to 1, then constant or cosine decay
+    to 0 at `total`, the planned step count.
+
+    A time budget refits `total` as the run goes (`refit`). The decay then bends from where it
+    is, so the factor never rises after warmup and still reaches 0 at the new end (recomputing
+    the cosine over a lengthened plan raised the learning rate mid-run); a plan shorter than
+    twice the warmup warms up for half of it (a budget shorter than the warmup never left it).
+    `state()` goes into checkpoints, so a resumed run continues the same curve."""
+
+    def __init__(self, cfg: TrainConfig, total: int, state: dict[str, Any] | None = None):
+        self.constant = cfg.lr_schedule == "constant"
+        self.total = total
+        self.warmup = cfg.warmup_steps
+        self.bend = (self.warmup, 0.0)  # (step, cosine progress) the decay runs on from
+        if state:
+            self.total, self.warmup, self.bend = state["total"], state["warmup"], tuple(state["bend"])
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup:
+            return (step + 1) / self.warmup
+        if self.constant:
+            return 1.0
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, self._progress(step))))
+
+    def _progress(self, step: int) -> float:
+        start, progress = self.bend
+        return progress + (1.0 - progress) * (step - start) / max(1, self.total - start)
+
+    def refit(self, done: int, total: int) -> None:
+        """After `done` steps the plan ends at `total` instead."""
+        if done < self.warmup:  # warming up: a short plan shortens the warmup (never below what is done)
+            self.warmup = max(done, min(self.warmup, total // 2))
+            self.bend = (self.warmup, 0.0)
+        else:
+            self.bend = (done, self._progress(done))
+        self.total = total
+
+    def state(self) -> dict[str, Any]:
+        return {"total": self.total, "warmup": self.warmup, "bend": list(self.bend)}
 
 
 def _param_groups(module: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -445,8 +476,8 @@ def _train(stage: nn.Module, make_batches: Callable[[int], Iterator[dict]], *, c
     fused = accelerator.device.type in ("cuda", "cpu") and not _is_fsdp(accelerator)
     optimizer = torch.optim.AdamW(_param_groups(trained, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6,
                                   fused=fused)
-    plan = {"total": cfg.steps}  # shortened by a time budget
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg, plan["total"]))
+    plan = Schedule(cfg, cfg.steps)  # shortened by a time budget
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: plan(s))
 
     start, state, earlier_seconds = 0, None, 0.0
     if resume and ckpt_path.is_file():
@@ -456,10 +487,10 @@ def _train(stage: nn.Module, make_batches: Callable[[int], Iterator[dict]], *, c
                                 "was not written by unclip's trainer; move it away, pass --no-resume to start over, "
                                 "or choose another --run-dir")
         trained.load_state_dict(state["model"])  # full weights, before FSDP shards them
-        scheduler.load_state_dict(state["scheduler"])
         start = state["step"]
+        plan = Schedule(cfg, max(start, state.get("planned_steps", cfg.steps)), state.get("schedule"))
+        scheduler.load_state_dict(state["scheduler"])
         earlier_seconds = float(state.get("seconds", 0.0))  # training time of the calls before, up to this checkpoint
-        plan["total"] = max(start, state.get("planned_steps", cfg.steps))
         log.info("resuming %s from step %d (%s)", stage_name, start, ckpt_path)
     accelerator.wait_for_everyone()  # every rank has read the files before the main process touches them
     if main:
@@ -488,8 +519,8 @@ def _train(stage: nn.Module, make_batches: Callable[[int], Iterator[dict]], *, c
             "stage": stage_name, "step": step, "run_config": run_config, "seed": cfg.seed, "world_size": world,
             "model": _model_state(accelerator, model), "optimizer": _optimizer_state(accelerator, model, optimizer),
             "scheduler": scheduler.state_dict(), "ema": ema.state_dict() if ema else None,
-            "rng": dist.gather(_rng_state()), "data_position": step * samples_per_step, "planned_steps": plan["total"],
-            "seconds": earlier_seconds + time.perf_counter() - began,
+            "rng": dist.gather(_rng_state()), "data_position": step * samples_per_step, "planned_steps": plan.total,
+            "schedule": plan.state(), "seconds": earlier_seconds + time.perf_counter() - began,
             "log_window": {"sums": dict(zip(sums, dist.mean(list(sums.values())), strict=True)), "steps": summed},
         }
         if main:
@@ -504,9 +535,9 @@ def _train(stage: nn.Module, make_batches: Callable[[int], Iterator[dict]], *, c
     model.train()
     bar = tqdm(total=cfg.steps, initial=start, desc=f"train {stage_name}", disable=not (progress and main),
                dynamic_ncols=True)
-    with MetricsLog(run_dir, enabled=main) as metrics, _StopOnSigterm() as sigterm:
+    with MetricsLog(run_dir, enabled=main, start=start) as metrics, _StopOnSigterm() as sigterm:
         for step in range(start, cfg.steps):
-            if step >= plan["total"] or (stop_at is not None and step >= stop_at):
+            if step >= plan.total or (stop_at is not None and step >= stop_at):
                 break
             for _ in range(cfg.grad_accum):
                 batch = to_device(next(batches), device)
@@ -526,6 +557,7 @@ def _train(stage: nn.Module, make_batches: Callable[[int], Iterator[dict]], *, c
                     optimizer.zero_grad(set_to_none=True)
                 for k, v in losses.items():
                     sums[k] = sums.get(k, 0.0) + float(v.detach()) / cfg.grad_accum
+            lr = scheduler.get_last_lr()[0]  # this step's (the scheduler now moves on to the next)
             scheduler.step()
             if ema is not None:
                 ema.update(accelerator.unwrap_model(model))
@@ -535,33 +567,33 @@ def _train(stage: nn.Module, make_batches: Callable[[int], Iterator[dict]], *, c
             out_of_time, stopping = dist.agree(main=deadline is not None and time.perf_counter() > deadline,
                                                anyone=sigterm.received)
             if out_of_time:
-                plan["total"] = done  # out of time before the fitted end: stop here, schedule and all
-            if done % cfg.log_every == 0 or done == plan["total"]:
+                plan.refit(done, done)  # out of time before the fitted end: stop here, schedule and all
+            if done % cfg.log_every == 0 or done == plan.total:
                 now = time.perf_counter()
                 elapsed = now - window_start
                 if deadline is not None and done - start > cfg.log_every:  # the first window holds start-up
-                    plan["total"] = dist.from_main(fit_steps(
-                        done=done, limit=cfg.steps, seconds_per_step=elapsed / window_steps, seconds_left=deadline - now))
-                    bar.total = plan["total"]
+                    plan.refit(done, dist.from_main(fit_steps(
+                        done=done, limit=cfg.steps, seconds_per_step=elapsed / window_steps, seconds_left=deadline - now)))
+                    bar.total = plan.total
                 averaged = dist.mean([v / summed for v in sums.values()])  # over the window and the ranks
                 row = {"step": done, **dict(zip(sums, averaged, strict=True)),
-                       "lr": scheduler.get_last_lr()[0], "samples_per_s": window_steps * samples_per_step / elapsed,
-                       **({"planned_steps": plan["total"]} if deadline is not None else {})}
+                       "lr": lr, "samples_per_s": window_steps * samples_per_step / elapsed,
+                       **({"planned_steps": plan.total} if deadline is not None else {})}
                 metrics.write(row)
                 bar.set_postfix(loss=f"{row['loss']:.4f}", refresh=False)
                 result.metrics = row
                 sums, summed, window_start, window_steps = {}, 0, time.perf_counter(), 0
-            if val_batches is not None and cfg.eval_every and (done % cfg.eval_every == 0 or done == plan["total"]):
+            if val_batches is not None and cfg.eval_every and (done % cfg.eval_every == 0 or done == plan.total):
                 row = {"step": done, **_validate(model, val_batches, device, cfg.seed + VALIDATION_SEED)}
                 metrics.write(row)
                 result.validation = row
             bar.update(1)
             result.step = done
-            if done % cfg.ckpt_every == 0 or done >= plan["total"] or done == stop_at or stopping:
+            if done % cfg.ckpt_every == 0 or done >= plan.total or done == stop_at or stopping:
                 checkpoint(done)
-            if stopping and done < plan["total"]:
+            if stopping and done < plan.total:
                 bar.close()
-                raise TrainingStopped(f"{stage_name} stopped by SIGTERM after step {done} of {plan['total']}, "
+                raise TrainingStopped(f"{stage_name} stopped by SIGTERM after step {done} of {plan.total}, "
                                       f"checkpoint written to {ckpt_path}; run the same command to resume")
     bar.close()
     if _is_fsdp(accelerator):
