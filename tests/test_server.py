@@ -157,6 +157,43 @@ def test_variations_of_an_uploaded_png(client):
     assert _open(httpx.get(decoder_only.data[0].url).content).size == (16, 16)
 
 
+def test_a_request_larger_than_max_batch_is_made_max_batch_images_at_a_time(pipe):
+    """--max-batch bounds the images of one pipeline call (the memory a call takes); a request with a
+    larger n ran as one call. Split, each image still draws from its own seed, so nothing changes."""
+    calls = []
+
+    class Counting:  # the pipe, counting the images of each call
+        def __getattr__(self, name):
+            return getattr(pipe, name)
+
+        def generate(self, prompts, **kw):
+            calls.append(("generate", len(prompts)))
+            return pipe.generate(prompts, **kw)
+
+        def variations(self, image, n, **kw):
+            calls.append(("vary", n))
+            return pipe.variations(image, n=n, **kw)
+
+    asks = {_GEN: {"json": {"prompt": "a red circle", "n": 3, "seed": 5, "size": "16x16", "steps": 2,
+                            "response_format": "b64_json"}},
+            _VARY: {"data": {"n": "3", "seed": "5", "size": "16x16", "steps": "2", "response_format": "b64_json"},
+                    "files": {"image": ("a.png", png(scene()), "image/png")}}}
+    answers = {}
+    for max_batch in (2, 8):
+        calls.clear()
+        with live_server(Counting(), max_batch=max_batch) as url:
+            for path, ask in asks.items():
+                answer = httpx.post(url + path, timeout=60, **ask)
+                assert answer.status_code == 200, answer.text
+                answers[path, max_batch] = [_array(_open(base64.b64decode(d["b64_json"])))
+                                            for d in answer.json()["data"]]
+        assert calls == ([("generate", 2), ("generate", 1), ("vary", 2), ("vary", 1)] if max_batch == 2
+                         else [("generate", 3), ("vary", 3)])
+    for path in asks:
+        assert [d.shape for d in answers[path, 2]] == [(16, 16, 3)] * 3
+        assert all(np.abs(a - b).max() <= 1 for a, b in zip(answers[path, 2], answers[path, 8], strict=True))
+
+
 # --- errors: the OpenAI error JSON with the right status -----------------------------------------
 
 

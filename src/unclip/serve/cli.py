@@ -69,7 +69,8 @@ def register(subparsers) -> None:
     parser.add_argument("--max-queue", type=positive_int, default=64,
                         help="requests that may wait; more get 429 with Retry-After (default: 64)")
     parser.add_argument("--max-batch", type=positive_int, default=8,
-                        help="images per batched generation call (default: 8; 1 turns batching off)")
+                        help="images per pipeline call, which bounds its memory: queued generations share a call up to it, "
+                             "a request with a larger n is made that many at a time (default: 8; 1 turns batching off)")
     parser.add_argument("--max-steps", type=positive_int, default=250,
                         help="largest `steps` a request may ask for (default: 250)")
     parser.add_argument("--device", help="torch device, e.g. cuda (default: cpu)")

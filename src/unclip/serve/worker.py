@@ -4,8 +4,8 @@ Each request becomes a `Job` holding a `Task`. When the worker is free it takes 
 and, for generations, every queued generation with the same options (side, steps, guidances,
 sampler, prior) up to `max_batch` images, and makes them in one `pipe.generate` call with one
 seed per image: request r's image i uses r's seed + i (a seed drawn for it when it gave none),
-exactly as if it ran alone. Edits and variations run one request at a time, its n images in one
-call.
+exactly as if it ran alone. Edits and variations run one request at a time, its n images
+together. No call makes more than `max_batch` images: a larger n is made that many at a time.
 
 The queue holds at most `max_queue` waiting jobs; past that `submit` raises `Busy` with an
 estimate of the seconds until a place frees up, that is until the running call ends (the 429
@@ -287,16 +287,25 @@ class Worker:
         self._finish(batch, "done")
 
     def _call(self, batch: list[Job], callback) -> list:
-        task, pipe = batch[0].task, self.pipe
+        """The batch's images, made `max_batch` at a time (a request's n may be larger): image i of a
+        request draws from its seed + i, so the split changes no image."""
+        task, pipe, images = batch[0].task, self.pipe, []
         if task.kind == "generate":
             prompts = [job.task.prompt for job in batch for _ in range(job.task.n)]
             seeds = [job.seed + i for job in batch for i in range(job.task.n)]
-            return pipe.generate(prompts, n=1, seed=seeds, size=task.cascade_side, callback=callback, **task.options)
-        if task.kind == "vary":
-            return pipe.variations(task.image, n=task.n, seed=batch[0].seed, callback=callback,
-                                   size=task.cascade_side, **task.options)
-        return pipe.inpaint(task.image, task.mask, task.prompt, n=task.n, seed=batch[0].seed, callback=callback,
-                            size=task.cascade_side, **task.options)
+            for at in range(0, len(prompts), self.max_batch):
+                images += pipe.generate(prompts[at:at + self.max_batch], n=1, seed=seeds[at:at + self.max_batch],
+                                        size=task.cascade_side, callback=callback, **task.options)
+            return images
+        for at in range(0, task.n, self.max_batch):
+            n, seed = min(self.max_batch, task.n - at), batch[0].seed + at
+            if task.kind == "vary":
+                images += pipe.variations(task.image, n=n, seed=seed, callback=callback, size=task.cascade_side,
+                                          **task.options)
+            else:
+                images += pipe.inpaint(task.image, task.mask, task.prompt, n=n, seed=seed, callback=callback,
+                                       size=task.cascade_side, **task.options)
+        return images
 
     def _params(self, job: Job, index: int) -> dict:
         verb = {"generate": "generate", "vary": "vary", "edit": "inpaint"}[job.task.kind]
