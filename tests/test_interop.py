@@ -512,6 +512,28 @@ def test_an_unclip_export_read_back_encodes_images_as_the_original(unclip_model,
     assert torch.allclose(theirs, F.pad(ours, (0, theirs.shape[1] - ours.shape[1])), atol=1e-5)
 
 
+def test_an_unclip_export_read_back_encodes_captions_as_the_original(unclip_model, exported):
+    """Read back, an export's z_t was the mirrored s·[x, −x, 0…] its prior's LayerNorm needs: text diffs
+    moved along a direction 1/√2 as long in the decoder's dimensions, and z_t-as-z_i decoded a z_i of
+    norm 1/√2. z_t is now unclip's, and the prior still reads it mirrored (its samples unchanged)."""
+    import unclip
+    from unclip.pipeline.latent import text_direction
+
+    out, ref = exported
+    pipe, back = unclip.load(unclip_model, precision="float32"), unclip.load(out, precision="float32")
+    prompts = [PROMPT, "a blue square"]
+    with torch.no_grad():
+        ours, theirs = pipe.encode_text(prompts).embeds, back.encode_text(prompts).embeds
+        dim = ours.shape[1]
+        assert torch.allclose(theirs, F.pad(ours, (0, theirs.shape[1] - dim)), atol=1e-5)
+        direction = text_direction(theirs[1:], theirs[:1])
+        assert torch.allclose(direction[..., :dim], text_direction(ours[1:], ours[:1]), atol=1e-5)
+        # the prior reads what diffusers hands it: its LayerNorm sees the same vector
+        raw, _, _ = ref._encode_prompt(prompts, torch.device("cpu"), 1, False)
+        norm = back.prior.transformer.embedding_proj_norm
+        assert torch.allclose(norm(back.prior._proj_embedding(theirs)), norm(raw), atol=1e-4)
+
+
 def test_an_unclip_export_keeps_its_samplers_eta(unclip_model, tmp_path):
     """The export recorded each stage's sampler but not its DDIM η, so a model set to sample with η > 0
     read back sampled deterministically (η = 0)."""

@@ -98,8 +98,10 @@ def _defaults(directory: Path) -> dict:
     samplers = {"decoder_sampler": "ddpm", "prior_sampler": "ddpm", "super_res_sampler": "ddpm", "super_res_start": 1.0,
                 "decoder_eta": 0.0, "prior_eta": 0.0, "super_res_eta": 0.0,
                 "prior_best_of": 1, "candidates": 1, "upsampled_candidates": 1}  # diffusers draws one of each
+    mirrored = recorded.is_file() and _json(recorded).get("z_t") == "layernorm-mirror"
     return {**DEFAULTS, **samplers, **{k: v for k, v in own.items() if k in DEFAULTS or k in samplers},
-            "unclip_export": recorded.is_file()}
+            "unclip_export": recorded.is_file(),
+            "z_t_mirror": int(_json(recorded)["embedding_dim"]) if mirrored else None}  # its text projection's D
 
 
 SHIM_SETTINGS = {"prediction_type": "PREDICTION_TYPE", "timesteps": "TIMESTEPS", "target": "TARGET"}
@@ -278,7 +280,7 @@ def _prior(directory: Path, width: int):
                       eta=defaults["prior_eta"])
     # an unclip export's decoder learnt from unit-length z_i, as its own prior hands them on
     return DiffusersPrior(transformer=transformer, config=cfg, clip_range=process["clip_range"],
-                          unit=defaults["unclip_export"])
+                          unit=defaults["unclip_export"], mirror=defaults["z_t_mirror"])
 
 
 def _vision_tower(path: Path):
@@ -329,9 +331,10 @@ def _load_diffusers(path: str | Path, *, image_encoder: str | Path | None, devic
                                f"the text encoder to {text.config.projection_dim}: they are not one CLIP")
     tokenizer = _tokenizer(directory / "tokenizer", index.get("tokenizer"))
     clip_cfg = _clip_config(text.config, None if vision is None else vision.config)
+    defaults = _defaults(directory)
     clip = DiffusersClip(text=text, vision=vision, tokenizer=tokenizer, config=clip_cfg,
                          preprocess=None if vision is None else _preprocess(directory, vision.config),
-                         unit=_defaults(directory)["unclip_export"]).eval()
+                         unit=defaults["unclip_export"], mirror=defaults["z_t_mirror"]).eval()
     with torch.no_grad():
         empty = clip.encode_text(clip.tokenize([""]))
     decoder = _decoder(directory, clip)

@@ -6,8 +6,8 @@ An imported model keeps its own networks and computes what diffusers' UnCLIPPipe
   (`encode` → `TokenBatch`, cut captions reported);
 - `DiffusersClip`: CLIPTextModelWithProjection (+ CLIPVisionModelWithProjection when the model
   has one) with the surface of `ClipModel`. Embeddings stay at the raw CLIP scale (diffusers and
-  Karlo never normalise them; an unclip export's image embeddings are unit length, as its own CLIP
-  gives them); the text tower runs without an attention mask, as in diffusers;
+  Karlo never normalise them; an unclip export's image and text embeddings are unit length, as its
+  own CLIP gives them); the text tower runs without an attention mask, as in diffusers;
 - `DiffusersPrior`: PriorTransformer with the `sample(text_states, text_mask, z_t, ...)` surface
   of `DiffusionPrior`; guidance against the empty prompt; x_start clipped to the scheduler's
   `clip_sample_range` (5 for Karlo); no best-of and no renormalisation (diffusers has neither),
@@ -77,13 +77,17 @@ class DiffusersClip(nn.Module):
     text: CLIPTextModelWithProjection; vision: CLIPVisionModelWithProjection or None (a
     text-to-image Karlo directory has none); preprocess: the feature extractor's settings
     (`size`, `crop`, `mean`, `std`), applied to tensors in [-1, 1]; unit: image embeddings scaled to
-    unit length (an unclip export, whose decoder learnt from unit-length z_i, as its prior's are).
+    unit length (an unclip export, whose decoder learnt from unit-length z_i, as its prior's are);
+    mirror: the embedding dimension D of an unclip export whose text projection writes s·[x, −x, 0…]
+    for its prior's LayerNorm (`unclip.pipeline.export`): z_t is then unclip's own, [x, 0…] at unit
+    length, as text diffs and z_t-as-z_i need it (the mirrored vector read as z_t scaled them by 1/√2).
     """
 
     def __init__(self, *, text: nn.Module, tokenizer: HFTokenizer, config: ClipConfig, vision: nn.Module | None = None,
-                 preprocess: dict | None = None, unit: bool = False):
+                 preprocess: dict | None = None, unit: bool = False, mirror: int | None = None):
         super().__init__()
         self.text, self.vision, self.tokenizer, self.config, self.unit = text, vision, tokenizer, config, unit
+        self.mirror = mirror
         pre = preprocess or {}
         self.resize_to = int(pre.get("size", config.image_size))
         self.crop_to = int(pre.get("crop", config.image_size))
@@ -100,10 +104,13 @@ class DiffusersClip(nn.Module):
         return self.tokenizer.encode(captions)
 
     def encode_text(self, tokens: TokenBatch) -> TextEncoding:
-        """z_t [B, D] (raw text_embeds), token states [B, L, W] and mask [B, L], as diffusers encodes prompts."""
+        """z_t [B, D] (raw text_embeds; unclip's unit z_t with `mirror`), token states [B, L, W] and mask
+        [B, L], as diffusers encodes prompts."""
         out = self.text(input_ids=tokens.input_ids.to(self.device))  # no attention mask: diffusers passes none
-        return TextEncoding(embeds=out.text_embeds.float(), token_states=out.last_hidden_state,
-                            mask=tokens.attention_mask.to(self.device))
+        z_t = out.text_embeds.float()
+        if self.mirror is not None:
+            z_t = F.pad(F.normalize(z_t[:, :self.mirror], dim=-1), (0, z_t.shape[1] - self.mirror))
+        return TextEncoding(embeds=z_t, token_states=out.last_hidden_state, mask=tokens.attention_mask.to(self.device))
 
     def encode_captions(self, captions: str | list[str]) -> torch.Tensor:
         return self.encode_text(self.tokenize(captions)).embeds
@@ -137,15 +144,17 @@ class DiffusersPrior(nn.Module):
     config: PriorConfig (timesteps, schedule, prediction type, sampler, steps, guidance);
     clip_range: clamp of the predicted x_start (the scheduler's clip_sample_range), or None;
     unit: return unit-length z_i (an unclip export, whose decoder learnt from them) instead of the raw
-    sample. `config.best_of` > 1 keeps, of that many samples per caption, the one with the highest
+    sample; mirror: an unclip export's D, whose z_t (`DiffusersClip` with `mirror`) the prior reads
+    mirrored, s·[x, −x, 0…], as its exported text projection writes it. `config.best_of` > 1 keeps, of that many samples per caption, the one with the highest
     dot product with z_t, as `DiffusionPrior` does (diffusers draws one).
     Call `set_empty_prompt` before sampling with guidance: the null branch is the empty prompt.
     """
 
     def __init__(self, *, transformer: nn.Module, config: PriorConfig, clip_range: float | None = None,
-                 unit: bool = False):
+                 unit: bool = False, mirror: int | None = None):
         super().__init__()
         self.transformer, self.config, self.clip_range, self.unit = transformer, config, clip_range, unit
+        self.mirror = mirror
         self.diffusion = GaussianDiffusion.from_schedule(config.noise_schedule, config.timesteps,
                                                          prediction_type=config.prediction_type)
         self.register_buffer("empty_states", torch.zeros(0), persistent=False)
@@ -169,12 +178,13 @@ class DiffusersPrior(nn.Module):
     def guided_fn(self, z_t: torch.Tensor, text_states: torch.Tensor, text_mask: torch.Tensor,
                   guidance_scale: float) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
         """model_fn(x_t, t): conditional and empty-prompt rows in one batch, `cfg_mix`, then the clamp."""
-        cond = {"proj_embedding": z_t, "encoder_hidden_states": text_states, "attention_mask": text_mask.bool()}
+        cond = {"proj_embedding": self._proj_embedding(z_t), "encoder_hidden_states": text_states,
+                "attention_mask": text_mask.bool()}
         if check_guidance_scale(guidance_scale) != 1.0:
             if self.empty_states.numel() == 0:
                 raise ModelFormatError("the prior's empty-prompt encoding is not set (call set_empty_prompt)")
             n = z_t.shape[0]
-            null = {"proj_embedding": self.empty_embeds.expand(n, -1),
+            null = {"proj_embedding": self._proj_embedding(self.empty_embeds).expand(n, -1),
                     "encoder_hidden_states": self.empty_states.expand(n, -1, -1),
                     "attention_mask": self.empty_mask.bool().expand(n, -1)}
             cond = {k: torch.cat([v, null[k].to(v.dtype)]) for k, v in cond.items()}  # [2B, ...]
@@ -190,6 +200,15 @@ class DiffusersPrior(nn.Module):
             return out
 
         return model_fn
+
+    def _proj_embedding(self, z_t: torch.Tensor) -> torch.Tensor:
+        """What the transformer reads as z_t: s·[x, −x, 0…] of an unclip export's x, else z_t itself."""
+        if self.mirror is None:
+            return z_t
+        from unclip.pipeline.export import Z_T_SCALE
+
+        x = Z_T_SCALE * z_t[:, :self.mirror]
+        return F.pad(torch.cat([x, -x], dim=1), (0, z_t.shape[1] - 2 * self.mirror))
 
     @torch.no_grad()
     def sample_loop(self, text_states: torch.Tensor, text_mask: torch.Tensor, z_t: torch.Tensor, *,
