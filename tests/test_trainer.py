@@ -42,13 +42,13 @@ def test_fit_steps_stays_between_done_and_the_configured_limit():
 
 def test_time_budget_ends_the_cosine_schedule_in_time(tmp_path):
     cfg = TrainConfig(steps=100_000, batch_size=4, lr=0.1, warmup_steps=2, log_every=5, ckpt_every=1000)
-    began = time.perf_counter()
     result = train(_Slow(0.01), _feed, cfg=cfg, run_dir=tmp_path, run_config={"x": 1}, progress=False,
                    time_budget=1.0)
-    elapsed = time.perf_counter() - began
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert 20 < result.step < 200, result.step  # ~10 ms a step in 1 s, far below the 100,000 configured
-    assert elapsed < 3.0
+    # the budget counts from the first step (setting up accelerate is not the run's): its training time,
+    # not this test's wall clock, which a loaded machine stretches
+    assert result.seconds < 1.5
     assert rows[-1]["step"] == result.step and rows[-1]["planned_steps"] == result.step
     assert rows[-1]["lr"] < 0.1 * cfg.lr  # the schedule ran out with the time, not cut off mid-way
     assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["step"] == result.step
