@@ -61,6 +61,37 @@ def test_ship_default_evaluation_only_rewrites_the_manifest_and_nothing_else(tmp
         ship.main([str(target), "--evaluation-only"])
 
 
+def test_a_ship_killed_between_its_renames_leaves_the_previous_model_in_place(tmp_path):
+    """kill -9 between `swap_in`'s two renames left no model at src/unclip/assets/model: the new copy
+    sat in `.ship.XXXX/`, which `restore_interrupted_swap` does not recognise, so the old model stayed
+    aside for good (and both hidden copies inside the package)."""
+    from unclip.config import preset
+    from unclip.modeldir import Manifest, save_model_dir, save_weights
+
+    def model(directory, name):
+        manifest = Manifest(config=preset("tiny").override([f"name={name}"]).to_dict(), resolutions=(16, 64))
+        return save_model_dir(directory, manifest, lambda tmp: save_weights(tmp / "decoder" / "model.safetensors",
+                                                                           {"w": torch.ones(3)}))
+
+    target, new = model(tmp_path / "assets" / "model", "old"), model(tmp_path / "new", "new")
+    script = ("import importlib.util, os, sys\n"
+              "from pathlib import Path\n"
+              "spec = importlib.util.spec_from_file_location('ship_default', sys.argv[1])\n"
+              "ship = importlib.util.module_from_spec(spec)\n"
+              "spec.loader.exec_module(ship)\n"
+              "ship.TARGET = Path(sys.argv[2])\n"
+              "rename = os.rename\n"
+              "os.rename = lambda src, dst: os._exit(9) if Path(dst) == ship.TARGET else rename(src, dst)\n"
+              "ship.main([sys.argv[3]])\n")
+    ship_script = Path(__file__).parents[1] / "scripts" / "ship_default.py"
+    assert subprocess.run([sys.executable, "-c", script, str(ship_script), str(target), str(new)]).returncode == 9
+    assert read_manifest(target).config["name"] == "old"  # put back on the first read
+    done = subprocess.run([sys.executable, "-c", script.replace("os._exit(9) if Path(dst) == ship.TARGET else ", ""),
+                           str(ship_script), str(target), str(new)])
+    assert done.returncode == 0 and read_manifest(target).config["name"] == "new"
+    assert sorted(p.name for p in target.parent.iterdir()) == ["model"]  # nothing hidden left in the package
+
+
 @pytest.fixture(scope="module")
 def pipe():
     return unclip.load()
@@ -142,3 +173,20 @@ def test_unclip_generate_needs_no_model_argument(tmp_path):
 
     params = json.loads(Image.open(tmp_path / "g-0.png").text["unclip"])
     assert params["verb"] == "generate"
+
+
+def test_the_readme_python_example_runs_as_written(tmp_path, monkeypatch):
+    """The README's Python block, executed as a newcomer would paste it after `make demo` (it loaded
+    a CLIP from runs/, which only a training run makes)."""
+    import re
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    (block,) = re.findall(r"## Python\n\n```python\n(.*?)```", readme, re.S)
+    monkeypatch.chdir(tmp_path)
+    namespace = {}
+    exec(compile(block, "README.md", "exec"), namespace)  # noqa: S102 - the README's own example
+    probs = namespace["probs"][0]
+    assert namespace["labels"][int(probs.argmax())] in ("a yellow cross", "กากบาทสีเหลือง")
+    assert float(probs[0] + probs[3]) > 0.9  # what the comment beside it says, English and Thai alike
+    assert len(namespace["images"]) == 4 and len(namespace["frames"]) == 5
+    assert namespace["frames"][0].size == namespace["images"][0].size == (128, 128)
