@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import tempfile
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
 from unclip.config import UnclipConfig, preset
 from unclip.io import write_json_atomic
-from unclip.modeldir import MANIFEST, half_model_dir, read_manifest, swap_in
+from unclip.modeldir import MANIFEST, half_model_dir, read_manifest, remove_abandoned, swap_in, temp_dir_beside
 
 SAMPLING = ("sampler", "sample_steps", "sample_start", "eta", "guidance_scale", "candidates")
 SUMMARY = ("tasks", "overall", "by_split", "by_lang", "failures", "judge_support_overall", "frechet_judge_features",
@@ -78,6 +78,7 @@ def main(argv: list[str] | None = None) -> None:
     for name, path in (("--eval", args.eval), ("--stage-metrics", args.stage_metrics), ("--clip-eval", args.clip_eval)):
         if path and not Path(path).is_file():
             parser.error(f"{name} {path}: no such file (nothing was shipped)")
+    remove_abandoned(TARGET)  # what a killed ship left: the previous model put back, the new copy deleted
     if args.evaluation_only:
         manifest = read_manifest(TARGET).to_dict()
         manifest["evaluation"].update(evaluation_of(args))
@@ -85,8 +86,9 @@ def main(argv: list[str] | None = None) -> None:
         print(f"updated the evaluation in {TARGET / MANIFEST}")
         return
     TARGET.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=TARGET.parent, prefix=".ship.") as tmp:
-        half = half_model_dir(args.model, Path(tmp) / "model")
+    tmp = temp_dir_beside(TARGET)  # a ship killed between swap_in's renames is undone, its copy removed
+    try:
+        half = half_model_dir(args.model, tmp / "model")
         manifest = read_manifest(half).to_dict()
         cfg = with_sampling(UnclipConfig.from_dict(manifest["config"]), preset("shapes-gpu"))
         manifest["config"] = cfg.to_dict()
@@ -95,6 +97,8 @@ def main(argv: list[str] | None = None) -> None:
         manifest["evaluation"].update(evaluation_of(args))
         write_json_atomic(half / MANIFEST, manifest)
         swap_in(half, TARGET)  # two renames: an interruption never leaves the repository without a model
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     print(f"shipped {TARGET}")
 
 

@@ -261,6 +261,32 @@ def test_an_interrupted_embed_keeps_the_shards_it_finished(clip_dir, tmp_path, c
     assert not np.array_equal(load_embeddings(tmp_path / "emb")["image_embeds"], first["image_embeds"])
 
 
+def test_an_embed_interrupted_over_an_earlier_one_leaves_no_meta_json_to_vouch_for_the_mix(clip_dir, tmp_path,
+                                                                                              monkeypatch):
+    """A rerun into a finished folder stopped after one shard left the first run's meta.json, which
+    vouched for a folder now holding shards of both runs (here English+Thai and Thai captions)."""
+    from unclip.clip import embed as embed_module
+
+    embed = ["embed", str(clip_dir / "model"), "-n", "12", "--shard-size", "4", "--out", str(tmp_path / "emb")]
+    assert main(embed) == 0
+    write_shard, written = embed_module._write_shard, []
+
+    def stopped_after_one(*args, **kwargs):
+        if written:
+            raise KeyboardInterrupt
+        written.append(write_shard(*args, **kwargs))
+
+    monkeypatch.setattr(embed_module, "_write_shard", stopped_after_one)
+    assert main([*embed, "--lang", "th"]) == 130
+    assert written and not (tmp_path / "emb" / "meta.json").exists()
+    with pytest.raises(DataError, match="meta.json is missing"):
+        load_embeddings(tmp_path / "emb")
+    monkeypatch.undo()
+    assert main([*embed, "--lang", "th"]) == 0  # run again: resumes, and the folder is whole
+    captions = load_embeddings(tmp_path / "emb")["captions"]
+    assert len(captions) == 12 and all(any("\u0e00" <= ch <= "\u0e7f" for ch in c) for c in captions)
+
+
 @pytest.mark.slow
 def test_shapes_clip_reaches_its_targets(tmp_path):
     """Issue 3's targets on the shapes preset: ≈10 min on 2 cores."""

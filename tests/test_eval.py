@@ -375,6 +375,59 @@ def test_unclip_eval_end_to_end_writes_json_markdown_and_grids(tmp_path, judge_d
     assert "trained on data.source=folder" in caplog.text  # shapes prompts: said, since they may mean nothing
 
 
+def test_a_stopped_eval_resumes_from_the_images_it_drew(tmp_path, judge_dir, monkeypatch):
+    """Stopped part-way (~10 minutes on the shipped model), `unclip eval` drew every image again; and
+    stopped while writing, it left the new eval.json beside the earlier run's report and grids."""
+    from tiny_models import save_tiny_clip, save_tiny_stages
+
+    from unclip.cli import main
+    from unclip.pipeline.assemble import assemble
+    from unclip.pipeline.pipeline import UnclipPipeline
+
+    dirs = save_tiny_stages(tmp_path, save_tiny_clip(tmp_path))
+    model = assemble(tmp_path / "model", decoder=dirs["decoder"], prior=dirs["prior"], upsamplers=(dirs["upsampler"],))
+    prompts = write_prompts(tmp_path / "prompts.jsonl", make_prompts(per_group=1, splits=("seen", "unseen"),
+                                                                      langs=("en",), tasks=("colors",)))
+    generate, calls = UnclipPipeline.generate, []
+
+    def counted(self, *args, **kwargs):
+        calls.append(kwargs["seed"])
+        if len(calls) == stop_at:
+            raise KeyboardInterrupt
+        return generate(self, *args, **kwargs)
+
+    monkeypatch.setattr(UnclipPipeline, "generate", counted)
+    run = ["eval", str(model), "--prompts", str(prompts), "--judge", str(judge_dir), "--images-per-prompt", "1",
+           "--batch-prompts", "1", "--size", "16", "--quiet"]
+    stop_at = None
+    assert main([*run, "--out", str(tmp_path / "whole")]) == 0 and calls == [0, 1]
+    whole = json.loads((tmp_path / "whole" / "eval.json").read_text())
+    assert not (tmp_path / "whole" / ".drawn").exists()  # a finished run leaves no drawn images behind
+
+    out = tmp_path / "stopped"
+    assert main([*run, "--out", str(out), "--seed", "5"]) == 0  # an earlier run's report and grids
+    calls.clear()
+    stop_at = 2
+    assert main([*run, "--out", str(out)]) == 130 and calls == [0, 1]
+    assert (out / ".drawn" / "00000.png").is_file() and not (out / ".drawn" / "00001.png").exists()
+    calls.clear()
+    stop_at = None
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as writing:  # drawn and judged, stopped while writing the report
+        writing.setattr("unclip.eval.report.markdown_report", interrupted)
+        assert main([*run, "--out", str(out)]) == 130
+    assert calls == [1]  # the first batch was read back, not drawn again
+    assert not (out / "eval.json").exists() and not (out / "report.md").exists()  # no numbers beside old grids
+    calls.clear()
+    assert main([*run, "--out", str(out)]) == 0 and calls == []  # every image was drawn already
+    assert json.loads((out / "eval.json").read_text())["records"] == whole["records"]
+    assert not (out / ".drawn").exists()
+    assert main([*run, "--out", str(out), "--seed", "5"]) == 0 and calls == [5, 6]  # other settings: drawn anew
+
+
 def test_unclip_eval_without_a_judge_is_a_clear_error(tmp_path, capsys):
     from unclip.cli import main
 

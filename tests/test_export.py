@@ -53,6 +53,37 @@ def test_crash_mid_shard_leaves_no_partial_tar(tmp_path, monkeypatch):
         assert len(tar.getnames()) == 30
 
 
+def test_an_interrupted_export_keeps_the_shards_it_finished_and_no_others(tmp_path, monkeypatch):
+    """Rerun after a stop, an export rendered every shard again (hours for a big one); it keeps each
+    shard its stats file vouches for, and not one whose stats file is another export's."""
+    export_webdataset(tmp_path, split="val", n=30, size=8, shard_size=10, progress=False)
+    first = {p.name: p.read_bytes() for p in tmp_path.glob("*.tar")}
+    write_json = export.write_json_atomic
+
+    def stopped_before_the_second_stats(path, obj):
+        if path.name == "000001_stats.json":
+            raise KeyboardInterrupt
+        return write_json(path, obj)
+
+    with monkeypatch.context() as stop:  # a Thai export over it, stopped between shard 1 and its stats
+        stop.setattr(export, "write_json_atomic", stopped_before_the_second_stats)
+        with pytest.raises(KeyboardInterrupt):
+            export_webdataset(tmp_path, split="val", n=30, size=8, shard_size=10, progress=False, lang="th")
+    rendered, record = [], export._record
+
+    def counted(split, index, **kwargs):
+        rendered.append(index)
+        return record(split, index, **kwargs)
+
+    monkeypatch.setattr(export, "_record", counted)
+    export_webdataset(tmp_path, split="val", n=30, size=8, shard_size=10, progress=False)
+    assert rendered == list(range(20))  # shard 0 is Thai, shard 1 Thai under English stats; shard 2 kept
+    assert {p.name: p.read_bytes() for p in tmp_path.glob("*.tar")} == first
+    rendered.clear()
+    export_webdataset(tmp_path, split="val", n=30, size=8, shard_size=10, progress=False)
+    assert rendered == []  # all whole: nothing rendered again
+
+
 def test_cli_preview_and_export(tmp_path, capsys):
     assert main(["data", "preview", "-n", "3", "--size", "32", "--out", str(tmp_path / "p.png")]) == 0
     assert (tmp_path / "p.png").stat().st_size > 1000

@@ -72,11 +72,21 @@ def test_mismatched_weights_say_which_tensors(tmp_path):
         load_into(longer, model / "decoder" / "model.safetensors")
 
 
+def test_integer_weights_for_float_parameters_are_refused(tmp_path):
+    """They were cast in silence, so a model sampled with its weights truncated to whole numbers."""
+    weights = save_weights(tmp_path / "model.safetensors", {k: v.int() for k, v in _net().state_dict().items()})
+    with pytest.raises(ModelFormatError, match=r"4 tensor\(s\) of integers where the model has floats \(0.weight"):
+        load_into(_net(), weights)
+
+
 @pytest.mark.parametrize("content, message", [
     (None, "unclip.json is missing"),
     ("{\"format_version\": 1, ", "truncated or corrupt"),
     (json.dumps({"config": {}}), "no integer format_version"),
     (json.dumps({"format_version": FORMAT_VERSION + 1, "config": {}}), "upgrade unclip"),
+    (json.dumps({"format_version": FORMAT_VERSION, "config": {}, "stats": "x"}), "its stats is not a JSON object"),
+    (json.dumps({"format_version": FORMAT_VERSION, "config": {}, "files": {"decoder/config.json": {}}}),
+     "its record of decoder/config.json has no bytes and sha256"),
 ])
 def test_bad_manifest(tmp_path, content, message):
     model = _write_model(tmp_path / "model", _net())

@@ -96,6 +96,29 @@ def test_assembled_model_holds_every_stage_and_refuses_a_foreign_clip(model_dir,
         assemble(tmp_path / "none", decoder=model_dir)
 
 
+def test_an_assemble_half_killed_midway_leaves_nothing_the_next_one_keeps(model_dir, tmp_path):
+    """kill -9 after `assemble --half` wrote its float32 copy left `.assemble.XXXX/` (a whole model)
+    beside OUT for good; named like a model save's own temporary folder, the next save removes it."""
+    import subprocess
+    import sys
+
+    from unclip.cli import main
+    from unclip.modeldir import read_manifest
+
+    argv = ["assemble", "--decoder", str(model_dir), "--prior", str(model_dir), "--out", str(tmp_path / "model"),
+            "--half"]
+    script = ("import os, sys\n"
+              "from unclip import modeldir\n"
+              "from unclip.cli import main\n"
+              "modeldir.half_model_dir = lambda source, target: os._exit(9)\n"  # killed, no cleanup
+              "main(sys.argv[1:])\n")
+    assert subprocess.run([sys.executable, "-c", script, *argv]).returncode == 9
+    assert list(tmp_path.glob(".*"))  # the float32 copy, left behind
+    assert main(argv) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+    assert read_manifest(tmp_path / "model").extra["weights_dtype"] == "float16"
+
+
 def test_a_text_tuned_clip_replaces_the_decoders_own_and_no_other(model_dir, tmp_path):
     """assemble --clip: a CLIP whose text tower moved and image tower did not (clip.train_towers=text)
     is carried with priors trained against it and the decoder as it was; any other CLIP is refused."""
@@ -519,6 +542,25 @@ def test_a_damaged_weight_file_of_the_right_size_is_refused_at_load(model_dir, t
         unclip.load(copy)
 
 
+@pytest.mark.parametrize("stage, shape_file, key", [("prior", "prior_cond", "clip_dim"), ("ar_prior", "ar_prior", "dim")])
+def test_a_prior_shape_file_without_its_numbers_is_refused_at_load(model_dir, tmp_path, stage, shape_file, key):
+    """A prior's shape file, edited with its manifest record to match, was a KeyError from the loader."""
+    import json
+    import shutil
+
+    from unclip.modeldir import MANIFEST, file_record
+    from unclip.prior.stage import load_ar_prior, load_diffusion_prior
+
+    copy = shutil.copytree(model_dir, tmp_path / "model")
+    (copy / shape_file / "config.json").write_text("{}")
+    manifest = json.loads((copy / MANIFEST).read_text())
+    manifest["files"][f"{shape_file}/config.json"] = file_record(copy / shape_file / "config.json")
+    (copy / MANIFEST).write_text(json.dumps(manifest))
+    load = load_diffusion_prior if stage == "prior" else load_ar_prior
+    with pytest.raises(ModelFormatError, match=f"{shape_file}/config.json lacks the whole number\\(s\\) {key}"):
+        load(copy)
+
+
 def test_the_python_api_names_what_was_wrong_with_its_arguments(model_dir):
     from PIL import Image
 
@@ -745,6 +787,8 @@ def test_upsampler_sampling_can_be_set_for_every_later_call(model_dir):
 def _bad_calls(pipe, image):
     from dataclasses import replace
 
+    from PIL import Image
+
     z = pipe.encode_image(image)
     side = pipe.config.decoder.resolution
     text = pipe.encode_text(["a red circle", "a blue star"])
@@ -789,6 +833,22 @@ def _bad_calls(pipe, image):
         "two seeds for one x_T": (lambda: pipe.interpolate(image, image, seed=[1, 2]), ConfigError, "one seed"),
         "unknown device": (lambda: pipe.to("bogus"), ConfigError, "not a torch device"),
         "a number for a model": (lambda: __import__("unclip").load(5), ConfigError, "not int"),
+        "a callback that is no function": (lambda: pipe.generate("a red circle", steps=2, callback=5), ConfigError,
+                                           "callback=5"),
+        "a 0×0 image": (lambda: pipe.variations(Image.new("RGB", (0, 0))), DataError, "0×0: it has no pixels"),
+        "a mask array of objects": (lambda: pipe.inpaint(image, np.array([[None]])), DataError, "dtype object"),
+        "integer z_i": (lambda: pipe.decode(z.long()), DataError, "z_i must hold real numbers"),
+        "integer x_T": (lambda: pipe.decode(z, x_T=torch.zeros(1, 3, side, side, dtype=torch.long)), DataError,
+                        "x_T must hold real numbers"),
+        "a caption string for an encoding (decode)": (lambda: pipe.decode(z, "a red circle"), DataError,
+                                                      "TextEncoding"),
+        "two captions for one z_i": (lambda: pipe.decode(z, text), DataError, "2 captions for 1 z_i"),
+        "NaN z_i to invert with": (lambda: pipe.invert(image, z_i=torch.full_like(z, float("nan"))), DataError, "NaN"),
+        "three z_i for one image": (lambda: pipe.invert(image, z_i=z.expand(3, -1)), DataError, "3 z_i for 1 images"),
+        "more candidates than a batch": (lambda: pipe.generate("a red circle", candidates=10**6), ConfigError,
+                                         "candidates=1000000: draw 1 to 64"),
+        "a billion images": (lambda: pipe.generate("a red circle", n=10**9), ConfigError, "at most 100,000 images"),
+        "a billion variations": (lambda: pipe.variations(image, n=10**9), ConfigError, "at most 100,000 images"),
     }
 
 
@@ -840,6 +900,35 @@ def test_a_large_n_runs_in_pieces_that_draw_the_same_images(pipe, monkeypatch):
     pieces = pipe.generate(["a red circle", "a blue square"], n=2, seed=5, steps=2, size=pipe.sizes[0])
     assert len(pieces) == 4
     assert all(np.abs(_array(a) - _array(b)).max() <= 1 for a, b in zip(whole, pieces))
+
+
+def test_decode_runs_many_rows_in_pieces_that_draw_the_same_images(pipe, monkeypatch):
+    """variations, interpolations, text diffs and PCA probes decode every image in one batch: 2,000
+    variations of a 32² model held 4 GB; in pieces, memory is one piece's."""
+    import unclip.pipeline.pipeline as module
+
+    z = pipe.encode_image(_image()).expand(5, -1)
+    whole = pipe.decode(z, seed=3, steps=2)
+    sizes = []
+    sample = pipe.decoder.sample
+    monkeypatch.setattr(pipe.decoder, "sample", lambda z_i, *a, **k: sizes.append(len(z_i)) or sample(z_i, *a, **k))
+    monkeypatch.setattr(module, "GENERATE_BATCH", 2)
+    pieces = pipe.decode(z, seed=3, steps=2)
+    assert sizes == [2, 2, 1]  # a batch's float sums differ in the last bits from a piece's
+    assert all(np.abs(_array(a) - _array(b)).max() <= 1 for a, b in zip(to_pil(whole), to_pil(pieces)))
+
+
+def test_one_call_returns_at_most_max_images(pipe, monkeypatch):
+    """n = 10⁹ built a list of 10⁹ prompts and seeds before the first image: memory ran out."""
+    import unclip.pipeline.pipeline as module
+
+    monkeypatch.setattr(module, "MAX_IMAGES", 3)
+    with pytest.raises(ConfigError, match="n=2 for each of 2 prompts: one call returns at most 3 images"):
+        pipe.generate(["a red circle", "a blue square"], n=2)
+    for call in (lambda: pipe.variations(_image(), n=4), lambda: pipe.interpolate(_image(), _image(1), n=4),
+                 lambda: pipe.inpaint(_image(), torch.ones(64, 64), n=4), lambda: pipe.upscale(_image(), n=4)):
+        with pytest.raises(ConfigError, match="n=4: one call returns at most 3 images"):
+            call()
 
 
 def test_loading_leaves_the_callers_random_numbers_alone(model_dir):

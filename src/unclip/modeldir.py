@@ -129,6 +129,15 @@ def restore_interrupted_swap(directory: Path) -> None:
         return
 
 
+def temp_dir_beside(directory: Path) -> Path:
+    """A new empty `.NAME.PID.XXXX.tmp` folder beside `directory`, where a model is built before it
+    is swapped in: named so that `remove_abandoned` (and `restore_interrupted_swap`) clean up what a
+    killed writer left there, and with the umask's permissions, not mkdtemp's 0700."""
+    tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.{os.getpid()}.", suffix=".tmp"))
+    os.chmod(tmp, 0o777 & ~umask())
+    return tmp
+
+
 def save_model_dir(directory: str | Path, manifest: Manifest, write_components: Callable[[Path], None]) -> Path:
     """Write a model directory atomically.
 
@@ -141,8 +150,7 @@ def save_model_dir(directory: str | Path, manifest: Manifest, write_components: 
     check_replaceable(directory, judge=judge)
     directory.parent.mkdir(parents=True, exist_ok=True)
     remove_abandoned(directory)
-    tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.{os.getpid()}.", suffix=".tmp"))
-    os.chmod(tmp, 0o777 & ~umask())  # mkdtemp makes 0700; a model is shared like any folder (umask)
+    tmp = temp_dir_beside(directory)
     try:
         write_components(tmp)
         files = {
@@ -243,6 +251,15 @@ def read_manifest(directory: str | Path) -> Manifest:
             raise ModelFormatError(f"{path} has format_version {version}, which this unclip cannot migrate")
         data = MIGRATIONS[version](data)
         version = data["format_version"]
+    for name in ("config", "files", "stats", "extra", "provenance", "evaluation"):
+        if not isinstance(data.get(name, {}), dict):  # each failed later as an AttributeError or KeyError
+            raise ModelFormatError(f"{path}: its {name} is not a JSON object; the file was edited or damaged "
+                                   "(copy the model again, or re-run the command that wrote it)")
+    for name, record in data.get("files", {}).items():
+        if not (isinstance(record, dict) and isinstance(record.get("bytes"), int)
+                and isinstance(record.get("sha256"), str)):
+            raise ModelFormatError(f"{path}: its record of {name} has no bytes and sha256; the file was edited or "
+                                   "damaged (copy the model again, or re-run the command that wrote it)")
     try:
         return Manifest(**{**data, "resolutions": tuple(data.get("resolutions", ()))})
     except TypeError as err:
@@ -317,6 +334,9 @@ def load_into(module: torch.nn.Module, path: str | Path) -> torch.nn.Module:
     unexpected = sorted(set(state) - set(expected))
     wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
              if k in state and state[k].shape != v.shape]
+    # integer weights for float parameters were cast in silence: images of truncated weights
+    not_float = [f"{k} ({state[k].dtype})" for k, v in expected.items()
+                 if k in state and v.is_floating_point() and not state[k].is_floating_point()]
     problems = []
     if missing:
         problems.append(f"missing {len(missing)} tensor(s) ({', '.join(missing[:5])})")
@@ -324,6 +344,9 @@ def load_into(module: torch.nn.Module, path: str | Path) -> torch.nn.Module:
         problems.append(f"{len(unexpected)} unexpected tensor(s) ({', '.join(unexpected[:5])})")
     if wrong:
         problems.append(f"shape mismatch in {len(wrong)} tensor(s) (file vs model: {'; '.join(wrong[:5])})")
+    if not_float:
+        problems.append(f"{len(not_float)} tensor(s) of integers where the model has floats "
+                        f"({', '.join(not_float[:5])})")
     if problems:
         raise ModelFormatError(f"{path} does not match its config: {', '.join(problems)}")
     module.load_state_dict(state, strict=True)

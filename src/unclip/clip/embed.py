@@ -12,6 +12,7 @@ written atomically; `load_embeddings` refuses a folder whose shards are missing,
 out of line with `meta.json` or with the image shards (`check_aligned`), naming the shard.
 Under `accelerate launch` the processes share the shards (shard i on rank i mod R). Run again
 into the same folder, a shard the same CLIP wrote whole is kept, so an interrupted run resumes.
+meta.json goes first and is written last: a folder holding one holds one run's shards.
 """
 
 from __future__ import annotations
@@ -190,6 +191,8 @@ def embed_items(model: ClipModel, groups: Iterator[tuple[str, Iterator]], out: s
     out = Path(out)
     rank, world = dist.rank_world()
     described = json.dumps({k: meta.get(k) for k in DATA_KEYS}, sort_keys=True)
+    if rank == 0:  # an earlier run's would vouch for its shards while this run replaces them, if interrupted
+        (out / "meta.json").unlink(missing_ok=True)
     model.eval()
     shards, failure, error = [], None, None
     bar = tqdm(total=total if world == 1 else None, desc="embed", unit="img", disable=not progress or rank > 0)

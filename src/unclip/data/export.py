@@ -3,13 +3,16 @@
 Shards are `000000.tar`, `000001.tar`, ... holding `KEY.jpg`, `KEY.txt` (the caption) and
 `KEY.json` (key, caption, lang, scene, split, index, width, height), with `000000_stats.json`
 beside each. KEY is the sample's 9-digit global index. Each shard and file is written
-atomically, so an interrupted export leaves only whole shards; run it again to redo the rest.
+atomically, so an interrupted export leaves only whole shards. Run again with the same settings,
+an export keeps each shard its stats file vouches for (same settings, same sha256) and writes the
+rest, so an interrupted one resumes; a folder export writes every file again.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import logging
 import re
 import tarfile
 import time
@@ -21,6 +24,9 @@ from unclip.data.render import render
 from unclip.data.world import SPLIT_LENGTHS, SPLITS, sample
 from unclip.errors import DataError
 from unclip.io import atomic_write, save_image_atomic, write_json_atomic
+from unclip.modeldir import file_record
+
+log = logging.getLogger(__name__)
 
 
 def _check(split: str, n: int, size: int, lang: str) -> None:
@@ -67,11 +73,23 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
+def _kept_shard(path: Path, stats: Path, settings: dict) -> bool:
+    """Whether the shard at `path` is whole and of `settings`: its stats file (written after it)
+    records them and the shard's sha256."""
+    try:
+        recorded = json.loads(stats.read_text(encoding="utf-8"))
+        return all(recorded.get(k) == v for k, v in settings.items()) and \
+            recorded.get("sha256") == file_record(path)["sha256"]
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def export_webdataset(out_dir: str | Path, *, split: str, n: int, size: int, seed: int = 0, lang: str = "mix",
                       shard_size: int = 1000, quality: int = 95, progress: bool = True) -> list[Path]:
     """Write samples 0..n-1 of `split` as tar shards of `shard_size` JPEGs; returns the shard paths.
 
-    Each shard is built in a temporary file and renamed into place only when complete.
+    Each shard is built in a temporary file and renamed into place only when complete; a shard an
+    earlier export of the same settings finished is kept (module docstring).
     """
     _check(split, n, size, lang)
     if shard_size < 1:
@@ -80,12 +98,19 @@ def export_webdataset(out_dir: str | Path, *, split: str, n: int, size: int, see
         raise DataError(f"--quality {quality} is not a JPEG quality; use 1..100 (95 keeps colours exact enough)")
     out_dir = Path(out_dir)
     _check_leftovers(out_dir, SHARD_FILE, -(-n // shard_size), n)
-    shards = []
+    shards, kept = [], 0
     bar = tqdm(total=n, desc="export", unit="img", disable=None if progress else True)
     for shard, start in enumerate(range(0, n, shard_size)):
-        path = out_dir / f"{shard:06d}.tar"
+        path, stats = out_dir / f"{shard:06d}.tar", out_dir / f"{shard:06d}_stats.json"
         began = time.perf_counter()
         count = min(shard_size, n - start)
+        settings = {"count": count, "split": split, "first_index": start, "seed": seed, "lang": lang, "size": size,
+                    "quality": quality}
+        if _kept_shard(path, stats, settings):
+            shards.append(path)
+            kept += 1
+            bar.update(count)
+            continue
         with atomic_write(path, "wb") as handle, tarfile.open(fileobj=handle, mode="w") as tar:
             for index in range(start, start + count):
                 key, image, text, meta = _record(split, index, size=size, seed=seed, lang=lang)
@@ -95,11 +120,12 @@ def export_webdataset(out_dir: str | Path, *, split: str, n: int, size: int, see
                 _add(tar, f"{key}.txt", text.encode("utf-8"))
                 _add(tar, f"{key}.json", json.dumps(meta, ensure_ascii=False).encode("utf-8"))
                 bar.update(1)
-        write_json_atomic(out_dir / f"{shard:06d}_stats.json", {
-            "count": count, "successes": count, "failed_to_download": 0, "split": split,
-            "first_index": start, "duration": round(time.perf_counter() - began, 3)})
+        write_json_atomic(stats, {**settings, "successes": count, "failed_to_download": 0,
+                                  "duration": round(time.perf_counter() - began, 3), **file_record(path)})
         shards.append(path)
     bar.close()
+    if kept:
+        log.info("kept %d of %d shard(s), written whole with these settings before", kept, len(shards))
     return shards
 
 

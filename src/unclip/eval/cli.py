@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shutil
 from pathlib import Path
 
 from unclip.argtypes import guidance, positive_int, seed_number, threads
@@ -16,7 +17,9 @@ log = logging.getLogger(__name__)
 DESCRIPTION = """\
 unclip eval MODEL     GenEval-style scores of a model directory: generate images for every prompt,
                       let the frozen judge pass or fail each one, and write eval.json, report.md and
-                      one image grid per task into --out (default out/eval/<model name>).
+                      one image grid per task into --out (default out/eval/<model name>). Stopped,
+                      it resumes: run again with the same settings, the images drawn so far (kept
+                      in OUT/.drawn until the run ends) are read instead of drawn again.
 unclip eval judge     train the judge network on real shapes-world renders, measure its accuracy on
                       held-out test and unseen renders, and save it to --out (default out/judge).
 unclip eval prompts   write a GenEval-style prompt file (--per-group prompts per task, split and
@@ -174,6 +177,27 @@ def _settings(args: argparse.Namespace, pipe, model: Path, prompts_path: Path, j
                for i, u in enumerate(pipe.upsamplers[:stages], start=1)}}
 
 
+DRAWN = ".drawn"  # OUT/.drawn: the images a run has drawn so far, and the settings that drew them (run.json)
+
+
+def _drawn_folder(out: Path, run: dict) -> Path:
+    """OUT/.drawn, emptied unless an earlier, stopped run of these same settings (`run`) left it:
+    then `evaluate` reads the batches it finished instead of drawing them again."""
+    from unclip.io import write_json_atomic
+
+    folder, run = out / DRAWN, json.loads(json.dumps(run))
+    try:
+        same = json.loads((folder / "run.json").read_text(encoding="utf-8")) == run
+    except (OSError, ValueError):
+        same = False
+    if same:
+        log.info("resuming: the images an earlier run of these settings drew are read from %s", folder)
+    else:
+        shutil.rmtree(folder, ignore_errors=True)
+        write_json_atomic(folder / "run.json", run)
+    return folder
+
+
 def _model(args: argparse.Namespace) -> int:
     import unclip
     from unclip.errors import ModelFormatError
@@ -215,19 +239,16 @@ def _model(args: argparse.Namespace) -> int:
                                  ("sampler", args.sampler), ("prior_guidance_scale", args.prior_guidance_scale),
                                  ("size", args.size), ("candidates", args.candidates),
                                  ("upsampled_candidates", args.upsampled_candidates)) if v is not None}
+    meta = _settings(args, pipe, model, prompts_path, judge_dir, READING)
+    drawn = _drawn_folder(out, {**meta, "seed": args.seed or 0, "images_per_prompt": args.images_per_prompt,
+                                "batch_prompts": args.batch_prompts, "device": str(pipe.device),
+                                "prompt_list": [p["prompt"] for p in prompts]})
     evaluation = evaluate(pipe, judge, prompts, args.images_per_prompt, args.seed or 0, judge_accuracy=accuracy,
-                          batch_prompts=args.batch_prompts, progress=not args.quiet, generate_options=options)
-    evaluation.result["meta"] = _settings(args, pipe, model, prompts_path, judge_dir, READING)
-    paths = write_evaluation(evaluation, out, title=f"unclip eval {model}")
-    for stale in (out / "images").glob("*.png"):  # an earlier run's: read again by index, they would mislead
-        if stale.stem.isdigit():
-            stale.unlink()
-    if args.keep_images:
-        from unclip.io import save_image_atomic
-
-        (out / "images").mkdir(parents=True, exist_ok=True)
-        for i, image in enumerate(evaluation.images):
-            save_image_atomic(out / "images" / f"{i:03d}.png", image)
+                          batch_prompts=args.batch_prompts, progress=not args.quiet, generate_options=options,
+                          drawn=drawn)
+    evaluation.result["meta"] = meta
+    paths = write_evaluation(evaluation, out, title=f"unclip eval {model}", keep_images=args.keep_images)
+    shutil.rmtree(drawn, ignore_errors=True)
     r = evaluation.result
     print(json.dumps({"overall": round(r["overall"], 4), **{t: round(v, 4) for t, v in r["tasks"].items()}}))
     print(f"report {paths['markdown']}, all numbers {paths['json']}, grids {out}/grid_*.png")

@@ -24,6 +24,7 @@ import dataclasses
 import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -215,17 +216,37 @@ class Evaluation:
     images: list = field(default_factory=list)
 
 
+def _read_drawn(folder: Path, first: int, count: int) -> list | None:
+    """Images `first` .. `first + count - 1` (NNNNN.png) from `folder`, or None unless all are there whole."""
+    from PIL import Image
+
+    images = []
+    for i in range(first, first + count):
+        try:
+            with Image.open(folder / f"{i:05d}.png") as image:
+                images.append(image.convert("RGB"))
+        except (OSError, ValueError):
+            return None
+    return images
+
+
 def evaluate(pipe, judge: Judge, prompts: Sequence[dict], images_per_prompt: int = 4, seed: int = 0, *,
              judge_accuracy: dict | None = None, batch_prompts: int = 4, progress: bool = True,
-             generate_options: dict | None = None, callback: Callable | None = None) -> Evaluation:
+             generate_options: dict | None = None, callback: Callable | None = None,
+             drawn: Path | None = None) -> Evaluation:
     """Generate, judge and score (module docstring).
 
     pipe: anything with `generate(prompts, n, seed=...)` returning n PIL images per prompt; image
     i of prompt p uses seed `seed + p·images_per_prompt + i`, so a prompt's images do not depend
     on `batch_prompts`. judge_accuracy: the judge's own accuracy per split and attribute (from
-    its directory), reported beside every score.
+    its directory), reported beside every score. drawn: a folder that keeps each batch's images
+    (NNNNN.png, written atomically) as they are drawn, and whose whole batches are read instead of
+    drawn again, so a stopped run resumes; it must hold only images of these settings (`unclip
+    eval` keys it to them).
     """
     from tqdm.auto import tqdm
+
+    from unclip.io import save_image_atomic
 
     prompts = list(prompts)
     n = images_per_prompt
@@ -233,8 +254,14 @@ def evaluate(pipe, judge: Judge, prompts: Sequence[dict], images_per_prompt: int
     bar = tqdm(total=len(prompts) * n, desc="generate", unit="image", disable=not progress)
     for start in range(0, len(prompts), batch_prompts):
         chunk = prompts[start:start + batch_prompts]
-        images += pipe.generate([p["prompt"] for p in chunk], n=n, seed=seed + start * n, callback=callback,
-                                **(generate_options or {}))
+        batch = _read_drawn(drawn, start * n, len(chunk) * n) if drawn is not None else None
+        if batch is None:
+            batch = pipe.generate([p["prompt"] for p in chunk], n=n, seed=seed + start * n, callback=callback,
+                                  **(generate_options or {}))
+            if drawn is not None:
+                for i, image in enumerate(batch, start=start * n):
+                    save_image_atomic(drawn / f"{i:05d}.png", image)
+        images += batch
         bar.update(len(chunk) * n)
     bar.close()
     readings, features = judge.read(images)

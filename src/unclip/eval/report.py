@@ -90,17 +90,24 @@ def markdown_report(result: dict, *, title: str = "unclip eval") -> str:
 
 
 def write_evaluation(evaluation: Evaluation, out: str | Path, *, title: str = "unclip eval",
-                     grid_prompts: int = 8) -> dict[str, Path]:
-    """eval.json, report.md and grid_<task>.png (the first `grid_prompts` prompts of each task) in `out`."""
+                     grid_prompts: int = 8, keep_images: bool = False) -> dict[str, Path]:
+    """grid_<task>.png (the first `grid_prompts` prompts of each task), with `keep_images` every
+    image as images/NNN.png, then report.md and eval.json, in `out`. An earlier run's report.md and
+    eval.json go first, so a run stopped while writing leaves no numbers beside another run's images."""
     from unclip.data.preview import captioned_grid
     from unclip.io import atomic_write, save_image_atomic, write_json_atomic
 
     out = Path(out)
     result = evaluation.result
-    paths = {"json": write_json_atomic(out / "eval.json", result)}
-    with atomic_write(out / "report.md", "w") as handle:
-        handle.write(markdown_report(result, title=title))
-    paths["markdown"] = out / "report.md"
+    for summary in ("eval.json", "report.md"):
+        (out / summary).unlink(missing_ok=True)
+    for stale in (out / "images").glob("*.png"):  # an earlier run's: read again by index, they would mislead
+        if stale.stem.isdigit():
+            stale.unlink()
+    if keep_images:
+        for i, image in enumerate(evaluation.images):
+            save_image_atomic(out / "images" / f"{i:03d}.png", image)
+    paths = {}
     n = result["images_per_prompt"]
     for task in TASKS:
         rows = [i for i, r in enumerate(result["records"]) if r["tag"] == task][: grid_prompts * n]
@@ -116,4 +123,8 @@ def write_evaluation(evaluation: Evaluation, out: str | Path, *, title: str = "u
     for task in TASKS:  # an earlier run's grid of a task this run did not score
         if f"grid_{task}" not in paths:
             (out / f"grid_{task}.png").unlink(missing_ok=True)
+    with atomic_write(out / "report.md", "w") as handle:
+        handle.write(markdown_report(result, title=title))
+    paths["markdown"] = out / "report.md"
+    paths["json"] = write_json_atomic(out / "eval.json", result)
     return paths

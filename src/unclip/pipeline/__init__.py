@@ -18,14 +18,15 @@ from unclip.errors import ConfigError, ModelFormatError
 # same judged scores, 1.65× faster on this project's 2-core CPU (docs/performance.md).
 PRECISIONS = ("auto", "float32", "bfloat16")
 DEFAULT_PRECISION = "auto"
+MAX_IMAGES = 100_000  # images one call returns (all held in memory); `unclip generate -n` allows as many per prompt
 
 
 def default_model_dir() -> Path:
     """The shipped default model (shapes world, docs/model_card.md), inside the package."""
     directory = Path(__file__).resolve().parent.parent / "assets" / "model"
     if not (directory / "unclip.json").is_file():
-        raise ModelFormatError(f"the default model is missing from this installation ({directory}); install unclip "
-                               "from a clone of the repository, or pass a model directory")
+        raise ModelFormatError(f"the default model is missing from this installation ({directory}); reinstall "
+                               "unclip (its wheel and its repository carry the model), or pass a model directory")
     return directory
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from unclip.argtypes import angle, eta, guidance, int_range, noise_level, positive_int, seed_number, threads
 from unclip.errors import ConfigError
 from unclip.io import check_output_dir
+from unclip.pipeline import MAX_IMAGES
 
 VERB_HELP = {
     "generate": "caption → images (prior → decoder → upsamplers)",
@@ -333,17 +334,21 @@ def _upscale(args: argparse.Namespace) -> int:
 
 
 def _assemble(args: argparse.Namespace) -> int:
-    import tempfile
+    import shutil
 
-    from unclip.modeldir import half_model_dir
+    from unclip.modeldir import half_model_dir, temp_dir_beside
     from unclip.pipeline.assemble import assemble
 
     stages = dict(decoder=args.decoder, prior=args.prior, ar_prior=args.ar_prior, upsamplers=tuple(args.upsampler or ()),
                   clip=args.clip)
     if args.half:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=Path(args.out).parent, prefix=".assemble.") as tmp:
-            out = half_model_dir(assemble(Path(tmp) / "fp32", **stages), args.out)
+        target = Path(args.out)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = temp_dir_beside(target)  # what a killed run leaves there, the next save of OUT removes
+        try:
+            out = half_model_dir(assemble(tmp / "fp32", **stages), target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     else:
         out = assemble(args.out, **stages)
     print(f"model: {out}")
@@ -357,7 +362,7 @@ def register(subparsers) -> None:
         "embedding, the decoder paints it at low resolution guided by the embedding and the caption, and the "
         "upsamplers enlarge it."))
     gen.add_argument("prompts", nargs="+", metavar="PROMPT", help="one or more captions")
-    gen.add_argument("-n", type=int_range(1, 100_000, " (for more, run again with another --seed)"), default=4,
+    gen.add_argument("-n", type=int_range(1, MAX_IMAGES, " (for more, run again with another --seed)"), default=4,
                      help="images per prompt (default: 4)")
     gen.add_argument("--prior", choices=["diffusion", "ar", "caption", "none"],
                      help="which prior (default: diffusion when present); the ablations: caption (z_t as z_i), "

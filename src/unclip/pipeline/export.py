@@ -35,16 +35,13 @@ import copy
 import json
 import logging
 import math
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
 from unclip.errors import ModelFormatError
-from unclip.io import umask
-from unclip.modeldir import check_replaceable, remove_abandoned, swap_in
+from unclip.modeldir import check_replaceable, remove_abandoned, swap_in, temp_dir_beside
 
 log = logging.getLogger(__name__)
 
@@ -189,8 +186,7 @@ def _write(out: Path, write) -> Path:
     The sibling is named like `save_model_dir`'s, so what a killed export left is cleaned up the same way."""
     out.parent.mkdir(parents=True, exist_ok=True)
     remove_abandoned(out)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.{os.getpid()}.", suffix=".tmp"))
-    os.chmod(tmp, 0o777 & ~umask())  # mkdtemp makes 0700
+    tmp = temp_dir_beside(out)
     try:
         write(tmp)
         swap_in(tmp, out, "model_index.json")

@@ -37,7 +37,7 @@ from unclip.config import (UnclipConfig, check_eta, check_guidance_scale, check_
 from unclip.diffusion import SAMPLERS, SampleStep
 from unclip.errors import ConfigError, DataError, SamplingError
 from unclip.tokenizer import clean_text
-from unclip.pipeline import PRECISIONS, latent
+from unclip.pipeline import MAX_IMAGES, PRECISIONS, latent
 
 log = logging.getLogger(__name__)
 IMPORTED = "imported:"  # the config name's prefix for models read from diffusers' layout (interop.py)
@@ -65,7 +65,7 @@ def auto_precision(device: torch.device) -> str:
 
 
 INPAINT_RESAMPLE = 5  # RePaint resamplings per inpainting step unless asked otherwise
-GENERATE_BATCH = 64  # images `generate` draws at once: a larger n runs in pieces, drawing the same images
+GENERATE_BATCH = 64  # images `generate` and `decode` draw at once: a larger n runs in pieces, drawing the same images
 MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed takes up to 2^64 - 1; candidate seeds mix modulo 2^63
 
 
@@ -121,6 +121,20 @@ def reads_world_captions(config: UnclipConfig) -> bool:
     """Whether a model reads prompts in the form of shapes world's captions (`world.caption_form`):
     one trained on shapes world, not one imported from diffusers' layout."""
     return config.data.source == "shapes" and not config.name.startswith(IMPORTED)
+
+
+def _count(name: str, value, least: int, why: str, *, prompts: int = 1) -> int:
+    """`value` as a whole number of images from `least` to MAX_IMAGES (with `prompts` prompts, n
+    images each), else a ConfigError: below `least` it says `why`; above, a huge n failed only
+    when memory ran out, after every image drawn so far."""
+    count = _whole(name, value)
+    if count < least:
+        raise ConfigError(f"{name}={value}: {why}")
+    if count * prompts > MAX_IMAGES:
+        each = f" for each of {prompts} prompts" if prompts > 1 else ""
+        raise ConfigError(f"{name}={value}{each}: one call returns at most {MAX_IMAGES:,} images, all held in "
+                          "memory; call again for more (with seed + the images drawn so far, to draw new ones)")
+    return count
 
 
 def _per_stage(name: str, value, stages: int) -> list:
@@ -190,6 +204,8 @@ def candidate_seeds(seed: Seed, n: int, k: int) -> Seed:
 
 
 def _stage_callback(callback: Callback | None, stage: str) -> Callable[[SampleStep], None] | None:
+    if callback is not None and not callable(callback):  # was a TypeError at the first step
+        raise ConfigError(f"callback={callback!r}: give a function callback(stage, step), or None")
     return None if callback is None else (lambda step: callback(stage, step))
 
 
@@ -440,23 +456,31 @@ class UnclipPipeline:
         options take the decoder config's values. `size` stops the cascade at that side (one of
         `sizes`); `upsample=False` stops at the decoder's side. inverted: x_T comes from `invert`, so
         the predicted images are not clipped on the way (the inversion did not clip them either;
-        clipped, a black background came back grey), only the result.
+        clipped, a black background came back grey), only the result. More than GENERATE_BATCH
+        rows run in pieces (each row draws what it draws in one batch, given its own seed), so
+        memory stays that of one piece.
         """
         stages = self._stages(size, upsample)
         eta = None if eta is None else check_eta(eta)
         guidance_scale = None if guidance_scale is None else check_guidance_scale(guidance_scale)
         steps = None if steps is None else _whole("steps", steps)
-        self.check_latents(z_i, x_T)
-        n = len(z_i)
-        gens = generators(seed, n)
-        with self.autocast():
-            images = self.decoder.sample(
-                z_i.to(self.device), None if text is None else text.token_states, None if text is None else text.mask,
-                text_embeds=None if text is None else text.embeds,
-                x_T=x_T, guidance_scale=guidance_scale, steps=steps, sampler=sampler, eta=eta, generator=gens,
-                callback=_stage_callback(callback, "decoder"), clip_denoised=not inverted)
-        _check_finite(images, "decoder", sampler or self.config.decoder.sampler, steps or self.config.decoder.sample_steps)
-        return self.upsample(images.clamp(-1, 1), stages, generator=gens, callback=callback)
+        self.check_latents(z_i, x_T, text)
+        gens = generators(seed, len(z_i))
+        pieces = []
+        for start in range(0, len(z_i), GENERATE_BATCH):
+            rows = slice(start, start + GENERATE_BATCH)
+            piece_gens = gens[rows] if isinstance(gens, list) else gens
+            with self.autocast():
+                images = self.decoder.sample(
+                    z_i[rows].to(self.device), None if text is None else text.token_states[rows],
+                    None if text is None else text.mask[rows], text_embeds=None if text is None else text.embeds[rows],
+                    x_T=None if x_T is None else x_T[rows], guidance_scale=guidance_scale, steps=steps, sampler=sampler,
+                    eta=eta, generator=piece_gens, callback=_stage_callback(callback, "decoder"),
+                    clip_denoised=not inverted)
+            _check_finite(images, "decoder", sampler or self.config.decoder.sampler,
+                          steps or self.config.decoder.sample_steps)
+            pieces.append(self.upsample(images.clamp(-1, 1), stages, generator=piece_gens, callback=callback))
+        return torch.cat(pieces)
 
     def check_text(self, text: TextEncoding) -> None:
         """A DataError unless `text` is an encoding of B captions by this model's CLIP: z_t [B, D],
@@ -475,16 +499,25 @@ class UnclipPipeline:
         if not (torch.isfinite(embeds).all() and torch.isfinite(states).all()):
             raise DataError("the caption encoding holds NaN or infinite values")
 
-    def check_latents(self, z_i, x_T=None) -> None:
-        """A DataError unless z_i is [B, D] for this decoder's D and x_T (if given) [B, 3, r, r] at
-        its side r, both finite: a [D] z_i would decode D images, a 64² x_T a 64² image."""
+    def check_latents(self, z_i, x_T=None, text: TextEncoding | None = None) -> None:
+        """A DataError unless z_i is [B, D] for this decoder's D, x_T (if given) [B, 3, r, r] at its
+        side r, both finite floats, and `text` (if given) an encoding of B captions (`check_text`):
+        a [D] z_i would decode D images, a 64² x_T a 64² image, an integer x_T failed deep in the UNet."""
         null = self.decoder.text_proj.learned_classifier_free_guidance_embeddings
         width, side = null.shape[-1], self.config.decoder.resolution
         if not isinstance(z_i, torch.Tensor) or z_i.ndim != 2 or z_i.shape[-1] != width or not len(z_i):
             got = tuple(z_i.shape) if isinstance(z_i, torch.Tensor) else type(z_i).__name__
             raise DataError(f"z_i must be a tensor [B, {width}] (one CLIP image embedding per row); got {got}")
+        for name, value in (("z_i", z_i), ("x_T", x_T)):
+            if isinstance(value, torch.Tensor) and (not value.is_floating_point() or value.is_meta):
+                raise DataError(f"{name} must hold real numbers (a float tensor with data); got a {value.dtype} "
+                                f"tensor on {value.device}")
         if not torch.isfinite(z_i).all():
             raise DataError("z_i holds NaN or infinite values")
+        if text is not None:
+            self.check_text(text)
+            if len(text.embeds) != len(z_i):
+                raise DataError(f"{len(text.embeds)} captions for {len(z_i)} z_i: give one caption per z_i, or none")
         if x_T is None:
             return
         if not isinstance(x_T, torch.Tensor) or tuple(x_T.shape) != (len(z_i), 3, side, side):
@@ -520,8 +553,7 @@ class UnclipPipeline:
         if not self.upsamplers:
             raise ConfigError("this model has no upsamplers: it makes images at the decoder's side only")
         image = _one_image(image, "upscale")
-        if _whole("n", n) < 1:
-            raise ConfigError(f"n={n}: upscale draws 1 or more images")
+        n = _count("n", n, 1, "upscale draws 1 or more images")
         own = image.shape[-1] if isinstance(image, torch.Tensor) else _open_rgb(image).width
         sides = [u.config.in_resolution for u in self.upsamplers]
         first = max((i for i, side in enumerate(sides) if side <= own), default=0)
@@ -573,6 +605,9 @@ class UnclipPipeline:
         """The bipartite latent (z_i [B, D], x_T [B, 3, r, r]) of images by DDIM inversion (paper §3)."""
         x = self.pixels(images, self.config.decoder.resolution)
         z_i = self.encode_image(images) if z_i is None else z_i
+        self.check_latents(z_i, text=text)
+        if len(z_i) != len(x):
+            raise DataError(f"{len(z_i)} z_i for {len(x)} images: give one z_i per image, or none")
         steps = None if steps is None else _whole("steps", steps)
         scale = self.decoder.config.guidance_scale if guidance_scale is None else guidance_scale
         with self.autocast():
@@ -608,11 +643,10 @@ class UnclipPipeline:
         upsampling.
         """
         prompts = prompt_list(prompt)
-        if _whole("n", n) < 1:
-            raise ConfigError(f"n={n}: ask for at least one image")
+        n = _count("n", n, 1, "ask for at least one image", prompts=len(prompts))
         k = self.config.decoder.candidates if candidates is None else _whole("candidates", candidates)
-        if k < 1:
-            raise ConfigError(f"candidates={k}: draw at least one candidate per image")
+        if not 1 <= k <= GENERATE_BATCH:  # a batch of 64 images holds 64·k candidates at once
+            raise ConfigError(f"candidates={k}: draw 1 to {GENERATE_BATCH} candidates per image")
         m = self.config.decoder.upsampled_candidates if upsampled_candidates is None else \
             _whole("upsampled_candidates", upsampled_candidates)
         if m < 1:
@@ -674,8 +708,7 @@ class UnclipPipeline:
         the cascade at this side (one of `sizes`).
         """
         self._stages(size, upsample)  # an unknown size is an error before any work
-        if _whole("n", n) < 1:
-            raise ConfigError(f"n={n}: give 1 or more variations")
+        n = _count("n", n, 1, "give 1 or more variations")
         check_eta(eta)
         z_i, x_T = self.invert(_one_image(image, "variations"), steps=steps, guidance_scale=guidance_scale, callback=callback)
         z_i, x_T = z_i[:1].expand(n, -1), x_T[:1].expand(n, -1, -1, -1)
@@ -692,8 +725,7 @@ class UnclipPipeline:
         x_T, slerped alongside z_i, so the endpoints reconstruct the two images. size: stop the
         cascade at this side (one of `sizes`); upsample=False stops at the decoder's.
         """
-        if _whole("n", n) < 2:
-            raise ConfigError(f"n={n}: an interpolation needs at least its two endpoints")
+        n = _count("n", n, 2, "an interpolation needs at least its two endpoints")
         self._stages(size, upsample)  # an unknown size is an error before any work
         seed = _shared_seed(seed, "interpolate")
         if mode not in ("fixed", "inverted"):
@@ -752,9 +784,9 @@ class UnclipPipeline:
         its pixels the mask touches, and the output keeps the image outside the mask. size: stop
         the cascade at this side (one of `sizes`); upsample=False stops at the decoder's.
         """
-        if _whole("n", n) < 1 or _whole("resample", resample) < 1:
-            raise ConfigError(f"n={n}, resample={resample}: inpainting draws 1 or more images with 1 or more "
-                              "resamplings per step")
+        n = _count("n", n, 1, "inpainting draws 1 or more images")
+        if _whole("resample", resample) < 1:
+            raise ConfigError(f"resample={resample}: inpainting takes 1 or more resamplings per step")
         from unclip.diffusion import repaint_loop, run
 
         stages = self._stages(size, upsample)
@@ -843,8 +875,10 @@ def _open_rgb(item):
                 image = ImageOps.exif_transpose(opened)  # upright, as the training data was read
         except (OSError, ValueError, Image.DecompressionBombError) as err:
             raise DataError(f"cannot read the image {item}: {err}") from None
+    named = "the image" if isinstance(item, Image.Image) else f"the image {item}"  # which of two (interpolate)
+    if not image.width:  # a 0×0 image failed deep in torch's resize
+        raise DataError(f"{named} is {image.width}×{image.height}: it has no pixels")
     if image.width != image.height:
-        named = "the image" if isinstance(item, Image.Image) else f"the image {item}"  # which of two (interpolate)
         raise DataError(f"{named} is {image.width}×{image.height}; unclip works on square images, so crop it "
                         f"to a square first (e.g. the centre {min(image.size)}×{min(image.size)})")
     return to_rgb(image)
@@ -859,6 +893,8 @@ def _mask_tensor(mask, side: int) -> torch.Tensor:
 
     transparent = False  # whether the mask's transparency marks the region
     if isinstance(mask, np.ndarray):
+        if mask.dtype.kind not in "biuf":  # torch.from_numpy raised a TypeError listing its dtypes
+            raise DataError(f"a mask array holds numbers in [0, 1] (1 = repaint) or bytes; got dtype {mask.dtype}")
         mask = torch.from_numpy(mask)
     if isinstance(mask, torch.Tensor):
         if mask.ndim not in (2, 3, 4) or math.prod(mask.shape[:-2]) != 1 or not mask.numel():

@@ -177,10 +177,10 @@ def save_prior(clip: ClipModel, prior: ARPrior, directory: str | Path, *, cfg: U
     return save_model_dir(directory, manifest, components)
 
 
-def _read_prior(directory: Path, shape_file: Path, *, needs: tuple[Path, ...] = (),
+def _read_prior(directory: Path, shape_file: Path, *, needs: tuple[Path, ...] = (), keys: tuple[str, ...],
                 what: str) -> tuple[UnclipConfig, dict]:
-    """(config, the JSON at `shape_file`) of a model directory that reads back and holds `shape_file`
-    and `needs`; ModelFormatError, saying it holds no `what`, otherwise."""
+    """(config, the JSON at `shape_file`, whole numbers under `keys`) of a model directory that reads
+    back and holds `shape_file` and `needs`; ModelFormatError, saying it holds no `what`, otherwise."""
     manifest = read_manifest(directory)
     verify_files(directory, manifest)
     for path in (*needs, shape_file):
@@ -190,13 +190,19 @@ def _read_prior(directory: Path, shape_file: Path, *, needs: tuple[Path, ...] = 
         shape = json.loads(shape_file.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
         raise ModelFormatError(f"{shape_file} is corrupt: {err}") from None
+    missing = [key for key in keys if not isinstance(shape, dict) or type(shape.get(key)) is not int]
+    if missing:  # was a KeyError
+        raise ModelFormatError(f"{shape_file} lacks the whole number(s) {', '.join(missing)} of the {what}'s shape; "
+                               "the file was edited or damaged (copy the model again, or re-run the command that "
+                               "wrote it)")
     return UnclipConfig.from_dict(manifest.config), shape
 
 
 def load_ar_prior(directory: str | Path) -> ARPrior:
     """The autoregressive prior of a model directory, built from its config and loaded strictly (eval mode)."""
     directory = Path(directory)
-    cfg, shape = _read_prior(directory, directory / AR_DIR / "config.json", what="autoregressive prior")
+    cfg, shape = _read_prior(directory, directory / AR_DIR / "config.json", what="autoregressive prior",
+                             keys=("dim", "components", "buckets", "text_width", "context_length"))
     quantizer = PCAQuantizer(dim=shape["dim"], components=shape["components"], buckets=shape["buckets"])
     from unclip.prior.ar import DOT_BUCKETS
 
@@ -249,7 +255,7 @@ def load_diffusion_prior(directory: str | Path) -> DiffusionPrior:
     directory = Path(directory)
     weights = directory / PRIOR_DIR / PRIOR_WEIGHTS
     cfg, shape = _read_prior(directory, directory / PRIOR_COND_DIR / "config.json", needs=(weights,),
-                             what="diffusion prior")
+                             keys=("clip_dim", "text_width", "context_length"), what="diffusion prior")
     prior = DiffusionPrior(config=cfg.prior, clip_dim=shape["clip_dim"], text_width=shape["text_width"],
                            context_length=shape["context_length"])
     load_into(prior.transformer, weights)
