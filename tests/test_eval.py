@@ -496,3 +496,24 @@ def test_real_judge_reaches_099_per_attribute_on_held_out_renders():
     judge, _ = train_judge(JudgeConfig(), JudgeTrainConfig(), progress=False)
     worst = minimum(judge_accuracy(judge, n=1000))
     assert all(v >= 0.99 for v in worst.values()), worst
+
+
+def test_unclip_eval_without_a_model_evaluates_the_shipped_one(tmp_path, judge_dir, monkeypatch):
+    """`unclip eval` alone scores the default model (an installed user does not know its site-packages
+    path), into out/eval/default. One prompt with one image also crashed the diversity numbers."""
+    from tiny_models import save_tiny_clip, save_tiny_stages
+
+    import unclip.pipeline
+    from unclip.cli import main
+    from unclip.pipeline.assemble import assemble
+
+    dirs = save_tiny_stages(tmp_path, save_tiny_clip(tmp_path))
+    model = assemble(tmp_path / "model", decoder=dirs["decoder"], prior=dirs["prior"])
+    monkeypatch.setattr(unclip.pipeline, "default_model_dir", lambda: model)  # stands in for the shipped model
+    prompts = write_prompts(tmp_path / "prompts.jsonl", make_prompts(per_group=1, splits=("seen",), langs=("en",),
+                                                                      tasks=("colors",)))
+    monkeypatch.chdir(tmp_path)
+    assert main(["eval", "--prompts", str(prompts), "--judge", str(judge_dir), "--images-per-prompt", "1",
+                 "--quiet"]) == 0
+    result = json.loads((tmp_path / "out" / "eval" / "default" / "eval.json").read_text())
+    assert result["meta"]["model"] == str(model) and len(result["records"]) == 1

@@ -15,9 +15,10 @@ from unclip.pipeline.cli import add_sampling_arguments, configure_sampling
 log = logging.getLogger(__name__)
 
 DESCRIPTION = """\
-unclip eval MODEL     GenEval-style scores of a model directory: generate images for every prompt,
-                      let the frozen judge pass or fail each one, and write eval.json, report.md and
-                      one image grid per task into --out (default out/eval/<model name>). Stopped,
+unclip eval [MODEL]   GenEval-style scores of a model directory (the shipped model when none is
+                      given): generate images for every prompt, let the frozen judge pass or fail
+                      each one, and write eval.json, report.md and one image grid per task into
+                      --out (default out/eval/<model folder name>, out/eval/default). Stopped,
                       it resumes: run again with the same settings, the images drawn so far (kept
                       in OUT/.drawn until the run ends) are read instead of drawn again.
 unclip eval judge     train the judge network on real shapes-world renders, measure its accuracy on
@@ -31,19 +32,20 @@ A model directory literally named `judge` or `prompts` is given as ./judge or ./
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="GenEval-style evaluation; also trains the judge and writes prompt files",
                        description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("target", metavar="MODEL", help="model directory, or `judge`, or `prompts`")
+    p.add_argument("target", metavar="MODEL", nargs="?",
+                   help="model directory (default: the shipped model), or `judge`, or `prompts`")
     p.add_argument("--out", help="output folder (prompts: a .jsonl file)")
     p.add_argument("--seed", type=seed_number, help="random seed (default: 0; training the judge: 1)")
     p.add_argument("--threads", type=threads, default=0, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     g = _Recorded(p.add_argument_group("evaluating a model"))
-    g.add_argument("--prompts", help="prompt file (JSONL; default: the shipped set, src/unclip/eval/prompts.jsonl)")
+    g.add_argument("--prompts", help="prompt file (JSONL; default: the shipped set, eval/prompts.jsonl in the package)")
     g.add_argument("--images-per-prompt", type=positive_int, default=4, help="images per prompt (default: 4)")
     g.add_argument("--per-group", type=positive_int, help="use only the first N prompts of each (task, split, lang); "
                    "for `eval prompts`, how many to write (default: 4)")
     g.add_argument("--tasks", nargs="+", metavar="TASK", help="score only these tasks, e.g. two_object position "
                    "(default: all in the prompt file; overall is then their mean)")
-    g.add_argument("--judge", help="judge directory (default: the shipped judge, src/unclip/eval/judge)")
+    g.add_argument("--judge", help="judge directory (default: the shipped judge, eval/judge in the package)")
     g.add_argument("--keep-images", action="store_true", help="also write every judged image to OUT/images/NNN.png "
                    "(in prompt order), e.g. to read them again with bench/judge_reading.py --images")
     g.add_argument("--batch-prompts", type=positive_int, default=4, help="prompts generated per batch (default: 4)")
@@ -207,13 +209,15 @@ def _model(args: argparse.Namespace) -> int:
     from unclip.eval.report import write_evaluation
     from unclip.io import check_output_dir
 
-    model = Path(args.target)
+    from unclip.pipeline import default_model_dir
+
+    model = Path(args.target) if args.target else default_model_dir()
     if (model / "unclip.json").is_file():
         from unclip.modeldir import read_manifest
 
         if read_manifest(model).extra.get("kind") == "judge":
             raise ConfigError(f"{model} is a judge, not a model to evaluate: give it as --judge {model}")
-    out = Path(args.out or Path("out/eval") / model.resolve().name)
+    out = Path(args.out or Path("out/eval") / (model.resolve().name if args.target else "default"))
     check_output_dir(out)  # before ten minutes of drawing, not after
     judge_dir = Path(args.judge) if args.judge else default_judge_dir()
     if not (judge_dir / "unclip.json").is_file():

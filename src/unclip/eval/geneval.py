@@ -282,8 +282,8 @@ def evaluate(pipe, judge: Judge, prompts: Sequence[dict], images_per_prompt: int
     real_a, groups_a = real_renders(prompts, n, side, seed=seed + 1)
     real_b, _ = real_renders(prompts, n, side, seed=seed + 2)
     with_scene = set(groups_a)
-    if len(real_a) > 1:  # a covariance needs two images
-        feats_a = judge.read(real_a)[1]
+    feats_a = judge.read(real_a)[1] if real_a else None
+    if len(real_a) > 1:  # a covariance needs two images (one image and prompt crashed below, feats_a unset)
         feats_b = judge.read(real_b)[1]
         generated = features[[i for i in range(len(images)) if i // n in with_scene]]
         result["frechet_judge_features"] = {
