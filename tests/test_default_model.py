@@ -100,6 +100,9 @@ def pipe():
 def test_load_with_no_argument_is_the_default_model(pipe):
     assert list(pipe.sizes) == [32, 128]
     assert pipe.decoder.unet.conv_in.weight.dtype == torch.float32  # float16 on disk, float32 to compute
+    # printed, it says what it is (it printed as <... object at 0x...>)
+    assert repr(pipe).startswith(f"UnclipPipeline('shapes-gpu' from {default_model_dir()}: sizes [32, 128], priors "
+                                 "['diffusion', 'ar']")
 
 
 def test_the_default_model_draws_the_colour_it_is_asked_for(pipe):

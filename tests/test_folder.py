@@ -142,6 +142,21 @@ def test_16_bit_and_transparent_images_are_read_as_they_look(tmp_path):
     assert item[:, :8].min() > 0.99  # white where it was transparent
 
 
+def test_float_images_are_read_as_they_look_and_nan_ones_refused():
+    """A mode-F image in [0, 1] (what float images usually hold) read as black, and NaN pixels as 0."""
+    import numpy as np
+
+    from unclip.data.shapes import to_rgb
+    from unclip.errors import DataError
+
+    ramp = np.linspace(0, 1, 16 * 16, dtype=np.float32).reshape(16, 16)
+    unit, bytes_ = to_rgb(Image.fromarray(ramp, "F")), to_rgb(Image.fromarray(ramp * 255, "F"))
+    assert np.array_equal(np.asarray(unit), np.asarray(bytes_)) and np.asarray(unit).max() == 255
+    ramp[3, 3] = np.nan
+    with pytest.raises(DataError, match="NaN"):
+        to_rgb(Image.fromarray(ramp, "F"))
+
+
 def test_data_check_reports_what_training_will_do_with_a_folder(folder, capsys):
     import json
 

@@ -295,3 +295,25 @@ def test_temporary_files_of_dead_writers_are_removed_and_live_ones_kept(tmp_path
     assert not dead.exists() and live.exists() and elsewhere.exists() and other.exists()
     assert (tmp_path / "x.png").read_bytes() == b"whole"
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, elsewhere.name, other.name, "x.png"])
+
+
+def test_a_killed_process_not_yet_reaped_counts_as_dead():
+    """A zombie (a killed child its parent has not waited for) answered kill(pid, 0), so the temporary
+    files and locks it left were kept until the run after next."""
+    import subprocess
+    import sys
+    import time
+
+    from unclip.io import pid_alive
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        assert pid_alive(child.pid)
+        child.kill()
+        deadline = time.monotonic() + 10
+        while pid_alive(child.pid) and time.monotonic() < deadline:  # dead once the kernel has it as a zombie
+            time.sleep(0.01)
+        assert not pid_alive(child.pid) and child.poll() is not None  # and poll() reaps it only now
+    finally:
+        child.kill()
+        child.wait()

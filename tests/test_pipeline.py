@@ -918,6 +918,22 @@ def test_decode_runs_many_rows_in_pieces_that_draw_the_same_images(pipe, monkeyp
     assert all(np.abs(_array(a) - _array(b)).max() <= 1 for a, b in zip(to_pil(whole), to_pil(pieces)))
 
 
+def test_many_prompts_are_encoded_in_pieces(pipe, monkeypatch):
+    """encode_text ran any list in one batch: 20,000 prompts took 6 GB."""
+    import unclip.pipeline.pipeline as module
+
+    prompts = ["a red circle", "a blue square", "ดาวสีเขียว", "a green star", "a red circle"]
+    whole = pipe.encode_text(prompts)
+    sizes = []
+    encode = pipe.clip.encode_text
+    monkeypatch.setattr(pipe.clip, "encode_text", lambda tokens: sizes.append(len(tokens.input_ids)) or encode(tokens))
+    monkeypatch.setattr(module, "GENERATE_BATCH", 2)
+    pieces = pipe.encode_text(prompts)
+    assert sizes == [2, 2, 1]
+    for name in ("embeds", "token_states", "mask"):
+        assert torch.allclose(getattr(pieces, name).float(), getattr(whole, name).float(), atol=1e-5), name
+
+
 def test_one_call_returns_at_most_max_images(pipe, monkeypatch):
     """n = 10⁹ built a list of 10⁹ prompts and seeds before the first image: memory ran out."""
     import unclip.pipeline.pipeline as module

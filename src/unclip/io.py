@@ -27,14 +27,19 @@ _swept: set[Path] = set()  # folders whose dead writers' temporary files this pr
 
 
 def pid_alive(pid: int) -> bool:
-    """Whether process `pid` runs (on this machine)."""
+    """Whether process `pid` runs (on this machine). A zombie (killed, not yet reaped by its parent,
+    as a `timeout -s KILL` child is for a moment) does not: what it left is cleaned up at once."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:  # someone else's process
         return True
-    return True
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as stat:
+            return stat.read().rpartition(")")[2].split()[0] != "Z"  # the state follows "(command)"
+    except (OSError, IndexError):  # no /proc (macOS): kill's answer stands
+        return True
 
 
 def remove_dead_temps(directory: Path) -> None:

@@ -34,9 +34,17 @@ def to_rgb(image: Image.Image) -> Image.Image:
     """Any PIL image as 8-bit RGB, as it looks.
 
     16-bit images are scaled to 8 bits (Pillow's own conversion clips them, so a 16-bit PNG turned
-    white), as are 32-bit integer ones with values above 255; transparent pixels are laid over
-    white instead of showing whatever colour they hide.
+    white), as are 32-bit integer ones with values above 255; 32-bit float ones (mode F) whose
+    values lie in [0, 1] are scaled to 0 … 255 (Pillow's conversion read them as black), and NaN or
+    infinite values in them are a DataError; transparent pixels are laid over white instead of
+    showing whatever colour they hide.
     """
+    if image.mode == "F":
+        array = np.asarray(image, dtype=np.float32)
+        if not np.isfinite(array).all():
+            raise DataError("a floating-point (mode F) image holds NaN or infinite values; fix or drop the image")
+        scale = 255.0 if array.size and array.min() >= 0 and array.max() <= 1 else 1.0
+        image = Image.fromarray(np.clip((array * scale).round(), 0, 255).astype(np.uint8), "L")
     if image.mode in INTEGER_MODES:
         array = np.asarray(image, dtype=np.float32)  # exact for 16-bit values; half float64's memory
         if image.mode != "I" or array.max() > 255:

@@ -227,6 +227,11 @@ class UnclipPipeline:
         self._warned: set[str] = set()  # prompts whose word warnings were logged (once per prompt)
         self._small_warned: set[int] = set()  # sides of input images warned about as upscaled
 
+    def __repr__(self) -> str:
+        return (f"UnclipPipeline({self.config.name!r} from {self.directory}: sizes {list(self.sizes)}, priors "
+                f"{self.priors or 'none'}, {self.config.decoder.candidates} candidate(s) per image, {self.precision} "
+                f"on {self.device})")
+
     # --- properties ---------------------------------------------------------------------------
 
     @property
@@ -301,7 +306,8 @@ class UnclipPipeline:
         """CLIP text encoding of prompts: z_t [B, D], token states [B, L, W], mask [B, L].
 
         Each prompt is read in `read_form`. Empty prompts are an error; prompts longer than the
-        context are cut (a warning says what).
+        context are cut (a warning says what). Many prompts are encoded GENERATE_BATCH at a time
+        (20,000 in one batch took 6 GB).
         """
         prompts = prompt_list(prompts)
         for p in dict.fromkeys(prompts):  # once per prompt, however many candidates, batches or calls repeat it
@@ -312,7 +318,14 @@ class UnclipPipeline:
             self._warned.add(p)
             for warning in self._word_warnings(p):  # a prompt cut to the context the tokenizer logs itself
                 log.warning("%r: %s (the words it knows: docs/shapes_world.md)", p, warning)
-        return self.clip.encode_text(self.clip.tokenize([self.read_form(p) for p in prompts]))
+        forms = [self.read_form(p) for p in prompts]
+        pieces = [self.clip.encode_text(self.clip.tokenize(forms[at:at + GENERATE_BATCH]))
+                  for at in range(0, len(forms), GENERATE_BATCH)]
+        if len(pieces) == 1:
+            return pieces[0]
+        return TextEncoding(embeds=torch.cat([piece.embeds for piece in pieces]),
+                            token_states=torch.cat([piece.token_states for piece in pieces]),
+                            mask=torch.cat([piece.mask for piece in pieces]))
 
     def read_form(self, prompt: str) -> str:
         """`prompt` as this model reads it: `clean_text` (invisible characters, whitespace runs, Thai
