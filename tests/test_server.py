@@ -155,6 +155,11 @@ def test_variations_of_an_uploaded_png(client):
     decoder_only = client.images.create_variation(image=("a.png", png(scene()), "image/png"), size="16x16",
                                                   extra_body={"steps": 2})
     assert _open(httpx.get(decoder_only.data[0].url).content).size == (16, 16)
+    assert decoder_only.warnings == []
+    # an image smaller than the model reads is upscaled: the answer says so, not only the server's log
+    small = client.images.create_variation(image=("a.png", png(scene(side=8)), "image/png"), size="16x16",
+                                           extra_body={"steps": 2})
+    assert len(small.warnings) == 1 and "an input image is 8×8, smaller than the" in small.warnings[0]
 
 
 def test_a_request_larger_than_max_batch_is_made_max_batch_images_at_a_time(pipe):

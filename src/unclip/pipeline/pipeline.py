@@ -409,11 +409,19 @@ class UnclipPipeline:
             x = torch.stack([to_tensor(image) for image in opened]) if len({i.size for i in opened}) == 1 \
                 else torch.cat([self.pixels(image, size) for image in opened])
         given = not isinstance(images, torch.Tensor)  # a caller's image, not the pipeline's own candidates
-        if given and x.shape[-1] < min(size, self.clip.config.image_size) and x.shape[-1] not in self._small_warned:
+        warning = self.small_image_warning(x.shape[-1], size) if given else None
+        if warning and x.shape[-1] not in self._small_warned:
             self._small_warned.add(x.shape[-1])
-            log.warning("an input image is %d×%d, smaller than the %d×%d this model reads: it is upscaled, so "
-                        "expect its blur in the result", x.shape[-1], x.shape[-1], size, size)
+            log.warning(warning)
         return resize(x.float(), size).to(self.device)
+
+    def small_image_warning(self, side: int, size: int) -> str | None:
+        """What to tell a caller whose image of `side` pixels is read at `size` (CLIP's side at most):
+        smaller, it is upscaled, and its blur shows in the result. None when it is not."""
+        if side >= min(size, self.clip.config.image_size):
+            return None
+        return (f"an input image is {side}×{side}, smaller than the {size}×{size} this model reads: it is upscaled, "
+                "so expect its blur in the result")
 
     # --- the one decode path ------------------------------------------------------------------
 

@@ -133,7 +133,16 @@ def create_app(pipe, options: ServerOptions | None = None) -> FastAPI:
                 item = {"url": f"{request.base_url}images/{store.put(png)}.png"}
             data.append({**item, "revised_prompt": None, "seed": job.seed + i})
         return JSONResponse({"created": int(time.time()), "data": data, "size": schemas.size_name(task.side),
-                             "warnings": pipe.prompt_warnings(task.prompt) if task.prompt else []})
+                             "warnings": (pipe.prompt_warnings(task.prompt) if task.prompt else []) + image_warnings(task)})
+
+    def image_warnings(task: Task) -> list[str]:
+        """An edit's or variation's image smaller than the sides the pipeline reads it at (CLIP's when it
+        encodes the image: variations, and edits without a prompt; the decoder's): upscaled, so blurred."""
+        if task.image is None:
+            return []
+        reads = (pipe.clip.config.image_size,) if task.kind == "vary" or not task.prompt else ()
+        found = [pipe.small_image_warning(task.image.width, size) for size in (*reads, pipe.config.decoder.resolution)]
+        return [w for w in found if w][:1]
 
     def options_of(params: BaseModel, names: tuple[str, ...]) -> dict:
         return {name: getattr(params, name) for name in names if getattr(params, name) is not None}
