@@ -170,6 +170,21 @@ def test_cli_manifold_writes_files(tmp_path, monkeypatch):
     assert m["grid"]["distinct_classes"] >= 6
 
 
+def test_a_manifold_run_stopped_before_its_metrics_leaves_no_earlier_numbers(tmp_path, monkeypatch):
+    """A rerun stopped part-way left its new figures beside the earlier run's metrics.json."""
+    import unclip.explain.manifold as manifold
+
+    (tmp_path / "metrics.json").write_text('{"earlier": "run"}')
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(manifold, "write_json_atomic", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        manifold.run_manifold(tmp_path, config=manifold.ManifoldConfig.preset("quick", seed=0))
+    assert (tmp_path / "manifold.png").is_file() and not (tmp_path / "metrics.json").exists()
+
+
 @pytest.mark.parametrize("verb", [["distance", "--quick"], ["manifold", "--quick"], ["clip", "--model", "m"]])
 def test_cli_out_through_a_file_is_refused_before_training(verb, tmp_path, capsys):
     """Was "File exists: …/afile" from mkdir, after the explainer had trained."""

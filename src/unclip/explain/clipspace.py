@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from unclip.explain.digits import new_figure, save_figure
+from unclip.explain.digits import new_figure, save_figure, start_output
 from unclip.io import write_json_atomic
 
 
@@ -102,8 +102,8 @@ def run_clip_space(out_dir: str | Path, *, model_dir: str | Path, n: int = 150, 
     from unclip.explain.tsne_html import write_scatter_html
 
     began = time.perf_counter()
-    out = Path(out_dir)
     model = load_clip(model_dir)
+    out = start_output(out_dir)
     size = model.config.image_size
 
     # 1. the similarity matrix

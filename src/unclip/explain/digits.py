@@ -133,6 +133,15 @@ def progress_bar(iterable, *, desc: str, enabled: bool):
     return tqdm(iterable, desc=desc, leave=False, dynamic_ncols=True, disable=None)  # None: off unless a TTY
 
 
+def start_output(out_dir: str | Path) -> Path:
+    """`out_dir`, made, without an earlier run's metrics.json: an explainer writes its figures first and
+    metrics.json last, so a run stopped part-way leaves no numbers beside figures they do not describe."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").unlink(missing_ok=True)
+    return out
+
+
 def save_figure(fig: Figure, path: str | Path, *, dpi: int = 120) -> Path:
     """Write a matplotlib figure atomically; the format comes from the suffix (.png, .svg)."""
     import matplotlib

@@ -24,7 +24,7 @@ from torch import nn
 
 from unclip.explain.digits import (
     DIGIT_COLORS, DigitsSplit, init_weights_, load_digits_split, minibatches, new_figure,
-    progress_bar, require_explain_deps, save_figure,
+    progress_bar, require_explain_deps, save_figure, start_output,
 )
 from unclip.explain.siamese import SiameseConfig, Verification, siamese_experiment
 from unclip.explain.tsne_html import write_scatter_html
@@ -199,8 +199,7 @@ def run_distance(out_dir: str | Path, *, config: DistanceConfig = DistanceConfig
     metrics.json under `out_dir`. The same config (seed included) gives the same metrics."""
     require_explain_deps()
     start = time.perf_counter()
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = start_output(out_dir)
     split = load_digits_split(seed=config.seed, test_fraction=config.test_fraction)
     paths: dict[str, Path] = {}
 

@@ -27,7 +27,7 @@ from torch import nn
 
 from unclip.explain.digits import (
     DIGIT_COLORS, DigitsSplit, init_weights_, load_digits_split, minibatches, new_figure, progress_bar,
-    require_explain_deps, save_figure, tile_images,
+    require_explain_deps, save_figure, start_output, tile_images,
 )
 from unclip.explain.distance import DistanceConfig, ExplainerReport, classifier_accuracy, train_classifier
 from unclip.io import write_json_atomic
@@ -240,8 +240,7 @@ def run_manifold(out_dir: str | Path, *, config: ManifoldConfig = ManifoldConfig
     reconstructions.png, latents.png and metrics.json under `out_dir`."""
     require_explain_deps()
     start = time.perf_counter()
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = start_output(out_dir)
     split = load_digits_split(seed=config.seed, test_fraction=config.test_fraction)
 
     vae, losses = train_vae(split, config=config, progress=progress)
