@@ -57,7 +57,7 @@ def test_bad_paths_and_config_files_are_one_line_errors_before_any_work(tmp_path
         (["train", "clip", "--no-eval", "--run-dir", str(tmp_path / "afile")], "File exists: " + str(tmp_path / "afile")),
         (["train", "clip", "--no-eval", "--run-dir", str(tmp_path / "afile" / "sub")], "Not a directory"),
         (["config", "--config", str(tmp_path / "missing.json")], "No such file or directory: "),
-        (["config", "--config", str(tmp_path)], "Is a directory: "),
+        (["config", "--config", str(tmp_path)], "is not an unclip model directory"),  # a model's config is read
         (["config", "--config", str(tmp_path / "binary.json")], "is not a UTF-8 text file"),
         (["config", "--config", str(tmp_path / "c.yaml")], f"--config {tmp_path / 'c.yaml'}: config is not valid JSON"),
         ([*train, "--config", str(tmp_path / "good.json")], "give --preset or --config, not both"),

@@ -81,6 +81,17 @@ def test_unknown_key_names_the_valid_keys():
     ("prior.eta=2", "prior.eta: DDIM η 2.0: give a number from 0"),  # sampled NaN z_i, evaluated as perfect
     ("ar_prior.pca_variance=1.5", "must be a fraction in (0, 1]"),
     ("ar_prior.buckets=1", "must be at least 2"),
+    # a ZeroDivisionError traceback: width % heads ran before the field's own check
+    ("clip.vision_heads=0", "clip.vision_heads=0 must be at least 1"),
+    ("clip.patch_size=0", "clip.patch_size=0 must be at least 1"),
+    # refused by the sampler only after training, so the trained model went unwritten
+    ("decoder.sample_steps=2000", "decoder.sample_steps=2000 is more than its 1000 training timesteps"),
+    ("prior.sample_steps=1001", "prior.sample_steps=1001 is more than its 1000 training timesteps"),
+    ("decoder.attention_resolutions=[5]", "names none of the decoder's levels (32², 16², 8²)"),  # no attention
+    ("clip.init_temperature=0", "clip.init_temperature=0.0 must be above 0"),  # log(1/0) at the CLIP's build
+    ("tokenizer.context_length=2", "use at least 3"),  # refused only once the tokenizer was trained
+    ("clip.train.seed=9223372036854775808", "give a seed from 0 to 9223372036854775807"),  # torch's overflow
+    ("decoder.vlb_weight=-1", "decoder.vlb_weight=-1.0 must not be negative"),
 ])
 def test_bad_overrides_are_errors(assignment, words):
     with pytest.raises(ConfigError, match=None) as err:
@@ -134,3 +145,62 @@ def test_config_refuses_an_unusable_guidance_scale():
         with pytest.raises(ConfigError, match=f"{key}: guidance scale"):
             preset("tiny").override([f"{key}={value}"])
     assert isinstance(preset("tiny").override(["decoder.guidance_scale=0"]), UnclipConfig)
+
+
+def test_unknown_keys_suggest_the_key_meant():
+    for assignment, meant in (("clip.train.stpes=5", "did you mean clip.train.steps?"),
+                              ("decoder.steps=5", "did you mean decoder.train.steps or decoder.timesteps?"),
+                              ("upsampler.0.base_channels=8", "did you mean upsamplers.0.base_channels?"),
+                              ("clip.lr=1e-3", "did you mean clip.train.lr?")):
+        with pytest.raises(ConfigError) as err:
+            preset("tiny").override([assignment])
+        assert meant in str(err.value), assignment
+    with pytest.raises(ConfigError, match=r"did you mean clip\.train\.steps\?"):
+        UnclipConfig.from_json('{"clip": {"steps": 3}}')
+
+
+def test_text_fields_take_numbers_as_text():
+    """`--set name=2024` was "name must be a string; got 2024"."""
+    cfg = preset("tiny").override(["name=2024", "data.source=folder", "data.path=123"])
+    assert (cfg.name, cfg.data.path) == ("2024", "123")
+    assert preset("tiny").override(['name="42"', "name=a=b c"]).name == "a=b c"
+
+
+def test_a_key_given_twice_in_a_config_file_is_an_error():
+    """json.loads keeps the last of two keys in silence: the first section was dropped."""
+    with pytest.raises(ConfigError, match="key 'clip' is given twice"):
+        UnclipConfig.from_json('{"clip": {"embed_dim": 8}, "clip": {"train": {"steps": 5}}}')
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_overridden_configs_round_trip_exactly(name):
+    cfg = preset(name).override(["name=ไทย แบบ", "data.scenes=[0.1,0.8,0.1]", "upsamplers.1.sample_steps=5",
+                                 "decoder.attention_resolutions=[]", "clip.train.lr=0.1", "prior.train.compile=true"])
+    assert UnclipConfig.from_dict(cfg.to_dict()) == cfg
+    assert UnclipConfig.from_json(cfg.to_json()) == cfg
+
+
+def test_config_keys_lists_every_key_with_its_type_default_and_meaning(capsys):
+    from unclip.config import _walk
+
+    assert main(["config", "--preset", "tiny", "--keys"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    keys = [line.split("=", 1)[0] for line in lines if not line.startswith(" ")]
+    assert keys == [path for path, _ in _walk(preset("tiny"), "")]
+    assert 'decoder.sampler="ddim"  (one of ddpm, ddim, dpmsolver++)' in lines
+    assert "clip.train.steps=4  (integer; default 2800)" in lines
+    at = lines.index("clip.hard_negatives=0.0  (number)")
+    assert lines[at + 1].startswith("    Fraction of the shapes-world training stream")
+
+
+def test_config_file_may_be_a_model_directory_or_carry_a_byte_order_mark(tmp_path, capsys):
+    from unclip.modeldir import MANIFEST, Manifest, save_model_dir
+
+    model = save_model_dir(tmp_path / "model", Manifest(config=preset("tiny").to_dict()), lambda tmp: None)
+    for given in (model, model / MANIFEST):
+        assert main(["config", "--config", str(given), "--set", "decoder.sample_steps=3"]) == 0
+        shown = json.loads(capsys.readouterr().out)
+        assert shown["name"] == "tiny" and shown["decoder"]["sample_steps"] == 3
+    (tmp_path / "bom.json").write_bytes(b"\xef\xbb\xbf" + preset("tiny").to_json().encode())  # Windows Notepad
+    assert main(["config", "--config", str(tmp_path / "bom.json")]) == 0
+    assert json.loads(capsys.readouterr().out)["name"] == "tiny"

@@ -317,3 +317,35 @@ def test_a_killed_process_not_yet_reaped_counts_as_dead():
     finally:
         child.kill()
         child.wait()
+
+
+def test_old_format_versions_migrate_or_are_refused_clearly(tmp_path, monkeypatch):
+    import unclip.modeldir
+
+    model = _write_model(tmp_path / "model", _net())
+    manifest = json.loads((model / MANIFEST).read_text())
+    (model / MANIFEST).write_text(json.dumps({**manifest, "format_version": 0, "unclip_version": "0.0.1"}))
+    with pytest.raises(ModelFormatError, match=r"format_version 0 \(written by unclip 0.0.1\), older than this"):
+        read_manifest(model)
+
+    def upgrade(data):
+        return {**data, "format_version": 1, "stats": {"migrated": True}}
+
+    monkeypatch.setattr(unclip.modeldir, "MIGRATIONS", {0: upgrade})
+    assert read_manifest(model).stats == {"migrated": True}
+    monkeypatch.setattr(unclip.modeldir, "MIGRATIONS", {0: lambda data: data})  # forgot to bump: looped forever
+    with pytest.raises(ModelFormatError, match="the migration from format_version 0 did not give 1"):
+        read_manifest(model)
+
+
+def test_a_config_from_a_newer_unclip_names_the_file_and_the_fix(tmp_path):
+    """It was the bare "unknown config key(s) new_knob in decoder", naming neither the model nor why."""
+    model = _write_model(tmp_path / "model", _net())
+    manifest = json.loads((model / MANIFEST).read_text())
+    manifest["config"]["decoder"]["new_knob"] = 1
+    (model / MANIFEST).write_text(json.dumps({**manifest, "unclip_version": "9.0.0"}))
+    with pytest.raises(ModelFormatError) as err:
+        read_manifest(model)
+    message = str(err.value)
+    assert str(model / MANIFEST) in message and "new_knob" in message
+    assert "written by unclip 9.0.0" in message and "upgrade unclip to load it" in message

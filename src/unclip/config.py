@@ -28,24 +28,24 @@ Precision = Literal["no", "bf16"]
 class TrainConfig:
     """Optimisation settings of one stage; the one trainer reads these for every stage."""
 
-    steps: int = 1000
-    batch_size: int = 64
-    lr: float = 3e-4
-    weight_decay: float = 0.01
-    warmup_steps: int = 100
-    lr_schedule: Literal["cosine", "constant"] = "cosine"
+    steps: int = 1000  # optimizer steps (a ceiling under `--minutes`)
+    batch_size: int = 64  # samples per step, over all processes and grad_accum micro-batches
+    lr: float = 3e-4  # AdamW's peak learning rate
+    weight_decay: float = 0.01  # AdamW's decoupled weight decay
+    warmup_steps: int = 100  # linear warmup from 0 to lr
+    lr_schedule: Literal["cosine", "constant"] = "cosine"  # after the warmup: cosine decay to 0, or lr throughout
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
-    grad_accum: int = 1
+    grad_accum: int = 1  # micro-batches each step's batch is split into (same update, less memory)
     ema_decay: float = 0.0  # 0 disables EMA
-    mixed_precision: Precision = "no"
-    log_every: int = 20
-    ckpt_every: int = 500
+    mixed_precision: Precision = "no"  # "bf16": autocast to bfloat16 (CPU or GPU)
+    log_every: int = 20  # steps between lines of metrics.jsonl
+    ckpt_every: int = 500  # steps between checkpoints (a stopped run resumes from the last)
     # validation loss every this many steps (0: none) on eval_batches fixed batches of held-out pairs:
     # shapes world's val split, or a folder's or shards' `data.holdout`
     eval_every: int = 0
     eval_batches: int = 4
-    num_workers: int = 0
-    seed: int = 0
+    num_workers: int = 0  # data-loading processes (0: in the training process)
+    seed: int = 0  # of the stage's initial weights, noise, timesteps and condition drops
     # torch.compile the stage's networks (inductor; on the CPU it needs a C++ compiler, and the first
     # steps wait for it, ~20 s): on the CPU in bf16 the diffusion prior trains ~10% faster, the
     # decoder 6% (docs/performance.md). Not under FSDP.
@@ -73,8 +73,8 @@ class DataConfig:
 class TokenizerConfig:
     """Byte-level BPE trained on the caption corpus (Thai included)."""
 
-    vocab_size: int = 1024
-    context_length: int = 32
+    vocab_size: int = 1024  # at most this many tokens: the 256 bytes, the special tokens and merges
+    context_length: int = 32  # tokens a caption is cut or padded to, start and end included
     corpus_size: int = 20_000  # captions sampled to train the BPE
     max_token_bytes: int = 15  # longest merged token: five Thai characters (docs/decisions.md)
 
@@ -83,7 +83,7 @@ class TokenizerConfig:
 class ClipConfig:
     """CLIP towers (`transformers` CLIPTextModelWithProjection / CLIPVisionModelWithProjection)."""
 
-    embed_dim: int = 64
+    embed_dim: int = 64  # the joint space's dimension: z_i and z_t
     # 64² with 8×8 patches: 64 tokens like 32²/4×4, but a small shape spans 16 pixels instead of 8,
     # which is what tells a small hexagon from a small circle (docs/clip.md).
     image_size: int = 64
@@ -97,7 +97,7 @@ class ClipConfig:
     # The towers' MLP activation: CLIP's quick-GELU, or exact GELU, one fused kernel that makes a bf16
     # step of the shapes preset 15% cheaper on the CPU (docs/clip.md).
     activation: Literal["quick_gelu", "gelu"] = "quick_gelu"
-    init_temperature: float = 0.07
+    init_temperature: float = 0.07  # the contrastive softmax's starting temperature (CLIP's)
     # Fraction of the shapes-world training stream that comes in twin groups: scenes one attribute
     # apart, side by side in a batch, as hard negatives (unclip.data.twins, docs/clip.md).
     hard_negatives: float = 0.0
@@ -247,7 +247,7 @@ class UpsamplerConfig:
 class UnclipConfig:
     """The whole cascade. Saved into every model (`unclip.json`) and every checkpoint."""
 
-    name: str = "custom"
+    name: str = "custom"  # the preset's or your name for it; training runs go to runs/<name>/ by default
     data: DataConfig = field(default_factory=DataConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     clip: ClipConfig = field(default_factory=ClipConfig)
@@ -272,7 +272,7 @@ class UnclipConfig:
     @classmethod
     def from_json(cls, text: str) -> UnclipConfig:
         try:
-            data = json.loads(text)
+            data = json.loads(text, object_pairs_hook=_no_repeats)
         except json.JSONDecodeError as err:
             raise ConfigError(f"config is not valid JSON: {err}") from None
         return cls.from_dict(data)
@@ -284,12 +284,21 @@ class UnclipConfig:
             key, sep, raw = assignment.partition("=")
             if not sep or not key.strip():
                 raise ConfigError(f"override {assignment!r} is not of the form key=value (e.g. clip.train.steps=200)")
-            cfg = _set(cfg, key.strip().split("."), _parse_value(raw.strip()), key.strip())
+            cfg = _set(cfg, key.strip().split("."), raw.strip(), key.strip())
         check(cfg)
         return cfg
 
 
+def _no_repeats(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object's dict; a key given twice is an error (json keeps the last one in silence)."""
+    if repeated := sorted({key for key, _ in pairs if sum(k == key for k, _ in pairs) > 1}):
+        raise ConfigError(f"key {repeated[0]!r} is given twice in one JSON object; give it once")
+    return dict(pairs)
+
+
 MAX_UPSAMPLERS = 2  # the paper's cascade: 64² → 256² → 1024² (the model format's super_res_first/_second)
+MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed's largest
+MIN_CONTEXT = 3  # a caption's start and end tokens and one token of it (unclip.tokenizer.Tokenizer)
 MAX_GUIDANCE = 50.0  # far past any useful scale (3 is strong); larger ones overflow into NaN images
 
 
@@ -349,6 +358,35 @@ def check(cfg: UnclipConfig) -> None:
 
     Run after all overrides are applied (not per field), so related fields can change together.
     """
+    # single fields first, so the checks of related ones below never divide by a 0 (vision_heads=0
+    # was a ZeroDivisionError) and an error names the field at fault
+    for path, value in _walk(cfg, ""):
+        if isinstance(value, int) and not isinstance(value, bool) and value < 0:
+            raise ConfigError(f"{path}={value} must not be negative")
+        leaf = path.rsplit(".", 1)[-1]
+        if leaf in AT_LEAST_ONE and value < 1:
+            raise ConfigError(f"{path}={value} must be at least 1: a network or a sampler of that size does nothing")
+        if leaf == "channel_mult" and (not value or min(value) < 1):
+            raise ConfigError(f"{path}={list(value)} must list one multiplier of 1 or more per level, e.g. [1, 2, 4]")
+        if leaf == "seed" and value > MAX_SEED:  # torch's generators take 64-bit seeds: a traceback at step 0
+            raise ConfigError(f"{path}={value}: give a seed from 0 to {MAX_SEED}")
+    if cfg.tokenizer.context_length < MIN_CONTEXT:
+        raise ConfigError(f"tokenizer.context_length={cfg.tokenizer.context_length} leaves no room for a caption "
+                          f"beside its start and end tokens; use at least {MIN_CONTEXT} (the presets' 32)")
+    if cfg.clip.init_temperature <= 0:  # CLIP's logit scale starts at log(1 / temperature)
+        raise ConfigError(f"clip.init_temperature={cfg.clip.init_temperature} must be above 0 (CLIP's 0.07)")
+    if cfg.decoder.vlb_weight < 0:
+        raise ConfigError(f"decoder.vlb_weight={cfg.decoder.vlb_weight} must not be negative (improved DDPM's 0.001)")
+    for name, stage in (("prior", cfg.prior), ("decoder", cfg.decoder)):
+        if stage.sample_steps > stage.timesteps:  # refused by the sampler only after training, model unwritten
+            raise ConfigError(f"{name}.sample_steps={stage.sample_steps} is more than its {stage.timesteps} "
+                              f"training timesteps ({name}.timesteps); give at most {stage.timesteps}")
+    sides = [cfg.decoder.resolution // 2**i for i in range(len(cfg.decoder.channel_mult))]
+    attention = cfg.decoder.attention_resolutions
+    if attention and not set(attention) & set(sides):  # e.g. tiny's [8] at resolution 64: silently no attention
+        raise ConfigError(f"decoder.attention_resolutions={list(attention)} names none of the decoder's levels "
+                          f"({', '.join(f'{s}²' for s in sides)}), so no level would attend to the caption; list some "
+                          "of those sides, or [] for attention in the middle block only")
     if not 0.0 <= cfg.data.holdout < 1.0:
         raise ConfigError(f"data.holdout={cfg.data.holdout} must be a fraction in [0, 1), e.g. 0.05")
     if len(cfg.data.scenes) != 3 or min(cfg.data.scenes) < 0 or sum(cfg.data.scenes) <= 0:
@@ -415,14 +453,7 @@ def check(cfg: UnclipConfig) -> None:
             raise ConfigError(f"upsamplers.{i} must upsample ×4: out_resolution should be {4 * up.in_resolution}")
         previous = up.out_resolution
         _check_upsampler(f"upsamplers.{i}", up)
-    for path, value in _walk(cfg, ""):
-        if isinstance(value, int) and not isinstance(value, bool) and value < 0:
-            raise ConfigError(f"{path}={value} must not be negative")
-        leaf = path.rsplit(".", 1)[-1]
-        if leaf in AT_LEAST_ONE and value < 1:
-            raise ConfigError(f"{path}={value} must be at least 1: a network or a sampler of that size does nothing")
-        if leaf == "channel_mult" and (not value or min(value) < 1):
-            raise ConfigError(f"{path}={list(value)} must list one multiplier of 1 or more per level, e.g. [1, 2, 4]")
+    for path, value in _walk(cfg, ""):  # after the checks above, whose messages say what range to give
         if isinstance(value, float) and not math.isfinite(value):
             raise ConfigError(f"{path}={value} must be a finite number")
     for name, train in _train_configs(cfg):
@@ -603,12 +634,14 @@ def preset(name: str) -> UnclipConfig:
 # --- typed construction ----------------------------------------------------------------------
 
 
-def _parse_value(raw: str) -> Any:
-    """JSON if it parses (numbers, true/false, lists), else the raw string."""
+def _parse_value(raw: str, hint: Any = None) -> Any:
+    """JSON if it parses (numbers, true/false, lists), else the raw string. A text field (`hint`
+    str) takes the raw text unless it is a JSON string: name=2024 and data.path=2024 are names."""
     try:
-        return json.loads(raw)
+        value = json.loads(raw)
     except json.JSONDecodeError:
         return raw
+    return raw if hint is str and not isinstance(value, str) else value
 
 
 def _hints(cls: type) -> dict[str, Any]:
@@ -663,7 +696,8 @@ def _build(cls: type, data: dict[str, Any], path: str) -> Any:
     unknown = sorted(set(data) - set(names))
     if unknown:
         where = path or "the top level"
-        raise ConfigError(f"unknown config key(s) {', '.join(unknown)} in {where}; valid keys: {', '.join(names)}")
+        raise ConfigError(f"unknown config key(s) {', '.join(unknown)} in {where}; valid keys: {', '.join(names)}"
+                          + _did_you_mean(cls(), path, unknown[0], []))
     kwargs = {k: _coerce(v, hints[k], f"{path}.{k}" if path else k) for k, v in data.items()}
     try:
         return cls(**kwargs)
@@ -671,8 +705,8 @@ def _build(cls: type, data: dict[str, Any], path: str) -> Any:
         raise ConfigError(f"{path or 'config'}: {err}") from None
 
 
-def _set(obj: Any, keys: list[str], value: Any, full_key: str) -> Any:
-    """Return a copy of `obj` with the field at `keys` set to `value` (type-checked)."""
+def _set(obj: Any, keys: list[str], raw: str, full_key: str) -> Any:
+    """Return a copy of `obj` with the field at `keys` set to the text `raw` (parsed and type-checked)."""
     head, rest = keys[0], keys[1:]
     prefix = full_key[: len(full_key) - len(".".join(rest))].rstrip(".")
     if isinstance(obj, tuple):
@@ -689,20 +723,35 @@ def _set(obj: Any, keys: list[str], value: Any, full_key: str) -> Any:
         if not rest:
             raise ConfigError(f"{prefix} is a section, not a value; set one of its keys")
         items = list(obj)
-        items[i] = _set(obj[i], rest, value, full_key)
+        items[i] = _set(obj[i], rest, raw, full_key)
         return tuple(items)
     names = [f.name for f in fields(obj)]
     if head not in names:
-        parent = prefix.rpartition(".")[0] or "the top level"
-        raise ConfigError(f"unknown config key {prefix!r} in {parent}; valid keys: {', '.join(names)}")
+        parent = prefix.rpartition(".")[0]
+        raise ConfigError(f"unknown config key {prefix!r} in {parent or 'the top level'}; valid keys: "
+                          f"{', '.join(names)}" + _did_you_mean(obj, parent, head, rest))
     current = getattr(obj, head)
     if rest:
         if not (is_dataclass(current) or isinstance(current, tuple)) or isinstance(current, (str,)):
             raise ConfigError(f"{prefix} is a value, not a section; use {prefix}=...")
         if isinstance(current, tuple) and not (current and is_dataclass(current[0])):
             raise ConfigError(f"{prefix} is a value, not a section; use {prefix}=[...]")
-        return replace(obj, **{head: _set(current, rest, value, full_key)})
-    return replace(obj, **{head: _coerce(value, _hints(type(obj))[head], full_key)})
+        return replace(obj, **{head: _set(current, rest, raw, full_key)})
+    hint = _hints(type(obj))[head]
+    return replace(obj, **{head: _coerce(_parse_value(raw, hint), hint, full_key)})
+
+
+def _did_you_mean(section: Any, parent: str, head: str, rest: list[str]) -> str:
+    """" (did you mean …?)" for an unknown key `head` in `section`: the keys below it that end in
+    `head` (decoder.steps → decoder.train.steps), then a near spelling of one of its own keys."""
+    import difflib
+
+    join = lambda *parts: ".".join(p for p in parts if p)  # noqa: E731
+    tail = ".".join([head, *rest])
+    guesses = [join(parent, path) for path, _ in _walk(section, "") if f".{path}".endswith(f".{tail}")]
+    close = difflib.get_close_matches(head, [f.name for f in fields(section)], n=1, cutoff=0.7)
+    guesses += [join(parent, name, *rest) for name in close]
+    return f" (did you mean {' or '.join(guesses[:6])}?)" if guesses else ""
 
 
 def _walk(obj: Any, path: str):

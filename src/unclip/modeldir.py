@@ -246,11 +246,17 @@ def read_manifest(directory: str | Path) -> Manifest:
         raise ModelFormatError(
             f"{path} has format_version {version}, newer than this unclip reads ({FORMAT_VERSION}); "
             "upgrade unclip to load it")
+    writer = f"unclip {data.get('unclip_version', '(unknown)')}"
     while version < FORMAT_VERSION:
         if version not in MIGRATIONS:
-            raise ModelFormatError(f"{path} has format_version {version}, which this unclip cannot migrate")
+            raise ModelFormatError(
+                f"{path} has format_version {version} (written by {writer}), older than this unclip {__version__} "
+                f"can migrate to its format_version {FORMAT_VERSION}; load it with the unclip that wrote it, or "
+                "train the model again")
         data = MIGRATIONS[version](data)
-        version = data["format_version"]
+        if data.get("format_version") != version + 1:  # a migration that forgot to bump it looped forever
+            raise ModelFormatError(f"{path}: the migration from format_version {version} did not give {version + 1}")
+        version = version + 1
     for name in ("config", "files", "stats", "extra", "provenance", "evaluation"):
         if not isinstance(data.get(name, {}), dict):  # each failed later as an AttributeError or KeyError
             raise ModelFormatError(f"{path}: its {name} is not a JSON object; the file was edited or damaged "
@@ -260,10 +266,27 @@ def read_manifest(directory: str | Path) -> Manifest:
                 and isinstance(record.get("sha256"), str)):
             raise ModelFormatError(f"{path}: its record of {name} has no bytes and sha256; the file was edited or "
                                    "damaged (copy the model again, or re-run the command that wrote it)")
+    if (data.get("extra") or {}).get("kind") != "judge":  # a judge's config is a JudgeConfig
+        _check_config(path, data, writer)
     try:
         return Manifest(**{**data, "resolutions": tuple(data.get("resolutions", ()))})
     except TypeError as err:
         raise ModelFormatError(f"{path} has unexpected fields: {err}") from None
+
+
+def _check_config(path: Path, data: dict[str, Any], writer: str) -> None:
+    """Refuse a manifest whose config this unclip cannot read, naming the file and who wrote it:
+    the bare ConfigError (a key from a newer unclip, say) named neither."""
+    from unclip.config import UnclipConfig
+    from unclip.errors import ConfigError
+
+    try:
+        UnclipConfig.from_dict(data.get("config", {}))
+    except ConfigError as err:
+        fix = ("upgrade unclip to load it" if writer != f"unclip {__version__}" else
+               "the file was edited or damaged: copy the model again, or re-run the command that wrote it")
+        raise ModelFormatError(f"{path}: its config does not load here ({err}); it was written by {writer} and "
+                               f"this is unclip {__version__}: {fix}") from None
 
 
 _HASHED: dict[tuple[str, int, int], str] = {}  # (resolved path, bytes, mtime ns) → sha256, per process

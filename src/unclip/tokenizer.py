@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from unclip.config import MIN_CONTEXT
 from unclip.errors import ModelFormatError, UnclipError
 from unclip.io import atomic_write, write_json_atomic
 
@@ -97,8 +98,8 @@ class Tokenizer:
     """A trained byte-level BPE with a fixed context length."""
 
     def __init__(self, *, backend: tokenizers.Tokenizer, context_length: int):
-        if context_length < 3:
-            raise UnclipError(f"context_length={context_length} leaves no room for a caption; use at least 3")
+        if context_length < MIN_CONTEXT:
+            raise UnclipError(f"context_length={context_length} leaves no room for a caption; use at least {MIN_CONTEXT}")
         self.backend = backend
         self.context_length = context_length
         self.cut_captions: set[str] = set()  # captions this tokenizer has cut to its context, each logged once
