@@ -92,6 +92,8 @@ def test_unknown_key_names_the_valid_keys():
     ("tokenizer.context_length=2", "use at least 3"),  # refused only once the tokenizer was trained
     ("clip.train.seed=9223372036854775808", "give a seed from 0 to 9223372036854775807"),  # torch's overflow
     ("decoder.vlb_weight=-1", "decoder.vlb_weight=-1.0 must not be negative"),
+    ("name=../elsewhere", "give a name a folder can have"),  # runs/<name>/ outside runs/
+    ("name=a/b", "no slashes"),
 ])
 def test_bad_overrides_are_errors(assignment, words):
     with pytest.raises(ConfigError, match=None) as err:
@@ -204,3 +206,15 @@ def test_config_file_may_be_a_model_directory_or_carry_a_byte_order_mark(tmp_pat
     (tmp_path / "bom.json").write_bytes(b"\xef\xbb\xbf" + preset("tiny").to_json().encode())  # Windows Notepad
     assert main(["config", "--config", str(tmp_path / "bom.json")]) == 0
     assert json.loads(capsys.readouterr().out)["name"] == "tiny"
+
+
+def test_a_reader_that_stops_early_gets_no_error_from_unclip():
+    """`unclip config | head` printed "unclip: error: Broken pipe" (and Python's own at exit)."""
+    import subprocess
+    import sys
+
+    unclip = subprocess.Popen([sys.executable, "-m", "unclip", "config", "--keys"], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE)
+    unclip.stdout.close()  # gone before unclip has imported, let alone printed: its write meets a closed pipe
+    err = unclip.stderr.read().decode()
+    assert unclip.wait(timeout=60) == 141 and err == "", err

@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
+import signal
 import sys
 from pathlib import Path
 
@@ -104,6 +106,9 @@ def main(argv: list[str] | None = None) -> int:
     except UnclipError as err:
         print(f"unclip: error: {err}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `unclip config | head`: the reader has what it wanted; nothing to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error flushing at exit
+        return 128 + signal.SIGPIPE  # what a command killed by the pipe's signal returns
     except OSError as err:  # a path that is a file, a folder, missing or not ours: the message names it
         logging.getLogger("unclip").debug("the error's traceback", exc_info=True)
         where = f": {err.filename}" if err.filename else ""

@@ -370,6 +370,10 @@ def check(cfg: UnclipConfig) -> None:
             raise ConfigError(f"{path}={list(value)} must list one multiplier of 1 or more per level, e.g. [1, 2, 4]")
         if leaf == "seed" and value > MAX_SEED:  # torch's generators take 64-bit seeds: a traceback at step 0
             raise ConfigError(f"{path}={value}: give a seed from 0 to {MAX_SEED}")
+    if not cfg.name.strip() or cfg.name in (".", "..") or any(c in cfg.name for c in "/\\\0"):
+        # training runs go to runs/<name>/: "a/b" nested them, "../x" put them outside runs/
+        raise ConfigError(f"name={cfg.name!r}: give a name a folder can have (no slashes, not . or ..), e.g. mine; "
+                          "choose where runs go with --run-dir")
     if cfg.tokenizer.context_length < MIN_CONTEXT:
         raise ConfigError(f"tokenizer.context_length={cfg.tokenizer.context_length} leaves no room for a caption "
                           f"beside its start and end tokens; use at least {MIN_CONTEXT} (the presets' 32)")
