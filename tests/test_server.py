@@ -467,6 +467,7 @@ def test_queue_batches_refuses_with_429_and_cancels_when_the_client_leaves(pipe)
         refused = httpx.post(url + _GEN, json={"prompt": "a red circle"})
         assert refused.status_code == 429 and int(refused.headers["Retry-After"]) >= 1
         assert refused.json()["error"]["code"] == "rate_limit_exceeded"
+        assert refused.json()["error"]["message"].startswith("The server is busy: its queue is full (3 waiting); retry after")
         from openai import OpenAI
 
         with pytest.raises(openai.RateLimitError):

@@ -197,3 +197,123 @@ def test_an_image_the_server_forgot_says_so_when_varied_or_edited(page):
     finally:
         page.unroute("**/images/*.png")
     assert not page.errors, page.errors
+
+
+def _fresh_page(page, server, **viewport):
+    """A new tab of the same browser on a fresh page: an empty gallery, a first visit."""
+    fresh = page.context.browser.new_page(**({"viewport": viewport} if viewport else {}))
+    fresh.errors = []
+    fresh.on("pageerror", lambda err: fresh.errors.append(str(err)))
+    fresh.goto(server + "/")
+    fresh.wait_for_function("document.getElementById('model').textContent.includes('unclip-tiny')")
+    return fresh
+
+
+def test_a_first_visit_draws_the_example_in_the_empty_box_from_the_keyboard(page, server):
+    """The empty box shows the example prompt, but Generate was off until one typed: a newcomer saw a
+    prompt and a dead button. Enter in the box added a line instead of generating."""
+    from playwright.sync_api import expect
+
+    fresh = _fresh_page(page, server)
+    try:
+        example = fresh.get_attribute("#prompt", "placeholder")
+        assert example and fresh.input_value("#prompt") == ""
+        expect(fresh.locator("#generate")).to_be_enabled()
+        fresh.fill("#n", "1")
+        fresh.fill("#steps", "2")
+        fresh.select_option("#size", "16x16")
+        fresh.locator("#prompt").press("Enter")
+        _wait_for_cards(fresh, 1)
+        assert fresh.input_value("#prompt") == example  # what was drawn is what the box says
+        assert fresh.locator("#gallery .card .label").first.inner_text() == example
+        # a screen reader hears that the images came, not every sampling step before
+        expect(fresh.locator("#announce")).to_have_text("1 image added to the gallery")
+        assert fresh.evaluate("""() => document.getElementById('progress-text')
+            .closest('[aria-live], [role=status], [role=alert], [role=log]') === null""")
+
+        fresh.locator("#prompt").fill("a blue square")
+        fresh.locator("#prompt").press("Shift+Enter")  # still breaks the line, sends nothing
+        assert fresh.input_value("#prompt") == "a blue square\n"
+        fresh.wait_for_timeout(300)
+        assert fresh.locator("#gallery .card").count() == 1
+        fresh.locator("#prompt").fill("")
+        fresh.locator("#prompt").press_sequentially("a blue square")
+        fresh.locator("#prompt").press("Enter")
+        _wait_for_cards(fresh, 2)
+        assert fresh.locator("#gallery .card .label").first.inner_text() == "a blue square"
+        assert not fresh.errors, fresh.errors
+    finally:
+        fresh.close()
+
+
+def _busy(route, seconds: int = 1):
+    route.fulfill(status=429, headers={"Retry-After": str(seconds)}, content_type="application/json",
+                  body='{"error": {"message": "The server is busy.", "type": "requests", "param": null, '
+                       '"code": "rate_limit_exceeded"}}')
+
+
+def test_a_busy_server_is_waited_out_and_an_answer_that_is_no_json_is_named(page):
+    """A 429 ended the request with an error (the server's message, which says when to retry, then the
+    page's own "(retry in N s)"); a server stopped mid-request answers a plain-text 500, which the page
+    reported as 'Unexpected token 'I', "Internal S"... is not valid JSON'."""
+    from playwright.sync_api import expect
+
+    calls = []
+
+    def first_busy(route):
+        calls.append(route.request.url)
+        _busy(route) if len(calls) == 1 else route.continue_()
+
+    page.evaluate("showError(''); showNotice('')")
+    cards = page.locator("#gallery .card").count()
+    page.fill("#prompt", "a red circle")
+    page.fill("#seed", "")
+    page.fill("#n", "1")
+    page.fill("#steps", "2")
+    page.route("**/v1/images/generations", first_busy)
+    try:
+        page.click("#generate")
+        expect(page.locator("#progress-text")).to_contain_text("the server is busy: trying again in 1 s")
+        _wait_for_cards(page, cards + 1)
+        assert len(calls) == 2 and page.locator("#error").is_hidden()
+    finally:
+        page.unroute("**/v1/images/generations")
+
+    page.route("**/v1/images/generations", lambda route: route.fulfill(
+        status=500, content_type="text/plain", body="Internal Server Error"))
+    try:
+        page.click("#generate")
+        expect(page.locator("#error")).to_have_text(
+            "the server answered 500 Internal Server Error (is it still running?)")
+    finally:
+        page.unroute("**/v1/images/generations")
+    assert not page.errors, page.errors
+
+
+def test_progress_and_cancel_stay_in_sight_for_a_card_far_down_on_a_phone(page, server):
+    """Variations or Inpaint on a card down the gallery started a request whose progress, Cancel and
+    errors were at the top of the page, out of sight: on a phone nothing seemed to happen."""
+    from playwright.sync_api import expect
+
+    fresh = _fresh_page(page, server, width=390, height=844)
+    try:
+        fresh.fill("#n", "3")
+        fresh.fill("#steps", "2")
+        fresh.select_option("#size", "16x16")
+        fresh.click("#generate")
+        _wait_for_cards(fresh, 3)
+        last = fresh.locator("#gallery .card").last
+        last.scroll_into_view_if_needed()
+        fresh.route("**/v1/images/variations", lambda route: _busy(route, 5))
+        last.locator(".vary").click()
+        expect(fresh.locator("#progress-text")).to_contain_text("the server is busy")
+        for selector in ("#progress-text", "#cancel"):
+            box = fresh.locator(selector).bounding_box()
+            assert 0 <= box["y"] and box["y"] + box["height"] <= 844, (selector, box)
+        fresh.click("#cancel")  # ends the wait at once
+        expect(fresh.locator("#error")).to_have_text("cancelled")
+        box = fresh.locator("#error").bounding_box()
+        assert 0 <= box["y"] < 844, box
+        assert fresh.locator("#gallery .card").count() == 3 and not fresh.errors, fresh.errors
+    finally:
+        fresh.close()

@@ -111,7 +111,7 @@ def create_app(pipe, options: ServerOptions | None = None) -> FastAPI:
         try:
             job = worker.submit(task, job_id)
         except Busy as busy:
-            raise ApiError(429, f"{busy}. The queue holds {busy.queued} requests.", type="requests",
+            raise ApiError(429, f"The {str(busy).removeprefix('the ')}.", type="requests",  # said once, not twice
                            code="rate_limit_exceeded", headers={"Retry-After": str(busy.retry_after)}) from None
         try:
             while not await job.wait(0.25):

@@ -40,7 +40,7 @@ class Busy(Exception):
     """The queue is full; `retry_after` estimates the seconds until a place frees up."""
 
     def __init__(self, queued: int, retry_after: int):
-        super().__init__(f"the server is busy: {queued} requests are waiting; retry after {retry_after} s")
+        super().__init__(f"the server is busy: its queue is full ({queued} waiting); retry after {retry_after} s")
         self.queued, self.retry_after = queued, retry_after
 
 

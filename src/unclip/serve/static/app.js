@@ -5,7 +5,7 @@
 "use strict";
 
 const $ = (id) => document.getElementById(id);
-const state = { info: null, key: localStorage.getItem("unclip-key") || "", busy: null, editing: null };
+const state = { info: null, key: localStorage.getItem("unclip-key") || "", busy: null, waiting: false, editing: null };
 
 function headers(extra = {}) {
   return state.key ? { ...extra, Authorization: `Bearer ${state.key}` } : extra;
@@ -40,7 +40,7 @@ async function loadInfo() {
   state.info = info;
   $("model").textContent = `${info.model} · makes ${info.native_sizes.join(", ")}`;
   $("max-prompt").textContent = info.limits.prompt;
-  if (info.example_prompt) $("prompt").placeholder = info.example_prompt;
+  $("prompt").placeholder = info.example_prompt || "describe the image to draw";
   $("n").max = info.limits.n;
   $("steps").max = info.limits.steps;
   $("steps").placeholder = `${info.defaults.steps}`;
@@ -68,7 +68,8 @@ function updateCounter() {
   const length = Array.from($("prompt").value).length;  // characters, as the server counts: an emoji is one
   $("count").textContent = length;
   $("count").parentElement.classList.toggle("over", length > limit);
-  $("generate").disabled = state.busy !== null || length === 0 || length > limit;
+  const example = state.info && state.info.example_prompt;  // an empty box draws its placeholder: the example
+  $("generate").disabled = state.busy !== null || (length === 0 && !example) || length > limit;
 }
 
 function numberField(id) {
@@ -95,42 +96,67 @@ async function run(path, body, meta) {
   state.busy = controller;
   updateCounter();
   showError("");
-  $("cancel").hidden = false;
+  $("announce").textContent = "";
   $("progress").hidden = false;
   $("progress-text").textContent = "sending…";
   $("progress-bar").value = 0;
   const poll = setInterval(() => pollProgress(id), 200);
   const isForm = body instanceof FormData;
   try {
-    const response = await fetch(path, {
-      method: "POST",
-      headers: headers(isForm ? { "Unclip-Job": id } : { "Unclip-Job": id, "Content-Type": "application/json" }),
-      body: isForm ? body : JSON.stringify(body),
-      signal: controller.signal,
-    });
-    const answer = await response.json();
-    if (!response.ok) {
-      const retry = response.headers.get("Retry-After");
-      showError(answer.error ? answer.error.message + (retry ? ` (retry in ${retry} s)` : "") : `HTTP ${response.status}`);
-      if (response.status === 401) $("key-row").hidden = false;
+    for (;;) {
+      const response = await fetch(path, {
+        method: "POST",
+        headers: headers(isForm ? { "Unclip-Job": id } : { "Unclip-Job": id, "Content-Type": "application/json" }),
+        body: isForm ? body : JSON.stringify(body),
+        signal: controller.signal,
+      });
+      // a proxy's or a stopping server's error page is no JSON: say what came, not a JSON parse error
+      const answer = await response.json().catch(() => null);
+      if (response.status === 429) {  // a full queue: wait as long as the server says, then send again
+        state.waiting = true;  // no job to follow meanwhile
+        try { await waitOut(Number(response.headers.get("Retry-After")) || 5, controller.signal); }
+        finally { state.waiting = false; }
+        continue;
+      }
+      if (!response.ok || !answer) {
+        showError(answer && answer.error ? answer.error.message
+          : `the server answered ${response.status} ${response.statusText} (is it still running?)`);
+        if (response.status === 401) $("key-row").hidden = false;
+        return;
+      }
+      answer.data.slice().reverse().forEach((item) => addCard(item, meta, answer.size)); // newest first, in order
+      showNotice((answer.warnings || []).join(" "));
+      const count = answer.data.length;
+      $("announce").textContent = `${count} ${count === 1 ? "image" : "images"} added to the gallery`;
       return;
     }
-    answer.data.slice().reverse().forEach((item) => addCard(item, meta, answer.size)); // newest first, in order
-    showNotice((answer.warnings || []).join(" "));
   } catch (err) {
     showError(err.name === "AbortError" ? "cancelled" : `the request failed: ${err.message}`);
   } finally {
     clearInterval(poll);
     state.busy = null;
-    $("cancel").hidden = true;
     $("progress").hidden = true;
     updateCounter();
   }
 }
 
+// the countdown of a busy server's Retry-After; Cancel ends it
+function waitOut(seconds, signal) {
+  return new Promise((resolve, reject) => {
+    let left = Math.max(1, Math.ceil(seconds));
+    const show = () => { $("progress-text").textContent = `the server is busy: trying again in ${left} s`; };
+    const stop = () => { clearInterval(timer); signal.removeEventListener("abort", cancelled); };
+    const cancelled = () => { stop(); reject(new DOMException("cancelled", "AbortError")); };
+    const timer = setInterval(() => { left -= 1; if (left > 0) show(); else { stop(); resolve(); } }, 1000);
+    signal.addEventListener("abort", cancelled);
+    show();
+  });
+}
+
 async function pollProgress(id) {
+  if (state.waiting) return;
   const response = await fetch(`/api/jobs/${id}`, { headers: headers() }).catch(() => null);
-  if (!response || !response.ok || state.busy === null) return;
+  if (!response || !response.ok || state.busy === null || state.waiting) return;
   const job = await response.json();
   if (job.state === "queued") {
     $("progress-text").textContent = `waiting in the queue (position ${job.position})`;
@@ -282,7 +308,11 @@ async function fill() {
 
 function generate(event) {
   event.preventDefault();
-  if (state.busy) return;
+  if (state.busy || $("generate").disabled) return;
+  if (!$("prompt").value.trim() && state.info && state.info.example_prompt) {  // a first visit: draw the example shown
+    $("prompt").value = state.info.example_prompt;
+    updateCounter();
+  }
   const prompt = $("prompt").value;
   const body = { prompt, n: Number($("n").value || 1), size: $("size").value, response_format: "url", ...extras() };
   const prior = numberField("prior-guidance");
@@ -292,7 +322,14 @@ function generate(event) {
 
 window.addEventListener("DOMContentLoaded", () => {
   $("prompt").addEventListener("input", updateCounter);
+  // Enter generates, as in a search box (a prompt is one line); Shift+Enter still breaks the line
+  $("prompt").addEventListener("keydown", (e) => {
+    if (e.key === "Enter" && !e.shiftKey && !e.isComposing) { e.preventDefault(); $("generate-form").requestSubmit(); }
+  });
   $("edit-prompt").addEventListener("input", (e) => { e.target.lang = langOf(e.target.value); });
+  $("edit-prompt").addEventListener("keydown", (e) => {
+    if (e.key === "Enter" && !e.shiftKey && !e.isComposing) { e.preventDefault(); fill(); }
+  });
   $("generate-form").addEventListener("submit", generate);
   $("cancel").addEventListener("click", () => state.busy && state.busy.abort());
   $("random-seed").addEventListener("click", () => { $("seed").value = ""; });
