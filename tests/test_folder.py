@@ -225,3 +225,116 @@ def test_an_index_past_the_end_is_an_index_error_so_iteration_stops(folder):
     with pytest.raises(IndexError):
         ds[-1]
     assert [item["key"] for item in ds] == [ds[i]["key"] for i in range(len(ds))]  # wrapped round forever before
+
+
+def test_a_caption_saved_with_a_byte_order_mark_reads_without_it_in_folders_and_shards(tmp_path):
+    """Windows editors start UTF-8 files with U+FEFF; strip() keeps it, so it reached the tokenizer
+    as an invisible first character of the caption."""
+    from unclip.data.check import check_data
+    from unclip.train.data import shard_item
+
+    _image(tmp_path / "a.png")
+    (tmp_path / "a.txt").write_bytes("\ufeffa red circle\n".encode("utf-8"))
+    assert FolderDataset(tmp_path, size=8)[0]["caption"] == "a red circle"
+    assert check_data(str(tmp_path), size=8, progress=False).caption_chars["max"] == len("a red circle")
+    sample = {"__key__": "a", "png": (tmp_path / "a.png").read_bytes(), "txt": "\ufeffa red circle".encode("utf-8")}
+    assert shard_item(sample, size=8)["caption"] == "a red circle"
+
+
+def test_data_check_finds_a_jpeg_cut_short_that_the_header_check_passes(tmp_path):
+    """`data check` counted such a JPEG usable; training then skipped it when it decoded it."""
+    from unclip.data.check import check_data
+    from unclip.data.folder import scan_folder
+
+    image = Image.new("RGB", (200, 200), "white")
+    image.paste((200, 30, 30), (50, 50, 150, 150))
+    image.save(tmp_path / "cut.jpg")
+    data = (tmp_path / "cut.jpg").read_bytes()
+    (tmp_path / "cut.jpg").write_bytes(data[: len(data) // 2])
+    _image(tmp_path / "whole.png")
+    for name in ("cut", "whole"):
+        (tmp_path / f"{name}.txt").write_text(name)
+    assert len(scan_folder(tmp_path)[0]) == 2  # the header check passes it; training finds it when decoding
+    report = check_data(str(tmp_path), size=8, progress=False)
+    assert report.usable == 1 and report.examples == {"corrupt or unreadable images": ["cut.jpg"]}
+    assert (report.not_square, report.smallest) == (1, 30)  # counted over the usable image only
+
+
+def test_tiff_images_are_paired_with_their_captions(tmp_path):
+    """They were left out, and their captions reported as captions without an image."""
+    from unclip.data.check import check_data
+
+    _image(tmp_path / "scan.tif")
+    _image(tmp_path / "photo.tiff")
+    for name in ("scan", "photo"):
+        (tmp_path / f"{name}.txt").write_text(f"a {name}")
+    assert len(FolderDataset(tmp_path, size=8)) == 2
+    report = check_data(str(tmp_path), size=8, progress=False)
+    assert report.usable == 2 and report.skipped == {}
+
+
+def test_a_folder_without_usable_pairs_says_what_it_holds_and_how_to_see_more(tmp_path, caplog):
+    """Training said "holds no usable image-caption pairs: 0 usable image-caption pairs", after a
+    warning saying the same, and left out the captions that had no image."""
+    (tmp_path / "a.txt").write_text("a caption whose image is elsewhere")
+    with caplog.at_level(logging.WARNING), pytest.raises(DataError) as err:
+        FolderDataset(tmp_path, size=8, keep=lambda key: True, part="training pairs")
+    assert str(err.value) == (f"{tmp_path} (training pairs) holds no usable image-caption pairs: skipped 1 .txt "
+                              f"caption without an image (a.txt) (`unclip data check {tmp_path}` lists every problem)")
+    assert caplog.text == ""
+    (tmp_path / "a.txt").unlink()
+    with pytest.raises(DataError, match=r"no usable image-caption pairs: it has no images \(.jpg, .jpeg, .png"):
+        FolderDataset(tmp_path, size=8)
+
+
+def test_skipped_files_are_reported_once_per_process_not_for_every_stage(folder, caplog):
+    with caplog.at_level(logging.WARNING, logger="unclip.data.folder"):
+        for _ in range(3):  # train all's CLIP, decoder and upsampler each read the folder
+            FolderDataset(folder, size=16, part="training pairs")
+    assert len([r for r in caplog.records if "skipped" in r.getMessage()]) == 1
+
+
+def test_a_holdout_that_leaves_a_part_empty_is_refused_before_training(tmp_path):
+    """A holdout that kept no pair of a small folder out trained CLIP, then failed evaluating it."""
+    from unclip.config import DataConfig
+    from unclip.data.check import check_data
+    from unclip.data.export import export_webdataset
+    from unclip.train.data import feed_for
+
+    for i in range(3):
+        _image(tmp_path / f"{i}.png")
+        (tmp_path / f"{i}.txt").write_text(f"caption {i}")
+    for holdout, what in ((1e-9, "keeps none of the 3 pairs out of training"),
+                          (0.999999, "keeps all 3 pairs out of training")):
+        with pytest.raises(DataError, match=what):
+            feed_for(DataConfig(source="folder", path=str(tmp_path), holdout=holdout), size=8, batch_size=2)
+        assert any(line.startswith(f"training refuses this: data.holdout={holdout:g} {what}")
+                   for line in check_data(str(tmp_path), size=8, holdout=holdout, progress=False).lines(holdout))
+    assert feed_for(DataConfig(source="folder", path=str(tmp_path), holdout=0.5), size=8, batch_size=2)
+    export_webdataset(tmp_path / "wds", split="val", n=3, size=8, shard_size=3, progress=False)
+    with pytest.raises(DataError, match="keeps none of the 3 pairs"):
+        feed_for(DataConfig(source="webdataset", path=str(tmp_path / "wds" / "000000.tar"), holdout=1e-9),
+                 size=8, batch_size=2)
+
+
+def test_a_shard_sample_without_a_caption_is_logged_once_not_on_every_pass(monkeypatch, caplog):
+    """The resampled stream comes back to it every pass: it was logged each time, and by `embed` too."""
+    from unclip.train import data
+
+    monkeypatch.setattr(data, "_skipped", set())
+    with caplog.at_level(logging.WARNING, logger="unclip.train.data"):
+        for _ in range(3):
+            assert not data._has_pair({"__key__": "000027", "__url__": "data/000000.tar", "png": b""})
+    assert caplog.messages == ["skipping 000027 in data/000000.tar: no image or caption"]
+
+
+def test_data_check_says_when_two_images_share_a_name_and_so_one_caption(tmp_path):
+    from unclip.data.check import check_data
+
+    _image(tmp_path / "a.png")
+    _image(tmp_path / "a.jpg", colour=(0, 0, 200))
+    (tmp_path / "a.txt").write_text("a red square")
+    report = check_data(str(tmp_path), size=8, progress=False)
+    assert report.usable == 2 and report.shared_keys == ["a"]
+    assert "1 name belongs to more than one image (a): each such image trains with the one caption" in \
+        "\n".join(report.lines())

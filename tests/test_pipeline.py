@@ -525,6 +525,10 @@ def test_prompts_with_words_the_model_never_saw_are_warned_about_once(model_dir,
     assert pipe.example_prompt == "a red circle above a blue square"
     pipe.config = replace(pipe.config, data=replace(pipe.config.data, source="folder"))
     assert pipe.unknown_words("a dog on a red skateboard") == []  # other data: no vocabulary kept
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="unclip.pipeline.pipeline"):
+        pipe.encode_text(["⭕ 🟥"])  # emoji captions may be what it learnt: no "no words" warning, no shapes docs
+    assert pipe.prompt_warnings("⭕ 🟥") == [] and caplog.text == ""
     assert pipe.example_prompt == ""  # its CLIP's manifest keeps no training caption
 
 

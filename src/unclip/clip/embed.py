@@ -287,12 +287,12 @@ def _webdataset_groups(pattern: str, size: int) -> Iterator[tuple[str, Iterator]
         import webdataset as wds
 
         from unclip.data.shapes import to_pil
-        from unclip.train.data import IMAGE_EXTENSIONS, shard_item
+        from unclip.train.data import IMAGE_EXTENSIONS, shard_item, skip_unreadable
 
         # nodesplitter=None: the ranks already share out whole shards, each reads all of its own
         for sample in wds.WebDataset(url, shardshuffle=False, empty_check=False, nodesplitter=None):
             if "txt" not in sample or not any(ext in sample for ext in IMAGE_EXTENSIONS):
-                log.warning("skipping %s in %s: no image or caption", sample["__key__"], url)
+                skip_unreadable(sample["__key__"], url, "no image or caption")
                 continue
             # decoded and centre-cropped as the training feeds do it; unreadable: kept as a skipped key
             item = shard_item(sample, size=size)

@@ -38,6 +38,7 @@ class DataReport:
     caption_words: dict[str, float] = field(default_factory=dict)  # median, 95th percentile, longest
     caption_chars: dict[str, float] = field(default_factory=dict)
     repeated_captions: int = 0  # pairs whose caption another pair has too
+    shared_keys: list[str] = field(default_factory=list)  # keys two or more usable images have (a.png + a.jpg)
     held_out: int | None = None  # with a data.holdout fraction: the usable pairs it keeps out
 
     def skip(self, why: str, name: str) -> None:
@@ -66,8 +67,19 @@ class DataReport:
                        f"{w['p95']:.0f} words, the longest {w['max']:.0f} words ({c['max']:.0f} characters)")
         if self.repeated_captions:
             out.append(f"{self.repeated_captions} pairs share their caption with another pair")
+        if self.shared_keys:
+            shown = ", ".join(self.shared_keys[:SHOWN]) + (", ..." if len(self.shared_keys) > SHOWN else "")
+            many = len(self.shared_keys) > 1
+            out.append(f"{len(self.shared_keys)} name{'s' if many else ''} belong{'' if many else 's'} to more than "
+                       f"one image ({shown}): each such image "
+                       "trains with the one caption of that name and is held out or kept with it; rename the "
+                       "images that have captions of their own")
         if self.held_out is not None:
-            out.append(f"data.holdout={holdout} keeps {self.held_out} of the {self.usable} pairs out of training")
+            from unclip.train.data import holdout_problem
+
+            problem = holdout_problem(self.held_out, self.usable, holdout)
+            out.append(f"training refuses this: {problem}" if problem else
+                       f"data.holdout={holdout} keeps {self.held_out} of the {self.usable} pairs out of training")
         return out
 
 
@@ -96,9 +108,8 @@ def _look(report: DataReport, image) -> None:
 
 
 def _folder_pairs(report: DataReport, path: str, progress: bool) -> Iterator[tuple[str, str]]:
-    from PIL import Image
-
     from unclip.data.folder import pair_key, scan_folder, unreadable_errors
+    from unclip.data.png import open_bytes, read_checked
 
     pairs, scanned = scan_folder(path, verify=True)
     for why, names in (("corrupt or unreadable images", scanned.corrupt),
@@ -108,20 +119,20 @@ def _folder_pairs(report: DataReport, path: str, progress: bool) -> Iterator[tup
         for name in names:
             report.skip(why, name)
     for image_path, caption in tqdm(pairs, desc="check", unit="pair", disable=not progress):
-        name = pair_key(Path(path), image_path)
         try:
-            with Image.open(image_path) as image:
+            with open_bytes(read_checked(image_path)) as image:
+                image.load()  # a JPEG cut short passes the scan's header check and fails here, as in training
                 _look(report, image)
         except unreadable_errors():
-            report.skip("corrupt or unreadable images", name)
+            report.skip("corrupt or unreadable images", str(image_path.relative_to(path)))
             continue
-        yield name, caption
+        yield pair_key(Path(path), image_path), caption
 
 
 def _shard_pairs(report: DataReport, path: str, progress: bool) -> Iterator[tuple[str, str]]:
     import webdataset as wds
 
-    from unclip.data.folder import unreadable_errors
+    from unclip.data.folder import caption_text, unreadable_errors
     from unclip.data.png import check_complete, open_bytes
     from unclip.train.data import IMAGE_EXTENSIONS, shard_urls
 
@@ -132,18 +143,14 @@ def _shard_pairs(report: DataReport, path: str, progress: bool) -> Iterator[tupl
         if data is None or "txt" not in sample:
             report.skip("samples without an image or a caption", name)
             continue
-        try:
-            caption = sample["txt"].decode("utf-8").strip()
-        except UnicodeDecodeError:
-            caption = ""
-        if not caption:
+        if (caption := caption_text(sample["txt"])) is None:
             report.skip("empty or non-UTF-8 captions", name)
             continue
         try:
-            with open_bytes(data) as image:
-                _look(report, image)
-                image.load()  # a cut or garbage file fails here, as it would in training
             check_complete(data)
+            with open_bytes(data) as image:
+                image.load()  # a cut or garbage file fails here, as it would in training
+                _look(report, image)
         except unreadable_errors():
             report.skip("corrupt or unreadable images", name)
             continue
@@ -161,7 +168,9 @@ def check_data(path: str, *, size: int = 128, holdout: float = 0.0, progress: bo
     pairs = _folder_pairs(report, path, progress) if source == "folder" else _shard_pairs(report, path, progress)
     words, chars, captions = [], [], Counter()
     kept_out = 0
+    keys = Counter()
     for key, caption in pairs:
+        keys[key] += 1
         report.usable += 1
         words.append(len(caption_words(caption)) if THAI_RUN.search(caption) else len(caption.split()))  # Thai: no spaces
         chars.append(len(caption))
@@ -177,5 +186,6 @@ def check_data(path: str, *, size: int = 128, holdout: float = 0.0, progress: bo
         setattr(report, name, {"median": statistics.median(ordered), "p95": ordered[int(0.95 * (len(ordered) - 1))],
                                "max": ordered[-1]})
     report.repeated_captions = sum(n for n in captions.values() if n > 1)
+    report.shared_keys = [key for key, n in keys.items() if n > 1]
     report.held_out = kept_out if holdout > 0 else None
     return report

@@ -20,7 +20,7 @@ from unclip.errors import DataError
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 
 @dataclass
@@ -50,15 +50,26 @@ class FolderReport:
         return "; ".join(parts)
 
 
-def _read_caption(path: Path) -> str | None:
+def caption_text(data: bytes) -> str | None:
+    """A caption file's text, stripped, without the byte-order mark some editors put first (it would
+    reach the tokenizer as an invisible character); None when empty or not UTF-8. Every source reads
+    captions through this."""
     try:
-        text = path.read_text(encoding="utf-8").strip()
-    except (OSError, UnicodeDecodeError):
+        text = data.decode("utf-8-sig").strip()
+    except UnicodeDecodeError:
         return None
     return text or None
 
 
+def _read_caption(path: Path) -> str | None:
+    try:
+        return caption_text(path.read_bytes())
+    except OSError:
+        return None
+
+
 _UPSCALED: set[int] = set()  # sizes this process has warned about
+_REPORTED: set[tuple[str, str]] = set()  # (folder and part, summary) pairs this process has logged
 
 
 def _note_upscaled(side: int, size: int) -> None:
@@ -119,10 +130,10 @@ def scan_folder(root: str | Path, *, verify: bool = True,
     report = FolderReport()
     pairs = []
     images = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-    if keep is None:
-        stems = {p.with_suffix("") for p in images}
-        report.orphan_captions = [str(t.relative_to(root)) for t in sorted(root.rglob("*.txt"))
-                                  if t.is_file() and t.with_suffix("") not in stems]
+    stems = {p.with_suffix("") for p in images}
+    report.orphan_captions = [str(t.relative_to(root)) for t in sorted(root.rglob("*.txt"))
+                              if t.is_file() and t.with_suffix("") not in stems
+                              and (keep is None or keep(t.relative_to(root).with_suffix("").as_posix()))]
     for path in images:
         name = str(path.relative_to(root))
         if keep is not None and not keep(pair_key(root, path)):
@@ -160,10 +171,15 @@ class FolderDataset:
         self.root = Path(root)
         self.size = size
         self.pairs, self.report = scan_folder(self.root, verify=verify, keep=keep)
-        if self.report.skipped or self.report.orphan_captions:
-            log.warning("%s%s: %s", self.root, f" ({part})" if part else "", self.report.summary())
+        where = f"{self.root}{f' ({part})' if part else ''}"
         if not self.pairs:
-            raise DataError(f"{self.root} holds no usable image-caption pairs: {self.report.summary()}")
+            found = self.report.summary().partition("; ")[2] or (
+                f"it has no images ({', '.join(IMAGE_SUFFIXES)}) with same-name .txt captions, in it or below")
+            raise DataError(f"{where} holds no usable image-caption pairs: {found} (`unclip data check "
+                            f"{self.root}` lists every problem)")
+        if (self.report.skipped or self.report.orphan_captions) and (where, self.report.summary()) not in _REPORTED:
+            _REPORTED.add((where, self.report.summary()))  # once per process, not again for every stage
+            log.warning("%s: %s", where, self.report.summary())
 
     def __len__(self) -> int:
         return len(self.pairs)

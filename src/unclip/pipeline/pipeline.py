@@ -359,6 +359,10 @@ class UnclipPipeline:
         return warnings
 
     def _word_warnings(self, prompt: str) -> list[str]:
+        """Words the model never learnt, for a shapes-world model (docs/shapes_world.md); none for one
+        trained on other data, whose vocabulary unclip does not keep (its captions may be emoji too)."""
+        if not reads_world_captions(self.config):
+            return []
         if not any(ch.isalnum() for ch in prompt):
             return ["it has no words, only symbols or emoji, so it tells the model nothing it learnt: expect "
                     "whatever the model draws for an empty caption"]

@@ -147,7 +147,7 @@ def _same_seed() -> int:
 def _has_pair(sample: dict) -> bool:
     if "txt" in sample and any(ext in sample for ext in IMAGE_EXTENSIONS):
         return True
-    log.warning("skipping %s in %s: no image or caption", sample.get("__key__"), sample.get("__url__"))
+    skip_unreadable(sample.get("__key__"), sample.get("__url__", "the shards"), "no image or caption")
     return False
 
 
@@ -156,7 +156,8 @@ _skipped: set[str] = set()
 
 
 def skip_unreadable(key: str, where: str, why: str) -> None:
-    """Log a sample that is left out (the first SKIP_LOGS of a process, then once that more are)."""
+    """Log a sample that is left out (the first SKIP_LOGS of a process, then once that more are;
+    each once, however often the endless stream comes back to it)."""
     if f"{where}/{key}" in _skipped:
         return
     _skipped.add(f"{where}/{key}")
@@ -169,16 +170,14 @@ def skip_unreadable(key: str, where: str, why: str) -> None:
 def shard_item(sample: dict, *, size: int) -> dict | None:
     """A raw webdataset sample (bytes per extension) → dict(image, caption, key) like the folder
     source; None, logged, for an image that cannot be decoded or a caption that is empty or not UTF-8."""
-    from unclip.data.folder import open_square_rgb, unreadable_errors
+    from unclip.data.folder import caption_text, open_square_rgb, unreadable_errors
     from unclip.data.shapes import to_tensor
 
     key, where = sample["__key__"], sample.get("__url__", "the shards")
     data = next(sample[ext] for ext in IMAGE_EXTENSIONS if ext in sample)
-    try:
-        caption = sample["txt"].decode("utf-8").strip() if isinstance(sample["txt"], bytes) else sample["txt"].strip()
-    except UnicodeDecodeError:
-        caption = ""
-    if not caption:
+    text = sample["txt"]
+    caption = caption_text(text if isinstance(text, bytes) else text.encode("utf-8"))
+    if caption is None:
         skip_unreadable(key, where, "empty or non-UTF-8 caption")
         return None
     try:
@@ -199,6 +198,34 @@ def held_out(key: str, fraction: float) -> bool:
     if fraction <= 0:
         return False
     return int.from_bytes(hashlib.blake2b(key.encode("utf-8"), digest_size=8).digest(), "big") < fraction * 2**64
+
+
+def holdout_problem(held: int, usable: int, fraction: float) -> str | None:
+    """What is wrong with a `data.holdout` of `fraction` that keeps `held` of `usable` pairs out of
+    training: None when both the training and the held-out part have pairs (or nothing is held out)."""
+    if fraction <= 0 or 0 < held < usable or not usable:
+        return None
+    fits = max(0.05, min(0.5, round(2 / usable + 0.005, 2)))  # about 2 pairs of a small data set, 5% of a large one
+    if held == 0:
+        return (f"data.holdout={fraction:g} keeps none of the {usable} pairs out of training (a hash of each pair's "
+                f"name picks about {fraction:.0%} of them), so there is nothing to evaluate on; hold out more "
+                f"(data.holdout={max(fits, min(0.5, 2 * fraction)):g}, say) or none (data.holdout=0: each stage "
+                "is then measured on training pairs)")
+    return (f"data.holdout={fraction:g} keeps all {usable} pairs out of training, so there is nothing to train on; "
+            f"lower it (data.holdout={fits:g}, say)")
+
+
+def _check_folder_holdout(data: DataConfig) -> None:
+    """Refuse, before any training, a `data.holdout` that leaves a folder's training or held-out part
+    without pairs (the run would otherwise fail when a stage is evaluated, after its training)."""
+    from unclip.data.folder import pair_key, scan_folder
+
+    if data.holdout <= 0:
+        return
+    pairs, _ = scan_folder(data.path, verify=False)  # names and captions only: cheap beside the feed's own scan
+    held = sum(held_out(pair_key(Path(data.path), path), data.holdout) for path, _ in pairs)
+    if problem := holdout_problem(held, len(pairs), data.holdout):
+        raise DataError(f"{data.path}: {problem}")
 
 
 def _kept(fraction: float, sample: dict) -> bool:
@@ -245,16 +272,24 @@ def webdataset_feed(pattern: str, *, size: int, batch_size: int, seed: int, num_
 
 
 def _check_usable(urls: list[str], pattern: str, *, size: int, holdout: float) -> None:
-    """Read the shards in order up to the first sample training can use; none in a whole pass is a
-    `DataError` (the endless resampled stream would wait for one forever)."""
+    """Read the shards in order up to the first sample training can use (and, with a `holdout`, the
+    first held-out one, which the stages are evaluated on); none in a whole pass is a `DataError`
+    (the endless resampled stream would wait for one forever, and evaluation fail after training)."""
     import webdataset as wds
 
     samples = wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples())
+    found = {"train": False, "holdout": holdout <= 0}
+    usable = 0
     for sample in samples:
-        if _has_pair(sample) and _kept(holdout, sample) and shard_item(sample, size=size) is not None:
-            return
-    part = " outside the held-out part" if holdout else ""
-    raise DataError(f"{pattern} holds no usable image-caption pair{part}: every sample lacks a .jpg/.jpeg/.png/.webp "
+        if _has_pair(sample) and shard_item(sample, size=size) is not None:
+            usable += 1
+            found["train" if _kept(holdout, sample) else "holdout"] = True
+            if all(found.values()):
+                return
+    held = 0 if found["train"] else usable  # a whole pass without the part that was not found
+    if problem := holdout_problem(held, usable, holdout):
+        raise DataError(f"{pattern}: {problem}")
+    raise DataError(f"{pattern} holds no usable image-caption pair: every sample lacks a .jpg/.jpeg/.png/.webp "
                     "image or a .txt caption, or fails to decode; `unclip data check` lists what is wrong")
 
 
@@ -278,13 +313,14 @@ def source_captions(data: DataConfig, n: int) -> list[str]:
     if data.source == "webdataset":
         import webdataset as wds
 
+        from unclip.data.folder import caption_text
+
         captions = []
         for sample in wds.DataPipeline(wds.SimpleShardList(shard_urls(data.path)), wds.tarfile_to_samples()):
             if "txt" in sample and train(sample["__key__"]):
-                try:
-                    captions.append(sample["txt"].decode("utf-8").strip())
-                except UnicodeDecodeError:
+                if (caption := caption_text(sample["txt"])) is None:
                     continue  # the feeds skip it too
+                captions.append(caption)
                 if len(captions) >= n:
                     break
         if not captions:
@@ -408,6 +444,7 @@ def feed_for(data: DataConfig, *, size: int, batch_size: int, num_workers: int =
     if data.source == "folder":
         from unclip.data.folder import FolderDataset
 
+        _check_folder_holdout(data)
         return epoch_feed(FolderDataset(data.path, size=size, keep=_part(data.holdout, "train"),
                                         part="training pairs" if data.holdout else ""),
                           batch_size=batch_size, seed=data.seed, num_workers=num_workers)
