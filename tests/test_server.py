@@ -585,9 +585,20 @@ def test_unclip_serve_runs_on_loopback_and_stops_on_interrupt(pipe):
         assert models["data"][0]["id"] == "unclip-tiny"
         answer = httpx.post(url + _GEN, timeout=60, json={"prompt": "a red circle", "steps": 2})
         assert answer.status_code == 200 and answer.json()["size"] == "64x64"
+        # Ctrl-C with a long edit running: it was cut off after uvicorn's grace period with a traceback
+        # and a plain-text 500; the worker now stops at once and the request gets the error JSON
+        answers = []
+        slow = threading.Thread(target=lambda: answers.append(httpx.post(
+            url + _EDIT, timeout=60, data={"prompt": "a green star", "steps": "100", "resample": "20"},
+            files={"image": ("a.png", png(_HOLE), "image/png")})))
+        slow.start()
+        _wait_for(url, lambda: httpx.get(url + "/api/status").json()["running"] >= 1, "the edit to start")
     finally:
         process.send_signal(signal.SIGINT)
         assert process.wait(30) == 0
+    slow.join(30)
+    assert answers[0].status_code == 503 and "retry" in answers[0].json()["error"]["message"]
+    assert "Traceback" not in process.stdout.read()
 
 
 def _models(url: str) -> dict:

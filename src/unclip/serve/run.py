@@ -24,10 +24,25 @@ def is_loopback(host: str) -> bool:
 
 
 def serve(app, *, host: str, port: int, log_level: str = "info") -> None:
-    """Serve until interrupted (Ctrl-C stops the worker after its current sampling step)."""
+    """Serve until interrupted. Ctrl-C stops the worker at once, after its current sampling step,
+    so every request still open is answered 503 (retry) in the API's error JSON: left running, the
+    requests outlived uvicorn's grace period and were cut off with a traceback and a plain-text 500."""
     import uvicorn
 
-    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:
+            # from another thread: the signal may land while this (the event loop's) thread holds the
+            # worker's lock; the lifespan's own stop then joins the worker
+            threading.Thread(target=app.state.worker.stop, kwargs={"timeout": 0}, daemon=True).start()
+            super().handle_exit(sig, frame)
+
+    server = Server(uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5))
+    try:
+        server.run()
+    except KeyboardInterrupt:  # uvicorn raises the captured Ctrl-C again once it has shut down, as uvicorn.run expects
+        pass
+    if not server.started:
+        raise SystemExit(3)  # uvicorn's STARTUP_FAILURE; it has logged why
 
 
 @contextmanager
