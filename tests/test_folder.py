@@ -42,6 +42,7 @@ def test_scan_counts_and_reports_bad_files(folder, caplog):
     assert r.corrupt == ["cut.jpg", "garbage.jpg"]
     assert len(ds) == 5  # 4 good + nested
     assert "skipped 2 corrupt or unreadable images (cut.jpg, garbage.jpg)" in r.summary()
+    assert "skipped 1 empty or non-UTF-8 caption (empty.png): save captions as UTF-8 text" in r.summary()
     assert "garbage.jpg" in caplog.text
 
 
@@ -178,6 +179,7 @@ def test_data_check_reports_what_training_will_do_with_a_folder(folder, capsys):
     assert main(["data", "check", str(folder), "--size", "16"]) == 0
     text = capsys.readouterr().out
     assert "5 usable image-caption pairs" in text and "skipped: 2 corrupt or unreadable images" in text
+    assert "skipped: 1 empty or non-UTF-8 captions (empty.png): save captions as UTF-8 text" in text
     assert "smaller than" not in text and "5 images are not square: training keeps their centre square" in text
     assert main(["data", "check", str(folder / "nothing-here")]) == 2  # neither a folder nor shards
     (folder / "bare").mkdir()

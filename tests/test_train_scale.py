@@ -524,3 +524,24 @@ def test_shards_without_one_usable_sample_are_an_error_not_an_endless_wait(tmp_p
     with pytest.raises(DataError, match="keeps all 4 pairs out of training, so there is nothing to train on"):
         webdataset_feed(str(tmp_path / "good" / "000000.tar"), size=SIZE, batch_size=2, seed=0, holdout=1.0)
     assert next(webdataset_feed(str(tmp_path / "good" / "000000.tar"), size=SIZE, batch_size=2, seed=0)(0))
+
+
+def test_a_shard_holds_the_image_kinds_a_folder_does(tmp_path):
+    """Shards were read for jpg/jpeg/png/webp only; a folder also for bmp, gif and tif(f): the same
+    pairs trained from a folder were "samples without an image" once packed into shards."""
+    import io
+    import tarfile
+
+    from PIL import Image
+
+    path = tmp_path / "000000.tar"
+    with tarfile.open(path, "w") as tar:
+        for i, ext in enumerate(("bmp", "gif", "tiff")):
+            image = io.BytesIO()
+            Image.new("RGB", (SIZE, SIZE), (200, 30 * i, 0)).save(image, format={"tiff": "TIFF"}.get(ext, ext.upper()))
+            for name, data in ((f"{i:09d}.{ext}", image.getvalue()), (f"{i:09d}.txt", b"a red square")):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    batch = next(webdataset_feed(str(path), size=SIZE, batch_size=3, seed=0)(0))
+    assert batch["image"].shape == (3, 3, SIZE, SIZE) and batch["image"][:, 0].mean() > 0.5  # red, decoded

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from unclip.data.folder import SKIP_FIXES
 from unclip.errors import DataError
 
 SHOWN = 5  # file names listed per kind of problem
@@ -52,7 +53,7 @@ class DataReport:
         out = [f"{self.usable} usable image-caption pairs in {self.path} ({self.source})"]
         for why, count in self.skipped.items():
             shown = ", ".join(self.examples[why]) + (", ..." if count > len(self.examples[why]) else "")
-            out.append(f"skipped: {count} {why} ({shown})")
+            out.append(f"skipped: {count} {why} ({shown})" + (f": {SKIP_FIXES[why]}" if why in SKIP_FIXES else ""))
         if self.smaller:
             out.append(f"{self.smaller} images are smaller than {self.size}² (the smallest {self.smallest}²): "
                        f"training at {self.size}² upscales them, which teaches blur; train that stage smaller or "

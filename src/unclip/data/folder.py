@@ -23,6 +23,10 @@ log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 
+# what to do about a kind of skipped file, where the kind alone does not say it (also `unclip data check`)
+SKIP_FIXES = {"empty or non-UTF-8 captions": "save captions as UTF-8 text (a Latin-1 or UTF-16 file reads as non-UTF-8)"}
+
+
 @dataclass
 class FolderReport:
     """What a scan (and later loads, in this process) found unusable, by file name."""
@@ -46,7 +50,8 @@ class FolderReport:
                                   self.orphan_captions)):
             if names:
                 shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
-                parts.append(f"skipped {len(names)} {one if len(names) == 1 else many} ({shown})")
+                fix = f": {SKIP_FIXES[many]}" if many in SKIP_FIXES else ""
+                parts.append(f"skipped {len(names)} {one if len(names) == 1 else many} ({shown}){fix}")
         return "; ".join(parts)
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 
 
 def _square(path: Path):
@@ -22,6 +21,7 @@ def _square(path: Path):
 
 def _pca_images(args: argparse.Namespace) -> list | None:
     """Images for the PCA basis: the files of --pca-images, or --pca-shapes shapes-world renders."""
+    from unclip.data.folder import IMAGE_SUFFIXES
     from unclip.errors import DataError
 
     if args.pca_images:

@@ -33,13 +33,14 @@ import torch
 from torch.utils.data import DataLoader
 
 from unclip.config import ClipConfig, DataConfig, TrainConfig
+from unclip.data.folder import IMAGE_SUFFIXES
 from unclip.errors import ConfigError, DataError
 from unclip.train.dist import rank_world
 
 log = logging.getLogger(__name__)
 
 SHUFFLE_BUFFER = 1000  # webdataset samples held for shuffling, per data-loader worker
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+IMAGE_EXTENSIONS = tuple(suffix.lstrip(".") for suffix in IMAGE_SUFFIXES)  # a shard's image keys: a folder's kinds
 
 
 def local_batch_size(batch_size: int, world: int) -> int:
@@ -289,7 +290,7 @@ def _check_usable(urls: list[str], pattern: str, *, size: int, holdout: float) -
     held = 0 if found["train"] else usable  # a whole pass without the part that was not found
     if problem := holdout_problem(held, usable, holdout):
         raise DataError(f"{pattern}: {problem}")
-    raise DataError(f"{pattern} holds no usable image-caption pair: every sample lacks a .jpg/.jpeg/.png/.webp "
+    raise DataError(f"{pattern} holds no usable image-caption pair: every sample lacks a {'/'.join(IMAGE_SUFFIXES)} "
                     "image or a .txt caption, or fails to decode; `unclip data check` lists what is wrong")
 
 
