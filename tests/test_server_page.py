@@ -1,5 +1,6 @@
 """The page at /, in headless Chromium driven by Playwright: from typing a prompt to seeing images,
-then reusing a seed, downloading, variations and inpainting with the brush.
+then reusing a seed, downloading, variations and inpainting with the brush, on generated images and
+on the user's own uploads.
 
 Chromium is Debian's (`make test` installs the `chromium` package when it is missing); set
 UNCLIP_CHROMIUM to use another binary. Without one this test fails: it never skips.
@@ -315,5 +316,168 @@ def test_progress_and_cancel_stay_in_sight_for_a_card_far_down_on_a_phone(page, 
         box = fresh.locator("#error").bounding_box()
         assert 0 <= box["y"] < 844, box
         assert fresh.locator("#gallery .card").count() == 3 and not fresh.errors, fresh.errors
+    finally:
+        fresh.close()
+
+
+# --- the user's own picture ---------------------------------------------------------------------------------
+
+def _encoded(image: Image.Image, fmt: str, **options) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **options)
+    return buffer.getvalue()
+
+
+def _card_bytes(card) -> bytes:
+    """The bytes behind a card's image (an upload's blob: URL), as the page would send them."""
+    import base64
+
+    return base64.b64decode(card.locator("img").evaluate("""async img => {
+        const bytes = new Uint8Array(await (await fetch(img.src)).arrayBuffer());
+        let text = '';
+        for (let i = 0; i < bytes.length; i += 8192) text += String.fromCharCode(...bytes.subarray(i, i + 8192));
+        return btoa(text); }"""))
+
+
+def _small_requests(page) -> None:
+    page.fill("#n", "2")
+    page.fill("#steps", "2")
+    page.select_option("#size", "16x16")
+
+
+def test_an_uploaded_png_becomes_a_card_whose_variations_come_from_it(page, server):
+    """Variations and Inpaint only worked on images the page had generated: no way to bring one's own."""
+    from playwright.sync_api import expect
+
+    from test_server import scene
+
+    fresh = _fresh_page(page, server)
+    try:
+        original = _encoded(scene(64, seed=3), "PNG")
+        fresh.focus("#generate")
+        fresh.keyboard.press("Tab")  # the upload control is next in the tab order, and shows its focus
+        assert fresh.evaluate("document.activeElement.id") == "upload"
+        assert fresh.evaluate("getComputedStyle(document.querySelector('.upload-button')).outlineStyle") == "solid"
+        fresh.get_by_label("Upload an image").set_input_files(
+            files=[{"name": "scene.png", "mimeType": "image/png", "buffer": original}])
+        _wait_for_cards(fresh, 1)
+        card = fresh.locator("#gallery .card").first
+        expect(card.locator(".label")).to_have_text("scene.png")
+        expect(card.locator(".seed")).to_have_text("uploaded · 64×64")
+        expect(card.locator("img")).to_have_attribute("alt", "your upload scene.png")
+        expect(card.locator(".reuse")).to_be_hidden()
+        expect(fresh.locator("#announce")).to_have_text("1 uploaded image added to the gallery")
+        assert _card_bytes(card) == original  # a square PNG within the limits is sent as it is
+        assert fresh.locator("#notice").is_hidden() and fresh.locator("#error").is_hidden()
+
+        _small_requests(fresh)
+        card.locator(".vary").click()
+        _wait_for_cards(fresh, 3)
+        assert fresh.locator("#gallery .card .label").all_inner_texts()[:2] == ["variation of scene.png"] * 2
+        assert all(seed.startswith("seed ") and seed.endswith("· 16x16")
+                   for seed in fresh.locator("#gallery .card .seed").all_inner_texts()[:2])
+        assert fresh.locator("#error").is_hidden() and not fresh.errors, fresh.errors
+    finally:
+        fresh.close()
+
+
+def test_a_dropped_non_square_jpeg_is_cropped_to_its_centre_and_varied_and_inpainted(page, server):
+    import base64
+
+    from playwright.sync_api import expect
+
+    photo = np.zeros((64, 96, 3), dtype=np.uint8)
+    photo[:, :16] = (0, 0, 255)     # left band: blue, outside the centre square
+    photo[:, 16:80] = (0, 200, 0)   # the centre 64×64: green
+    photo[:, 80:] = (255, 0, 0)     # right band: red
+    jpeg = _encoded(Image.fromarray(photo), "JPEG", quality=95)
+    fresh = _fresh_page(page, server)
+    try:
+        fresh.evaluate("""([name, b64]) => {
+            const file = new File([Uint8Array.from(atob(b64), c => c.charCodeAt(0))], name, {type: 'image/jpeg'});
+            const data = new DataTransfer();
+            data.items.add(file);
+            const send = (kind) => document.getElementById('gallery').dispatchEvent(
+                new DragEvent(kind, {dataTransfer: data, bubbles: true, cancelable: true}));
+            send('dragenter'); send('dragover');
+            window.zoneShown = !document.getElementById('drop-zone').hidden;
+            send('drop'); }""", ["holiday photo.jpg", base64.b64encode(jpeg).decode()])
+        assert fresh.evaluate("window.zoneShown")
+        _wait_for_cards(fresh, 1)
+        expect(fresh.locator("#drop-zone")).to_be_hidden()
+        card = fresh.locator("#gallery .card").first
+        expect(card.locator(".seed")).to_have_text("uploaded · 64×64, cropped from 96×64")
+        expect(fresh.locator("#notice")).to_contain_text(
+            '"holiday photo.jpg" (96×64) was cropped to the 64×64 square at its centre, and saved as a PNG')
+        expect(card.locator(".download")).to_have_attribute("download", "holiday photo.png")
+        cropped = Image.open(io.BytesIO(_card_bytes(card)))
+        assert cropped.format == "PNG" and cropped.size == (64, 64)
+        pixels = np.asarray(cropped.convert("RGB"), dtype=np.int16)
+        assert (pixels[:, 2:-2, 1] > 150).all() and (pixels[:, 2:-2, [0, 2]] < 80).all()  # the green centre only
+
+        _small_requests(fresh)
+        card.locator(".vary").click()
+        _wait_for_cards(fresh, 3)
+        assert fresh.locator("#gallery .card .label").first.inner_text() == "variation of holiday photo.jpg"
+
+        fresh.locator("#gallery .card").last.locator(".inpaint").click()  # the upload, now the oldest card
+        fresh.wait_for_selector("#editor:not([hidden])")
+        box = _settled_box(fresh, "#edit-paint")
+        fresh.mouse.move(box["x"] + 60, box["y"] + 60)
+        fresh.mouse.down()
+        fresh.mouse.move(box["x"] + 200, box["y"] + 200, steps=5)
+        fresh.mouse.up()
+        fresh.fill("#edit-prompt", "a red circle")
+        fresh.click("#fill")
+        _wait_for_cards(fresh, 5)
+        assert fresh.locator("#gallery .card .label").first.inner_text() == "inpainted: a red circle"
+        assert fresh.locator("#error").is_hidden() and not fresh.errors, fresh.errors
+    finally:
+        fresh.close()
+
+
+def test_a_corrupt_upload_is_refused_clearly_and_a_huge_one_is_shrunk(page, server):
+    from playwright.sync_api import expect
+
+    from test_server import scene
+
+    fresh = _fresh_page(page, server)
+    try:
+        upload = fresh.get_by_label("Upload an image")
+        garbage = b"\x89PNG\r\n\x1a\n" + bytes(300)  # not an image at all: the browser cannot decode it
+        upload.set_input_files(files=[{"name": "broken.png", "mimeType": "image/png", "buffer": garbage}])
+        expect(fresh.locator("#error")).to_have_text(
+            '"broken.png" could not be read as an image: the file is damaged, or in a format this browser cannot '
+            "open (PNG, JPEG, WebP and GIF work)")
+        assert fresh.locator("#gallery .card").count() == 0
+
+        # a cut-off download: the browser shows its first rows, the server refuses it and the page says why
+        whole = _encoded(Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), np.uint8)), "PNG")
+        upload.set_input_files(files=[{"name": "cut.png", "mimeType": "image/png", "buffer": whole[:len(whole) // 2]}])
+        _wait_for_cards(fresh, 1)
+        expect(fresh.locator("#error")).to_be_hidden()
+        _small_requests(fresh)
+        fresh.locator("#gallery .card").first.locator(".vary").click()
+        expect(fresh.locator("#error")).to_have_text(
+            """the server refused your upload "cut.png": Invalid input image - 'image' could not be decoded as a """
+            "PNG (image file is truncated)")
+        expect(fresh.locator("#gallery .card .seed").first).to_have_text("uploaded · 64×64 · refused by the server")
+        assert fresh.locator("#gallery .card").count() == 1
+
+        # a square PNG over the server's 4 MB is shrunk (and kept square) before it is sent
+        noise = np.random.default_rng(1).integers(0, 255, (1200, 1200, 3), np.uint8)
+        huge = _encoded(Image.fromarray(noise), "PNG", compress_level=1)
+        assert len(huge) > 4 * 2**20
+        upload.set_input_files(files=[{"name": "huge.png", "mimeType": "image/png", "buffer": huge}])
+        _wait_for_cards(fresh, 2)
+        card = fresh.locator("#gallery .card").first
+        expect(card.locator(".seed")).to_have_text("uploaded · 1024×1024, shrunk from 1200×1200")
+        expect(fresh.locator("#notice")).to_contain_text('"huge.png" (1200×1200) was shrunk to 1024×1024')
+        expect(fresh.locator("#error")).to_be_hidden()
+        sent = _card_bytes(card)
+        assert len(sent) < 4 * 2**20 and Image.open(io.BytesIO(sent)).size == (1024, 1024)
+        card.locator(".vary").click()
+        _wait_for_cards(fresh, 4)
+        assert fresh.locator("#error").is_hidden() and not fresh.errors, fresh.errors
     finally:
         fresh.close()

@@ -1,7 +1,7 @@
 // The unclip page: generate, vary and inpaint through the server's OpenAI Images API.
 // Each request carries an Unclip-Job header; /api/jobs/<id> tells its queue position and
 // sampling step while it runs. Cancel (or leaving the page) closes the request, and the
-// server cancels its work.
+// server cancels its work. upload.js puts the user's own pictures in the gallery.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -119,8 +119,17 @@ async function run(path, body, meta) {
         continue;
       }
       if (!response.ok || !answer) {
-        showError(answer && answer.error ? answer.error.message
-          : `the server answered ${response.status} ${response.statusText} (is it still running?)`);
+        const message = answer && answer.error ? answer.error.message
+          : `the server answered ${response.status} ${response.statusText} (is it still running?)`;
+        const upload = meta.source && meta.source.upload;
+        if (upload && response.status === 400 && answer && answer.error && answer.error.param === "image") {
+          showError(`the server refused your upload "${upload.name}": ${message}`);
+          const caption = meta.source.card.querySelector(".seed");
+          const refused = " · refused by the server";
+          if (!caption.textContent.endsWith(refused)) caption.textContent += refused;
+        } else {
+          showError(message);
+        }
         if (response.status === 401) $("key-row").hidden = false;
         return;
       }
@@ -168,19 +177,23 @@ async function pollProgress(id) {
 
 // --- gallery ------------------------------------------------------------------------------------------
 
+// `meta.upload` marks the user's own picture (upload.js): { name, side, width, height }, no seed, no size asked
 function addCard(item, meta, size) {
   const label = meta.label;
+  const upload = meta.upload || null;
   const card = $("card-template").content.firstElementChild.cloneNode(true);
   const img = card.querySelector("img");
+  card.classList.toggle("upload", upload !== null);  // a photo is smoothed when shrunk, the model's pixels are not
   img.src = item.url;
-  img.alt = label;
+  img.alt = upload ? `your upload ${upload.name}` : label;
   card.querySelector(".label").textContent = label;
   card.querySelector(".label").lang = img.lang = langOf(label);
-  card.querySelector(".seed").textContent = `seed ${item.seed} · ${size}`;
+  card.querySelector(".seed").textContent = upload ? uploadCaption(upload) : `seed ${item.seed} · ${size}`;
   const download = card.querySelector(".download");
   download.href = item.url;
-  download.download = `unclip-${item.seed}.png`;
-  const entry = { url: item.url, seed: item.seed, size, label, prompt: meta.prompt, settings: meta.settings };
+  download.download = upload ? `${upload.name.replace(/\.[^.]*$/, "")}.png` : `unclip-${item.seed}.png`;
+  const entry = { url: item.url, seed: item.seed, size, label, prompt: meta.prompt, settings: meta.settings,
+                  upload, card };
   const reuseButton = card.querySelector(".reuse");
   reuseButton.hidden = !meta.settings;  // a generation's; a variation or an edit is not redrawn from a prompt
   reuseButton.addEventListener("click", () => reuse(entry));
@@ -218,9 +231,10 @@ async function vary(entry) {
   const form = new FormData();
   form.append("image", image, "image.png");
   form.append("n", $("n").value || "1");
-  form.append("size", entry.size);
+  form.append("size", entry.size || $("size").value);  // an upload's variations: the size the form asks
   for (const [key, value] of Object.entries(extras())) form.append(key, String(value));
-  await run("/v1/images/variations", form, { label: `variation of seed ${entry.seed}`, prompt: null });
+  const of = entry.upload ? entry.label : `seed ${entry.seed}`;
+  await run("/v1/images/variations", form, { label: `variation of ${of}`, prompt: null, source: entry });
 }
 
 // --- inpainting: a brush paints the mask (transparent = repaint) ------------------------------------
@@ -236,7 +250,7 @@ function openEditor(entry) {
     m.fillRect(0, 0, mask.width, mask.height);
     state.editing = { entry, img, mask, painted: false, last: null };
     const view = $("edit-image").getContext("2d");
-    view.imageSmoothingEnabled = false;
+    view.imageSmoothingEnabled = img.naturalWidth > 320;  // the model's pixels stay sharp, a photo is smoothed
     view.drawImage(img, 0, 0, 320, 320);
     clearPaint();
     $("edit-prompt").value = entry.prompt || "";
@@ -299,9 +313,9 @@ async function fill() {
   form.append("mask", maskBlob, "mask.png");
   form.append("prompt", prompt);
   form.append("n", $("n").value || "1");
-  form.append("size", editing.entry.size);
+  form.append("size", editing.entry.size || $("size").value);
   for (const [key, value] of Object.entries(extras())) form.append(key, String(value));
-  await run("/v1/images/edits", form, { label: `inpainted: ${prompt}`, prompt });
+  await run("/v1/images/edits", form, { label: `inpainted: ${prompt}`, prompt, source: editing.entry });
 }
 
 // --- wiring -------------------------------------------------------------------------------------------
