@@ -522,6 +522,11 @@ def test_prompts_with_words_the_model_never_saw_are_warned_about_once(model_dir,
     reads = pipe.clip.tokenizer.context_length - 2
     assert pipe.prompt_warnings(long) == [f"it is longer than the {reads} tokens this model reads; the rest was left out"]
     assert pipe.prompt_warnings("a red circle") == []
+    # Thai as it is typed: a count in Thai digits, ํ้า for ้ำ, a tone mark before its vowel: no false warning
+    assert pipe.prompt_warnings("หัวใจสีเหลือง ๓ ดวง") == pipe.prompt_warnings("ดาวสีน\u0e4d\u0e49\u0e32เงิน") == []
+    assert pipe.prompt_warnings("ส\u0e48\u0e35เหล\u0e48\u0e35ยมจัตุรัสสีแดง") == []
+    assert pipe.prompt_warnings("ดาวสีชมภู") == [  # a misspelt colour: the word it was meant to be
+        "this model never saw 'ชมภู' in training; that word means nothing to it (did you mean 'ชมพู'?)"]
     assert pipe.example_prompt == "a red circle above a blue square"
     pipe.config = replace(pipe.config, data=replace(pipe.config.data, source="folder"))
     assert pipe.unknown_words("a dog on a red skateboard") == []  # other data: no vocabulary kept

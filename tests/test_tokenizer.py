@@ -143,7 +143,9 @@ def test_text_that_looks_the_same_reads_the_same(tok):
 
     same = {"a red circle": ["  a  red\tcircle \n", "a\u00a0red circle", "a red\u200b circle", "\ufeffa red circle"],
             "วงกลมสีแดง": ["วงกลม\u200bสี\u200bแดง", "วงกลมสีเเดง"],  # ZWSP; two sara e typed for sara ae
-            "สีน้ำเงิน": ["สีน้\u0e4d\u0e32เงิน", "สีน\u0e33\u0e49เงิน"]}  # sara am decomposed; tone mark after it
+            "สีน้ำเงิน": ["สีน้\u0e4d\u0e32เงิน", "สีน\u0e33\u0e49เงิน",  # sara am decomposed; tone mark after it
+                         "สีน\u0e4d\u0e49\u0e32เงิน"],  # the tone mark between nikhahit and sara aa ("นํ้า")
+            "สี่เหลี่ยมจัตุรัส": ["ส\u0e48\u0e35เหล\u0e48\u0e35ยมจัตุรัส"]}  # tone mark before the vowel above
     for standard, variants in same.items():
         for text in variants:
             assert clean_text(text) == standard

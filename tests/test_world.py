@@ -141,6 +141,16 @@ def test_the_vocabulary_holds_every_caption_word_and_flags_the_rest():
     assert world.unknown_words("a red circle 42") == ["42"]
 
 
+def test_a_word_that_looks_like_a_typo_of_a_known_one_is_named():
+    """The warning said only "never saw 'ชมภู'"; a Thai user misspelling ชมพู (pink) got an orange star."""
+    assert world.did_you_mean(["ชมภู"]) == " (did you mean 'ชมพู'?)"
+    assert world.did_you_mean(world.unknown_words("วงกลมสีแดงอยู๋เหนือ")) == " (did you mean 'อยู่'?)"
+    assert world.did_you_mean(["circel", "and", "dog", "squre"]) == \
+        " (did you mean 'circle' for 'circel', 'square' for 'squre'?)"  # not 'an' for "and"
+    for other in (["dog", "skateboard"], ["rectangle"], ["ค่ะ"], ["เหลีย่ม"], ["42"]):  # nothing close: no hint
+        assert world.did_you_mean(other) == "", other
+
+
 def test_relations_and_positions_are_geometrically_true():
     for i in range(3000):
         scene = sample("train", i).scene
@@ -197,6 +207,12 @@ def test_prompts_are_read_in_the_form_of_the_captions():
     assert world.caption_form("A  Red Circle") == "a red circle"
     assert world.caption_form("ดาวสีเขียวบนพื้นหลัง สีขาว") == "ดาวสีเขียว บนพื้นหลังสีขาว"
     assert world.caption_form("วงกลมสีแดง red circle") == "วงกลมสีแดง red circle"
+    assert world.caption_form("ดาว\u200cสี\u200dเขียว") == "ดาวสีเขียว"  # joiners: Thai spells with neither
+    # counts in digits, Arabic or Thai, spelt out in the language of the word beside them
+    assert world.caption_form("หัวใจสีเหลือง ๓ ดวง") == world.caption_form("หัวใจสีเหลือง3ดวง") == "หัวใจสีเหลืองสามดวง"
+    assert world.caption_form("ดาว 2 ดวง สีเขียว") == "ดาวสองดวงสีเขียว"
+    assert world.caption_form("4 Red Circles") == "four red circles"
+    assert world.caption_form("a 2.5 star, 23 stars, a 2nd star") == "a 2.5 star, 23 stars, a 2nd star"
     for split in ("train", "unseen"):
         for i in range(1500):
             for lang in ("en", "th"):

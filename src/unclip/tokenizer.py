@@ -40,9 +40,16 @@ SPECIAL_ORDER = (BOS, EOS, PAD)
 # joiner, byte-order mark, soft hyphen (not ZWJ / ZWNJ, which some scripts spell with)
 INVISIBLE = re.compile("[\u200b\u2060\ufeff\u00ad]")
 # Thai as it is often typed or copied: two sara e for sara ae, sara am as nikhahit + sara aa (PDFs),
-# a tone mark typed after sara am instead of before it
+# also with the tone mark between them ("นํ้า"), a tone mark typed after sara am instead of before it,
+# and a tone mark or thanthakhat typed before the vowel above its consonant ("ส่ี" for "สี่"). Each
+# looks the same on screen, and NFC leaves it so (those vowels have combining class 0; it does put a
+# vowel below before a tone mark); typed so, the shipped model lost "น้ำเงิน" (blue) and "สี่เหลี่ยม".
+THAI_TONES = "\u0e48\u0e49\u0e4a\u0e4b"
 THAI_VARIANTS = (("\u0e40\u0e40", "\u0e41"), ("\u0e4d\u0e32", "\u0e33"),
-                 *(("\u0e33" + mark, mark + "\u0e33") for mark in "\u0e48\u0e49\u0e4a\u0e4b"))
+                 *(("\u0e4d" + mark + "\u0e32", mark + "\u0e33") for mark in THAI_TONES),
+                 *(("\u0e33" + mark, mark + "\u0e33") for mark in THAI_TONES),
+                 *((mark + vowel, vowel + mark) for mark in THAI_TONES + "\u0e4c"
+                   for vowel in "\u0e31\u0e34\u0e35\u0e36\u0e37"))
 TOKENIZER_FILE = "tokenizer.json"
 CONFIG_FILE = "tokenizer_config.json"
 

@@ -37,13 +37,13 @@ def _label_reader(model_dir):
 
     if not reads_world_captions(UnclipConfig.from_dict(read_manifest(model_dir).config)):
         return clean_text
-    from unclip.data.world import caption_form, unknown_words
+    from unclip.data.world import caption_form, did_you_mean, unknown_words
 
     def read(label: str) -> str:
         form = caption_form(label)
         if unknown := unknown_words(form):
-            logging.getLogger(__name__).warning("label %r: this CLIP never saw %s in training", label,
-                                                ", ".join(map(repr, unknown)))
+            logging.getLogger(__name__).warning("label %r: this CLIP never saw %s in training%s", label,
+                                                ", ".join(map(repr, unknown)), did_you_mean(unknown))
         return form
 
     return read

@@ -369,8 +369,11 @@ class UnclipPipeline:
         unknown = self.unknown_words(prompt)
         if not unknown:
             return []
+        from unclip.data.world import did_you_mean
+
         those = "that word means" if len(unknown) == 1 else "those words mean"
-        return [f"this model never saw {', '.join(map(repr, unknown))} in training; {those} nothing to it"]
+        return [f"this model never saw {', '.join(map(repr, unknown))} in training; {those} nothing to it"
+                + did_you_mean(unknown)]
 
     def unknown_words(self, prompt: str) -> list[str]:
         """Words of `prompt` that no caption of a shapes-world model's training data uses (each once,
