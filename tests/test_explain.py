@@ -7,7 +7,9 @@ full settings; the CLI runs use --quick.
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -105,7 +107,7 @@ def test_manifold_grid_decodes_to_many_digits(split, classifier):
 
 
 def _points_in(html: str) -> int:
-    return len(re.findall(r'<circle class="pt"', html))
+    return len(re.findall(r'<circle class="pt[ "]', html))
 
 
 def _assert_self_contained(html: str) -> None:
@@ -125,6 +127,56 @@ def test_html_page_is_self_contained_with_one_point_per_sample():
     data = json.loads(re.search(r'<script type="application/json" id="data">(.*?)</script>', page, re.S).group(1))
     assert len(data["px"]) == n and all(len(px) == 2 * 64 for px in data["px"])
     assert "t </script>" not in page  # the title is escaped, the JSON cannot close its script
+
+
+def _chromium() -> str:
+    path = os.environ.get("UNCLIP_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+    if path is None:
+        pytest.fail("the page test needs Debian's chromium (`apt-get install chromium`) or UNCLIP_CHROMIUM=/path")
+    return path
+
+
+def test_html_page_shows_the_point_near_the_pointer_on_a_desktop_and_a_phone(tmp_path):
+    """Only a pointer exactly on a 7-px point showed it; on a phone the 640-px map shrinks to ~350 px and its
+    points to 4 px, so a finger tapping beside one showed nothing. Now the nearest shown point within 20 px."""
+    from playwright.sync_api import sync_playwright
+
+    images = np.zeros((4, 8, 8))
+    images[3, :, 4] = 1.0  # a vertical stroke: the image of the point picked below
+    page_html = scatter_html(points=np.array([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0], [10.0, 10.0]]),
+                             labels=np.array([0, 1, 2, 3]), images=images,
+                             class_names=[str(d) for d in range(4)], title="four corners", notes=["a", "b", "c", "d"])
+    (tmp_path / "map.html").write_text(page_html, encoding="utf-8")
+    shown = "() => getComputedStyle(document.getElementById('tip')).display === 'block'"
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=_chromium(), args=["--no-sandbox", "--disable-gpu"])
+        for device in ({"viewport": {"width": 1280, "height": 800}},
+                       {"viewport": {"width": 390, "height": 844}, "is_mobile": True, "has_touch": True}):
+            page = browser.new_context(**device).new_page()
+            errors = []
+            page.on("pageerror", lambda err: errors.append(str(err)))
+            page.goto((tmp_path / "map.html").as_uri())
+            box = page.locator('circle.pt[data-c="3"]').bounding_box()  # (10, 10): the top-right corner
+            x, y = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+            point = page.mouse.move if "has_touch" not in device else page.touchscreen.tap
+            if "has_touch" in device:
+                assert box["width"] < 5, box  # drawn at about half size
+                x, y = x - 12, y + 12  # 17 px from its centre, towards the middle of the map: a fingertip
+            else:
+                x, y = x - 6, y + 6  # 8.5 px: beside it, not on it
+            point(x, y)
+            assert page.evaluate(shown), f"nothing shown beside a point on {device}"
+            assert page.locator("#tiptext").text_content().startswith("digit: 3 (d)")
+            pixels = page.evaluate("() => Array.from(document.getElementById('tipimg').getContext('2d')"
+                                   ".getImageData(0, 0, 8, 8).data.filter((v, k) => k % 4 === 0))")
+            assert [pixels[8 * r + 4] for r in range(8)] == [0] * 8 and pixels[0] == 255  # its stroke, ink on paper
+            point(box["x"] - 100, box["y"] + 100)  # the empty middle of the map: nothing
+            assert not page.evaluate(shown)
+            page.locator('#legend .item[data-c="3"]').click()  # digit 3 hidden: it is not picked either
+            point(x, y)
+            assert not page.evaluate(shown)
+            assert errors == []
+        browser.close()
 
 
 def _run_cli(argv, monkeypatch) -> int:

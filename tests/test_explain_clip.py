@@ -28,6 +28,9 @@ def test_writes_figures_page_and_metrics(tiny_clip, tmp_path, capsys):
     assert not re.search(r'(src|href)="https?://', page)
     data = json.loads(re.search(r'<script type="application/json" id="data">(.*?)</script>', page, re.S).group(1))
     assert len(data["px"]) == 80  # every scene twice: its image and its caption
+    # the captions are rings, the images dots, as × and ● in the PNG (were all alike: only hovering told them apart)
+    assert len(re.findall(r'<circle class="pt" ', page)) == 40 and len(re.findall(r'<circle class="pt ring" ', page)) == 40
+    assert all(int(i) >= 40 for i in re.findall(r'<circle class="pt ring" data-i="(\d+)"', page))
     assert (out / "similarity.png").stat().st_size > 5000 and (out / "tsne_image_text.png").stat().st_size > 5000
     assert "CLIP explainer" in capsys.readouterr().out
 

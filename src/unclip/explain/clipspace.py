@@ -135,8 +135,10 @@ def run_clip_space(out_dir: str | Path, *, model_dir: str | Path, n: int = 150, 
     paths["tsne_html"] = write_scatter_html(
         out / "tsne_image_text.html", points=points, labels=labels, images=pictures, class_names=names,
         title="CLIP's shared space: images and captions, t-SNE",
-        subtitle="each scene twice: its image embedding and its caption's embedding (hover shows which)",
-        notes=[f"image: {t}" for t in texts] + [f"caption: {t}" for t in texts], label_name="shape", invert=False)
+        subtitle="each scene twice: its image embedding (●) and its caption's embedding (○), coloured by shape; "
+                 "hover or tap a point to see the scene and the caption",
+        notes=[f"image: {t}" for t in texts] + [f"caption: {t}" for t in texts],
+        rings=[kind == "text" for kind in kinds], label_name="shape", invert=False)
     matched = float(np.mean((z_img * z_txt).sum(1).numpy()))
     shuffled = float(np.mean((z_img * z_txt.roll(1, dims=0)).sum(1).numpy()))
     nearest = (z_txt @ z_img.t()).argmax(dim=1).numpy()

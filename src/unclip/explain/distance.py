@@ -227,7 +227,7 @@ def run_distance(out_dir: str | Path, *, config: DistanceConfig = DistanceConfig
         paths[f"tsne_{name}_html"] = write_scatter_html(
             out / f"tsne_{name}.html", points=points, labels=labels[idx], images=images[idx],
             class_names=[str(d) for d in range(10)], title=title,
-            subtitle=subtitle + ". Hover a point to see its image; click a legend entry to hide that digit.",
+            subtitle=subtitle + ". Hover or tap a point to see its image; click a legend entry to hide that digit.",
             notes=["train image" if k < n_train else "test image" for k in idx])
 
     results, counts = siamese_experiment(split, config=config.siamese, seed=config.seed, progress=progress)

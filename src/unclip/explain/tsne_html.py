@@ -1,9 +1,10 @@
 """A self-contained interactive scatter plot as one HTML file: inline SVG, a little JavaScript.
 
-Every sample is one `<circle class="pt">`; hovering it shows its class name and its image (drawn
-on a canvas from pixel bytes embedded in the page); clicking a legend entry hides or shows that
-class. The page loads nothing from anywhere (no CDN, no external file), so it works offline and
-can be attached to a report or an e-mail as it is.
+Every sample is one `<circle class="pt">` (a ring, class "pt ring", for a second kind of sample); the
+mouse over it, or a finger tapping beside it, shows its class name and its image (drawn on a canvas
+from pixel bytes embedded in the page); clicking a legend entry hides or shows that class. The page
+loads nothing from anywhere (no CDN, no external file), so it works offline and can be attached to a
+report or an e-mail as it is.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ h1 { font-size: 1.15em; margin: 0 0 .2em; } p.sub { margin: 0 0 .8em; color: #55
 .wrap { display: flex; align-items: flex-start; gap: 1em; flex-wrap: wrap; }
 svg { border: 1px solid #ccc; background: #fcfcfc; max-width: 100%; height: auto; }
 circle.pt { stroke: #fff; stroke-width: .5; cursor: crosshair; }
-circle.pt:hover { stroke: #000; stroke-width: 1.5; }
+circle.pt.ring { fill: #fff; stroke: currentColor; stroke-width: 1.5; }
+circle.pt.hot { stroke: #000; stroke-width: 1.5; }
 circle.off { display: none; }
 text.axis { font-size: 12px; fill: #555; }
 #legend { font-size: .9em; } #legend .item { cursor: pointer; padding: 2px 4px; user-select: none; }
@@ -57,24 +59,49 @@ _SCRIPT = """
     }
     ctx.putImageData(img, 0, 0);
   }
-  const svg = document.getElementById('plot');
-  svg.addEventListener('mousemove', function (e) {
-    const t = e.target;
-    if (!t.classList.contains('pt')) { tip.style.display = 'none'; return; }
-    const i = +t.dataset.i;
-    draw(i);
-    text.textContent = D.label + ': ' + D.names[+t.dataset.c] + (D.notes ? ' (' + D.notes[i] + ')' : '')
-      + ' \u00b7 #' + i;
+  const svg = document.getElementById('plot'), pts = Array.from(svg.querySelectorAll('circle.pt'));
+  const xs = pts.map(function (el) { return +el.getAttribute('cx'); });
+  const ys = pts.map(function (el) { return +el.getAttribute('cy'); });
+  let hot = null;
+  // The shown point nearest the pointer within REACH screen pixels: on a phone the map shrinks to half
+  // size and its points to 4 px, too small to hit with a finger (or, at 1,797 points, a mouse).
+  const REACH = 20;
+  function nearest(e) {
+    const m = svg.getScreenCTM().inverse(), p = new DOMPoint(e.clientX, e.clientY).matrixTransform(m);
+    let best = null, bestD = Math.pow(REACH * m.a, 2);
+    for (let k = 0; k < pts.length; k++) {
+      const d = Math.pow(xs[k] - p.x, 2) + Math.pow(ys[k] - p.y, 2);
+      if (d <= bestD && !pts[k].classList.contains('off')) { best = pts[k]; bestD = d; }
+    }
+    return best;
+  }
+  function hide() { tip.style.display = 'none'; if (hot) hot.classList.remove('hot'); hot = null; }
+  function show(e) {
+    const t = nearest(e);
+    if (!t) { hide(); return; }
+    if (t !== hot) {
+      if (hot) hot.classList.remove('hot');
+      hot = t;
+      t.classList.add('hot');
+      const i = +t.dataset.i;
+      draw(i);
+      text.textContent = D.label + ': ' + D.names[+t.dataset.c] + (D.notes ? ' (' + D.notes[i] + ')' : '')
+        + ' \u00b7 #' + i;
+    }
     tip.style.display = 'block';
-    tip.style.left = Math.min(e.clientX + 14, window.innerWidth - tip.offsetWidth - 4) + 'px';
-    tip.style.top = Math.min(e.clientY + 14, window.innerHeight - tip.offsetHeight - 4) + 'px';
-  });
-  svg.addEventListener('mouseleave', function () { tip.style.display = 'none'; });
+    tip.style.left = Math.max(4, Math.min(e.clientX + 14, window.innerWidth - tip.offsetWidth - 4)) + 'px';
+    tip.style.top = Math.max(4, Math.min(e.clientY + 14, window.innerHeight - tip.offsetHeight - 4)) + 'px';
+  }
+  // pointermove: a mouse hovering; pointerdown: a finger tapping (its pointer leaves when lifted)
+  svg.addEventListener('pointermove', show);
+  svg.addEventListener('pointerdown', show);
+  svg.addEventListener('pointerleave', function (e) { if (e.pointerType === 'mouse') hide(); });
   document.querySelectorAll('#legend .item').forEach(function (item) {
     item.addEventListener('click', function () {
       item.classList.toggle('off');
       svg.querySelectorAll('circle.pt[data-c="' + item.dataset.c + '"]')
         .forEach(function (el) { el.classList.toggle('off'); });
+      if (hot && hot.classList.contains('off')) hide();
     });
   });
 })();
@@ -90,6 +117,7 @@ def scatter_html(
     title: str,
     subtitle: str = "",
     notes: Sequence[str] | None = None,
+    rings: Sequence[bool] | None = None,
     label_name: str = "digit",
     axis_names: tuple[str, str] = ("t-SNE 1", "t-SNE 2"),
     invert: bool = True,
@@ -103,6 +131,8 @@ def scatter_html(
         images: [N, H, W] grayscale or [N, H, W, 3] RGB, values in [0, 1], shown on hover.
         class_names: the legend's names, one per class.
         notes: optional [N] short text shown after the class name on hover (e.g. "train").
+        rings: optional [N] bools: draw these points as rings in their class's colour, the others as dots
+            (CLIP's captions beside its images); say which is which in `subtitle`.
         invert: draw grayscale images dark-on-light (ink on paper), as digits are usually shown.
         size: the plot's width and height in CSS pixels.
     """
@@ -112,9 +142,10 @@ def scatter_html(
     labels = np.asarray(labels).astype(int)
     images = np.asarray(images)
     n = len(points)
-    if points.shape != (n, 2) or labels.shape != (n,) or len(images) != n:
-        raise ValueError(f"need points [N,2], labels [N], images [N,...]; got {points.shape}, "
-                         f"{labels.shape}, {images.shape}")
+    rings = np.zeros(n, dtype=bool) if rings is None else np.asarray(rings, dtype=bool)
+    if points.shape != (n, 2) or labels.shape != (n,) or len(images) != n or rings.shape != (n,):
+        raise ValueError(f"need points [N,2], labels [N], images [N,...], rings [N]; got {points.shape}, "
+                         f"{labels.shape}, {images.shape}, {rings.shape}")
     channels = 3 if images.ndim == 4 else 1
     h, w = images.shape[1:3]
     pixels = np.clip(np.rint(images * 255), 0, 255).astype(np.uint8).reshape(n, -1)  # [N, H*W*C]
@@ -127,8 +158,10 @@ def scatter_html(
     xy[:, 1] = size - xy[:, 1]  # SVG's y grows downwards
     colors = [DIGIT_COLORS[k % len(DIGIT_COLORS)] for k in range(len(class_names))]
     circles = "\n".join(
+        f'<circle class="pt ring" data-i="{i}" data-c="{c}" cx="{x:.1f}" cy="{y:.1f}" r="3.5" color="{colors[c]}"/>'
+        if ring else
         f'<circle class="pt" data-i="{i}" data-c="{c}" cx="{x:.1f}" cy="{y:.1f}" r="3.5" fill="{colors[c]}"/>'
-        for i, ((x, y), c) in enumerate(zip(xy, labels))
+        for i, ((x, y), c, ring) in enumerate(zip(xy, labels, rings))
     )
     counts = np.bincount(labels, minlength=len(class_names))
     legend = "\n".join(
