@@ -62,6 +62,20 @@ def _wait_for_cards(page, count: int) -> None:
         timeout=60_000)
 
 
+def _inpaint(page, card, prompt: str, stroke: tuple[int, int, int, int]) -> None:
+    """Open the editor on `card`, paint one stroke from (x0, y0) to (x1, y1) in the canvas, and fill it
+    with `prompt`."""
+    card.locator(".inpaint").click()
+    page.wait_for_selector("#editor:not([hidden])")
+    box = _settled_box(page, "#edit-paint")
+    page.mouse.move(box["x"] + stroke[0], box["y"] + stroke[1])
+    page.mouse.down()
+    page.mouse.move(box["x"] + stroke[2], box["y"] + stroke[3], steps=10)
+    page.mouse.up()
+    page.fill("#edit-prompt", prompt)
+    page.click("#fill")
+
+
 def _settled_box(page, selector: str) -> dict:
     """The element's box once it has stopped moving: the editor scrolls into view smoothly, and a box read
     mid-scroll puts the brush stroke somewhere else on the canvas."""
@@ -145,15 +159,7 @@ def test_variations_and_brush_inpainting_from_the_gallery(page):
     assert page.locator("#gallery .card").first.locator(".reuse").is_hidden()  # not redrawn from a prompt
 
     source = page.locator("#gallery .card img").first.get_attribute("src")
-    page.locator("#gallery .card").first.locator(".inpaint").click()
-    page.wait_for_selector("#editor:not([hidden])")
-    box = _settled_box(page, "#edit-paint")
-    page.mouse.move(box["x"] + 40, box["y"] + 40)
-    page.mouse.down()
-    page.mouse.move(box["x"] + 260, box["y"] + 200, steps=10)
-    page.mouse.up()
-    page.fill("#edit-prompt", "a green star")
-    page.click("#fill")
+    _inpaint(page, page.locator("#gallery .card").first, "a green star", (40, 40, 260, 200))
     _wait_for_cards(page, 11)
     assert page.locator("#gallery .card .label").first.inner_text() == "inpainted: a green star"
     before, after = _image(source), _image(page.locator("#gallery .card img").first.get_attribute("src"))
@@ -420,15 +426,7 @@ def test_a_dropped_non_square_jpeg_is_cropped_to_its_centre_and_varied_and_inpai
         _wait_for_cards(fresh, 3)
         assert fresh.locator("#gallery .card .label").first.inner_text() == "variation of holiday photo.jpg"
 
-        fresh.locator("#gallery .card").last.locator(".inpaint").click()  # the upload, now the oldest card
-        fresh.wait_for_selector("#editor:not([hidden])")
-        box = _settled_box(fresh, "#edit-paint")
-        fresh.mouse.move(box["x"] + 60, box["y"] + 60)
-        fresh.mouse.down()
-        fresh.mouse.move(box["x"] + 200, box["y"] + 200, steps=5)
-        fresh.mouse.up()
-        fresh.fill("#edit-prompt", "a red circle")
-        fresh.click("#fill")
+        _inpaint(fresh, fresh.locator("#gallery .card").last, "a red circle", (60, 60, 200, 200))  # the upload
         _wait_for_cards(fresh, 5)
         assert fresh.locator("#gallery .card .label").first.inner_text() == "inpainted: a red circle"
         assert fresh.locator("#error").is_hidden() and not fresh.errors, fresh.errors
