@@ -517,3 +517,16 @@ def test_unclip_eval_without_a_model_evaluates_the_shipped_one(tmp_path, judge_d
                  "--quiet"]) == 0
     result = json.loads((tmp_path / "out" / "eval" / "default" / "eval.json").read_text())
     assert result["meta"]["model"] == str(model) and len(result["records"]) == 1
+
+
+def test_a_model_without_a_manifest_is_told_apart_by_its_model_index(tmp_path):
+    """eval.json's meta named the model by its manifest's sha256 and crashed on a diffusers download
+    (Karlo), which has none: its model_index.json stands in."""
+    from unclip.eval.cli import model_digest
+
+    (tmp_path / "model_index.json").write_text('{"_class_name": "UnCLIPPipeline"}')
+    first = model_digest(tmp_path)
+    (tmp_path / "model_index.json").write_text('{"_class_name": "UnCLIPPipeline", "changed": 1}')
+    assert len(first) == 64 and model_digest(tmp_path) != first
+    (tmp_path / "unclip.json").write_text("{}")  # a manifest, when there is one, decides
+    assert model_digest(tmp_path) != first and model_digest(tmp_path) == model_digest(tmp_path)

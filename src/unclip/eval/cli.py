@@ -153,17 +153,24 @@ def _prompts(args: argparse.Namespace) -> int:
     return 0
 
 
+def model_digest(model: Path) -> str:
+    """The sha256 of a model's manifest (which records every file's), or of a diffusers directory's
+    model_index.json when it has no manifest (a Karlo download: eval crashed on the missing file)."""
+    import hashlib
+
+    index = next((model / name for name in ("unclip.json", "model_index.json") if (model / name).is_file()), None)
+    return hashlib.sha256(index.read_bytes()).hexdigest() if index else "none"
+
+
 def _settings(args: argparse.Namespace, pipe, model: Path, prompts_path: Path, judge_dir: Path, reading: str) -> dict:
     """What the run used, defaults filled in (eval.json's `meta`): the sampling as it ran, and which
     model (its manifest's sha256: a model replaced in place keeps its path)."""
-    import hashlib
-
     from unclip import __version__
 
     decoder, prior = pipe.config.decoder, args.prior or pipe.priors[0]
     stages = pipe.stages_for(args.size)
     candidates = args.candidates or decoder.candidates
-    return {"model": str(model), "model_manifest_sha256": hashlib.sha256((model / "unclip.json").read_bytes()).hexdigest(),
+    return {"model": str(model), "model_manifest_sha256": model_digest(model),
             "unclip_version": __version__, "prompts": str(prompts_path), "tasks": args.tasks or "all",
             "judge": str(judge_dir), "judge_reading": reading, "prior": prior,
             "prior_guidance_scale": pipe.config.prior.guidance_scale if args.prior_guidance_scale is None
