@@ -163,7 +163,9 @@ def register(subparsers) -> None:
     m = subparsers.add_parser("embed", help="CLIP image and text embeddings of a data set, in shards aligned by key",
                               description="Write z_i and z_t of every pair into .npz shards (keys, image_embeds, "
                                           "text_embeds, captions) with a meta.json; webdataset shard 000123.tar "
-                                          "becomes 000123.npz with the same keys in the same order.")
+                                          "becomes 000123.npz with the same keys in the same order. Run again "
+                                          "into the same folder, it keeps the shards the same CLIP wrote whole "
+                                          "and writes the rest; meta.json is written last.")
     m.add_argument("model", help="model directory holding a CLIP")
     m.add_argument("--out", required=True, help="output folder")
     m.add_argument("--source", choices=["shapes", "folder", "webdataset"], default="shapes",

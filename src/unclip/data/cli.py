@@ -93,7 +93,9 @@ def register(subparsers) -> None:
         "export", help="write webdataset shards (img2dataset layout) or a caption folder",
         description="webdataset: 000000.tar, 000001.tar, ... each holding KEY.jpg, KEY.txt (caption) and "
                     "KEY.json (scene and metadata), with 000000_stats.json beside it; KEY is the 9-digit "
-                    "sample index. folder: KEY.png + KEY.txt + KEY.json. Every file is written atomically.")
+                    "sample index. folder: KEY.png + KEY.txt + KEY.json. Every file is written atomically; run "
+                    "again with the same settings, a webdataset export keeps the shards it finished (their stats "
+                    "record the settings and sha256) and writes the rest.")
     e.add_argument("--out", required=True, help="output folder (created if missing)")
     e.add_argument("--format", default="webdataset", choices=["webdataset", "folder"],
                    help="webdataset or folder (default: webdataset)")

@@ -93,7 +93,6 @@ def create_app(pipe, options: ServerOptions | None = None) -> FastAPI:
     # machine-readable /openapi.json stays, the page at / is the human interface
     app = FastAPI(title="unclip", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="The OpenAI Images API (dall-e-2) over an unclip model; docs/server.md.")
-    app.state.worker = worker  # `run.serve` stops it when the server is told to exit
     app.state.worker, app.state.store, app.state.model_id = worker, store, model_id
     _handlers(app)
     errors = {status: {"model": schemas.ErrorResponse, "description": text} for status, text in (

@@ -29,8 +29,8 @@ def _budget(args: argparse.Namespace) -> float | None:
 
 
 def _prepare(args: argparse.Namespace, stage: str):
-    """Set the threads; the config from --preset/--set; the run directory (default runs/<preset>/<stage>,
-    or runs/<preset> for stage "") and the model directory (default <run directory>/model)."""
+    """Set the threads; the config from --preset/--set; the run directory (default runs/<config name>/<stage>,
+    or runs/<config name> for stage "") and the model directory (default <run directory>/model)."""
     _threads(args)
     cfg = config_from_args(args)
     run_dir = Path(args.run_dir or f"runs/{cfg.name}/{stage}")
@@ -128,7 +128,7 @@ def _example_caption(out: Path) -> str:
 def _train_all(args: argparse.Namespace) -> int:
     from unclip.train.all import STAGES, train_all
 
-    cfg, root, out = _prepare(args, "")  # every stage's run directory sits under runs/<preset>/
+    cfg, root, out = _prepare(args, "")  # every stage's run directory sits under runs/<config name>/
     stages = args.stages or STAGES
     timings = train_all(cfg, root=root, out=out, stages=stages, resume=not args.no_resume,
                         embed_pairs=args.embed_pairs)
@@ -143,7 +143,8 @@ def _train_all(args: argparse.Namespace) -> int:
 
 def _common(parser: argparse.ArgumentParser, stage: str, *, budget: bool = True) -> None:
     add_config_arguments(parser)
-    parser.add_argument("--run-dir", help=f"checkpoints and metrics (default: runs/<preset name>/{stage})")
+    parser.add_argument("--run-dir", help=f"checkpoints and metrics (default: runs/<name>/{stage}, the config's "
+                        "name: the preset's unless --set name=... or --config gives another)")
     parser.add_argument("--out", help="model directory to write (default: <run dir>/model)")
     parser.add_argument("--no-resume", action="store_true", help="start over even if the run dir has a checkpoint")
     parser.add_argument("--threads", type=threads, default=0, help="torch CPU threads (default: torch's choice)")
