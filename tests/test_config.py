@@ -94,6 +94,7 @@ def test_unknown_key_names_the_valid_keys():
     ("decoder.vlb_weight=-1", "decoder.vlb_weight=-1.0 must not be negative"),
     ("name=../elsewhere", "give a name a folder can have"),  # runs/<name>/ outside runs/
     ("name=a/b", "no slashes"),
+    ("decoder.candidates=65", "decoder.candidates=65: draw 1 to 64 candidates"),  # every generate refused it
 ])
 def test_bad_overrides_are_errors(assignment, words):
     with pytest.raises(ConfigError, match=None) as err:

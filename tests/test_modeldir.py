@@ -349,3 +349,25 @@ def test_a_config_from_a_newer_unclip_names_the_file_and_the_fix(tmp_path):
     message = str(err.value)
     assert str(model / MANIFEST) in message and "new_knob" in message
     assert "written by unclip 9.0.0" in message and "upgrade unclip to load it" in message
+
+
+def test_a_model_trained_before_todays_config_rules_still_loads(tmp_path):
+    """The rules for a config about to be trained (a name a folder can have, attention at some decoder
+    level) refused yesterday's models at load: one named "team/exp1", or with tiny's [8] left at a
+    resolution of 32, trained and sampled, and read_manifest then called it "edited or damaged"."""
+    from unclip.config import UnclipConfig
+    from unclip.errors import ConfigError
+
+    model = _write_model(tmp_path / "model", _net())
+    manifest = json.loads((model / MANIFEST).read_text())
+    manifest["config"]["name"] = "team/exp1"
+    manifest["config"]["decoder"]["resolution"] = 32  # sides 32, 16: tiny's attention_resolutions [8] names neither
+    manifest["config"]["upsamplers"][0]["in_resolution"] = 32
+    manifest["config"]["upsamplers"][0]["out_resolution"] = 128
+    (model / MANIFEST).write_text(json.dumps(manifest))
+    assert read_manifest(model).config["name"] == "team/exp1"
+    cfg = UnclipConfig.from_dict(manifest["config"])
+    for assignment, words in (("name=mine", "names none of the decoder's levels"),
+                              ("decoder.attention_resolutions=[16]", "no slashes")):  # a new training run: refused
+        with pytest.raises(ConfigError, match=words):
+            cfg.override([assignment])

@@ -241,6 +241,8 @@ def test_a_first_visit_draws_the_example_in_the_empty_box_from_the_keyboard(page
         fresh.locator("#prompt").fill("a blue square")
         fresh.locator("#prompt").press("Shift+Enter")  # still breaks the line, sends nothing
         assert fresh.input_value("#prompt") == "a blue square\n"
+        # the Enter that confirms a Thai or other input method's composition (keyCode 229 in Safari)
+        fresh.locator("#prompt").dispatch_event("keydown", {"key": "Enter", "keyCode": 229})
         fresh.wait_for_timeout(300)
         assert fresh.locator("#gallery .card").count() == 1
         fresh.locator("#prompt").fill("")

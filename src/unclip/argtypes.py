@@ -117,10 +117,12 @@ def eta(value: str) -> float:
 
 
 def seed_number(value: str) -> int:
-    """A seed: a whole number from 0 to 2^63 − 1."""
+    """A seed: a whole number from 0 to 2^63 − 1 (config.MAX_SEED)."""
+    from unclip.config import MAX_SEED
+
     number = _whole(value)
-    if not 0 <= number < 2**63:
-        raise argparse.ArgumentTypeError(f"{number}: give a seed from 0 to {2**63 - 1}")
+    if not 0 <= number <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"{number}: give a seed from 0 to {MAX_SEED}")
     return number
 
 

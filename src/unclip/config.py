@@ -286,6 +286,7 @@ class UnclipConfig:
                 raise ConfigError(f"override {assignment!r} is not of the form key=value (e.g. clip.train.steps=200)")
             cfg = _set(cfg, key.strip().split("."), raw.strip(), key.strip())
         check(cfg)
+        check_new(cfg)
         return cfg
 
 
@@ -297,7 +298,8 @@ def _no_repeats(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 
 MAX_UPSAMPLERS = 2  # the paper's cascade: 64² → 256² → 1024² (the model format's super_res_first/_second)
-MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed's largest
+MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed takes up to 2^64 - 1; candidate seeds mix modulo 2^63
+MAX_CANDIDATES = 64  # candidates per image: a batch of 64 images holds 64·k of them at once (the pipeline)
 MIN_CONTEXT = 3  # a caption's start and end tokens and one token of it (unclip.tokenizer.Tokenizer)
 MAX_GUIDANCE = 50.0  # far past any useful scale (3 is strong); larger ones overflow into NaN images
 
@@ -353,6 +355,26 @@ AT_LEAST_ONE = frozenset({
     "head_dim", "cross_attention_dim", "candidates", "upsampled_candidates", "in_resolution", "out_resolution"})
 
 
+def check_new(cfg: UnclipConfig) -> None:
+    """Checks of a configuration about to be trained (what `override`, and so every verb's --preset,
+    --config and --set, gives), not of one a saved model holds: a model trained before these rules,
+    named "team/exp1" or with no decoder level among its attention_resolutions, sampled fine and
+    still loads."""
+    if not cfg.name.strip() or cfg.name in (".", "..") or any(c in cfg.name for c in "/\\\0"):
+        # training runs go to runs/<name>/: "a/b" nested them, "../x" put them outside runs/
+        raise ConfigError(f"name={cfg.name!r}: give a name a folder can have (no slashes, not . or ..), e.g. mine; "
+                          "choose where runs go with --run-dir")
+    if cfg.decoder.candidates > MAX_CANDIDATES:  # every generate of the trained model would refuse it
+        raise ConfigError(f"decoder.candidates={cfg.decoder.candidates}: draw 1 to {MAX_CANDIDATES} candidates "
+                          "per image")
+    sides = [cfg.decoder.resolution // 2**i for i in range(len(cfg.decoder.channel_mult))]
+    attention = cfg.decoder.attention_resolutions
+    if attention and not set(attention) & set(sides):  # e.g. tiny's [8] at resolution 64: silently no attention
+        raise ConfigError(f"decoder.attention_resolutions={list(attention)} names none of the decoder's levels "
+                          f"({', '.join(f'{s}²' for s in sides)}), so no level would attend to the caption; list some "
+                          "of those sides, or [] for attention in the middle block only")
+
+
 def check(cfg: UnclipConfig) -> None:
     """Cross-field checks that a type alone cannot express.
 
@@ -370,10 +392,6 @@ def check(cfg: UnclipConfig) -> None:
             raise ConfigError(f"{path}={list(value)} must list one multiplier of 1 or more per level, e.g. [1, 2, 4]")
         if leaf == "seed" and value > MAX_SEED:  # torch's generators take 64-bit seeds: a traceback at step 0
             raise ConfigError(f"{path}={value}: give a seed from 0 to {MAX_SEED}")
-    if not cfg.name.strip() or cfg.name in (".", "..") or any(c in cfg.name for c in "/\\\0"):
-        # training runs go to runs/<name>/: "a/b" nested them, "../x" put them outside runs/
-        raise ConfigError(f"name={cfg.name!r}: give a name a folder can have (no slashes, not . or ..), e.g. mine; "
-                          "choose where runs go with --run-dir")
     if cfg.tokenizer.context_length < MIN_CONTEXT:
         raise ConfigError(f"tokenizer.context_length={cfg.tokenizer.context_length} leaves no room for a caption "
                           f"beside its start and end tokens; use at least {MIN_CONTEXT} (the presets' 32)")
@@ -385,12 +403,6 @@ def check(cfg: UnclipConfig) -> None:
         if stage.sample_steps > stage.timesteps:  # refused by the sampler only after training, model unwritten
             raise ConfigError(f"{name}.sample_steps={stage.sample_steps} is more than its {stage.timesteps} "
                               f"training timesteps ({name}.timesteps); give at most {stage.timesteps}")
-    sides = [cfg.decoder.resolution // 2**i for i in range(len(cfg.decoder.channel_mult))]
-    attention = cfg.decoder.attention_resolutions
-    if attention and not set(attention) & set(sides):  # e.g. tiny's [8] at resolution 64: silently no attention
-        raise ConfigError(f"decoder.attention_resolutions={list(attention)} names none of the decoder's levels "
-                          f"({', '.join(f'{s}²' for s in sides)}), so no level would attend to the caption; list some "
-                          "of those sides, or [] for attention in the middle block only")
     if not 0.0 <= cfg.data.holdout < 1.0:
         raise ConfigError(f"data.holdout={cfg.data.holdout} must be a fraction in [0, 1), e.g. 0.05")
     if len(cfg.data.scenes) != 3 or min(cfg.data.scenes) < 0 or sum(cfg.data.scenes) <= 0:

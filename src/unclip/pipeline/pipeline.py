@@ -32,8 +32,8 @@ from pathlib import Path
 import torch
 
 from unclip.clip.model import ClipModel, TextEncoding
-from unclip.config import (UnclipConfig, check_eta, check_guidance_scale, check_noise_level, is_real,
-                           upsampler_steps_limit)
+from unclip.config import (MAX_CANDIDATES, MAX_SEED, UnclipConfig, check_eta, check_guidance_scale,
+                           check_noise_level, is_real, upsampler_steps_limit)
 from unclip.diffusion import SAMPLERS, SampleStep
 from unclip.errors import ConfigError, DataError, SamplingError
 from unclip.tokenizer import clean_text
@@ -66,7 +66,6 @@ def auto_precision(device: torch.device) -> str:
 
 INPAINT_RESAMPLE = 5  # RePaint resamplings per inpainting step unless asked otherwise
 GENERATE_BATCH = 64  # images `generate` and `decode` draw at once: a larger n runs in pieces, drawing the same images
-MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed takes up to 2^64 - 1; candidate seeds mix modulo 2^63
 
 
 def _image_seeds(seed: int | Sequence, n: int) -> list:
@@ -673,8 +672,8 @@ class UnclipPipeline:
         prompts = prompt_list(prompt)
         n = _count("n", n, 1, "ask for at least one image", prompts=len(prompts))
         k = self.config.decoder.candidates if candidates is None else _whole("candidates", candidates)
-        if not 1 <= k <= GENERATE_BATCH:  # a batch of 64 images holds 64·k candidates at once
-            raise ConfigError(f"candidates={k}: draw 1 to {GENERATE_BATCH} candidates per image")
+        if not 1 <= k <= MAX_CANDIDATES:
+            raise ConfigError(f"candidates={k}: draw 1 to {MAX_CANDIDATES} candidates per image")
         m = self.config.decoder.upsampled_candidates if upsampled_candidates is None else \
             _whole("upsampled_candidates", upsampled_candidates)
         if m < 1:

@@ -336,13 +336,16 @@ function generate(event) {
 
 window.addEventListener("DOMContentLoaded", () => {
   $("prompt").addEventListener("input", updateCounter);
-  // Enter generates, as in a search box (a prompt is one line); Shift+Enter still breaks the line
+  // Enter generates, as in a search box (a prompt is one line); Shift+Enter still breaks the line. The
+  // Enter that confirms an input method's composition is not one (Safari reports it as keyCode 229
+  // with isComposing false)
+  const submits = (e) => e.key === "Enter" && !e.shiftKey && !e.isComposing && e.keyCode !== 229;
   $("prompt").addEventListener("keydown", (e) => {
-    if (e.key === "Enter" && !e.shiftKey && !e.isComposing) { e.preventDefault(); $("generate-form").requestSubmit(); }
+    if (submits(e)) { e.preventDefault(); $("generate-form").requestSubmit(); }
   });
   $("edit-prompt").addEventListener("input", (e) => { e.target.lang = langOf(e.target.value); });
   $("edit-prompt").addEventListener("keydown", (e) => {
-    if (e.key === "Enter" && !e.shiftKey && !e.isComposing) { e.preventDefault(); fill(); }
+    if (submits(e)) { e.preventDefault(); fill(); }
   });
   $("generate-form").addEventListener("submit", generate);
   $("cancel").addEventListener("click", () => state.busy && state.busy.abort());
