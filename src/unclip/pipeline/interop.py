@@ -94,14 +94,15 @@ def _defaults(directory: Path) -> dict:
     exported model's own, which its `unclip_export.json` records (guidance that suits Karlo, 8, spoils
     a model trained to sample unguided)."""
     recorded = directory / "unclip_export.json"
-    own = _json(recorded).get("sampling", {}) if recorded.is_file() else {}
+    record = _json(recorded) if recorded.is_file() else None
+    own = (record or {}).get("sampling", {})
     samplers = {"decoder_sampler": "ddpm", "prior_sampler": "ddpm", "super_res_sampler": "ddpm", "super_res_start": 1.0,
                 "decoder_eta": 0.0, "prior_eta": 0.0, "super_res_eta": 0.0,
                 "prior_best_of": 1, "candidates": 1, "upsampled_candidates": 1}  # diffusers draws one of each
-    mirrored = recorded.is_file() and _json(recorded).get("z_t") == "layernorm-mirror"
+    mirrored = record is not None and record.get("z_t") == "layernorm-mirror"
     return {**DEFAULTS, **samplers, **{k: v for k, v in own.items() if k in DEFAULTS or k in samplers},
-            "unclip_export": recorded.is_file(),
-            "z_t_mirror": int(_json(recorded)["embedding_dim"]) if mirrored else None}  # its text projection's D
+            "unclip_export": record is not None,
+            "z_t_mirror": int(record["embedding_dim"]) if mirrored else None}  # its text projection's D
 
 
 SHIM_SETTINGS = {"prediction_type": "PREDICTION_TYPE", "timesteps": "TIMESTEPS", "target": "TARGET"}
@@ -190,7 +191,7 @@ def _unet_shape(cfg) -> dict:
             "layers_per_block": layers if isinstance(layers, int) else layers[0]}
 
 
-def _decoder(directory: Path, clip):
+def _decoder(directory: Path, clip, defaults: dict):
     from diffusers import UNet2DConditionModel
     from diffusers.pipelines.deprecated.unclip import UnCLIPTextProjModel
 
@@ -203,7 +204,7 @@ def _decoder(directory: Path, clip):
     if tp.clip_embeddings_dim != width:
         raise ModelFormatError(f"{directory / 'text_proj'}: clip_embeddings_dim {tp.clip_embeddings_dim} differs from "
                                f"the text encoder's width {width}; diffusers' text projection needs them equal")
-    process, defaults = diffusion_process(directory / "decoder_scheduler"), _defaults(directory)
+    process = diffusion_process(directory / "decoder_scheduler")
     _check_clip_range(process, "decoder")
     shim = shim_settings(directory / "decoder")
     process.update({k: v for k, v in shim.items() if k in ("prediction_type", "timesteps")})
@@ -226,7 +227,7 @@ def _decoder(directory: Path, clip):
     return decoder
 
 
-def _upsampler(directory: Path, decoder_side: int):
+def _upsampler(directory: Path, decoder_side: int, defaults: dict):
     from diffusers import UNet2DModel
 
     from unclip.pipeline.karlo import TwoNetUpsampler
@@ -237,7 +238,7 @@ def _upsampler(directory: Path, decoder_side: int):
     scheduler_dir = directory / "super_res_scheduler"
     process = diffusion_process(scheduler_dir if scheduler_dir.is_dir() else directory / "decoder_scheduler")
     _check_clip_range(process, "super-res")
-    shim, defaults = shim_settings(directory / "super_res_first"), _defaults(directory)
+    shim = shim_settings(directory / "super_res_first")
     process.update({k: v for k, v in shim.items() if k in ("prediction_type", "timesteps")})
     cfg = UpsamplerConfig(in_resolution=decoder_side, out_resolution=first.config.sample_size,
                           **_unet_shape(first.config), timesteps=process["timesteps"],
@@ -254,7 +255,7 @@ def _upsampler(directory: Path, decoder_side: int):
     return TwoNetUpsampler(config=cfg, first=first, last=last)
 
 
-def _prior(directory: Path, width: int):
+def _prior(directory: Path, width: int, defaults: dict):
     from diffusers import PriorTransformer
 
     from unclip.pipeline.karlo import DiffusersPrior
@@ -268,7 +269,7 @@ def _prior(directory: Path, width: int):
     if states_proj is not None and states_proj.in_features != width:
         raise ModelFormatError(f"{directory / 'prior'} reads caption states of width {states_proj.in_features}, "
                                f"the text encoder gives {width}")
-    process, defaults = diffusion_process(directory / "prior_scheduler"), _defaults(directory)
+    process = diffusion_process(directory / "prior_scheduler")
     if process["clip_range"] is not None and process["prediction_type"] != "sample":
         log.warning("prior: x_start clipping of an %s-predicting prior is not reproduced (approximated)",
                     process["prediction_type"])
@@ -337,10 +338,11 @@ def _load_diffusers(path: str | Path, *, image_encoder: str | Path | None, devic
                          unit=defaults["unclip_export"], mirror=defaults["z_t_mirror"]).eval()
     with torch.no_grad():
         empty = clip.encode_text(clip.tokenize([""]))
-    decoder = _decoder(directory, clip)
+    decoder = _decoder(directory, clip, defaults)
     decoder.text_proj.set_empty_prompt(empty.token_states, empty.mask, empty.embeds)
-    upsamplers = [_upsampler(directory, decoder.config.resolution)] if (directory / "super_res_first").is_dir() else []
-    prior = _prior(directory, text.config.hidden_size) if (directory / "prior").is_dir() else None
+    upsamplers = ([_upsampler(directory, decoder.config.resolution, defaults)]
+                  if (directory / "super_res_first").is_dir() else [])
+    prior = _prior(directory, text.config.hidden_size, defaults) if (directory / "prior").is_dir() else None
     if prior is not None:
         prior.set_empty_prompt(empty.token_states, empty.mask, empty.embeds)
     cfg = UnclipConfig(name=f"{IMPORTED}{directory.name}", tokenizer=TokenizerConfig(

@@ -26,7 +26,7 @@ import io
 import logging
 import signal
 from collections.abc import Callable, Iterator
-from functools import partial
+from functools import cache, partial
 from pathlib import Path
 
 import torch
@@ -216,6 +216,7 @@ def holdout_problem(held: int, usable: int, fraction: float) -> str | None:
             f"lower it (data.holdout={fits:g}, say)")
 
 
+@cache  # once per process and data set: `train all` builds a feed for each of its stages
 def _check_folder_holdout(data: DataConfig) -> None:
     """Refuse, before any training, a `data.holdout` that leaves a folder's training or held-out part
     without pairs (the run would otherwise fail when a stage is evaluated, after its training)."""
