@@ -317,3 +317,26 @@ def test_eval_of_a_clip_trained_on_other_data_says_its_tests_are_shapes_worlds(t
         assert main(["clip", "eval", str(model), "-n", "2", "--retrieval-n", "4", "--out", str(tmp_path / "e.json")]) == 0
     assert "trained on data.source=folder; these zero-shot and retrieval tests are shapes world's" in caplog.text
     assert json.loads((tmp_path / "e.json").read_text())["trained_on"] == "folder"
+
+
+def test_classify_with_a_clip_trained_on_other_data_warns_about_words_its_captions_never_use(tmp_path, caplog):
+    """Labels with words a CLIP trained on your own data never read were taken without a word."""
+    import shutil
+
+    from tiny_models import save_tiny_clip
+
+    from unclip.words import CaptionWords
+
+    model = tmp_path / "own"
+    shutil.copytree(save_tiny_clip(tmp_path), model)
+    manifest = json.loads((model / "unclip.json").read_text())
+    manifest["config"]["data"].update(source="folder", path="/my/pairs")
+    (model / "unclip.json").write_text(json.dumps(manifest))
+    CaptionWords.of(["a red circle", "a blue square"]).save(model / "tokenizer")  # as its CLIP run writes it
+    assert main(["data", "export", "--out", str(tmp_path / "f"), "--format", "folder", "-n", "1", "--size", "16"]) == 0
+    with caplog.at_level("WARNING", logger="unclip.clip.cli"):
+        assert main(["clip", "classify", str(tmp_path / "f" / "000000000.png"), "--model", str(model),
+                     "--labels", "a red circle", "a blue sqare"]) == 0
+    assert ("label 'a blue sqare': this CLIP read none of 'sqare' in the 2 training captions it learnt its words "
+            "from (did you mean 'square'?)") in caplog.text
+    assert "'a red circle'" not in caplog.text

@@ -525,11 +525,23 @@ def test_prompts_with_words_the_model_never_saw_are_warned_about_once(model_dir,
     # Thai as it is typed: a count in Thai digits, ํ้า for ้ำ, a tone mark before its vowel: no false warning
     assert pipe.prompt_warnings("หัวใจสีเหลือง ๓ ดวง") == pipe.prompt_warnings("ดาวสีน\u0e4d\u0e49\u0e32เงิน") == []
     assert pipe.prompt_warnings("ส\u0e48\u0e35เหล\u0e48\u0e35ยมจัตุรัสสีแดง") == []
-    assert pipe.prompt_warnings("ดาวสีชมภู") == [  # a misspelt colour: the word it was meant to be
-        "this model never saw 'ชมภู' in training; that word means nothing to it (did you mean 'ชมพู'?)"]
+    assert pipe.prompt_warnings("a pink circel") == [  # a misspelt shape: the word it was meant to be
+        "this model never saw 'circel' in training; that word means nothing to it (did you mean 'circle'?)"]
+    assert pipe.prompt_warnings("ดาวสีชมภู") == [  # said in Thai for a Thai prompt
+        "โมเดลนี้ไม่เคยเห็นคำว่า 'ชมภู' ตอนฝึก คำนี้จึงไม่มีความหมายสำหรับโมเดล (หมายถึง 'ชมพู' หรือเปล่า?)"]
+    assert pipe.prompt_warnings(" ".join(["ดาวสีแดง"] * 12)) == [
+        f"ข้อความนี้ยาวเกิน {reads} โทเคนที่โมเดลนี้อ่านได้ ส่วนที่เกินถูกตัดทิ้ง"]
     assert pipe.example_prompt == "a red circle above a blue square"
     pipe.config = replace(pipe.config, data=replace(pipe.config.data, source="folder"))
-    assert pipe.unknown_words("a dog on a red skateboard") == []  # other data: no vocabulary kept
+    assert pipe.unknown_words("a dog on a red skateboard") == []  # other data, saved without its words
+    from unclip.words import CaptionWords
+
+    pipe.clip.tokenizer.words = CaptionWords.of(["A dog on a skateboard.", "a red bus", "หมาสีแดง"])
+    assert pipe.unknown_words("a dog on a red skateboard") == [] == pipe.unknown_words("แมวสีดำ")  # Thai: unsplit
+    assert pipe.prompt_warnings("A cat on a red skatebord, 3 times") == [
+        "none of the 3 training captions this model read its words from uses 'cat', 'skatebord', 'times'; those "
+        "words mean little or nothing to it (did you mean 'skateboard' for 'skatebord'?)"]
+    pipe.clip.tokenizer.words = None
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="unclip.pipeline.pipeline"):
         pipe.encode_text(["⭕ 🟥"])  # emoji captions may be what it learnt: no "no words" warning, no shapes docs

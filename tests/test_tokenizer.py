@@ -76,8 +76,19 @@ def test_training_on_long_captions_logs_a_few_then_says_more_are_cut(tok, caplog
         for _ in range(3):  # three epochs
             assert all(fresh.encode(long).truncated)
     messages = [r.getMessage() for r in caplog.records]
-    assert len(messages) == CUT_LOGS + 1 and len(fresh.cut_captions) == len(long)
+    assert len(messages) == CUT_LOGS + 1 and len(fresh.cut_captions) == CUT_LOGS + 1  # no more are kept
     assert messages[-1].startswith(f"more captions are cut to 8 tokens ({CUT_LOGS + 1} so far)")
+
+
+def test_loads_of_one_tokenizer_log_a_cut_caption_once(tok, tmp_path, caplog):
+    """`unclip train all` loads its CLIP's tokenizer for every stage, and each load logged the same cut
+    captions again (five times over)."""
+    Tokenizer(backend=tok.backend, context_length=8).save(tmp_path / "tokenizer")
+    long = "a small blue star above a green square far away"
+    with caplog.at_level(logging.WARNING, logger="unclip.tokenizer"):
+        for _ in range(3):  # three stages
+            assert Tokenizer.load(tmp_path / "tokenizer").encode([long]).truncated == (True,)
+    assert len(caplog.records) == 1, caplog.text
 
 
 def test_save_load_same_ids(tok, tmp_path):
@@ -176,3 +187,25 @@ def test_a_saved_tokenizer_reads_text_in_transformers_as_unclip_does(tok, tmp_pa
     exported = PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / "tokenizer.json"))
     for text in ["a  red circle ", "a red\u00adcircle\n", "ดาว\u200bสี เเดง", "สีน\u0e33\u0e49เงิน", *THAI]:
         assert exported(text, add_special_tokens=False)["input_ids"] == tok.tokenize(text)
+
+
+def test_the_words_of_own_captions_travel_with_the_tokenizer(tok, tmp_path):
+    """A model trained on other data than shapes world keeps its captions' words, so prompts with words it
+    never read are warned about (`unclip.words`); a damaged words.json is named, not a traceback."""
+    from unclip.words import CaptionWords, split_words
+
+    assert split_words("A T-shirt, don't: 3 cats & 2.5 dogs—Straße “quoted” 3d") == [
+        "a", "t-shirt", "don't", "cats", "dogs", "straße", "quoted", "3d"]  # numbers alone are not words
+    assert split_words("नमस्ते दुनिया สวัสดีครับ 你好 'hi'") == ["नमस्ते", "दुनिया", "hi"]  # marks kept; no-space scripts left
+    words = CaptionWords.of(["A dog on a skateboard.", "a red bus"])
+    assert words.unknown("a Cat on a red bus, a cat!") == ["cat"] and words.captions == 2
+    assert Tokenizer.load(tok.save(tmp_path / "plain")).words is None  # shapes world's: its grammar knows its words
+    own = Tokenizer(backend=tok.backend, context_length=tok.context_length)
+    own.words = words
+    assert Tokenizer.load(own.save(tmp_path / "own")).words == words
+    again = Tokenizer.load(tmp_path / "own")
+    again.save(tmp_path / "copy")  # a stage saving its CLIP's tokenizer writes the same bytes (files compare by sha256)
+    assert (tmp_path / "copy" / "words.json").read_bytes() == (tmp_path / "own" / "words.json").read_bytes()
+    (tmp_path / "own" / "words.json").write_text('{"captions": 2, "words": ["a", "d')
+    with pytest.raises(ModelFormatError, match="words.json is truncated or corrupt.*delete it"):
+        Tokenizer.load(tmp_path / "own")

@@ -117,9 +117,13 @@ def test_train_all_on_your_own_data(tmp_path, source, holdout, capsys):
     assert f"try: unclip generate {shlex.quote(first)} --model {root / 'model'}" in capsys.readouterr().out
     import unclip
 
-    assert unclip.load(root / "model").example_prompt == first  # the server page's placeholder
-
     kept_out = sum(held_out(f"{i:09d}", holdout) for i in range(60))  # the export's keys
+    pipe = unclip.load(root / "model")
+    assert pipe.example_prompt == first  # the server page's placeholder
+    # the words of the captions its tokenizer learnt from (Thai ones here, which are not split) came along
+    assert pipe.unknown_words(f"{first} a zebra") == ["a", "zebra"]
+    assert pipe.prompt_warnings("a zebra")[0].startswith(f"none of the {60 - kept_out} training captions this model")
+
     own = source_captions(data, 100)  # the tokenizer's corpus: the training pairs' captions
     assert len(own) == 60 - kept_out and all(any("\u0e00" <= c <= "\u0e7f" for c in caption) for caption in own)
     evaluated = kept_out if holdout else 60

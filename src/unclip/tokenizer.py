@@ -10,6 +10,7 @@ reported: `TokenBatch.truncated` says which captions were cut and a warning logs
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import re
@@ -22,6 +23,7 @@ from typing import TYPE_CHECKING
 from unclip.config import MIN_CONTEXT
 from unclip.errors import ModelFormatError, UnclipError
 from unclip.io import atomic_write, write_json_atomic
+from unclip.words import CaptionWords
 
 if TYPE_CHECKING:
     import tokenizers
@@ -30,6 +32,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 CUT_LOGS = 5  # captions cut to the context that one tokenizer logs one by one
+# The captions each tokenizer file has cut, shared by all its loads in a process (`unclip train all`
+# loads its CLIP's for every stage, and logged the same captions five times): the first CUT_LOGS and
+# one more, after which a line says more are cut and none is logged or kept.
+_CUT: dict[tuple[str, int], set[str]] = {}
 
 PAD, BOS, EOS = "<|pad|>", "<|startoftext|>", "<|endoftext|>"
 # Ids 0, 1, 2 in this order. The end token must not get id 2: transformers' CLIP text tower
@@ -109,8 +115,9 @@ class Tokenizer:
             raise UnclipError(f"context_length={context_length} leaves no room for a caption; use at least {MIN_CONTEXT}")
         self.backend = backend
         self.context_length = context_length
-        self.cut_captions: set[str] = set()  # captions this tokenizer has cut to its context, each logged once
+        self.cut_captions: set[str] = set()  # captions cut to its context and logged (`_CUT`)
         self.loaded_from: bytes | None = None  # the tokenizer.json it was read from, written back by `save`
+        self.words: CaptionWords | None = None  # the words of the captions it learnt from, other data than shapes world's
         self.pad_id, self.bos_id, self.eos_id = (backend.token_to_id(t) for t in (PAD, BOS, EOS))
         if None in (self.pad_id, self.bos_id, self.eos_id):
             raise ModelFormatError(f"tokenizer lacks one of the special tokens {PAD}, {BOS}, {EOS}")
@@ -170,7 +177,7 @@ class Tokenizer:
             cut = len(tokens) > room
             if cut:
                 keep = self._whole_characters(tokens, room)
-                if texts[row] not in self.cut_captions:  # once per caption, however often it comes
+                if len(self.cut_captions) <= CUT_LOGS and texts[row] not in self.cut_captions:  # once per caption
                     self._log_cut(texts[row], self.backend.decode(tokens[keep:]), length)
                 tokens = tokens[:keep]
             seq = [self.bos_id, *tokens, self.eos_id]
@@ -214,7 +221,8 @@ class Tokenizer:
         return clean_text(text)
 
     def save(self, directory: str | Path) -> Path:
-        """Write `tokenizer.json` and a `tokenizer_config.json` that `transformers.AutoTokenizer` reads."""
+        """Write `tokenizer.json` and a `tokenizer_config.json` that `transformers.AutoTokenizer` reads
+        (and `words.json` when it keeps its captions' words)."""
         directory = Path(directory)
         if self.loaded_from is not None:
             # A tokenizer read from a file is saved as that file, byte for byte: stages compare their CLIP
@@ -234,6 +242,8 @@ class Tokenizer:
             "pad_token": PAD,
             "unk_token": None,
         })
+        if self.words is not None:
+            self.words.save(directory)
         return directory
 
     @classmethod
@@ -259,6 +269,9 @@ class Tokenizer:
             raise ModelFormatError(f"{paths[1]} is corrupt or lacks model_max_length: {err}") from None
         tokenizer = cls(backend=backend, context_length=context_length)
         tokenizer.loaded_from = paths[0].read_bytes()
+        tokenizer.cut_captions = _CUT.setdefault((hashlib.sha256(tokenizer.loaded_from).hexdigest(), context_length),
+                                                 set())
+        tokenizer.words = CaptionWords.load(directory)
         return tokenizer
 
 

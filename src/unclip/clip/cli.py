@@ -29,22 +29,31 @@ def _load_images(paths: list[str], size: int):
 def _label_reader(model_dir):
     """Labels as `generate` reads prompts (`UnclipPipeline.read_form`): a CLIP trained on shapes world
     reads them in its captions' form ("An Orange Triangle" as "an orange triangle", which it had read
-    as a red circle); words its captions never use are warned about."""
+    as a red circle); words its captions never use are warned about (for a CLIP trained on other data,
+    words of none of the captions its tokenizer learnt from, `unclip.words`)."""
     from unclip.config import UnclipConfig
     from unclip.modeldir import read_manifest
     from unclip.pipeline.pipeline import reads_world_captions
     from unclip.tokenizer import clean_text
 
-    if not reads_world_captions(UnclipConfig.from_dict(read_manifest(model_dir).config)):
+    from unclip.words import CaptionWords, did_you_mean
+
+    if reads_world_captions(UnclipConfig.from_dict(read_manifest(model_dir).config)):
+        from unclip.data.world import caption_form, unknown_words, vocabulary
+
+        form, unknown_in, known, never = caption_form, unknown_words, vocabulary(), "never saw %s in training"
+    elif words := CaptionWords.load(Path(model_dir) / "tokenizer"):
+        form, unknown_in, known = clean_text, words.unknown, words.words
+        never = f"read none of %s in the {words.captions:,} training captions it learnt its words from"
+    else:
         return clean_text
-    from unclip.data.world import caption_form, did_you_mean, unknown_words
 
     def read(label: str) -> str:
-        form = caption_form(label)
-        if unknown := unknown_words(form):
-            logging.getLogger(__name__).warning("label %r: this CLIP never saw %s in training%s", label,
-                                                ", ".join(map(repr, unknown)), did_you_mean(unknown))
-        return form
+        text = form(label)
+        if unknown := unknown_in(text):
+            logging.getLogger(__name__).warning(f"label %r: this CLIP {never}%s", label,
+                                                ", ".join(map(repr, unknown)), did_you_mean(unknown, known))
+        return text
 
     return read
 

@@ -21,6 +21,7 @@ from unclip.clip.model import ClipModel
 from unclip.config import ClipConfig, UnclipConfig
 from unclip.modeldir import CLIP_COMPONENTS, Manifest, check_replaceable, continued, read_manifest, save_model_dir, verify_files
 from unclip.tokenizer import Tokenizer, train_shapes_tokenizer
+from unclip.words import CaptionWords
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +38,7 @@ def run_tokenizer(cfg: UnclipConfig, run_dir: Path) -> Tokenizer:
         tokenizer = Tokenizer.train(captions, vocab_size=cfg.tokenizer.vocab_size,
                                     context_length=cfg.tokenizer.context_length,
                                     max_token_bytes=cfg.tokenizer.max_token_bytes)
+        tokenizer.words = CaptionWords.of(captions)  # for warnings about prompt words it never read
     else:
         tokenizer = train_shapes_tokenizer(vocab_size=cfg.tokenizer.vocab_size,
                                            context_length=cfg.tokenizer.context_length,

@@ -251,23 +251,13 @@ def unknown_words(text: str) -> list[str]:
     return list(dict.fromkeys(w for w in caption_words(text) if unknown(w)))
 
 
-def did_you_mean(unknown: list[str]) -> str:
-    """A hint naming the known word each unknown one looks like a typo of (" (did you mean 'ชมพู'?)"
-    for "ชมภู", 'circle' for "circel"), or "" when none does. A close word of about the same length
-    only: "rectangle" is not a misspelt "triangle", nor the fragment "เหลีย่ม" of "สี่เหลีย่ม" "หกเหลี่ยม"."""
-    import difflib
+def did_you_mean(unknown: list[str], *, thai: bool = False) -> str:
+    """A hint naming the world's word each unknown one looks like a typo of (" (did you mean 'ชมพู'?)"
+    for "ชมภู", 'circle' for "circel"), or "" (`words.did_you_mean`); nor is the fragment "เหลีย่ม" of
+    "สี่เหลีย่ม" a misspelt "หกเหลี่ยม"."""
+    from unclip.words import did_you_mean as hint
 
-    known = sorted(vocabulary())
-    close = {}
-    for word in unknown:  # not 'an' for "and": words of one or two letters are too close to anything
-        match = difflib.get_close_matches(word, [k for k in known if len(k) > 2], n=1, cutoff=0.75)
-        if match and abs(len(match[0]) - len(word)) <= 1:
-            close[word] = match[0]
-    if not close:
-        return ""
-    if len(unknown) == 1:
-        return f" (did you mean {close[unknown[0]]!r}?)"
-    return f" (did you mean {', '.join(f'{k!r} for {w!r}' for w, k in close.items())}?)"
+    return hint(unknown, vocabulary(), thai=thai)
 
 
 def _rng(split: str, index: int, seed: int) -> np.random.Generator:

@@ -122,6 +122,11 @@ def reads_world_captions(config: UnclipConfig) -> bool:
     return config.data.source == "shapes" and not config.name.startswith(IMPORTED)
 
 
+def _thai(prompt: str) -> bool:
+    """Whether `prompt` is written (partly) in Thai, so that what is said about it is said in Thai."""
+    return any("\u0e00" <= ch <= "\u0e7f" for ch in prompt)
+
+
 def _count(name: str, value, least: int, why: str, *, prompts: int = 1) -> int:
     """`value` as a whole number of images from `least` to MAX_IMAGES (with `prompts` prompts, n
     images each), else a ConfigError: below `least` it says `why`; above, a huge n failed only
@@ -350,38 +355,55 @@ class UnclipPipeline:
 
     def prompt_warnings(self, prompt: str) -> list[str]:
         """What a caller should know about `prompt` before trusting the images: words the model never
-        saw, and whether it is longer than the model reads."""
+        saw, and whether it is longer than the model reads. Said in Thai for a prompt in Thai."""
         warnings = self._word_warnings(prompt)
         if self.clip.tokenize([self.read_form(prompt)]).truncated[0]:
-            warnings.append(f"it is longer than the {self.clip.tokenizer.context_length - 2} tokens this model "
-                            "reads; the rest was left out")
+            reads = self.clip.tokenizer.context_length - 2
+            warnings.append(f"ข้อความนี้ยาวเกิน {reads} โทเคนที่โมเดลนี้อ่านได้ ส่วนที่เกินถูกตัดทิ้ง" if _thai(prompt) else
+                            f"it is longer than the {reads} tokens this model reads; the rest was left out")
         return warnings
 
     def _word_warnings(self, prompt: str) -> list[str]:
-        """Words the model never learnt, for a shapes-world model (docs/shapes_world.md); none for one
-        trained on other data, whose vocabulary unclip does not keep (its captions may be emoji too)."""
-        if not reads_world_captions(self.config):
-            return []
-        if not any(ch.isalnum() for ch in prompt):
+        """Words the model never learnt: for a shapes-world model, words of no caption of the world
+        (docs/shapes_world.md); for one trained on other data, words of none of the captions its
+        tokenizer learnt from (`unclip.words`; none for a model saved without them). In Thai for a
+        prompt in Thai."""
+        world = reads_world_captions(self.config)
+        if world and not any(ch.isalnum() for ch in prompt):
             return ["it has no words, only symbols or emoji, so it tells the model nothing it learnt: expect "
                     "whatever the model draws for an empty caption"]
         unknown = self.unknown_words(prompt)
         if not unknown:
             return []
-        from unclip.data.world import did_you_mean
+        from unclip.words import did_you_mean
 
-        those = "that word means" if len(unknown) == 1 else "those words mean"
-        return [f"this model never saw {', '.join(map(repr, unknown))} in training; {those} nothing to it"
-                + did_you_mean(unknown)]
+        words, one, thai = ", ".join(map(repr, unknown)), len(unknown) == 1, _thai(prompt)
+        if world:
+            from unclip.data.world import vocabulary
+
+            known = vocabulary()
+            said = (f"โมเดลนี้ไม่เคยเห็นคำว่า {words} ตอนฝึก {'คำนี้' if one else 'คำเหล่านี้'}จึงไม่มีความหมายสำหรับโมเดล"
+                    if thai else f"this model never saw {words} in training; "
+                                 f"{'that word means' if one else 'those words mean'} nothing to it")
+        else:
+            known, read = self.clip.tokenizer.words.words, self.clip.tokenizer.words.captions
+            said = (f"คำว่า {words} ไม่อยู่ในคำบรรยาย {read:,} รายการที่โมเดลนี้เรียนคำศัพท์มา "
+                    f"{'คำนี้' if one else 'คำเหล่านี้'}จึงแทบไม่มีความหมายสำหรับโมเดล"
+                    if thai else f"none of the {read:,} training captions this model read its words from uses "
+                                 f"{words}; {'that word means' if one else 'those words mean'} little or nothing to it")
+        return [said + did_you_mean(unknown, known, thai=thai)]
 
     def unknown_words(self, prompt: str) -> list[str]:
-        """Words of `prompt` that no caption of a shapes-world model's training data uses (each once,
-        in order); [] for models trained on other data, whose vocabulary unclip does not keep."""
-        if not reads_world_captions(self.config):
-            return []
-        from unclip.data.world import unknown_words
+        """Words of `prompt` that the model never read in training (each once, in order): for a
+        shapes-world model, words of no caption of the world; for one trained on other data, words
+        of none of the captions its tokenizer learnt from (not those in scripts written without
+        spaces, `unclip.words`); [] for a model saved without its captions' words."""
+        if reads_world_captions(self.config):
+            from unclip.data.world import unknown_words
 
-        return unknown_words(self.read_form(prompt))
+            return unknown_words(self.read_form(prompt))
+        words = self.clip.tokenizer.words
+        return words.unknown(self.read_form(prompt)) if words is not None else []
 
     @torch.no_grad()
     def encode_image(self, images) -> torch.Tensor:
