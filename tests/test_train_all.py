@@ -19,9 +19,8 @@ def test_train_all_trains_assembles_and_skips_finished_stages(tmp_path, caplog):
     first = train_all(cfg, root=root, out=out, progress=False, evaluate=False, embed_pairs=64, fit_samples=64)
     assert set(first) == set(STAGES)
     manifest = read_manifest(out)
-    for stage in ("clip", "prior", "ar_prior", "decoder", "upsampler1"):
-        assert (root / stage / "model" / "unclip.json").is_file(), stage
-        assert stage in manifest.provenance or stage.replace("prior", "diffusion_prior") in manifest.provenance
+    for stage in ("clip", "diffusion_prior", "ar_prior", "decoder", "upsampler1"):  # the standalone verbs' folders
+        assert (root / stage / "model" / "unclip.json").is_file() and stage in manifest.provenance, stage
     images = unclip.load(out).generate("a red circle", n=1, seed=0, steps=2)
     assert images[0].size == (64, 64) and np.asarray(images[0]).std() > 0
 
@@ -38,6 +37,9 @@ def test_train_all_trains_assembles_and_skips_finished_stages(tmp_path, caplog):
         assert train_all(changed, root=root, out=out, progress=False, evaluate=False) == {}
     assert "upsamplers at" in caplog.text and "(upsamplers.0.train.steps: 4 → 8)" in caplog.text  # kept, said
     assert "decoder at" not in caplog.text and "prior at" not in caplog.text
+    (root / "diffusion_prior").rename(root / "prior")  # a root begun when train all named its folder so
+    assert train_all(cfg, root=root, out=out, progress=False, evaluate=False) == {}  # kept there, not trained again
+    assert not (root / "diffusion_prior").exists()
     # a second run in the same root (its embed and assemble steps included) is refused while one runs
     import fcntl
 

@@ -66,6 +66,15 @@ def train_all(cfg: UnclipConfig, *, root: str | Path, out: str | Path, stages: S
                           evaluate=evaluate, embed_pairs=embed_pairs, fit_samples=fit_samples)
 
 
+def _prior_folder(root: Path) -> str:
+    """The diffusion prior's folder under `root`: diffusion_prior, where `unclip train prior --kind
+    diffusion` puts it too, so the standalone verb continues it; prior in a root begun before
+    (train all named it so), which keeps its checkpoint and finished model."""
+    if (root / "prior").is_dir() and not (root / "diffusion_prior").exists():
+        return "prior"
+    return "diffusion_prior"
+
+
 def _train_all(cfg: UnclipConfig, *, root: Path, out: str | Path, stages: Sequence[str], resume: bool,
                progress: bool, evaluate: bool, embed_pairs: int, fit_samples: int) -> dict[str, float]:
     from unclip.clip.stage import train_clip
@@ -75,7 +84,8 @@ def _train_all(cfg: UnclipConfig, *, root: Path, out: str | Path, stages: Sequen
 
     if dist.launched_world_size() > 1:
         dist.start()  # every rank joins now: stages already complete are skipped by all of them alike
-    model = {name: root / name / "model" for name in ("clip", "prior", "ar_prior", "decoder")}
+    folders = {"clip": "clip", "prior": _prior_folder(root), "ar_prior": "ar_prior", "decoder": "decoder"}
+    model = {name: root / folder / "model" for name, folder in folders.items()}
     embeddings = root / "emb"
     upsampler_dirs = [root / f"upsampler{i}" / "model" for i in range(1, len(cfg.upsamplers) + 1)]
     timings: dict[str, float] = {}
@@ -166,7 +176,7 @@ def _train_all(cfg: UnclipConfig, *, root: Path, out: str | Path, stages: Sequen
         timings["embed"] = round(time.monotonic() - start, 1)
     for kind, name in (("diffusion", "prior"), ("ar", "ar_prior")):
         run(name, model[name], lambda resume, kind=kind, name=name: train_prior(
-            cfg, kind=kind, clip_dir=model["clip"], run_dir=root / name, out=model[name], embeddings=embeddings,
+            cfg, kind=kind, clip_dir=model["clip"], run_dir=root / folders[name], out=model[name], embeddings=embeddings,
             resume=resume, progress=progress, evaluate=evaluate, fit_samples=fit_samples))
     run("decoder", model["decoder"], lambda resume: train_decoder(
         cfg, clip_dir=model["clip"], run_dir=root / "decoder", out=model["decoder"], resume=resume,
