@@ -67,13 +67,18 @@ def _inpaint(page, card, prompt: str, stroke: tuple[int, int, int, int]) -> None
     with `prompt`."""
     card.locator(".inpaint").click()
     page.wait_for_selector("#editor:not([hidden])")
+    _stroke(page, stroke)
+    page.fill("#edit-prompt", prompt)
+    page.click("#fill")
+
+
+def _stroke(page, stroke: tuple[int, int, int, int]) -> None:
+    """One stroke of the mouse across the mask, from (x0, y0) to (x1, y1) in the canvas."""
     box = _settled_box(page, "#edit-paint")
     page.mouse.move(box["x"] + stroke[0], box["y"] + stroke[1])
     page.mouse.down()
     page.mouse.move(box["x"] + stroke[2], box["y"] + stroke[3], steps=10)
     page.mouse.up()
-    page.fill("#edit-prompt", prompt)
-    page.click("#fill")
 
 
 def _settled_box(page, selector: str) -> dict:
@@ -328,6 +333,141 @@ def test_progress_and_cancel_stay_in_sight_for_a_card_far_down_on_a_phone(page, 
         fresh.close()
 
 
+def _record_forms(page) -> None:
+    """Keep every form the page sends from now on (Playwright sees no body in a request that carries
+    blobs), for `_sent_form`."""
+    page.evaluate("""() => {
+        window.sentForms = [];
+        const send = window.fetch;
+        window.fetch = (url, options) => {
+            if (options && options.body instanceof FormData) window.sentForms.push([url, options.body]);
+            return send(url, options);
+        }; }""")
+
+
+def _sent_form(page, path: str) -> dict[str, bytes]:
+    """The fields of the last form the page sent to `path`, by name (after `_record_forms`)."""
+    import base64
+
+    page.wait_for_function("path => window.sentForms.some(([url]) => url === path)", arg=path)
+    fields = page.evaluate("""async path => {
+        const [, form] = window.sentForms.filter(([url]) => url === path).pop();
+        const fields = {};
+        for (const [name, value] of form.entries()) {
+            const bytes = new Uint8Array(await new Blob([value]).arrayBuffer());
+            fields[name] = btoa(String.fromCharCode(...bytes));
+        }
+        return fields; }""", path)
+    return {name: base64.b64decode(value) for name, value in fields.items()}
+
+
+def test_the_mask_is_painted_from_the_keyboard_alone(page, server):
+    """The mask could only be painted with a mouse or a finger: the canvas took no focus and no keys."""
+    from playwright.sync_api import expect
+
+    fresh = _fresh_page(page, server)
+    try:
+        fresh.fill("#n", "1")
+        fresh.fill("#steps", "2")
+        fresh.select_option("#size", "64x64")
+        fresh.click("#generate")
+        _wait_for_cards(fresh, 1)
+        fresh.locator("#gallery .card .inpaint").first.focus()
+        fresh.keyboard.press("Enter")
+        fresh.wait_for_function("document.activeElement && document.activeElement.id === 'edit-paint'")
+        paint = fresh.locator("#edit-paint")
+        expect(paint).to_have_attribute("aria-label", "Mask: paint the region to repaint")
+        expect(fresh.locator("#" + paint.get_attribute("aria-describedby"))).to_have_text(
+            "Keys: arrows move the brush (Shift: farther); Space or Enter paints and E erases as it moves (press "
+            "again to stop); Delete clears.")
+
+        keys = fresh.keyboard
+        keys.press("Space")                      # the brush starts at the centre of the 320² view: (160, 160)
+        expect(fresh.locator("#brush-state")).to_have_text("painting: the arrows paint as they move, Space stops")
+        for _ in range(2):
+            keys.press("Shift+ArrowUp")          # paints up to (160, 96)
+        keys.press("Delete")                     # ... and all of it is cleared again
+        expect(fresh.locator("#brush-state")).to_have_text("mask cleared; brush lifted")
+        for _ in range(2):
+            keys.press("Shift+ArrowDown")        # back to (160, 160), painting nothing
+        keys.press("Enter")
+        for _ in range(10):
+            keys.press("ArrowRight")             # a line from (160, 160) to (240, 160)
+        keys.press("Space")                      # lifted
+        keys.press("Shift+ArrowLeft")            # (208, 160)
+        keys.press("e")                          # erases a dab of the line there
+        expect(fresh.locator("#brush-state")).to_have_text("erasing: the arrows erase as they move, E stops")
+        keys.press("e")
+        for _ in range(2):
+            keys.press("Shift+ArrowDown")        # (208, 224), painting nothing
+        cursor = fresh.locator("#brush-cursor")  # the brush is seen where it is, at its size
+        expect(cursor).to_be_visible()
+        centre = fresh.evaluate("""() => {  // both boxes at once: the editor may still be scrolling into view
+            const brush = document.getElementById('brush-cursor').getBoundingClientRect();
+            const canvas = document.getElementById('edit-paint').getBoundingClientRect();
+            return [brush.x + brush.width / 2 - canvas.x, brush.y + brush.height / 2 - canvas.y, brush.width]; }""")
+        assert [round(v) for v in centre] == [208, 224, 32 + 4]  # the brush's 32 pixels inside a 2-pixel border
+
+        _record_forms(fresh)
+        keys.press("Tab")                        # on to the prompt, and Enter fills
+        assert fresh.evaluate("document.activeElement.id") == "edit-prompt"
+        keys.press("ControlOrMeta+a")
+        keys.type("a blue square")
+        keys.press("Enter")
+        fields = _sent_form(fresh, "/v1/images/edits")
+        assert fields["prompt"] == b"a blue square"
+        alpha = np.asarray(Image.open(io.BytesIO(fields["mask"])).convert("RGBA"))[..., 3]
+        assert alpha.shape == (64, 64)  # the view's 320 pixels are the mask's 64: a brush of 32 is 6.4 wide
+        assert alpha[32, 33] == 0 and alpha[32, 49] == 0   # the painted line, at y 160 / 5
+        assert alpha[32, 41] == 255                        # the dab erased from it, x 208 / 5
+        assert alpha[:26].min() == 255 and alpha[36:].min() == 255  # the cleared stroke, the moves between
+        _wait_for_cards(fresh, 2)
+        assert fresh.locator("#gallery .card .label").first.inner_text() == "inpainted: a blue square"
+        assert fresh.locator("#error").is_hidden() and not fresh.errors, fresh.errors
+    finally:
+        fresh.close()
+
+
+def test_fill_shows_and_sends_its_own_images_size_steps_and_seed(page, server):
+    """Fill took the number of images, seed and steps from the form above, which the inpainting panel
+    did not show: what it would make was a guess."""
+    from playwright.sync_api import expect
+
+    fresh = _fresh_page(page, server)
+    try:
+        fresh.fill("#n", "3")
+        fresh.fill("#steps", "2")
+        fresh.fill("#seed", "5")
+        fresh.select_option("#size", "64x64")
+        fresh.click("#generate")
+        _wait_for_cards(fresh, 3)
+        fresh.locator("#gallery .card").first.locator(".inpaint").click()
+        fresh.wait_for_selector("#editor:not([hidden])")
+        settings = fresh.locator("#edit-settings")  # they start as the form's, the size as the image's
+        expect(settings.locator("legend")).to_have_text("Fill makes")
+        assert [fresh.input_value(f"#edit-{name}") for name in ("n", "size", "steps", "guidance", "seed")] == \
+            ["3", "64x64", "2", "", "5"]
+        settings.get_by_label("Images").fill("1")  # the panel's own, not the form's
+        settings.get_by_label("Seed").fill("11")
+        settings.get_by_label("Size").select_option("16x16")
+        fresh.fill("#n", "4")                           # the form moves on: Fill keeps what it shows
+        fresh.fill("#seed", "99")
+        fresh.fill("#steps", "7")
+        _stroke(fresh, (40, 40, 260, 200))
+        fresh.fill("#edit-prompt", "a green star")
+        _record_forms(fresh)
+        fresh.click("#fill")
+        fields = _sent_form(fresh, "/v1/images/edits")
+        assert {name: fields[name] for name in ("n", "size", "steps", "seed")} == \
+            {"n": b"1", "size": b"16x16", "steps": b"2", "seed": b"11"}
+        assert "guidance_scale" not in fields  # blank: the model's
+        _wait_for_cards(fresh, 4)
+        assert fresh.locator("#gallery .card .seed").first.inner_text() == "seed 11 · 16x16"
+        assert fresh.locator("#error").is_hidden() and not fresh.errors, fresh.errors
+    finally:
+        fresh.close()
+
+
 # --- the user's own picture ---------------------------------------------------------------------------------
 
 def _encoded(image: Image.Image, fmt: str, **options) -> bytes:
@@ -436,6 +576,21 @@ def test_a_dropped_non_square_jpeg_is_cropped_to_its_centre_and_varied_and_inpai
         fresh.close()
 
 
+def _png_with_rows_missing(image: Image.Image) -> bytes:
+    """A PNG of `image` whose every chunk is whole and checksummed but whose pixel stream holds only its
+    first half of rows: what a broken encoder, or a cut-off file given a new end, looks like."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    rows = b"".join(b"\0" + row.tobytes() for row in np.asarray(image.convert("RGB"))[:image.height // 2])
+    header = struct.pack(">IIBBBBB", image.width, image.height, 8, 2, 0, 0, 0)  # 8-bit RGB, not interlaced
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows))
+            + chunk(b"IEND", b""))
+
+
 def test_a_corrupt_upload_is_refused_clearly_and_a_huge_one_is_shrunk(page, server):
     from playwright.sync_api import expect
 
@@ -451,16 +606,39 @@ def test_a_corrupt_upload_is_refused_clearly_and_a_huge_one_is_shrunk(page, serv
             "open (PNG, JPEG, WebP and GIF work)")
         assert fresh.locator("#gallery .card").count() == 0
 
-        # a cut-off download: the browser shows its first rows, the server refuses it and the page says why
-        whole = _encoded(Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), np.uint8)), "PNG")
+        # a cut-off download: the browser draws its first rows without a word; the page refuses it before
+        # anything is sent (it made a card, and only the server said, once the card was varied)
+        _record_forms(fresh)
+        noise = Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), np.uint8))
+        whole = _encoded(noise, "PNG")
         upload.set_input_files(files=[{"name": "cut.png", "mimeType": "image/png", "buffer": whole[:len(whole) // 2]}])
+        expect(fresh.locator("#error")).to_have_text(
+            '"cut.png" is a damaged PNG: the file is cut off before its end (only its first rows could be drawn), '
+            "as a download or copy that stopped early is. Download or save the image again and upload the whole file.")
+        assert fresh.locator("#gallery .card").count() == 0
+        # whole chunks whose pixel stream stops half way (the server refuses it too: pixels_complete)
+        upload.set_input_files(files=[{"name": "half.png", "mimeType": "image/png",
+                                       "buffer": _png_with_rows_missing(noise)}])
+        expect(fresh.locator("#error")).to_have_text(
+            '"half.png" is a damaged PNG: its pixel data ends before the last row. Download or save the image again '
+            "and upload the whole file.")
+        assert fresh.locator("#gallery .card").count() == 0 and fresh.evaluate("window.sentForms.length") == 0
+
+        # a PNG whole to the browser that the server still refuses (over 1 MB of text in a zTXt chunk, which
+        # Pillow will not inflate): the card says so, with the server's word and the file's name
+        from PIL import PngImagePlugin
+
+        notes = PngImagePlugin.PngInfo()
+        notes.add_text("notes", "x" * 2 * 2**20, zip=True)
+        upload.set_input_files(files=[{"name": "notes.png", "mimeType": "image/png",
+                                       "buffer": _encoded(noise, "PNG", pnginfo=notes)}])
         _wait_for_cards(fresh, 1)
         expect(fresh.locator("#error")).to_be_hidden()
         _small_requests(fresh)
         fresh.locator("#gallery .card").first.locator(".vary").click()
-        expect(fresh.locator("#error")).to_have_text(
-            """the server refused your upload "cut.png": Invalid input image - 'image' could not be decoded as a """
-            "PNG (image file is truncated)")
+        expect(fresh.locator("#error")).to_contain_text(
+            """the server refused your upload "notes.png": Invalid input image - 'image' could not be decoded as a """
+            "PNG (")
         expect(fresh.locator("#gallery .card .seed").first).to_have_text("uploaded · 64×64 · refused by the server")
         assert fresh.locator("#gallery .card").count() == 1
 

@@ -77,8 +77,10 @@ function numberField(id) {
   return value === "" ? undefined : Number(value);
 }
 
-function extras() {
-  const fields = { seed: numberField("seed"), steps: numberField("steps"), guidance_scale: numberField("guidance") };
+// seed, steps and guidance from the form's fields, or (prefix "edit-") from the inpainting panel's own
+function extras(prefix = "") {
+  const fields = { seed: numberField(`${prefix}seed`), steps: numberField(`${prefix}steps`),
+                   guidance_scale: numberField(`${prefix}guidance`) };
   return Object.fromEntries(Object.entries(fields).filter(([, v]) => v !== undefined));
 }
 
@@ -238,6 +240,17 @@ async function vary(entry) {
 }
 
 // --- inpainting: a brush paints the mask (transparent = repaint) ------------------------------------
+// The mask is painted with a mouse or a finger, or from the keyboard: the arrows move a brush cursor, Space
+// (or Enter) puts the brush down to paint as it moves and lifts it again, E does the same to erase, Delete
+// clears. Positions are fractions of the side (0..1), the same on the 320² view and on the image-sized mask.
+
+const VIEW = 320;     // the editor's canvases, in CSS and canvas pixels alike
+const KEY_STEP = 8;   // view pixels an arrow moves the brush; Shift moves it 4 times as far
+const PEN_STATES = {
+  up: "brush lifted: the arrows move it without painting",
+  paint: "painting: the arrows paint as they move, Space stops",
+  erase: "erasing: the arrows erase as they move, E stops",
+};
 
 function openEditor(entry) {
   const img = new Image();
@@ -248,62 +261,140 @@ function openEditor(entry) {
     const m = mask.getContext("2d");
     m.fillStyle = "#fff";
     m.fillRect(0, 0, mask.width, mask.height);
-    state.editing = { entry, img, mask, painted: false, last: null };
+    state.editing = { entry, img, mask, last: null, cursor: { x: 0.5, y: 0.5 }, pen: "up" };
     const view = $("edit-image").getContext("2d");
-    view.imageSmoothingEnabled = img.naturalWidth > 320;  // the model's pixels stay sharp, a photo is smoothed
-    view.drawImage(img, 0, 0, 320, 320);
+    view.imageSmoothingEnabled = img.naturalWidth > VIEW;  // the model's pixels stay sharp, a photo is smoothed
+    view.drawImage(img, 0, 0, VIEW, VIEW);
     clearPaint();
     $("edit-prompt").value = entry.prompt || "";
     $("edit-prompt").lang = langOf(entry.prompt);
+    editSettings(entry);
+    $("brush-state").textContent = "";
     $("editor").hidden = false;
     $("editor").scrollIntoView({ behavior: "smooth" });
+    $("edit-paint").focus({ preventScroll: true });  // the next thing to do is paint, from the keyboard too
   };
   img.onerror = () => showError(EXPIRED);
   img.src = entry.url;
 }
 
+// Fill's images, size, steps, guidance and seed start as the form's when the editor opens (the size as
+// the image's own, an upload's as the form's), and are then the panel's: what it shows is what Fill sends
+function editSettings(entry) {
+  $("edit-n").max = $("n").max;
+  $("edit-n").value = $("n").value || "1";
+  const size = $("edit-size");
+  size.replaceChildren(...[...$("size").options].map((option) => new Option(option.text, option.value)));
+  size.value = entry.size || $("size").value;
+  if (!size.value) size.value = $("size").value;
+  for (const name of ["steps", "guidance", "seed"]) {
+    const field = $(`edit-${name}`);
+    field.value = $(name).value;
+    field.placeholder = $(name).placeholder;
+    if ($(name).max) field.max = $(name).max;
+  }
+}
+
 function clearPaint() {
   const paint = $("edit-paint").getContext("2d");
-  paint.clearRect(0, 0, 320, 320);
+  paint.clearRect(0, 0, VIEW, VIEW);
   if (!state.editing) return;
   const m = state.editing.mask.getContext("2d");
   m.globalCompositeOperation = "source-over";
   m.fillStyle = "#fff";
   m.fillRect(0, 0, state.editing.mask.width, state.editing.mask.height);
-  state.editing.painted = false;
+}
+
+// one stroke of the brush from its last point to (x, y): painted pixels of the mask become fully
+// transparent, erased ones opaque again; the view shows the paint in pink over the image
+function brushTo(x, y, mode = "paint") {
+  const editing = state.editing;
+  const from = editing.last || { x, y };
+  const brush = Number($("brush").value) / VIEW;
+  const line = (context, side, style, operation) => {
+    context.globalCompositeOperation = operation;
+    context.strokeStyle = style;
+    context.lineCap = "round";
+    context.lineWidth = Math.max(1, brush * side);
+    context.beginPath();
+    context.moveTo(from.x * side, from.y * side);
+    context.lineTo(x * side + 0.01, y * side);
+    context.stroke();
+  };
+  const painting = mode === "paint";
+  line($("edit-paint").getContext("2d"), VIEW, painting ? "rgba(255, 0, 200, 0.55)" : "#000",
+       painting ? "source-over" : "destination-out");
+  line(editing.mask.getContext("2d"), editing.mask.width, "#fff", painting ? "destination-out" : "source-over");
+  editing.last = { x, y };
 }
 
 function stroke(event) {
-  const editing = state.editing;
   const canvas = $("edit-paint");
-  const x = event.offsetX / canvas.clientWidth, y = event.offsetY / canvas.clientHeight;
-  const from = editing.last || { x, y };
-  const brush = Number($("brush").value) / 320;
-  const paint = canvas.getContext("2d");
-  paint.strokeStyle = "rgba(255, 0, 200, 0.55)";
-  paint.lineCap = "round";
-  paint.lineWidth = brush * 320;
-  paint.beginPath();
-  paint.moveTo(from.x * 320, from.y * 320);
-  paint.lineTo(x * 320 + 0.01, y * 320);
-  paint.stroke();
-  const side = editing.mask.width;
-  const m = editing.mask.getContext("2d");
-  m.globalCompositeOperation = "destination-out"; // painted pixels become fully transparent
-  m.lineCap = "round";
-  m.lineWidth = Math.max(1, brush * side);
-  m.beginPath();
-  m.moveTo(from.x * side, from.y * side);
-  m.lineTo(x * side + 0.01, y * side);
-  m.stroke();
-  editing.last = { x, y };
-  editing.painted = true;
+  brushTo(event.offsetX / canvas.clientWidth, event.offsetY / canvas.clientHeight);
+}
+
+function showCursor(shown = true) {
+  const cursor = $("brush-cursor");
+  const editing = state.editing;
+  cursor.classList.toggle("shown", shown && editing !== null);
+  if (!editing) return;
+  const size = Number($("brush").value);
+  cursor.style.left = `${editing.cursor.x * VIEW}px`;
+  cursor.style.top = `${editing.cursor.y * VIEW}px`;
+  cursor.style.width = cursor.style.height = `${size}px`;
+  cursor.classList.toggle("paint", editing.pen === "paint");
+  cursor.classList.toggle("erase", editing.pen === "erase");
+}
+
+function setPen(pen, { quiet = false } = {}) {
+  const editing = state.editing;
+  editing.pen = pen;
+  editing.last = null;
+  if (pen !== "up") brushTo(editing.cursor.x, editing.cursor.y, pen);
+  if (!quiet) $("brush-state").textContent = PEN_STATES[pen];
+}
+
+function maskKey(event) {
+  const editing = state.editing;
+  if (!editing || event.altKey || event.ctrlKey || event.metaKey) return;
+  const moves = { ArrowLeft: [-1, 0], ArrowRight: [1, 0], ArrowUp: [0, -1], ArrowDown: [0, 1] };
+  const key = event.key.length === 1 ? event.key.toLowerCase() : event.key;
+  if (key in moves) {
+    const step = (event.shiftKey ? 4 : 1) * KEY_STEP / VIEW;
+    const clamp = (v) => Math.min(1, Math.max(0, v));
+    editing.cursor.x = clamp(editing.cursor.x + moves[key][0] * step);
+    editing.cursor.y = clamp(editing.cursor.y + moves[key][1] * step);
+    if (editing.pen !== "up") brushTo(editing.cursor.x, editing.cursor.y, editing.pen);
+  } else if (key === " " || key === "Enter") {
+    if (!event.repeat) setPen(editing.pen === "paint" ? "up" : "paint");
+  } else if (key === "e") {
+    if (!event.repeat) setPen(editing.pen === "erase" ? "up" : "erase");
+  } else if (key === "Delete" || key === "Backspace") {
+    setPen("up", { quiet: true });
+    clearPaint();
+    $("brush-state").textContent = "mask cleared; brush lifted";
+  } else if (key === "Escape") {
+    setPen("up");
+  } else {
+    return;
+  }
+  event.preventDefault();  // Space and the arrows would scroll the page
+  showCursor();
+}
+
+function maskHasHole(mask) {
+  const alpha = mask.getContext("2d").getImageData(0, 0, mask.width, mask.height).data;
+  for (let i = 3; i < alpha.length; i += 4) if (alpha[i] === 0) return true;
+  return false;
 }
 
 async function fill() {
   const editing = state.editing;
   if (!editing || state.busy) return;
-  if (!editing.painted) return showError("paint over the region to repaint first");
+  if (!maskHasHole(editing.mask)) {  // the server refuses a mask without a fully transparent pixel
+    return showError("paint over the region to repaint first: the mask covers no whole pixel of the image yet "
+      + "(a wider brush covers more)");
+  }
   const prompt = $("edit-prompt").value;
   const maskBlob = await new Promise((resolve) => editing.mask.toBlob(resolve, "image/png"));
   let image;
@@ -312,9 +403,9 @@ async function fill() {
   form.append("image", image, "image.png");
   form.append("mask", maskBlob, "mask.png");
   form.append("prompt", prompt);
-  form.append("n", $("n").value || "1");
-  form.append("size", editing.entry.size || $("size").value);
-  for (const [key, value] of Object.entries(extras())) form.append(key, String(value));
+  form.append("n", $("edit-n").value || "1");
+  form.append("size", $("edit-size").value);
+  for (const [key, value] of Object.entries(extras("edit-"))) form.append(key, String(value));
   await run("/v1/images/edits", form, { label: `inpainted: ${prompt}`, prompt, source: editing.entry });
 }
 
@@ -357,11 +448,30 @@ window.addEventListener("DOMContentLoaded", () => {
     loadInfo().catch((err) => showError(err.message));
   });
   const paint = $("edit-paint");
-  paint.addEventListener("pointerdown", (e) => { paint.setPointerCapture(e.pointerId); state.editing.last = null; stroke(e); });
+  paint.addEventListener("pointerdown", (e) => {
+    if (!state.editing) return;
+    paint.setPointerCapture(e.pointerId);
+    setPen("up", { quiet: true });  // the keyboard's brush lifts when a mouse or finger paints
+    showCursor(false);
+    stroke(e);
+  });
   paint.addEventListener("pointermove", (e) => { if (e.buttons & 1 && state.editing) stroke(e); });
   paint.addEventListener("pointerup", () => { if (state.editing) state.editing.last = null; });
+  paint.addEventListener("keydown", maskKey);
+  paint.addEventListener("focus", () => { if (paint.matches(":focus-visible")) showCursor(); });
+  paint.addEventListener("blur", () => {  // leaving the mask lifts the brush: coming back paints nothing unasked
+    if (state.editing) setPen("up", { quiet: true });
+    $("brush-state").textContent = "";
+    showCursor(false);
+  });
+  $("brush").addEventListener("input", () => showCursor($("brush-cursor").classList.contains("shown")));
   $("clear-mask").addEventListener("click", clearPaint);
-  $("close-editor").addEventListener("click", () => { $("editor").hidden = true; state.editing = null; });
+  $("close-editor").addEventListener("click", () => {
+    const card = state.editing && state.editing.entry.card;
+    $("editor").hidden = true;
+    state.editing = null;
+    if (card && card.isConnected) card.querySelector(".inpaint").focus();  // back where the editing began
+  });
   $("fill").addEventListener("click", fill);
   loadInfo().catch((err) => showError(`cannot reach the server: ${err.message}`));
 });

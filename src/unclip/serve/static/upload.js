@@ -3,15 +3,19 @@
 // It stays in the browser (a blob: URL) until it is varied or inpainted.
 //
 // The API takes square PNGs under 4 MB (docs/server.md, "Uploads"). A square PNG within the limits is kept
-// byte for byte (the server judges it, and says so if it is damaged); anything else the browser can decode
+// byte for byte (the server judges it, and says so if it refuses it); anything else the browser can decode
 // (JPEG, WebP, a non-square or very large PNG) is cropped to the square at its centre, shrunk to at most
 // UPLOAD_SIDE, and saved as a PNG, and the page says what it did. What the browser cannot decode is refused
-// here, before any request.
+// here, before any request, and so is a damaged PNG, of which the browser draws what it can without a word
+// (a cut-off download's first rows): the server would refuse it (`pngDamage`).
 "use strict";
 
 const UPLOAD_SIDE = 1024;            // more than any model reads: the server shrinks uploads to its working side
 const MAX_READ_BYTES = 64 * 2 ** 20; // larger files are refused before the browser tries to decode them
 const PNG_SIGNATURE = [0x89, 0x50, 0x4e, 0x47, 0x0d, 0x0a, 0x1a, 0x0a];
+const PNG_CHANNELS = { 0: 1, 2: 3, 3: 1, 4: 2, 6: 4 };  // by colour type: grey, RGB, palette, grey + alpha, RGBA
+const ADAM7 = [[0, 0, 8, 8], [4, 0, 8, 8], [0, 4, 4, 8], [2, 0, 4, 4], [0, 2, 2, 4], [1, 0, 2, 2], [0, 1, 1, 2]];
+const AGAIN = "Download or save the image again and upload the whole file.";
 
 function uploadCaption(upload) {
   const { side, width, height } = upload;
@@ -43,6 +47,81 @@ async function isPng(file) {
   return PNG_SIGNATURE.every((byte, i) => head[i] === byte);
 }
 
+let crcTable = null;
+
+function crc32(bytes) {
+  if (!crcTable) {
+    crcTable = new Uint32Array(256);
+    for (let n = 0; n < 256; n++) {
+      let c = n;
+      for (let k = 0; k < 8; k++) c = c & 1 ? 0xedb88320 ^ (c >>> 1) : c >>> 1;
+      crcTable[n] = c;
+    }
+  }
+  let c = 0xffffffff;
+  for (let i = 0; i < bytes.length; i++) c = crcTable[(c ^ bytes[i]) & 0xff] ^ (c >>> 8);
+  return (c ^ 0xffffffff) >>> 0;
+}
+
+// bytes of filtered scanlines (a filter byte per row) a width × height PNG inflates to
+function rawSize(width, height, bitsPerPixel, interlaced) {
+  const rows = (w, h) => (w <= 0 || h <= 0 ? 0 : h * (1 + Math.ceil((w * bitsPerPixel) / 8)));
+  if (!interlaced) return rows(width, height);
+  return ADAM7.reduce((sum, [x0, y0, dx, dy]) => sum + rows(Math.ceil((width - x0) / dx),
+                                                            Math.ceil((height - y0) / dy)), 0);
+}
+
+// { length, broken }: how many bytes the zlib stream `parts` inflates to (reading no further once past
+// `limit`), and whether it broke off (corrupt, or ending unfinished) before that
+async function inflated(parts, limit) {
+  const reader = new Blob(parts).stream().pipeThrough(new DecompressionStream("deflate")).getReader();
+  let length = 0;
+  try {
+    for (;;) {
+      const { done, value } = await reader.read();
+      if (done) return { length, broken: false };
+      length += value.length;
+      if (length >= limit) { reader.cancel().catch(() => {}); return { length, broken: false }; }
+    }
+  } catch {
+    return { length, broken: true };
+  }
+}
+
+// What is wrong with a PNG the browser has decoded (null: nothing). It draws a file cut off part way, or with
+// damaged bytes, as far as it can; the server refuses it (docs/server.md, "Uploads"). Checked as the server
+// does: every chunk whole and matching its checksum, up to the closing IEND, and the pixel stream inflating to
+// every row the header declares.
+async function pngDamage(file) {
+  const bytes = new Uint8Array(await file.arrayBuffer());
+  const view = new DataView(bytes.buffer);
+  const cut = "the file is cut off before its end (only its first rows could be drawn), as a download or copy "
+    + `that stopped early is. ${AGAIN}`;
+  let offset = PNG_SIGNATURE.length, header = null;
+  const stream = [];
+  for (;;) {
+    if (offset + 12 > bytes.length) return cut;
+    const length = view.getUint32(offset);
+    const end = offset + 12 + length;  // length, type, data, checksum
+    if (end > bytes.length) return cut;
+    const kind = String.fromCharCode(...bytes.subarray(offset + 4, offset + 8));
+    if (crc32(bytes.subarray(offset + 4, end - 4)) !== view.getUint32(end - 4)) {
+      return `its bytes are damaged (its ${JSON.stringify(kind)} chunk does not match its checksum). ${AGAIN}`;
+    }
+    if (kind === "IHDR" && length >= 13) header = bytes.subarray(offset + 8, offset + 21);
+    else if (kind === "IDAT") stream.push(bytes.subarray(offset + 8, end - 4));
+    else if (kind === "IEND") break;
+    offset = end;
+  }
+  if (header === null || !(header[9] in PNG_CHANNELS)) return `its header is damaged. ${AGAIN}`;
+  if (typeof DecompressionStream === "undefined") return null;  // an older browser: the server judges the rest
+  const h = new DataView(header.buffer, header.byteOffset, 13);
+  const expected = rawSize(h.getUint32(0), h.getUint32(4), PNG_CHANNELS[header[9]] * header[8], header[12] === 1);
+  const pixels = await inflated(stream, expected);
+  if (pixels.length >= expected) return null;
+  return `its pixel data ${pixels.broken ? "is broken off" : "ends"} before the last row. ${AGAIN}`;
+}
+
 function canvasPng(canvas) {
   return new Promise((resolve) => canvas.toBlob(resolve, "image/png"));
 }
@@ -55,9 +134,12 @@ async function squarePng(file) {
       + `${megabytes(MAX_READ_BYTES)}`);
   }
   const img = await decodeImage(file);
+  const png = await isPng(file);
+  const damage = png ? await pngDamage(file) : null;
+  if (damage) throw new Error(`"${file.name}" is a damaged PNG: ${damage}`);
   const width = img.naturalWidth, height = img.naturalHeight;
   const limit = state.info ? state.info.limits.image_bytes : 4 * 2 ** 20;
-  if (width === height && width <= 4096 && file.size < limit && await isPng(file)) {
+  if (width === height && width <= 4096 && file.size < limit && png) {
     return { blob: file, side: width, width, height, note: null };
   }
   const crop = Math.min(width, height);
