@@ -550,6 +550,21 @@ def test_an_unclip_export_keeps_its_samplers_eta(unclip_model, tmp_path):
     assert (back.decoder.config.eta, back.prior.config.eta, back.upsamplers[0].config.eta) == (0.3, 0.2, 0.1)
 
 
+def test_an_unclip_export_keeps_the_words_of_its_captions(unclip_model, tmp_path):
+    """A model trained on other data warns about prompt words none of its captions use
+    (`unclip.words`); read back from an export, it did not: the words stayed behind."""
+    import unclip
+    from unclip.pipeline.export import export_diffusers
+    from unclip.words import CaptionWords
+
+    model = tmp_path / "model"
+    shutil.copytree(unclip_model, model)
+    CaptionWords.of(["a red circle", "a blue square"]).save(model / "tokenizer")  # as its CLIP run writes them
+    back = unclip.load(export_diffusers(model, tmp_path / "diffusers"))
+    assert back.unknown_words("a red zebra") == ["zebra"]
+    assert back.prompt_warnings("a red zebra")[0].startswith("none of the 2 training captions this model read")
+
+
 def test_an_export_cleans_up_what_a_killed_export_left(unclip_model, tmp_path):
     """A killed export left its `.NAME.XXXX.tmp` folder (as big as the model) for good: it carried no
     writer's PID, so nothing could tell it from a live export's."""

@@ -232,6 +232,8 @@ def export_diffusers(model: str | Path, out: str | Path) -> Path:
 
     def write(tmp: Path) -> None:
         _tokenizer(clip.tokenizer).save_pretrained(tmp / "tokenizer")
+        if clip.tokenizer.words is not None:  # read back, it warns about prompt words its captions never use
+            clip.tokenizer.words.save(tmp / "tokenizer")
         _tower(clip.text, "text_projection", _pad(rows, width, 0), width).save_pretrained(tmp / "text_encoder")
         vision_rows = _pad(clip.vision.visual_projection.weight.detach(), width, 0)  # [W, vision width]
         _tower(clip.vision, "visual_projection", vision_rows, width).save_pretrained(tmp / "image_encoder")

@@ -153,12 +153,13 @@ def _tokenizer(directory: Path, entry: list | None):
     import transformers
 
     from unclip.pipeline.karlo import HFTokenizer
+    from unclip.words import CaptionWords
 
     cls = getattr(transformers, entry[1], None) if entry and entry[0] == "transformers" else None
     tokenizer = (cls or transformers.AutoTokenizer).from_pretrained(str(directory))
     if tokenizer.pad_token is None:
         raise ModelFormatError(f"{directory}: the tokenizer has no pad token; diffusers pads prompts to its context")
-    return HFTokenizer(tokenizer)
+    return HFTokenizer(tokenizer, words=CaptionWords.load(directory))
 
 
 def _preprocess(directory: Path, vision_cfg) -> dict:

@@ -36,6 +36,7 @@ from unclip.decoder.upsampler import Upsampler
 from unclip.diffusion import GaussianDiffusion, SampleStep, cfg_mix, run, sample_loop
 from unclip.errors import ModelFormatError
 from unclip.tokenizer import TokenBatch
+from unclip.words import CaptionWords
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +44,9 @@ log = logging.getLogger(__name__)
 class HFTokenizer:
     """A transformers tokenizer (CLIPTokenizer) behind `unclip.tokenizer.Tokenizer`'s surface."""
 
-    def __init__(self, tokenizer):
+    def __init__(self, tokenizer, *, words: CaptionWords | None = None):
         self.hf = tokenizer
+        self.words = words  # the words of its captions, when an unclip export of a model of other data kept them
         self.context_length = int(tokenizer.model_max_length)
         self.pad_id, self.bos_id, self.eos_id = tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id
 
