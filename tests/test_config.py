@@ -23,7 +23,7 @@ def test_presets_chain_resolutions_by_four():
 
 def test_overrides_set_typed_values_at_any_depth():
     cfg = preset("shapes").override([
-        "clip.train.steps=7", "decoder.channel_mult=[1,2]", "decoder.z_drop=0.05",
+        "clip.train.steps=7", "decoder.channel_mult=[1,2]", "decoder.attention_resolutions=[16]", "decoder.z_drop=0.05",
         "upsamplers.0.base_channels=16", "name=mine", "prior.train.lr=1",
     ])
     assert cfg.clip.train.steps == 7
@@ -88,6 +88,9 @@ def test_unknown_key_names_the_valid_keys():
     ("decoder.sample_steps=2000", "decoder.sample_steps=2000 is more than its 1000 training timesteps"),
     ("prior.sample_steps=1001", "prior.sample_steps=1001 is more than its 1000 training timesteps"),
     ("decoder.attention_resolutions=[5]", "names none of the decoder's levels (32², 16², 8²)"),  # no attention
+    ("decoder.attention_resolutions=[8,5]",  # 5 was silently ignored
+     "decoder.attention_resolutions=[8, 5]: 5 is not among the decoder's levels (32², 16², 8²) and would be ignored; "
+     "list only those sides, e.g. [8]"),
     ("clip.init_temperature=0", "clip.init_temperature=0.0 must be above 0"),  # log(1/0) at the CLIP's build
     ("tokenizer.context_length=2", "use at least 3"),  # refused only once the tokenizer was trained
     ("clip.train.seed=9223372036854775808", "give a seed from 0 to 9223372036854775807"),  # torch's overflow
@@ -116,7 +119,8 @@ def test_a_second_upsampler_is_added_after_the_first_with_the_papers_bsr():
 
 def test_related_fields_change_together():
     cfg = preset("shapes").override([
-        "decoder.resolution=64", "upsamplers.0.in_resolution=64", "upsamplers.0.out_resolution=256"])
+        "decoder.resolution=64", "upsamplers.0.in_resolution=64", "upsamplers.0.out_resolution=256",
+        "decoder.attention_resolutions=[32,16]"])  # the levels are now 64², 32², 16²: 8 would be ignored
     assert resolutions(cfg) == (64, 256)
 
 
@@ -194,6 +198,19 @@ def test_config_keys_lists_every_key_with_its_type_default_and_meaning(capsys):
     assert "clip.train.steps=4  (integer; default 2800)" in lines
     at = lines.index("clip.hard_negatives=0.0  (number)")
     assert lines[at + 1].startswith("    Fraction of the shapes-world training stream")
+    # every key says what it means: the plain sizes (widths, layers, heads, sides, steps) said nothing
+    unexplained = [line for line, after in zip(lines, [*lines[1:], ""]) if not line.startswith(" ")
+                   and not after.startswith("    ")]
+    assert unexplained == []
+    assert lines[lines.index("decoder.attention_resolutions=[8]  (list of integers; default [16])") + 1] == \
+        "    sides of the levels with cross-attention to the caption and z_i"
+
+
+def test_a_saved_model_with_an_attention_side_of_no_level_still_loads():
+    """check_new refuses [8, 5] for training; a model saved with it sampled fine (5 had no attention)."""
+    data = preset("shapes").to_dict()
+    data["decoder"]["attention_resolutions"] = [8, 5]
+    assert UnclipConfig.from_dict(data).decoder.attention_resolutions == (8, 5)
 
 
 def test_config_file_may_be_a_model_directory_or_carry_a_byte_order_mark(tmp_path, capsys):

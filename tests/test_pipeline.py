@@ -870,6 +870,30 @@ def _bad_calls(pipe, image):
                                          "candidates=1000000: draw 1 to 64"),
         "a billion images": (lambda: pipe.generate("a red circle", n=10**9), ConfigError, "at most 100,000 images"),
         "a billion variations": (lambda: pipe.variations(image, n=10**9), ConfigError, "at most 100,000 images"),
+        # a non-empty string is truthy: upsample="no" upsampled
+        "a string for upsample": (lambda: pipe.generate("a red circle", upsample="no"), ConfigError,
+                                  "upsample='no': give True or False"),
+        "a number for upsample (decode)": (lambda: pipe.decode(z, upsample=0), ConfigError, "upsample=0: give True"),
+        "a string for inverted": (lambda: pipe.decode(z, inverted="no"), ConfigError, "inverted='no': give True"),
+        "a string for upsample (variations)": (lambda: pipe.variations(image, upsample="no"), ConfigError, "upsample="),
+        "a string for upsample (interpolate)": (lambda: pipe.interpolate(image, image, upsample="no"), ConfigError,
+                                                "upsample="),
+        "a string for upsample (text diff)": (lambda: pipe.text_diff(image, "a", "b", upsample="no"), ConfigError,
+                                              "upsample="),
+        "a string for upsample (inpaint)": (lambda: pipe.inpaint(image, torch.ones(64, 64), upsample="no"),
+                                            ConfigError, "upsample="),
+        "a string for upsample (PCA probe)": (lambda: pipe.pca_probe(image, upsample="no"), ConfigError, "upsample="),
+        "no candidates per group": (lambda: pipe.best_candidates(torch.zeros(2, 3, side, side), text.embeds, 0),
+                                    ConfigError, "k=0: the candidates of one image come in groups of k, 1 or more"),
+        "negative candidates per group": (lambda: pipe.best_candidates(torch.zeros(2, 3, side, side), text.embeds, -2),
+                                          ConfigError, "k=-2"),
+        "keep more than a group": (lambda: pipe.best_candidates(torch.zeros(2, 3, side, side), text.embeds, 2, keep=3),
+                                   ConfigError, "keep=3: keep 1 to k=2"),
+        "candidates not in whole groups": (lambda: pipe.best_candidates(torch.zeros(3, 3, side, side),
+                                                                        text.embeds[:1].expand(3, -1), 2),
+                                           DataError, "B a multiple of k=2"),
+        "one z_t for two candidates": (lambda: pipe.best_candidates(torch.zeros(2, 3, side, side), text.embeds[:1], 2),
+                                       DataError, r"one caption z_t per image, \[2, D\]; got \(1, 16\)"),
     }
 
 
@@ -1067,3 +1091,70 @@ def test_masks_as_bytes_and_listed_generators_are_understood(pipe):
     listed = pipe.generate(["a red circle"], seed=[torch.Generator().manual_seed(3)], candidates=2, steps=2)
     again = pipe.generate(["a red circle"], seed=[torch.Generator().manual_seed(3)], candidates=2, steps=2)
     assert np.array_equal(_array(listed[0]), _array(again[0]))
+
+
+def test_boolean_arguments_take_numpy_bools_and_best_candidates_keeps_whole_groups(pipe):
+    z = pipe.encode_image(_image())
+    assert pipe.decode(z, seed=0, steps=2, upsample=np.False_).shape[-1] == pipe.sizes[0]
+    images = pipe.decode(z.expand(4, -1), seed=0, steps=2, upsample=False)
+    text = pipe.encode_text(["a red circle"] * 4).embeds
+    assert pipe.best_candidates(images, text, 2, keep=2).tolist() in ([0, 1, 2, 3], [1, 0, 2, 3], [0, 1, 3, 2],
+                                                                      [1, 0, 3, 2])
+    assert pipe.best_candidates(images, text, 1).tolist() == [0, 1, 2, 3]
+
+
+def test_a_z_i_far_longer_than_clips_is_the_callers_error_not_the_models(pipe):
+    """z_i scaled by 1e6 was decoded, and the NaN or noise it gave was blamed on the model's training."""
+    z = pipe.encode_image(_image())
+    assert pipe.unit_z_i and torch.allclose(z.norm(dim=-1), torch.ones(1))
+    for call in (lambda: pipe.decode(z * 1e6, seed=0, steps=2), lambda: pipe.invert(_image(), z_i=z * 1e6, steps=2),
+                 lambda: pipe.decode(torch.cat([z, z * 3]), seed=0, steps=2, upsample=False)):
+        with pytest.raises(DataError, match=r"z_i row \d has length (1e\+06|3): this model's decoder learnt from "
+                                            r"unit-length CLIP image embeddings .*z_i / z_i.norm\(dim=-1, keepdim"):
+            call()
+    # the decoder's own null z_i (the "none" ablation) is short, a sum of two embeddings no longer than 2
+    assert pipe.decode(torch.cat([z + z.flip(-1), z * 0]), seed=0, steps=2, upsample=False).shape[0] == 2
+
+
+def test_inpaint_and_upscale_draw_many_images_in_pieces_that_change_none(pipe, monkeypatch):
+    """inpaint and upscale sampled all n images in one batch, so memory grew with n; in pieces of
+    GENERATE_BATCH, image i still draws from its own seed."""
+    import unclip.diffusion
+    import unclip.pipeline.pipeline as module
+
+    mask = torch.zeros(64, 64)
+    mask[32:] = 1
+    small = pipe.generate("a red circle", seed=1, size=16)[0]
+    calls = {
+        "inpaint": lambda: pipe.inpaint(_image(), mask, n=3, steps=2, resample=1, seed=4),
+        "inpaint a prompt": lambda: pipe.inpaint(_image(), mask, "a blue square", n=3, steps=2, resample=1, seed=4),
+        "upscale": lambda: pipe.upscale(small, n=3, seed=4),
+    }
+    whole = {name: call() for name, call in calls.items()}
+    rows = []
+    loop, up = unclip.diffusion.repaint_loop, pipe.upsamplers[0].sample
+    monkeypatch.setattr(unclip.diffusion, "repaint_loop", lambda fn, d, known, *a, **k: rows.append(len(known))
+                        or loop(fn, d, known, *a, **k))
+    monkeypatch.setattr(pipe.upsamplers[0], "sample", lambda low, **k: rows.append(len(low)) or up(low, **k))
+    monkeypatch.setattr(module, "GENERATE_BATCH", 2)
+    for name, call in calls.items():
+        rows.clear()
+        pieces = call()
+        assert rows == ([2, 1] if name == "upscale" else [2, 2, 1, 1]), name  # RePaint, upsampler, per piece
+        assert len(pieces) == 3 and all(np.abs(_array(a) - _array(b)).max() <= 1
+                                        for a, b in zip(whole[name], pieces)), name
+
+
+def test_variations_reuse_a_given_inversion_and_draw_the_same_images(pipe, monkeypatch):
+    image = _image()
+    direct = pipe.variations(image, n=2, seed=3, steps=3, size=16)
+    inversion = pipe.invert(image, steps=3)
+    inverted = []
+    real = pipe.decoder.invert
+    monkeypatch.setattr(pipe.decoder, "invert", lambda *a, **k: inverted.append(1) or real(*a, **k))
+    again = pipe.variations(image, n=2, seed=3, steps=3, size=16, inversion=inversion)
+    assert inverted == [] and all(np.array_equal(_array(a), _array(b)) for a, b in zip(direct, again))
+    for bad, words in ((inversion[0], "got Tensor"), ((inversion[0].expand(2, -1), inversion[1]), r"got \[\(2, 16\)"),
+                       ((inversion[0] * 1e6, inversion[1]), "has length 1e\\+06")):
+        with pytest.raises(DataError, match=words):
+            pipe.variations(image, n=1, steps=3, inversion=bad)

@@ -162,10 +162,13 @@ def test_variations_of_an_uploaded_png(client):
     assert len(small.warnings) == 1 and "an input image is 8×8, smaller than the" in small.warnings[0]
 
 
-def test_a_request_larger_than_max_batch_is_made_max_batch_images_at_a_time(pipe):
+def test_a_request_larger_than_max_batch_is_made_max_batch_images_at_a_time(pipe, monkeypatch):
     """--max-batch bounds the images of one pipeline call (the memory a call takes); a request with a
-    larger n ran as one call. Split, each image still draws from its own seed, so nothing changes."""
+    larger n ran as one call. Split, each image still draws from its own seed, so nothing changes, and
+    a variation request's image is inverted once (each piece inverted it again)."""
     calls = []
+    invert = pipe.decoder.invert
+    monkeypatch.setattr(pipe.decoder, "invert", lambda *a, **k: calls.append(("invert", len(a[0]))) or invert(*a, **k))
 
     class Counting:  # the pipe, counting the images of each call
         def __getattr__(self, name):
@@ -192,8 +195,8 @@ def test_a_request_larger_than_max_batch_is_made_max_batch_images_at_a_time(pipe
                 assert answer.status_code == 200, answer.text
                 answers[path, max_batch] = [_array(_open(base64.b64decode(d["b64_json"])))
                                             for d in answer.json()["data"]]
-        assert calls == ([("generate", 2), ("generate", 1), ("vary", 2), ("vary", 1)] if max_batch == 2
-                         else [("generate", 3), ("vary", 3)])
+        assert calls == ([("generate", 2), ("generate", 1), ("invert", 1), ("vary", 2), ("vary", 1)] if max_batch == 2
+                         else [("generate", 3), ("vary", 3), ("invert", 1)])
     for path in asks:
         assert [d.shape for d in answers[path, 2]] == [(16, 16, 3)] * 3
         assert all(np.abs(a - b).max() <= 1 for a, b in zip(answers[path, 2], answers[path, 8], strict=True))

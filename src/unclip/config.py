@@ -56,10 +56,10 @@ class TrainConfig:
 class DataConfig:
     """Where training pairs come from: the bundled shapes world, a folder, or webdataset shards."""
 
-    source: Literal["shapes", "folder", "webdataset"] = "shapes"
+    source: Literal["shapes", "folder", "webdataset"] = "shapes"  # bundled world, images + .txt captions, or shards
     path: str = ""  # folder or shard pattern ("data/{000000..000009}.tar") when not shapes
-    lang: Literal["en", "th", "mix"] = "mix"
-    seed: int = 0
+    lang: Literal["en", "th", "mix"] = "mix"  # shapes world: captions in English, Thai, or either per scene
+    seed: int = 0  # of the training stream: shapes world's scenes, the order pairs are read in, the BPE's corpus
     # folder or webdataset: the fraction of pairs kept out of training (chosen by a hash of each
     # pair's key, so the same pairs on any machine) and evaluated on; shapes world has its splits
     holdout: float = 0.0
@@ -87,13 +87,13 @@ class ClipConfig:
     # 64² with 8×8 patches: 64 tokens like 32²/4×4, but a small shape spans 16 pixels instead of 8,
     # which is what tells a small hexagon from a small circle (docs/clip.md).
     image_size: int = 64
-    patch_size: int = 8
-    vision_width: int = 128
-    vision_layers: int = 4
-    vision_heads: int = 4
-    text_width: int = 128
-    text_layers: int = 4
-    text_heads: int = 4
+    patch_size: int = 8  # side of the square patches the image tower reads as tokens
+    vision_width: int = 128  # the image tower's hidden size
+    vision_layers: int = 4  # the image tower's transformer layers
+    vision_heads: int = 4  # the image tower's attention heads (vision_width must divide by it)
+    text_width: int = 128  # the text tower's hidden size: the width of the token states W
+    text_layers: int = 4  # the text tower's transformer layers
+    text_heads: int = 4  # the text tower's attention heads (text_width must divide by it)
     # The towers' MLP activation: CLIP's quick-GELU, or exact GELU, one fused kernel that makes a bf16
     # step of the shapes preset 15% cheaper on the CPU (docs/clip.md).
     activation: Literal["quick_gelu", "gelu"] = "quick_gelu"
@@ -125,11 +125,11 @@ class PriorConfig:
     Sequence [text tokens, z_t, timestep, noised z_i, learned query]; predicts the clean z_i.
     """
 
-    width: int = 128
-    layers: int = 4
-    heads: int = 4
-    timesteps: int = 1000
-    noise_schedule: Literal["cosine", "linear"] = "cosine"
+    width: int = 128  # the transformer's hidden size
+    layers: int = 4  # transformer layers
+    heads: int = 4  # attention heads (width must divide by it)
+    timesteps: int = 1000  # diffusion steps of the training noise schedule
+    noise_schedule: Literal["cosine", "linear"] = "cosine"  # improved DDPM's cosine ᾱ, or DDPM's linear β
     # Paper §2.2: "we find it better to train our model to predict the unnoised z_i directly".
     prediction_type: Literal["sample", "epsilon", "v_prediction"] = "sample"
     # Diffusion runs on (z_i - mean) / std, both computed from training z_i and saved with the
@@ -138,12 +138,12 @@ class PriorConfig:
     normalization: Literal["scalar", "per_dim"] = "scalar"
     cond_drop: float = 0.1  # paper §2.2: text conditioning dropped 10% for CFG
     best_of: int = 2  # paper §2.2: keep the sample with the higher dot product with z_t
-    sampler: Literal["ddpm", "ddim", "dpmsolver++"] = "ddim"
+    sampler: Literal["ddpm", "ddim", "dpmsolver++"] = "ddim"  # how z_i is sampled unless a call says otherwise
     # The paper samples its prior with 64 strided steps; on shapes world 8, 16 and 64 DDIM steps
     # give the same cosine (0.938 / 0.936 / 0.935, docs/priors.md), so 16 keeps evaluation short.
     sample_steps: int = 16
     eta: float = 0.0  # DDIM η: 0 deterministic
-    guidance_scale: float = 1.0
+    guidance_scale: float = 1.0  # classifier-free guidance of the caption: 1 none, above 1 stronger
     # Sized like the AR prior (width 128, 4 layers, 1,500 steps × 128, bf16) to compare at equal
     # size and budget on 2 CPU cores from an embedding folder (docs/priors.md).
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
@@ -154,14 +154,14 @@ class PriorConfig:
 class ARPriorConfig:
     """Autoregressive prior (paper §2.2): PCA of z_i, quantized, causal transformer."""
 
-    width: int = 128
-    layers: int = 4
-    heads: int = 4
+    width: int = 128  # the causal transformer's hidden size
+    layers: int = 4  # transformer layers
+    heads: int = 4  # attention heads (width must divide by it)
     pca_variance: float = 0.99  # keep the components explaining at least this much variance
     # Paper §2.2: 1,024 buckets for its 319 PCA dimensions. For a 64-d CLIP (20 dimensions kept),
     # 128 buckets train far better in the same budget: cosine 0.86 vs 0.25 (docs/priors.md).
     buckets: int = 128
-    cond_drop: float = 0.1
+    cond_drop: float = 0.1  # fraction of training captions dropped, for classifier-free guidance
     # Sized for about 10 minutes on 2 CPU cores from an embedding folder (`unclip embed`).
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
         steps=1500, batch_size=128, lr=1e-3, warmup_steps=100, mixed_precision="bf16", ckpt_every=250))
@@ -171,30 +171,31 @@ class ARPriorConfig:
 class DecoderConfig:
     """Decoder (paper §2.1) on `diffusers` UNet2DConditionModel, conditioned on z_i and caption."""
 
-    resolution: int = 32
-    base_channels: int = 64
+    resolution: int = 32  # side of the images the decoder makes (the upsamplers' input)
+    base_channels: int = 64  # the UNet's channels at full resolution
+    # UNet levels, each half the side of the one before: each one's channels ÷ base_channels
     channel_mult: tuple[int, ...] = (1, 2, 2)
-    layers_per_block: int = 1
-    attention_resolutions: tuple[int, ...] = (16,)
-    head_dim: int = 32
-    cross_attention_dim: int = 128
+    layers_per_block: int = 1  # ResNet blocks per UNet level
+    attention_resolutions: tuple[int, ...] = (16,)  # sides of the levels with cross-attention to the caption and z_i
+    head_dim: int = 32  # channels per attention head
+    cross_attention_dim: int = 128  # width of the context tokens (caption states and z_i tokens) attended to
     clip_tokens: int = 4  # paper §2.1: z_i projected into 4 extra context tokens
     # Conditioning modes of diffusers' UnCLIPTextProjModel (Karlo), for imported models
     # (docs/interop.md): "pooled" also adds a projection of the caption's z_t to the timestep
     # embedding; "empty_prompt" guides against the CLIP encoding of "" instead of a learned null.
     time_text: Literal["none", "pooled"] = "none"
-    text_null: Literal["learned", "empty_prompt"] = "learned"
-    timesteps: int = 1000
-    noise_schedule: Literal["cosine", "linear"] = "cosine"
-    variance: Literal["learned_range", "fixed_small"] = "learned_range"
+    text_null: Literal["learned", "empty_prompt"] = "learned"  # what guidance guides against (see time_text)
+    timesteps: int = 1000  # diffusion steps of the training noise schedule
+    noise_schedule: Literal["cosine", "linear"] = "cosine"  # improved DDPM's cosine ᾱ, or DDPM's linear β
+    variance: Literal["learned_range", "fixed_small"] = "learned_range"  # improved DDPM's learned Σ, or fixed β̃
     prediction_type: Literal["epsilon", "sample", "v_prediction"] = "epsilon"  # what the UNet predicts
     vlb_weight: float = 0.001  # improved DDPM §3.1: hybrid loss λ (used with variance="learned_range")
     z_drop: float = 0.1  # paper §2.1 says 10% (and 5% elsewhere); 10% here
     text_drop: float = 0.5  # paper §2.1: caption dropped 50%
-    sampler: Literal["ddpm", "ddim", "dpmsolver++"] = "ddim"
-    sample_steps: int = 50
+    sampler: Literal["ddpm", "ddim", "dpmsolver++"] = "ddim"  # how images are sampled unless a call says otherwise
+    sample_steps: int = 50  # sampling steps unless a call says otherwise
     eta: float = 0.0  # DDIM η: 0 deterministic
-    guidance_scale: float = 3.0
+    guidance_scale: float = 3.0  # classifier-free guidance of z_i and the caption: 1 none, above 1 stronger
     # Images drawn per requested image (prior and decoder); the one whose CLIP image embedding is
     # closest to the caption's z_t is kept and upsampled (`UnclipPipeline.generate`, docs/pipeline.md).
     candidates: int = 1
@@ -210,11 +211,12 @@ class DecoderConfig:
 class UpsamplerConfig:
     """A ×4 upsampler (paper §2.1 / appendix): UNet2DModel, convolutions only, no caption."""
 
-    in_resolution: int = 32
-    out_resolution: int = 128
-    base_channels: int = 32
+    in_resolution: int = 32  # side of the images it enlarges (the decoder's or the last upsampler's)
+    out_resolution: int = 128  # side of the images it makes: 4 × in_resolution
+    base_channels: int = 32  # the UNet's channels at full resolution
+    # UNet levels, each half the side of the one before: each one's channels ÷ base_channels
     channel_mult: tuple[int, ...] = (1, 2, 2, 4)
-    layers_per_block: int = 1
+    layers_per_block: int = 1  # ResNet blocks per UNet level
     degradation: Literal["blur", "bsr"] = "blur"  # stage 1: gaussian blur k=3 σ=0.6; stage 2: BSR
     blur_kernel: int = 3  # paper §2.1 / appendix: stage-1 conditioning blurred, kernel 3, σ 0.6
     blur_sigma: float = 0.6
@@ -225,15 +227,15 @@ class UpsamplerConfig:
     bsr_noise: tuple[float, ...] = (0.0, 0.08)
     bsr_jpeg_quality: tuple[int, ...] = (30, 95)
     crop_fraction: float = 0.25  # paper §2.1: trained on random crops of 1/4 of the target side
-    timesteps: int = 1000
-    noise_schedule: Literal["cosine", "linear"] = "cosine"
-    variance: Literal["learned_range", "fixed_small"] = "fixed_small"
-    prediction_type: Literal["epsilon", "sample", "v_prediction"] = "epsilon"
+    timesteps: int = 1000  # diffusion steps of the training noise schedule
+    noise_schedule: Literal["cosine", "linear"] = "cosine"  # improved DDPM's cosine ᾱ, or DDPM's linear β
+    variance: Literal["learned_range", "fixed_small"] = "fixed_small"  # improved DDPM's learned Σ, or fixed β̃
+    prediction_type: Literal["epsilon", "sample", "v_prediction"] = "epsilon"  # what the UNet predicts
     # "image": diffuse the high-res image; "residual": diffuse image − bicubic(low) (docs/decoder.md)
     target: Literal["image", "residual"] = "image"
-    sampler: Literal["ddpm", "ddim", "dpmsolver++"] = "ddim"
-    eta: float = 0.0
-    sample_steps: int = 25
+    sampler: Literal["ddpm", "ddim", "dpmsolver++"] = "ddim"  # how images are sampled unless a call says otherwise
+    eta: float = 0.0  # DDIM η: 0 deterministic
+    sample_steps: int = 25  # sampling steps unless a call says otherwise
     # Noise level sampling starts from, as a fraction of the schedule: 1.0 is pure noise; below 1 the
     # chain starts from the upsampled conditioning noised to that level (SDEdit's start), so a few
     # steps suffice (docs/decoder.md: 10 DDPM steps from 0.1 beat 50 from pure noise).
@@ -373,6 +375,12 @@ def check_new(cfg: UnclipConfig) -> None:
         raise ConfigError(f"decoder.attention_resolutions={list(attention)} names none of the decoder's levels "
                           f"({', '.join(f'{s}²' for s in sides)}), so no level would attend to the caption; list some "
                           "of those sides, or [] for attention in the middle block only")
+    if unknown := [side for side in attention if side not in sides]:  # e.g. [8, 5]: 5 silently had no attention
+        kept = [side for side in attention if side in sides]
+        raise ConfigError(f"decoder.attention_resolutions={list(attention)}: {', '.join(map(str, unknown))} "
+                          f"{'is' if len(unknown) == 1 else 'are'} not among the decoder's levels "
+                          f"({', '.join(f'{s}²' for s in sides)}) and would be ignored; list only those sides, "
+                          f"e.g. {kept}")
 
 
 def check(cfg: UnclipConfig) -> None:

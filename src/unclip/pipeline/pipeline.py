@@ -65,7 +65,12 @@ def auto_precision(device: torch.device) -> str:
 
 
 INPAINT_RESAMPLE = 5  # RePaint resamplings per inpainting step unless asked otherwise
-GENERATE_BATCH = 64  # images `generate` and `decode` draw at once: a larger n runs in pieces, drawing the same images
+# images `generate`, `decode`, `inpaint` and `upscale` draw at once: a larger n runs in pieces, drawing the same images
+GENERATE_BATCH = 64
+# Longest z_i `decode` and `invert` take from a model whose CLIP gives unit-length image embeddings:
+# its decoder learnt from length 1 (a sum of two embeddings still passes); z_i scaled by 1e6 decoded
+# to noise, or to NaN, and the error blamed the model's training.
+MAX_Z_I_LENGTH = 2.0
 
 
 def _image_seeds(seed: int | Sequence, n: int) -> list:
@@ -162,6 +167,16 @@ def _whole(name: str, value, hint: str = "") -> int:
     raise ConfigError(f"{name}={value!r}: give a whole number{hint}")
 
 
+def _flag(name: str, value) -> bool:
+    """`value` if it is True or False (a numpy bool too), else a ConfigError: upsample="no" is a
+    non-empty string, so it was read as True."""
+    import numpy as np
+
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    raise ConfigError(f"{name}={value!r}: give True or False")
+
+
 def _shared_seed(seed: Seed, task: str) -> Seed:
     """The one seed of a task whose images share one starting noise x_T: an int, a generator, None
     or a list of one (so a caller that passes a list everywhere is understood)."""
@@ -246,6 +261,12 @@ class UnclipPipeline:
     def resolution(self) -> int:
         """Side of the images the cascade produces (the last upsampler's output)."""
         return self.upsamplers[-1].config.out_resolution if self.upsamplers else self.config.decoder.resolution
+
+    @property
+    def unit_z_i(self) -> bool:
+        """Whether this model's z_i are unit length: unclip's CLIP and unclip exports normalise image
+        embeddings; an imported model's CLIP (Karlo) gives them at its own raw scale."""
+        return getattr(self.clip, "unit", True)
 
     @property
     def priors(self) -> list[str]:
@@ -510,6 +531,7 @@ class UnclipPipeline:
         memory stays that of one piece.
         """
         stages = self._stages(size, upsample)
+        inverted = _flag("inverted", inverted)
         eta = None if eta is None else check_eta(eta)
         guidance_scale = None if guidance_scale is None else check_guidance_scale(guidance_scale)
         steps = None if steps is None else _whole("steps", steps)
@@ -563,6 +585,13 @@ class UnclipPipeline:
                                 f"tensor on {value.device}")
         if not torch.isfinite(z_i).all():
             raise DataError("z_i holds NaN or infinite values")
+        length = z_i.detach().float().norm(dim=-1)  # [B]
+        if self.unit_z_i and (length > MAX_Z_I_LENGTH).any():
+            row = int(length.argmax())
+            raise DataError(f"z_i row {row} has length {float(length[row]):.4g}: this model's decoder learnt from "
+                            f"unit-length CLIP image embeddings (length 1; at most {MAX_Z_I_LENGTH:g} is taken), so "
+                            "it would draw noise from it. Pass z_i from encode_image or prior_sample, or normalise "
+                            "yours: z_i / z_i.norm(dim=-1, keepdim=True)")
         if text is not None:
             self.check_text(text)
             if len(text.embeds) != len(z_i):
@@ -615,14 +644,22 @@ class UnclipPipeline:
             log.warning("the image is %d×%d, already no smaller than the %d×%d upscale makes: it is read at %d×%d "
                         "and redrawn at %d×%d", own, own, self.sizes[last], self.sizes[last], sides[first],
                         sides[first], self.sizes[last], self.sizes[last])
-        images = self.pixels(image, sides[first]).repeat(n, 1, 1, 1)
+        low = self.pixels(image, sides[first])  # [1, 3, s, s]
         gens = generators(seed, n)
-        with self.autocast():
-            for stage in range(first + 1, last + 1):
-                upsampler = self.upsamplers[stage - 1]
-                images = upsampler.sample(images, generator=gens, callback=_stage_callback(callback, f"upsampler{stage}"))
-                _check_finite(images, f"upsampler {stage}", upsampler.config.sampler, upsampler.config.sample_steps)
-        return to_pil(images)
+        pieces = []
+        for start in range(0, n, GENERATE_BATCH):  # a large n in pieces: draw i from its own seed
+            rows = range(start, min(start + GENERATE_BATCH, n))
+            piece_gens = gens[start:rows.stop] if isinstance(gens, list) else gens
+            images = low.repeat(len(rows), 1, 1, 1)
+            with self.autocast():
+                for stage in range(first + 1, last + 1):
+                    upsampler = self.upsamplers[stage - 1]
+                    images = upsampler.sample(images, generator=piece_gens,
+                                              callback=_stage_callback(callback, f"upsampler{stage}"))
+                    _check_finite(images, f"upsampler {stage}", upsampler.config.sampler,
+                                  upsampler.config.sample_steps)
+            pieces.append(images)
+        return to_pil(torch.cat(pieces))
 
     @property
     def sizes(self) -> list[int]:
@@ -641,6 +678,7 @@ class UnclipPipeline:
 
     def _stages(self, size: int | None, upsample: bool) -> int:
         """`stages_for(size)`, or 0 with upsample=False (an error if `size` asks for more)."""
+        upsample = _flag("upsample", upsample)
         stages = self.stages_for(size)
         if not upsample and size is not None and stages:
             raise ConfigError(f"size={size} with upsample=False: upsample=False stops at the decoder's "
@@ -742,6 +780,19 @@ class UnclipPipeline:
         """Row indices [B / k · keep] of the best `keep` of each k consecutive candidate images
         [B, 3, r, r], best first within a group: the highest cosine between the image's CLIP
         embedding and its caption's z_t [B, D]."""
+        k, keep = _whole("k", k), _whole("keep", keep)
+        if k < 1:
+            raise ConfigError(f"k={k}: the candidates of one image come in groups of k, 1 or more (generate's "
+                              "candidates)")
+        if not 1 <= keep <= k:
+            raise ConfigError(f"keep={keep}: keep 1 to k={k} of each group of candidates")
+        if not isinstance(images, torch.Tensor) or images.ndim != 4 or len(images) % k:
+            got = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+            raise DataError(f"best_candidates takes images [B, 3, r, r] with B a multiple of k={k} (k candidates "
+                            f"per image, one after another); got {got}")
+        if not isinstance(text_embeds, torch.Tensor) or text_embeds.ndim != 2 or len(text_embeds) != len(images):
+            got = tuple(text_embeds.shape) if isinstance(text_embeds, torch.Tensor) else type(text_embeds).__name__
+            raise DataError(f"best_candidates takes one caption z_t per image, [{len(images)}, D]; got {got}")
         z = self.encode_image(images.clamp(-1, 1))
         t = torch.nn.functional.normalize(text_embeds.float().to(z.device), dim=-1)
         scores = (torch.nn.functional.normalize(z.float(), dim=-1) * t).sum(-1).view(-1, k)
@@ -750,16 +801,24 @@ class UnclipPipeline:
 
     def variations(self, image, n: int = 4, *, eta: float = 0.8, steps: int | None = None,
                    guidance_scale: float | None = None, seed: Seed = None, callback: Callback | None = None,
-                   upsample: bool = True, size: int | None = None) -> list:
+                   upsample: bool = True, size: int | None = None,
+                   inversion: tuple[torch.Tensor, torch.Tensor] | None = None) -> list:
         """n variations of one image (paper §3.1): its z_i and DDIM-inverted x_T, decoded with DDIM η.
 
         η = 0 reconstructs the image; larger η keeps z_i's content and varies the rest. size: stop
-        the cascade at this side (one of `sizes`).
+        the cascade at this side (one of `sizes`). inversion: the image's (z_i [1, D], x_T [1, 3, r, r])
+        from `invert(image, steps=steps, guidance_scale=guidance_scale)`, to draw more variations of
+        it without inverting it again (the inversion draws no noise, so the images are the same).
         """
         self._stages(size, upsample)  # an unknown size is an error before any work
         n = _count("n", n, 1, "give 1 or more variations")
         check_eta(eta)
-        z_i, x_T = self.invert(_one_image(image, "variations"), steps=steps, guidance_scale=guidance_scale, callback=callback)
+        image = _one_image(image, "variations")
+        if inversion is None:
+            z_i, x_T = self.invert(image, steps=steps, guidance_scale=guidance_scale, callback=callback)
+        else:
+            z_i, x_T = _inversion(inversion)
+            self.check_latents(z_i, x_T)
         z_i, x_T = z_i[:1].expand(n, -1), x_T[:1].expand(n, -1, -1, -1)
         images = self.decode(z_i, x_T=x_T, sampler="ddim", eta=eta, steps=steps, guidance_scale=guidance_scale,
                              seed=seed, callback=callback, upsample=upsample, size=size, inverted=True)
@@ -843,25 +902,31 @@ class UnclipPipeline:
 
         side = self.config.decoder.resolution
         image = _one_image(image, "inpaint")
-        known = self.pixels(image, side).expand(n, -1, -1, -1)
+        known = self.pixels(image, side)  # [1, 3, r, r]
         hole = _mask_tensor(mask, side).to(self.device)  # [1, 1, r, r], 1 = paint
         gens = generators(seed, n)  # one stream per image: its prior, its RePaint loop, its upsamplers in turn
-        if prompt is not None:
-            text = self.encode_text([prompt] * n)
-            z_i = self.prior_sample(text, seed=gens, callback=callback)
-        else:
-            text, z_i = None, self.encode_image(image)[:1].expand(n, -1)
+        own_z = None if prompt is not None else self.encode_image(image)[:1]  # [1, D]
         scale = self.decoder.config.guidance_scale if guidance_scale is None else guidance_scale
-        model_fn = self.decoder.guided_fn(z_i, None if text is None else text.token_states.float(),
-                                          None if text is None else text.mask, scale,
-                                          text_embeds=None if text is None else text.embeds)
         steps = self.decoder.config.sample_steps if steps is None else steps
-        loop = repaint_loop(model_fn, self.decoder.diffusion, known, 1 - hole, steps=steps, resample=resample,
-                            generator=gens)
-        with self.autocast():
-            images = run(loop, _stage_callback(callback, "decoder"))
-        _check_finite(images, "decoder", "RePaint", steps)
-        images = self.upsample(images.clamp(-1, 1), stages, generator=gens, callback=callback)
+        pieces = []
+        for start in range(0, n, GENERATE_BATCH):  # a large n in pieces: image i draws from its own stream
+            rows = range(start, min(start + GENERATE_BATCH, n))
+            piece_gens = gens[start:rows.stop] if isinstance(gens, list) else gens
+            if prompt is not None:
+                text = self.encode_text([prompt] * len(rows))
+                z_i = self.prior_sample(text, seed=piece_gens, callback=callback)
+            else:
+                text, z_i = None, own_z.expand(len(rows), -1)
+            model_fn = self.decoder.guided_fn(z_i, None if text is None else text.token_states.float(),
+                                              None if text is None else text.mask, scale,
+                                              text_embeds=None if text is None else text.embeds)
+            loop = repaint_loop(model_fn, self.decoder.diffusion, known.expand(len(rows), -1, -1, -1), 1 - hole,
+                                steps=steps, resample=resample, generator=piece_gens)
+            with self.autocast():
+                images = run(loop, _stage_callback(callback, "decoder"))
+            _check_finite(images, "decoder", "RePaint", steps)
+            pieces.append(self.upsample(images.clamp(-1, 1), stages, generator=piece_gens, callback=callback))
+        images = torch.cat(pieces)
         out_side = images.shape[-1]
         if out_side > side:  # keep the original's known pixels at that size
             full = self.pixels(image, out_side)
@@ -904,6 +969,17 @@ class UnclipPipeline:
         images = self.decode(z, x_T=self.fixed_noise(seed, len(dims)), sampler="ddim", eta=0.0, steps=steps,
                              guidance_scale=guidance_scale, seed=seed, callback=callback, upsample=upsample, size=size)
         return to_pil(images)
+
+
+def _inversion(inversion) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (z_i, x_T) of one image, as `invert` returns it, else a DataError saying what it is."""
+    pair = isinstance(inversion, (tuple, list)) and len(inversion) == 2
+    if not pair or not all(isinstance(t, torch.Tensor) and t.ndim > 1 and len(t) == 1 for t in inversion):
+        shapes = [tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__ for t in inversion] if pair \
+            else type(inversion).__name__
+        raise DataError(f"inversion= is one image's (z_i [1, D], x_T [1, 3, r, r]), as invert(image) returns it; "
+                        f"got {shapes}")
+    return inversion[0], inversion[1]
 
 
 def _open_rgb(item):

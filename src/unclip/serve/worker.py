@@ -5,7 +5,8 @@ and, for generations, every queued generation with the same options (side, steps
 sampler, prior) up to `max_batch` images, and makes them in one `pipe.generate` call with one
 seed per image: request r's image i uses r's seed + i (a seed drawn for it when it gave none),
 exactly as if it ran alone. Edits and variations run one request at a time, its n images
-together. No call makes more than `max_batch` images: a larger n is made that many at a time.
+together. No call makes more than `max_batch` images: a larger n is made that many at a time (a
+variation request's image inverted once, for every piece).
 
 The queue holds at most `max_queue` waiting jobs; past that `submit` raises `Busy` with an
 estimate of the seconds until a place frees up, that is until the running call ends (the 429
@@ -297,11 +298,15 @@ class Worker:
                 images += pipe.generate(prompts[at:at + self.max_batch], n=1, seed=seeds[at:at + self.max_batch],
                                         size=task.cascade_side, callback=callback, **task.options)
             return images
+        inversion = None  # a split variation request inverts its image once, for every piece
+        if task.kind == "vary" and task.n > self.max_batch:
+            inversion = pipe.invert(task.image, steps=task.options.get("steps"),
+                                    guidance_scale=task.options.get("guidance_scale"), callback=callback)
         for at in range(0, task.n, self.max_batch):
             n, seed = min(self.max_batch, task.n - at), batch[0].seed + at
             if task.kind == "vary":
                 images += pipe.variations(task.image, n=n, seed=seed, callback=callback, size=task.cascade_side,
-                                          **task.options)
+                                          inversion=inversion, **task.options)
             else:
                 images += pipe.inpaint(task.image, task.mask, task.prompt, n=n, seed=seed, callback=callback,
                                        size=task.cascade_side, **task.options)
