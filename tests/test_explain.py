@@ -127,6 +127,17 @@ def test_html_page_is_self_contained_with_one_point_per_sample():
     data = json.loads(re.search(r'<script type="application/json" id="data">(.*?)</script>', page, re.S).group(1))
     assert len(data["px"]) == n and all(len(px) == 2 * 64 for px in data["px"])
     assert "t </script>" not in page  # the title is escaped, the JSON cannot close its script
+    counts = [int(c) for c in re.findall(r'<span class="n">\((\d+) images?\)</span>', page)]
+    assert sum(counts) == n and len(counts) == page.count('<div class="item"')  # the legend counts images
+
+
+def test_html_legend_counts_each_kind_of_point_by_name():
+    """CLIP's page has an image and a caption per scene; its legend said "(4)" for 2 scenes."""
+    labels = np.array([0, 0, 1, 0, 0, 1])
+    page = scatter_html(points=np.random.default_rng(0).normal(size=(6, 2)), labels=labels,
+                        images=np.zeros((6, 4, 4, 3)), class_names=["circle", "star", "heart"], label_name="shape",
+                        title="t", rings=[False, False, False, True, True, True], point_names=("image", "caption"))
+    assert re.findall(r'<span class="n">\((.*?)\)</span>', page) == ["2 images, 2 captions", "1 image, 1 caption"]
 
 
 def _chromium() -> str:

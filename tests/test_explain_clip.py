@@ -31,6 +31,10 @@ def test_writes_figures_page_and_metrics(tiny_clip, tmp_path, capsys):
     # the captions are rings, the images dots, as × and ● in the PNG (were all alike: only hovering told them apart)
     assert len(re.findall(r'<circle class="pt" ', page)) == 40 and len(re.findall(r'<circle class="pt ring" ', page)) == 40
     assert all(int(i) >= 40 for i in re.findall(r'<circle class="pt ring" data-i="(\d+)"', page))
+    # the legend counts each shape's scenes as images and captions, not as points (twice the scenes)
+    counts = re.findall(r'<span class="n">\((\d+) images?, (\d+) captions?\)</span>', page)
+    assert counts and all(images == captions for images, captions in counts)
+    assert sum(int(images) for images, _ in counts) == 40 and len(counts) == page.count('<div class="item"')
     assert (out / "similarity.png").stat().st_size > 5000 and (out / "tsne_image_text.png").stat().st_size > 5000
     assert "CLIP explainer" in capsys.readouterr().out
 

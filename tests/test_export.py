@@ -84,6 +84,39 @@ def test_an_interrupted_export_keeps_the_shards_it_finished_and_no_others(tmp_pa
     assert rendered == []  # all whole: nothing rendered again
 
 
+def test_an_interrupted_folder_export_keeps_the_samples_it_finished_and_no_others(tmp_path, monkeypatch):
+    """Rerun after a stop, a folder export wrote every file again; it keeps each sample whose KEY.json
+    (written after its image and caption) records these settings' sample, and no other."""
+    whole, out = tmp_path / "whole", tmp_path / "out"
+    export_folder(whole, split="val", n=6, size=8, progress=False)
+    export_folder(out, split="val", n=6, size=8, progress=False, lang="th")  # another export's samples there
+    save_image = export.save_image_atomic
+
+    def stopped_at_the_third(path, image, **kwargs):
+        save_image(path, image, **kwargs)
+        if path.name == "000000002.png":  # its image written, its caption and record not
+            raise KeyboardInterrupt
+
+    with monkeypatch.context() as stop:
+        stop.setattr(export, "save_image_atomic", stopped_at_the_third)
+        with pytest.raises(KeyboardInterrupt):
+            export_folder(out, split="val", n=6, size=8, progress=False)
+    assert not (out / "000000002.json").exists()  # the Thai record went before the English image came
+    written, save_image = [], export.save_image_atomic
+
+    def counted(path, image, **kwargs):
+        written.append(path.name)
+        return save_image(path, image, **kwargs)
+
+    monkeypatch.setattr(export, "save_image_atomic", counted)
+    export_folder(out, split="val", n=6, size=8, progress=False)
+    assert written == [f"00000000{i}.png" for i in range(2, 6)]  # 0 and 1 kept; 3-5 are the Thai export's
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == {p.name: p.read_bytes() for p in whole.iterdir()}
+    written.clear()
+    export_folder(out, split="val", n=6, size=8, progress=False)
+    assert written == []  # all whole: nothing written again
+
+
 def test_cli_preview_and_export(tmp_path, capsys):
     assert main(["data", "preview", "-n", "3", "--size", "32", "--out", str(tmp_path / "p.png")]) == 0
     assert (tmp_path / "p.png").stat().st_size > 1000

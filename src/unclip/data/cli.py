@@ -94,8 +94,9 @@ def register(subparsers) -> None:
         description="webdataset: 000000.tar, 000001.tar, ... each holding KEY.jpg, KEY.txt (caption) and "
                     "KEY.json (scene and metadata), with 000000_stats.json beside it; KEY is the 9-digit "
                     "sample index. folder: KEY.png + KEY.txt + KEY.json. Every file is written atomically; run "
-                    "again with the same settings, a webdataset export keeps the shards it finished (their stats "
-                    "record the settings and sha256) and writes the rest.")
+                    "again with the same settings, an interrupted export keeps what it finished and writes the "
+                    "rest: a webdataset export the shards whose stats record the settings and sha256, a folder "
+                    "export the samples whose KEY.json records these settings' sample.")
     e.add_argument("--out", required=True, help="output folder (created if missing)")
     e.add_argument("--format", default="webdataset", choices=["webdataset", "folder"],
                    help="webdataset or folder (default: webdataset)")

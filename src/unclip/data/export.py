@@ -5,7 +5,9 @@ Shards are `000000.tar`, `000001.tar`, ... holding `KEY.jpg`, `KEY.txt` (the cap
 beside each. KEY is the sample's 9-digit global index. Each shard and file is written
 atomically, so an interrupted export leaves only whole shards. Run again with the same settings,
 an export keeps each shard its stats file vouches for (same settings, same sha256) and writes the
-rest, so an interrupted one resumes; a folder export writes every file again.
+rest, so an interrupted one resumes. A folder export does the same per sample: KEY.json is removed
+before KEY.png and KEY.txt are written and written after them, so one that records what these
+settings make of the sample (scene, caption, size) vouches for the two beside it, which are kept.
 """
 
 from __future__ import annotations
@@ -21,9 +23,9 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from unclip.data.render import render
-from unclip.data.world import SPLIT_LENGTHS, SPLITS, sample
+from unclip.data.world import SPLIT_LENGTHS, SPLITS, Sample, sample
 from unclip.errors import DataError
-from unclip.io import atomic_write, save_image_atomic, write_json_atomic
+from unclip.io import atomic_write, remove_dead_temps, save_image_atomic, write_json_atomic
 from unclip.modeldir import file_record
 
 log = logging.getLogger(__name__)
@@ -58,12 +60,16 @@ def _check_leftovers(out_dir: Path, pattern: re.Pattern, count: int, n: int) -> 
                         "remove them or export to another folder")
 
 
+def _meta(s: Sample, *, size: int) -> dict:
+    """What KEY.json holds for sample `s` drawn at side `size`."""
+    return {"key": f"{s.index:09d}", "caption": s.caption, "lang": s.lang, "scene": s.scene.to_dict(),
+            "split": s.split, "index": s.index, "width": size, "height": size, "status": "success"}
+
+
 def _record(split: str, index: int, *, size: int, seed: int, lang: str):
     s = sample(split, index, seed=seed, lang=lang)
-    key = f"{index:09d}"
-    meta = {"key": key, "caption": s.caption, "lang": s.lang, "scene": s.scene.to_dict(), "split": split,
-            "index": index, "width": size, "height": size, "status": "success"}
-    return key, render(s.scene, size), s.caption, meta
+    meta = _meta(s, size=size)
+    return meta["key"], render(s.scene, size), s.caption, meta
 
 
 def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
@@ -129,16 +135,46 @@ def export_webdataset(out_dir: str | Path, *, split: str, n: int, size: int, see
     return shards
 
 
+def _kept_sample(out_dir: Path, meta: dict) -> bool:
+    """Whether KEY.png and KEY.txt in `out_dir` are whole and of `meta`: KEY.json, removed before they
+    are written and written after them (`export_folder`), records `meta` and is not older than
+    them. The scene, the caption and the side fix the image, so equal records mean equal files."""
+    key = meta["key"]
+    record = out_dir / f"{key}.json"
+    try:
+        if json.loads(record.read_text(encoding="utf-8")) != json.loads(json.dumps(meta)):  # tuples read as lists
+            return False
+        written = record.stat().st_mtime_ns
+        return all((out_dir / f"{key}{suffix}").stat().st_mtime_ns <= written for suffix in (".png", ".txt"))
+    except (OSError, ValueError):
+        return False
+
+
 def export_folder(out_dir: str | Path, *, split: str, n: int, size: int, seed: int = 0, lang: str = "mix",
                   progress: bool = True) -> Path:
-    """Write samples 0..n-1 of `split` as KEY.png + KEY.txt + KEY.json in `out_dir`; returns it."""
+    """Write samples 0..n-1 of `split` as KEY.png + KEY.txt + KEY.json in `out_dir`; returns it.
+
+    A sample an earlier export of the same settings wrote whole is kept (module docstring), so an
+    interrupted export run again finishes with the files an uninterrupted one writes.
+    """
     _check(split, n, size, lang)
     out_dir = Path(out_dir)
     _check_leftovers(out_dir, FOLDER_FILE, n, n)
+    if out_dir.is_dir():
+        remove_dead_temps(out_dir)  # what a killed write left, also when every sample is kept
+    kept = 0
     for index in tqdm(range(n), desc="export", unit="img", disable=None if progress else True):
-        key, image, text, meta = _record(split, index, size=size, seed=seed, lang=lang)
-        save_image_atomic(out_dir / f"{key}.png", image)
+        s = sample(split, index, seed=seed, lang=lang)
+        meta = _meta(s, size=size)
+        if _kept_sample(out_dir, meta):
+            kept += 1
+            continue
+        key = meta["key"]
+        (out_dir / f"{key}.json").unlink(missing_ok=True)  # until it is written again, nothing vouches for the two
+        save_image_atomic(out_dir / f"{key}.png", render(s.scene, size))
         with atomic_write(out_dir / f"{key}.txt", "w") as handle:
-            handle.write(text)
+            handle.write(s.caption)
         write_json_atomic(out_dir / f"{key}.json", meta)
+    if kept:
+        log.info("kept %d of %d sample(s), written whole with these settings before", kept, n)
     return out_dir

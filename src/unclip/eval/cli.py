@@ -10,7 +10,7 @@ from pathlib import Path
 
 from unclip.argtypes import guidance, positive_int, seed_number, threads
 from unclip.errors import ConfigError
-from unclip.pipeline.cli import add_sampling_arguments, configure_sampling
+from unclip.pipeline.cli import add_sampling_arguments, configure_sampling, model_digest
 
 log = logging.getLogger(__name__)
 
@@ -23,6 +23,9 @@ unclip eval [MODEL]   GenEval-style scores of a model directory (the shipped mod
                       in OUT/.drawn until the run ends) are read instead of drawn again.
 unclip eval judge     train the judge network on real shapes-world renders, measure its accuracy on
                       held-out test and unseen renders, and save it to --out (default out/judge).
+                      Stopped, it resumes: run the same command again, and training goes on from
+                      its last checkpoint (.NAME.training.pt beside --out, written every 200 steps
+                      and removed once the judge is saved).
 unclip eval prompts   write a GenEval-style prompt file (--per-group prompts per task, split and
                       language) to --out (default out/prompts.jsonl).
 
@@ -116,16 +119,22 @@ def run(args: argparse.Namespace) -> int:
 
 def _judge(args: argparse.Namespace) -> int:
     from unclip.eval.judge import JudgeConfig, save_judge
-    from unclip.eval.judge_train import MIN_SUPPORT, JudgeTrainConfig, judge_accuracy, minimum, thin, train_judge
+    from unclip.eval.judge_train import (MIN_SUPPORT, JudgeTrainConfig, judge_accuracy, minimum, thin, train_judge,
+                                         training_checkpoint)
+    from unclip.io import check_output_dir
 
     from unclip.modeldir import check_replaceable
 
-    check_replaceable(args.out or "out/judge", judge=True)
+    out = Path(args.out or "out/judge")
+    check_replaceable(out, judge=True)
+    check_output_dir(out.parent)  # the checkpoint goes beside OUT: a file on that path is said before training
     seed = {} if args.seed is None else {"seed": args.seed}
     cfg = JudgeTrainConfig(steps=args.train_steps, batch_size=args.batch_size, **seed)
-    judge, provenance = train_judge(JudgeConfig(), cfg, progress=not args.quiet)
+    checkpoint = training_checkpoint(out)  # a stopped run resumes from it; it goes once the judge is saved
+    judge, provenance = train_judge(JudgeConfig(), cfg, progress=not args.quiet, checkpoint=checkpoint)
     accuracy = judge_accuracy(judge, n=args.eval_n, progress=not args.quiet)
-    out = save_judge(judge, args.out or "out/judge", accuracy=accuracy, provenance=provenance)
+    out = save_judge(judge, out, accuracy=accuracy, provenance=provenance)
+    checkpoint.unlink(missing_ok=True)
     worst = minimum(accuracy)
     print(f"judge trained in {provenance['seconds']:.0f} s -> {out}")
     print("accuracy on held-out renders (worst of test, unseen): "
@@ -151,15 +160,6 @@ def _prompts(args: argparse.Namespace) -> int:
     path = write_prompts(args.out or "out/prompts.jsonl", prompts)
     print(f"{len(prompts)} prompts -> {path}")
     return 0
-
-
-def model_digest(model: Path) -> str:
-    """The sha256 of a model's manifest (which records every file's), or of a diffusers directory's
-    model_index.json when it has no manifest (a Karlo download: eval crashed on the missing file)."""
-    import hashlib
-
-    index = next((model / name for name in ("unclip.json", "model_index.json") if (model / name).is_file()), None)
-    return hashlib.sha256(index.read_bytes()).hexdigest() if index else "none"
 
 
 def _settings(args: argparse.Namespace, pipe, model: Path, prompts_path: Path, judge_dir: Path, reading: str) -> dict:

@@ -9,6 +9,11 @@ accuracy is measured on the `test` and `unseen` splits (seed 0), scenes it was n
 
 Augmentation matches what generated images look like: some scenes are rendered at half the side
 and upsampled (a blurry low-resolution image), some get gaussian pixel noise.
+
+Training takes about ten minutes on one CPU thread, so it checkpoints (`train_judge(checkpoint=...)`,
+atomically, every `CKPT_EVERY` steps and at the end) and a stopped run resumes from its last
+checkpoint: the weights, optimizer, schedule and RNG state come back and the scene stream is indexed
+by step, so the resumed judge is the one an uninterrupted run trains.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import math
 import platform
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -26,6 +32,7 @@ import torch
 from unclip.data.render import render
 from unclip.data.shapes import to_tensor
 from unclip.data.world import Scene, cell_of, sample, sample_scene
+from unclip.errors import ModelFormatError
 from unclip.eval.judge import (CLASS_INDEX, CLASSES, SIZE_NAMES, Judge, JudgeConfig, losses, read_objects,
                                relation_of, resize, scene_targets)
 
@@ -33,6 +40,7 @@ log = logging.getLogger(__name__)
 
 JUDGE_STREAM = 97  # the judge's scenes: rng [seed, 97, i], disjoint from every split's [seed, split id, i]
 ATTRIBUTES = ("objects", "colour_shape", "colour", "shape", "size", "cell", "relation", "count", "scene")
+CKPT_EVERY = 200  # optimizer steps between checkpoints: about 30 s of the default run on one CPU thread
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -77,10 +85,22 @@ def training_batch(start: int, cfg: JudgeTrainConfig, judge_cfg: JudgeConfig) ->
     return {"image": torch.stack(images), **batch}
 
 
+def training_checkpoint(out: str | Path) -> Path:
+    """Where `unclip eval judge --out OUT` keeps its training checkpoint until the judge is saved:
+    `.NAME.training.pt` beside OUT. Not inside it: a folder without the judge's unclip.json is not
+    one a judge may replace (`modeldir.check_replaceable`)."""
+    out = Path(out)
+    return out.parent / f".{out.name}.training.pt"
+
+
 def train_judge(judge_cfg: JudgeConfig = JudgeConfig(), cfg: JudgeTrainConfig = JudgeTrainConfig(), *,
-                progress: bool = True) -> tuple[Judge, dict[str, Any]]:
+                progress: bool = True, checkpoint: str | Path | None = None,
+                ckpt_every: int | None = None) -> tuple[Judge, dict[str, Any]]:
     """Train a judge from scratch: AdamW, linear warmup then cosine decay, bf16 autocast on CPU/GPU.
 
+    With `checkpoint` (a file path), the training state is written there atomically every
+    `ckpt_every` steps (default `CKPT_EVERY`) and after the last step, and a run that finds a
+    checkpoint of the same settings there resumes from it (one of other settings is replaced).
     Returns the judge (eval mode, frozen) and the provenance of the run.
     """
     from tqdm.auto import tqdm
@@ -96,10 +116,30 @@ def train_judge(judge_cfg: JudgeConfig = JudgeConfig(), cfg: JudgeTrainConfig = 
         return 0.5 * (1 + math.cos(math.pi * (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)))
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    settings = {"judge": asdict(judge_cfg), "train": asdict(cfg)}
+    every = ckpt_every or CKPT_EVERY
+    first, earlier_seconds, metrics = 0, 0.0, {}
+    state = _resume_state(Path(checkpoint), settings) if checkpoint is not None else None
+    if state is not None:
+        judge.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng"])
+        first, earlier_seconds, metrics = state["step"], state["seconds"], state["metrics"]
+        log.info("resuming the judge's training from step %d of %d (%s)", first, cfg.steps, checkpoint)
+    state = None  # free the loaded copy
+
+    def save(step: int) -> None:
+        from unclip.modeldir import save_checkpoint
+
+        save_checkpoint(checkpoint, {
+            "kind": "judge training", "settings": settings, "step": step, "model": judge.state_dict(),
+            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(),
+            "metrics": metrics, "seconds": earlier_seconds + time.time() - start})
+
     judge.train()
     start = time.time()
-    bar = tqdm(range(cfg.steps), desc="train judge", disable=not progress)
-    metrics: dict[str, float] = {}
+    bar = tqdm(range(first, cfg.steps), desc="train judge", disable=not progress, initial=first, total=cfg.steps)
     for step in bar:
         batch = {k: v.to(device) for k, v in training_batch(step * cfg.batch_size, cfg, judge_cfg).items()}
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.mixed_precision == "bf16"):
@@ -115,15 +155,39 @@ def train_judge(judge_cfg: JudgeConfig = JudgeConfig(), cfg: JudgeTrainConfig = 
             metrics = {k: round(float(v.detach()), 5) for k, v in loss.items()}
             bar.set_postfix(loss=f"{metrics['loss']:.4f}")
             log.debug("judge step %d %s", step, metrics)
+        if checkpoint is not None and ((step + 1) % every == 0 or step + 1 == cfg.steps):
+            save(step + 1)
     judge.eval().requires_grad_(False)
     provenance = {
-        "trained_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "seconds": round(time.time() - start, 1),
+        "trained_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "seconds": round(earlier_seconds + time.time() - start, 1),
         "device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({platform.machine()})",
         "threads": torch.get_num_threads(), "torch": torch.__version__, "train": asdict(cfg),
         "images_seen": cfg.steps * cfg.batch_size, "final_losses": metrics,
         "data": "shapes-world renders only: world.sample_scene on seed stream [seed, 97, i]",
+        **({"resumed_from_step": first} if first else {}),
     }
     return judge.cpu(), provenance
+
+
+def _resume_state(path: Path, settings: dict[str, Any]) -> dict[str, Any] | None:
+    """The training state a checkpoint at `path` holds for a run of `settings`, or None: no file, or
+    one of other settings (said, then replaced by this run's first checkpoint)."""
+    from unclip.modeldir import load_checkpoint
+
+    if not path.is_file():
+        return None
+    state = load_checkpoint(path)
+    if state.get("kind") != "judge training":
+        raise ModelFormatError(f"{path} is not a checkpoint of the judge's training; move it away, or give "
+                               "another --out")
+    if state["settings"] != settings:
+        changed = sorted(f"{part}.{key}" for part in settings for key in settings[part]
+                         if state["settings"].get(part, {}).get(key) != settings[part][key])
+        log.warning("%s holds the training of a judge with other settings (%s); training this one from the start",
+                    path, ", ".join(changed) or "another version")
+        return None
+    return state
 
 
 # --- the judge's own accuracy ------------------------------------------------------------------

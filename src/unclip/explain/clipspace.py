@@ -138,7 +138,8 @@ def run_clip_space(out_dir: str | Path, *, model_dir: str | Path, n: int = 150, 
         subtitle="each scene twice: its image embedding (●) and its caption's embedding (○), coloured by shape; "
                  "hover or tap a point to see the scene and the caption",
         notes=[f"image: {t}" for t in texts] + [f"caption: {t}" for t in texts],
-        rings=[kind == "text" for kind in kinds], label_name="shape", invert=False)
+        rings=[kind == "text" for kind in kinds], point_names=("image", "caption"), label_name="shape",
+        invert=False)  # the legend counts each shape's images and captions: its points are twice its scenes
     matched = float(np.mean((z_img * z_txt).sum(1).numpy()))
     shuffled = float(np.mean((z_img * z_txt.roll(1, dims=0)).sum(1).numpy()))
     nearest = (z_txt @ z_img.t()).argmax(dim=1).numpy()

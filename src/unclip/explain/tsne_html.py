@@ -2,7 +2,8 @@
 
 Every sample is one `<circle class="pt">` (a ring, class "pt ring", for a second kind of sample); the
 mouse over it, or a finger tapping beside it, shows its class name and its image (drawn on a canvas
-from pixel bytes embedded in the page); clicking a legend entry hides or shows that class. The page
+from pixel bytes embedded in the page); clicking a legend entry hides or shows that class. Each
+legend entry counts its class's samples of each kind by name ("12 images, 12 captions"). The page
 loads nothing from anywhere (no CDN, no external file), so it works offline and can be attached to a
 report or an e-mail as it is.
 """
@@ -119,6 +120,7 @@ def scatter_html(
     notes: Sequence[str] | None = None,
     rings: Sequence[bool] | None = None,
     label_name: str = "digit",
+    point_names: tuple[str, str] = ("image", "caption"),
     axis_names: tuple[str, str] = ("t-SNE 1", "t-SNE 2"),
     invert: bool = True,
     size: int = 640,
@@ -133,6 +135,8 @@ def scatter_html(
         notes: optional [N] short text shown after the class name on hover (e.g. "train").
         rings: optional [N] bools: draw these points as rings in their class's colour, the others as dots
             (CLIP's captions beside its images); say which is which in `subtitle`.
+        point_names: what a dot and a ring each stand for (singular nouns that take an "s"), so that the
+            legend says what it counts: "circle (12 images, 12 captions)", not the 24 points.
         invert: draw grayscale images dark-on-light (ink on paper), as digits are usually shown.
         size: the plot's width and height in CSS pixels.
     """
@@ -163,11 +167,17 @@ def scatter_html(
         f'<circle class="pt" data-i="{i}" data-c="{c}" cx="{x:.1f}" cy="{y:.1f}" r="3.5" fill="{colors[c]}"/>'
         for i, ((x, y), c, ring) in enumerate(zip(xy, labels, rings))
     )
-    counts = np.bincount(labels, minlength=len(class_names))
+    kinds = [(np.bincount(labels[~rings], minlength=len(class_names)), point_names[0])]
+    if rings.any():
+        kinds.append((np.bincount(labels[rings], minlength=len(class_names)), point_names[1]))
+
+    def counted(k: int) -> str:  # "12 images, 12 captions": a class's samples of each kind
+        return ", ".join(f"{counts[k]} {name}{'' if counts[k] == 1 else 's'}" for counts, name in kinds if counts[k])
+
     legend = "\n".join(
         f'<div class="item" data-c="{k}"><span class="sw" style="background:{colors[k]}"></span>'
-        f'{html.escape(name)} <span class="n">({counts[k]})</span></div>'
-        for k, name in enumerate(class_names) if counts[k] > 0
+        f'{html.escape(name)} <span class="n">({html.escape(counted(k))})</span></div>'
+        for k, name in enumerate(class_names) if any(counts[k] for counts, _ in kinds)
     )
     data = {"w": int(w), "h": int(h), "c": channels, "invert": bool(invert), "label": label_name,
             "names": list(class_names), "px": [row.tobytes().hex() for row in pixels],

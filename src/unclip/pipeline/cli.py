@@ -2,15 +2,19 @@
 
 Every image verb writes a captioned grid (`--out`, a PNG) and each image beside it
 (`<out stem>-<i>.png`), every PNG carrying its generation parameters as JSON in the PNG text
-chunk "unclip", and shows a progress bar per sampling stage.
+chunk "unclip", and shows a progress bar per sampling stage. `unclip generate` stopped part-way
+resumes: run again with the same settings, it keeps the images its PNGs say it drew and draws
+the rest (`resume_singles`).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -59,21 +63,85 @@ BATCH = 16  # images `unclip generate` samples at once, so memory stays flat for
 PER_IMAGE_SEED = ("generate", "vary", "inpaint", "demo")  # verbs whose image i is drawn with seed + i
 
 
+OWN_KEYS = ("index", "label", "image_seed")  # what one image's PNG records beside its run's params
+
+
+def single_params(params: dict, index: int, label: str) -> dict:
+    """What image `index` of a run records in its PNG: the run's `params`, its index and label and,
+    for the verbs of PER_IMAGE_SEED, the seed that redraws it alone (`--seed` of a one-image run)."""
+    own = {"index": index, "label": label}
+    if params.get("verb") in PER_IMAGE_SEED and params.get("seed") is not None:
+        own["image_seed"] = params["seed"] + index
+    return {**params, **own}
+
+
 def write_singles(images: list, out: str | Path, *, labels: list[str], params: dict, start: int = 0) -> list[Path]:
-    """Each image at `<stem>-<start + i>.png` beside `out`, written atomically with `params` (plus
-    the image's index and label) as JSON in the PNG text chunk "unclip"."""
+    """Each image at `<stem>-<start + i>.png` beside `out`, written atomically with `single_params`
+    as JSON in the PNG text chunk "unclip"."""
     from PIL.PngImagePlugin import PngInfo
 
     from unclip.io import save_image_atomic
 
     out, paths = Path(out), []
     for i, (image, label) in enumerate(zip(images, labels), start=start):
-        info, own = PngInfo(), {"index": i, "label": label}
-        if params.get("verb") in PER_IMAGE_SEED and params.get("seed") is not None:
-            own["image_seed"] = params["seed"] + i  # what redraws this image alone (`--seed` of a one-image run)
-        info.add_text("unclip", json.dumps({**params, **own}, ensure_ascii=False))
+        info = PngInfo()
+        info.add_text("unclip", json.dumps(single_params(params, i, label), ensure_ascii=False))
         paths.append(save_image_atomic(out.with_name(f"{out.stem}-{i}.png"), image, pnginfo=info))
     return paths
+
+
+def recorded_params(path: str | Path) -> dict | None:
+    """The settings an image unclip wrote records (its PNG text chunk "unclip"); None for a file
+    that is not one (another program's PNG, not a PNG at all, unreadable)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            recorded = json.loads(image.text["unclip"])
+    except (OSError, ValueError, KeyError, AttributeError):  # AttributeError: not a PNG, so no .text
+        return None
+    return recorded if isinstance(recorded, dict) else None
+
+
+def resume_singles(out: str | Path, params: dict, labels: list[str]) -> set[int]:
+    """Which images of a run of `params` (image i labelled `labels[i]`) are already beside `out`,
+    written by an earlier run of exactly these settings that was stopped: `<stem>-<i>.png`
+    recording `single_params(params, i, labels[i])`. Those are kept, not drawn again.
+
+    unclip's images of another run there (any setting differs) are all removed first, and that is
+    said: the folder never holds two runs' images, also when this run is stopped in turn. Files
+    unclip did not write are left alone.
+    """
+    out = Path(out)
+    name = re.compile(rf"{re.escape(out.stem)}-(0|[1-9][0-9]*)\.png")
+    found: dict[int, Path] = {}
+    with contextlib.suppress(FileNotFoundError):  # no folder yet: nothing to keep
+        for entry in os.scandir(out.parent):
+            if match := name.fullmatch(entry.name):
+                found[int(match[1])] = out.parent / entry.name
+    records = {i: record for i, path in found.items() if (record := recorded_params(path)) is not None}
+    run = json.loads(json.dumps(params))  # as a PNG reads it back: tuples are lists
+    others = {k for record in records.values() for k in {*record, *run} - set(OWN_KEYS)
+              if record.get(k) != run.get(k)}
+    if others:
+        for i in records:
+            found[i].unlink(missing_ok=True)
+        print(f"{out.parent / out.stem}-*.png: removed {len(records)} image(s) of an earlier run with other settings "
+              f"({', '.join(sorted(others)[:4])}), so that the folder holds this run's alone; to keep a run's images, "
+              "give each run its own --out", file=sys.stderr)
+        return set()
+    return {i for i, record in records.items()
+            if i < len(labels) and record == json.loads(json.dumps(single_params(params, i, labels[i])))}
+
+
+def read_single(out: str | Path, index: int):
+    """Image `index` written beside `out` (`write_singles`), as a PIL image."""
+    from PIL import Image
+
+    out = Path(out)
+    with Image.open(out.with_name(f"{out.stem}-{index}.png")) as image:
+        image.load()
+        return image.copy()
 
 
 def remove_stale_singles(out: str | Path, count: int) -> list[Path]:
@@ -237,9 +305,21 @@ def _finish(args: argparse.Namespace, pipe, verb: str, images: list, labels: lis
     return 0
 
 
+def model_digest(model: Path) -> str:
+    """The sha256 of a model's manifest (which records every file's), or of a diffusers directory's
+    model_index.json when it has no manifest (a Karlo download: eval crashed on the missing file)."""
+    import hashlib
+
+    index = next((model / name for name in ("unclip.json", "model_index.json") if (model / name).is_file()), None)
+    return hashlib.sha256(index.read_bytes()).hexdigest() if index else "none"
+
+
 def _generate(args: argparse.Namespace) -> int:
     """Sample BATCH images at a time, writing each batch before the next: image i has seed `--seed` + i
-    whatever the batching (`unclip.pipeline.generators`), so the files match one big call's."""
+    whatever the batching (`unclip.pipeline.generators`), so the files match one big call's. A batch
+    whose images an earlier, stopped run of the same settings wrote is read back, not drawn again
+    (`resume_singles`); a batch it left part-written is drawn whole, as it was, so every file is the
+    one an unstopped run writes."""
     from unclip.pipeline.pipeline import prompt_list
 
     prompt_list(args.prompts)  # an empty prompt is refused before the model loads
@@ -247,15 +327,26 @@ def _generate(args: argparse.Namespace) -> int:
     pipe.encode_text(args.prompts)  # words the model never saw are warned about before any image is drawn
     rows = [p for p in args.prompts for _ in range(args.n)]
     decoder = pipe.config.decoder
+    model = Path(pipe.directory or args.model)
     params = _params(args, "generate", {
         "prompts": args.prompts, "n": args.n, "prior": args.prior or pipe.priors[0],
         "prior_guidance_scale": pipe.config.prior.guidance_scale if args.prior_guidance_scale is None
         else args.prior_guidance_scale, "sampler": args.sampler or decoder.sampler,
         "candidates": args.candidates or decoder.candidates,
-        "upsampled_candidates": args.upsampled_candidates or decoder.upsampled_candidates}, pipe)
+        "upsampled_candidates": args.upsampled_candidates or decoder.upsampled_candidates,
+        # what else decides the pixels, so that a resumed run keeps only images these would draw
+        "model_manifest_sha256": model_digest(model), "device": str(pipe.device), "batch": BATCH}, pipe)
     shown = []
     Path(args.out).unlink(missing_ok=True)  # no grid over two runs' images while the singles are written
+    kept = resume_singles(args.out, params, rows)
+    if kept and not args.quiet:
+        print(f"resuming: {len(kept)} of {len(rows)} image(s) were drawn by an earlier run of these settings",
+              file=sys.stderr)
     for start in range(0, len(rows), BATCH):
+        piece = range(start, min(start + BATCH, len(rows)))
+        if all(i in kept for i in piece):
+            shown += [read_single(args.out, i) for i in piece[:max(0, GRID_MAX - len(shown))]]
+            continue
         if len(rows) > BATCH and not args.quiet:
             print(f"images {start + 1}–{min(start + BATCH, len(rows))} of {len(rows)}", file=sys.stderr)
         seed = None if args.seed is None else args.seed + start
@@ -360,7 +451,10 @@ def register(subparsers) -> None:
     gen = subparsers.add_parser("generate", help=VERB_HELP["generate"], description=(
         "Generate images from captions (English or Thai): the prior turns each caption into a CLIP image "
         "embedding, the decoder paints it at low resolution guided by the embedding and the caption, and the "
-        "upsamplers enlarge it."))
+        "upsamplers enlarge it. Stopped part-way, the same command resumes: the images it wrote (each PNG records "
+        "its settings) are kept and the rest drawn, the same as an unstopped run's. unclip's images of a run with "
+        "other settings at --out are removed first, so that a folder never mixes two runs: to keep them, give each "
+        "run its own --out."))
     gen.add_argument("prompts", nargs="+", metavar="PROMPT", help="one or more captions")
     gen.add_argument("-n", type=int_range(1, MAX_IMAGES, " (for more, run again with another --seed)"), default=4,
                      help="images per prompt (default: 4)")
