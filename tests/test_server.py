@@ -8,6 +8,7 @@ the same helpers.
 import base64
 import io
 import json
+import re
 import socket
 import subprocess
 import sys
@@ -224,6 +225,31 @@ def _jpeg() -> bytes:
     return buffer.getvalue()
 
 
+def _png_with_text(megabytes: float) -> bytes:
+    """A PNG of `scene()` carrying a zTXt chunk that inflates to `megabytes` (and compresses to a few kB)."""
+    from PIL import PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()
+    info.add_text("notes", "x" * int(megabytes * 2**20), zip=True)
+    buffer = io.BytesIO()
+    scene().save(buffer, format="PNG", pnginfo=info)
+    return buffer.getvalue()
+
+
+def _png_with_damaged_pixels() -> bytes:
+    """A PNG of `scene()` whose chunks are whole and match their checksums, but whose compressed pixel stream
+    has a damaged byte."""
+    import struct
+    import zlib
+
+    data = bytearray(png(scene()))
+    start = data.index(b"IDAT")
+    (length,) = struct.unpack(">I", data[start - 4:start])
+    data[start + 4 + length // 2] ^= 0xFF
+    data[start + 4 + length:start + 8 + length] = struct.pack(">I", zlib.crc32(data[start:start + 4 + length]))
+    return bytes(data)
+
+
 _RGBA = scene().convert("RGBA")
 _HOLE = _RGBA.copy()
 _HOLE.paste((0, 0, 0, 0), (0, 0, 32, 32))
@@ -258,11 +284,16 @@ ERRORS = {
     "JSON sent as text/plain": (_GEN, {"content": b'{"prompt": "a"}', "headers": {"content-type": "text/plain"}},
                                 400, None),
     "JPEG upload": (_VARY, {"files": {"image": ("a.jpg", _jpeg(), "image/jpeg")}}, 400, "image"),
+    "cut-off JPEG": (_VARY, {"files": {"image": ("a.jpg", _jpeg()[:len(_jpeg()) // 2], "image/jpeg")}}, 400, "image"),
     "non-square PNG": (_VARY, {"files": {"image": ("a.png", png(scene().crop((0, 0, 64, 48))), "image/png")}},
                        400, "image"),
     "truncated PNG": (_VARY, {"files": {"image": ("a.png", png(scene())[:300], "image/png")}}, 400, "image"),
     "PNG whose pixels end early": (_VARY, {"files": {"image": ("a.png", short_png(np.asarray(scene()), rows=40),
                                                                "image/png")}}, 400, "image"),
+    "PNG whose pixel data is damaged": (_VARY, {"files": {"image": ("a.png", _png_with_damaged_pixels(),
+                                                                    "image/png")}}, 400, "image"),
+    "PNG with 2 MB of compressed text": (_VARY, {"files": {"image": ("a.png", _png_with_text(2), "image/png")}},
+                                         400, "image"),
     "PNG of 4 MB": (_VARY, {"files": {"image": ("a.png", png(scene()) + bytes(4 * 2**20), "image/png")}},
                     400, "image"),
     "bomb past PIL's limit": (_VARY, {"files": {"image": ("a.png", _header_only_png(100_000), "image/png")}},
@@ -315,9 +346,41 @@ def test_bad_requests_get_the_openai_error_json(server, name):
              "form body for JSON": "said application/x-www-form-urlencoded",
              "n as a file": "'n' must be sent as a text field",
              "prompt in TIS-620, charset not named": "'prompt' is not utf-8 text",
-             "PNG signature, then garbage": "could not be decoded as a PNG (its header is damaged)"}
+             "PNG signature, then garbage": "could not be decoded as a PNG (its header is damaged)",
+             "JPEG upload": "'image' must be a PNG file; this one is a JPEG. Save it as a square PNG under 4 MB",
+             "cut-off JPEG": "'image' must be a PNG file; this one is a JPEG",
+             "non-square PNG": "must be square; got 64×48. Crop it to a square",
+             "truncated PNG": "the file is cut off before its end, as a download or copy that stopped early is. "
+                              "Download or save the image again and send the whole file.",
+             "PNG whose pixels end early": "its pixel data ends before the last row. Download or save the image again",
+             "PNG whose pixel data is damaged": "its pixel data is damaged. Download or save the image again",
+             "PNG with 2 MB of compressed text": "it carries a compressed text chunk (metadata such as a comment) that "
+                                                 "inflates to over 1 MB, more than the server reads. Save the image "
+                                                 "again without its text metadata"}
     assert words.get(name, "") in error["message"] and "'None'" not in error["message"], error
     assert " object at 0x" not in error["message"], error  # no Python reprs
+    assert not re.search(r"Plugin|MAX_|PIL|data stream|decoder", error["message"]), error  # nor Pillow's internals
+
+
+def test_png_text_past_what_pillow_inflates_in_all_is_refused_in_plain_words():
+    """Pillow's refusal named its internals: "Too much memory used in text chunks: …>MAX_TEXT_MEMORY"."""
+    from PIL import PngImagePlugin
+
+    from unclip.serve.schemas import ApiError
+    from unclip.serve.uploads import read_png
+
+    info = PngImagePlugin.PngInfo()
+    for i in range(65):  # 65 chunks of just under 1 MB each: none past the limit of one, 64 MB in all
+        info.add_text(f"notes {i}", "x" * (2**20 - 100), zip=True)
+    buffer = io.BytesIO()
+    scene().save(buffer, format="PNG", pnginfo=info)
+    with pytest.raises(ApiError) as refused:
+        read_png(buffer.getvalue(), param="mask")
+    assert refused.value.status == 400 and refused.value.param == "mask"
+    assert str(refused.value) == (
+        "Invalid input image - 'mask' could not be decoded as a PNG: its compressed text chunks (metadata such as "
+        "comments) inflate to over 64 MB in all, more than the server reads. Save the image again without its "
+        "text metadata")
 
 
 def test_form_text_is_read_in_its_declared_charset_and_never_as_a_silent_fallback():

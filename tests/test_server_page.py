@@ -638,7 +638,7 @@ def test_a_corrupt_upload_is_refused_clearly_and_a_huge_one_is_shrunk(page, serv
         fresh.locator("#gallery .card").first.locator(".vary").click()
         expect(fresh.locator("#error")).to_contain_text(
             """the server refused your upload "notes.png": Invalid input image - 'image' could not be decoded as a """
-            "PNG (")
+            "PNG: it carries a compressed text chunk (metadata such as a comment) that inflates to over 1 MB")
         expect(fresh.locator("#gallery .card .seed").first).to_have_text("uploaded · 64×64 · refused by the server")
         assert fresh.locator("#gallery .card").count() == 1
 
@@ -657,5 +657,51 @@ def test_a_corrupt_upload_is_refused_clearly_and_a_huge_one_is_shrunk(page, serv
         card.locator(".vary").click()
         _wait_for_cards(fresh, 4)
         assert fresh.locator("#error").is_hidden() and not fresh.errors, fresh.errors
+    finally:
+        fresh.close()
+
+
+def test_a_cut_off_jpeg_is_refused_on_the_page_and_whole_ones_pass(page, server):
+    """A JPEG cut off part way (a download that stopped early) was drawn down to where its data stopped and
+    grey below, saved as a PNG and sent as if it were whole."""
+    from playwright.sync_api import expect
+
+    y, x = np.mgrid[0:48, 0:64]
+    photo = Image.fromarray((np.stack([x * 4, y * 5, (x + y) * 2], axis=-1)
+                             + np.random.default_rng(2).integers(0, 40, (48, 64, 3))).astype(np.uint8))
+    exif = Image.Exif()
+    exif[0x010F] = "unclip"  # Make
+    thumbnail = _encoded(photo.resize((16, 12)), "JPEG")  # its own end marker lies inside the APP1 segment
+    baseline = _encoded(photo, "JPEG", quality=90)
+    whole = {"baseline.jpg": baseline,
+             "progressive.jpg": _encoded(photo, "JPEG", quality=90, progressive=True),
+             "exif.jpg": _encoded(photo, "JPEG", quality=90, exif=exif.tobytes() + thumbnail),
+             "restarts.jpg": _encoded(photo, "JPEG", quality=90, restart_marker_blocks=1),
+             "trailer.jpg": baseline + b"\0\0SEFH" + bytes(64) + b"\xff\xd8 a camera's own data"}
+    cut = {"cut.jpg": baseline[:len(baseline) * 3 // 5],
+           "cut progressive.jpg": whole["progressive.jpg"][:len(whole["progressive.jpg"]) * 3 // 5],
+           "cut exif.jpg": whole["exif.jpg"][:len(whole["exif.jpg"]) * 3 // 5],
+           "no end marker.jpg": baseline[:-2]}
+    assert all(len(data) > len(exif.tobytes() + thumbnail) + 100 for data in cut.values())  # past the thumbnail
+    fresh = _fresh_page(page, server)
+    try:
+        upload = fresh.get_by_label("Upload an image")
+        _record_forms(fresh)
+        upload.set_input_files(files=[{"name": name, "mimeType": "image/jpeg", "buffer": data}
+                                      for name, data in cut.items()])
+        expect(fresh.locator("#error")).to_have_text(" ".join(
+            f'"{name}" is a damaged JPEG: the file is cut off before its end (what is missing would be drawn grey, '
+            "or blurred), as a download or copy that stopped early is. Download or save the image again and upload "
+            "the whole file." for name in cut))
+        assert fresh.locator("#gallery .card").count() == 0 and fresh.evaluate("window.sentForms.length") == 0
+
+        upload.set_input_files(files=[{"name": name, "mimeType": "image/jpeg", "buffer": data}
+                                      for name, data in whole.items()])
+        _wait_for_cards(fresh, len(whole))
+        expect(fresh.locator("#error")).to_be_hidden()
+        assert fresh.locator("#gallery .card .label").all_inner_texts() == list(reversed(whole))
+        assert fresh.locator("#gallery .card .seed").all_inner_texts() == [
+            "uploaded · 48×48, cropped from 64×48"] * len(whole)
+        assert not fresh.errors, fresh.errors
     finally:
         fresh.close()

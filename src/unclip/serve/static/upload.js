@@ -7,12 +7,15 @@
 // (JPEG, WebP, a non-square or very large PNG) is cropped to the square at its centre, shrunk to at most
 // UPLOAD_SIDE, and saved as a PNG, and the page says what it did. What the browser cannot decode is refused
 // here, before any request, and so is a damaged PNG, of which the browser draws what it can without a word
-// (a cut-off download's first rows): the server would refuse it (`pngDamage`).
+// (a cut-off download's first rows): the server would refuse it (`pngDamage`). So is a cut-off JPEG, which the
+// browser draws down to where its data stops and grey below (a progressive one blurred): saved as a PNG, that
+// would be sent as the picture (`jpegDamage`).
 "use strict";
 
 const UPLOAD_SIDE = 1024;            // more than any model reads: the server shrinks uploads to its working side
 const MAX_READ_BYTES = 64 * 2 ** 20; // larger files are refused before the browser tries to decode them
 const PNG_SIGNATURE = [0x89, 0x50, 0x4e, 0x47, 0x0d, 0x0a, 0x1a, 0x0a];
+const JPEG_SIGNATURE = [0xff, 0xd8, 0xff];  // start of image, then the first segment's marker
 const PNG_CHANNELS = { 0: 1, 2: 3, 3: 1, 4: 2, 6: 4 };  // by colour type: grey, RGB, palette, grey + alpha, RGBA
 const ADAM7 = [[0, 0, 8, 8], [4, 0, 8, 8], [0, 4, 4, 8], [2, 0, 4, 4], [0, 2, 2, 4], [1, 0, 2, 2], [0, 1, 1, 2]];
 const AGAIN = "Download or save the image again and upload the whole file.";
@@ -42,9 +45,11 @@ async function decodeImage(file) {
   }
 }
 
-async function isPng(file) {
+// "PNG", "JPEG" or null (another format), from the file's first bytes
+async function imageKind(file) {
   const head = new Uint8Array(await file.slice(0, 8).arrayBuffer());
-  return PNG_SIGNATURE.every((byte, i) => head[i] === byte);
+  const starts = (signature) => signature.every((byte, i) => head[i] === byte);
+  return starts(PNG_SIGNATURE) ? "PNG" : starts(JPEG_SIGNATURE) ? "JPEG" : null;
 }
 
 let crcTable = null;
@@ -122,6 +127,39 @@ async function pngDamage(file) {
   return `its pixel data ${pixels.broken ? "is broken off" : "ends"} before the last row. ${AGAIN}`;
 }
 
+// What is wrong with a JPEG the browser has decoded (null: nothing): cut off before its end-of-image marker,
+// as a download that stopped early is, it is drawn down to where its data stops and grey below (a progressive
+// one whole but blurred, from the scans it has). Its segments are walked by their lengths (so an EXIF
+// thumbnail's own end marker, inside its APP1 segment, is skipped), and each scan's coded data up to the marker
+// after it (FF 00 is a data byte, FF D0-D7 a restart), until the end-of-image marker; bytes after that, which
+// some cameras write, are not read.
+async function jpegDamage(file) {
+  const bytes = new Uint8Array(await file.arrayBuffer());
+  const cut = "the file is cut off before its end (what is missing would be drawn grey, or blurred), as a download "
+    + `or copy that stopped early is. ${AGAIN}`;
+  let offset = 2;  // past the start-of-image marker
+  for (;;) {
+    while (offset < bytes.length && bytes[offset] !== 0xff) offset++;  // stray bytes, which decoders skip
+    while (offset < bytes.length && bytes[offset] === 0xff) offset++;  // fill bytes before a marker
+    if (offset >= bytes.length) return cut;
+    const marker = bytes[offset++];
+    if (marker === 0xd9) return null;  // end of image
+    if (marker === 0x01 || (marker >= 0xd0 && marker <= 0xd8)) continue;  // markers without a length
+    if (offset + 2 > bytes.length) return cut;
+    offset += (bytes[offset] << 8) | bytes[offset + 1];  // the length counts its own two bytes
+    if (offset > bytes.length) return cut;
+    if (marker !== 0xda) continue;
+    for (;;) {  // start of scan: coded data up to the next marker
+      offset = bytes.indexOf(0xff, offset);
+      if (offset < 0 || offset + 1 >= bytes.length) return cut;
+      const next = bytes[offset + 1];
+      if (next === 0x00 || (next >= 0xd0 && next <= 0xd7)) offset += 2;
+      else if (next === 0xff) offset += 1;
+      else break;
+    }
+  }
+}
+
 function canvasPng(canvas) {
   return new Promise((resolve) => canvas.toBlob(resolve, "image/png"));
 }
@@ -134,9 +172,9 @@ async function squarePng(file) {
       + `${megabytes(MAX_READ_BYTES)}`);
   }
   const img = await decodeImage(file);
-  const png = await isPng(file);
-  const damage = png ? await pngDamage(file) : null;
-  if (damage) throw new Error(`"${file.name}" is a damaged PNG: ${damage}`);
+  const kind = await imageKind(file), png = kind === "PNG";
+  const damage = png ? await pngDamage(file) : kind === "JPEG" ? await jpegDamage(file) : null;
+  if (damage) throw new Error(`"${file.name}" is a damaged ${kind}: ${damage}`);
   const width = img.naturalWidth, height = img.naturalHeight;
   const limit = state.info ? state.info.limits.image_bytes : 4 * 2 ** 20;
   if (width === height && width <= 4096 && file.size < limit && png) {
