@@ -192,13 +192,14 @@ def test_a_saved_tokenizer_reads_text_in_transformers_as_unclip_does(tok, tmp_pa
 def test_the_words_of_own_captions_travel_with_the_tokenizer(tok, tmp_path):
     """A model trained on other data than shapes world keeps its captions' words, so prompts with words it
     never read are warned about (`unclip.words`); a damaged words.json is named, not a traceback."""
-    from unclip.words import CaptionWords, split_words
+    from unclip.words import CaptionWords, did_you_mean, split_words
 
     assert split_words("A T-shirt, don't: 3 cats & 2.5 dogs—Straße “quoted” 3d") == [
         "a", "t-shirt", "don't", "cats", "dogs", "straße", "quoted", "3d"]  # numbers alone are not words
     assert split_words("नमस्ते दुनिया สวัสดีครับ 你好 'hi'") == ["नमस्ते", "दुनिया", "hi"]  # marks kept; no-space scripts left
     words = CaptionWords.of(["A dog on a skateboard.", "a red bus"])
     assert words.unknown("a Cat on a red bus, a cat!") == ["cat"] and words.captions == 2
+    assert did_you_mean(["buss"], words.words) == " (did you mean 'bus'?)" and did_you_mean(["bus"], {"bus"}) == ""
     assert Tokenizer.load(tok.save(tmp_path / "plain")).words is None  # shapes world's: its grammar knows its words
     own = Tokenizer(backend=tok.backend, context_length=tok.context_length)
     own.words = words
