@@ -507,6 +507,11 @@ def test_prompts_with_words_the_model_never_saw_are_warned_about_once(model_dir,
     with caplog.at_level(logging.WARNING, logger="unclip.pipeline.pipeline"):
         pipe.encode_text(["a dog on a red skateboard"] * 3 + ["a red circle", "ดาวสีเขียว"])
     assert len(caplog.records) == 1 and "never saw 'dog', 'skateboard' in training; those words" in caplog.text
+    assert caplog.text.rstrip().endswith("(the words it knows: docs/shapes_world.md)")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="unclip.pipeline.pipeline"):
+        pipe.encode_text(["แมวสีแดง"])
+    assert "โมเดลนี้ไม่เคยเห็นคำว่า 'แมว'" in caplog.text and "(คำที่โมเดลรู้จัก: docs/shapes_world.md)" in caplog.text
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="unclip.pipeline.pipeline"):
         pipe.encode_text(["a dog on a red skateboard"])  # another call, e.g. the next batch: not again
@@ -537,6 +542,10 @@ def test_prompts_with_words_the_model_never_saw_are_warned_about_once(model_dir,
     from unclip.words import CaptionWords
 
     pipe.clip.tokenizer.words = CaptionWords.of(["A dog on a skateboard.", "a red bus", "หมาสีแดง"])
+    with caplog.at_level(logging.WARNING, logger="unclip.pipeline.pipeline"):
+        pipe.encode_text(["a cat on a bus"])  # the log names where its words are, not shapes world's docs
+    assert f"uses 'cat'; that word means little or nothing to it (the words it knows: {model_dir}/tokenizer/" \
+           "words.json)" in caplog.text
     assert pipe.unknown_words("a dog on a red skateboard") == [] == pipe.unknown_words("แมวสีดำ")  # Thai: unsplit
     assert pipe.prompt_warnings("A cat on a red skatebord, 3 times") == [
         "none of the 3 training captions this model read its words from uses 'cat', 'skatebord', 'times'; those "

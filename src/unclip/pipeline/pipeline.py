@@ -342,7 +342,7 @@ class UnclipPipeline:
                 self._warned.clear()
             self._warned.add(p)
             for warning in self._word_warnings(p):  # a prompt cut to the context the tokenizer logs itself
-                log.warning("%r: %s (the words it knows: docs/shapes_world.md)", p, warning)
+                log.warning("%r: %s%s", p, warning, self._known_words_hint(thai=_thai(p)))
         forms = [self.read_form(p) for p in prompts]
         pieces = [self.clip.encode_text(self.clip.tokenize(forms[at:at + GENERATE_BATCH]))
                   for at in range(0, len(forms), GENERATE_BATCH)]
@@ -413,6 +413,19 @@ class UnclipPipeline:
                     if thai else f"none of the {read:,} training captions this model read its words from uses "
                                  f"{words}; {'that word means' if one else 'those words mean'} little or nothing to it")
         return [said + did_you_mean(unknown, known, thai=thai)]
+
+    def _known_words_hint(self, *, thai: bool) -> str:
+        """Where the words this model knows are listed, for the log's word warnings: docs/shapes_world.md
+        for a shapes-world model, the words.json beside its tokenizer for one trained on other data."""
+        if reads_world_captions(self.config):
+            where = "docs/shapes_world.md"
+        elif self.directory is not None and self.clip.tokenizer.words is not None:
+            from unclip.words import WORDS_FILE
+
+            where = str(Path(self.directory) / "tokenizer" / WORDS_FILE)
+        else:
+            return ""
+        return f" (คำที่โมเดลรู้จัก: {where})" if thai else f" (the words it knows: {where})"
 
     def unknown_words(self, prompt: str) -> list[str]:
         """Words of `prompt` that the model never read in training (each once, in order): for a
