@@ -218,3 +218,16 @@ def test_prompts_are_read_in_the_form_of_the_captions():
             for lang in ("en", "th"):
                 text = world.sample(split, i, lang=lang).caption
                 assert world.caption_form(text) == text
+
+
+def test_the_thai_quickstarts_prompts_use_only_words_the_world_knows():
+    """docs/quickstart.th.md shows Thai users what to type; a prompt there with a word of no caption
+    would teach them a word the shipped model ignores."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "quickstart.th.md").read_text(encoding="utf-8")
+    prompts = re.findall(r'unclip generate ((?:"[^"]+" )+)', text) + re.findall(r"^- `([^`]+)`$", text, re.M)
+    prompts = [p for chunk in prompts for p in re.findall(r'"([^"]+)"', chunk) or [chunk]]
+    assert len(prompts) >= 6 and all(world.THAI_RUN.search(p) for p in prompts)
+    assert {p: world.unknown_words(world.caption_form(p)) for p in prompts} == {p: [] for p in prompts}
