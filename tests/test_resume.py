@@ -157,8 +157,9 @@ def test_a_stopped_generate_keeps_its_images_and_draws_only_the_rest(model_dir, 
     for name in _names(out.parent):  # the grid and every image, byte for byte
         assert (out.parent / name).read_bytes() == (tmp_path / "whole" / name).read_bytes(), name
     seeds.clear()
-    assert main([*_generate_argv(model_dir), "--out", str(out)]) == 0  # all there: nothing drawn
-    assert seeds == [] and (out.parent / "g.png").read_bytes() == (tmp_path / "whole" / "g.png").read_bytes()
+    assert main([*_generate_argv(model_dir), "--out", str(out)]) == 0  # a finished run (its grid is there) again:
+    assert seeds == [3, 3 + 2, 3 + 4]  # drawn anew, not read back (the code or the machine may have changed)
+    assert (out.parent / "g.png").read_bytes() == (tmp_path / "whole" / "g.png").read_bytes()
 
 
 def test_generate_with_other_settings_into_the_same_folder_never_mixes_two_runs(model_dir, tmp_path, monkeypatch,
@@ -183,3 +184,14 @@ def test_generate_with_other_settings_into_the_same_folder_never_mixes_two_runs(
     err = capsys.readouterr().err
     assert "removed 6 image(s) of an earlier run with other settings (seed)" in err and "its own --out" in err
 
+
+
+def test_a_generate_that_fails_before_drawing_loses_no_earlier_image(model_dir, tmp_path, capsys):
+    """The earlier run's images were removed before the new settings were checked: a mistyped --size
+    (refused a moment later) left the folder empty."""
+    out = tmp_path / "g.png"
+    assert main([*_generate_argv(model_dir, seed=3), "--out", str(out)]) == 0
+    before = {name: (tmp_path / name).read_bytes() for name in _names(tmp_path) if name != "g.png"}
+    assert main([*_generate_argv(model_dir, seed=4), "--out", str(out), "--size", "100"]) == 2
+    assert "size 100" in capsys.readouterr().err
+    assert {name: (tmp_path / name).read_bytes() for name in _names(tmp_path)} == before  # only the grid went

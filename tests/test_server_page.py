@@ -657,6 +657,22 @@ def test_a_corrupt_upload_is_refused_clearly_and_a_huge_one_is_shrunk(page, serv
         card.locator(".vary").click()
         _wait_for_cards(fresh, 4)
         assert fresh.locator("#error").is_hidden() and not fresh.errors, fresh.errors
+
+        # what the server takes, the page takes too: whole pixels without the closing IEND chunk, and pixel
+        # data whose chunk checksum is wrong (Pillow reads IDAT without it); the page refused both as damaged
+        small = _encoded(Image.fromarray(np.random.default_rng(3).integers(0, 255, (32, 32, 3), np.uint8)), "PNG")
+        assert small.endswith(b"IEND\xaeB`\x82") and small.count(b"IDAT") == 1
+        crc_at = small.index(b"IEND") - 8  # the IDAT chunk's checksum: the 4 bytes before IEND's length
+        bad_crc = small[:crc_at] + bytes(b ^ 0xFF for b in small[crc_at:crc_at + 4]) + small[crc_at + 4:]
+        for i, (name, data) in enumerate((("no-iend.png", small[:-12]), ("idat-crc.png", bad_crc))):
+            from unclip.serve.uploads import read_png
+
+            assert read_png(data, param="image").size == (32, 32)  # the server's judgement
+            upload.set_input_files(files=[{"name": name, "mimeType": "image/png", "buffer": data}])
+            _wait_for_cards(fresh, 5 + i)
+            expect(fresh.locator("#error")).to_be_hidden()
+            assert fresh.locator("#gallery .card").count() == 5 + i  # a card of its own, kept byte for byte
+            assert _card_bytes(fresh.locator("#gallery .card").first) == data
     finally:
         fresh.close()
 

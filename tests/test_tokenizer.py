@@ -195,11 +195,15 @@ def test_the_words_of_own_captions_travel_with_the_tokenizer(tok, tmp_path):
     from unclip.words import CaptionWords, did_you_mean, split_words
 
     assert split_words("A T-shirt, don't: 3 cats & 2.5 dogs—Straße “quoted” 3d") == [
-        "a", "t-shirt", "don't", "cats", "dogs", "straße", "quoted", "3d"]  # numbers alone are not words
+        "a", "t-shirt", "don't", "cats", "dogs", "strasse", "quoted", "3d"]  # numbers alone are not words
     assert split_words("नमस्ते दुनिया สวัสดีครับ 你好 'hi'") == ["नमस्ते", "दुनिया", "hi"]  # marks kept; no-space scripts left
     words = CaptionWords.of(["A dog on a skateboard.", "a red bus"])
     assert words.unknown("a Cat on a red bus, a cat!") == ["cat"] and words.captions == 2
     assert did_you_mean(["buss"], words.words) == " (did you mean 'bus'?)" and did_you_mean(["bus"], {"bus"}) == ""
+    # read as the tokenizer reads them (a soft hyphen dropped), hyphenated words by their parts too, case-folded
+    others = CaptionWords.of(["a skateboard-like toy on a black-and-white floor", "a red\u00adbus", "STRASSE"])
+    assert others.unknown("a skateboard on a white floor, a redbus, Straße") == []
+    assert others.unknown("a black-white dog") == ["dog"]
     assert Tokenizer.load(tok.save(tmp_path / "plain")).words is None  # shapes world's: its grammar knows its words
     own = Tokenizer(backend=tok.backend, context_length=tok.context_length)
     own.words = words

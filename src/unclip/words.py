@@ -3,8 +3,9 @@
 A shapes-world model knows its words from the world's grammar (`world.vocabulary`). A model trained
 on other data keeps the words of the captions its tokenizer learnt from (the first
 `tokenizer.corpus_size` training captions) in `tokenizer/words.json`, written when its CLIP run
-trains the tokenizer. Words are split at spaces and punctuation and compared in lower case; numbers
-alone are not words. Text in scripts written without spaces between words (Thai, Lao, Khmer,
+trains the tokenizer. Words are read as the tokenizer reads text (`clean_text`), split at spaces and
+punctuation and compared case-folded; numbers alone are not words, and a hyphenated word is known
+when it or each of its parts is ("black-and-white" in a caption makes "white" known). Text in scripts written without spaces between words (Thai, Lao, Khmer,
 Myanmar, Chinese, Japanese) cannot be split without a dictionary of that data, so such a model
 does not check it.
 """
@@ -26,10 +27,13 @@ JOINERS = "'’-"  # kept inside a word ("don't", "t-shirt"), dropped at its end
 
 
 def split_words(text: str) -> list[str]:
-    """The words of `text`, lower case: runs of letters, marks and digits (with apostrophes and hyphens
-    inside them) holding at least one letter, except runs in scripts written without spaces."""
+    """The words of `text` as the tokenizer reads it (`clean_text`), case-folded: runs of letters, marks
+    and digits (with apostrophes and hyphens inside them) holding at least one letter, except runs in
+    scripts written without spaces."""
+    from unclip.tokenizer import clean_text
+
     words, current = [], []
-    for ch in unicodedata.normalize("NFC", text).lower() + " ":
+    for ch in clean_text(text).casefold() + " ":
         if unicodedata.category(ch)[0] in "LMN" or (ch in JOINERS and current):
             current.append(ch)
             continue
@@ -49,11 +53,18 @@ class CaptionWords:
 
     @classmethod
     def of(cls, captions: Sequence[str]) -> CaptionWords:
-        return cls(words=frozenset(w for caption in captions for w in split_words(caption)), captions=len(captions))
+        """The words of `captions`, and the parts of their hyphenated words."""
+        words = {w for caption in captions for w in split_words(caption)}
+        return cls(words=frozenset(words | {part for w in words if "-" in w for part in _parts(w)}),
+                   captions=len(captions))
 
     def unknown(self, text: str) -> list[str]:
-        """The words of `text` that none of the captions uses, in order, each once."""
-        return list(dict.fromkeys(w for w in split_words(text) if w not in self.words))
+        """The words of `text` that none of the captions uses (a hyphenated one: neither whole nor
+        each of its parts), in order, each once."""
+        def known(word: str) -> bool:
+            return word in self.words or "-" in word and all(part in self.words for part in _parts(word))
+
+        return list(dict.fromkeys(w for w in split_words(text) if not known(w)))
 
     def save(self, directory: str | Path) -> Path:
         from unclip.io import write_json_atomic
@@ -75,6 +86,11 @@ class CaptionWords:
         except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as err:
             raise ModelFormatError(f"{path} is truncated or corrupt ({err}); delete it to load the model "
                                    "without warnings about unknown words") from None
+
+
+def _parts(word: str) -> list[str]:
+    """The parts of a hyphenated word that hold a letter ("t-shirt": t, shirt; "covid-19": covid)."""
+    return [part for part in word.split("-") if any(c.isalpha() for c in part)]
 
 
 def did_you_mean(unknown: Sequence[str], known: Iterable[str], *, thai: bool = False) -> str:

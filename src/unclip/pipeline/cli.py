@@ -103,14 +103,14 @@ def recorded_params(path: str | Path) -> dict | None:
     return recorded if isinstance(recorded, dict) else None
 
 
-def resume_singles(out: str | Path, params: dict, labels: list[str]) -> set[int]:
-    """Which images of a run of `params` (image i labelled `labels[i]`) are already beside `out`,
-    written by an earlier run of exactly these settings that was stopped: `<stem>-<i>.png`
-    recording `single_params(params, i, labels[i])`. Those are kept, not drawn again.
-
-    unclip's images of another run there (any setting differs) are all removed first, and that is
-    said: the folder never holds two runs' images, also when this run is stopped in turn. Files
-    unclip did not write are left alone.
+def resume_singles(out: str | Path, params: dict, labels: list[str]) -> tuple[set[int], list[Path], list[str]]:
+    """What an earlier run left beside `out`, for a run of `params` (image i labelled `labels[i]`):
+    the indices of the images a stopped run of exactly these settings wrote (`<stem>-<i>.png`
+    recording `single_params(params, i, labels[i])`), kept rather than drawn again; and, when some
+    image there records other settings, every image unclip wrote there (to remove before this run
+    writes its first, so that the folder never holds two runs' images, also when this run is
+    stopped in turn) with the settings that differ. Files unclip did not write are left alone, and
+    nothing is removed here: a run that fails before drawing loses no earlier image.
     """
     out = Path(out)
     name = re.compile(rf"{re.escape(out.stem)}-(0|[1-9][0-9]*)\.png")
@@ -121,17 +121,13 @@ def resume_singles(out: str | Path, params: dict, labels: list[str]) -> set[int]
                 found[int(match[1])] = out.parent / entry.name
     records = {i: record for i, path in found.items() if (record := recorded_params(path)) is not None}
     run = json.loads(json.dumps(params))  # as a PNG reads it back: tuples are lists
-    others = {k for record in records.values() for k in {*record, *run} - set(OWN_KEYS)
-              if record.get(k) != run.get(k)}
+    others = sorted({k for record in records.values() for k in {*record, *run} - set(OWN_KEYS)
+                     if record.get(k) != run.get(k)})
     if others:
-        for i in records:
-            found[i].unlink(missing_ok=True)
-        print(f"{out.parent / out.stem}-*.png: removed {len(records)} image(s) of an earlier run with other settings "
-              f"({', '.join(sorted(others)[:4])}), so that the folder holds this run's alone; to keep a run's images, "
-              "give each run its own --out", file=sys.stderr)
-        return set()
-    return {i for i, record in records.items()
+        return set(), [found[i] for i in sorted(records)], others
+    kept = {i for i, record in records.items()
             if i < len(labels) and record == json.loads(json.dumps(single_params(params, i, labels[i])))}
+    return kept, [], []
 
 
 def read_single(out: str | Path, index: int):
@@ -320,6 +316,9 @@ def _generate(args: argparse.Namespace) -> int:
     whose images an earlier, stopped run of the same settings wrote is read back, not drawn again
     (`resume_singles`); a batch it left part-written is drawn whole, as it was, so every file is the
     one an unstopped run writes."""
+    import torch
+
+    import unclip
     from unclip.pipeline.pipeline import prompt_list
 
     prompt_list(args.prompts)  # an empty prompt is refused before the model loads
@@ -335,13 +334,17 @@ def _generate(args: argparse.Namespace) -> int:
         "candidates": args.candidates or decoder.candidates,
         "upsampled_candidates": args.upsampled_candidates or decoder.upsampled_candidates,
         # what else decides the pixels, so that a resumed run keeps only images these would draw
-        "model_manifest_sha256": model_digest(model), "device": str(pipe.device), "batch": BATCH}, pipe)
+        "model_manifest_sha256": model_digest(model), "device": str(pipe.device), "batch": BATCH,
+        "threads": torch.get_num_threads(), "torch": torch.__version__, "unclip": unclip.__version__}, pipe)
     shown = []
+    finished = Path(args.out).is_file()  # the grid is written last: that run ended, and this one draws anew
     Path(args.out).unlink(missing_ok=True)  # no grid over two runs' images while the singles are written
-    kept = resume_singles(args.out, params, rows)
-    if kept and not args.quiet:
-        print(f"resuming: {len(kept)} of {len(rows)} image(s) were drawn by an earlier run of these settings",
-              file=sys.stderr)
+    kept, stale, others = resume_singles(args.out, params, rows)
+    if finished:
+        kept = set()
+    elif kept and not args.quiet:
+        print(f"resuming: {len(kept)} of {len(rows)} image(s) were drawn by an earlier, stopped run of these "
+              "settings", file=sys.stderr)
     for start in range(0, len(rows), BATCH):
         piece = range(start, min(start + BATCH, len(rows)))
         if all(i in kept for i in piece):
@@ -354,6 +357,13 @@ def _generate(args: argparse.Namespace) -> int:
                                prior_guidance_scale=args.prior_guidance_scale, guidance_scale=args.guidance_scale,
                                steps=args.steps, sampler=args.sampler, seed=seed, callback=bars, size=args.size,
                                candidates=args.candidates, upsampled_candidates=args.upsampled_candidates)
+        if stale:  # an earlier run's images, other settings: gone once this run has drawn, before it writes
+            for path in stale:
+                path.unlink(missing_ok=True)
+            print(f"{Path(args.out).parent / Path(args.out).stem}-*.png: removed {len(stale)} image(s) of an earlier "
+                  f"run with other settings ({', '.join(others[:4])}), so that the folder holds this run's alone; to "
+                  "keep a run's images, give each run its own --out", file=sys.stderr)
+            stale = []
         write_singles(images, args.out, labels=rows[start:start + BATCH], params=params, start=start)
         shown += images[:GRID_MAX - len(shown)]
     bars.close()
@@ -452,9 +462,9 @@ def register(subparsers) -> None:
         "Generate images from captions (English or Thai): the prior turns each caption into a CLIP image "
         "embedding, the decoder paints it at low resolution guided by the embedding and the caption, and the "
         "upsamplers enlarge it. Stopped part-way, the same command resumes: the images it wrote (each PNG records "
-        "its settings) are kept and the rest drawn, the same as an unstopped run's. unclip's images of a run with "
-        "other settings at --out are removed first, so that a folder never mixes two runs: to keep them, give each "
-        "run its own --out."))
+        "its settings) are kept and the rest drawn, the same as an unstopped run's; a finished run (its grid is "
+        "there) is drawn anew. unclip's images of a run with other settings at --out are removed once the first new "
+        "images are drawn, so that a folder never mixes two runs: to keep them, give each run its own --out."))
     gen.add_argument("prompts", nargs="+", metavar="PROMPT", help="one or more captions")
     gen.add_argument("-n", type=int_range(1, MAX_IMAGES, " (for more, run again with another --seed)"), default=4,
                      help="images per prompt (default: 4)")

@@ -95,8 +95,8 @@ async function inflated(parts, limit) {
 
 // What is wrong with a PNG the browser has decoded (null: nothing). It draws a file cut off part way, or with
 // damaged bytes, as far as it can; the server refuses it (docs/server.md, "Uploads"). Checked as the server
-// does: every chunk whole and matching its checksum, up to the closing IEND, and the pixel stream inflating to
-// every row the header declares.
+// does: every chunk whole, each but the pixel data (IDAT) matching its checksum, and the pixel stream
+// inflating to every row the header declares (a missing closing IEND alone is no damage).
 async function pngDamage(file) {
   const bytes = new Uint8Array(await file.arrayBuffer());
   const view = new DataView(bytes.buffer);
@@ -105,12 +105,15 @@ async function pngDamage(file) {
   let offset = PNG_SIGNATURE.length, header = null;
   const stream = [];
   for (;;) {
+    if (offset === bytes.length && stream.length) break;  // no IEND after whole chunks: the pixels decide, as on the server
     if (offset + 12 > bytes.length) return cut;
     const length = view.getUint32(offset);
     const end = offset + 12 + length;  // length, type, data, checksum
     if (end > bytes.length) return cut;
     const kind = String.fromCharCode(...bytes.subarray(offset + 4, offset + 8));
-    if (crc32(bytes.subarray(offset + 4, end - 4)) !== view.getUint32(end - 4)) {
+    // the pixel data's checksums are not checked: the server (Pillow) reads IDAT without them, and the
+    // inflate below finds damaged pixel data
+    if (kind !== "IDAT" && crc32(bytes.subarray(offset + 4, end - 4)) !== view.getUint32(end - 4)) {
       return `its bytes are damaged (its ${JSON.stringify(kind)} chunk does not match its checksum). ${AGAIN}`;
     }
     if (kind === "IHDR" && length >= 13) header = bytes.subarray(offset + 8, offset + 21);
