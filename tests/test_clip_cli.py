@@ -302,8 +302,8 @@ def test_shapes_clip_reaches_its_targets(tmp_path):
             assert zs[split]["th"][attribute] >= zs[split]["en"][attribute] - 0.02
 
 
-def test_eval_of_a_clip_trained_on_other_data_says_its_tests_are_shapes_worlds(tmp_path, caplog):
-    """A CLIP trained on your own folder scored shapes-world zero-shot numbers without a word."""
+def _own_data_clip(tmp_path):
+    """A tiny CLIP whose manifest says it was trained on a folder of the user's pairs."""
     import shutil
 
     from tiny_models import save_tiny_clip
@@ -313,6 +313,12 @@ def test_eval_of_a_clip_trained_on_other_data_says_its_tests_are_shapes_worlds(t
     manifest = json.loads((model / "unclip.json").read_text())
     manifest["config"]["data"].update(source="folder", path="/my/pairs")
     (model / "unclip.json").write_text(json.dumps(manifest))
+    return model
+
+
+def test_eval_of_a_clip_trained_on_other_data_says_its_tests_are_shapes_worlds(tmp_path, caplog):
+    """A CLIP trained on your own folder scored shapes-world zero-shot numbers without a word."""
+    model = _own_data_clip(tmp_path)
     with caplog.at_level("WARNING"):
         assert main(["clip", "eval", str(model), "-n", "2", "--retrieval-n", "4", "--out", str(tmp_path / "e.json")]) == 0
     assert "trained on data.source=folder; these zero-shot and retrieval tests are shapes world's" in caplog.text
@@ -321,17 +327,9 @@ def test_eval_of_a_clip_trained_on_other_data_says_its_tests_are_shapes_worlds(t
 
 def test_classify_with_a_clip_trained_on_other_data_warns_about_words_its_captions_never_use(tmp_path, caplog):
     """Labels with words a CLIP trained on your own data never read were taken without a word."""
-    import shutil
-
-    from tiny_models import save_tiny_clip
-
     from unclip.words import CaptionWords
 
-    model = tmp_path / "own"
-    shutil.copytree(save_tiny_clip(tmp_path), model)
-    manifest = json.loads((model / "unclip.json").read_text())
-    manifest["config"]["data"].update(source="folder", path="/my/pairs")
-    (model / "unclip.json").write_text(json.dumps(manifest))
+    model = _own_data_clip(tmp_path)
     CaptionWords.of(["a red circle", "a blue square"]).save(model / "tokenizer")  # as its CLIP run writes it
     assert main(["data", "export", "--out", str(tmp_path / "f"), "--format", "folder", "-n", "1", "--size", "16"]) == 0
     with caplog.at_level("WARNING", logger="unclip.clip.cli"):
