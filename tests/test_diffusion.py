@@ -274,6 +274,9 @@ def test_repaint_keeps_the_known_region_and_samples_the_hole():
     assert torch.equal(again, out)
     whole = run(repaint_loop(model, d, known, torch.ones(1, 1, 8, 8), steps=4, resample=2))
     assert torch.equal(whole, known)
+    calls = []
+    run(repaint_loop(lambda x, t, **c: calls.append(int(t[0])) or model(x, t, **c), d, known, keep, steps=3, resample=5))
+    assert len(calls) == 5 + 5 + 1  # the last level's clean result was denoised four times more
 
 
 @pytest.mark.parametrize("sampler,steps,tolerance", [("dpmsolver++", 20, 0.01), ("dpmsolver++", 10, 0.04),

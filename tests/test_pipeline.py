@@ -391,6 +391,42 @@ def test_interpolation_text_diff_and_pca_probe_shapes(pipe):
         pipe.interpolate(a, b, n=1)
 
 
+def test_frames_that_share_x_t_share_the_upsamplers_noise_too(pipe):
+    """Frame i of an interpolation, text diff or PCA probe was upsampled with seed + i: frames of equal
+    latents differed at full size (an interpolation flickered), and seed 2^63 − 1 was refused."""
+    from unclip.config import MAX_SEED
+
+    a = _image(seed=0)
+    def spread(frames) -> int:  # the largest difference of any frame from the first, in levels of 255
+        arrays = [np.asarray(f).astype(int) for f in frames]
+        assert arrays[0].shape == (64, 64, 3)  # the tiny model's 16² decoder and 64² upsampler
+        return max(np.abs(arrays[0] - f).max() for f in arrays[1:])
+
+    for seed in (0, MAX_SEED):  # slerp of a row with itself may move z_i by an ulp: 1 level at most
+        assert spread(pipe.interpolate(a, a, n=3, steps=2, seed=seed)) <= 1
+    assert spread(pipe.text_diff(a, "a red circle", "a blue circle", thetas=(0.0, 0.0), steps=2)) <= 1
+    assert spread(pipe.pca_probe(a, dims=[2, 2], steps=2, seed=MAX_SEED)) <= 1
+
+
+def test_a_mask_repaints_where_it_is_white_not_where_it_is_faintly_grey():
+    """Any value above 0 repainted: a JPEG mask's ringing or a faint grey outside the region turned
+    most of the image into repainted area."""
+    from PIL import Image
+
+    from unclip.pipeline.pipeline import _mask_tensor
+
+    clean = np.zeros((64, 64), np.uint8)
+    clean[16:48, 16:48] = 255
+    faint = clean + (np.random.default_rng(0).integers(0, 3, clean.shape) * (clean == 0)).astype(np.uint8)
+    grey = clean.copy()
+    grey[40:48, 16:48] = 127  # under half: not white
+    for side in (16, 64):
+        want = _mask_tensor(clean, side)
+        assert torch.equal(_mask_tensor(faint, side), want) and torch.equal(_mask_tensor(Image.fromarray(faint), side), want)
+        assert _mask_tensor(grey, side).sum() < want.sum()
+    assert _mask_tensor(clean, 64).sum() == 32 * 32
+
+
 def test_text_diff_refuses_captions_without_a_direction_before_inverting(pipe, monkeypatch):
     """Two captions with one embedding give no direction: said before the image's DDIM inversion,
     the slow part, not after it."""
@@ -1167,3 +1203,32 @@ def test_variations_reuse_a_given_inversion_and_draw_the_same_images(pipe, monke
                        ((inversion[0] * 1e6, inversion[1]), "has length 1e\\+06")):
         with pytest.raises(DataError, match=words):
             pipe.variations(image, n=1, steps=3, inversion=bad)
+
+
+def test_latent_task_loose_ends(pipe, tmp_path, capsys):
+    """Opposite vectors slerped through zero; upscale refused a list of one image; an interpolation of
+    more than 64 frames showed no image B in its grid; upscale's PNGs did not record the seed that
+    redraws each; vary/inpaint/upscale -n and probe --dims were checked only after the model loaded."""
+    from unclip.cli import main
+    from unclip.pipeline.cli import GRID_MAX, grid_rows, recorded_params
+
+    z = torch.nn.functional.normalize(torch.randn(1, 8), dim=-1)
+    with pytest.raises(DataError, match="opposite vectors"):
+        slerp(z, -z, 0.5)
+    assert torch.allclose(slerp(z, z.clone(), 0.5), z)  # parallel: still the linear fallback
+    assert pipe.upscale([_image()], seed=0)[0].size == (64, 64)
+    rows = grid_rows(70, spread=True)
+    assert len(rows) == GRID_MAX and rows[0] == 0 and rows[-1] == 69 and rows == sorted(set(rows))
+    assert grid_rows(70) == list(range(GRID_MAX)) and grid_rows(5, spread=True) == [0, 1, 2, 3, 4]
+    _image().resize((16, 16)).save(tmp_path / "small.png")
+    out = tmp_path / "up.png"
+    assert main(["upscale", str(tmp_path / "small.png"), "-n", "2", "--seed", "5", "--out", str(out),
+                 "--model", str(pipe.directory), "--quiet"]) == 0
+    assert recorded_params(tmp_path / "up-1.png")["image_seed"] == 6
+    for argv in (["vary", "x.png", "-n", "200001"], ["inpaint", "x.png", "m.png", "-n", "0"],
+                 ["upscale", "x.png", "-n", "100001"], ["probe", "x.png", "--dims", "0"]):
+        with pytest.raises(SystemExit) as stop:  # refused by the parser, before any model is read
+            main([*argv, "--model", "/nonexistent"])
+        err = capsys.readouterr().err
+        assert stop.value.code == 2
+        assert ("out of range" in err or "too small" in err) and "nonexistent" not in err, err

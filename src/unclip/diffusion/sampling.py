@@ -212,7 +212,7 @@ def repaint_loop(model_fn: ModelFn, diffusion: GaussianDiffusion, known: torch.T
     n = spaced.num_timesteps
     for index, i in enumerate(range(n - 1, -1, -1)):
         t = torch.full((known.shape[0],), i, dtype=torch.long, device=known.device)
-        for u in range(resample):
+        for u in range(resample if i > 0 else 1):  # the last level's result is clean: nothing to redo
             p = spaced.p_mean_variance(model_fn, x, t, cond=cond, clip_denoised=clip_denoised)
             unknown = p["mean"]
             if i > 0:

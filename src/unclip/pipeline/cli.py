@@ -60,7 +60,7 @@ GRID_MAX = 64  # images the grid shows; every image is written on its own
 BATCH = 16  # images `unclip generate` samples at once, so memory stays flat for any -n
 
 
-PER_IMAGE_SEED = ("generate", "vary", "inpaint", "demo")  # verbs whose image i is drawn with seed + i
+PER_IMAGE_SEED = ("generate", "vary", "inpaint", "upscale", "demo")  # verbs whose image i is drawn with seed + i
 
 
 OWN_KEYS = ("index", "label", "image_seed")  # what one image's PNG records beside its run's params
@@ -161,14 +161,24 @@ def remove_stale_singles(out: str | Path, count: int) -> list[Path]:
     return removed
 
 
-def write_grid(images: list, out: str | Path, *, labels: list[str], params: dict, columns: int = 4) -> Path:
-    """The captioned grid of the first GRID_MAX images at `out`, atomically, `params` in its text chunk."""
+def grid_rows(count: int, *, spread: bool = False) -> list[int]:
+    """Which of `count` images a grid shows: the first GRID_MAX, or with `spread` (the frames of an
+    interpolation) GRID_MAX spread evenly from the first to the last."""
+    if count <= GRID_MAX or not spread:
+        return list(range(min(count, GRID_MAX)))
+    return [round(i * (count - 1) / (GRID_MAX - 1)) for i in range(GRID_MAX)]
+
+
+def write_grid(images: list, out: str | Path, *, labels: list[str], params: dict, columns: int = 4,
+               spread: bool = False) -> Path:
+    """The captioned grid of the images `grid_rows` picks at `out`, atomically, `params` in its text chunk."""
     from PIL.PngImagePlugin import PngInfo
 
     from unclip.data.preview import captioned_grid
     from unclip.io import save_image_atomic
 
-    images, labels = images[:GRID_MAX], labels[:GRID_MAX]
+    rows = grid_rows(len(images), spread=spread)
+    images, labels = [images[i] for i in rows], [labels[i] for i in rows]
     thai = lambda text: any("\u0e00" <= ch <= "\u0e7f" for ch in text)  # noqa: E731
     grid = captioned_grid(images, [[("th" if thai(label) else "en", label)] for label in labels],
                           columns=min(columns, len(images)))
@@ -177,14 +187,15 @@ def write_grid(images: list, out: str | Path, *, labels: list[str], params: dict
     return save_image_atomic(out, grid, pnginfo=info)
 
 
-def write_outputs(images: list, out: str | Path, *, labels: list[str], params: dict, columns: int = 4) -> list[Path]:
+def write_outputs(images: list, out: str | Path, *, labels: list[str], params: dict, columns: int = 4,
+                  spread: bool = False) -> list[Path]:
     """The grid at `out` and each image beside it (`write_singles`, `write_grid`); the singles' paths.
 
     An earlier grid at `out` goes first: a run killed while writing its singles leaves no grid over
     two runs' images."""
     Path(out).unlink(missing_ok=True)
     paths = write_singles(images, out, labels=labels, params=params)
-    write_grid(images, out, labels=labels, params=params, columns=columns)
+    write_grid(images, out, labels=labels, params=params, columns=columns, spread=spread)
     remove_stale_singles(out, len(paths))
     return paths
 
@@ -288,16 +299,18 @@ def _cascade_params(pipe) -> dict:
                            for u in pipe.upsamplers]}
 
 
-def _said(args: argparse.Namespace, count: int) -> None:
-    more = f" (the grid shows the first {GRID_MAX})" if count > GRID_MAX else ""
+def _said(args: argparse.Namespace, count: int, *, spread: bool = False) -> None:
+    which = f"{GRID_MAX} from the first to the last" if spread else f"the first {GRID_MAX}"
+    more = f" (the grid shows {which})" if count > GRID_MAX else ""
     out = Path(args.out)
     singles = f"{out.parent}/{out.stem}-0.png" + (f" … {out.stem}-{count - 1}.png" if count > 1 else "")
     print(f"{count} image(s): grid {args.out}{more}, images {singles}")
 
 
-def _finish(args: argparse.Namespace, pipe, verb: str, images: list, labels: list[str], extra: dict) -> int:
-    write_outputs(images, args.out, labels=labels, params=_params(args, verb, extra, pipe))
-    _said(args, len(images))
+def _finish(args: argparse.Namespace, pipe, verb: str, images: list, labels: list[str], extra: dict, *,
+            spread: bool = False) -> int:
+    write_outputs(images, args.out, labels=labels, params=_params(args, verb, extra, pipe), spread=spread)
+    _said(args, len(images), spread=spread)
     return 0
 
 
@@ -388,7 +401,8 @@ def _interpolate(args: argparse.Namespace) -> int:
                               guidance_scale=args.guidance_scale, seed=args.seed, callback=bars, size=args.size)
     bars.close()
     labels = [f"t = {i / (args.n - 1):.2f}" for i in range(args.n)]
-    return _finish(args, pipe, "interpolate", images, labels, {"images": [args.image_a, args.image_b], "mode": args.mode})
+    return _finish(args, pipe, "interpolate", images, labels, {"images": [args.image_a, args.image_b], "mode": args.mode},
+                   spread=True)  # a grid of more than GRID_MAX frames still ends at image B
 
 
 def _textdiff(args: argparse.Namespace) -> int:
@@ -486,7 +500,7 @@ def register(subparsers) -> None:
         "Encode the image to its bipartite latent (CLIP z_i and the decoder's x_T by DDIM inversion) and decode "
         "it with DDIM η > 0: the content CLIP sees stays, the rest varies. η = 0 reconstructs the image."))
     vary.add_argument("image", help="a square image file")
-    vary.add_argument("-n", type=positive_int, default=4, help="number of variations (default: 4)")
+    vary.add_argument("-n", type=int_range(1, MAX_IMAGES), default=4, help="number of variations (default: 4)")
     vary.add_argument("--eta", type=eta, default=0.8, help="DDIM η: 0 reconstructs, 1 varies most (default: 0.8)")
     _common(vary, "vary")
     vary.set_defaults(func=_vary)
@@ -522,7 +536,7 @@ def register(subparsers) -> None:
     paint.add_argument("mask", help="a square mask image: white = repaint (in one with transparency: fully "
                                     "transparent = repaint)")
     paint.add_argument("--prompt", help="what to paint (default: follow the image's own CLIP embedding)")
-    paint.add_argument("-n", type=positive_int, default=4, help="number of results (default: 4)")
+    paint.add_argument("-n", type=int_range(1, MAX_IMAGES), default=4, help="number of results (default: 4)")
     paint.add_argument("--resample", type=positive_int, default=5, help="RePaint resamplings per step (default: 5)")
     _common(paint, "inpaint", seed=0)
     paint.set_defaults(func=_inpaint)
@@ -531,7 +545,7 @@ def register(subparsers) -> None:
         "Project the image's CLIP embedding onto its first k principal components (the AR prior's PCA) and "
         "decode each with the same noise: what the leading dimensions of the latent space carry."))
     probe.add_argument("image", help="a square image file")
-    probe.add_argument("--dims", type=int, nargs="+", help="values of k (default: 1 2 4 8, half, all)")
+    probe.add_argument("--dims", type=positive_int, nargs="+", help="values of k (default: 1 2 4 8, half, all)")
     _common(probe, "probe")
     probe.set_defaults(func=_probe)
 
@@ -540,7 +554,7 @@ def register(subparsers) -> None:
         "the cascade at the largest upsampler input side not above its own, and goes through each stage up to "
         "--size. The upsamplers learnt from the model's training images, so they sharpen images like those."))
     up.add_argument("image", help="a square image file")
-    up.add_argument("-n", type=positive_int, default=1, help="number of draws (default: 1)")
+    up.add_argument("-n", type=int_range(1, MAX_IMAGES), default=1, help="number of draws (default: 1)")
     _common(up, "upscale", decodes=False)
     up.set_defaults(func=_upscale)
 

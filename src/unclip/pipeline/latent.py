@@ -19,7 +19,8 @@ def slerp(a: torch.Tensor, b: torch.Tensor, t: float | torch.Tensor) -> torch.Te
     a, b: [..., D] (vectors; images [B, C, H, W] are treated as flattened rows by `slerp_rows`).
     The angle θ between a and b is split as sin((1-t)θ)/sin θ · a + sin(tθ)/sin θ · b, so unit
     vectors stay unit vectors and the path turns at a constant rate. Nearly parallel rows
-    (sin θ < 1e-7) fall back to linear interpolation. t may be a float or a tensor
+    (sin θ < 1e-7) fall back to linear interpolation; opposite rows have no one great circle
+    between them, and are a DataError (a linear path runs through zero). t may be a float or a tensor
     broadcastable to a's leading shape [...], e.g. [K, 1] against a [1, D] to get [K, D].
     """
     t = torch.as_tensor(t, dtype=a.dtype, device=a.device)
@@ -31,6 +32,11 @@ def slerp(a: torch.Tensor, b: torch.Tensor, t: float | torch.Tensor) -> torch.Te
     sin = torch.sin(theta)
     t64 = t.double()
     linear = sin.abs() < EPS
+    if (linear & (cos < 0)).any():
+        from unclip.errors import DataError
+
+        raise DataError("slerp between opposite vectors (cosine −1): every great circle joins them, so the path is "
+                        "undefined; interpolate between other images or embeddings")
     safe = torch.where(linear, torch.ones_like(sin), sin)
     wa = torch.where(linear, 1 - t64, torch.sin((1 - t64) * theta) / safe)
     wb = torch.where(linear, t64, torch.sin(t64 * theta) / safe)

@@ -187,13 +187,23 @@ def _shared_seed(seed: Seed, task: str) -> Seed:
     return seed
 
 
+def _frame_seeds(seed: Seed, n: int) -> list[int]:
+    """One seed for each of n frames that share one x_T (interpolations, text diffs, the PCA probe):
+    the same for every frame, so the upsamplers add the same noise to each and frames whose latents
+    are equal are equal images (frame i drew from seed + i, so an interpolation flickered)."""
+    if seed is None or isinstance(seed, torch.Generator):
+        seed = int(torch.randint(0, MAX_SEED, (), generator=seed))
+    return [seed] * n
+
+
 def _one_image(image, task: str):
-    """`image` if it is one image (a PIL image, a path, a list of one, or a tensor [3, S, S] / [1, 3, S, S])."""
+    """`image` if it is one image (a PIL image, a path, or a tensor [3, S, S] / [1, 3, S, S]); the
+    image of a list of one."""
     batch = isinstance(image, (list, tuple)) or isinstance(image, torch.Tensor) and image.ndim == 4
     count = len(image) if batch else 1
     if count != 1:
         raise DataError(f"{task} takes one image; got {count}: call it once per image")
-    return image
+    return image[0] if isinstance(image, (list, tuple)) else image
 
 
 def generators(seed: Seed, n: int) -> list[torch.Generator] | torch.Generator | None:
@@ -863,7 +873,8 @@ class UnclipPipeline:
             x_Ts = self.fixed_noise(seed, n)
         z_i = latent.slerp(z[:1], z[1:2], thetas[:, None].to(z))  # [n, D]
         images = self.decode(z_i, x_T=x_Ts, sampler="ddim", eta=0.0, steps=steps, guidance_scale=guidance_scale,
-                             seed=seed, callback=callback, inverted=mode == "inverted", upsample=upsample, size=size)
+                             seed=_frame_seeds(seed, n), callback=callback, inverted=mode == "inverted",
+                             upsample=upsample, size=size)
         return to_pil(images)
 
     def text_diff(self, image, caption: str, target: str, thetas: Sequence[float] = (0.0, 0.15, 0.3, 0.45, 0.6, 0.75),
@@ -891,7 +902,8 @@ class UnclipPipeline:
         direction = direction * z_i[:1].norm(dim=-1, keepdim=True)
         z = latent.slerp(z_i[:1], direction, torch.tensor(thetas)[:, None].to(z_i))
         images = self.decode(z, x_T=x_T[:1].expand(len(thetas), -1, -1, -1), sampler="ddim", eta=0.0, steps=steps,
-                             guidance_scale=guidance_scale, seed=seed, callback=callback, inverted=True,
+                             guidance_scale=guidance_scale, seed=_frame_seeds(seed, len(thetas)), callback=callback,
+                             inverted=True,
                              upsample=upsample, size=size)
         return to_pil(images)
 
@@ -980,7 +992,8 @@ class UnclipPipeline:
         length = z_i.norm(dim=-1, keepdim=True)  # [1, 1]
         z = torch.cat([latent.pca_truncate(z_i, mean=pca.mean, basis=pca.basis, k=k) * length for k in dims])
         images = self.decode(z, x_T=self.fixed_noise(seed, len(dims)), sampler="ddim", eta=0.0, steps=steps,
-                             guidance_scale=guidance_scale, seed=seed, callback=callback, upsample=upsample, size=size)
+                             guidance_scale=guidance_scale, seed=_frame_seeds(seed, len(dims)), callback=callback,
+                             upsample=upsample, size=size)
         return to_pil(images)
 
 
@@ -1024,7 +1037,8 @@ def _open_rgb(item):
 
 def _mask_tensor(mask, side: int) -> torch.Tensor:
     """A mask (PIL image, path, or tensor or array [H, W] / [1, 1, H, W] in [0, 1] or 0 … 255) as
-    [1, 1, side, side] in {0, 1}."""
+    [1, 1, side, side] in {0, 1}: values of ½ and above (128 and above in bytes) repaint, or, for an
+    image with transparency, its fully transparent pixels."""
     import numpy as np
     import torch.nn.functional as F
     from PIL import Image, ImageOps
@@ -1064,6 +1078,7 @@ def _mask_tensor(mask, side: int) -> torch.Tensor:
             m = torch.from_numpy(np.asarray(pil.convert("L"), dtype=np.float32) / 255.0)[None, None]
     if m.shape[-1] != m.shape[-2]:
         raise DataError(f"the mask must be square like the image; got {m.shape[-1]}×{m.shape[-2]}")
+    m = (m >= 0.5).float()  # white (≥ ½) repaints: a JPEG mask's ringing or a faint grey is not white
     if m.sum() == 0 and transparent:
         raise DataError("the mask has an alpha channel, so its fully transparent pixels mark the region to repaint, "
                         "and it has none: erase the region, or save the mask without transparency, region white")
