@@ -80,6 +80,13 @@ def test_training_on_long_captions_logs_a_few_then_says_more_are_cut(tok, caplog
     assert messages[-1].startswith(f"more captions are cut to 8 tokens ({CUT_LOGS + 1} so far)")
 
 
+def test_a_cut_thai_caption_is_told_in_thai(tok, caplog):
+    fresh = Tokenizer(backend=tok.backend, context_length=8)
+    with caplog.at_level(logging.WARNING, logger="unclip.tokenizer"):
+        assert fresh.encode(["ดาวสีเขียวขนาดใหญ่อยู่เหนือวงกลมสีแดง"]).truncated == (True,)
+    assert caplog.records[0].getMessage().startswith("คำบรรยายถูกตัดเหลือ 8 โทเคน ส่วนท้ายที่ตัดทิ้ง: '")
+
+
 def test_loads_of_one_tokenizer_log_a_cut_caption_once(tok, tmp_path, caplog):
     """`unclip train all` loads its CLIP's tokenizer for every stage, and each load logged the same cut
     captions again (five times over)."""

@@ -57,6 +57,8 @@ def _demo(args: argparse.Namespace) -> int:
                   params={"verb": "demo", "model": str(pipe.directory), "seed": args.seed})
     print(f"{len(images)} images from the shipped model in {seconds:.0f} s: {grid} (each image beside it as "
           f"generate-*.png)")
+    print("two objects in one scene are this model's weak spot (which shape takes which colour, which side "
+          "each is on: docs/model_card.md); one shape, a colour or a count it draws right")
     print('next: unclip generate "three green triangles" -n 4   (every verb has --help; docs/model_card.md)')
     return 0
 

@@ -206,7 +206,10 @@ class Tokenizer:
         self.cut_captions.add(caption)
         if len(self.cut_captions) <= CUT_LOGS:
             shown = lost if len(lost) <= 60 else f"{lost[:60]}… ({len(lost)} characters)"
-            log.warning("caption cut to %d tokens; dropped the end: %r", length, shown)
+            if any("\u0e00" <= ch <= "\u0e7f" for ch in caption):  # said in Thai for a Thai caption
+                log.warning("คำบรรยายถูกตัดเหลือ %d โทเคน ส่วนท้ายที่ตัดทิ้ง: %r", length, shown)
+            else:
+                log.warning("caption cut to %d tokens; dropped the end: %r", length, shown)
         elif len(self.cut_captions) == CUT_LOGS + 1:
             log.warning("more captions are cut to %d tokens (%d so far); no more are logged. A longer "
                         "tokenizer.context_length keeps more of them (a new CLIP run)", length, CUT_LOGS + 1)

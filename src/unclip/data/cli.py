@@ -71,7 +71,7 @@ def _check(args: argparse.Namespace) -> int:
 def register(subparsers) -> None:
     """Add the `data` verb and its sub-verbs `preview`, `export` and `check` to the main parser."""
     data = subparsers.add_parser(
-        "data", help="preview and export the shapes-world data set",
+        "data", help="preview and export the shapes-world data set; check a folder or shards of your own",
         description="Shapes world: procedural coloured shapes with English and Thai captions "
                     "(docs/shapes_world.md). Sample i of a split is the same on every machine for a seed.")
     verbs = data.add_subparsers(dest="data_verb", metavar="VERB", required=True)

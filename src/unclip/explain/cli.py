@@ -18,7 +18,7 @@ _seed = int_range(0, 2**32 - 1, " (scikit-learn takes 32-bit seeds)")
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the `explain` verb and its sub-verbs to the main CLI's subparsers."""
     explain = subparsers.add_parser(
-        "explain", help="digit explainers: distance learning, t-SNE, the VAE manifold",
+        "explain", help="the explainers: distance learning and t-SNE on digits, the VAE manifold, CLIP's shared space",
         description=("Small, reproducible experiments on scikit-learn's 8×8 handwritten digits that show "
                      "the ideas behind CLIP latents (docs/explainers.md). Each runs in under a minute on "
                      "one CPU core and writes figures plus metrics.json. `unclip explain clip` shows how "
