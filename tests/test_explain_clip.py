@@ -44,6 +44,18 @@ def test_needs_a_model(tmp_path, capsys):
     assert "not a directory" in capsys.readouterr().err
 
 
+def test_without_a_model_it_explains_the_shipped_models_clip(tmp_path, monkeypatch):
+    """--model was required, so a newcomer had to train a CLIP first; the shipped model holds one."""
+    import unclip.explain.clipspace as clipspace
+    from unclip.pipeline import default_model_dir
+
+    asked = []
+    monkeypatch.setattr(clipspace, "run_clip_space", lambda out, *, model_dir, **kw: asked.append(model_dir) or 1 / 0)
+    with pytest.raises(ZeroDivisionError):  # stopped right after the model was chosen
+        main(["explain", "clip", "--out", str(tmp_path / "o")])
+    assert asked == [default_model_dir()]
+
+
 @pytest.mark.slow
 def test_trained_clip_puts_captions_next_to_their_images(tmp_path):
     """Needs runs/shapes/clip/model from `unclip train clip --preset shapes`."""

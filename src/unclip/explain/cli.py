@@ -48,7 +48,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="With a trained CLIP model: a similarity matrix of images against captions, zero-shot "
                     "colour and shape classification as the nearest caption (seen and held-out pairs, English "
                     "and Thai), and a t-SNE of image and caption embeddings together (PNG and interactive HTML).")
-    clip.add_argument("--model", required=True, help="model directory holding a CLIP (e.g. runs/shapes/clip/model)")
+    clip.add_argument("--model", help="model directory holding a CLIP (e.g. runs/shapes/clip/model; default: the "
+                                      "shipped shapes-world model's CLIP, docs/model_card.md)")
     clip.add_argument("--out", default="out/explain/clip", type=output_folder,
                       help="output folder (default: out/explain/clip)")
     clip.add_argument("--seed", type=_seed, default=0, help="t-SNE seed (default: 0)")
@@ -135,6 +136,10 @@ def _clip(args: argparse.Namespace) -> int:
     require_explain_deps()
     from unclip.explain.clipspace import run_clip_space
 
+    if args.model is None:
+        from unclip.pipeline import default_model_dir
+
+        args.model = default_model_dir()
     report = run_clip_space(args.out, model_dir=args.model, n=args.n, seed=args.seed)
     m = report.metrics
     zs = m["zero_shot"]
