@@ -92,6 +92,12 @@ def clean_text(text: str) -> str:
     return text
 
 
+def has_thai(text: str) -> bool:
+    """Whether `text` holds Thai letters: what unclip says about it is then said in Thai, and a grid
+    draws it in a Thai font."""
+    return any("\u0e00" <= ch <= "\u0e7f" for ch in text)
+
+
 def _backend_normalizer():
     """`clean_text` as a `tokenizers` normalizer: set on every tokenizer trained or loaded, and
     written into the tokenizer.json of `export-diffusers`, whose AutoTokenizer then reads text as
@@ -206,7 +212,7 @@ class Tokenizer:
         self.cut_captions.add(caption)
         if len(self.cut_captions) <= CUT_LOGS:
             shown = lost if len(lost) <= 60 else f"{lost[:60]}… ({len(lost)} characters)"
-            if any("\u0e00" <= ch <= "\u0e7f" for ch in caption):  # said in Thai for a Thai caption
+            if has_thai(caption):  # said in Thai for a Thai caption
                 log.warning("คำบรรยายถูกตัดเหลือ %d โทเคน ส่วนท้ายที่ตัดทิ้ง: %r", length, shown)
             else:
                 log.warning("caption cut to %d tokens; dropped the end: %r", length, shown)

@@ -103,7 +103,7 @@ def did_you_mean(unknown: Sequence[str], known: Iterable[str], *, thai: bool = F
             by_length.setdefault(len(word), []).append(word)
     close = {}
     for word in unknown:
-        near = [k for n in (len(word) - 1, len(word), len(word) + 1) for k in sorted(by_length.get(n, ())) if k != word]
+        near = [k for n in (len(word) - 1, len(word), len(word) + 1) for k in by_length.get(n, ()) if k != word]
         if match := difflib.get_close_matches(word, near, n=1, cutoff=0.75):
             close[word] = match[0]
     if not close:

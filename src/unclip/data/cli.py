@@ -56,12 +56,13 @@ def _check(args: argparse.Namespace) -> int:
         from unclip.data.preview import captioned_grid
         from unclip.data.shapes import to_pil
         from unclip.io import save_image_atomic
+        from unclip.tokenizer import has_thai
         from unclip.train.data import first_pairs
 
         images, captions = first_pairs(DataConfig(source=report.source, path=args.path), 16, size=args.size)
         cell = max(96, args.size)
         tiles = [to_pil(image).resize((cell, cell), Image.Resampling.NEAREST) for image in images]
-        labels = [[("th" if any("\u0e00" <= ch <= "\u0e7f" for ch in c) else "en", c)] for c in captions]
+        labels = [[("th" if has_thai(c) else "en", c)] for c in captions]
         save_image_atomic(args.sheet, captioned_grid(tiles, labels, columns=8))
         if not args.json:
             print(f"the first {len(captions)} pairs as training reads them: {args.sheet}")

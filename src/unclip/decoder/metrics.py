@@ -156,6 +156,7 @@ def write_sheet(path: str | Path, rows: list[tuple[str, torch.Tensor]], *, capti
     from unclip.data.preview import captioned_grid
     from unclip.data.shapes import to_pil
     from unclip.io import save_image_atomic
+    from unclip.tokenizer import has_thai
 
     count = min(columns, *(len(images) for _, images in rows))
     tiles, labels = [], []
@@ -163,5 +164,5 @@ def write_sheet(path: str | Path, rows: list[tuple[str, torch.Tensor]], *, capti
         for i in range(count):
             tiles.append(to_pil(images[i]).resize((cell, cell), Image.Resampling.NEAREST))
             text = f"{label}: {captions[i]}" if captions and r == 0 else label
-            labels.append([("th" if any("\u0e00" <= ch <= "\u0e7f" for ch in text) else "en", text)])
+            labels.append([("th" if has_thai(text) else "en", text)])
     return save_image_atomic(path, captioned_grid(tiles, labels, columns=count))

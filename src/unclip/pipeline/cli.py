@@ -176,11 +176,11 @@ def write_grid(images: list, out: str | Path, *, labels: list[str], params: dict
 
     from unclip.data.preview import captioned_grid
     from unclip.io import save_image_atomic
+    from unclip.tokenizer import has_thai
 
     rows = grid_rows(len(images), spread=spread)
     images, labels = [images[i] for i in rows], [labels[i] for i in rows]
-    thai = lambda text: any("\u0e00" <= ch <= "\u0e7f" for ch in text)  # noqa: E731
-    grid = captioned_grid(images, [[("th" if thai(label) else "en", label)] for label in labels],
+    grid = captioned_grid(images, [[("th" if has_thai(label) else "en", label)] for label in labels],
                           columns=min(columns, len(images)))
     info = PngInfo()
     info.add_text("unclip", json.dumps(params, ensure_ascii=False))

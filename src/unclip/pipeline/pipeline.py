@@ -36,7 +36,7 @@ from unclip.config import (MAX_CANDIDATES, MAX_SEED, UnclipConfig, check_eta, ch
                            check_noise_level, is_real, upsampler_steps_limit)
 from unclip.diffusion import SAMPLERS, SampleStep
 from unclip.errors import ConfigError, DataError, SamplingError
-from unclip.tokenizer import clean_text
+from unclip.tokenizer import clean_text, has_thai
 from unclip.pipeline import MAX_IMAGES, PRECISIONS, latent
 
 log = logging.getLogger(__name__)
@@ -127,11 +127,6 @@ def reads_world_captions(config: UnclipConfig) -> bool:
     return config.data.source == "shapes" and not config.name.startswith(IMPORTED)
 
 
-def _thai(prompt: str) -> bool:
-    """Whether `prompt` is written (partly) in Thai, so that what is said about it is said in Thai."""
-    return any("\u0e00" <= ch <= "\u0e7f" for ch in prompt)
-
-
 def _count(name: str, value, least: int, why: str, *, prompts: int = 1) -> int:
     """`value` as a whole number of images from `least` to MAX_IMAGES (with `prompts` prompts, n
     images each), else a ConfigError: below `least` it says `why`; above, a huge n failed only
@@ -204,6 +199,15 @@ def _one_image(image, task: str):
     if count != 1:
         raise DataError(f"{task} takes one image; got {count}: call it once per image")
     return image[0] if isinstance(image, (list, tuple)) else image
+
+
+def _pieces(n: int, seeds):
+    """A task of n images in pieces of GENERATE_BATCH rows: for each, its rows (a slice), how many,
+    and its seeds — its share of per-image seeds or generators (a list), else the one shared by all
+    (so image i draws from its own stream however n is split)."""
+    for start in range(0, n, GENERATE_BATCH):
+        rows = slice(start, min(start + GENERATE_BATCH, n))
+        yield rows, rows.stop - start, seeds[rows] if isinstance(seeds, list) else seeds
 
 
 def generators(seed: Seed, n: int) -> list[torch.Generator] | torch.Generator | None:
@@ -352,7 +356,7 @@ class UnclipPipeline:
                 self._warned.clear()
             self._warned.add(p)
             for warning in self._word_warnings(p):  # a prompt cut to the context the tokenizer logs itself
-                log.warning("%r: %s%s", p, warning, self._known_words_hint(thai=_thai(p)))
+                log.warning("%r: %s%s", p, warning, self._known_words_hint(thai=has_thai(p)))
         forms = [self.read_form(p) for p in prompts]
         pieces = [self.clip.encode_text(self.clip.tokenize(forms[at:at + GENERATE_BATCH]))
                   for at in range(0, len(forms), GENERATE_BATCH)]
@@ -390,7 +394,7 @@ class UnclipPipeline:
         warnings = self._word_warnings(prompt)
         if self.clip.tokenize([self.read_form(prompt)]).truncated[0]:
             reads = self.clip.tokenizer.context_length - 2
-            warnings.append(f"ข้อความนี้ยาวเกิน {reads} โทเคนที่โมเดลนี้อ่านได้ ส่วนที่เกินถูกตัดทิ้ง" if _thai(prompt) else
+            warnings.append(f"ข้อความนี้ยาวเกิน {reads} โทเคนที่โมเดลนี้อ่านได้ ส่วนที่เกินถูกตัดทิ้ง" if has_thai(prompt) else
                             f"it is longer than the {reads} tokens this model reads; the rest was left out")
         return warnings
 
@@ -408,7 +412,7 @@ class UnclipPipeline:
             return []
         from unclip.words import did_you_mean
 
-        words, one, thai = ", ".join(map(repr, unknown)), len(unknown) == 1, _thai(prompt)
+        words, one, thai = ", ".join(map(repr, unknown)), len(unknown) == 1, has_thai(prompt)
         if world:
             from unclip.data.world import vocabulary
 
@@ -561,9 +565,7 @@ class UnclipPipeline:
         self.check_latents(z_i, x_T, text)
         gens = generators(seed, len(z_i))
         pieces = []
-        for start in range(0, len(z_i), GENERATE_BATCH):
-            rows = slice(start, start + GENERATE_BATCH)
-            piece_gens = gens[rows] if isinstance(gens, list) else gens
+        for rows, _, piece_gens in _pieces(len(z_i), gens):
             with self.autocast():
                 images = self.decoder.sample(
                     z_i[rows].to(self.device), None if text is None else text.token_states[rows],
@@ -670,10 +672,8 @@ class UnclipPipeline:
         low = self.pixels(image, sides[first])  # [1, 3, s, s]
         gens = generators(seed, n)
         pieces = []
-        for start in range(0, n, GENERATE_BATCH):  # a large n in pieces: draw i from its own seed
-            rows = range(start, min(start + GENERATE_BATCH, n))
-            piece_gens = gens[start:rows.stop] if isinstance(gens, list) else gens
-            images = low.repeat(len(rows), 1, 1, 1)
+        for _, count, piece_gens in _pieces(n, gens):  # a large n in pieces: draw i from its own seed
+            images = low.repeat(count, 1, 1, 1)
             with self.autocast():
                 for stage in range(first + 1, last + 1):
                     upsampler = self.upsamplers[stage - 1]
@@ -767,9 +767,8 @@ class UnclipPipeline:
         rows = [p for p in prompts for _ in range(n)]
         seeds = seed if seed is None or isinstance(seed, torch.Generator) else _image_seeds(seed, len(rows))
         images = []
-        for start in range(0, len(rows), GENERATE_BATCH):  # a huge n in pieces: image i draws from its own seed
-            piece = slice(start, start + GENERATE_BATCH)
-            images += self._generate(rows[piece], seeds[piece] if isinstance(seeds, list) else seeds, k=k,
+        for piece, _, piece_seeds in _pieces(len(rows), seeds):  # a huge n in pieces: image i draws from its own seed
+            images += self._generate(rows[piece], piece_seeds, k=k,
                                      m=min(m, k) if stages else 1,  # nothing to compare again at the decoder's side
                                      stages=stages, prior=prior, prior_guidance_scale=prior_guidance_scale,
                                      guidance_scale=guidance_scale, steps=steps, sampler=sampler, callback=callback)
@@ -934,18 +933,16 @@ class UnclipPipeline:
         scale = self.decoder.config.guidance_scale if guidance_scale is None else guidance_scale
         steps = self.decoder.config.sample_steps if steps is None else steps
         pieces = []
-        for start in range(0, n, GENERATE_BATCH):  # a large n in pieces: image i draws from its own stream
-            rows = range(start, min(start + GENERATE_BATCH, n))
-            piece_gens = gens[start:rows.stop] if isinstance(gens, list) else gens
+        for _, count, piece_gens in _pieces(n, gens):  # a large n in pieces: image i draws from its own stream
             if prompt is not None:
-                text = self.encode_text([prompt] * len(rows))
+                text = self.encode_text([prompt] * count)
                 z_i = self.prior_sample(text, seed=piece_gens, callback=callback)
             else:
-                text, z_i = None, own_z.expand(len(rows), -1)
+                text, z_i = None, own_z.expand(count, -1)
             model_fn = self.decoder.guided_fn(z_i, None if text is None else text.token_states.float(),
                                               None if text is None else text.mask, scale,
                                               text_embeds=None if text is None else text.embeds)
-            loop = repaint_loop(model_fn, self.decoder.diffusion, known.expand(len(rows), -1, -1, -1), 1 - hole,
+            loop = repaint_loop(model_fn, self.decoder.diffusion, known.expand(count, -1, -1, -1), 1 - hole,
                                 steps=steps, resample=resample, generator=piece_gens)
             with self.autocast():
                 images = run(loop, _stage_callback(callback, "decoder"))
