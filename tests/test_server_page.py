@@ -62,6 +62,15 @@ def _wait_for_cards(page, count: int) -> None:
         timeout=60_000)
 
 
+def _generate_cards(page, n: int, size: str) -> None:
+    """Generate n images of `size` ("16x16") at 2 steps on a fresh page and wait for their cards."""
+    page.fill("#n", str(n))
+    page.fill("#steps", "2")
+    page.select_option("#size", size)
+    page.click("#generate")
+    _wait_for_cards(page, n)
+
+
 def _inpaint(page, card, prompt: str, stroke: tuple[int, int, int, int]) -> None:
     """Open the editor on `card`, paint one stroke from (x0, y0) to (x1, y1) in the canvas, and fill it
     with `prompt`."""
@@ -311,11 +320,7 @@ def test_progress_and_cancel_stay_in_sight_for_a_card_far_down_on_a_phone(page, 
 
     fresh = _fresh_page(page, server, width=390, height=844)
     try:
-        fresh.fill("#n", "3")
-        fresh.fill("#steps", "2")
-        fresh.select_option("#size", "16x16")
-        fresh.click("#generate")
-        _wait_for_cards(fresh, 3)
+        _generate_cards(fresh, 3, "16x16")
         last = fresh.locator("#gallery .card").last
         last.scroll_into_view_if_needed()
         fresh.route("**/v1/images/variations", lambda route: _busy(route, 5))
@@ -367,11 +372,7 @@ def test_the_mask_is_painted_from_the_keyboard_alone(page, server):
 
     fresh = _fresh_page(page, server)
     try:
-        fresh.fill("#n", "1")
-        fresh.fill("#steps", "2")
-        fresh.select_option("#size", "64x64")
-        fresh.click("#generate")
-        _wait_for_cards(fresh, 1)
+        _generate_cards(fresh, 1, "64x64")
         fresh.locator("#gallery .card .inpaint").first.focus()
         fresh.keyboard.press("Enter")
         fresh.wait_for_function("document.activeElement && document.activeElement.id === 'edit-paint'")
@@ -435,12 +436,8 @@ def test_fill_shows_and_sends_its_own_images_size_steps_and_seed(page, server):
 
     fresh = _fresh_page(page, server)
     try:
-        fresh.fill("#n", "3")
-        fresh.fill("#steps", "2")
         fresh.fill("#seed", "5")
-        fresh.select_option("#size", "64x64")
-        fresh.click("#generate")
-        _wait_for_cards(fresh, 3)
+        _generate_cards(fresh, 3, "64x64")
         fresh.locator("#gallery .card").first.locator(".inpaint").click()
         fresh.wait_for_selector("#editor:not([hidden])")
         settings = fresh.locator("#edit-settings")  # they start as the form's, the size as the image's
