@@ -185,6 +185,14 @@ def test_generate_with_other_settings_into_the_same_folder_never_mixes_two_runs(
     assert "removed 6 image(s) of an earlier run with other settings (seed)" in err and "its own --out" in err
 
 
+    monkeypatch.undo()  # writing is not stopped
+    Image.new("RGB", (4, 4)).save(tmp_path / "g-6.png", format="JPEG")  # where a seventh image would go
+    assert main([*_generate_argv(model_dir, seed=5), "--out", str(out)]) == 0  # it crashed reading a JPEG's PNG text
+    assert _names(tmp_path) == ["g-0.png", "g-1.png", "g-2.png", "g-3.png", "g-4.png", "g-5.png", "g-6.png",
+                                "g-9.png", "g.png"]
+    with Image.open(tmp_path / "g-6.png") as kept:
+        assert kept.format == "JPEG"
+
 
 def test_a_generate_that_fails_before_drawing_loses_no_earlier_image(model_dir, tmp_path, capsys):
     """The earlier run's images were removed before the new settings were checked: a mistyped --size

@@ -142,19 +142,12 @@ def read_single(out: str | Path, index: int):
 
 def remove_stale_singles(out: str | Path, count: int) -> list[Path]:
     """Delete `<stem>-<count>.png`, `<stem>-<count + 1>.png`, ... left beside `out` by an earlier run
-    that wrote more images: only unclip's own (they carry the "unclip" text chunk), and only while
-    they follow on, so a folder never mixes two runs' images under one grid."""
-    from PIL import Image
-
+    that wrote more images: only unclip's own (they record their settings, `recorded_params`), and
+    only while they follow on, so a folder never mixes two runs' images under one grid."""
     out, removed = Path(out), []
     for i in itertools.count(count):
         path = out.with_name(f"{out.stem}-{i}.png")
-        try:
-            with Image.open(path) as old:
-                ours = "unclip" in old.text
-        except (OSError, ValueError):
-            break
-        if not ours:
+        if recorded_params(path) is None:
             break
         path.unlink()
         removed.append(path)
