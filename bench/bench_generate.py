@@ -28,7 +28,8 @@ PROMPTS = ["a red circle above a blue square", "สามเหลี่ยม�
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model", nargs="?", help="model directory (default: the shipped model)")
-    parser.add_argument("--precision", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"])
+    parser.add_argument("--precision", nargs="+", choices=["float32", "bfloat16"],
+                        help="default: float32, and bfloat16 where the CPU has bf16 units (emulated elsewhere, 30× slower)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--n", type=int, default=4, help="images per prompt (default: 4)")
     parser.add_argument("--steps", type=int, help="decoder steps (default: the model's)")
@@ -43,7 +44,12 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     import unclip
+    from unclip.precision import native_bf16
 
+    if args.precision is None:
+        args.precision = ["float32", "bfloat16"] if native_bf16("cpu") else ["float32"]
+        if not native_bf16("cpu"):
+            print("this CPU has no bf16 units (AVX-512-BF16 or AMX): float32 only (--precision bfloat16 to time it anyway)")
     options = {k: v for k, v in (("steps", args.steps), ("sampler", args.sampler), ("candidates", args.candidates),
                                  ("upsampled_candidates", args.upsampled_candidates)) if v is not None}
     def said(value, what: str) -> str:

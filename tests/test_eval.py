@@ -27,13 +27,15 @@ def _obj(colour, shape, cx=0.5, cy=0.5, size="large", cell=None):
 
 
 def test_judge_learns_a_separable_toy():
-    """Two scenes that differ in every attribute: 200 Adam steps read both exactly."""
+    """Two scenes that differ in every attribute: 200 Adam steps read both exactly. The single object
+    sits at its cell's centre, where shapes world puts one: a large circle at (0.25, 0.25), 0.08 from
+    the next row, read as "left" on a CPU with AVX2 kernels for 2 of 6 seeds (10 of 10 right now)."""
     from unclip.data.render import render
     from unclip.data.shapes import to_tensor
 
-    scenes = [Scene(kind="single", objects=(Obj("circle", "red", "large", 0.25, 0.25, "top-left"),)),
-              Scene(kind="pair", relation="left of", objects=(Obj("square", "blue", "small", 0.25, 0.5, "left"),
-                                                              Obj("star", "yellow", "small", 0.75, 0.5, "right")))]
+    scenes = [Scene(kind="single", objects=(Obj("circle", "red", "small", 1 / 6, 1 / 6, "top-left"),)),
+              Scene(kind="pair", relation="left of", objects=(Obj("square", "blue", "large", 0.25, 0.5, "left"),
+                                                              Obj("star", "yellow", "large", 0.75, 0.5, "right")))]
     images = torch.stack([to_tensor(render(s, 16)) for s in scenes])
     target = {k: torch.stack([scene_targets(s)[k] for s in scenes]) for k in scene_targets(scenes[0])}
     torch.manual_seed(0)
@@ -54,6 +56,7 @@ def test_judge_learns_a_separable_toy():
         assert sorted((o["colour"], o["shape"], o["size"]) for o in reading["objects"]) == \
             sorted((o["colour"], o["shape"], o["size"]) for o in truth)
     assert readings[0]["objects"][0]["cell"] == "top-left"
+    assert sorted(o["cell"] for o in readings[1]["objects"]) == ["left", "right"]
 
 
 def test_judge_targets_and_training_batch():

@@ -193,6 +193,20 @@ def test_bfloat16_precision_samples_under_autocast_close_to_float32(pipe):
         pipe.set_precision("float16")
 
 
+def test_auto_precision_is_bfloat16_only_where_the_device_computes_it(pipe, monkeypatch):
+    """On a CPU without bf16 units (AVX2 only) bf16 autocast is emulated, 30× slower than float32
+    there, so precision="auto" samples in float32; with them, in bfloat16."""
+    import unclip.pipeline.pipeline as module
+
+    try:
+        for native, expected in ((False, "float32"), (True, "bfloat16")):
+            monkeypatch.setattr(module, "native_bf16", lambda device, native=native: native)
+            pipe.set_precision("auto")
+            assert pipe.precision == expected
+    finally:
+        pipe.set_precision("float32")
+
+
 def test_a_list_of_seeds_gives_each_image_its_own(pipe):
     both = pipe.generate(["a red circle", "a blue square"], n=1, seed=[7, 2], size=16)
     alone = [pipe.generate("a red circle", seed=7, size=16)[0], pipe.generate("a blue square", seed=2, size=16)[0]]

@@ -15,6 +15,7 @@ import pytest
 import torch
 from train_scale_helpers import SIZE, StandInClip, TinyStage, clip_batch, clip_step, config, run
 
+import unclip.precision
 from unclip.clip.embed import _write_shard, check_aligned, load_embeddings, tar_keys
 from unclip.data.export import export_webdataset
 from unclip.errors import ConfigError, DataError
@@ -208,13 +209,32 @@ def test_fsdp_trains_the_whole_cascade_with_each_stages_blocks_sharded(fsdp_run)
     assert image.size == (64, 64) and np.asarray(image).std() > 0
 
 
-def test_stages_of_one_process_may_train_in_different_precisions(tmp_path):
+def test_stages_of_one_process_may_train_in_different_precisions(tmp_path, monkeypatch):
     """`unclip train all` trains every stage in one process; accelerate keeps one mixed precision per
     process and refused the second stage's own ("AcceleratorState has already been initialized")."""
-    _, first = run(tmp_path / "fp32", config(steps=2))
-    _, second = run(tmp_path / "bf16", config(steps=2, mixed_precision="bf16", grad_accum=2))
+    monkeypatch.setattr(unclip.precision, "native_bf16", lambda device: True)  # bf16 here, whatever the CPU
+    first_stage, first = run(tmp_path / "fp32", config(steps=2))
+    second_stage, second = run(tmp_path / "bf16", config(steps=2, mixed_precision="bf16", grad_accum=2))
     assert first.step == second.step == 2
     assert read_metrics(tmp_path / "bf16" / "metrics.jsonl")[-1]["step"] == 2
+    same_in_fp32, _ = run(tmp_path / "fp32 again", config(steps=2, grad_accum=2))
+    with pytest.raises(AssertionError):  # it did train in bf16: rounded otherwise than float32
+        _close(second_stage.state_dict(), same_in_fp32.state_dict(), atol=0)
+
+
+def test_bf16_trains_in_float32_where_the_cpu_would_emulate_it(tmp_path, monkeypatch, caplog):
+    """A CPU without bf16 units (AVX2 only, as most laptops) emulates bf16 autocast at a 30th of
+    float32's speed: there `mixed_precision="bf16"` (every preset's) trains in float32, says so once
+    per stage, and computes exactly what "no" computes."""
+    monkeypatch.setattr(unclip.precision, "native_bf16", lambda device: False)
+    monkeypatch.setattr(unclip.precision, "_TOLD", set())
+    with caplog.at_level("WARNING", logger="unclip.precision"):
+        bf16, _ = run(tmp_path / "bf16", config(steps=3, ckpt_every=1, mixed_precision="bf16"), stop_at=1)
+        bf16, _ = run(tmp_path / "bf16", config(steps=3, ckpt_every=1, mixed_precision="bf16"))  # resumed
+    fp32, _ = run(tmp_path / "fp32", config(steps=3, ckpt_every=1))
+    _close(bf16.state_dict(), fp32.state_dict(), atol=0)
+    said = [r.getMessage() for r in caplog.records if "no bfloat16 units" in r.getMessage()]
+    assert len(said) == 1 and "training in float32 instead" in said[0], said
 
 
 def test_validation_is_fixed_leaves_training_alone_and_is_the_same_on_two_processes(ddp_run, tmp_path):

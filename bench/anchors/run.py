@@ -42,6 +42,13 @@ TRAIN_STEPS = {"decoder": 12, "prior": 40}
 UNCLIP = ("unclip", "unclip-compiled")
 
 
+def _native_bf16() -> bool:
+    """Whether this CPU computes bf16 natively, as unclip (in the main venv) decides it."""
+    out = subprocess.run([str(MAIN_PYTHON), "-c", "from unclip.precision import native_bf16; print(native_bf16('cpu'))"],
+                         capture_output=True, text=True)
+    return out.stdout.strip() != "False"
+
+
 def run_worker(python: Path, impl: str, stage: str, steps: int, precision: str = "fp32") -> dict:
     worker, extra = ("unclip", ["compile"]) if impl == "unclip-compiled" else (impl, [])
     out = subprocess.run([str(python), str(HERE / f"worker_{worker}.py"), stage, str(steps), precision, *extra],
@@ -108,6 +115,9 @@ def main() -> None:
     if unknown := [s for s in stages if s not in TRAIN_STEPS]:
         parser.error(f"--stages: unknown {', '.join(unknown)}; use {', '.join(TRAIN_STEPS)}")
 
+    if args.precision == "bf16" and not _native_bf16():
+        print("note: this CPU has no bf16 units (AVX-512-BF16 or AMX); every implementation's bf16 is emulated "
+              "here, many times slower than fp32, and the ratios say little about a machine with them")
     pythons, failures = {}, {}
     for impl in impls:
         if impl in UNCLIP:

@@ -37,7 +37,9 @@ class TrainConfig:
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
     grad_accum: int = 1  # micro-batches each step's batch is split into (same update, less memory)
     ema_decay: float = 0.0  # 0 disables EMA
-    mixed_precision: Precision = "no"  # "bf16": autocast to bfloat16 (CPU or GPU)
+    # "bf16": autocast to bfloat16 on GPUs and CPUs that compute it natively (AVX-512-BF16, AMX);
+    # elsewhere the run trains in float32 and says so (`unclip.precision`)
+    mixed_precision: Precision = "no"
     log_every: int = 20  # steps between lines of metrics.jsonl
     ckpt_every: int = 500  # steps between checkpoints (a stopped run resumes from the last)
     # validation loss every this many steps (0: none) on eval_batches fixed batches of held-out pairs:

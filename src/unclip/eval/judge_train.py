@@ -35,6 +35,7 @@ from unclip.data.world import Scene, cell_of, sample, sample_scene
 from unclip.errors import ModelFormatError
 from unclip.eval.judge import (CLASS_INDEX, CLASSES, SIZE_NAMES, Judge, JudgeConfig, losses, read_objects,
                                relation_of, resize, scene_targets)
+from unclip.precision import training_precision
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +56,7 @@ class JudgeTrainConfig:
     lowres_fraction: float = 0.25  # rendered at half the side, then upsampled
     noise_fraction: float = 0.5  # gaussian pixel noise, σ uniform in [0, max_noise]
     max_noise: float = 0.08
-    mixed_precision: str = "bf16"  # "bf16" (autocast) or "no"
+    mixed_precision: str = "bf16"  # "bf16" (autocast where the device computes bf16 natively) or "no"
 
 
 def judge_scene(index: int, *, seed: int, unseen_fraction: float) -> tuple[Scene, np.random.Generator]:
@@ -96,7 +97,8 @@ def training_checkpoint(out: str | Path) -> Path:
 def train_judge(judge_cfg: JudgeConfig = JudgeConfig(), cfg: JudgeTrainConfig = JudgeTrainConfig(), *,
                 progress: bool = True, checkpoint: str | Path | None = None,
                 ckpt_every: int | None = None) -> tuple[Judge, dict[str, Any]]:
-    """Train a judge from scratch: AdamW, linear warmup then cosine decay, bf16 autocast on CPU/GPU.
+    """Train a judge from scratch: AdamW, linear warmup then cosine decay, bf16 autocast where the
+    device computes bf16 natively (`unclip.precision`).
 
     With `checkpoint` (a file path), the training state is written there atomically every
     `ckpt_every` steps (default `CKPT_EVERY`) and after the last step, and a run that finds a
@@ -137,12 +139,13 @@ def train_judge(judge_cfg: JudgeConfig = JudgeConfig(), cfg: JudgeTrainConfig = 
             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(),
             "metrics": metrics, "seconds": earlier_seconds + time.time() - start})
 
+    autocast = training_precision(cfg.mixed_precision, device, "the judge") == "bf16"
     judge.train()
     start = time.time()
     bar = tqdm(range(first, cfg.steps), desc="train judge", disable=not progress, initial=first, total=cfg.steps)
     for step in bar:
         batch = {k: v.to(device) for k, v in training_batch(step * cfg.batch_size, cfg, judge_cfg).items()}
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.mixed_precision == "bf16"):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
             out = judge(batch["image"])
         loss = losses(out, batch)
         if not torch.isfinite(loss["loss"]):
@@ -163,6 +166,7 @@ def train_judge(judge_cfg: JudgeConfig = JudgeConfig(), cfg: JudgeTrainConfig = 
         "seconds": round(earlier_seconds + time.time() - start, 1),
         "device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({platform.machine()})",
         "threads": torch.get_num_threads(), "torch": torch.__version__, "train": asdict(cfg),
+        "autocast": "bf16" if autocast else "no",
         "images_seen": cfg.steps * cfg.batch_size, "final_losses": metrics,
         "data": "shapes-world renders only: world.sample_scene on seed stream [seed, 97, i]",
         **({"resumed_from_step": first} if first else {}),

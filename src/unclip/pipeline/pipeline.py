@@ -38,6 +38,7 @@ from unclip.diffusion import SAMPLERS, SampleStep
 from unclip.errors import ConfigError, DataError, SamplingError
 from unclip.tokenizer import clean_text, has_thai
 from unclip.pipeline import MAX_IMAGES, PRECISIONS, latent
+from unclip.precision import native_bf16
 
 log = logging.getLogger(__name__)
 IMPORTED = "imported:"  # the config name's prefix for models read from diffusers' layout (interop.py)
@@ -53,15 +54,9 @@ ABLATIONS = ("caption", "none")
 
 
 def auto_precision(device: torch.device) -> str:
-    """bfloat16 on a GPU that supports it and on CPUs with AVX-512-BF16 or AMX, else float32 (where
-    bf16 would be emulated, and slower)."""
-    if device.type == "cuda":
-        return "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
-    try:
-        native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-    except AttributeError:  # torch builds without these probes
-        native = False
-    return "bfloat16" if device.type == "cpu" and native else "float32"
+    """bfloat16 where the device computes it natively (`unclip.precision.native_bf16`), else float32
+    (where bf16 would be emulated, and many times slower)."""
+    return "bfloat16" if native_bf16(device) else "float32"
 
 
 INPAINT_RESAMPLE = 5  # RePaint resamplings per inpainting step unless asked otherwise

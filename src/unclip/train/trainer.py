@@ -54,6 +54,7 @@ from unclip.config import TrainConfig, UnclipConfig
 from unclip.errors import ConfigError, TrainingError, TrainingStopped, UnclipError
 from unclip.io import pid_alive
 from unclip.modeldir import load_checkpoint, save_checkpoint
+from unclip.precision import training_precision
 from unclip.train import dist
 from unclip.train.metrics import METRICS, MetricsLog, trim_metrics
 from unclip.train.runconfig import stage_changes
@@ -456,8 +457,8 @@ def _train(stage: nn.Module, make_batches: Callable[[int], Iterator[dict]], *, c
     # accelerate keeps one mixed precision per process and refuses another; stages of one process
     # (`unclip train all`, the Python API) may each have their own. The process group stays.
     AcceleratorState._reset_state(reset_partial_state=False)
-    accelerator = Accelerator(cpu=dist.cpu_only(), mixed_precision=cfg.mixed_precision,
-                              gradient_accumulation_steps=cfg.grad_accum)
+    accelerator = Accelerator(cpu=dist.cpu_only(), gradient_accumulation_steps=cfg.grad_accum,
+                              mixed_precision=training_precision(cfg.mixed_precision, dist.start().device, stage_name))
     rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
     _check_world(cfg, world, str(accelerator.distributed_type).split(".")[-1])
     torch.manual_seed(cfg.seed + rank)  # each rank draws its own noise; rank 0 draws a one-process run's
