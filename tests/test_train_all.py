@@ -71,17 +71,28 @@ def test_train_all_trains_assembles_and_skips_finished_stages(tmp_path, caplog):
     assert "holds embeddings of another CLIP" in caplog.text
     assert clip_fingerprint(read_manifest(out)) == clip_fingerprint(read_manifest(root / "clip" / "model"))
 
-    # embeddings of other data (a shapes run continued on your folder) are made again, not reused
+    # your own data in a root of shapes-world stages: every stage was skipped as complete, and the
+    # model assembled was shapes world's; refused before anything is touched
     import json
 
     from unclip.data.export import export_folder
+    from unclip.errors import ConfigError
 
     export_folder(tmp_path / "pairs", split="val", n=12, size=16, progress=False)
     own = cfg.override(["data.source=folder", f"data.path={tmp_path / 'pairs'}"])
+    before = (out / "unclip.json").read_bytes()
+    with pytest.raises(ConfigError, match=r"holds stages trained on other data: clip at .*data\.path: '' → "
+                                          r".*upsamplers at .*a root of its own \(--run-dir.*checked before any"):
+        train_all(own, root=root, out=out, stages=["embed"], progress=False, evaluate=False)
+    assert (out / "unclip.json").read_bytes() == before and json.loads((root / "emb" / "meta.json").read_text())["source"] \
+        == "shapes"
+    # with those stages deleted they train on it; embeddings of other data are made again, not reused
+    for folder in ("clip", "upsampler1"):
+        shutil.rmtree(root / folder)
     caplog.clear()
     with caplog.at_level("WARNING", logger="unclip.train.all"):
-        train_all(own, root=root, out=out, stages=["embed"], progress=False, evaluate=False, embed_pairs=64,
-                  fit_samples=64)
+        assert set(train_all(own, root=root, out=out, progress=False, evaluate=False, embed_pairs=64,
+                             fit_samples=64)) == set(STAGES)
     assert "holds embeddings of other data than data.source=folder" in caplog.text
     meta = json.loads((root / "emb" / "meta.json").read_text())
     assert (meta["source"], meta["total"]) == ("folder", 12)

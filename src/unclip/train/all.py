@@ -111,6 +111,17 @@ def _train_all(cfg: UnclipConfig, *, root: Path, out: str | Path, stages: Sequen
         raise ModelFormatError(f"stage(s) {', '.join(stale)} learnt from another CLIP than {which}, so they must "
                                "train again: add them to --stages (checked before any training)")
 
+    # a complete stage is kept whatever else changed (said below), but not across data: the model
+    # assembled from stages trained on other pairs was the earlier data's, under this run's name
+    kept = [(name, target) for name, target in targets if _done(target) and not (
+        name in ("prior", "ar_prior", "decoder") and (new_clip or learnt_from_another_clip(target)))]
+    if other_data := [(name, target, changed) for name, target in kept
+                      if (changed := [c for c in _stale(name, target, cfg) if c.startswith("data.")])]:
+        said = "; ".join(f"{name} at {target} ({', '.join(changed[:2])})" for name, target, changed in other_data)
+        raise ConfigError(f"{root} holds stages trained on other data: {said}. Train this data in a root of its own "
+                          f"(--run-dir, or --set name=NAME for runs/NAME), or delete those stages' folders to train "
+                          "them again here (checked before any training)")
+
     def run(name: str, target: Path, fn) -> None:
         # a CLIP trained in this call is newer than any checkpoint of a stage that learns from it
         fresh = "clip" in timings and name in ("prior", "ar_prior", "decoder")
