@@ -137,8 +137,14 @@ def test_cli_preview_and_export(tmp_path, capsys):
     assert main(["data", "preview", "--split", "nope", "--out", str(tmp_path / "bad.png")]) == 2
     assert "valid splits" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists() and not (tmp_path / "bad.png").exists()
+    capsys.readouterr()
     assert main(["demo", "--out", str(tmp_path / "demo"), "-n", "2"]) == 0
     assert (tmp_path / "demo" / "shapes_world.png").is_file()
+    from unclip.precision import native_bf16
+
+    said = capsys.readouterr().out  # why it is slower where bf16 would be emulated, and only there
+    assert "4 images from the shipped model in" in said
+    assert ("in float32: this CPU has no bfloat16 units" in said) == (not native_bf16("cpu")), said
 
 
 def test_preview_out_takes_a_folder_and_refuses_what_is_no_picture(tmp_path, capsys):

@@ -55,7 +55,10 @@ def _demo(args: argparse.Namespace) -> int:
     grid = out / "generate.png"
     write_outputs(images, grid, labels=[p for p in prompts for _ in range(args.n)],
                   params={"verb": "demo", "model": str(pipe.directory), "seed": args.seed})
-    print(f"{len(images)} images from the shipped model in {seconds:.0f} s: {grid} (each image beside it as "
+    # on a CPU without bf16 units the demo takes ~3x as long: say why (README, docs/performance.md)
+    slower = " (in float32: this CPU has no bfloat16 units, so it takes longer; README)" \
+        if pipe.device.type == "cpu" and pipe.precision == "float32" else ""
+    print(f"{len(images)} images from the shipped model in {seconds:.0f} s{slower}: {grid} (each image beside it as "
           f"generate-*.png)")
     print("two objects in one scene are this model's weak spot (which shape takes which colour, which side "
           "each is on: docs/model_card.md); one shape, a colour or a count it draws right")
