@@ -3,6 +3,8 @@
 with that of a run never stopped."""
 
 import json
+import os
+import signal
 
 import pytest
 import torch
@@ -91,6 +93,76 @@ def test_unclip_eval_judge_stopped_resumes_and_removes_its_checkpoint(tmp_path, 
     manifest = json.loads((out / "unclip.json").read_text())
     assert manifest["provenance"]["resumed_from_step"] == 5
     assert not (tmp_path / ".stopped.training.pt").exists()
+
+
+@pytest.fixture
+def sigterm_kills():
+    """SIGTERM handled as by default, a run ended without a checkpoint of its step, but raising Stop
+    rather than ending pytest; put back after the test. Returns the handler."""
+    def killed(signum, frame):
+        raise Stop
+
+    previous = signal.signal(signal.SIGTERM, killed)
+    yield killed
+    signal.signal(signal.SIGTERM, previous)
+
+
+def _sigterm_on_call(monkeypatch, module, name: str, call: int | None = None) -> list:
+    """Record the calls of `module.name`, as `_stop_on_call`; its `call`-th call sends this process a
+    SIGTERM and goes on."""
+    real, calls = getattr(module, name), []
+
+    def wrapped(*args, **kwargs):
+        calls.append(args)
+        if len(calls) == call:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, wrapped)
+    return calls
+
+
+def test_sigterm_stops_the_judge_training_after_the_step_with_a_checkpoint_and_it_resumes(
+        tmp_path, monkeypatch, sigterm_kills):
+    from unclip.errors import TrainingStopped
+    from unclip.eval import judge_train
+    from unclip.eval.judge_train import JudgeTrainConfig, train_judge
+
+    cfg = JudgeTrainConfig(steps=7, batch_size=3, warmup_steps=2, mixed_precision="no")
+    whole, _ = train_judge(TINY_JUDGE, cfg, progress=False)
+    checkpoint = tmp_path / "judge.pt"
+    _sigterm_on_call(monkeypatch, judge_train, "training_batch", 3)  # during step 2: no checkpoint due before 100
+    with pytest.raises(TrainingStopped, match="after step 3 of 7.*run the same command to resume"):
+        train_judge(TINY_JUDGE, cfg, progress=False, checkpoint=checkpoint, ckpt_every=100)
+    assert signal.getsignal(signal.SIGTERM) is sigterm_kills  # the process's own handling is back
+    assert torch.load(checkpoint, weights_only=False)["step"] == 3
+    monkeypatch.undo()
+    calls = _stop_on_call(monkeypatch, judge_train, "training_batch")
+    resumed, provenance = train_judge(TINY_JUDGE, cfg, progress=False, checkpoint=checkpoint, ckpt_every=100)
+    assert [args[0] for args in calls] == [3 * 3, 4 * 3, 5 * 3, 6 * 3]  # steps 3-6 only
+    assert provenance["resumed_from_step"] == 3
+    for key, value in whole.state_dict().items():
+        assert torch.equal(resumed.state_dict()[key], value), key
+
+
+def test_unclip_eval_judge_stopped_by_sigterm_exits_75_and_the_same_command_resumes(tmp_path, monkeypatch, capsys,
+                                                                                     sigterm_kills):
+    from unclip.errors import STOPPED
+    from unclip.eval import judge_train
+
+    argv = ["eval", "judge", "--train-steps", "3", "--batch-size", "2", "--eval-n", "4", "--quiet",
+            "--out", str(tmp_path / "judge")]
+    _sigterm_on_call(monkeypatch, judge_train, "training_batch", 2)  # during step 1
+    assert main(argv) == STOPPED
+    assert "stopped by SIGTERM after step 2 of 3" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGTERM) is sigterm_kills
+    assert torch.load(tmp_path / ".judge.training.pt", weights_only=False)["step"] == 2
+    assert not (tmp_path / "judge").exists()
+    monkeypatch.undo()
+    calls = _stop_on_call(monkeypatch, judge_train, "training_batch")
+    assert main(argv) == 0
+    assert [args[0] for args in calls] == [2 * 2]  # the last step only
+    assert not (tmp_path / ".judge.training.pt").exists()
 
 
 # --- unclip generate ---------------------------------------------------------------------------------

@@ -25,7 +25,8 @@ unclip eval judge     train the judge network on real shapes-world renders, meas
                       held-out test and unseen renders, and save it to --out (default out/judge).
                       Stopped, it resumes: run the same command again, and training goes on from
                       its last checkpoint (.NAME.training.pt beside --out, written every 200 steps
-                      and removed once the judge is saved).
+                      and removed once the judge is saved). A SIGTERM stops training after the
+                      step in hand with a checkpoint (exit status 75).
 unclip eval prompts   write a GenEval-style prompt file (--per-group prompts per task, split and
                       language) to --out (default out/prompts.jsonl).
 

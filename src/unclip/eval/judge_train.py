@@ -11,13 +11,15 @@ Augmentation matches what generated images look like: some scenes are rendered a
 and upsampled (a blurry low-resolution image), some get gaussian pixel noise.
 
 Training takes about ten minutes on one CPU thread, so it checkpoints (`train_judge(checkpoint=...)`,
-atomically, every `CKPT_EVERY` steps and at the end) and a stopped run resumes from its last
-checkpoint: the weights, optimizer, schedule and RNG state come back and the scene stream is indexed
-by step, so the resumed judge is the one an uninterrupted run trains.
+atomically, every `CKPT_EVERY` steps and at the end; a SIGTERM stops it after the step in hand with a
+checkpoint, as the stages' trainer does) and a stopped run resumes from its last checkpoint: the
+weights, optimizer, schedule and RNG state come back and the scene stream is indexed by step, so the
+resumed judge is the one an uninterrupted run trains.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import platform
@@ -103,9 +105,13 @@ def train_judge(judge_cfg: JudgeConfig = JudgeConfig(), cfg: JudgeTrainConfig = 
     With `checkpoint` (a file path), the training state is written there atomically every
     `ckpt_every` steps (default `CKPT_EVERY`) and after the last step, and a run that finds a
     checkpoint of the same settings there resumes from it (one of other settings is replaced).
+    A SIGTERM then ends the run after the step in hand with a checkpoint, raising `TrainingStopped`
+    (`unclip.train.trainer.StopOnSigterm`; without `checkpoint` it kills the process as usual).
     Returns the judge (eval mode, frozen) and the provenance of the run.
     """
     from tqdm.auto import tqdm
+
+    from unclip.train.trainer import StopOnSigterm
 
     torch.manual_seed(cfg.seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -143,23 +149,29 @@ def train_judge(judge_cfg: JudgeConfig = JudgeConfig(), cfg: JudgeTrainConfig = 
     judge.train()
     start = time.time()
     bar = tqdm(range(first, cfg.steps), desc="train judge", disable=not progress, initial=first, total=cfg.steps)
-    for step in bar:
-        batch = {k: v.to(device) for k, v in training_batch(step * cfg.batch_size, cfg, judge_cfg).items()}
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-            out = judge(batch["image"])
-        loss = losses(out, batch)
-        if not torch.isfinite(loss["loss"]):
-            raise FloatingPointError(f"judge loss is {float(loss['loss'])} at step {step}")
-        optimizer.zero_grad(set_to_none=True)
-        loss["loss"].backward()
-        optimizer.step()
-        scheduler.step()
-        if step % 50 == 0 or step == cfg.steps - 1:
-            metrics = {k: round(float(v.detach()), 5) for k, v in loss.items()}
-            bar.set_postfix(loss=f"{metrics['loss']:.4f}")
-            log.debug("judge step %d %s", step, metrics)
-        if checkpoint is not None and ((step + 1) % every == 0 or step + 1 == cfg.steps):
-            save(step + 1)
+    sigterm = StopOnSigterm()  # never entered without a checkpoint to write: `received` stays False
+    with sigterm if checkpoint is not None else contextlib.nullcontext():
+        for step in bar:
+            batch = {k: v.to(device) for k, v in training_batch(step * cfg.batch_size, cfg, judge_cfg).items()}
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+                out = judge(batch["image"])
+            loss = losses(out, batch)
+            if not torch.isfinite(loss["loss"]):
+                raise FloatingPointError(f"judge loss is {float(loss['loss'])} at step {step}")
+            optimizer.zero_grad(set_to_none=True)
+            loss["loss"].backward()
+            optimizer.step()
+            scheduler.step()
+            if step % 50 == 0 or step == cfg.steps - 1:
+                metrics = {k: round(float(v.detach()), 5) for k, v in loss.items()}
+                bar.set_postfix(loss=f"{metrics['loss']:.4f}")
+                log.debug("judge step %d %s", step, metrics)
+            done = step + 1
+            if checkpoint is not None and (done % every == 0 or done == cfg.steps or sigterm.received):
+                save(done)
+            if sigterm.received and done < cfg.steps:
+                bar.close()
+                raise sigterm.stopped("the judge's training", step=done, of=cfg.steps, checkpoint=checkpoint)
     judge.eval().requires_grad_(False)
     provenance = {
         "trained_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

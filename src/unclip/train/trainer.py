@@ -65,13 +65,15 @@ CHECKPOINT = "checkpoint.pt"
 LOCK = ".lock"  # held by the process training in a run folder (`run_lock`)
 
 
-class _StopOnSigterm:
-    """While entered (in the main thread), a SIGTERM sets `received` instead of killing the process."""
+class StopOnSigterm:
+    """While entered (in the main thread), a SIGTERM sets `received` instead of killing the process:
+    the training loop finishes its step, checkpoints and raises `stopped(...)`. Leaving puts the
+    handler from before back. The stages' trainer and the judge's (`unclip.eval.judge_train`) use it."""
 
     def __init__(self):
         self.received, self._previous = False, None
 
-    def __enter__(self) -> _StopOnSigterm:
+    def __enter__(self) -> StopOnSigterm:
         if threading.current_thread() is threading.main_thread():
             self._previous = signal.signal(signal.SIGTERM, self._handle)
         return self
@@ -82,6 +84,12 @@ class _StopOnSigterm:
     def __exit__(self, *exc) -> None:
         if self._previous is not None:
             signal.signal(signal.SIGTERM, self._previous)
+
+    @staticmethod
+    def stopped(what: str, *, step: int, of: int, checkpoint: str | Path) -> TrainingStopped:
+        """The error that ends a run stopped after `step` of `of` with its checkpoint written."""
+        return TrainingStopped(f"{what} stopped by SIGTERM after step {step} of {of}, checkpoint written to "
+                               f"{checkpoint}; run the same command to resume")
 
 
 class EMA:
@@ -536,7 +544,7 @@ def _train(stage: nn.Module, make_batches: Callable[[int], Iterator[dict]], *, c
     model.train()
     bar = tqdm(total=cfg.steps, initial=start, desc=f"train {stage_name}", disable=not (progress and main),
                dynamic_ncols=True)
-    with MetricsLog(run_dir, enabled=main, start=start) as metrics, _StopOnSigterm() as sigterm:
+    with MetricsLog(run_dir, enabled=main, start=start) as metrics, StopOnSigterm() as sigterm:
         for step in range(start, cfg.steps):
             if step >= plan.total or (stop_at is not None and step >= stop_at):
                 break
@@ -594,8 +602,7 @@ def _train(stage: nn.Module, make_batches: Callable[[int], Iterator[dict]], *, c
                 checkpoint(done)
             if stopping and done < plan.total:
                 bar.close()
-                raise TrainingStopped(f"{stage_name} stopped by SIGTERM after step {done} of {plan.total}, "
-                                      f"checkpoint written to {ckpt_path}; run the same command to resume")
+                raise sigterm.stopped(stage_name, step=done, of=plan.total, checkpoint=ckpt_path)
     bar.close()
     if _is_fsdp(accelerator):
         stage.load_state_dict(_gathered_weights(accelerator.unwrap_model(model)))
