@@ -111,7 +111,8 @@ def test_train_all_on_your_own_data(tmp_path, source, holdout, capsys):
     from unclip.modeldir import read_manifest
     from unclip.prior.data import training_rows
     from unclip.prior.stage import load_ar_prior
-    from unclip.train.data import held_out, source_captions
+    from unclip.clip.stage import own_captions
+    from unclip.train.data import held_out
 
     if source == "webdataset":
         export_webdataset(tmp_path / "data", split="val", n=60, size=32, shard_size=25, lang="th", progress=False)
@@ -126,7 +127,7 @@ def test_train_all_on_your_own_data(tmp_path, source, holdout, capsys):
     assert main(argv) == 0
     embeddings = load_embeddings(root / "emb")
     data = type(preset("tiny").data)(source=source, path=path, holdout=holdout)
-    first = source_captions(data, 1)[0]  # the first training caption: what the tools suggest trying
+    first = own_captions(data, 1)[0]  # the first training caption: what the tools suggest trying
     assert f"try: unclip generate {shlex.quote(first)} --model {root / 'model'}" in capsys.readouterr().out
     import unclip
 
@@ -137,7 +138,7 @@ def test_train_all_on_your_own_data(tmp_path, source, holdout, capsys):
     assert pipe.unknown_words(f"{first} a zebra") == ["a", "zebra"]
     assert pipe.prompt_warnings("a zebra")[0].startswith(f"none of the {60 - kept_out} training captions this model")
 
-    own = source_captions(data, 100)  # the tokenizer's corpus: the training pairs' captions
+    own = own_captions(data, 100)  # the tokenizer's corpus: the training pairs' captions
     assert len(own) == 60 - kept_out and all(any("\u0e00" <= c <= "\u0e7f" for c in caption) for caption in own)
     evaluated = kept_out if holdout else 60
     label = f"the first {{}} held-out pairs" if holdout else "the first {} training pairs (none held out)"

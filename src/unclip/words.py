@@ -1,13 +1,14 @@
 """The words of a model's training captions, for warnings about prompt words it never read.
 
 A shapes-world model knows its words from the world's grammar (`world.vocabulary`). A model trained
-on other data keeps the words of the captions its tokenizer learnt from (the first
-`tokenizer.corpus_size` training captions) in `tokenizer/words.json`, written when its CLIP run
-trains the tokenizer. Words are read as the tokenizer reads text (`clean_text`), split at spaces and
-punctuation and compared case-folded; numbers alone are not words, and a hyphenated word is known
-when it or each of its parts is ("black-and-white" in a caption makes "white" known). Text in scripts written without spaces between words (Thai, Lao, Khmer,
-Myanmar, Chinese, Japanese) cannot be split without a dictionary of that data, so such a model
-does not check it.
+on other data keeps the words of the captions its tokenizer learnt from (those of the first
+`tokenizer.corpus_size` pairs training can use, `unclip.clip.stage.own_captions`) in
+`tokenizer/words.json`, written when its CLIP run trains the tokenizer. Words are read as the
+tokenizer reads text (`clean_text`), split at spaces and punctuation and compared case-folded;
+numbers alone are not words, and a hyphenated word is known when it or each of its parts is
+("black-and-white" in a caption makes "white" known). Text in scripts written without spaces
+between words (Thai, Lao, Khmer, Myanmar, Chinese, Japanese) cannot be split without a dictionary
+of that data, so such a model does not check it.
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from unclip.clip.model import ClipModel
-from unclip.config import ClipConfig, UnclipConfig
+from unclip.config import ClipConfig, DataConfig, UnclipConfig
 from unclip.modeldir import CLIP_COMPONENTS, Manifest, check_replaceable, continued, read_manifest, save_model_dir, verify_files
 from unclip.tokenizer import Tokenizer, train_shapes_tokenizer
 from unclip.words import CaptionWords
@@ -32,9 +32,7 @@ def run_tokenizer(cfg: UnclipConfig, run_dir: Path) -> Tokenizer:
     if (path / "tokenizer.json").is_file():
         return Tokenizer.load(path)
     if cfg.data.source != "shapes":
-        from unclip.train.data import source_captions
-
-        captions = source_captions(cfg.data, cfg.tokenizer.corpus_size)
+        captions = own_captions(cfg.data, cfg.tokenizer.corpus_size)
         tokenizer = Tokenizer.train(captions, vocab_size=cfg.tokenizer.vocab_size,
                                     context_length=cfg.tokenizer.context_length,
                                     max_token_bytes=cfg.tokenizer.max_token_bytes)
@@ -46,6 +44,24 @@ def run_tokenizer(cfg: UnclipConfig, run_dir: Path) -> Tokenizer:
                                            max_token_bytes=cfg.tokenizer.max_token_bytes)
     tokenizer.save(path)
     return tokenizer
+
+
+def own_captions(data: DataConfig, n: int) -> list[str]:
+    """The captions of the first `n` training pairs of a folder or webdataset source that training
+    can use (`unclip.data.check.usable_pairs`: file or shard order, without the `data.holdout` pairs):
+    what the run's tokenizer learns and keeps the words of. Decodes about n images, no more."""
+    from itertools import islice
+
+    from unclip.data.check import usable_pairs
+    from unclip.errors import DataError
+    from unclip.train.data import held_out
+
+    pairs = usable_pairs(data.path, source=data.source, keep=lambda key: not held_out(key, data.holdout))
+    captions = [caption for _, caption, _ in islice(pairs, n)]
+    if not captions:
+        raise DataError(f"{data.path} holds no usable training pairs; `unclip data check {data.path}` lists what "
+                        "is wrong")
+    return captions
 
 
 def clip_records(manifest: Manifest) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -139,9 +155,7 @@ def train_clip(cfg: UnclipConfig, *, run_dir: str | Path, out: str | Path, resum
         evaluation = {"data": label, **pair_retrieval(model, images, captions)}
         log.info("CLIP retrieval %s", evaluation)
     if cfg.data.source != "shapes":
-        from unclip.train.data import source_captions
-
-        examples = source_captions(cfg.data, 3)
+        examples = own_captions(cfg.data, 3)
     else:
         examples = []
     save_clip(model, out, cfg=cfg, provenance=provenance(seconds=result.seconds, steps=result.step,

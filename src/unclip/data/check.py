@@ -5,13 +5,16 @@ decoding more than it must: image headers for sizes and EXIF orientation, a full
 find the images that cannot be read. The report says how many pairs are usable, which are
 skipped and why (the first few by name), how many images training will upscale, crop or turn
 upright, how long the captions are, and how many pairs a `data.holdout` would keep out.
+
+`usable_pairs` is that reading, pair by pair and silent (the report, not the log, names what it
+leaves out); a CLIP run's tokenizer learns the captions of the first pairs it gives.
 """
 
 from __future__ import annotations
 
 import statistics
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -108,69 +111,95 @@ def _look(report: DataReport, image) -> None:
         report.rotated += 1
 
 
-def _folder_pairs(report: DataReport, path: str, progress: bool) -> Iterator[tuple[str, str]]:
-    from unclip.data.folder import pair_key, scan_folder, unreadable_errors
-    from unclip.data.png import open_bytes, read_checked
+def usable_pairs(path: str, *, source: str, keep: Callable[[str], bool] | None = None,
+                 skip: Callable[[str, str], None] | None = None,
+                 progress: bool = False) -> Iterator[tuple[str, str, bytes]]:
+    """The pairs of a caption folder or of webdataset shards (`source`) that training can use, as
+    (key, caption, image file bytes), in file or shard order, without logging.
 
-    pairs, scanned = scan_folder(path, verify=True)
-    for why, names in (("corrupt or unreadable images", scanned.corrupt),
-                       ("images without a .txt caption", scanned.missing_caption),
-                       ("empty or non-UTF-8 captions", scanned.bad_caption),
-                       (".txt captions without a same-name image", scanned.orphan_captions)):
-        for name in names:
-            report.skip(why, name)
-    for image_path, caption in tqdm(pairs, desc="check", unit="pair", disable=not progress):
-        try:
-            with open_bytes(read_checked(image_path)) as image:
-                image.load()  # a JPEG cut short passes the scan's header check and fails here, as in training
-                _look(report, image)
-        except unreadable_errors():
-            report.skip("corrupt or unreadable images", str(image_path.relative_to(path)))
-            continue
-        yield pair_key(Path(path), image_path), caption
-
-
-def _shard_pairs(report: DataReport, path: str, progress: bool) -> Iterator[tuple[str, str]]:
-    import webdataset as wds
-
-    from unclip.data.folder import caption_text, unreadable_errors
+    A pair is left out for what makes training skip it: no image or no caption, a caption that is
+    empty or not UTF-8 (`caption_text`), an image whose file does not verify or that does not decode.
+    Images are checked and decoded (not resized) only as the pairs are taken, so taking the first n
+    decodes about n images. keep: only the pairs whose key it accepts (the others are not read);
+    skip(why, name): told of each pair left out."""
+    from unclip.data.folder import caption_text, pair_key, scan_folder, unreadable_errors, verified_bytes
     from unclip.data.png import check_complete, open_bytes
     from unclip.train.data import IMAGE_EXTENSIONS, shard_urls
 
+    skip = skip or (lambda why, name: None)
+    if not path:
+        raise DataError("no data path: give a folder of images with same-name .txt captions, or a shard pattern "
+                        "like 'DIR/{000000..000099}.tar'")
+    if source == "folder":
+        pairs, scanned = scan_folder(path, verify=False, keep=keep)  # names and captions; images below
+        for why, names in (("images without a .txt caption", scanned.missing_caption),
+                           ("empty or non-UTF-8 captions", scanned.bad_caption),
+                           (".txt captions without a same-name image", scanned.orphan_captions)):
+            for name in names:
+                skip(why, name)
+        for image_path, caption in tqdm(pairs, desc="check", unit="pair", disable=not progress):
+            try:
+                data = verified_bytes(image_path)
+                with open_bytes(data) as image:
+                    image.load()  # a JPEG cut short passes the verification and fails here, as in training
+            except unreadable_errors():
+                skip("corrupt or unreadable images", str(image_path.relative_to(path)))
+                continue
+            yield pair_key(Path(path), image_path), caption, data
+        return
+    import webdataset as wds
+
     samples = wds.DataPipeline(wds.SimpleShardList(shard_urls(path)), wds.tarfile_to_samples())
     for sample in tqdm(samples, desc="check", unit="pair", disable=not progress):
+        if keep is not None and not keep(sample["__key__"]):
+            continue
         name = f"{Path(sample.get('__url__', '')).name}:{sample['__key__']}"
         data = next((sample[ext] for ext in IMAGE_EXTENSIONS if ext in sample), None)
         if data is None or "txt" not in sample:
-            report.skip("samples without an image or a caption", name)
+            skip("samples without an image or a caption", name)
             continue
         if (caption := caption_text(sample["txt"])) is None:
-            report.skip("empty or non-UTF-8 captions", name)
+            skip("empty or non-UTF-8 captions", name)
             continue
         try:
             check_complete(data)
             with open_bytes(data) as image:
                 image.load()  # a cut or garbage file fails here, as it would in training
-                _look(report, image)
         except unreadable_errors():
-            report.skip("corrupt or unreadable images", name)
+            skip("corrupt or unreadable images", name)
             continue
-        yield sample["__key__"], caption
+        yield sample["__key__"], caption, data
+
+
+def first_usable(path: str, n: int, *, source: str, size: int) -> tuple[list, list[str]]:
+    """The first n usable pairs as training reads them: square RGB PIL images of size² and captions."""
+    import io
+    from itertools import islice
+
+    from unclip.data.folder import open_square_rgb
+
+    images, captions = [], []
+    for _, caption, data in islice(usable_pairs(path, source=source), n):
+        images.append(open_square_rgb(io.BytesIO(data), size))
+        captions.append(caption)
+    return images, captions
 
 
 def check_data(path: str, *, size: int = 128, holdout: float = 0.0, progress: bool = True) -> DataReport:
     """Read every pair of a caption folder or of webdataset shards as training would; see the module
     docstring. size: the largest resolution a stage will train at (the shapes preset's upsampler: 128)."""
+    from unclip.data.png import open_bytes
     from unclip.data.world import THAI_RUN, caption_words
     from unclip.train.data import held_out
 
     source = _source(path)
     report = DataReport(source=source, path=path, size=size)
-    pairs = _folder_pairs(report, path, progress) if source == "folder" else _shard_pairs(report, path, progress)
     words, chars, captions = [], [], Counter()
     kept_out = 0
     keys = Counter()
-    for key, caption in pairs:
+    for key, caption, data in usable_pairs(path, source=source, skip=report.skip, progress=progress):
+        with open_bytes(data) as image:  # the header only: decoded already
+            _look(report, image)
         keys[key] += 1
         report.usable += 1
         words.append(len(caption_words(caption)) if THAI_RUN.search(caption) else len(caption.split()))  # Thai: no spaces

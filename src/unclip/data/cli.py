@@ -52,16 +52,15 @@ def _check(args: argparse.Namespace) -> int:
     if args.sheet:
         from PIL import Image
 
-        from unclip.config import DataConfig
+        from unclip.data.check import first_usable
         from unclip.data.preview import captioned_grid
-        from unclip.data.shapes import to_pil
         from unclip.io import save_image_atomic
         from unclip.tokenizer import has_thai
-        from unclip.train.data import first_pairs
 
-        images, captions = first_pairs(DataConfig(source=report.source, path=args.path), 16, size=args.size)
+        # read again without the feeds, which would log the skipped pairs the report has just listed
+        images, captions = first_usable(args.path, 16, source=report.source, size=args.size)
         cell = max(96, args.size)
-        tiles = [to_pil(image).resize((cell, cell), Image.Resampling.NEAREST) for image in images]
+        tiles = [image.resize((cell, cell), Image.Resampling.NEAREST) for image in images]
         labels = [[("th" if has_thai(c) else "en", c)] for c in captions]
         save_image_atomic(args.sheet, captioned_grid(tiles, labels, columns=8))
         if not args.json:

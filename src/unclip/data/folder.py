@@ -123,12 +123,23 @@ def pair_key(root: Path, image_path: Path) -> str:
     return image_path.relative_to(root).with_suffix("").as_posix()
 
 
+def verified_bytes(path: str | Path) -> bytes:
+    """The bytes of the image file at `path` once its chunks verify (`Image.verify`) and, for a PNG,
+    every row is there (`read_checked`): the check a scan makes. A damaged file raises one of
+    `unreadable_errors()`; a JPEG cut short can pass and fail only when decoded."""
+    from unclip.data.png import open_bytes, read_checked
+
+    data = read_checked(path)
+    with open_bytes(data) as image:
+        image.verify()
+    return data
+
+
 def scan_folder(root: str | Path, *, verify: bool = True,
                 keep: Callable[[str], bool] | None = None) -> tuple[list[tuple[Path, str]], FolderReport]:
     """Find usable (image, caption) pairs under `root`, sorted by path; with `keep`, only those
-    whose key (the path under `root` without suffix) it accepts."""
-    from unclip.data.png import open_bytes, read_checked
-
+    whose key (the path under `root` without suffix) it accepts. verify: check each image's file
+    (`verified_bytes`); without it, only names and captions are read."""
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"{root} is not a folder; expected a folder of images with same-name .txt captions")
@@ -152,9 +163,8 @@ def scan_folder(root: str | Path, *, verify: bool = True,
             report.bad_caption.append(name)
             continue
         if verify:
-            try:  # verify() checks the chunks, read_checked that every row is there
-                with open_bytes(read_checked(path)) as image:
-                    image.verify()
+            try:
+                verified_bytes(path)
             except unreadable_errors():
                 report.corrupt.append(name)
                 continue

@@ -302,35 +302,6 @@ def _check_path(data: DataConfig) -> None:
         raise DataError("data.source=webdataset needs data.path='DIR/{000000..000009}.tar' (img2dataset layout)")
 
 
-def source_captions(data: DataConfig, n: int) -> list[str]:
-    """The first `n` captions of the training pairs of a folder or webdataset source, in file or
-    shard order (without opening the images): what the tokenizer of a run on that data learns."""
-    _check_path(data)
-    train = _part(data.holdout, "train")
-    if data.source == "folder":
-        from unclip.data.folder import scan_folder
-
-        pairs, _ = scan_folder(data.path, verify=False, keep=train)
-        return [caption for _, caption in pairs][:n]
-    if data.source == "webdataset":
-        import webdataset as wds
-
-        from unclip.data.folder import caption_text
-
-        captions = []
-        for sample in wds.DataPipeline(wds.SimpleShardList(shard_urls(data.path)), wds.tarfile_to_samples()):
-            if "txt" in sample and train(sample["__key__"]):
-                if (caption := caption_text(sample["txt"])) is None:
-                    continue  # the feeds skip it too
-                captions.append(caption)
-                if len(captions) >= n:
-                    break
-        if not captions:
-            raise DataError(f"the shards of {data.path!r} hold no .txt captions")
-        return captions
-    raise DataError(f"data.source={data.source!r} has no caption files; use folder or webdataset")
-
-
 def source_batches(data: DataConfig, n: int, *, size: int, part: str = "train",
                    batch_size: int = 250) -> Iterator[tuple[torch.Tensor, list[str]]]:
     """The first m ≤ n image–caption pairs of `part` ("train", or "holdout": the `data.holdout`
