@@ -608,6 +608,29 @@ def test_prompts_with_words_the_model_never_saw_are_warned_about_once(model_dir,
     assert pipe.example_prompt == ""  # its CLIP's manifest keeps no training caption
 
 
+def test_a_relation_the_world_never_says_is_warned_about_with_the_world_s_phrasing(pipe, caplog):
+    """"อยู่บน" and "on top of" are made of words the world's captions use, so no word warning
+    came, though the model never saw either phrase: its captions say "อยู่เหนือ", "above"."""
+    import logging
+
+    assert pipe.prompt_warnings("วงกลมสีแดงอยู่บนสี่เหลี่ยมสีน้ำเงิน") == [
+        "คำบรรยายของ shapes world ไม่ใช้ 'อยู่บน' บอกตำแหน่งของรูปทรงหนึ่งเทียบกับอีกรูปทรง "
+        "แต่ใช้ 'อยู่เหนือ' หรือ 'อยู่ด้านบนของ' โมเดลจึงอาจวางรูปทรงไม่ตรงกับที่สั่ง"]
+    assert pipe.prompt_warnings("A red circle on top of a blue square") == [
+        "'on top of' is not how shapes world's captions say where one shape is from another; they say 'above' "
+        "or 'over', so this model may not place the shapes as asked"]
+    assert pipe.prompt_warnings("ดาวสีเขียวอยู่หลังหัวใจสีชมภู") == [  # a word unknown, a relation of no direction
+        "โมเดลนี้ไม่เคยเห็นคำว่า 'ชมภู' ตอนฝึก คำนี้จึงไม่มีความหมายสำหรับโมเดล (หมายถึง 'ชมพู' หรือเปล่า?)",
+        "คำบรรยายของ shapes world ไม่ใช้ 'อยู่หลัง' บอกตำแหน่งของรูปทรงหนึ่งเทียบกับอีกรูปทรง แต่ใช้ 'อยู่ทางซ้ายของ', "
+        "'อยู่ทางขวาของ', 'อยู่เหนือ', 'อยู่ด้านบนของ', 'อยู่ใต้' หรือ 'อยู่ด้านล่างของ' "
+        "โมเดลจึงอาจวางรูปทรงไม่ตรงกับที่สั่ง"]
+    assert pipe.prompt_warnings("a red circle to the left of a blue square") == []
+    assert pipe.prompt_warnings("วงกลมสีแดงอยู่เหนือสี่เหลี่ยมจัตุรัสสีน้ำเงิน") == []
+    with caplog.at_level(logging.WARNING, logger="unclip.pipeline.pipeline"):
+        pipe.encode_text(["a green star under of a red heart"])
+    assert "'under of' is not how shapes world's captions say" in caplog.text and "'below' or 'under'" in caplog.text
+
+
 def test_a_damaged_weight_file_of_the_right_size_is_refused_at_load(model_dir, tmp_path):
     import shutil
 

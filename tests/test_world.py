@@ -129,16 +129,37 @@ def test_thai_captions_are_made_of_known_words():
 
 
 def test_the_vocabulary_holds_every_caption_word_and_flags_the_rest():
-    more = {w for split in ("train", "unseen", "val") for lang in ("en", "th") for i in range(3500)
-            for w in world.caption_words(sample(split, i, lang=lang).caption)}
+    captions = [sample(split, i, lang=lang).caption for split in ("train", "unseen", "val") for lang in ("en", "th")
+                for i in range(3500)]
     vocab = world.vocabulary()
-    assert vocab == more  # 2,000 training captions per language already meet every word of 21,000
+    assert vocab == {w for text in captions for w in world.caption_words(text)}  # 2,000 per language meet all
+    assert [text for text in captions if world.unknown_relations(text)] == []  # nor is a relation of theirs odd
     assert {"circle", "hexagons", "top-left", "วงกลม", "ข้าวหลามตัด", "สี่"} <= vocab
     assert world.unknown_words("a red circle above a blue square") == []
     assert world.unknown_words("A Dog, a dog and a red skateboard!") == ["dog", "and", "skateboard"]
     assert world.unknown_words("วงกลมสีแดงอยู่เหนือสี่เหลี่ยมสีน้ำเงิน") == []  # สี่เหลี่ยม: inside สี่เหลี่ยมจัตุรัส
     assert world.unknown_words("หมาสีแดงกินวงกลม") == ["หมา", "กิน"]  # dog, eats: unknown runs kept whole
     assert world.unknown_words("a red circle 42") == ["42"]
+
+
+def test_a_relation_put_in_known_words_the_captions_never_put_together_is_named():
+    """"อยู่บน" (is on) and "on top of" are made of the world's words ("อยู่", "บน"; "on", "top", "of"), so
+    no word was flagged, but no caption says either: they say "อยู่เหนือ", "above"."""
+    above, everything = ("above",), world.RELATIONS
+    said = {"วงกลมสีแดงอยู่บนสี่เหลี่ยมสีน้ำเงิน": [("อยู่บน", above)],  # สี่เหลี่ยม: a piece of สี่เหลี่ยมจัตุรัส
+            "ดาวสีเขียว ขนาดเล็ก อยู่ด้านบน หัวใจสีแดง": [("อยู่ด้านบน", above)],  # the place "at the top", not "above"
+            "ดาวสีเขียวอยู่ใต้ของหัวใจสีแดงขนาดใหญ่": [("อยู่ใต้ของ", ("below",))],
+            "ดาวสีเขียวอยู่หลังหัวใจสีแดง": [("อยู่หลัง", everything)],  # behind: หลัง only inside พื้นหลัง
+            "A red circle on top of a blue square": [("on top of", above)],
+            "a red circle on the left of a blue square, on a blue star": [("on the left of", ("left of",)),
+                                                                          ("on", everything)]}
+    assert {text: world.unknown_relations(world.caption_form(text)) for text in said} == said
+    assert all(world.unknown_words(world.caption_form(text)) == [] for text in said)
+    for fine in ("วงกลมสีแดงอยู่เหนือสี่เหลี่ยมสีน้ำเงิน", "a red circle above the blue square",
+                 "two red circles under a gray star", "หัวใจสีชมพูขนาดเล็กมุมบนซ้าย บนพื้นหลังสีเทา",
+                 "a red circle next to a blue square",  # 'next' is unknown_words' to name
+                 "a red circle on top", "หมาสีแดงอยู่บนแมว"):  # one shape, no shape: nothing is placed by another
+        assert world.unknown_relations(world.caption_form(fine)) == [], fine
 
 
 def test_a_word_that_looks_like_a_typo_of_a_known_one_is_named():
@@ -231,3 +252,4 @@ def test_the_thai_quickstarts_prompts_use_only_words_the_world_knows():
     prompts = [p for chunk in prompts for p in re.findall(r'"([^"]+)"', chunk) or [chunk]]
     assert len(prompts) >= 6 and all(world.THAI_RUN.search(p) for p in prompts)
     assert {p: world.unknown_words(world.caption_form(p)) for p in prompts} == {p: [] for p in prompts}
+    assert {p: world.unknown_relations(world.caption_form(p)) for p in prompts} == {p: [] for p in prompts}

@@ -73,6 +73,8 @@ RELATION_EN = {"left of": ("to the left of", "left of"), "right of": ("to the ri
 RELATION_TH = {"left of": ("อยู่ทางซ้ายของ",), "right of": ("อยู่ทางขวาของ",),
                "above": ("อยู่เหนือ", "อยู่ด้านบนของ"), "below": ("อยู่ใต้", "อยู่ด้านล่างของ")}
 INVERSE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
+# the grid cell each relation points to, whose words ("top", "บน") a phrase for it may borrow ("on top of")
+RELATION_CELL = {"left of": "left", "right of": "right", "above": "top", "below": "bottom"}
 COUNTS = (2, 3, 4)
 COUNT_EN = {2: "two", 3: "three", 4: "four"}
 COUNT_TH = {2: "สอง", 3: "สาม", 4: "สี่"}
@@ -241,14 +243,60 @@ def unknown_words(text: str) -> list[str]:
     Thai letters that are part of a known word count as known ("สี่เหลี่ยม", a rectangle, is the
     start of the world's "สี่เหลี่ยมจัตุรัส", a square): the tokenizer shares their pieces.
     """
-    known = vocabulary()
+    return list(dict.fromkeys(w for w in caption_words(text) if not _known(w)))
 
-    def unknown(word: str) -> bool:
-        if word in known:
-            return False
-        return not (THAI_RUN.fullmatch(word) and any(word in k for k in known))
 
-    return list(dict.fromkeys(w for w in caption_words(text) if unknown(w)))
+def _known(word: str) -> bool:
+    return word in vocabulary() or bool(THAI_RUN.fullmatch(word) and any(word in k for k in vocabulary()))
+
+
+@functools.lru_cache(maxsize=1)
+def _relation_tables() -> tuple[frozenset, frozenset, frozenset, dict[str, frozenset]]:
+    """RELATION_EN's and RELATION_TH's phrases as tuples of words; the words that name, count or
+    colour a shape, with the articles before one; the shape words; and each relation's own words,
+    of its phrases and its RELATION_CELL's and of no other relation's ("above", "top", "บน" for above)."""
+    def words(*phrases: str) -> list[str]:
+        return caption_words(" ".join(phrases))
+
+    phrases = frozenset(tuple(words(p)) for table in (RELATION_EN, RELATION_TH) for said in table.values()
+                        for p in said)
+    naming = frozenset(words("a an the สี ขนาด", *COLORS, *SIZES, *COUNT_EN.values(), *BACKGROUNDS,
+                             *(c.th for c in COLORS.values()), *SIZE_TH.values(), *COUNT_TH.values(),
+                             *(th for _, th in BACKGROUNDS.values()), *(cls for _, cls in SHAPES.values())))
+    shapes = frozenset([*SHAPES, *map(plural, SHAPES), *(th for th, _ in SHAPES.values())])
+    said = {r: set(words(*RELATION_EN[r], *RELATION_TH[r], *POSITION_EN[RELATION_CELL[r]],
+                         POSITION_TH[RELATION_CELL[r]])) for r in RELATIONS}
+    own = {r: frozenset(said[r].difference(*(said[o] for o in RELATIONS if o != r))) for r in RELATIONS}
+    return phrases, naming, shapes, own
+
+
+def unknown_relations(text: str) -> list[tuple[str, tuple[str, ...]]]:
+    """Phrases of `text` that place one shape by another as no caption of the world does, each once,
+    in order, with the relations (of RELATIONS) each seems to mean, or all four: the words between
+    two shapes, less those naming the shapes, when they are none of RELATION_EN's or RELATION_TH's
+    phrases. Each word of "อยู่บน" (is on) or "on top of" is a word of the world, but the phrases
+    are not: the captions say "อยู่เหนือ", "above". A phrase with a word of no caption is left to
+    `unknown_words`; "สี่เหลี่ยม", a piece of a shape's name (`unknown_words`), counts as a shape.
+    """
+    phrases, naming, shapes, own = _relation_tables()
+    words, known = caption_words(text), vocabulary()
+
+    def shape(word: str) -> bool:
+        return word in shapes or (word not in known and bool(THAI_RUN.fullmatch(word))
+                                  and any(word in s for s in shapes))
+
+    found: dict[str, tuple[str, ...]] = {}
+    at = [i for i, w in enumerate(words) if shape(w)]
+    for start, end in zip(at, at[1:]):
+        run = words[start + 1:end]
+        while run and run[0] in naming:
+            run = run[1:]
+        while run and run[-1] in naming:
+            run = run[:-1]
+        if run and tuple(run) not in phrases and all(map(_known, run)):
+            phrase = ("" if all(THAI_RUN.fullmatch(w) for w in run) else " ").join(run)
+            found.setdefault(phrase, tuple(r for r in RELATIONS if own[r] & set(run)) or RELATIONS)
+    return list(found.items())
 
 
 def did_you_mean(unknown: list[str], *, thai: bool = False) -> str:

@@ -395,16 +395,18 @@ class UnclipPipeline:
 
     def _word_warnings(self, prompt: str) -> list[str]:
         """Words the model never learnt: for a shapes-world model, words of no caption of the world
-        (docs/shapes_world.md); for one trained on other data, words of none of the captions its
+        (docs/shapes_world.md) and known words put together as no caption puts them between two shapes
+        (`_relation_warnings`); for one trained on other data, words of none of the captions its
         tokenizer learnt from (`unclip.words`; none for a model saved without them). In Thai for a
         prompt in Thai."""
         world = reads_world_captions(self.config)
         if world and not any(ch.isalnum() for ch in prompt):
             return ["it has no words, only symbols or emoji, so it tells the model nothing it learnt: expect "
                     "whatever the model draws for an empty caption"]
+        relations = self._relation_warnings(prompt) if world else []
         unknown = self.unknown_words(prompt)
         if not unknown:
-            return []
+            return relations
         from unclip.words import did_you_mean
 
         words, one, thai = ", ".join(map(repr, unknown)), len(unknown) == 1, has_thai(prompt)
@@ -421,7 +423,23 @@ class UnclipPipeline:
                     f"{'คำนี้' if one else 'คำเหล่านี้'}จึงแทบไม่มีความหมายสำหรับโมเดล"
                     if thai else f"none of the {read:,} training captions this model read its words from uses "
                                  f"{words}; {'that word means' if one else 'those words mean'} little or nothing to it")
-        return [said + did_you_mean(unknown, known, thai=thai)]
+        return [said + did_you_mean(unknown, known, thai=thai)] + relations
+
+    def _relation_warnings(self, prompt: str) -> list[str]:
+        """For a shapes-world model: a phrase placing one shape by another that no caption of the world
+        uses, though each of its words is one ("อยู่บน", is on; "on top of"), with the world's phrases
+        for the relation it seems to mean (`world.unknown_relations`). In Thai for a prompt in Thai."""
+        from unclip.data.world import RELATION_EN, RELATION_TH, unknown_relations
+
+        thai, warnings = has_thai(prompt), []
+        for phrase, relations in unknown_relations(self.read_form(prompt)):
+            said = [repr(p) for r in relations for p in (RELATION_TH if thai else RELATION_EN)[r]]
+            ours = f"{', '.join(said[:-1])}{' หรือ ' if thai else ' or '}{said[-1]}" if len(said) > 1 else said[0]
+            warnings.append(f"คำบรรยายของ shapes world ไม่ใช้ {phrase!r} บอกตำแหน่งของรูปทรงหนึ่งเทียบกับอีกรูปทรง "
+                            f"แต่ใช้ {ours} โมเดลจึงอาจวางรูปทรงไม่ตรงกับที่สั่ง" if thai else
+                            f"{phrase!r} is not how shapes world's captions say where one shape is from another; "
+                            f"they say {ours}, so this model may not place the shapes as asked")
+        return warnings
 
     def _known_words_hint(self, *, thai: bool) -> str:
         """Where the words this model knows are listed, for the log's word warnings: docs/shapes_world.md
