@@ -21,6 +21,7 @@ def test_train_all_trains_assembles_and_skips_finished_stages(tmp_path, caplog):
     manifest = read_manifest(out)
     for stage in ("clip", "diffusion_prior", "ar_prior", "decoder", "upsampler1"):  # the standalone verbs' folders
         assert (root / stage / "model" / "unclip.json").is_file() and stage in manifest.provenance, stage
+        assert manifest.provenance[stage]["autocast"] == "no", stage  # the tiny preset trains in float32
     images = unclip.load(out).generate("a red circle", n=1, seed=0, steps=2)
     assert images[0].size == (64, 64) and np.asarray(images[0]).std() > 0
 

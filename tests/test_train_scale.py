@@ -215,7 +215,7 @@ def test_stages_of_one_process_may_train_in_different_precisions(tmp_path, monke
     monkeypatch.setattr(unclip.precision, "native_bf16", lambda device: True)  # bf16 here, whatever the CPU
     first_stage, first = run(tmp_path / "fp32", config(steps=2))
     second_stage, second = run(tmp_path / "bf16", config(steps=2, mixed_precision="bf16", grad_accum=2))
-    assert first.step == second.step == 2
+    assert first.step == second.step == 2 and (first.autocast, second.autocast) == ("no", "bf16")
     assert read_metrics(tmp_path / "bf16" / "metrics.jsonl")[-1]["step"] == 2
     same_in_fp32, _ = run(tmp_path / "fp32 again", config(steps=2, grad_accum=2))
     with pytest.raises(AssertionError):  # it did train in bf16: rounded otherwise than float32
@@ -230,7 +230,8 @@ def test_bf16_trains_in_float32_where_the_cpu_would_emulate_it(tmp_path, monkeyp
     monkeypatch.setattr(unclip.precision, "_TOLD", set())
     with caplog.at_level("WARNING", logger="unclip.precision"):
         bf16, _ = run(tmp_path / "bf16", config(steps=3, ckpt_every=1, mixed_precision="bf16"), stop_at=1)
-        bf16, _ = run(tmp_path / "bf16", config(steps=3, ckpt_every=1, mixed_precision="bf16"))  # resumed
+        bf16, result = run(tmp_path / "bf16", config(steps=3, ckpt_every=1, mixed_precision="bf16"))  # resumed
+    assert result.autocast == "no"  # what the stage's provenance records (`clip.stage.provenance`)
     fp32, _ = run(tmp_path / "fp32", config(steps=3, ckpt_every=1))
     _close(bf16.state_dict(), fp32.state_dict(), atol=0)
     said = [r.getMessage() for r in caplog.records if "no bfloat16 units" in r.getMessage()]

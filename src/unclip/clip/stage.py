@@ -13,7 +13,7 @@ import platform
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -22,6 +22,9 @@ from unclip.config import ClipConfig, DataConfig, UnclipConfig
 from unclip.modeldir import CLIP_COMPONENTS, Manifest, check_replaceable, continued, read_manifest, save_model_dir, verify_files
 from unclip.tokenizer import Tokenizer, train_shapes_tokenizer
 from unclip.words import CaptionWords
+
+if TYPE_CHECKING:
+    from unclip.train.trainer import TrainResult
 
 log = logging.getLogger(__name__)
 
@@ -86,14 +89,18 @@ def stage_manifest(cfg: UnclipConfig, clip_manifest: Manifest, name: str, *, com
         evaluation={**clip_evaluation, **({name: evaluation} if evaluation else {})})
 
 
-def provenance(*, seconds: float, steps: int, **extra: Any) -> dict[str, Any]:
+def provenance(result: TrainResult, **extra: Any) -> dict[str, Any]:
+    """A stage's training record: when, how long, how many steps, on what, in which autocast (the
+    config's bf16 trains in float32 on a CPU that would emulate it), and its last logged losses."""
     return {
         "trained_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "seconds": round(seconds, 1),
-        "steps": steps,
+        "seconds": round(result.seconds, 1),
+        "steps": result.step,
         "torch": torch.__version__,
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({platform.processor() or platform.machine()})",
         "threads": torch.get_num_threads(),
+        "autocast": result.autocast,
+        "final_metrics": result.metrics,
         **extra,
     }
 
@@ -158,8 +165,7 @@ def train_clip(cfg: UnclipConfig, *, run_dir: str | Path, out: str | Path, resum
         examples = own_captions(cfg.data, 3)
     else:
         examples = []
-    save_clip(model, out, cfg=cfg, provenance=provenance(seconds=result.seconds, steps=result.step,
-                                                        final_metrics=result.metrics, **started_from),
+    save_clip(model, out, cfg=cfg, provenance=provenance(result, **started_from),
               evaluation=evaluation, example_captions=examples)
     log.info("CLIP model written to %s", out)
     return Path(out)

@@ -158,8 +158,7 @@ def train_decoder(cfg: UnclipConfig, *, clip_dir: str | Path, run_dir: str | Pat
             evaluation["split"] = own[2]
         log.info("decoder CLIP similarity %s", evaluation)
     save_decoder(decoder, clip, out, cfg=cfg, clip_dir=clip_dir, evaluation=evaluation,
-                 provenance=provenance(seconds=result.seconds, steps=result.step, final_metrics=result.metrics,
-                                       **started_from))
+                 provenance=provenance(result, **started_from))
     log.info("decoder model written to %s", out)
     return Path(out)
 
@@ -249,8 +248,7 @@ def train_upsampler(cfg: UnclipConfig, *, stage: int, run_dir: str | Path, out: 
             evaluation["split"] = own[2]
         log.info("upsampler %d quality %s", stage, evaluation)
     save_upsampler(upsampler, out, cfg=cfg, stage=stage, evaluation=evaluation,
-                   provenance=provenance(seconds=result.seconds, steps=result.step, final_metrics=result.metrics,
-                                         **started_from))
+                   provenance=provenance(result, **started_from))
     log.info("upsampler %d written to %s", stage, out)
     return Path(out)
 

@@ -137,8 +137,7 @@ def train_prior(cfg: UnclipConfig, *, kind: str, clip_dir: str | Path, run_dir: 
         log.info("%s prior: %s", kind, evaluation)
     save = save_diffusion_prior if kind == "diffusion" else save_prior
     save(clip, prior, out, cfg=cfg, clip_dir=clip_dir, evaluation=evaluation,
-         provenance=provenance(seconds=result.seconds, steps=result.step, final_metrics=result.metrics,
-                               **started_from))
+         provenance=provenance(result, **started_from))
     return Path(out)
 
 

@@ -214,6 +214,7 @@ class TrainResult:
     world_size: int = 1
     main_process: bool = True  # False on the other ranks: only the main process should write the model
     validation: dict[str, float] = field(default_factory=dict)  # the last validation row, when there was one
+    autocast: str = "no"  # what this call trained under: "bf16" or "no" (`unclip.precision.training_precision`)
 
 
 def _check_world(cfg: TrainConfig, world: int, distributed_type: str) -> None:
@@ -536,7 +537,8 @@ def _train(stage: nn.Module, make_batches: Callable[[int], Iterator[dict]], *, c
             save_checkpoint(ckpt_path, payload)
         accelerator.wait_for_everyone()
 
-    result = TrainResult(step=start, resumed_from=start, world_size=world, main_process=main)
+    result = TrainResult(step=start, resumed_from=start, world_size=world, main_process=main,
+                         autocast=accelerator.mixed_precision)
     began = time.perf_counter()
     deadline = None if time_budget is None else began + time_budget
     device = accelerator.device
