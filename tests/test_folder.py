@@ -108,7 +108,7 @@ def test_photos_are_read_upright_by_their_exif_orientation(tmp_path):
     assert (left - right).abs().max() > 1.0 and (top - bottom).abs().max() < 0.2  # red | blue, side by side
     assert torch.isfinite(image).all()
 
-    from unclip.pipeline.pipeline import _open_rgb
+    from unclip.pipeline.images import _open_rgb
 
     square = Image.new("RGB", (20, 20), (220, 20, 20))
     square.paste((20, 20, 220), (0, 10, 20, 20))
@@ -122,7 +122,7 @@ def test_16_bit_and_transparent_images_are_read_as_they_look(tmp_path):
     alpha (a transparent pixel showed the colour it hides)."""
     import numpy as np
 
-    from unclip.pipeline.pipeline import _open_rgb
+    from unclip.pipeline.images import _open_rgb
     from unclip.serve.uploads import rgb
 
     ramp = np.linspace(0, 65535, 32 * 32).reshape(32, 32).astype(np.uint16)

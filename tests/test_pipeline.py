@@ -9,8 +9,9 @@ import torch
 
 from unclip.config import preset
 from unclip.errors import ConfigError, DataError, ModelFormatError, SamplingError
+from unclip.pipeline.checks import generators
+from unclip.pipeline.images import to_pil
 from unclip.pipeline.latent import pca_truncate, slerp, slerp_rows, text_direction
-from unclip.pipeline.pipeline import generators, to_pil
 
 from tiny_models import save_tiny_clip, save_tiny_stages
 
@@ -427,7 +428,7 @@ def test_a_mask_repaints_where_it_is_white_not_where_it_is_faintly_grey():
     most of the image into repainted area."""
     from PIL import Image
 
-    from unclip.pipeline.pipeline import _mask_tensor
+    from unclip.pipeline.images import _mask_tensor
 
     clean = np.zeros((64, 64), np.uint8)
     clean[16:48, 16:48] = 255
@@ -784,7 +785,7 @@ def test_upscale_enlarges_an_image_with_the_upsamplers_alone(pipe, caplog):
 
 
 def test_candidate_seeds_keep_each_images_own_seed_first():
-    from unclip.pipeline.pipeline import candidate_seeds
+    from unclip.pipeline.checks import candidate_seeds
 
     assert candidate_seeds(5, 2, 1) == [5, 6] and candidate_seeds([9, 3], 2, 1) == [9, 3]
     three = candidate_seeds(5, 2, 3)
@@ -817,7 +818,7 @@ def test_candidates_keep_the_image_clip_puts_closest_to_the_caption(pipe):
 
 
 def test_upsampled_candidates_are_compared_again_at_the_final_size(pipe):
-    from unclip.pipeline.pipeline import candidate_seeds
+    from unclip.pipeline.checks import candidate_seeds
 
     prompts, side, k = ["a red circle", "a blue square"], pipe.config.decoder.resolution, 3
     rows = [p for p in prompts for _ in range(2) for _ in range(k)]  # each image's k candidates, in order
@@ -1020,10 +1021,12 @@ def test_how_each_task_seeds_its_stages(pipe, monkeypatch):
 
 
 def test_a_large_n_runs_in_pieces_that_draw_the_same_images(pipe, monkeypatch):
-    import unclip.pipeline.pipeline as module
+    import unclip.pipeline.checks as checks
+    import unclip.pipeline.pipeline as pipeline
 
     whole = pipe.generate(["a red circle", "a blue square"], n=2, seed=5, steps=2, size=pipe.sizes[0])
-    monkeypatch.setattr(module, "GENERATE_BATCH", 3)
+    for module in (checks, pipeline):  # the images drawn (`_pieces`) and the prompts encoded in pieces
+        monkeypatch.setattr(module, "GENERATE_BATCH", 3)
     pieces = pipe.generate(["a red circle", "a blue square"], n=2, seed=5, steps=2, size=pipe.sizes[0])
     assert len(pieces) == 4
     assert all(np.abs(_array(a) - _array(b)).max() <= 1 for a, b in zip(whole, pieces))
@@ -1032,7 +1035,7 @@ def test_a_large_n_runs_in_pieces_that_draw_the_same_images(pipe, monkeypatch):
 def test_decode_runs_many_rows_in_pieces_that_draw_the_same_images(pipe, monkeypatch):
     """variations, interpolations, text diffs and PCA probes decode every image in one batch: 2,000
     variations of a 32² model held 4 GB; in pieces, memory is one piece's."""
-    import unclip.pipeline.pipeline as module
+    import unclip.pipeline.checks as module
 
     z = pipe.encode_image(_image()).expand(5, -1)
     whole = pipe.decode(z, seed=3, steps=2)
@@ -1063,7 +1066,7 @@ def test_many_prompts_are_encoded_in_pieces(pipe, monkeypatch):
 
 def test_one_call_returns_at_most_max_images(pipe, monkeypatch):
     """n = 10⁹ built a list of 10⁹ prompts and seeds before the first image: memory ran out."""
-    import unclip.pipeline.pipeline as module
+    import unclip.pipeline.checks as module
 
     monkeypatch.setattr(module, "MAX_IMAGES", 3)
     with pytest.raises(ConfigError, match="n=2 for each of 2 prompts: one call returns at most 3 images"):
@@ -1128,7 +1131,7 @@ def test_transparent_masks_are_read_like_the_server_reads_them(tmp_path):
     colour, and a mask a little transparent everywhere repainted the whole image."""
     from PIL import Image
 
-    from unclip.pipeline.pipeline import _mask_tensor
+    from unclip.pipeline.images import _mask_tensor
 
     right = torch.zeros(1, 1, 16, 16)
     right[..., 8:] = 1
@@ -1151,7 +1154,7 @@ def test_a_mask_file_is_read_upright_like_the_image(tmp_path):
     a photo's mask painted a quarter turn away from what its viewer showed."""
     from PIL import Image
 
-    from unclip.pipeline.pipeline import _mask_tensor
+    from unclip.pipeline.images import _mask_tensor
 
     stored = Image.new("L", (64, 64), 0)
     stored.paste(255, (0, 32, 64, 64))  # stored: the bottom half white
@@ -1202,7 +1205,7 @@ def test_inpaint_and_upscale_draw_many_images_in_pieces_that_change_none(pipe, m
     """inpaint and upscale sampled all n images in one batch, so memory grew with n; in pieces of
     GENERATE_BATCH, image i still draws from its own seed."""
     import unclip.diffusion
-    import unclip.pipeline.pipeline as module
+    import unclip.pipeline.checks as module
 
     mask = torch.zeros(64, 64)
     mask[32:] = 1

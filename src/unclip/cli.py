@@ -41,7 +41,7 @@ def _demo(args: argparse.Namespace) -> int:
     import unclip
     from unclip.data.preview import write_preview
     from unclip.pipeline.cli import write_outputs
-    from unclip.pipeline.pipeline import prompt_list
+    from unclip.pipeline.checks import prompt_list
 
     prompts = list(args.prompts or DEMO_PROMPTS)
     prompt_list(prompts)  # an empty prompt is refused before the preview is drawn and the model loads

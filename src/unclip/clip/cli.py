@@ -33,7 +33,7 @@ def _label_reader(model_dir):
     words of none of the captions its tokenizer learnt from, `unclip.words`)."""
     from unclip.config import UnclipConfig
     from unclip.modeldir import read_manifest
-    from unclip.pipeline.pipeline import reads_world_captions
+    from unclip.pipeline.prompts import reads_world_captions
     from unclip.tokenizer import clean_text
 
     from unclip.words import CaptionWords, did_you_mean

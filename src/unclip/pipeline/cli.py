@@ -318,14 +318,14 @@ def model_digest(model: Path) -> str:
 
 def _generate(args: argparse.Namespace) -> int:
     """Sample BATCH images at a time, writing each batch before the next: image i has seed `--seed` + i
-    whatever the batching (`unclip.pipeline.generators`), so the files match one big call's. A batch
+    whatever the batching (`unclip.pipeline.checks.generators`), so the files match one big call's. A batch
     whose images an earlier, stopped run of the same settings wrote is read back, not drawn again
     (`resume_singles`); a batch it left part-written is drawn whole, as it was, so every file is the
     one an unstopped run writes."""
     import torch
 
     import unclip
-    from unclip.pipeline.pipeline import prompt_list
+    from unclip.pipeline.checks import prompt_list
 
     prompt_list(args.prompts)  # an empty prompt is refused before the model loads
     pipe, bars = _load(args), ProgressBars(not args.quiet)
@@ -399,7 +399,7 @@ def _interpolate(args: argparse.Namespace) -> int:
 
 
 def _textdiff(args: argparse.Namespace) -> int:
-    from unclip.pipeline.pipeline import text_diff_captions
+    from unclip.pipeline.checks import text_diff_captions
 
     text_diff_captions(args.caption, args.target)  # before the model loads
     pipe, bars = _load(args), ProgressBars(not args.quiet)

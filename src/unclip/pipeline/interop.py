@@ -317,7 +317,8 @@ def _load_diffusers(path: str | Path, *, image_encoder: str | Path | None, devic
     from transformers import CLIPTextModelWithProjection
 
     from unclip.pipeline.karlo import DiffusersClip
-    from unclip.pipeline.pipeline import IMPORTED, UnclipPipeline
+    from unclip.pipeline.pipeline import UnclipPipeline
+    from unclip.pipeline.prompts import IMPORTED
 
     directory = Path(path)
     index = _json(directory / "model_index.json")

@@ -28,7 +28,7 @@ import time
 from dataclasses import dataclass, field
 
 from unclip.errors import SamplingError, UnclipError
-from unclip.pipeline.pipeline import INPAINT_RESAMPLE
+from unclip.pipeline.tasks import INPAINT_RESAMPLE
 from unclip.serve.schemas import ApiError
 from unclip.serve.uploads import encode_png
 

@@ -120,7 +120,7 @@ def _report(out: Path, run_dir: Path, name: str, *, sheet: str = "") -> None:
 def _example_caption(out: Path) -> str:
     """A caption to try the new model on: one of its training captions, or the README's for shapes world."""
     from unclip.modeldir import read_manifest
-    from unclip.pipeline.pipeline import EXAMPLE_PROMPT
+    from unclip.pipeline.prompts import EXAMPLE_PROMPT
 
     return (read_manifest(out).stats.get("example_captions") or [EXAMPLE_PROMPT])[0]
 
