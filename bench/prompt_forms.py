@@ -28,7 +28,7 @@ ZWSP = "\u200b"
 
 def _spaced(caption: str, joiner: str) -> str:
     """The caption's Thai runs cut into words joined by `joiner`; English words joined by `joiner` + " "."""
-    from unclip.data.world import THAI_RUN, thai_words
+    from unclip.data.vocabulary import THAI_RUN, thai_words
 
     parts = []
     for chunk in caption.split(" "):

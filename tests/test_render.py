@@ -4,7 +4,8 @@ from PIL import Image
 
 from unclip.data.preview import font, wrap, write_preview
 from unclip.data.render import OUTLINES, render
-from unclip.data.world import BACKGROUNDS, COLORS, SHAPES, Obj, Scene, sample, thai_words
+from unclip.data.vocabulary import thai_words
+from unclip.data.world import BACKGROUNDS, COLORS, SHAPES, Obj, Scene, sample
 from unclip.errors import DataError
 
 

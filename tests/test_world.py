@@ -4,7 +4,7 @@ import json
 import numpy as np
 import pytest
 
-from unclip.data import world
+from unclip.data import vocabulary, world
 from unclip.data.world import (
     COLORS, COUNT_EN, COUNT_TH, HELD_OUT, POSITION_EN, POSITION_TH, RELATION_EN, RELATION_TH, SHAPES, SIZE_TH,
     SIZES, Scene, canonical_caption, sample, sample_scene,
@@ -77,7 +77,7 @@ def _colour_words(text, lang):
     such as ขาว (white) inside ข้าวหลามตัด (diamond) or สี inside สี่ (four)."""
     if lang == "en":
         return {w for w in text.split() if w in COLORS}
-    words = world.thai_words(text)
+    words = vocabulary.thai_words(text)
     by_thai = {c.th: name for name, c in COLORS.items()}
     return {by_thai[b] for a, b in zip(words, words[1:]) if a == "สี" and b in by_thai}
 
@@ -124,22 +124,23 @@ def test_captions_agree_with_their_scene(lang):
 def test_thai_captions_are_made_of_known_words():
     for i in range(2000):
         text = sample("unseen" if i % 2 else "train", i, lang="th").caption
-        words = world.thai_words(text)
+        words = vocabulary.thai_words(text)
         assert all(w in world.THAI_WORDS for w in words) and "".join(words) == text.replace(" ", ""), text
 
 
 def test_the_vocabulary_holds_every_caption_word_and_flags_the_rest():
     captions = [sample(split, i, lang=lang).caption for split in ("train", "unseen", "val") for lang in ("en", "th")
                 for i in range(3500)]
-    vocab = world.vocabulary()
-    assert vocab == {w for text in captions for w in world.caption_words(text)}  # 2,000 per language meet all
-    assert [text for text in captions if world.unknown_relations(text)] == []  # nor is a relation of theirs odd
+    vocab = vocabulary.vocabulary()
+    assert vocab == {w for text in captions for w in vocabulary.caption_words(text)}  # 2,000 per language meet all
+    assert [text for text in captions if vocabulary.unknown_relations(text)] == []  # nor is a relation of theirs odd
     assert {"circle", "hexagons", "top-left", "วงกลม", "ข้าวหลามตัด", "สี่"} <= vocab
-    assert world.unknown_words("a red circle above a blue square") == []
-    assert world.unknown_words("A Dog, a dog and a red skateboard!") == ["dog", "and", "skateboard"]
-    assert world.unknown_words("วงกลมสีแดงอยู่เหนือสี่เหลี่ยมสีน้ำเงิน") == []  # สี่เหลี่ยม: inside สี่เหลี่ยมจัตุรัส
-    assert world.unknown_words("หมาสีแดงกินวงกลม") == ["หมา", "กิน"]  # dog, eats: unknown runs kept whole
-    assert world.unknown_words("a red circle 42") == ["42"]
+    assert vocabulary.unknown_words("a red circle above a blue square") == []
+    assert vocabulary.unknown_words("A Dog, a dog and a red skateboard!") == ["dog", "and", "skateboard"]
+    # สี่เหลี่ยม: inside สี่เหลี่ยมจัตุรัส
+    assert vocabulary.unknown_words("วงกลมสีแดงอยู่เหนือสี่เหลี่ยมสีน้ำเงิน") == []
+    assert vocabulary.unknown_words("หมาสีแดงกินวงกลม") == ["หมา", "กิน"]  # dog, eats: unknown runs kept whole
+    assert vocabulary.unknown_words("a red circle 42") == ["42"]
 
 
 def test_a_relation_put_in_known_words_the_captions_never_put_together_is_named():
@@ -153,23 +154,23 @@ def test_a_relation_put_in_known_words_the_captions_never_put_together_is_named(
             "A red circle on top of a blue square": [("on top of", above)],
             "a red circle on the left of a blue square, on a blue star": [("on the left of", ("left of",)),
                                                                           ("on", everything)]}
-    assert {text: world.unknown_relations(world.caption_form(text)) for text in said} == said
-    assert all(world.unknown_words(world.caption_form(text)) == [] for text in said)
+    assert {text: vocabulary.unknown_relations(vocabulary.caption_form(text)) for text in said} == said
+    assert all(vocabulary.unknown_words(vocabulary.caption_form(text)) == [] for text in said)
     for fine in ("วงกลมสีแดงอยู่เหนือสี่เหลี่ยมสีน้ำเงิน", "a red circle above the blue square",
                  "two red circles under a gray star", "หัวใจสีชมพูขนาดเล็กมุมบนซ้าย บนพื้นหลังสีเทา",
                  "a red circle next to a blue square",  # 'next' is unknown_words' to name
                  "a red circle on top", "หมาสีแดงอยู่บนแมว"):  # one shape, no shape: nothing is placed by another
-        assert world.unknown_relations(world.caption_form(fine)) == [], fine
+        assert vocabulary.unknown_relations(vocabulary.caption_form(fine)) == [], fine
 
 
 def test_a_word_that_looks_like_a_typo_of_a_known_one_is_named():
     """The warning said only "never saw 'ชมภู'"; a Thai user misspelling ชมพู (pink) got an orange star."""
-    assert world.did_you_mean(["ชมภู"]) == " (did you mean 'ชมพู'?)"
-    assert world.did_you_mean(world.unknown_words("วงกลมสีแดงอยู๋เหนือ")) == " (did you mean 'อยู่'?)"
-    assert world.did_you_mean(["circel", "and", "dog", "squre"]) == \
+    assert vocabulary.did_you_mean(["ชมภู"]) == " (did you mean 'ชมพู'?)"
+    assert vocabulary.did_you_mean(vocabulary.unknown_words("วงกลมสีแดงอยู๋เหนือ")) == " (did you mean 'อยู่'?)"
+    assert vocabulary.did_you_mean(["circel", "and", "dog", "squre"]) == \
         " (did you mean 'circle' for 'circel', 'square' for 'squre'?)"  # not 'an' for "and"
     for other in (["dog", "skateboard"], ["rectangle"], ["ค่ะ"], ["เหลีย่ม"], ["42"]):  # nothing close: no hint
-        assert world.did_you_mean(other) == "", other
+        assert vocabulary.did_you_mean(other) == "", other
 
 
 def test_relations_and_positions_are_geometrically_true():
@@ -223,22 +224,23 @@ def test_bad_language_or_scene_odds_are_clear_errors():
 def test_prompts_are_read_in_the_form_of_the_captions():
     """Spaces between Thai words, capitals and invisible characters are not how the world writes
     its captions; typed so, "two green stars" drew three on the shipped model."""
-    assert world.caption_form("ดาว สี เขียว สอง ดวง") == "ดาวสีเขียวสองดวง"
-    assert world.caption_form(" ดาว\u200bสี\u200bเขียว ") == "ดาวสีเขียว"
-    assert world.caption_form("A  Red Circle") == "a red circle"
-    assert world.caption_form("ดาวสีเขียวบนพื้นหลัง สีขาว") == "ดาวสีเขียว บนพื้นหลังสีขาว"
-    assert world.caption_form("วงกลมสีแดง red circle") == "วงกลมสีแดง red circle"
-    assert world.caption_form("ดาว\u200cสี\u200dเขียว") == "ดาวสีเขียว"  # joiners: Thai spells with neither
+    assert vocabulary.caption_form("ดาว สี เขียว สอง ดวง") == "ดาวสีเขียวสองดวง"
+    assert vocabulary.caption_form(" ดาว\u200bสี\u200bเขียว ") == "ดาวสีเขียว"
+    assert vocabulary.caption_form("A  Red Circle") == "a red circle"
+    assert vocabulary.caption_form("ดาวสีเขียวบนพื้นหลัง สีขาว") == "ดาวสีเขียว บนพื้นหลังสีขาว"
+    assert vocabulary.caption_form("วงกลมสีแดง red circle") == "วงกลมสีแดง red circle"
+    assert vocabulary.caption_form("ดาว\u200cสี\u200dเขียว") == "ดาวสีเขียว"  # joiners: Thai spells with neither
     # counts in digits, Arabic or Thai, spelt out in the language of the word beside them
-    assert world.caption_form("หัวใจสีเหลือง ๓ ดวง") == world.caption_form("หัวใจสีเหลือง3ดวง") == "หัวใจสีเหลืองสามดวง"
-    assert world.caption_form("ดาว 2 ดวง สีเขียว") == "ดาวสองดวงสีเขียว"
-    assert world.caption_form("4 Red Circles") == "four red circles"
-    assert world.caption_form("a 2.5 star, 23 stars, a 2nd star") == "a 2.5 star, 23 stars, a 2nd star"
+    assert vocabulary.caption_form("หัวใจสีเหลือง ๓ ดวง") == vocabulary.caption_form("หัวใจสีเหลือง3ดวง") \
+        == "หัวใจสีเหลืองสามดวง"
+    assert vocabulary.caption_form("ดาว 2 ดวง สีเขียว") == "ดาวสองดวงสีเขียว"
+    assert vocabulary.caption_form("4 Red Circles") == "four red circles"
+    assert vocabulary.caption_form("a 2.5 star, 23 stars, a 2nd star") == "a 2.5 star, 23 stars, a 2nd star"
     for split in ("train", "unseen"):
         for i in range(1500):
             for lang in ("en", "th"):
                 text = world.sample(split, i, lang=lang).caption
-                assert world.caption_form(text) == text
+                assert vocabulary.caption_form(text) == text
 
 
 def test_the_thai_quickstarts_prompts_use_only_words_the_world_knows():
@@ -250,6 +252,6 @@ def test_the_thai_quickstarts_prompts_use_only_words_the_world_knows():
     text = (Path(__file__).resolve().parents[1] / "docs" / "quickstart.th.md").read_text(encoding="utf-8")
     prompts = re.findall(r'unclip generate ((?:"[^"]+" )+)', text) + re.findall(r"^- `([^`]+)`$", text, re.M)
     prompts = [p for chunk in prompts for p in re.findall(r'"([^"]+)"', chunk) or [chunk]]
-    assert len(prompts) >= 6 and all(world.THAI_RUN.search(p) for p in prompts)
-    assert {p: world.unknown_words(world.caption_form(p)) for p in prompts} == {p: [] for p in prompts}
-    assert {p: world.unknown_relations(world.caption_form(p)) for p in prompts} == {p: [] for p in prompts}
+    assert len(prompts) >= 6 and all(vocabulary.THAI_RUN.search(p) for p in prompts)
+    assert {p: vocabulary.unknown_words(vocabulary.caption_form(p)) for p in prompts} == {p: [] for p in prompts}
+    assert {p: vocabulary.unknown_relations(vocabulary.caption_form(p)) for p in prompts} == {p: [] for p in prompts}

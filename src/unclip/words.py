@@ -1,6 +1,6 @@
 """The words of a model's training captions, for warnings about prompt words it never read.
 
-A shapes-world model knows its words from the world's grammar (`world.vocabulary`). A model trained
+A shapes-world model knows its words from the world's grammar (`vocabulary.vocabulary`). A model trained
 on other data keeps the words of the captions its tokenizer learnt from (those of the first
 `tokenizer.corpus_size` pairs training can use, `unclip.clip.stage.own_captions`) in
 `tokenizer/words.json`, written when its CLIP run trains the tokenizer. Words are read as the

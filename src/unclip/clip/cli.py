@@ -39,7 +39,7 @@ def _label_reader(model_dir):
     from unclip.words import CaptionWords, did_you_mean
 
     if reads_world_captions(UnclipConfig.from_dict(read_manifest(model_dir).config)):
-        from unclip.data.world import caption_form, unknown_words, vocabulary
+        from unclip.data.vocabulary import caption_form, unknown_words, vocabulary
 
         form, unknown_in, known, never = caption_form, unknown_words, vocabulary(), "never saw %s in training"
     elif words := CaptionWords.load(Path(model_dir) / "tokenizer"):

@@ -189,7 +189,7 @@ def check_data(path: str, *, size: int = 128, holdout: float = 0.0, progress: bo
     """Read every pair of a caption folder or of webdataset shards as training would; see the module
     docstring. size: the largest resolution a stage will train at (the shapes preset's upsampler: 128)."""
     from unclip.data.png import open_bytes
-    from unclip.data.world import THAI_RUN, caption_words
+    from unclip.data.vocabulary import THAI_RUN, caption_words
     from unclip.train.data import held_out
 
     source = _source(path)

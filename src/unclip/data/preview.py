@@ -12,7 +12,8 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from unclip.data.render import render
-from unclip.data.world import SPLITS, caption, sample, thai_words
+from unclip.data.vocabulary import thai_words
+from unclip.data.world import SPLITS, caption, sample
 from unclip.errors import DataError
 from unclip.io import save_image_atomic
 
@@ -59,7 +60,7 @@ def _units(text: str, lang: str) -> list[tuple[str, bool]]:
     """Pieces a line may break between, each with whether a space precedes it.
 
     English breaks at spaces. Thai has no spaces between words, so it breaks between the words
-    of the caption vocabulary (`world.thai_words`), never inside one.
+    of the caption vocabulary (`vocabulary.thai_words`), never inside one.
     """
     units: list[tuple[str, bool]] = []
     for chunk in text.split():

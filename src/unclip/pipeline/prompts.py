@@ -17,7 +17,7 @@ EXAMPLE_PROMPT = "a red circle above a blue square"  # what a shapes-world model
 
 
 def reads_world_captions(config: UnclipConfig) -> bool:
-    """Whether a model reads prompts in the form of shapes world's captions (`world.caption_form`):
+    """Whether a model reads prompts in the form of shapes world's captions (`vocabulary.caption_form`):
     one trained on shapes world, not one imported from diffusers' layout."""
     return config.data.source == "shapes" and not config.name.startswith(IMPORTED)
 
@@ -28,10 +28,10 @@ class PromptReading:
     def read_form(self, prompt: str) -> str:
         """`prompt` as this model reads it: `clean_text` (invisible characters, whitespace runs, Thai
         typing variants), and for a shapes-world model the form of the world's captions
-        (`world.caption_form`: lower case, Thai words without spaces between them)."""
+        (`vocabulary.caption_form`: lower case, Thai words without spaces between them)."""
         if not reads_world_captions(self.config):
             return clean_text(prompt)
-        from unclip.data.world import caption_form
+        from unclip.data.vocabulary import caption_form
 
         return caption_form(prompt)
 
@@ -75,7 +75,7 @@ class PromptReading:
 
         words, one, thai = ", ".join(map(repr, unknown)), len(unknown) == 1, has_thai(prompt)
         if world:
-            from unclip.data.world import vocabulary
+            from unclip.data.vocabulary import vocabulary
 
             known = vocabulary()
             said = (f"โมเดลนี้ไม่เคยเห็นคำว่า {words} ตอนฝึก {'คำนี้' if one else 'คำเหล่านี้'}จึงไม่มีความหมายสำหรับโมเดล"
@@ -92,8 +92,9 @@ class PromptReading:
     def _relation_warnings(self, prompt: str) -> list[str]:
         """For a shapes-world model: a phrase placing one shape by another that no caption of the world
         uses, though each of its words is one ("อยู่บน", is on; "on top of"), with the world's phrases
-        for the relation it seems to mean (`world.unknown_relations`). In Thai for a prompt in Thai."""
-        from unclip.data.world import RELATION_EN, RELATION_TH, unknown_relations
+        for the relation it seems to mean (`vocabulary.unknown_relations`). In Thai for a prompt in Thai."""
+        from unclip.data.vocabulary import unknown_relations
+        from unclip.data.world import RELATION_EN, RELATION_TH
 
         thai, warnings = has_thai(prompt), []
         for phrase, relations in unknown_relations(self.read_form(prompt)):
@@ -124,7 +125,7 @@ class PromptReading:
         of none of the captions its tokenizer learnt from (not those in scripts written without
         spaces, `unclip.words`); [] for a model saved without its captions' words."""
         if reads_world_captions(self.config):
-            from unclip.data.world import unknown_words
+            from unclip.data.vocabulary import unknown_words
 
             return unknown_words(self.read_form(prompt))
         words = self.clip.tokenizer.words
