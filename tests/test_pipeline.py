@@ -255,7 +255,7 @@ def test_bad_input_is_a_clear_error(pipe, tmp_path):
 
     damaged = tmp_path / "damaged.png"
     damaged.write_bytes(short_png(np.full((64, 64, 3), 90, dtype=np.uint8), rows=40))  # Pillow reads it, black below
-    with pytest.raises(DataError, match="damaged.png: a damaged PNG, its pixel data ends before the last row"):
+    with pytest.raises(DataError, match="damaged.png: a damaged PNG: its pixel data ends before the last row"):
         pipe.variations(damaged)
     with pytest.raises(DataError, match="mask .*damaged.png: a damaged PNG"):
         pipe.inpaint(_image(), damaged)

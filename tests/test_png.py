@@ -41,10 +41,26 @@ def test_a_stream_that_ends_early_is_incomplete_though_pillow_reads_it(tmp_path)
     assert not pixels_complete(data)
     assert pixels_complete(short_png(array, rows=64))
     (tmp_path / "short.png").write_bytes(data)
-    with pytest.raises(ValueError, match="a damaged PNG, its pixel data ends before the last row"):
+    with pytest.raises(ValueError, match="a damaged PNG: its pixel data ends before the last row"):
         read_checked(tmp_path / "short.png")
     Image.fromarray(array).save(tmp_path / "whole.jpg")
     assert read_checked(tmp_path / "whole.jpg") == (tmp_path / "whole.jpg").read_bytes()  # not a PNG: nothing to count
+
+
+def test_the_damage_is_said_as_it_is():
+    """Every damaged PNG was 'a damaged PNG, its pixel data ends before the last row', also one cut
+    off mid-chunk or with its bytes flipped (the server said what Pillow found)."""
+    from unclip.data.png import damage
+
+    data = _saved(Image.new("RGB", (16, 16), (1, 2, 3)))
+    flipped = bytearray(data)
+    flipped[20] ^= 0xFF  # inside IHDR, whose checksum then fails
+    assert damage(data) is None and damage(b"not a png") is None
+    assert damage(data[:len(data) - 20]).startswith("the file is cut off before its end")
+    assert damage(data[:40]).startswith("the file is cut off before its end")
+    assert damage(bytes(flipped)) == "its bytes are damaged (a chunk does not match its checksum)"
+    assert damage(data[:8]) == "its header is damaged"
+    assert damage(data[:-12]) is None  # whole pixels without the closing IEND: Pillow reads it whole too
 
 
 def test_broken_chunks_are_incomplete():

@@ -18,7 +18,7 @@ import warnings
 from PIL import Image, PngImagePlugin
 from PIL.PngImagePlugin import PngInfo
 
-from unclip.data.png import is_png, pixels_complete
+from unclip.data.png import damage, is_png
 from unclip.data.shapes import has_alpha
 from unclip.serve.schemas import MAX_IMAGE_BYTES, ApiError
 
@@ -96,9 +96,9 @@ def read_png(data: bytes, *, param: str) -> Image.Image:
     except Exception as err:  # noqa: BLE001 - a corrupt file raises many kinds of errors inside PIL
         raise ApiError(400, f"Invalid input image - '{param}' could not be decoded as a PNG: {_damage(err)}",
                        param=param, code="invalid_image") from None
-    if not pixels_complete(data):
-        raise ApiError(400, f"Invalid input image - '{param}' is a damaged PNG: its pixel data ends before the "
-                            f"last row. {AGAIN}", param=param, code="invalid_image")
+    if (what := damage(data)) is not None:
+        raise ApiError(400, f"Invalid input image - '{param}' is a damaged PNG: {what}. {AGAIN}", param=param,
+                       code="invalid_image")
     return image
 
 
