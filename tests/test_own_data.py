@@ -90,3 +90,18 @@ def test_data_check_reports_each_skipped_pair_once(tmp_path, source, monkeypatch
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
     with Image.open(tmp_path / "sheet.png") as sheet:
         assert sheet.width >= 3 * 96
+
+
+def test_a_folder_of_shards_is_named_with_the_pattern_that_reads_it(tmp_path, capsys):
+    """`unclip data check out/data/shapes` on the shards `data export` just wrote said only that the folder
+    had no images with captions; the export now prints the pattern, and the refusal gives it too."""
+    from unclip.cli import main
+
+    assert main(["data", "export", "--out", str(tmp_path / "shards"), "-n", "12", "--size", "16",
+                 "--shard-size", "5"]) == 0
+    pattern = f"{tmp_path / 'shards'}/{{000000..000002}}.tar"
+    assert f"read them as '{pattern}'" in capsys.readouterr().out
+    assert main(["data", "check", str(tmp_path / "shards")]) == 2
+    assert f"it holds 3 webdataset shard(s): give them as '{pattern}'" in capsys.readouterr().err
+    assert main(["data", "check", pattern]) == 0
+    assert "12 usable image-caption pairs" in capsys.readouterr().out

@@ -210,7 +210,10 @@ def check_data(path: str, *, size: int = 128, holdout: float = 0.0, progress: bo
         found = "; ".join(report.lines()[1:]) or (
             "it has no images (.jpg, .png, .webp, ...) with same-name .txt captions" if source == "folder"
             else "its shards hold no samples")
-        raise DataError(f"{path} holds no usable image-caption pairs: {found}")
+        from unclip.data.folder import shards_hint
+
+        raise DataError(f"{path} holds no usable image-caption pairs: {found}"
+                        f"{shards_hint(path) if source == 'folder' else ''}")
     for name, values in (("caption_words", words), ("caption_chars", chars)):
         ordered = sorted(values)
         setattr(report, name, {"median": statistics.median(ordered), "p95": ordered[int(0.95 * (len(ordered) - 1))],

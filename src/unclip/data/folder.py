@@ -135,6 +135,20 @@ def verified_bytes(path: str | Path) -> bytes:
     return data
 
 
+def shards_hint(root: str | Path) -> str:
+    """For a folder of webdataset shards read as a caption folder: how to give them ("; it holds
+    webdataset shards: give them as 'DIR/{000000..000004}.tar' …"), else ""."""
+    names = sorted(p.name for p in Path(root).glob("*.tar"))
+    if not names:
+        return ""
+    stems = [Path(n).stem for n in names]
+    width = len(stems[0])
+    pattern = (f"{{{stems[0]}..{stems[-1]}}}.tar" if all(s.isdigit() and len(s) == width for s in stems)
+               and [int(s) for s in stems] == list(range(int(stems[0]), int(stems[0]) + len(stems))) else names[0])
+    return (f"; it holds {len(names)} webdataset shard(s): give them as '{Path(root) / pattern}' (training: "
+            "--set data.source=webdataset --set data.path=that)")
+
+
 def scan_folder(root: str | Path, *, verify: bool = True,
                 keep: Callable[[str], bool] | None = None) -> tuple[list[tuple[Path, str]], FolderReport]:
     """Find usable (image, caption) pairs under `root`, sorted by path; with `keep`, only those
@@ -190,8 +204,8 @@ class FolderDataset:
         if not self.pairs:
             found = self.report.summary().partition("; ")[2] or (
                 f"it has no images ({', '.join(IMAGE_SUFFIXES)}) with same-name .txt captions, in it or below")
-            raise DataError(f"{where} holds no usable image-caption pairs: {found} (`unclip data check "
-                            f"{self.root}` lists every problem)")
+            raise DataError(f"{where} holds no usable image-caption pairs: {found}{shards_hint(self.root)} (`unclip "
+                            f"data check {self.root}` lists every problem)")
         if (self.report.skipped or self.report.orphan_captions) and (where, self.report.summary()) not in _REPORTED:
             _REPORTED.add((where, self.report.summary()))  # once per process, not again for every stage
             log.warning("%s: %s", where, self.report.summary())
