@@ -204,6 +204,7 @@ def test_cli_distance_writes_files_and_same_seed_gives_same_metrics(tmp_path, mo
         runs.append(out)
     printed = capsys.readouterr().out
     assert "test accuracy" in printed and str(runs[0] / "metrics.json") in printed
+    assert "--quick trains for seconds: these numbers show that it runs" in printed  # not what distance learning buys
     for f in ("tsne_01.png", "tsne_all.png", "tsne_01.html", "tsne_all.html", "pairs_unseen.png", "metrics.json"):
         assert (runs[0] / f).stat().st_size > 0, f
     metrics = [json.loads((out / "metrics.json").read_text()) for out in runs]

@@ -40,7 +40,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         verb.add_argument("--seed", type=_seed, default=0, help="seed of the data split and the weights "
                           f"{'and pairs ' if name == 'distance' else ''}(default: 0)")
         verb.add_argument("--quick", action="store_true", help="a few seconds: fewer epochs" +
-                          (", a smaller t-SNE" if name == "distance" else ""))
+                          (", a smaller t-SNE" if name == "distance" else "") + "; its numbers show that it runs, "
+                          "not what the full run measures")
         _threads(verb)
         verb.set_defaults(func=func)
     clip = sub.add_parser(
@@ -104,6 +105,9 @@ def _distance(args: argparse.Namespace) -> int:
           f"accuracy cosine / euclidean:")
     print(f"    learned representation {pair('learned')}   (raw pixels {pair('pixels')}, "
           f"untrained network {pair('untrained')}, head output {pair('learned_head')})")
+    if args.quick:  # a few epochs on few pairs: the learned space may not yet beat pixels (it does in a full run)
+        print("  (--quick trains for seconds: these numbers show that it runs, not what distance learning buys; "
+              "run without --quick for them, docs/explainers.md)")
     _print_files(report.paths)
     return 0
 
