@@ -164,3 +164,15 @@ def test_train_all_on_your_own_data(tmp_path, source, holdout, capsys):
     ar = load_ar_prior(root / "model")
     np.testing.assert_allclose(ar.quantizer.mean.numpy(), rows["image_embeds"].astype(np.float32).mean(axis=0),
                                atol=1e-3)  # fp16 shards
+
+
+def test_unclip_train_all_no_eval_skips_the_stages_evaluations(tmp_path, monkeypatch, capsys):
+    """--no-eval reaches train_all: on --preset tiny the evaluations are most of the run's time."""
+    import unclip.train.all as train_all_module
+    from unclip.cli import main
+
+    calls = []
+    monkeypatch.setattr(train_all_module, "train_all", lambda cfg, **kwargs: calls.append(kwargs) or {})
+    for flags, evaluate in (([], True), (["--no-eval"], False)):
+        main(["train", "all", "--preset", "tiny", "--run-dir", str(tmp_path / "runs"), *flags])  # no model: 2
+        assert calls[-1]["evaluate"] is evaluate

@@ -131,7 +131,7 @@ def _train_all(args: argparse.Namespace) -> int:
     cfg, root, out = _prepare(args, "")  # every stage's run directory sits under runs/<config name>/
     stages = args.stages or STAGES
     timings = train_all(cfg, root=root, out=out, stages=stages, resume=not args.no_resume,
-                        embed_pairs=args.embed_pairs)
+                        embed_pairs=args.embed_pairs, evaluate=not args.no_eval)
     if _other_rank():
         return 0
     print(f"model: {out}")
@@ -231,4 +231,7 @@ def register(subparsers) -> None:
                                  "priors draw fewer in their steps, or need fewer to fit their statistics)")
     everything.add_argument("--stages", nargs="+", choices=["clip", "embed", "prior", "ar_prior", "decoder", "upsamplers"],
                             help="run only these stages (the others must be complete already)")
+    everything.add_argument("--no-eval", action="store_true",
+                            help="skip each stage's evaluation after its training (with --preset tiny, most of the "
+                                 "run's time: the priors' evaluation samples thousands of embeddings)")
     everything.set_defaults(func=_train_all)
