@@ -195,6 +195,7 @@ class Tasks:
                              upsample=upsample, size=size)
         return to_pil(images)
 
+    @torch.no_grad()  # RePaint calls the UNet directly, not through decode: without this it kept every call's graph
     def inpaint(self, image, mask, prompt: str | None = None, n: int = 1, *, resample: int = INPAINT_RESAMPLE,
                 steps: int | None = None, guidance_scale: float | None = None, seed: Seed = None,
                 callback: Callback | None = None, size: int | None = None, upsample: bool = True) -> list:
