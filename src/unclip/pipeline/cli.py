@@ -528,7 +528,7 @@ def register(subparsers) -> None:
     paint.add_argument("image", help="a square image file")
     paint.add_argument("mask", help="a square mask image: white = repaint (in one with transparency: fully "
                                     "transparent = repaint)")
-    paint.add_argument("--prompt", help="what to paint (default: follow the image's own CLIP embedding)")
+    paint.add_argument("--prompt", help="the whole picture as it should be, kept part included (\"a red square above a green star\"): the prompt becomes one z_i for the whole image (default: follow the image's own CLIP embedding; docs/pipeline.md)")
     paint.add_argument("-n", type=int_range(1, MAX_IMAGES), default=4, help="number of results (default: 4)")
     paint.add_argument("--resample", type=positive_int, default=5, help="RePaint resamplings per step (default: 5)")
     _common(paint, "inpaint", seed=0)
