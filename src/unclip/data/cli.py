@@ -30,7 +30,9 @@ def _export(args: argparse.Namespace) -> int:
     if args.format == "webdataset":
         shards = export_webdataset(args.out, split=args.split, n=args.n, size=args.size, seed=args.seed,
                                    lang=args.lang, shard_size=args.shard_size, quality=args.quality)
-        pattern = f"{shards[0].parent}/{{{shards[0].stem}..{shards[-1].stem}}}.tar"
+        from unclip.data.folder import shard_pattern
+
+        pattern = shard_pattern(shards)
         print(f"wrote {args.n} samples of {args.split} in {len(shards)} shard(s): {shards[0]} ... {shards[-1].name}; "
               f"read them as '{pattern}' (unclip data check, --set data.source=webdataset --set data.path=...)")
     else:

@@ -135,17 +135,22 @@ def verified_bytes(path: str | Path) -> bytes:
     return data
 
 
+def shard_pattern(shards: list[Path]) -> str:
+    """The pattern that reads these shards (sorted paths in one folder): 'DIR/{000000..000004}.tar'
+    when their names are consecutive numbers of one width, else the first one's path."""
+    stems = [p.stem for p in shards]
+    consecutive = all(s.isdigit() and len(s) == len(stems[0]) for s in stems) and \
+        [int(s) for s in stems] == list(range(int(stems[0]), int(stems[0]) + len(stems)))
+    return f"{shards[0].parent}/{{{stems[0]}..{stems[-1]}}}.tar" if consecutive else str(shards[0])
+
+
 def shards_hint(root: str | Path) -> str:
     """For a folder of webdataset shards read as a caption folder: how to give them ("; it holds
     webdataset shards: give them as 'DIR/{000000..000004}.tar' …"), else ""."""
-    names = sorted(p.name for p in Path(root).glob("*.tar"))
-    if not names:
+    shards = sorted(Path(root).glob("*.tar"))
+    if not shards:
         return ""
-    stems = [Path(n).stem for n in names]
-    width = len(stems[0])
-    pattern = (f"{{{stems[0]}..{stems[-1]}}}.tar" if all(s.isdigit() and len(s) == width for s in stems)
-               and [int(s) for s in stems] == list(range(int(stems[0]), int(stems[0]) + len(stems))) else names[0])
-    return (f"; it holds {len(names)} webdataset shard(s): give them as '{Path(root) / pattern}' (training: "
+    return (f"; it holds {len(shards)} webdataset shard(s): give them as '{shard_pattern(shards)}' (training: "
             "--set data.source=webdataset --set data.path=that)")
 
 
