@@ -57,8 +57,9 @@ def own_captions(data: DataConfig, n: int) -> list[str]:
 
     from unclip.data.check import usable_pairs
     from unclip.errors import DataError
-    from unclip.train.data import held_out
+    from unclip.train.data import check_path, held_out
 
+    check_path(data)
     pairs = usable_pairs(data.path, source=data.source, keep=lambda key: not held_out(key, data.holdout))
     captions = [caption for _, caption, _ in islice(pairs, n)]
     if not captions:

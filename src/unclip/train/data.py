@@ -295,7 +295,8 @@ def _check_usable(urls: list[str], pattern: str, *, size: int, holdout: float) -
                     "image or a .txt caption, or fails to decode; `unclip data check` lists what is wrong")
 
 
-def _check_path(data: DataConfig) -> None:
+def check_path(data: DataConfig) -> None:
+    """A DataError unless a folder or webdataset source names its path."""
     if data.source == "folder" and not data.path:
         raise DataError("data.source=folder needs data.path=FOLDER (images with same-name .txt captions)")
     if data.source == "webdataset" and not data.path:
@@ -309,7 +310,7 @@ def source_batches(data: DataConfig, n: int, *, size: int, part: str = "train",
     each shard read once) in batches of images [b, 3, size, size] in [-1, 1] and captions: what
     the stages fit statistics on and are evaluated on when they train on data other than shapes
     world. Data of fewer than n pairs gives all of them."""
-    _check_path(data)
+    check_path(data)
     keep = _part(data.holdout, part)
     if data.source == "folder":
         from unclip.data.folder import FolderDataset
@@ -413,7 +414,7 @@ def feed_for(data: DataConfig, *, size: int, batch_size: int, num_workers: int =
     if hard_negatives > 0:
         log.warning("hard-negative twins are built from shapes-world scenes; data.source=%s has none, so "
                     "training pairs come without them", data.source)
-    _check_path(data)
+    check_path(data)
     if data.source == "folder":
         from unclip.data.folder import FolderDataset
 
