@@ -108,12 +108,12 @@ def test_photos_are_read_upright_by_their_exif_orientation(tmp_path):
     assert (left - right).abs().max() > 1.0 and (top - bottom).abs().max() < 0.2  # red | blue, side by side
     assert torch.isfinite(image).all()
 
-    from unclip.pipeline.images import _open_rgb
+    from unclip.pipeline.images import open_rgb
 
     square = Image.new("RGB", (20, 20), (220, 20, 20))
     square.paste((20, 20, 220), (0, 10, 20, 20))
     square.save(tmp_path / "square.jpg", exif=exif, quality=95)
-    upright = _open_rgb(tmp_path / "square.jpg")  # what vary, interpolate and inpaint read
+    upright = open_rgb(tmp_path / "square.jpg")  # what vary, interpolate and inpaint read
     assert upright.getpixel((2, 10))[2] > 150 and upright.getpixel((17, 10))[0] > 150  # blue | red: turned
 
 
@@ -122,7 +122,7 @@ def test_16_bit_and_transparent_images_are_read_as_they_look(tmp_path):
     alpha (a transparent pixel showed the colour it hides)."""
     import numpy as np
 
-    from unclip.pipeline.images import _open_rgb
+    from unclip.pipeline.images import open_rgb
     from unclip.serve.uploads import rgb
 
     ramp = np.linspace(0, 65535, 32 * 32).reshape(32, 32).astype(np.uint16)
@@ -136,7 +136,7 @@ def test_16_bit_and_transparent_images_are_read_as_they_look(tmp_path):
     deep = np.asarray(open_square_rgb(tmp_path / "deep.png", 32)).astype(int)
     assert deep.min() == 0 and deep.max() == 255 and len(np.unique(deep)) > 200  # the whole ramp, not clipped
     assert abs(deep.mean() - 127.5) < 3
-    for read in (lambda p: open_square_rgb(p, 32), _open_rgb, lambda p: rgb(Image.open(p))):
+    for read in (lambda p: open_square_rgb(p, 32), open_rgb, lambda p: rgb(Image.open(p))):
         pixels = np.asarray(read(tmp_path / "clear.png")).astype(int)
         assert pixels[2, 2].tolist() == [255, 255, 255] and pixels[30, 2].tolist() == [0, 0, 200]
     item = FolderDataset(tmp_path, size=32)[0]["image"]  # clear.png sorts first

@@ -446,7 +446,7 @@ def test_a_mask_repaints_where_it_is_white_not_where_it_is_faintly_grey():
     most of the image into repainted area."""
     from PIL import Image
 
-    from unclip.pipeline.images import _mask_tensor
+    from unclip.pipeline.images import mask_tensor
 
     clean = np.zeros((64, 64), np.uint8)
     clean[16:48, 16:48] = 255
@@ -454,10 +454,11 @@ def test_a_mask_repaints_where_it_is_white_not_where_it_is_faintly_grey():
     grey = clean.copy()
     grey[40:48, 16:48] = 127  # under half: not white
     for side in (16, 64):
-        want = _mask_tensor(clean, side)
-        assert torch.equal(_mask_tensor(faint, side), want) and torch.equal(_mask_tensor(Image.fromarray(faint), side), want)
-        assert _mask_tensor(grey, side).sum() < want.sum()
-    assert _mask_tensor(clean, 64).sum() == 32 * 32
+        want = mask_tensor(clean, side)
+        assert torch.equal(mask_tensor(faint, side), want)
+        assert torch.equal(mask_tensor(Image.fromarray(faint), side), want)
+        assert mask_tensor(grey, side).sum() < want.sum()
+    assert mask_tensor(clean, 64).sum() == 32 * 32
 
 
 def test_text_diff_refuses_captions_without_a_direction_before_inverting(pipe, monkeypatch):
@@ -1043,7 +1044,7 @@ def test_a_large_n_runs_in_pieces_that_draw_the_same_images(pipe, monkeypatch):
     import unclip.pipeline.pipeline as pipeline
 
     whole = pipe.generate(["a red circle", "a blue square"], n=2, seed=5, steps=2, size=pipe.sizes[0])
-    for module in (checks, pipeline):  # the images drawn (`_pieces`) and the prompts encoded in pieces
+    for module in (checks, pipeline):  # the images drawn (`batch_pieces`) and the prompts encoded in pieces
         monkeypatch.setattr(module, "GENERATE_BATCH", 3)
     pieces = pipe.generate(["a red circle", "a blue square"], n=2, seed=5, steps=2, size=pipe.sizes[0])
     assert len(pieces) == 4
@@ -1149,7 +1150,7 @@ def test_transparent_masks_are_read_like_the_server_reads_them(tmp_path):
     colour, and a mask a little transparent everywhere repainted the whole image."""
     from PIL import Image
 
-    from unclip.pipeline.images import _mask_tensor
+    from unclip.pipeline.images import mask_tensor
 
     right = torch.zeros(1, 1, 16, 16)
     right[..., 8:] = 1
@@ -1160,19 +1161,19 @@ def test_transparent_masks_are_read_like_the_server_reads_them(tmp_path):
     faint = Image.new("RGBA", (64, 64), (0, 0, 0, 250))
     faint.paste((0, 0, 0, 0), (32, 0, 64, 64))
     for mask in (str(tmp_path / "p.png"), faint, faint.convert("LA"), faint.convert("PA")):
-        assert torch.equal(_mask_tensor(mask, 16), right)
+        assert torch.equal(mask_tensor(mask, 16), right)
     opaque = Image.new("RGBA", (64, 64), (0, 0, 0, 255))
     opaque.paste((255, 255, 255, 255), (32, 0, 64, 64))  # white on an opaque layer
     with pytest.raises(DataError, match="alpha channel, so its fully transparent pixels mark the region to repaint, and it has none"):
-        _mask_tensor(opaque, 16)
+        mask_tensor(opaque, 16)
 
 
 def test_a_mask_file_is_read_upright_like_the_image(tmp_path):
-    """`_open_rgb` turns an image by its EXIF orientation; the mask beside it was read as stored, so
+    """`open_rgb` turns an image by its EXIF orientation; the mask beside it was read as stored, so
     a photo's mask painted a quarter turn away from what its viewer showed."""
     from PIL import Image
 
-    from unclip.pipeline.images import _mask_tensor
+    from unclip.pipeline.images import mask_tensor
 
     stored = Image.new("L", (64, 64), 0)
     stored.paste(255, (0, 32, 64, 64))  # stored: the bottom half white
@@ -1181,7 +1182,7 @@ def test_a_mask_file_is_read_upright_like_the_image(tmp_path):
     stored.save(tmp_path / "mask.png", exif=exif)
     left = torch.zeros(1, 1, 16, 16)
     left[..., :8] = 1
-    assert torch.equal(_mask_tensor(str(tmp_path / "mask.png"), 16), left)
+    assert torch.equal(mask_tensor(str(tmp_path / "mask.png"), 16), left)
 
 
 def test_masks_as_bytes_and_listed_generators_are_understood(pipe):

@@ -189,7 +189,8 @@ def check_data(path: str, *, size: int = 128, holdout: float = 0.0, progress: bo
     """Read every pair of a caption folder or of webdataset shards as training would; see the module
     docstring. size: the largest resolution a stage will train at (the shapes preset's upsampler: 128)."""
     from unclip.data.png import open_bytes
-    from unclip.data.vocabulary import THAI_RUN, caption_words
+    from unclip.data.vocabulary import caption_words
+    from unclip.tokenizer import has_thai
     from unclip.train.data import held_out
 
     source = _source(path)
@@ -202,7 +203,7 @@ def check_data(path: str, *, size: int = 128, holdout: float = 0.0, progress: bo
             _look(report, image)
         keys[key] += 1
         report.usable += 1
-        words.append(len(caption_words(caption)) if THAI_RUN.search(caption) else len(caption.split()))  # Thai: no spaces
+        words.append(len(caption_words(caption)) if has_thai(caption) else len(caption.split()))  # Thai: no spaces
         chars.append(len(caption))
         captions[caption] += 1
         kept_out += held_out(key, holdout)

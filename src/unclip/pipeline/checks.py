@@ -32,7 +32,7 @@ GENERATE_BATCH = 64
 MAX_Z_I_LENGTH = 2.0
 
 
-def _image_seeds(seed: int | Sequence, n: int) -> list:
+def image_seeds(seed: int | Sequence, n: int) -> list:
     """One seed (or generator) per image: the listed ones, or seed, seed+1, …"""
     if isinstance(seed, Sequence) and not isinstance(seed, str):
         if len(seed) != n:
@@ -72,7 +72,7 @@ def prompt_list(prompts: str | Sequence[str]) -> list[str]:
 
 def _whole_seed(seed) -> int:
     try:
-        seed = _whole("seed", seed)
+        seed = whole_number("seed", seed)
     except ConfigError:
         raise ConfigError(f"seed {seed!r}: give a whole number (or None for a random draw)") from None
     if not 0 <= seed <= MAX_SEED:
@@ -80,11 +80,11 @@ def _whole_seed(seed) -> int:
     return seed
 
 
-def _count(name: str, value, least: int, why: str, *, prompts: int = 1) -> int:
+def image_count(name: str, value, least: int, why: str, *, prompts: int = 1) -> int:
     """`value` as a whole number of images from `least` to MAX_IMAGES (with `prompts` prompts, n
     images each), else a ConfigError: below `least` it says `why`; above, a huge n failed only
     when memory ran out, after every image drawn so far."""
-    count = _whole(name, value)
+    count = whole_number(name, value)
     if count < least:
         raise ConfigError(f"{name}={value}: {why}")
     if count * prompts > MAX_IMAGES:
@@ -94,7 +94,7 @@ def _count(name: str, value, least: int, why: str, *, prompts: int = 1) -> int:
     return count
 
 
-def _per_stage(name: str, value, stages: int) -> list:
+def per_stage(name: str, value, stages: int) -> list:
     """An upsampler setting as one value per stage: a value for all, or a list of one per stage."""
     if not isinstance(value, (list, tuple)):
         return [value] * stages
@@ -106,7 +106,7 @@ def _per_stage(name: str, value, stages: int) -> list:
     return list(value)
 
 
-def _whole(name: str, value, hint: str = "") -> int:
+def whole_number(name: str, value, hint: str = "") -> int:
     """`value` as an int (ints, numpy and 0-d torch integers), else a ConfigError (ending in `hint`):
     2.5, "2" or True would otherwise fail deep inside torch, or pass as 1."""
     if not isinstance(value, bool):
@@ -115,7 +115,7 @@ def _whole(name: str, value, hint: str = "") -> int:
     raise ConfigError(f"{name}={value!r}: give a whole number{hint}")
 
 
-def _flag(name: str, value) -> bool:
+def true_or_false(name: str, value) -> bool:
     """`value` if it is True or False (a numpy bool too), else a ConfigError: upsample="no" is a
     non-empty string, so it was read as True."""
     import numpy as np
@@ -125,7 +125,7 @@ def _flag(name: str, value) -> bool:
     raise ConfigError(f"{name}={value!r}: give True or False")
 
 
-def _shared_seed(seed: Seed, task: str) -> Seed:
+def shared_seed(seed: Seed, task: str) -> Seed:
     """The one seed of a task whose images share one starting noise x_T: an int, a generator, None
     or a list of one (so a caller that passes a list everywhere is understood)."""
     if isinstance(seed, Sequence) and not isinstance(seed, str):
@@ -135,7 +135,7 @@ def _shared_seed(seed: Seed, task: str) -> Seed:
     return seed
 
 
-def _frame_seeds(seed: Seed, n: int) -> list[int]:
+def frame_seeds(seed: Seed, n: int) -> list[int]:
     """One seed for each of n frames that share one x_T (interpolations, text diffs, the PCA probe):
     the same for every frame, so the upsamplers add the same noise to each and frames whose latents
     are equal are equal images (frame i drew from seed + i, so an interpolation flickered)."""
@@ -144,7 +144,7 @@ def _frame_seeds(seed: Seed, n: int) -> list[int]:
     return [seed] * n
 
 
-def _one_image(image, task: str):
+def one_image(image, task: str):
     """`image` if it is one image (a PIL image, a path, or a tensor [3, S, S] / [1, 3, S, S]); the
     image of a list of one."""
     batch = isinstance(image, (list, tuple)) or isinstance(image, torch.Tensor) and image.ndim == 4
@@ -154,7 +154,7 @@ def _one_image(image, task: str):
     return image[0] if isinstance(image, (list, tuple)) else image
 
 
-def _pieces(n: int, seeds):
+def batch_pieces(n: int, seeds):
     """A task of n images in pieces of GENERATE_BATCH rows: for each, its rows (a slice), how many,
     and its seeds — its share of per-image seeds or generators (a list), else the one shared by all
     (so image i draws from its own stream however n is split)."""
@@ -169,7 +169,7 @@ def generators(seed: Seed, n: int) -> list[torch.Generator] | torch.Generator | 
     generator shared by the batch, or None."""
     if seed is None or isinstance(seed, torch.Generator):
         return seed
-    return [s if isinstance(s, torch.Generator) else torch.Generator().manual_seed(s) for s in _image_seeds(seed, n)]
+    return [s if isinstance(s, torch.Generator) else torch.Generator().manual_seed(s) for s in image_seeds(seed, n)]
 
 
 def candidate_seeds(seed: Seed, n: int, k: int) -> Seed:
@@ -186,10 +186,10 @@ def candidate_seeds(seed: Seed, n: int, k: int) -> Seed:
             return torch.Generator().manual_seed(int(torch.randint(0, MAX_SEED, (), generator=s)))
         return int(np.random.SeedSequence([s % 2**63, j]).generate_state(1, np.uint64)[0] % 2**63)
 
-    return [s if j == 0 else mixed(s, j) for s in _image_seeds(seed, n) for j in range(k)]
+    return [s if j == 0 else mixed(s, j) for s in image_seeds(seed, n) for j in range(k)]
 
 
-def _stage_callback(callback: Callback | None, stage: str) -> Callable[[SampleStep], None] | None:
+def stage_callback(callback: Callback | None, stage: str) -> Callable[[SampleStep], None] | None:
     if callback is not None and not callable(callback):  # was a TypeError at the first step
         raise ConfigError(f"callback={callback!r}: give a function callback(stage, step), or None")
     return None if callback is None else (lambda step: callback(stage, step))

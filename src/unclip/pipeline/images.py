@@ -1,7 +1,7 @@
 """Images and masks as the pipeline reads them, and its images as PIL images.
 
-`_open_rgb` reads a square RGB image from a PIL image or a path, `_mask_tensor` a mask as
-[1, 1, side, side] in {0, 1}; `_check_finite` refuses NaN images; `to_pil` is the way out.
+`open_rgb` reads a square RGB image from a PIL image or a path, `mask_tensor` a mask as
+[1, 1, side, side] in {0, 1}; `check_finite` refuses NaN images; `to_pil` is the way out.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import torch
 from unclip.errors import DataError, SamplingError
 
 
-def _open_rgb(item):
+def open_rgb(item):
     """A square RGB PIL image from a PIL image or a path; other modes are converted, other shapes refused."""
     from PIL import Image, ImageOps
 
@@ -41,7 +41,7 @@ def _open_rgb(item):
     return to_rgb(image)
 
 
-def _mask_tensor(mask, side: int) -> torch.Tensor:
+def mask_tensor(mask, side: int) -> torch.Tensor:
     """A mask (PIL image, path, or tensor or array [H, W] / [1, 1, H, W] in [0, 1] or 0 … 255) as
     [1, 1, side, side] in {0, 1}: values of ½ and above (128 and above in bytes) repaint, or, for an
     image with transparency, its fully transparent pixels."""
@@ -73,7 +73,7 @@ def _mask_tensor(mask, side: int) -> torch.Tensor:
             pil = mask if isinstance(mask, Image.Image) else open_bytes(read_checked(mask))
             pil.load()
             if not isinstance(mask, Image.Image):
-                pil = ImageOps.exif_transpose(pil)  # upright, as `_open_rgb` reads the image
+                pil = ImageOps.exif_transpose(pil)  # upright, as `open_rgb` reads the image
         except (OSError, ValueError, Image.DecompressionBombError) as err:
             raise DataError(f"cannot read the mask {mask}: {err}") from None
         transparent = has_alpha(pil)  # an alpha channel, a transparent palette entry or a colour key
@@ -94,7 +94,7 @@ def _mask_tensor(mask, side: int) -> torch.Tensor:
     return (F.interpolate(m, size=(side, side), mode="area") > 0).float()
 
 
-def _check_finite(images: torch.Tensor, stage: str, sampler: str, steps: int) -> None:
+def check_finite(images: torch.Tensor, stage: str, sampler: str, steps: int) -> None:
     """Refuse to hand on images with NaN or infinite values (they would save as black)."""
     if not torch.isfinite(images).all():
         raise SamplingError(

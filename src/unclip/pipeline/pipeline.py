@@ -38,9 +38,9 @@ from unclip.diffusion import SAMPLERS
 from unclip.errors import ConfigError, DataError
 from unclip.tokenizer import has_thai
 from unclip.pipeline import PRECISIONS
-from unclip.pipeline.checks import (GENERATE_BATCH, Callback, InputChecks, Seed, _count, _flag, _one_image,
-                                    _per_stage, _pieces, _stage_callback, _whole, generators, prompt_list)
-from unclip.pipeline.images import _check_finite, _open_rgb, to_pil
+from unclip.pipeline.checks import (GENERATE_BATCH, Callback, InputChecks, Seed, batch_pieces, generators, image_count,
+                                    one_image, per_stage, prompt_list, stage_callback, true_or_false, whole_number)
+from unclip.pipeline.images import check_finite, open_rgb, to_pil
 from unclip.pipeline.prompts import PromptReading
 from unclip.pipeline.tasks import Tasks
 from unclip.precision import native_bf16
@@ -128,10 +128,10 @@ class UnclipPipeline(PromptReading, InputChecks, Tasks):
         from dataclasses import replace
 
         stages = len(self.upsamplers)
-        steps, sampler, start = (_per_stage(name, value, stages) for name, value in
+        steps, sampler, start = (per_stage(name, value, stages) for name, value in
                                  (("steps", steps), ("sampler", sampler), ("start", start)))
         for i in range(stages):
-            if steps[i] is not None and _whole("upsampler steps", steps[i]) < 1:
+            if steps[i] is not None and whole_number("upsampler steps", steps[i]) < 1:
                 raise ConfigError(f"upsampler steps={steps[i]}; use at least 1")
             if sampler[i] is not None and sampler[i] not in SAMPLERS:
                 raise ConfigError(f"upsampler sampler={sampler[i]!r}; use one of {', '.join(SAMPLERS)}")
@@ -211,7 +211,7 @@ class UnclipPipeline(PromptReading, InputChecks, Tasks):
             items = images if isinstance(images, (list, tuple)) else [images]
             if not items:
                 raise DataError("no image given")
-            opened = [_open_rgb(item) for item in items]  # each file read once
+            opened = [open_rgb(item) for item in items]  # each file read once
             x = torch.stack([to_tensor(image) for image in opened]) if len({i.size for i in opened}) == 1 \
                 else torch.cat([self.pixels(image, size) for image in opened])
         given = not isinstance(images, torch.Tensor)  # a caller's image, not the pipeline's own candidates
@@ -259,13 +259,13 @@ class UnclipPipeline(PromptReading, InputChecks, Tasks):
             k = self.prior.config.best_of
             return self.prior.sample(text.token_states.float(), text.mask, text.embeds,
                                      generator=None if gens is None else [g for _ in range(k) for g in gens],
-                                     callback=_stage_callback(callback, "prior"), **options)
+                                     callback=stage_callback(callback, "prior"), **options)
         rows = []
         for i in range(n):  # the AR prior, or a shared generator: one caption at a time
             g = gens[i] if isinstance(gens, list) else gens
             args = (text.token_states[i:i + 1].float(), text.mask[i:i + 1], text.embeds[i:i + 1])
             if prior == "diffusion":
-                rows.append(self.prior.sample(*args, generator=g, callback=_stage_callback(callback, "prior"),
+                rows.append(self.prior.sample(*args, generator=g, callback=stage_callback(callback, "prior"),
                                               **options))
             else:
                 scale = 1.0 if guidance_scale is None else guidance_scale
@@ -288,22 +288,22 @@ class UnclipPipeline(PromptReading, InputChecks, Tasks):
         memory stays that of one piece.
         """
         stages = self._stages(size, upsample)
-        inverted = _flag("inverted", inverted)
+        inverted = true_or_false("inverted", inverted)
         eta = None if eta is None else check_eta(eta)
         guidance_scale = None if guidance_scale is None else check_guidance_scale(guidance_scale)
-        steps = None if steps is None else _whole("steps", steps)
+        steps = None if steps is None else whole_number("steps", steps)
         self.check_latents(z_i, x_T, text)
         gens = generators(seed, len(z_i))
         pieces = []
-        for rows, _, piece_gens in _pieces(len(z_i), gens):
+        for rows, _, piece_gens in batch_pieces(len(z_i), gens):
             with self.autocast():
                 images = self.decoder.sample(
                     z_i[rows].to(self.device), None if text is None else text.token_states[rows],
                     None if text is None else text.mask[rows], text_embeds=None if text is None else text.embeds[rows],
                     x_T=None if x_T is None else x_T[rows], guidance_scale=guidance_scale, steps=steps, sampler=sampler,
-                    eta=eta, generator=piece_gens, callback=_stage_callback(callback, "decoder"),
+                    eta=eta, generator=piece_gens, callback=stage_callback(callback, "decoder"),
                     clip_denoised=not inverted)
-            _check_finite(images, "decoder", sampler or self.config.decoder.sampler,
+            check_finite(images, "decoder", sampler or self.config.decoder.sampler,
                           steps or self.config.decoder.sample_steps)
             pieces.append(self.upsample(images.clamp(-1, 1), stages, generator=piece_gens, callback=callback))
         return torch.cat(pieces)
@@ -312,7 +312,7 @@ class UnclipPipeline(PromptReading, InputChecks, Tasks):
                  callback: Callback | None = None) -> torch.Tensor:
         """Run the first `stages` upsamplers on decoder images [B, 3, r, r] in [-1, 1]; generator: from
         `generators`. (`upscale` takes an image of any side.)"""
-        if not 0 <= _whole("stages", stages) <= len(self.upsamplers):
+        if not 0 <= whole_number("stages", stages) <= len(self.upsamplers):
             raise ConfigError(f"stages={stages}: this model has {len(self.upsamplers)} upsampler(s)")
         side = self.sizes[0]
         if not (isinstance(images, torch.Tensor) and images.ndim == 4 and images.shape[1:] == (3, side, side)):
@@ -321,8 +321,9 @@ class UnclipPipeline(PromptReading, InputChecks, Tasks):
                             "(`upscale` takes an image of any side)")
         with self.autocast():
             for stage, upsampler in enumerate(self.upsamplers[:stages], start=1):
-                images = upsampler.sample(images, generator=generator, callback=_stage_callback(callback, f"upsampler{stage}"))
-                _check_finite(images, f"upsampler {stage}", upsampler.config.sampler, upsampler.config.sample_steps)
+                step = stage_callback(callback, f"upsampler{stage}")
+                images = upsampler.sample(images, generator=generator, callback=step)
+                check_finite(images, f"upsampler {stage}", upsampler.config.sampler, upsampler.config.sample_steps)
         return images
 
     def upscale(self, image, size: int | None = None, *, n: int = 1, seed: Seed = 0,
@@ -333,9 +334,9 @@ class UnclipPipeline(PromptReading, InputChecks, Tasks):
         the last). n: how many draws (the upsamplers sample, so each differs a little)."""
         if not self.upsamplers:
             raise ConfigError("this model has no upsamplers: it makes images at the decoder's side only")
-        image = _one_image(image, "upscale")
-        n = _count("n", n, 1, "upscale draws 1 or more images")
-        own = image.shape[-1] if isinstance(image, torch.Tensor) else _open_rgb(image).width
+        image = one_image(image, "upscale")
+        n = image_count("n", n, 1, "upscale draws 1 or more images")
+        own = image.shape[-1] if isinstance(image, torch.Tensor) else open_rgb(image).width
         sides = [u.config.in_resolution for u in self.upsamplers]
         first = max((i for i, side in enumerate(sides) if side <= own), default=0)
         last = self.stages_for(size)
@@ -350,14 +351,14 @@ class UnclipPipeline(PromptReading, InputChecks, Tasks):
         low = self.pixels(image, sides[first])  # [1, 3, s, s]
         gens = generators(seed, n)
         pieces = []
-        for _, count, piece_gens in _pieces(n, gens):  # a large n in pieces: draw i from its own seed
+        for _, count, piece_gens in batch_pieces(n, gens):  # a large n in pieces: draw i from its own seed
             images = low.repeat(count, 1, 1, 1)
             with self.autocast():
                 for stage in range(first + 1, last + 1):
                     upsampler = self.upsamplers[stage - 1]
                     images = upsampler.sample(images, generator=piece_gens,
-                                              callback=_stage_callback(callback, f"upsampler{stage}"))
-                    _check_finite(images, f"upsampler {stage}", upsampler.config.sampler,
+                                              callback=stage_callback(callback, f"upsampler{stage}"))
+                    check_finite(images, f"upsampler {stage}", upsampler.config.sampler,
                                   upsampler.config.sample_steps)
             pieces.append(images)
         return to_pil(torch.cat(pieces))
@@ -371,7 +372,7 @@ class UnclipPipeline(PromptReading, InputChecks, Tasks):
         """How many upsamplers run to reach `size` (None: all)."""
         if size is None:
             return len(self.upsamplers)
-        _whole("size", size, f" (the side: one of {', '.join(map(str, self.sizes))})")
+        whole_number("size", size, f" (the side: one of {', '.join(map(str, self.sizes))})")
         if size not in self.sizes:
             raise ConfigError(f"this model makes images of {', '.join(f'{s}×{s}' for s in self.sizes)}; "
                               f"size {size} is not one of them")
@@ -379,7 +380,7 @@ class UnclipPipeline(PromptReading, InputChecks, Tasks):
 
     def _stages(self, size: int | None, upsample: bool) -> int:
         """`stages_for(size)`, or 0 with upsample=False (an error if `size` asks for more)."""
-        upsample = _flag("upsample", upsample)
+        upsample = true_or_false("upsample", upsample)
         stages = self.stages_for(size)
         if not upsample and size is not None and stages:
             raise ConfigError(f"size={size} with upsample=False: upsample=False stops at the decoder's "
@@ -396,13 +397,13 @@ class UnclipPipeline(PromptReading, InputChecks, Tasks):
         self.check_latents(z_i, text=text)
         if len(z_i) != len(x):
             raise DataError(f"{len(z_i)} z_i for {len(x)} images: give one z_i per image, or none")
-        steps = None if steps is None else _whole("steps", steps)
+        steps = None if steps is None else whole_number("steps", steps)
         scale = self.decoder.config.guidance_scale if guidance_scale is None else guidance_scale
         with self.autocast():
             x_T = self.decoder.invert(x, z_i, None if text is None else text.token_states,
                                       None if text is None else text.mask,
                                       text_embeds=None if text is None else text.embeds, steps=steps,
-                                      guidance_scale=scale, callback=_stage_callback(callback, "invert"))
+                                      guidance_scale=scale, callback=stage_callback(callback, "invert"))
         return z_i, x_T
 
     def fixed_noise(self, seed: Seed, n: int) -> torch.Tensor:

@@ -14,10 +14,10 @@ import torch
 from unclip.config import MAX_CANDIDATES, check_eta, is_real
 from unclip.errors import ConfigError, DataError
 from unclip.pipeline import latent
-from unclip.pipeline.checks import (Callback, Seed, _count, _frame_seeds, _image_seeds, _one_image, _pieces,
-                                    _shared_seed, _stage_callback, _whole, candidate_seeds, generators, prompt_list,
-                                    text_diff_captions)
-from unclip.pipeline.images import _check_finite, _mask_tensor, to_pil
+from unclip.pipeline.checks import (Callback, Seed, batch_pieces, candidate_seeds, frame_seeds, generators, image_count,
+                                    image_seeds, one_image, prompt_list, shared_seed, stage_callback,
+                                    text_diff_captions, whole_number)
+from unclip.pipeline.images import check_finite, mask_tensor, to_pil
 
 INPAINT_RESAMPLE = 5  # RePaint resamplings per inpainting step unless asked otherwise
 
@@ -42,21 +42,21 @@ class Tasks:
         upsampling.
         """
         prompts = prompt_list(prompt)
-        n = _count("n", n, 1, "ask for at least one image", prompts=len(prompts))
-        k = self.config.decoder.candidates if candidates is None else _whole("candidates", candidates)
+        n = image_count("n", n, 1, "ask for at least one image", prompts=len(prompts))
+        k = self.config.decoder.candidates if candidates is None else whole_number("candidates", candidates)
         if not 1 <= k <= MAX_CANDIDATES:
             raise ConfigError(f"candidates={k}: draw 1 to {MAX_CANDIDATES} candidates per image")
         m = self.config.decoder.upsampled_candidates if upsampled_candidates is None else \
-            _whole("upsampled_candidates", upsampled_candidates)
+            whole_number("upsampled_candidates", upsampled_candidates)
         if m < 1:
             raise ConfigError(f"upsampled_candidates={m}: upsample at least the kept candidate")
         stages = self._stages(size, upsample)  # an unknown size is an error before any work
         if steps is not None:
-            _whole("steps", steps)
+            whole_number("steps", steps)
         rows = [p for p in prompts for _ in range(n)]
-        seeds = seed if seed is None or isinstance(seed, torch.Generator) else _image_seeds(seed, len(rows))
+        seeds = seed if seed is None or isinstance(seed, torch.Generator) else image_seeds(seed, len(rows))
         images = []
-        for piece, _, piece_seeds in _pieces(len(rows), seeds):  # a huge n in pieces: image i draws from its own seed
+        for piece, _, piece_seeds in batch_pieces(len(rows), seeds):  # a huge n in pieces: image i, its own seed
             images += self._generate(rows[piece], piece_seeds, k=k,
                                      m=min(m, k) if stages else 1,  # nothing to compare again at the decoder's side
                                      stages=stages, prior=prior, prior_guidance_scale=prior_guidance_scale,
@@ -91,7 +91,7 @@ class Tasks:
         """Row indices [B / k · keep] of the best `keep` of each k consecutive candidate images
         [B, 3, r, r], best first within a group: the highest cosine between the image's CLIP
         embedding and its caption's z_t [B, D]."""
-        k, keep = _whole("k", k), _whole("keep", keep)
+        k, keep = whole_number("k", k), whole_number("keep", keep)
         if k < 1:
             raise ConfigError(f"k={k}: the candidates of one image come in groups of k, 1 or more (generate's "
                               "candidates)")
@@ -122,9 +122,9 @@ class Tasks:
         it without inverting it again (the inversion draws no noise, so the images are the same).
         """
         self._stages(size, upsample)  # an unknown size is an error before any work
-        n = _count("n", n, 1, "give 1 or more variations")
+        n = image_count("n", n, 1, "give 1 or more variations")
         check_eta(eta)
-        image = _one_image(image, "variations")
+        image = one_image(image, "variations")
         if inversion is None:
             z_i, x_T = self.invert(image, steps=steps, guidance_scale=guidance_scale, callback=callback)
         else:
@@ -144,15 +144,15 @@ class Tasks:
         x_T, slerped alongside z_i, so the endpoints reconstruct the two images. size: stop the
         cascade at this side (one of `sizes`); upsample=False stops at the decoder's.
         """
-        n = _count("n", n, 2, "an interpolation needs at least its two endpoints")
+        n = image_count("n", n, 2, "an interpolation needs at least its two endpoints")
         self._stages(size, upsample)  # an unknown size is an error before any work
-        seed = _shared_seed(seed, "interpolate")
+        seed = shared_seed(seed, "interpolate")
         if mode not in ("fixed", "inverted"):
             raise ConfigError(f"unknown interpolation mode {mode!r}; use fixed or inverted")
         thetas = torch.linspace(0, 1, n)
         side = max(self.clip.config.image_size, self.config.decoder.resolution)
-        pair = torch.cat([self.pixels(_one_image(image_a, "interpolate"), side),
-                          self.pixels(_one_image(image_b, "interpolate"), side)])  # [2, 3, S, S]
+        pair = torch.cat([self.pixels(one_image(image_a, "interpolate"), side),
+                          self.pixels(one_image(image_b, "interpolate"), side)])  # [2, 3, S, S]
         if mode == "inverted":
             z, x_T = self.invert(pair, steps=steps, guidance_scale=guidance_scale, callback=callback)
             x_Ts = torch.cat([latent.slerp_rows(x_T[:1], x_T[1:2], float(t)) for t in thetas])
@@ -161,7 +161,7 @@ class Tasks:
             x_Ts = self.fixed_noise(seed, n)
         z_i = latent.slerp(z[:1], z[1:2], thetas[:, None].to(z))  # [n, D]
         images = self.decode(z_i, x_T=x_Ts, sampler="ddim", eta=0.0, steps=steps, guidance_scale=guidance_scale,
-                             seed=_frame_seeds(seed, n), callback=callback, inverted=mode == "inverted",
+                             seed=frame_seeds(seed, n), callback=callback, inverted=mode == "inverted",
                              upsample=upsample, size=size)
         return to_pil(images)
 
@@ -177,20 +177,20 @@ class Tasks:
         if isinstance(thetas, (str, bytes)) or not isinstance(thetas, Iterable):
             raise ConfigError(f"text-diff angles: give a list of numbers in [0, 1], e.g. [0, 0.25, 0.5]; got {thetas!r}")
         thetas = list(thetas)
-        seed = _shared_seed(seed, "text_diff")
+        seed = shared_seed(seed, "text_diff")
         if not thetas or any(not is_real(t) or not 0 <= t <= 1 for t in thetas):
             raise ConfigError(f"text-diff angles: give one or more, each in [0, 1] (the paper uses up to 0.25–0.5); "
                               f"got {thetas}")
         text_diff_captions(caption, target)
         text = self.encode_text([caption, target])  # captions that cannot give a direction fail before the inversion
         direction = latent.text_direction(text.embeds[1:2], text.embeds[:1])
-        z_i, x_T = self.invert(_one_image(image, "text_diff"), steps=steps, guidance_scale=guidance_scale,
+        z_i, x_T = self.invert(one_image(image, "text_diff"), steps=steps, guidance_scale=guidance_scale,
                                callback=callback)
         # [1, D], as long as z_i: unit for unclip's CLIP, the raw CLIP scale for imported (Karlo) models
         direction = direction * z_i[:1].norm(dim=-1, keepdim=True)
         z = latent.slerp(z_i[:1], direction, torch.tensor(thetas)[:, None].to(z_i))
         images = self.decode(z, x_T=x_T[:1].expand(len(thetas), -1, -1, -1), sampler="ddim", eta=0.0, steps=steps,
-                             guidance_scale=guidance_scale, seed=_frame_seeds(seed, len(thetas)), callback=callback,
+                             guidance_scale=guidance_scale, seed=frame_seeds(seed, len(thetas)), callback=callback,
                              inverted=True,
                              upsample=upsample, size=size)
         return to_pil(images)
@@ -206,24 +206,24 @@ class Tasks:
         its pixels the mask touches, and the output keeps the image outside the mask. size: stop
         the cascade at this side (one of `sizes`); upsample=False stops at the decoder's.
         """
-        n = _count("n", n, 1, "inpainting draws 1 or more images")
-        if _whole("resample", resample) < 1:
+        n = image_count("n", n, 1, "inpainting draws 1 or more images")
+        if whole_number("resample", resample) < 1:
             raise ConfigError(f"resample={resample}: inpainting takes 1 or more resamplings per step")
         from unclip.diffusion import repaint_loop, run
 
         stages = self._stages(size, upsample)
-        steps = None if steps is None else _whole("steps", steps)
+        steps = None if steps is None else whole_number("steps", steps)
 
         side = self.config.decoder.resolution
-        image = _one_image(image, "inpaint")
+        image = one_image(image, "inpaint")
         known = self.pixels(image, side)  # [1, 3, r, r]
-        hole = _mask_tensor(mask, side).to(self.device)  # [1, 1, r, r], 1 = paint
+        hole = mask_tensor(mask, side).to(self.device)  # [1, 1, r, r], 1 = paint
         gens = generators(seed, n)  # one stream per image: its prior, its RePaint loop, its upsamplers in turn
         own_z = None if prompt is not None else self.encode_image(image)[:1]  # [1, D]
         scale = self.decoder.config.guidance_scale if guidance_scale is None else guidance_scale
         steps = self.decoder.config.sample_steps if steps is None else steps
         pieces = []
-        for _, count, piece_gens in _pieces(n, gens):  # a large n in pieces: image i draws from its own stream
+        for _, count, piece_gens in batch_pieces(n, gens):  # a large n in pieces: image i draws from its own stream
             if prompt is not None:
                 text = self.encode_text([prompt] * count)
                 z_i = self.prior_sample(text, seed=piece_gens, callback=callback)
@@ -235,14 +235,14 @@ class Tasks:
             loop = repaint_loop(model_fn, self.decoder.diffusion, known.expand(count, -1, -1, -1), 1 - hole,
                                 steps=steps, resample=resample, generator=piece_gens)
             with self.autocast():
-                images = run(loop, _stage_callback(callback, "decoder"))
-            _check_finite(images, "decoder", "RePaint", steps)
+                images = run(loop, stage_callback(callback, "decoder"))
+            check_finite(images, "decoder", "RePaint", steps)
             pieces.append(self.upsample(images.clamp(-1, 1), stages, generator=piece_gens, callback=callback))
         images = torch.cat(pieces)
         out_side = images.shape[-1]
         if out_side > side:  # keep the original's known pixels at that size
             full = self.pixels(image, out_side)
-            big_hole = _mask_tensor(mask, out_side).to(images)  # the mask itself, not its decoder-sized cells
+            big_hole = mask_tensor(mask, out_side).to(images)  # the mask itself, not its decoder-sized cells
             images = big_hole * images + (1 - big_hole) * full
         return to_pil(images)
 
@@ -257,7 +257,7 @@ class Tasks:
             return sorted({k for k in (1, 2, 4, 8, total // 2, total) if 0 < k <= total})
         if isinstance(dims, (str, bytes)) or not isinstance(dims, Iterable):
             raise ConfigError(f"PCA probe dimensions: give a list of whole numbers from 1 to {total}; got {dims!r}")
-        dims = [_whole(f"dims[{i}]", k) for i, k in enumerate(dims)]
+        dims = [whole_number(f"dims[{i}]", k) for i, k in enumerate(dims)]
         if not dims or any(not 1 <= k <= total for k in dims):
             raise ConfigError(f"PCA probe dimensions: give one or more, each from 1 to {total}; got {dims}")
         return dims
@@ -273,13 +273,13 @@ class Tasks:
         """
         dims = self.probe_dims(dims)
         self._stages(size, upsample)  # an unknown size is an error before any work
-        seed = _shared_seed(seed, "pca_probe")
+        seed = shared_seed(seed, "pca_probe")
         pca = self.pca
-        z_i = self.encode_image(_one_image(image, "pca_probe"))
+        z_i = self.encode_image(one_image(image, "pca_probe"))
         length = z_i.norm(dim=-1, keepdim=True)  # [1, 1]
         z = torch.cat([latent.pca_truncate(z_i, mean=pca.mean, basis=pca.basis, k=k) * length for k in dims])
         images = self.decode(z, x_T=self.fixed_noise(seed, len(dims)), sampler="ddim", eta=0.0, steps=steps,
-                             guidance_scale=guidance_scale, seed=_frame_seeds(seed, len(dims)), callback=callback,
+                             guidance_scale=guidance_scale, seed=frame_seeds(seed, len(dims)), callback=callback,
                              upsample=upsample, size=size)
         return to_pil(images)
 
