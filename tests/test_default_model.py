@@ -162,8 +162,15 @@ def test_a_decoder_continued_from_the_shipped_model_assembles_with_its_priors(tm
     half = half_model_dir(tmp_path / "decoder" / "model", tmp_path / "half")
     assert main(["assemble", "--decoder", str(half), "--prior", str(model), "--ar-prior", str(model),
                  "--upsampler", str(model), "--out", str(tmp_path / "model"), "--half"]) == 0
-    assert read_manifest(tmp_path / "model").files["tokenizer/tokenizer.json"] == \
-        read_manifest(model).files["tokenizer/tokenizer.json"]
+    shipped, assembled = read_manifest(model), read_manifest(tmp_path / "model")
+    assert assembled.files["tokenizer/tokenizer.json"] == shipped.files["tokenizer/tokenizer.json"]
+    # the continued decoder was not evaluated: the shipped decoder's numbers and the shipped model's
+    # scores and recipe (it lent the priors) must not pass for the new model's
+    assert "decoder" in shipped.evaluation and "geneval" in shipped.evaluation and "recipe" in shipped.provenance
+    assert not {"decoder", "geneval"} & set(assembled.evaluation) and "recipe" not in assembled.provenance
+    for kept in ("clip", "diffusion_prior", "ar_prior", "upsampler"):
+        assert assembled.evaluation[kept] == shipped.evaluation[kept], kept
+    assert assembled.provenance["decoder"]["steps"] == 1
 
 
 def test_unclip_generate_needs_no_model_argument(tmp_path):

@@ -33,8 +33,13 @@ VERBS = {"decoder": "decoder", "prior": "prior --kind diffusion", "ar_prior": "p
          "upsampler1": "upsampler --stage 1", "upsampler2": "upsampler --stage 2"}
 
 
-# provenance / evaluation keys each stage directory writes about itself
-OWN_RECORDS = {"decoder": ("decoder", "clip"), "prior": ("diffusion_prior",), "ar_prior": ("ar_prior",)}
+# provenance / evaluation keys each stage directory writes about itself ("upsampler": the first
+# upsampler's bench/stage_metrics.py rows, as scripts/ship_default.py records them)
+OWN_RECORDS = {"decoder": ("decoder", "clip"), "prior": ("diffusion_prior",), "ar_prior": ("ar_prior",),
+               "upsampler1": ("upsampler1", "upsampler")}
+# records about one whole model (its GenEval-style scores, the recipe it was shipped with): a new
+# assembly is another model, so no source's copy of them is carried into it
+WHOLE_MODEL_RECORDS = ("geneval", "recipe")
 
 
 def clip_fingerprint(manifest: Manifest) -> dict[str, str]:
@@ -159,9 +164,15 @@ def assemble(out: str | Path, *, decoder: str | Path, prior: str | Path | None =
     cfg = replace(cfg, clip=UnclipConfig.from_dict(clip_manifest.config).clip)
     upsampler_cfgs = []
     stats, provenance, evaluation = {}, {}, {}
+
+    def own_records(name: str) -> tuple[str, ...]:
+        return ("decoder",) if name == "decoder" and clip is not None else OWN_RECORDS.get(name, (name,))
+
+    # A stage's records come from its own directory alone: a whole model given as the priors' source
+    # also carries its own decoder's, which passed for those of a decoder continued with --no-eval.
+    claimed = {key for name, *_ in sources for key in own_records(name)}
     for name, _, manifest, _ in sources:
-        # a stage's own records come from its own directory, whatever older copies other sources carry
-        own = ("decoder",) if name == "decoder" and clip is not None else OWN_RECORDS.get(name, (name,))
+        own = own_records(name)
         records_of = manifest.provenance, manifest.evaluation
         if name == "clip":
             from unclip.clip.stage import clip_records
@@ -170,7 +181,7 @@ def assemble(out: str | Path, *, decoder: str | Path, prior: str | Path | None =
             records_of = {"clip": clip_provenance}, clip_evaluation
         for merged, records in zip((provenance, evaluation), records_of):
             for key, value in records.items():
-                if key in own or key not in merged:
+                if key in own or (key not in merged and key not in claimed and key not in WHOLE_MODEL_RECORDS):
                     merged[key] = value
         stage_cfg = UnclipConfig.from_dict(manifest.config)
         if name == "prior":
