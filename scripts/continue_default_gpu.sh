@@ -13,12 +13,15 @@
 # Environment: DECODER_MIN (6.3), UPSAMPLER_MIN (5.4; 0 keeps MODEL's upsampler and trains the decoder
 # alone), DECODER_BATCH (1024), UPSAMPLER_BATCH (512), SCENES (the decoder's data.scenes, e.g. [0.1,0.8,0.1]),
 # WORKERS (data-loader workers per stage, 6), PYTHON (the interpreter with unclip installed; python3),
-# RAW (1: also RUN_DIR/model_raw, the decoder's raw weights instead of its EMA; scripts/raw_decoder.py),
+# RAW (1: also RUN_DIR/model_raw, the decoder's raw weights instead of its EMA; scripts/raw_decoder.py;
+# judge both: over version 4's 1,873 steps the EMA's 0.999 averaged half the run, and the raw
+# weights judged 0.802 against its 0.755 on the three binding tasks, docs/model_card.md),
 # STOP_AFTER (seconds after which the training gets a SIGTERM and stops after its step in hand with
 # a checkpoint; the script then exits 2 without assembling, and the same command resumes the
 # schedule, each call fitting its end into that call's DECODER_MIN/UPSAMPLER_MIN: one schedule
-# across calls of limited length). On a machine without unclip's dependencies, see
-# scripts/gpu_wheels.sh.
+# across calls of limited length), PACK (a folder, e.g. $OUT on a lent device: the decoders' own files,
+# gzip'd in 16 MB parts that a device call brings back; scripts/unpack_decoders.py completes them into
+# whole models here). On a machine without unclip's dependencies, see scripts/gpu_wheels.sh.
 set -uo pipefail
 
 run=${1:?usage: scripts/continue_default_gpu.sh RUN_DIR [MODEL]}
@@ -83,4 +86,15 @@ if [ "${RAW:-0}" = 1 ]; then  # the decoder's raw weights too, to judge against 
     "${unclip[@]}" assemble --decoder "$run/decoder_raw_half" --prior "$model" --ar-prior "$model" \
         --upsampler "$upsampler" --out "$run/model_raw" --half || exit 1
     say "model with the decoder's raw weights (float16): $run/model_raw"
+fi
+if [ -n "${PACK:-}" ]; then  # what changed, small enough to come back: a device call returns 64 MiB at most
+    mkdir -p "$PACK" || exit 1
+    parts=(decoder text_proj unclip.json)
+    [ "$upsampler_min" != 0 ] && parts+=(super_res_first)
+    for name in model model_raw; do  # gzip -1: xz -6 of the two decoders outlasted the 26 s left of a call
+        [ -d "$run/$name" ] || continue
+        tar -C "$run/$name" -cf - "${parts[@]}" | gzip -1 \
+            | split -b 16000000 - "$PACK/$name.tgz." || exit 1
+    done
+    say "packed: $(ls "$PACK" | tr '\n' ' ')(here: python scripts/unpack_decoders.py PARTS_DIR $run)"
 fi

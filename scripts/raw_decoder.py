@@ -7,7 +7,8 @@ weights the trainer saves, its checkpoint.pt the raw ones of the same step. OUT 
 in the same layout (same CLIP, config and provenance, marked `weights: raw`), to be halved and
 assembled like the EMA one (scripts/continue_default_gpu.sh does it with RAW=1) and judged against
 it: with a fixed EMA decay of 0.999, a run of ~2,000 steps saves weights whose centre lies ~1,000
-steps before its end, and whether that helps a short budgeted run has not been measured.
+steps before its end. Measured once (version 4, 1,873 steps at a cosine learning rate that ends at
+0): the raw weights judged 0.802 on the three binding tasks, the EMA's 0.755 (docs/model_card.md).
 """
 
 from __future__ import annotations

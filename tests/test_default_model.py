@@ -200,3 +200,57 @@ def test_the_readme_python_example_runs_as_written(tmp_path, monkeypatch):
     assert float(probs[0] + probs[3]) > 0.9  # what the comment beside it says, English and Thai alike
     assert len(namespace["images"]) == 4 and len(namespace["frames"]) == 5
     assert namespace["frames"][0].size == namespace["images"][0].size == (128, 128)
+
+
+def test_unpack_decoders_completes_what_a_device_sent_back(tmp_path):
+    """scripts/unpack_decoders.py: a continued model's decoder parts, packed as
+    continue_default_gpu.sh's PACK does (split gzip'd tar), become a whole model with the shipped
+    model's other components; the CLIP towers' config.json, stamped by another transformers, is
+    recorded afresh, and any other file that differs from the device's list is refused."""
+    import gzip
+    import importlib.util
+    import io
+    import shutil
+    import tarfile
+
+    from unclip.errors import ModelFormatError
+    from unclip.modeldir import MANIFEST, file_record
+
+    spec = importlib.util.spec_from_file_location("unpack", Path(__file__).parents[1] / "scripts/unpack_decoders.py")
+    unpack = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(unpack)
+    shipped = default_model_dir()
+    device = tmp_path / "device"
+    shutil.copytree(shipped, device)
+    manifest = json.loads((device / MANIFEST).read_text(encoding="utf-8"))
+    stamped = device / "text_encoder" / "config.json"
+    stamped.write_text(stamped.read_text(encoding="utf-8").replace('"5.', '"4.'), encoding="utf-8")
+    manifest["files"]["text_encoder/config.json"] = file_record(stamped)
+
+    def pack(manifest: dict, name: str) -> Path:
+        (device / MANIFEST).write_text(json.dumps(manifest), encoding="utf-8")
+        buffer = io.BytesIO()
+        with tarfile.open(fileobj=buffer, mode="w") as archive:
+            for part in ("decoder", "text_proj", MANIFEST):
+                archive.add(device / part, arcname=part)
+        packed = gzip.compress(buffer.getvalue(), compresslevel=1)
+        parts = tmp_path / name
+        parts.mkdir()
+        half = len(packed) // 2
+        (parts / "model_raw.tgz.aa").write_bytes(packed[:half])
+        (parts / "model_raw.tgz.ab").write_bytes(packed[half:])
+        return parts
+
+    assert unpack.main([str(pack(manifest, "parts")), str(tmp_path / "run")]) == 0
+    model = tmp_path / "run" / "model_raw"
+    written = read_manifest(model)
+    verify_files(model, written, checksums=True)
+    assert written.files["text_encoder/config.json"] == file_record(shipped / "text_encoder" / "config.json")
+    assert written.files["decoder/diffusion_pytorch_model.safetensors"] == \
+        read_manifest(shipped).files["decoder/diffusion_pytorch_model.safetensors"]
+    assert not (tmp_path / "run" / "model").exists()  # no EMA parts were sent
+
+    manifest["files"]["prior/config.json"] = {"bytes": 1, "sha256": "0" * 64}  # continued from another model
+    with pytest.raises(ModelFormatError, match="prior/config.json"):
+        unpack.main([str(pack(manifest, "other")), str(tmp_path / "run2")])
+    assert not (tmp_path / "run2" / "model_raw").exists()
