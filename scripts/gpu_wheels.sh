@@ -13,8 +13,8 @@
 # it the shipped model) past the 64 MiB a device call sends; the towers load and train under 5.17.
 # The one trace of the older version is the "transformers_version" line it writes into the towers'
 # config.json files, which `unclip assemble` leaves out of its comparison (docs/pipeline.md); a model
-# brought back in part and completed here from the shipped files must record those two files'
-# sha256 afresh in its unclip.json (docs/model_card.md, version 4).
+# brought back in part and completed here from the shipped files records those two files' sha256
+# afresh in its unclip.json (scripts/unpack_decoders.py does; docs/model_card.md, version 4).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python=${PYTHON:-.venv/bin/python}
