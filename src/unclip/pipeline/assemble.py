@@ -37,9 +37,6 @@ VERBS = {"decoder": "decoder", "prior": "prior --kind diffusion", "ar_prior": "p
 # upsampler's bench/stage_metrics.py rows, as scripts/ship_default.py records them)
 OWN_RECORDS = {"decoder": ("decoder", "clip"), "prior": ("diffusion_prior",), "ar_prior": ("ar_prior",),
                "upsampler1": ("upsampler1", "upsampler")}
-# records about one whole model (its GenEval-style scores, the recipe it was shipped with): a new
-# assembly is another model, so no source's copy of them is carried into it
-WHOLE_MODEL_RECORDS = ("geneval", "recipe")
 
 
 def clip_fingerprint(manifest: Manifest) -> dict[str, str]:
@@ -169,8 +166,8 @@ def assemble(out: str | Path, *, decoder: str | Path, prior: str | Path | None =
         return ("decoder",) if name == "decoder" and clip is not None else OWN_RECORDS.get(name, (name,))
 
     # A stage's records come from its own directory alone: a whole model given as the priors' source
-    # also carries its own decoder's, which passed for those of a decoder continued with --no-eval.
-    claimed = {key for name, *_ in sources for key in own_records(name)}
+    # also carries its decoder's (which passed for those of a decoder continued with --no-eval), its
+    # GenEval-style scores and recipe (another model's), and records of stages this one may lack.
     for name, _, manifest, _ in sources:
         own = own_records(name)
         records_of = manifest.provenance, manifest.evaluation
@@ -181,7 +178,7 @@ def assemble(out: str | Path, *, decoder: str | Path, prior: str | Path | None =
             records_of = {"clip": clip_provenance}, clip_evaluation
         for merged, records in zip((provenance, evaluation), records_of):
             for key, value in records.items():
-                if key in own or (key not in merged and key not in claimed and key not in WHOLE_MODEL_RECORDS):
+                if key in own:
                     merged[key] = value
         stage_cfg = UnclipConfig.from_dict(manifest.config)
         if name == "prior":
