@@ -161,15 +161,12 @@ def assemble(out: str | Path, *, decoder: str | Path, prior: str | Path | None =
     cfg = replace(cfg, clip=UnclipConfig.from_dict(clip_manifest.config).clip)
     upsampler_cfgs = []
     stats, provenance, evaluation = {}, {}, {}
-
-    def own_records(name: str) -> tuple[str, ...]:
-        return ("decoder",) if name == "decoder" and clip is not None else OWN_RECORDS.get(name, (name,))
-
-    # A stage's records come from its own directory alone: a whole model given as the priors' source
-    # also carries its decoder's (which passed for those of a decoder continued with --no-eval), its
-    # GenEval-style scores and recipe (another model's), and records of stages this one may lack.
     for name, _, manifest, _ in sources:
-        own = own_records(name)
+        # A stage's records come from its own directory alone: a whole model given as the priors'
+        # source also carries its decoder's (which passed for those of a decoder continued with
+        # --no-eval), its GenEval-style scores and recipe (another model's), and records of stages
+        # this one may lack.
+        own = ("decoder",) if name == "decoder" and clip is not None else OWN_RECORDS.get(name, (name,))
         records_of = manifest.provenance, manifest.evaluation
         if name == "clip":
             from unclip.clip.stage import clip_records

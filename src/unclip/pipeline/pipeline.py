@@ -304,7 +304,7 @@ class UnclipPipeline(PromptReading, InputChecks, Tasks):
                     eta=eta, generator=piece_gens, callback=stage_callback(callback, "decoder"),
                     clip_denoised=not inverted)
             check_finite(images, "decoder", sampler or self.config.decoder.sampler,
-                          steps or self.config.decoder.sample_steps)
+                         steps or self.config.decoder.sample_steps)
             pieces.append(self.upsample(images.clamp(-1, 1), stages, generator=piece_gens, callback=callback))
         return torch.cat(pieces)
 
@@ -359,7 +359,7 @@ class UnclipPipeline(PromptReading, InputChecks, Tasks):
                     images = upsampler.sample(images, generator=piece_gens,
                                               callback=stage_callback(callback, f"upsampler{stage}"))
                     check_finite(images, f"upsampler {stage}", upsampler.config.sampler,
-                                  upsampler.config.sample_steps)
+                                 upsampler.config.sample_steps)
             pieces.append(images)
         return to_pil(torch.cat(pieces))
 
