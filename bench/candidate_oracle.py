@@ -1,6 +1,7 @@
 """How much of the candidates' worth the CLIP pick finds: every candidate judged, not only the kept one.
 
-    .venv/bin/python bench/candidate_oracle.py [--k 6] [--tasks two_object position color_attr] [--out DIR]
+    .venv/bin/python bench/candidate_oracle.py [--k 6] [--tasks two_object position color_attr] [--objects N]
+                                               [--rerank-clip DIR] [--steps S] [--out DIR]
 
 `unclip generate` draws k candidates per image (z_i and decoder image each) and keeps the one whose
 CLIP image embedding is closest to the caption's z_t (`Pipeline.best_candidates`, default k=3).
@@ -40,6 +41,8 @@ def main() -> int:
                         help="GenEval-style tasks of the shipped prompts (default: the three two-object ones)")
     parser.add_argument("--images-per-prompt", type=int, default=4)
     parser.add_argument("--prompts-per-task", type=int, default=None, help="the first N prompts of each task")
+    parser.add_argument("--objects", type=int, default=None,
+                        help="only the prompts that ask for this many objects (2: the position task's relations)")
     parser.add_argument("--rerank-clip", default=None,
                         help="a CLIP directory with the model's image tower whose text tower also picks")
     parser.add_argument("--steps", type=int, default=None, help="decoder steps (default: the model's)")
@@ -58,7 +61,8 @@ def main() -> int:
     torch.set_num_threads(2)
     pipe = unclip.load(args.model) if args.model else unclip.load()
     judge, _ = load_judge(default_judge_dir())
-    prompts = [p for p in read_prompts(default_prompts_path()) if p["tag"] in args.tasks]
+    prompts = [p for p in read_prompts(default_prompts_path()) if p["tag"] in args.tasks
+               and args.objects in (None, p["expect"].get("objects"))]
     if args.prompts_per_task:
         prompts = [p for task in args.tasks for p in [q for q in prompts if q["tag"] == task][:args.prompts_per_task]]
     k, n = args.k, args.images_per_prompt

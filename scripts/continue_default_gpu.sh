@@ -76,14 +76,16 @@ say "trained"
 "$python" -c "from unclip.modeldir import half_model_dir
 for stage in '${stages[*]}'.split():
     half_model_dir('$run/' + stage + '/model', '$run/' + stage + '/half')" || exit 1
-"${unclip[@]}" assemble --decoder "$run/decoder/half" --prior "$model" --ar-prior "$model" \
+ranker=()  # MODEL's ranking text tower, if it has one, ranks the new model's candidates too
+[ -d "$model/rank_text_encoder" ] && ranker=(--ranker "$model")
+"${unclip[@]}" assemble --decoder "$run/decoder/half" --prior "$model" --ar-prior "$model" "${ranker[@]}" \
     --upsampler "$upsampler" --out "$run/model" --half || exit 1
 say "model (float16): $run/model"
 if [ "${RAW:-0}" = 1 ]; then  # the decoder's raw weights too, to judge against the EMA ones
     "$python" "$root/scripts/raw_decoder.py" "$run/decoder" "$run/decoder_raw" || exit 1
     "$python" -c "from unclip.modeldir import half_model_dir; half_model_dir('$run/decoder_raw', '$run/decoder_raw_half')" \
         || exit 1
-    "${unclip[@]}" assemble --decoder "$run/decoder_raw_half" --prior "$model" --ar-prior "$model" \
+    "${unclip[@]}" assemble --decoder "$run/decoder_raw_half" --prior "$model" --ar-prior "$model" "${ranker[@]}" \
         --upsampler "$upsampler" --out "$run/model_raw" --half || exit 1
     say "model with the decoder's raw weights (float16): $run/model_raw"
 fi

@@ -25,11 +25,11 @@ import tarfile
 from pathlib import Path
 
 from unclip.errors import ModelFormatError
-from unclip.modeldir import (CLIP_COMPONENTS, MANIFEST, file_record, read_manifest, remove_abandoned, swap_in,
-                             temp_dir_beside, verify_files)
+from unclip.modeldir import (CLIP_COMPONENTS, MANIFEST, RANKER, file_record, read_manifest, remove_abandoned,
+                             swap_in, temp_dir_beside, verify_files)
 from unclip.pipeline import default_model_dir
 
-STAMPED = tuple(f"{tower}/config.json" for tower in CLIP_COMPONENTS if tower != "tokenizer")
+STAMPED = tuple(f"{tower}/config.json" for tower in (*CLIP_COMPONENTS, RANKER) if tower != "tokenizer")
 
 
 def unpack(parts: list[Path], out: Path, model: Path) -> Path:

@@ -156,6 +156,76 @@ def test_a_text_tuned_clip_replaces_the_decoders_own_and_no_other(model_dir, tmp
         assemble(tmp_path / "y", decoder=model_dir, prior=model_dir, clip=clip_dir)
 
 
+def test_a_ranking_tower_ranks_the_candidates_and_changes_nothing_else(model_dir, tmp_path):
+    """assemble --ranker: a text-tuned CLIP's tower is carried as rank_text_encoder/; its z_t ranks the
+    diffusion prior's best-of samples and the decoder's candidates, while every stage reads the
+    model's own text tower (one candidate and best-of 1 draw what the model without it draws)."""
+    import unclip
+    from unclip.clip.stage import load_clip, save_clip
+    from unclip.modeldir import RANKER, load_weights, read_manifest
+    from unclip.pipeline.assemble import assemble
+
+    cfg = preset("tiny")
+    tuned = load_clip(model_dir)
+    tuned.use_config(replace(cfg.clip, train_towers="text"))
+    with torch.no_grad():
+        for p in tuned.text.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    clip_dir = save_clip(tuned, tmp_path / "tuned", cfg=replace(cfg, clip=tuned.config))
+    out = assemble(tmp_path / "ranked", decoder=model_dir, prior=model_dir, ar_prior=model_dir,
+                   upsamplers=(model_dir,), ranker=clip_dir)
+    for part, source in ((RANKER, clip_dir / "text_encoder"), ("text_encoder", model_dir / "text_encoder")):
+        ours, theirs = (load_weights(d / "model.safetensors") for d in (out / part, source))
+        assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in theirs), part
+    manifest = read_manifest(out)
+    assert RANKER in manifest.extra["components"] and "ranker" in manifest.provenance
+
+    plain, ranked = unclip.load(model_dir, precision="float32"), unclip.load(out, precision="float32")
+    prompts = ["a red circle", "a blue square above a green heart", "วงกลมสีแดง"]
+    a, b = plain.encode_text(prompts), ranked.encode_text(prompts)
+    assert a.rank_embeds is None and torch.equal(a.ranking, a.embeds)
+    assert torch.equal(a.embeds, b.embeds) and torch.equal(a.token_states, b.token_states)
+    truth = tuned.encode_captions([ranked.read_form(p) for p in prompts])
+    assert torch.allclose(b.rank_embeds, truth, atol=1e-5) and not torch.allclose(b.rank_embeds, b.embeds, atol=1e-2)
+
+    # best-of: the prior keeps the sample nearest the ranking z_t; ranked against -z_t it keeps the farthest
+    away = replace(b, rank_embeds=-b.embeds)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ranked.prior, "config", replace(ranked.prior.config, best_of=4))
+        near = ranked.prior_sample(replace(b, rank_embeds=b.embeds), seed=list(range(3)))
+        far = ranked.prior_sample(away, seed=list(range(3)))
+    assert not torch.allclose(near, far)
+    assert ((near * b.embeds).sum(-1) > (far * b.embeds).sum(-1)).all()
+
+    # the decoder's candidates are ranked by the ranking tower's z_t
+    seen = {}
+
+    def best(images, text_embeds, k, *, keep=1):
+        seen["embeds"] = text_embeds
+        return torch.arange(0, len(images), k)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ranked, "best_candidates", best)
+        ranked.generate(prompts[:1], n=1, steps=2, seed=0, candidates=3, upsample=False)
+    assert torch.allclose(seen["embeds"], truth[:1].expand(3, -1), atol=1e-5)
+
+    # one candidate, best-of 1: nothing is ranked, so the model draws what it draws without the tower
+    with pytest.MonkeyPatch.context() as mp:
+        for pipe in (plain, ranked):
+            mp.setattr(pipe.prior, "config", replace(pipe.prior.config, best_of=1))
+        same = [_array(pipe.generate("a red circle", n=1, steps=2, seed=3, upsample=False)[0])
+                for pipe in (plain, ranked)]
+    assert np.array_equal(*same)
+
+    again = assemble(tmp_path / "again", decoder=model_dir, prior=model_dir, upsamplers=(model_dir,), ranker=out)
+    assert torch.equal(load_weights(again / RANKER / "model.safetensors")["text_model.final_layer_norm.weight"],
+                       load_weights(out / RANKER / "model.safetensors")["text_model.final_layer_norm.weight"])
+    assert read_manifest(again).provenance["ranker"] == manifest.provenance["ranker"]
+    foreign = save_tiny_clip(tmp_path, seed=1)  # another image tower: its z_t ranks in another space
+    with pytest.raises(ModelFormatError, match="--ranker"):
+        assemble(tmp_path / "x", decoder=model_dir, prior=model_dir, ranker=foreign)
+
+
 def test_clip_fingerprint_reads_weights_and_tokenizer_not_the_writers_version():
     """A CLIP re-saved under another transformers version (its config.json records the version)
     is the same CLIP to `assemble`; different weights are not."""

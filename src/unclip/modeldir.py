@@ -44,6 +44,8 @@ if TYPE_CHECKING:
 MANIFEST = "unclip.json"
 # the frozen CLIP's folders, which every stage trained against it carries
 CLIP_COMPONENTS = ("tokenizer", "text_encoder", "image_encoder")
+# a model's optional second text tower, which ranks the prior's and decoder's candidates (`unclip assemble --ranker`)
+RANKER = "rank_text_encoder"
 FORMAT_VERSION = 1
 
 # format_version -> function upgrading a manifest dict of that version to the next one.

@@ -84,11 +84,20 @@ def gather_batch(tensor: torch.Tensor) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class TextEncoding:
-    """embeds: [B, D] normalised z_t; token_states: [B, L, W] last hidden states; mask: [B, L]."""
+    """embeds: [B, D] normalised z_t; token_states: [B, L, W] last hidden states; mask: [B, L];
+    rank_embeds: [B, D] the normalised z_t of a model's ranking text tower, if it has one
+    (`ranking`)."""
 
     embeds: torch.Tensor
     token_states: torch.Tensor
     mask: torch.Tensor
+    rank_embeds: torch.Tensor | None = None
+
+    @property
+    def ranking(self) -> torch.Tensor:
+        """The z_t that candidates are ranked against (paper §2.2: the higher dot product wins): the
+        ranking tower's where the model has one, else the caption's own."""
+        return self.embeds if self.rank_embeds is None else self.rank_embeds
 
 
 def _logit_scale_as_vector(state_dict, prefix, *args) -> None:
@@ -135,6 +144,17 @@ class ClipModel(nn.Module):
         out = self.text(input_ids=ids, attention_mask=mask)
         return TextEncoding(embeds=F.normalize(out.text_embeds.float(), dim=-1),
                             token_states=out.last_hidden_state, mask=mask)
+
+    def load_text_tower(self, weights: Path) -> nn.Module:
+        """A text tower of this CLIP's network holding the weights at `weights` (a model's ranking
+        tower, `rank_text_encoder/`), in eval mode on this CLIP's device."""
+        from transformers import CLIPTextModelWithProjection
+
+        from unclip.modeldir import load_into
+
+        with torch.random.fork_rng(devices=[]):  # its initial weights are drawn, then replaced
+            tower = CLIPTextModelWithProjection(text_config(self.config, self.tokenizer))
+        return load_into(tower, weights).to(self.device).eval()
 
     def encode_captions(self, captions: str | list[str]) -> torch.Tensor:
         """Normalised z_t [B, D] of captions.

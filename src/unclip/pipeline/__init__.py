@@ -71,7 +71,7 @@ def _load(path: str | Path | None, *, device: str | None):
     from unclip.clip.stage import load_clip
     from unclip.config import UnclipConfig
     from unclip.decoder.stage import load_decoder, load_upsampler
-    from unclip.modeldir import read_manifest
+    from unclip.modeldir import RANKER, read_manifest
     from unclip.pipeline.pipeline import UnclipPipeline
 
     directory = default_model_dir() if path is None else Path(path).expanduser()  # "~/models/…" as a shell reads it
@@ -96,8 +96,12 @@ def _load(path: str | Path | None, *, device: str | None):
     if prior is None and ar_prior is None:
         raise ModelFormatError(f"{directory} holds no prior (prior/ or ar_prior/); assemble it with one")
     upsamplers = [load_upsampler(directory, stage) for stage in range(1, len(cfg.upsamplers) + 1)]
-    pipe = UnclipPipeline(config=cfg, clip=load_clip(directory), decoder=load_decoder(directory),
-                          upsamplers=upsamplers, prior=prior, ar_prior=ar_prior, directory=directory)
+    clip = load_clip(directory)
+    ranker = None
+    if any(name.startswith(f"{RANKER}/") for name in manifest.files):  # ranks candidates (`assemble --ranker`)
+        ranker = clip.load_text_tower(directory / RANKER / "model.safetensors")
+    pipe = UnclipPipeline(config=cfg, clip=clip, decoder=load_decoder(directory), upsamplers=upsamplers,
+                          prior=prior, ar_prior=ar_prior, directory=directory, ranker=ranker)
     return pipe.to(device) if device else pipe
 
 

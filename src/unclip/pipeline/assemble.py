@@ -16,7 +16,8 @@ from pathlib import Path
 
 from unclip.config import UnclipConfig, check, resolutions
 from unclip.errors import ModelFormatError
-from unclip.modeldir import CLIP_COMPONENTS, Manifest, check_replaceable, read_manifest, save_model_dir, verify_files
+from unclip.modeldir import (CLIP_COMPONENTS, RANKER, Manifest, check_replaceable, read_manifest, save_model_dir,
+                             verify_files)
 
 log = logging.getLogger(__name__)
 
@@ -81,9 +82,11 @@ def _same_image_tower(a: Path, b: Path) -> bool:
     return True
 
 
-def _clip_source(clip: str | Path, decoder_dir: Path, decoder_manifest: Manifest) -> tuple[Path, Manifest]:
-    """A CLIP directory that may stand in for the decoder's: same image tower and tokenizer (a
-    `clip.train_towers=text` fine-tune of it), so every z_i the decoder was trained on is unchanged."""
+def _clip_source(clip: str | Path, decoder_dir: Path, decoder_manifest: Manifest, *,
+                 flag: str = "--clip") -> tuple[Path, Manifest]:
+    """A CLIP directory that may stand in for the decoder's, or rank its candidates (flag="--ranker"):
+    same image tower and tokenizer (a `clip.train_towers=text` fine-tune of it), so every z_i the
+    decoder was trained on is unchanged."""
     from unclip.clip.stage import same_network
 
     clip = Path(clip)
@@ -96,7 +99,7 @@ def _clip_source(clip: str | Path, decoder_dir: Path, decoder_manifest: Manifest
 
     same_tokenizer = theirs.tokenizer == ours.tokenizer and tokenizer(manifest) == tokenizer(decoder_manifest)
     if not (same_network(theirs.clip, ours.clip) and same_tokenizer and _same_image_tower(clip, decoder_dir)):
-        raise ModelFormatError(f"--clip {clip}: the decoder draws from the image embeddings of the CLIP it was "
+        raise ModelFormatError(f"{flag} {clip}: the decoder draws from the image embeddings of the CLIP it was "
                                f"trained against ({decoder_dir}), so another CLIP must keep that network, image "
                                "tower and tokenizer; fine-tune it with --init and --set clip.train_towers=text")
     return clip, manifest
@@ -116,14 +119,18 @@ def with_sampling(cfg: UnclipConfig, source: UnclipConfig) -> UnclipConfig:
 
 def assemble(out: str | Path, *, decoder: str | Path, prior: str | Path | None = None,
              ar_prior: str | Path | None = None, upsamplers: tuple[str | Path, ...] = (),
-             clip: str | Path | None = None, sampling: UnclipConfig | None = None) -> Path:
+             clip: str | Path | None = None, ranker: str | Path | None = None,
+             sampling: UnclipConfig | None = None) -> Path:
     """Write the model directory `out` from stage directories; returns `out`.
 
     decoder: a decoder directory (it also provides the CLIP); prior / ar_prior: diffusion and
     autoregressive prior directories (at least one); upsamplers: stage 1, then stage 2. clip: a CLIP
     to carry instead of the decoder's, one that kept its image tower and tokenizer (a text-tower
     fine-tune, `clip.train_towers=text`): the priors must have been trained against it, and the
-    decoder reads its caption states from the new text tower. sampling: a config whose sampling
+    decoder reads its caption states from the new text tower. ranker: a CLIP directory of that kind
+    too, whose text tower the model carries as `rank_text_encoder/` to rank the diffusion prior's
+    best-of samples and the decoder's candidates while the stages keep reading their own tower (a
+    model that has a ranking tower gives that one). sampling: a config whose sampling
     settings (`runconfig.SAMPLING`: sampler, steps, guidance, candidates, ...) the model takes
     instead of the stages' own (`train all` passes its config, whose sampling may have changed
     after a stage was trained).
@@ -149,6 +156,9 @@ def assemble(out: str | Path, *, decoder: str | Path, prior: str | Path | None =
         sources[0] = ("decoder", decoder_dir, decoder_manifest,
                       tuple(c for c in sources[0][3] if c not in CLIP_COMPONENTS))
         sources.insert(0, ("clip", clip_dir, clip_manifest, CLIP_COMPONENTS))
+    if ranker is not None:
+        ranker_dir, ranker_manifest = _clip_source(ranker, clip_dir, clip_manifest, flag="--ranker")
+        tower = RANKER if (ranker_dir / RANKER).is_dir() else "text_encoder"
     fingerprint = clip_fingerprint(clip_manifest)
     for name, directory, manifest, _ in sources:
         if name.startswith("upsampler") or name in ("clip", "decoder"):
@@ -185,6 +195,14 @@ def assemble(out: str | Path, *, decoder: str | Path, prior: str | Path | None =
         elif name.startswith("upsampler"):
             upsampler_cfgs.append(stage_cfg.upsamplers[int(name[-1]) - 1])
         stats.update(manifest.stats)
+    if ranker is not None:  # the ranking tower's records: its CLIP run's, or those of the model that carried it
+        from unclip.clip.stage import clip_records
+
+        records = ((ranker_manifest.provenance.get("ranker"), ranker_manifest.evaluation.get("ranker"))
+                   if tower == RANKER else (clip_records(ranker_manifest)[0], ranker_manifest.evaluation.get("clip")))
+        for merged, record in zip((provenance, evaluation), records):
+            if record is not None:
+                merged["ranker"] = record
     stats.update(clip_manifest.stats)  # the carried CLIP's temperature, over the decoder's copy of its own
     cfg = replace(cfg, upsamplers=tuple(upsampler_cfgs))
     if sampling is not None:
@@ -195,11 +213,13 @@ def assemble(out: str | Path, *, decoder: str | Path, prior: str | Path | None =
         for _, directory, _, comps in sources:
             for comp in comps:
                 shutil.copytree(directory / comp, tmp / comp)
+        if ranker is not None:
+            shutil.copytree(ranker_dir / tower, tmp / RANKER)
 
     manifest = Manifest(
         config=cfg.to_dict(), resolutions=resolutions(cfg), stats=stats, provenance=provenance,
         evaluation=evaluation,
-        extra={"components": [c for _, _, _, comps in sources for c in comps],
+        extra={"components": [c for _, _, _, comps in sources for c in comps] + ([RANKER] if ranker else []),
                "priors": [name for name, *_ in sources if name in ("prior", "ar_prior")],
                "upsampler_stages": len(upsamplers)})
     path = save_model_dir(out, manifest, components)

@@ -448,7 +448,7 @@ def _assemble(args: argparse.Namespace) -> int:
     from unclip.pipeline.assemble import assemble
 
     stages = dict(decoder=args.decoder, prior=args.prior, ar_prior=args.ar_prior, upsamplers=tuple(args.upsampler or ()),
-                  clip=args.clip)
+                  clip=args.clip, ranker=args.ranker)
     if args.half:
         target = Path(args.out)
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -528,7 +528,9 @@ def register(subparsers) -> None:
     paint.add_argument("image", help="a square image file")
     paint.add_argument("mask", help="a square mask image: white = repaint (in one with transparency: fully "
                                     "transparent = repaint)")
-    paint.add_argument("--prompt", help="the whole picture as it should be, kept part included (\"a red square above a green star\"): the prompt becomes one z_i for the whole image (default: follow the image's own CLIP embedding; docs/pipeline.md)")
+    paint.add_argument("--prompt", help="the whole picture as it should be, kept part included (\"a red square above "
+                                        "a green star\"): the prompt becomes one z_i for the whole image (default: "
+                                        "follow the image's own CLIP embedding; docs/pipeline.md)")
     paint.add_argument("-n", type=int_range(1, MAX_IMAGES), default=4, help="number of results (default: 4)")
     paint.add_argument("--resample", type=positive_int, default=5, help="RePaint resamplings per step (default: 5)")
     _common(paint, "inpaint", seed=0)
@@ -561,6 +563,10 @@ def register(subparsers) -> None:
     asm.add_argument("--clip", help="carry this CLIP instead of the decoder's: one fine-tuned from it with its image "
                                     "tower frozen (`unclip train clip --init ... --set clip.train_towers=text`), so the "
                                     "decoder's z_i are unchanged; the priors must be trained against it")
+    asm.add_argument("--ranker", help="carry this CLIP's text tower (a fine-tune of the same kind as --clip takes, or "
+                                      "a model's ranking tower) to rank the diffusion prior's best-of samples and the "
+                                      "decoder's candidates; the stages keep reading their own text tower "
+                                      "(docs/pipeline.md, \"Ranking tower\")")
     asm.add_argument("--out", required=True, help="model directory to write")
     asm.add_argument("--half", action="store_true",
                      help="store the weights as float16 (half the size; loading casts them back to float32)")

@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -63,11 +64,17 @@ class UnclipPipeline(PromptReading, InputChecks, Tasks):
     """The stages of one model; build it with `unclip.load(path)`."""
 
     def __init__(self, *, config: UnclipConfig, clip: ClipModel, decoder, upsamplers: Sequence = (),
-                 prior=None, ar_prior=None, directory: Path | None = None, pca=None, precision: str = "float32"):
+                 prior=None, ar_prior=None, directory: Path | None = None, pca=None, precision: str = "float32",
+                 ranker=None):
         """pca: the basis `pca_probe` uses (an object with mean [D] and basis [K, D], e.g. a
         `PCAQuantizer`); default: the AR prior's. precision: what the decoder and upsampler UNets
-        compute in while sampling (`PRECISIONS`; the diffusion arithmetic stays float32)."""
+        compute in while sampling (`PRECISIONS`; the diffusion arithmetic stays float32). ranker: a
+        second text tower of the CLIP's network, trained against the same image tower, whose z_t
+        ranks the diffusion prior's best-of samples and the decoder's candidates (`TextEncoding.
+        ranking`); the prior and decoder still read the CLIP's own text tower. Set it to None to
+        rank by the caption's own z_t."""
         self.config, self.clip, self.decoder = config, clip.eval(), decoder.eval()
+        self.ranker = None if ranker is None else ranker.eval()
         self.set_precision(precision)
         self.upsamplers = [u.eval() for u in upsamplers]
         self.prior = None if prior is None else prior.eval()
@@ -79,7 +86,8 @@ class UnclipPipeline(PromptReading, InputChecks, Tasks):
 
     def __repr__(self) -> str:
         return (f"UnclipPipeline({self.config.name!r} from {self.directory}: sizes {list(self.sizes)}, priors "
-                f"{self.priors or 'none'}, {self.config.decoder.candidates} candidate(s) per image, {self.precision} "
+                f"{self.priors or 'none'}, {self.config.decoder.candidates} candidate(s) per image"
+                f"{' ranked by its ranking tower' if self.ranker is not None else ''}, {self.precision} "
                 f"on {self.device})")
 
     # --- properties ---------------------------------------------------------------------------
@@ -107,7 +115,7 @@ class UnclipPipeline(PromptReading, InputChecks, Tasks):
         from unclip.pipeline import check_device
 
         check_device(str(device))
-        for module in (self.clip, self.decoder, *self.upsamplers, self.prior, self.ar_prior, self.pca):
+        for module in (self.clip, self.ranker, self.decoder, *self.upsamplers, self.prior, self.ar_prior, self.pca):
             if isinstance(module, torch.nn.Module):
                 module.to(device)
         return self
@@ -175,13 +183,22 @@ class UnclipPipeline(PromptReading, InputChecks, Tasks):
             for warning in self._word_warnings(p):  # a prompt cut to the context the tokenizer logs itself
                 log.warning("%r: %s%s", p, warning, self._known_words_hint(thai=has_thai(p)))
         forms = [self.read_form(p) for p in prompts]
-        pieces = [self.clip.encode_text(self.clip.tokenize(forms[at:at + GENERATE_BATCH]))
-                  for at in range(0, len(forms), GENERATE_BATCH)]
+        pieces = [self._encode(forms[at:at + GENERATE_BATCH]) for at in range(0, len(forms), GENERATE_BATCH)]
         if len(pieces) == 1:
             return pieces[0]
         return TextEncoding(embeds=torch.cat([piece.embeds for piece in pieces]),
                             token_states=torch.cat([piece.token_states for piece in pieces]),
-                            mask=torch.cat([piece.mask for piece in pieces]))
+                            mask=torch.cat([piece.mask for piece in pieces]),
+                            rank_embeds=None if self.ranker is None else torch.cat([p.rank_embeds for p in pieces]))
+
+    def _encode(self, forms: list[str]) -> TextEncoding:
+        """One batch of read prompts through the CLIP's text tower (and the ranking tower, if any)."""
+        tokens = self.clip.tokenize(forms)
+        text = self.clip.encode_text(tokens)
+        if self.ranker is None:
+            return text
+        out = self.ranker(input_ids=tokens.input_ids.to(text.mask.device), attention_mask=text.mask)
+        return replace(text, rank_embeds=torch.nn.functional.normalize(out.text_embeds.float(), dim=-1))
 
     @torch.no_grad()
     def encode_image(self, images) -> torch.Tensor:
@@ -253,20 +270,22 @@ class UnclipPipeline(PromptReading, InputChecks, Tasks):
         n = len(text.embeds)
         gens = generators(seed, n)
         options = {} if guidance_scale is None else {"guidance_scale": guidance_scale}
+        ranked = prior == "diffusion" and text.rank_embeds is not None  # else best-of ranks by the caption's z_t
         if prior == "diffusion" and not isinstance(gens, torch.Generator):
             # One batch; with per-caption generators, best-of-k row j·n + i draws from caption i's
             # generator, which then draws exactly what it draws for that caption alone.
             k = self.prior.config.best_of
             return self.prior.sample(text.token_states.float(), text.mask, text.embeds,
                                      generator=None if gens is None else [g for _ in range(k) for g in gens],
-                                     callback=stage_callback(callback, "prior"), **options)
+                                     callback=stage_callback(callback, "prior"),
+                                     **options, **({"rank_by": text.rank_embeds} if ranked else {}))
         rows = []
         for i in range(n):  # the AR prior, or a shared generator: one caption at a time
             g = gens[i] if isinstance(gens, list) else gens
             args = (text.token_states[i:i + 1].float(), text.mask[i:i + 1], text.embeds[i:i + 1])
             if prior == "diffusion":
                 rows.append(self.prior.sample(*args, generator=g, callback=stage_callback(callback, "prior"),
-                                              **options))
+                                              **options, **({"rank_by": text.rank_embeds[i:i + 1]} if ranked else {})))
             else:
                 scale = 1.0 if guidance_scale is None else guidance_scale
                 rows.append(self.ar_prior.sample(*args, generator=g, guidance_scale=scale))

@@ -34,7 +34,8 @@ class Tasks:
 
         size: stop the cascade at this side (one of `sizes`; default: the last upsampler's).
         candidates: draw this many z_i and decoder images per requested image and keep the one
-        whose CLIP image embedding is closest to the caption's z_t (default: the decoder config's
+        whose CLIP image embedding is closest to the caption's z_t (`TextEncoding.ranking`: the
+        model's ranking tower's, if it has one; default: the decoder config's
         `candidates`). It costs that many priors and decoders per image.
         upsampled_candidates: how many of them, the closest at the decoder's size, are upsampled
         and compared again at the final size, where CLIP reads them better (default: the decoder
@@ -76,7 +77,7 @@ class Tasks:
         gens = generators(seeds, len(text.embeds))
         images = self.decode(z_i, text, guidance_scale=guidance_scale, steps=steps, sampler=sampler,
                              seed=gens, callback=callback, upsample=False)
-        embeds = text.embeds
+        embeds = text.ranking
         if k > 1:
             kept = self.best_candidates(images, embeds, k, keep=m)
             images, embeds = images[kept], embeds[kept.to(embeds.device)]

@@ -208,12 +208,13 @@ class DiffusionPrior(nn.Module):
     def sample_loop(self, text_states: torch.Tensor, text_mask: torch.Tensor, z_t: torch.Tensor, *,
                     guidance_scale: float | None = None, best_of: int | None = None, steps: int | None = None,
                     sampler: str | None = None, eta: float | None = None, generator: torch.Generator | None = None,
-                    ) -> Generator[SampleStep, None, torch.Tensor]:
+                    rank_by: torch.Tensor | None = None) -> Generator[SampleStep, None, torch.Tensor]:
         """Unit-length z_i [B, D] for captions given as text states [B, L, W], mask [B, L], z_t [B, D].
 
         Runs `best_of` samples per caption as one batch of k·B rows (candidate j of caption b in
         row j·B + b, noise drawn from `generator`), yields every step of that batch (normalised
-        space), and returns the candidate with the highest dot product with z_t. Unset options
+        space), and returns the candidate with the highest dot product with z_t, or with rank_by
+        [B, D] where given (a model's ranking tower's z_t, `TextEncoding.ranking`). Unset options
         take the config's values.
         """
         cfg = self.config
@@ -230,7 +231,7 @@ class DiffusionPrior(nn.Module):
             steps=cfg.sample_steps if steps is None else steps, eta=check_eta(cfg.eta if eta is None else eta),
             generator=generator, clip_denoised=False, device=device)
         candidates = F.normalize(self.denormalise(x), dim=-1).reshape(k, *z_t.shape)  # [k, B, D]
-        return pick_best(candidates, z_t)
+        return pick_best(candidates, z_t if rank_by is None else rank_by.to(device, torch.float32))
 
     def sample(self, text_states: torch.Tensor, text_mask: torch.Tensor, z_t: torch.Tensor, *,
                callback: Callable[[SampleStep], None] | None = None, **kwargs) -> torch.Tensor:
