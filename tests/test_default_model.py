@@ -116,6 +116,21 @@ def test_the_default_model_draws_the_colour_it_is_asked_for(pipe):
     assert red >= 4, readings
 
 
+def test_the_shipped_ranking_tower_tells_left_from_right_where_the_model_s_own_does_not(pipe):
+    """The shipped model ranks its candidates with a second text tower (docs/pipeline.md, "Ranking
+    tower") because its own all but ignores the relation (0.53 on test renders, docs/clip.md); the
+    ranking tower reads it (0.81 / 0.79): a missing or broken one would rank at chance."""
+    from unclip.clip.stage import load_clip
+    from unclip.clip.zeroshot import attribute_accuracy
+
+    assert pipe.ranker is not None and "ranked by its ranking tower" in repr(pipe)
+    ranking = load_clip(default_model_dir())  # the model's CLIP with the ranking tower in place of its own
+    ranking.text = pipe.ranker
+    own, ranked = (attribute_accuracy(clip, split="test", lang="en", attribute="relation", n=100)
+                   for clip in (pipe.clip, ranking))
+    assert own < 0.65 and ranked > 0.72, (own, ranked)
+
+
 def test_the_shipped_upsampler_beats_bicubic_on_psnr_and_ssim(pipe):
     """Issue 5's bar, with the shipped sampling (5 DDIM steps from noise level 0.1): on val renders
     PSNR 34.1 vs bicubic's 30.3 dB and SSIM 0.972 vs 0.951. Broken weights, or sampling from the
@@ -161,7 +176,7 @@ def test_a_decoder_continued_from_the_shipped_model_assembles_with_its_priors(tm
                  "--set", "decoder.train.num_workers=0", "--set", "decoder.train.warmup_steps=0"]) == 0
     half = half_model_dir(tmp_path / "decoder" / "model", tmp_path / "half")
     assert main(["assemble", "--decoder", str(half), "--prior", str(model), "--ar-prior", str(model),
-                 "--upsampler", str(model), "--out", str(tmp_path / "model"), "--half"]) == 0
+                 "--ranker", str(model), "--upsampler", str(model), "--out", str(tmp_path / "model"), "--half"]) == 0
     shipped, assembled = read_manifest(model), read_manifest(tmp_path / "model")
     assert assembled.files["tokenizer/tokenizer.json"] == shipped.files["tokenizer/tokenizer.json"]
     # the continued decoder was not evaluated: the shipped decoder's numbers and the shipped model's
@@ -171,6 +186,9 @@ def test_a_decoder_continued_from_the_shipped_model_assembles_with_its_priors(tm
     for kept in ("clip", "diffusion_prior", "ar_prior", "upsampler"):
         assert assembled.evaluation[kept] == shipped.evaluation[kept], kept
     assert assembled.provenance["decoder"]["steps"] == 1
+    # the shipped ranking tower goes on ranking (scripts/continue_default_gpu.sh passes --ranker MODEL)
+    assert assembled.files["rank_text_encoder/model.safetensors"] == shipped.files["rank_text_encoder/model.safetensors"]
+    assert assembled.provenance["ranker"] == shipped.provenance["ranker"]
 
 
 def test_unclip_generate_needs_no_model_argument(tmp_path):

@@ -634,12 +634,14 @@ def _shapes_gpu() -> UnclipConfig:
         ar_prior=replace(base.ar_prior, train=gpu(40_000, 512, 1e-3)),
         # Sampling defaults from the sweeps in docs/model_card.md: ancestral DDPM and no decoder guidance
         # judged best (guidance 1.5 and 3 lowered every task; DDIM and DPM-Solver++ too); 25, 50, 100 and
-        # 250 steps judge the same within noise (0.510–0.529). Three candidates per image, the one CLIP
-        # puts closest to the caption kept, lift the judged score more than any step count (0.510 →
-        # 0.654), and with 25 decoder steps and 5 deterministic upsampler steps from the noised bicubic
-        # upsampling (PSNR 34.1 / SSIM 0.972) keep 128² under 1 s on the CPU (docs/performance.md).
-        decoder=replace(base.decoder, base_channels=64, sampler="ddpm", sample_steps=25, guidance_scale=1.0,
-                        candidates=3,
+        # 250 steps judge the same within noise (0.510–0.529). Candidates per image, the one CLIP
+        # puts closest to the caption kept, lift the judged score more than any step count (three:
+        # 0.510 → 0.654); since version 5, six candidates of 12 steps, which cost what three of 25 did,
+        # ranked by the model's ranking tower (binding tasks 0.802 → 0.896, docs/model_card.md), and
+        # 5 deterministic upsampler steps from the noised bicubic upsampling (PSNR 34.1 / SSIM 0.972)
+        # keep 128² near 1 s on the CPU (docs/performance.md).
+        decoder=replace(base.decoder, base_channels=64, sampler="ddpm", sample_steps=12, guidance_scale=1.0,
+                        candidates=6,
                         train=gpu(100_000, 256, 3e-4, ema=0.999)),
         upsamplers=(replace(base.upsamplers[0], sampler="ddim", sample_steps=5,
                             train=gpu(100_000, 256, 3e-4, ema=0.999)),),

@@ -206,6 +206,9 @@ def export_diffusers(model: str | Path, out: str | Path) -> Path:
 
     pipe = load(model)
     _check(pipe)
+    if pipe.ranker is not None:
+        log.warning("the model's ranking text tower is left out: diffusers' UnCLIPPipeline draws one candidate per "
+                    "image and ranks its prior's samples by the caption's own z_t")
     clip, dim, width = pipe.clip, pipe.clip.config.embed_dim, pipe.clip.config.text_width
     mirror = width >= 2 * dim
     if not mirror:
