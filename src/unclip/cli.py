@@ -60,9 +60,9 @@ def _demo(args: argparse.Namespace) -> int:
         if pipe.device.type == "cpu" and pipe.precision == "float32" else ""
     print(f"{len(images)} images from the shipped model in {seconds:.0f} s{slower}: {grid} (each image beside it as "
           f"generate-*.png)")
-    print("two objects in one scene are this model's weak spot: which side each is on (its CLIP does not tell "
-          "'left of' from 'right of'), now and then which shape takes which colour (docs/model_card.md); "
-          "one shape, a colour or a count it draws right")
+    print("two objects in one scene are this model's weak spot: which side each is on (its prior lays them out at "
+          "random; a second text tower that reads 'left of' picks among six candidates, most often right), now and "
+          "then which shape takes which colour (docs/model_card.md); one shape, a colour or a count it draws right")
     print('next: unclip generate "three green triangles" -n 4   (every verb has --help; docs/model_card.md)')
     return 0
 
