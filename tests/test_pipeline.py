@@ -120,22 +120,29 @@ def test_an_assemble_half_killed_midway_leaves_nothing_the_next_one_keeps(model_
     assert read_manifest(tmp_path / "model").extra["weights_dtype"] == "float16"
 
 
-def test_a_text_tuned_clip_replaces_the_decoders_own_and_no_other(model_dir, tmp_path):
-    """assemble --clip: a CLIP whose text tower moved and image tower did not (clip.train_towers=text)
-    is carried with priors trained against it and the decoder as it was; any other CLIP is refused."""
-    import unclip
+def _text_tuned_clip(model_dir, out, noise: float, *, temperature_shift: float = 0.0):
+    """The model's CLIP with its text tower (and temperature) moved and its image tower not, as a
+    `clip.train_towers=text` fine-tune leaves it, saved at `out`: (the CLIP, its directory)."""
     from unclip.clip.stage import load_clip, save_clip
-    from unclip.modeldir import load_weights, read_manifest
-    from unclip.pipeline.assemble import assemble
 
     cfg = preset("tiny")
     tuned = load_clip(model_dir)
     tuned.use_config(replace(cfg.clip, train_towers="text"))
     with torch.no_grad():
         for p in tuned.text.parameters():
-            p.add_(0.01 * torch.randn_like(p))
-        tuned.logit_scale.add_(0.5)
-    clip_dir = save_clip(tuned, tmp_path / "tuned", cfg=replace(cfg, clip=tuned.config))
+            p.add_(noise * torch.randn_like(p))
+        tuned.logit_scale.add_(temperature_shift)
+    return tuned, save_clip(tuned, out, cfg=replace(cfg, clip=tuned.config))
+
+
+def test_a_text_tuned_clip_replaces_the_decoders_own_and_no_other(model_dir, tmp_path):
+    """assemble --clip: a CLIP whose text tower moved and image tower did not (clip.train_towers=text)
+    is carried with priors trained against it and the decoder as it was; any other CLIP is refused."""
+    import unclip
+    from unclip.modeldir import load_weights, read_manifest
+    from unclip.pipeline.assemble import assemble
+
+    tuned, clip_dir = _text_tuned_clip(model_dir, tmp_path / "tuned", 0.01, temperature_shift=0.5)
     stages = save_tiny_stages(tmp_path / "stages", clip_dir)  # priors trained against the tuned CLIP
     out = assemble(tmp_path / "model", decoder=model_dir, prior=stages["prior"], ar_prior=stages["ar_prior"],
                    upsamplers=(model_dir,), clip=clip_dir)
@@ -161,17 +168,10 @@ def test_a_ranking_tower_ranks_the_candidates_and_changes_nothing_else(model_dir
     diffusion prior's best-of samples and the decoder's candidates, while every stage reads the
     model's own text tower (one candidate and best-of 1 draw what the model without it draws)."""
     import unclip
-    from unclip.clip.stage import load_clip, save_clip
     from unclip.modeldir import RANKER, load_weights, read_manifest
     from unclip.pipeline.assemble import assemble
 
-    cfg = preset("tiny")
-    tuned = load_clip(model_dir)
-    tuned.use_config(replace(cfg.clip, train_towers="text"))
-    with torch.no_grad():
-        for p in tuned.text.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    clip_dir = save_clip(tuned, tmp_path / "tuned", cfg=replace(cfg, clip=tuned.config))
+    tuned, clip_dir = _text_tuned_clip(model_dir, tmp_path / "tuned", 0.05)
     out = assemble(tmp_path / "ranked", decoder=model_dir, prior=model_dir, ar_prior=model_dir,
                    upsamplers=(model_dir,), ranker=clip_dir)
     for part, source in ((RANKER, clip_dir / "text_encoder"), ("text_encoder", model_dir / "text_encoder")):
