@@ -152,8 +152,7 @@ class ClipModel(nn.Module):
 
         from unclip.modeldir import load_into
 
-        with torch.random.fork_rng(devices=[]):  # its initial weights are drawn, then replaced
-            tower = CLIPTextModelWithProjection(text_config(self.config, self.tokenizer))
+        tower = CLIPTextModelWithProjection(text_config(self.config, self.tokenizer))
         return load_into(tower, weights).to(self.device).eval()
 
     def encode_captions(self, captions: str | list[str]) -> torch.Tensor:

@@ -105,6 +105,19 @@ def _clip_source(clip: str | Path, decoder_dir: Path, decoder_manifest: Manifest
     return clip, manifest
 
 
+def _ranker_source(ranker: str | Path, clip_dir: Path,
+                   clip_manifest: Manifest) -> tuple[Path, dict | None, dict | None]:
+    """The ranking tower `--ranker` gives, checked against the carried CLIP (`_clip_source`): its
+    folder (a model's `rank_text_encoder/`, else a CLIP's `text_encoder/`) and its provenance and
+    evaluation records (the model's `ranker` entries, else the CLIP run's own)."""
+    from unclip.clip.stage import clip_records
+
+    directory, manifest = _clip_source(ranker, clip_dir, clip_manifest, flag="--ranker")
+    if (directory / RANKER).is_dir():
+        return directory / RANKER, manifest.provenance.get("ranker"), manifest.evaluation.get("ranker")
+    return directory / "text_encoder", clip_records(manifest)[0], manifest.evaluation.get("clip")
+
+
 def with_sampling(cfg: UnclipConfig, source: UnclipConfig) -> UnclipConfig:
     """`cfg` with the sampling settings of `source` in every stage both have (weights untouched)."""
     from unclip.train.runconfig import SAMPLING
@@ -156,9 +169,7 @@ def assemble(out: str | Path, *, decoder: str | Path, prior: str | Path | None =
         sources[0] = ("decoder", decoder_dir, decoder_manifest,
                       tuple(c for c in sources[0][3] if c not in CLIP_COMPONENTS))
         sources.insert(0, ("clip", clip_dir, clip_manifest, CLIP_COMPONENTS))
-    if ranker is not None:
-        ranker_dir, ranker_manifest = _clip_source(ranker, clip_dir, clip_manifest, flag="--ranker")
-        tower = RANKER if (ranker_dir / RANKER).is_dir() else "text_encoder"
+    tower, *ranker_records = (None, None, None) if ranker is None else _ranker_source(ranker, clip_dir, clip_manifest)
     fingerprint = clip_fingerprint(clip_manifest)
     for name, directory, manifest, _ in sources:
         if name.startswith("upsampler") or name in ("clip", "decoder"):
@@ -195,14 +206,9 @@ def assemble(out: str | Path, *, decoder: str | Path, prior: str | Path | None =
         elif name.startswith("upsampler"):
             upsampler_cfgs.append(stage_cfg.upsamplers[int(name[-1]) - 1])
         stats.update(manifest.stats)
-    if ranker is not None:  # the ranking tower's records: its CLIP run's, or those of the model that carried it
-        from unclip.clip.stage import clip_records
-
-        records = ((ranker_manifest.provenance.get("ranker"), ranker_manifest.evaluation.get("ranker"))
-                   if tower == RANKER else (clip_records(ranker_manifest)[0], ranker_manifest.evaluation.get("clip")))
-        for merged, record in zip((provenance, evaluation), records):
-            if record is not None:
-                merged["ranker"] = record
+    for merged, record in zip((provenance, evaluation), ranker_records):
+        if record is not None:
+            merged["ranker"] = record
     stats.update(clip_manifest.stats)  # the carried CLIP's temperature, over the decoder's copy of its own
     cfg = replace(cfg, upsamplers=tuple(upsampler_cfgs))
     if sampling is not None:
@@ -213,13 +219,13 @@ def assemble(out: str | Path, *, decoder: str | Path, prior: str | Path | None =
         for _, directory, _, comps in sources:
             for comp in comps:
                 shutil.copytree(directory / comp, tmp / comp)
-        if ranker is not None:
-            shutil.copytree(ranker_dir / tower, tmp / RANKER)
+        if tower is not None:
+            shutil.copytree(tower, tmp / RANKER)
 
     manifest = Manifest(
         config=cfg.to_dict(), resolutions=resolutions(cfg), stats=stats, provenance=provenance,
         evaluation=evaluation,
-        extra={"components": [c for _, _, _, comps in sources for c in comps] + ([RANKER] if ranker else []),
+        extra={"components": [c for _, _, _, comps in sources for c in comps] + ([RANKER] if tower else []),
                "priors": [name for name, *_ in sources if name in ("prior", "ar_prior")],
                "upsampler_stages": len(upsamplers)})
     path = save_model_dir(out, manifest, components)

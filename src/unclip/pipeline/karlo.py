@@ -216,13 +216,15 @@ class DiffusersPrior(nn.Module):
     def sample_loop(self, text_states: torch.Tensor, text_mask: torch.Tensor, z_t: torch.Tensor, *,
                     guidance_scale: float | None = None, steps: int | None = None, sampler: str | None = None,
                     eta: float | None = None, generator: torch.Generator | None = None,
-                    x_T: torch.Tensor | None = None) -> Generator[SampleStep, None, torch.Tensor]:
+                    x_T: torch.Tensor | None = None, rank_by: torch.Tensor | None = None,
+                    ) -> Generator[SampleStep, None, torch.Tensor]:
         """z_i [B, D] (raw CLIP scale, or unit length with `unit`) for captions: text states [B, L, W],
         mask [B, L], z_t [B, D].
 
         x_T [B, E]: the starting latent (diffusers' `prior_latents`; one sample per caption); unset
         options take the config's. With best-of k the k·B rows run as one batch, candidate j of
-        caption b in row j·B + b, as `DiffusionPrior.sample_loop` lays them out.
+        caption b in row j·B + b, as `DiffusionPrior.sample_loop` lays them out, and the one with
+        the highest dot product with z_t (or rank_by [B, D], where given) is kept.
         """
         from unclip.prior.diffusion import pick_best
 
@@ -239,7 +241,8 @@ class DiffusersPrior(nn.Module):
         z_i = self.transformer.post_process_latents(x)
         if self.unit:
             z_i = F.normalize(z_i, dim=-1)
-        return pick_best(z_i.reshape(k, *z_t.shape), z_t) if k > 1 else z_i
+        rank_by = z_t if rank_by is None else rank_by.to(device, torch.float32)
+        return pick_best(z_i.reshape(k, *z_t.shape), rank_by) if k > 1 else z_i
 
     def sample(self, text_states: torch.Tensor, text_mask: torch.Tensor, z_t: torch.Tensor, *,
                callback: Callable[[SampleStep], None] | None = None, **kwargs) -> torch.Tensor:

@@ -270,22 +270,20 @@ class UnclipPipeline(PromptReading, InputChecks, Tasks):
         n = len(text.embeds)
         gens = generators(seed, n)
         options = {} if guidance_scale is None else {"guidance_scale": guidance_scale}
-        ranked = prior == "diffusion" and text.rank_embeds is not None  # else best-of ranks by the caption's z_t
         if prior == "diffusion" and not isinstance(gens, torch.Generator):
             # One batch; with per-caption generators, best-of-k row j·n + i draws from caption i's
             # generator, which then draws exactly what it draws for that caption alone.
             k = self.prior.config.best_of
             return self.prior.sample(text.token_states.float(), text.mask, text.embeds,
                                      generator=None if gens is None else [g for _ in range(k) for g in gens],
-                                     callback=stage_callback(callback, "prior"),
-                                     **options, **({"rank_by": text.rank_embeds} if ranked else {}))
+                                     callback=stage_callback(callback, "prior"), rank_by=text.ranking, **options)
         rows = []
         for i in range(n):  # the AR prior, or a shared generator: one caption at a time
             g = gens[i] if isinstance(gens, list) else gens
             args = (text.token_states[i:i + 1].float(), text.mask[i:i + 1], text.embeds[i:i + 1])
             if prior == "diffusion":
                 rows.append(self.prior.sample(*args, generator=g, callback=stage_callback(callback, "prior"),
-                                              **options, **({"rank_by": text.rank_embeds[i:i + 1]} if ranked else {})))
+                                              rank_by=text.ranking[i:i + 1], **options))
             else:
                 scale = 1.0 if guidance_scale is None else guidance_scale
                 rows.append(self.ar_prior.sample(*args, generator=g, guidance_scale=scale))
