@@ -72,6 +72,39 @@ def test_init_fine_tunes_a_trained_clip_and_refuses_another_network(clip_dir, tm
     assert "CLIP network differs" in capsys.readouterr().err
 
 
+def test_init_ranker_starts_the_text_tower_from_a_models_ranking_tower(clip_dir, tmp_path, capsys):
+    """--init-ranker: the text tower starts from the model's rank_text_encoder/, not its own tower (at lr 0
+    the result is that tower exactly), and the run records which tower it took; a model without one is refused."""
+    import shutil
+
+    from unclip.clip.stage import load_clip
+    from unclip.modeldir import RANKER, save_model_dir
+
+    base = clip_dir / "model"
+    text_only = [*TINY, "--set", "clip.train_towers=text"]
+    assert main(["train", "clip", *text_only, "--init", str(base), "--run-dir", str(tmp_path / "tuned_run"),
+                 "--out", str(tmp_path / "tuned"), "--no-eval"]) == 0
+
+    def components(tmp):  # the base CLIP carrying the tuned text tower as its ranking tower
+        for folder in ("tokenizer", "text_encoder", "image_encoder"):
+            shutil.copytree(base / folder, tmp / folder)
+        shutil.copytree(tmp_path / "tuned" / "text_encoder", tmp / RANKER)
+
+    save_model_dir(tmp_path / "ranked", read_manifest(base), components)
+    assert main(["train", "clip", *text_only, "--set", "clip.train.lr=0", "--init", str(tmp_path / "ranked"),
+                 "--init-ranker", "--run-dir", str(tmp_path / "run"), "--out", str(tmp_path / "model"),
+                 "--no-eval"]) == 0
+    captions = ["a red circle left of a blue square", "ดาวสีเขียว"]
+    z = {name: load_clip(tmp_path / name).encode_captions(captions) for name in ("tuned", "model")}
+    assert torch.equal(z["model"], z["tuned"])
+    assert not torch.allclose(load_clip(base).encode_captions(captions), z["tuned"])
+    assert read_manifest(tmp_path / "model").provenance["init"]["tower"] == RANKER
+    assert main(["train", "clip", *text_only, "--init", str(base), "--init-ranker",
+                 "--run-dir", str(tmp_path / "none"), "--no-eval"]) == 2
+    assert "has no ranking tower" in capsys.readouterr().err
+    assert not (tmp_path / "none" / "model").exists()
+
+
 def test_text_only_fine_tune_keeps_every_image_embedding(clip_dir, tmp_path):
     """clip.train_towers=text: the text tower learns, the image tower (so every z_i a decoder was trained
     on) stays bit for bit what it was."""

@@ -10,7 +10,7 @@ from unclip.config import preset
 from unclip.errors import ModelFormatError
 from unclip.io import atomic_write, write_json_atomic
 from unclip.modeldir import (
-    FORMAT_VERSION, MANIFEST, Manifest, load_checkpoint, load_into, read_manifest, save_checkpoint,
+    FORMAT_VERSION, MANIFEST, Manifest, load_checkpoint, load_into, read_manifest, recorded_path, save_checkpoint,
     save_model_dir, save_weights, verify_files,
 )
 
@@ -27,6 +27,15 @@ def _write_model(directory, net, *, name="tiny"):
 
     manifest = Manifest(config=preset("tiny").override([f"name={name}"]).to_dict(), resolutions=(16, 64))
     return save_model_dir(directory, manifest, components)
+
+
+def test_init_paths_are_recorded_relative_to_the_working_directory(tmp_path, monkeypatch):
+    # a model continued from a directory inside the checkout names it so on any other machine
+    (tmp_path / "runs" / "base").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    assert recorded_path(tmp_path / "runs" / "base") == "runs/base"
+    assert recorded_path("runs/base") == "runs/base"
+    assert recorded_path(tmp_path.parent / "elsewhere") == str(tmp_path.parent / "elsewhere")
 
 
 def test_save_then_strict_load(tmp_path):

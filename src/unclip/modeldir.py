@@ -452,6 +452,17 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     return state
 
 
+def recorded_path(directory: str | Path) -> str:
+    """How a manifest names a directory a run started from: relative to the working directory when
+    it lies inside it (a model is read from other checkouts and machines, where this one's absolute
+    path means nothing), as given otherwise."""
+    path = Path(directory)
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
 def init_record(directory: str | Path, section: str, cfg_section, *, record: str | None = None) -> dict:
     """Check that the model directory a run starts from (`--init`) holds the architecture being
     trained (its config's `section`, e.g. "decoder"; training settings may differ) and return what
@@ -472,7 +483,7 @@ def init_record(directory: str | Path, section: str, cfg_section, *, record: str
         raise ConfigError(f"--init {directory}: its {section} architecture differs from the one being trained; "
                           f"start from a model trained with the same {section} settings")
     log.info("%s initialised from %s", section, directory)
-    return {"from": str(directory), "provenance": manifest.provenance.get(record or section, {})}
+    return {"from": recorded_path(directory), "provenance": manifest.provenance.get(record or section, {})}
 
 
 def continuation_seed(directory: str | Path, components: Iterable[str]) -> int:

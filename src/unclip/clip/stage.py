@@ -19,7 +19,10 @@ import torch
 
 from unclip.clip.model import ClipModel
 from unclip.config import ClipConfig, DataConfig, UnclipConfig
-from unclip.modeldir import CLIP_COMPONENTS, Manifest, check_replaceable, continued, read_manifest, save_model_dir, verify_files
+from unclip.modeldir import (
+    CLIP_COMPONENTS, RANKER, Manifest, check_replaceable, continued, load_into, read_manifest, recorded_path,
+    save_model_dir, verify_files,
+)
 from unclip.tokenizer import Tokenizer, train_shapes_tokenizer
 from unclip.words import CaptionWords
 
@@ -119,13 +122,18 @@ def same_network(a: ClipConfig, b: ClipConfig) -> bool:
 
 def train_clip(cfg: UnclipConfig, *, run_dir: str | Path, out: str | Path, resume: bool = True,
                progress: bool = True, evaluate: bool = True, time_budget: float | None = None,
-               init: str | Path | None = None) -> Path:
+               init: str | Path | None = None, init_ranker: bool = False) -> Path:
     """Train CLIP with `cfg.clip` on `cfg.data` and write the model directory `out`.
 
     init: a model directory whose CLIP (towers, tokenizer, temperature) the run starts from, e.g.
     to fine-tune the shipped CLIP with hard negatives; its network settings must be `cfg.clip`'s
-    (a checkpoint in `run_dir` still wins, so an interrupted run resumes where it was)."""
+    (a checkpoint in `run_dir` still wins, so an interrupted run resumes where it was).
+    init_ranker: start the text tower from `init`'s ranking tower (`rank_text_encoder/`) instead."""
     check_replaceable(out)
+    if init_ranker and not init:
+        from unclip.errors import ConfigError
+
+        raise ConfigError("--init-ranker starts from a model's ranking tower: give that model with --init")
     from unclip.train.data import feed_for, validation_feed
     from unclip.train.trainer import train
 
@@ -134,14 +142,15 @@ def train_clip(cfg: UnclipConfig, *, run_dir: str | Path, out: str | Path, resum
     torch.manual_seed(cfg.clip.train.seed)
     started_from = {}
     if init:
-        model, started_from = _init_clip(init, cfg)
+        model, started_from = _init_clip(init, cfg, ranker=init_ranker)
         if not (run_dir / "tokenizer" / "tokenizer.json").is_file():
             model.tokenizer.save(run_dir / "tokenizer")
     else:
         model = ClipModel.from_config(cfg.clip, tokenizer=run_tokenizer(cfg, run_dir))
     tc, data = cfg.clip.train, cfg.data
     if init:
-        data, tc = continued(init, ("text_encoder", "image_encoder"), data, tc, started_from["init"])
+        data, tc = continued(init, (RANKER if init_ranker else "text_encoder", "image_encoder"), data, tc,
+                             started_from["init"])
     feed = feed_for(data, size=cfg.clip.image_size, batch_size=tc.batch_size, num_workers=tc.num_workers,
                     hard_negatives=cfg.clip.hard_negatives, twin_group=cfg.clip.twin_group,
                     twin_weights=cfg.clip.twin_weights)
@@ -172,9 +181,10 @@ def train_clip(cfg: UnclipConfig, *, run_dir: str | Path, out: str | Path, resum
     return Path(out)
 
 
-def _init_clip(directory: str | Path, cfg: UnclipConfig) -> tuple[ClipModel, dict]:
+def _init_clip(directory: str | Path, cfg: UnclipConfig, *, ranker: bool = False) -> tuple[ClipModel, dict]:
     """The CLIP of a trained model directory, if its network is the one `cfg` trains, and what the run
-    records as its `init` (the directory and the provenance of the weights it starts from)."""
+    records as its `init` (the directory and the provenance of the weights it starts from); with
+    `ranker`, its text tower holds the model's ranking tower instead."""
     from unclip.errors import ConfigError
 
     directory = Path(directory)
@@ -188,7 +198,15 @@ def _init_clip(directory: str | Path, cfg: UnclipConfig) -> tuple[ClipModel, dic
     record = manifest.provenance.get("clip", manifest.provenance)
     model = load_clip(directory)
     model.use_config(cfg.clip)
-    return model, {"init": {"from": str(directory), "provenance": record}}
+    if not ranker:
+        return model, {"init": {"from": recorded_path(directory), "provenance": record}}
+    if not (directory / RANKER / "model.safetensors").is_file():
+        raise ConfigError(f"--init-ranker: {directory} has no ranking tower ({RANKER}/ is missing); give a model that "
+                          f"has one (`unclip assemble --ranker`), or leave --init-ranker out to start from its own tower")
+    load_into(model.text, directory / RANKER / "model.safetensors")
+    log.info("text tower initialised from the ranking tower of %s", directory)
+    return model, {"init": {"from": recorded_path(directory), "tower": RANKER,
+                            "provenance": manifest.provenance.get("ranker", {})}}
 
 
 def save_clip(model: ClipModel, directory: str | Path, *, cfg: UnclipConfig, provenance: dict | None = None,

@@ -91,7 +91,8 @@ class Tasks:
     def best_candidates(self, images: torch.Tensor, text_embeds: torch.Tensor, k: int, *, keep: int = 1) -> torch.Tensor:
         """Row indices [B / k · keep] of the best `keep` of each k consecutive candidate images
         [B, 3, r, r], best first within a group: the highest cosine between the image's CLIP
-        embedding and its caption's z_t [B, D]."""
+        embedding and `text_embeds` [B, D], the z_t its caption ranks by (`TextEncoding.ranking`:
+        the ranking tower's, where the model has one)."""
         k, keep = whole_number("k", k), whole_number("keep", keep)
         if k < 1:
             raise ConfigError(f"k={k}: the candidates of one image come in groups of k, 1 or more (generate's "

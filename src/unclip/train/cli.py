@@ -42,7 +42,7 @@ def _train_clip(args: argparse.Namespace) -> int:
 
     cfg, run_dir, out = _prepare(args, "clip")
     train_clip(cfg, run_dir=run_dir, out=out, resume=not args.no_resume, evaluate=not args.no_eval,
-               time_budget=_budget(args), init=args.init)
+               time_budget=_budget(args), init=args.init, init_ranker=args.init_ranker)
     if _other_rank():
         return 0
     print(f"CLIP model: {out}")
@@ -63,7 +63,7 @@ def _train_prior(args: argparse.Namespace) -> int:
     cfg, run_dir, out = _prepare(args, f"{args.kind}_prior")
     train_prior(cfg, kind=args.kind, clip_dir=args.clip, run_dir=run_dir, out=out, embeddings=args.embeddings,
                 resume=not args.no_resume, evaluate=not args.no_eval, fit_samples=args.fit_samples,
-                time_budget=_budget(args), init=args.init)
+                time_budget=_budget(args), init=args.init, init_ranker=args.init_ranker)
     if _other_rank():
         return 0
     print(f"{args.kind} prior model: {out}")
@@ -165,6 +165,10 @@ def register(subparsers) -> None:
     _common(clip, "clip")
     clip.add_argument("--init", help="start from the CLIP (and tokenizer) of this model directory: same network, "
                                      "fresh optimizer and schedule, e.g. to fine-tune the shipped CLIP with twins")
+    clip.add_argument("--init-ranker", action="store_true",
+                      help="with --init: start the text tower from the model's ranking tower (rank_text_encoder/) "
+                           "instead of its own, to train that ranker further (with --set clip.train_towers=text; "
+                           "`unclip assemble --ranker` carries the result)")
     clip.add_argument("--no-eval", action="store_true", help="skip the evaluation after training")
     clip.set_defaults(func=_train_clip)
 
