@@ -167,13 +167,14 @@ def _settings(args: argparse.Namespace, pipe, model: Path, prompts_path: Path, j
     """What the run used, defaults filled in (eval.json's `meta`): the sampling as it ran, and which
     model (its manifest's sha256: a model replaced in place keeps its path)."""
     from unclip import __version__
+    from unclip.modeldir import recorded_path
 
     decoder, prior = pipe.config.decoder, args.prior or pipe.priors[0]
     stages = pipe.stages_for(args.size)
     candidates = args.candidates or decoder.candidates
-    return {"model": str(model), "model_manifest_sha256": model_digest(model),
-            "unclip_version": __version__, "prompts": str(prompts_path), "tasks": args.tasks or "all",
-            "judge": str(judge_dir), "judge_reading": reading, "prior": prior,
+    return {"model": recorded_path(model), "model_manifest_sha256": model_digest(model),
+            "unclip_version": __version__, "prompts": recorded_path(prompts_path), "tasks": args.tasks or "all",
+            "judge": recorded_path(judge_dir), "judge_reading": reading, "prior": prior,
             "prior_guidance_scale": pipe.config.prior.guidance_scale if args.prior_guidance_scale is None
             else args.prior_guidance_scale,
             "sampler": args.sampler or decoder.sampler, "steps": args.steps or decoder.sample_steps,
