@@ -27,7 +27,7 @@ from unclip.config import UnclipConfig, preset
 from unclip.io import write_json_atomic
 from unclip.modeldir import MANIFEST, half_model_dir, read_manifest, remove_abandoned, swap_in, temp_dir_beside
 
-SAMPLING = ("sampler", "sample_steps", "sample_start", "eta", "guidance_scale", "candidates")
+SAMPLING = ("sampler", "sample_steps", "sample_start", "eta", "guidance_scale", "rank_steer", "candidates")
 SUMMARY = ("tasks", "overall", "by_split", "by_lang", "failures", "judge_support_overall", "frechet_judge_features",
            "diversity", "images_per_prompt", "prompts", "seed", "meta")
 TARGET = Path(__file__).resolve().parents[1] / "src" / "unclip" / "assets" / "model"

@@ -226,6 +226,30 @@ def test_a_ranking_tower_ranks_the_candidates_and_changes_nothing_else(model_dir
         assemble(tmp_path / "x", decoder=model_dir, prior=model_dir, ranker=foreign)
 
 
+def test_rank_steer_moves_the_priors_z_i_toward_the_ranking_z_t_keeping_its_norm(model_dir):
+    """prior.rank_steer: each prior's z_i is moved toward its caption's ranking z_t, its norm kept;
+    0 (the default) leaves z_i as the prior drew it, and the ablations are not steered."""
+    import unclip
+
+    pipe = unclip.load(model_dir, precision="float32")
+    text = pipe.encode_text(["a red circle", "a blue square above a green heart"])
+    unit = torch.nn.functional.normalize
+    for prior in ("diffusion", "ar"):
+        plain = pipe.prior_sample(text, prior=prior, seed=[0, 1])
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(pipe, "config", replace(pipe.config, prior=replace(pipe.config.prior, rank_steer=1.0)))
+            steered = pipe.prior_sample(text, prior=prior, seed=[0, 1])
+            caption = pipe.prior_sample(text, prior="caption")
+        assert torch.allclose(steered.norm(dim=-1), plain.norm(dim=-1), atol=1e-5), prior
+        closer = (unit(steered, dim=-1) * text.ranking).sum(-1) - (unit(plain, dim=-1) * text.ranking).sum(-1)
+        assert (closer > 0.01).all(), (prior, closer)
+        expected = unit(unit(plain, dim=-1) + unit(text.ranking, dim=-1), dim=-1) * plain.norm(dim=-1, keepdim=True)
+        assert torch.allclose(steered, expected, atol=1e-5), prior
+        assert torch.equal(caption, text.embeds.float())
+    with pytest.raises(ConfigError, match="rank_steer"):
+        pipe.config.override(["prior.rank_steer=-0.5"])
+
+
 def test_clip_fingerprint_reads_weights_and_tokenizer_not_the_writers_version():
     """A CLIP re-saved under another transformers version (its config.json records the version)
     is the same CLIP to `assemble`; different weights are not."""

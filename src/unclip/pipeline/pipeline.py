@@ -274,9 +274,10 @@ class UnclipPipeline(PromptReading, InputChecks, Tasks):
             # One batch; with per-caption generators, best-of-k row j·n + i draws from caption i's
             # generator, which then draws exactly what it draws for that caption alone.
             k = self.prior.config.best_of
-            return self.prior.sample(text.token_states.float(), text.mask, text.embeds,
-                                     generator=None if gens is None else [g for _ in range(k) for g in gens],
-                                     callback=stage_callback(callback, "prior"), rank_by=text.ranking, **options)
+            return self.steer(self.prior.sample(text.token_states.float(), text.mask, text.embeds,
+                                                generator=None if gens is None else [g for _ in range(k) for g in gens],
+                                                callback=stage_callback(callback, "prior"), rank_by=text.ranking,
+                                                **options), text)
         rows = []
         for i in range(n):  # the AR prior, or a shared generator: one caption at a time
             g = gens[i] if isinstance(gens, list) else gens
@@ -287,7 +288,17 @@ class UnclipPipeline(PromptReading, InputChecks, Tasks):
             else:
                 scale = 1.0 if guidance_scale is None else guidance_scale
                 rows.append(self.ar_prior.sample(*args, generator=g, guidance_scale=scale))
-        return torch.cat(rows)
+        return self.steer(torch.cat(rows), text)
+
+    def steer(self, z_i: torch.Tensor, text: TextEncoding) -> torch.Tensor:
+        """A prior's z_i [B, D] moved toward the captions' ranking z_t by `config.prior.rank_steer`,
+        each keeping its norm; unchanged at 0 (docs/pipeline.md, "Steering")."""
+        amount = self.config.prior.rank_steer
+        if not amount:
+            return z_i
+        unit = torch.nn.functional.normalize
+        toward = unit(text.ranking.float().to(z_i.device), dim=-1)
+        return unit(unit(z_i.float(), dim=-1) + amount * toward, dim=-1) * z_i.float().norm(dim=-1, keepdim=True)
 
     @torch.no_grad()
     def decode(self, z_i: torch.Tensor, text: TextEncoding | None = None, *, x_T: torch.Tensor | None = None,

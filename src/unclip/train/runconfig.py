@@ -13,7 +13,7 @@ import json
 from typing import Any
 
 # how the finished stage samples (`assemble(sampling=)` carries them into a model)
-SAMPLING = ("sampler", "sample_steps", "sample_start", "eta", "guidance_scale", "best_of", "candidates",
+SAMPLING = ("sampler", "sample_steps", "sample_start", "eta", "guidance_scale", "best_of", "rank_steer", "candidates",
             "upsampled_candidates")
 # how a run executes, logs, validates (drawing nothing from the training random state) and checkpoints,
 # and how it samples: none changes a weight
