@@ -63,7 +63,7 @@ def _train_prior(args: argparse.Namespace) -> int:
     cfg, run_dir, out = _prepare(args, f"{args.kind}_prior")
     train_prior(cfg, kind=args.kind, clip_dir=args.clip, run_dir=run_dir, out=out, embeddings=args.embeddings,
                 resume=not args.no_resume, evaluate=not args.no_eval, fit_samples=args.fit_samples,
-                time_budget=_budget(args), init=args.init, init_ranker=args.init_ranker)
+                time_budget=_budget(args), init=args.init)
     if _other_rank():
         return 0
     print(f"{args.kind} prior model: {out}")
