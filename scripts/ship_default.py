@@ -4,10 +4,11 @@
                                          [--clip-eval JSON]
     python scripts/ship_default.py --evaluation-only [--eval …] [--stage-metrics …] [--clip-eval …]
 
-The sampling defaults (sampler, steps, starting noise level, guidance, η, candidates) of the
-decoder, prior and upsamplers are taken from the current shapes-gpu preset, so a sweep's verdict
-(docs/model_card.md) reaches `unclip generate` without retraining; training settings stay as the
-run recorded them. The recipe text goes into the manifest's provenance. Its evaluation (DESIGN §4:
+The sampling defaults (`unclip.train.runconfig.SAMPLING`: sampler, steps, starting noise level,
+guidance, η, best-of, steering, candidates) of every stage are taken from the current shapes-gpu
+preset (`unclip.pipeline.assemble.with_sampling`, as `unclip train all` assembles), so a sweep's
+verdict (docs/model_card.md) reaches `unclip generate` without retraining; training settings stay
+as the run recorded them. The recipe text goes into the manifest's provenance. Its evaluation (DESIGN §4:
 the manifest holds the model's evaluation summary) takes the summary of `unclip eval`'s eval.json,
 the decoder, upsampler and prior rows of bench/stage_metrics.py and `unclip clip eval --out`'s
 JSON; stages measured by none of them keep what their training recorded. `--evaluation-only`
@@ -20,27 +21,16 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-from dataclasses import replace
 from pathlib import Path
 
 from unclip.config import UnclipConfig, preset
 from unclip.io import write_json_atomic
 from unclip.modeldir import MANIFEST, half_model_dir, read_manifest, remove_abandoned, swap_in, temp_dir_beside
+from unclip.pipeline.assemble import with_sampling
 
-SAMPLING = ("sampler", "sample_steps", "sample_start", "eta", "guidance_scale", "rank_steer", "candidates")
 SUMMARY = ("tasks", "overall", "by_split", "by_lang", "failures", "judge_support_overall", "frechet_judge_features",
            "diversity", "images_per_prompt", "prompts", "seed", "meta")
 TARGET = Path(__file__).resolve().parents[1] / "src" / "unclip" / "assets" / "model"
-
-
-def with_sampling(cfg: UnclipConfig, source: UnclipConfig) -> UnclipConfig:
-    """`cfg` with the sampling fields of `source`'s decoder, prior and upsamplers."""
-
-    def take(section, other):
-        return replace(section, **{k: getattr(other, k) for k in SAMPLING if hasattr(section, k)})
-
-    return replace(cfg, decoder=take(cfg.decoder, source.decoder), prior=take(cfg.prior, source.prior),
-                   upsamplers=tuple(take(u, o) for u, o in zip(cfg.upsamplers, source.upsamplers)))
 
 
 def evaluation_of(args: argparse.Namespace) -> dict:

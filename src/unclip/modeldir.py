@@ -453,9 +453,10 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
 
 
 def recorded_path(directory: str | Path) -> str:
-    """How a manifest names a directory a run started from: relative to the working directory when
-    it lies inside it (a model is read from other checkouts and machines, where this one's absolute
-    path means nothing), as given otherwise."""
+    """How a manifest or eval.json names a path it records (the directory a run started from, the
+    model, prompts and judge an evaluation read): relative to the working directory when it lies
+    inside it (a model is read from other checkouts and machines, where this one's absolute path
+    means nothing), as given otherwise."""
     path = Path(directory)
     try:
         return str(path.resolve().relative_to(Path.cwd().resolve()))
